@@ -1,0 +1,273 @@
+"""Write quantized weights (and activation Q/DQ pairs) into an ONNX graph.
+
+For every node with a weight plan (an object with ``q, scale, axis, block_size, bits`` — the
+``QuantizedWeight`` of the architecture contract; any object with those attributes works) the pass
+
+* stores ``q`` as a new initializer ``<weight>_q<bits>`` of type INT8 / INT16 / INT4 / INT2
+  (INT4/INT2 packed as ONNX requires, two resp. four values per byte),
+* stores ``scale`` as ``<weight>_scale`` in the weight's float type,
+* inserts ``DequantizeLinear(q, scale)`` named ``<node>_dq`` (attrs ``axis``, and ``block_size`` for
+  blocked plans; no zero point — symmetric, zero point 0 — unless ``explicit_zero_point=True``,
+  which adds an all-zero zero point of q's type) feeding that node's weight input,
+* removes the float initializer once no node uses it any more.
+
+Two nodes sharing one initializer may get different plans (each gets its own DQ, names are made
+unique with the node name) or identical plans (one DQ, one copy of q/scale, shared).
+
+For every node with an activation plan (``scale``, ``bits`` in {8, 16}) the pass inserts
+``QuantizeLinear → DequantizeLinear`` (per tensor, zero point 0 of type int8/int16, named
+``<node>_xq`` / ``<node>_xdq``) on that node's activation input (input 0) — only for that node's use of
+the tensor; other consumers keep reading the float tensor.
+
+Opset: the model must be at opset >= 21 (``prepare_model`` gives 21). If any weight uses INT2 the
+default opset is relabelled to 25 and the IR version raised to 11 (INT2 DequantizeLinear exists from
+opset 25 on; the ops changed between 21 and 25 only gained types, no semantics changed for the ops
+they already had). Nodes without a plan are untouched.
+
+ONNX Runtime 1.31.1 (CPU) runs every combination this pass writes, checked numerically against the
+fake-quant model: per-channel and blocked (incl. a partial last block) INT8/INT16/INT4/INT2 weights on
+MatMul, Gemm (transB 0/1) and Conv (normal, grouped, depthwise). See tests/test_pass_qdq.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from llc_onnx.errors import LLCError
+from llc_onnx.passes import common
+
+__all__ = ["QDQPass", "apply_qdq", "WeightPlan", "ActivationPlan", "QTYPES"]
+
+#: bits -> (ONNX data type, numpy storage type, (min, max)) of quantized weights.
+QTYPES: dict[int, tuple[ir.DataType, Any, tuple[int, int]]] = {
+    2: (ir.DataType.INT2, ml_dtypes.int2, (-2, 1)),
+    4: (ir.DataType.INT4, ml_dtypes.int4, (-8, 7)),
+    8: (ir.DataType.INT8, np.int8, (-128, 127)),
+    16: (ir.DataType.INT16, np.int16, (-32768, 32767)),
+}
+_ACT_BITS = (8, 16)
+
+
+@runtime_checkable
+class WeightPlan(Protocol):
+    """What the pass reads from a ``QuantizedWeight`` (llc_onnx.quant)."""
+
+    q: np.ndarray  # integer values, same shape as the ONNX weight
+    scale: np.ndarray  # per-channel [W.shape[axis]] or blocked (W.shape with axis -> ceil(K/block))
+    axis: int
+    block_size: int | None
+    bits: int
+
+
+@runtime_checkable
+class ActivationPlan(Protocol):
+    """What the pass reads from an ``ActivationQuant``."""
+
+    scale: float
+    bits: int
+
+
+def _check_weight_plan(node: ir.Node, w: np.ndarray, plan: Any) -> tuple[np.ndarray, np.ndarray, int, int | None, int]:
+    where = f"node '{node.name}'"
+    for attr in ("q", "scale", "axis", "block_size", "bits"):
+        if not hasattr(plan, attr):
+            raise LLCError(f"{where}: weight plan has no attribute '{attr}'; pass a QuantizedWeight")
+    bits = int(plan.bits)
+    if bits not in QTYPES:
+        raise LLCError(f"{where}: weight plan has bits={bits}; supported are 2, 4, 8 and 16")
+    q = np.asarray(plan.q)
+    if q.shape != w.shape:
+        raise LLCError(f"{where}: weight plan q has shape {q.shape} but the weight is {w.shape}; quantize this node's weight")
+    if not np.issubdtype(q.dtype, np.integer):
+        if not np.array_equal(q, np.round(q)):
+            raise LLCError(f"{where}: weight plan q is not integer-valued; pass the integer codes")
+    lo, hi = QTYPES[bits][2]
+    if q.size and (q.min() < lo or q.max() > hi):
+        raise LLCError(f"{where}: weight plan q has values in [{q.min()}, {q.max()}], outside int{bits} [{lo}, {hi}]")
+    scale = np.asarray(plan.scale, dtype=np.float64)
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise LLCError(f"{where}: weight plan scale has non-positive or non-finite values; fix the quantizer")
+    axis = int(plan.axis)
+    block = None if plan.block_size is None else int(plan.block_size)
+    if scale.ndim == 0:  # per tensor (no axis attribute written)
+        if block is not None:
+            raise LLCError(f"{where}: weight plan has a scalar scale but block_size={block}; give blocked scales")
+        return q, scale, axis, None, bits
+    if not -w.ndim <= axis < w.ndim:
+        raise LLCError(f"{where}: weight plan axis={axis} is out of range for weight rank {w.ndim}")
+    axis %= w.ndim
+    if block is None:
+        if scale.shape != (w.shape[axis],):
+            raise LLCError(
+                f"{where}: per-channel scale has shape {scale.shape}, expected ({w.shape[axis]},) for axis {axis}"
+            )
+    else:
+        if block < 1:
+            raise LLCError(f"{where}: weight plan block_size={block} must be >= 1")
+        want = list(w.shape)
+        want[axis] = -(-w.shape[axis] // block)
+        if scale.shape != tuple(want):
+            raise LLCError(
+                f"{where}: blocked scale has shape {scale.shape}, expected {tuple(want)} "
+                f"(axis {axis}, block_size {block})"
+            )
+    return q, scale, axis, block, bits
+
+
+def _plan_key(weight: str, q: np.ndarray, scale: np.ndarray, axis: int, block: int | None, bits: int) -> tuple:
+    h = hashlib.sha1()
+    h.update(np.ascontiguousarray(q, dtype=np.int32).tobytes())
+    h.update(np.ascontiguousarray(scale, dtype=np.float64).tobytes())
+    return (weight, bits, axis, block, scale.shape, h.hexdigest())
+
+
+class QDQPass(ir.passes.InPlacePass):
+    """Insert DequantizeLinear for planned weights and Q/DQ pairs for planned activations.
+
+    ``weights``: node name -> QuantizedWeight-like (``q, scale, axis, block_size, bits``).
+    ``activations``: node name -> ActivationQuant-like (``scale, bits``).
+    ``explicit_zero_point``: also write an all-zero zero point on weight DQs (default: omitted,
+    which ONNX defines as 0).
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, Any],
+        activations: Mapping[str, Any] | None = None,
+        *,
+        explicit_zero_point: bool = False,
+    ):
+        super().__init__()
+        self.weights = dict(weights)
+        self.activations = dict(activations or {})
+        self.explicit_zero_point = explicit_zero_point
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opset = common.default_opset(model)
+        if (self.weights or self.activations) and opset < 21:
+            raise LLCError(
+                f"model: default opset is {opset}; QDQ with int4/int16/blocked scales needs opset >= 21; "
+                "run model_io.prepare_model first"
+            )
+        names = common.Names(graph)
+        w_nodes = common.find_nodes(graph, self.weights, "weight plan")
+        a_nodes = common.find_nodes(graph, self.activations, "activation plan")
+
+        # Validate everything before touching the graph.
+        prepared = []
+        for node in w_nodes:
+            idx, value, w = common.weight_value(node)
+            prepared.append((node, idx, value, *_check_weight_plan(node, w, self.weights[node.name])))
+        act_prepared = []
+        for node in a_nodes:
+            if node.op_type not in common.WEIGHT_INPUT or not node.inputs or node.inputs[0] is None:
+                raise LLCError(
+                    f"node '{node.name}' (op {node.op_type}): activation plans apply to the input 0 of "
+                    "MatMul, Gemm or Conv nodes"
+                )
+            plan = self.activations[node.name]
+            bits, scale = int(plan.bits), float(plan.scale)
+            if bits not in _ACT_BITS:
+                raise LLCError(f"node '{node.name}': activation plan has bits={bits}; supported are 8 and 16")
+            if not np.isfinite(scale) or scale <= 0:
+                raise LLCError(f"node '{node.name}': activation scale {scale} must be positive and finite")
+            act_prepared.append((node, bits, scale))
+
+        uses_int2 = any(p[-1] == 2 for p in prepared)
+        if uses_int2:
+            if opset > 25:
+                raise LLCError(f"model: default opset is {opset}; ONNX Runtime 1.31 runs opset <= 25 with INT2")
+            common.set_default_opset(model, 25, 11)
+        elif prepared or act_prepared:
+            common.set_default_opset(model, 21, 10)
+
+        shared: dict[tuple, ir.Value] = {}
+        old_weights: list[ir.Value] = []
+        for node, idx, value, q, scale, axis, block, bits in prepared:
+            key = _plan_key(value.name, q, scale, axis, block, bits)
+            dq_out = shared.get(key)
+            if dq_out is None:
+                dq_out = self._insert_weight_dq(graph, names, node, value, q, scale, axis, block, bits)
+                shared[key] = dq_out
+            node.replace_input_with(idx, dq_out)
+            old_weights.append(value)
+        for value in old_weights:
+            common.drop_if_unused(graph, value)
+
+        for node, bits, scale in act_prepared:
+            self._insert_activation_qdq(graph, names, node, bits, scale)
+
+        return ir.passes.PassResult(model, modified=bool(prepared or act_prepared))
+
+    def _insert_weight_dq(self, graph, names, node, value, q, scale, axis, block, bits) -> ir.Value:
+        dtype, np_type, _ = QTYPES[bits]
+        fdtype = value.const_value.dtype
+        base, nname = value.name, node.name
+        q_name = names.fresh(f"{base}_q{bits}", f"{base}_{nname}_q{bits}")
+        s_name = names.fresh(f"{base}_scale", f"{base}_{nname}_scale")
+        q_val = common.add_initializer(graph, q_name, ir.Tensor(q.astype(np_type), dtype=dtype, name=q_name))
+        s_val = common.add_initializer(
+            graph, s_name, ir.tensor(scale.astype(common.np_float_dtype(fdtype)), name=s_name)
+        )
+        inputs = [q_val, s_val]
+        if self.explicit_zero_point:
+            zp_shape = () if scale.ndim == 0 else scale.shape
+            z_name = names.fresh(f"{base}_zero_point", f"{base}_{nname}_zero_point")
+            zp = np.zeros(zp_shape, dtype=np_type)
+            inputs.append(common.add_initializer(graph, z_name, ir.Tensor(zp, dtype=dtype, name=z_name)))
+        attrs: dict[str, Any] = {}
+        if scale.ndim > 0:
+            attrs["axis"] = axis
+        if block is not None:
+            attrs["block_size"] = block
+        out = ir.Value(
+            name=names.fresh(f"{base}_dequant", f"{base}_{nname}_dequant"),
+            shape=ir.Shape(q.shape),
+            type=ir.TensorType(fdtype),
+        )
+        dq = ir.node(
+            "DequantizeLinear", inputs, attrs, outputs=[out], name=names.fresh(f"{nname}_dq")
+        )
+        graph.insert_before(node, dq)
+        return out
+
+    def _insert_activation_qdq(self, graph, names, node, bits, scale) -> None:
+        x = node.inputs[0]
+        fdtype = x.dtype if x.dtype is not None else ir.DataType.FLOAT
+        qdtype = ir.DataType.INT8 if bits == 8 else ir.DataType.INT16
+        n = node.name
+        s_name = names.fresh(f"{n}_x_scale")
+        z_name = names.fresh(f"{n}_x_zero_point")
+        s_val = common.add_initializer(
+            graph, s_name, ir.tensor(np.array(scale, dtype=common.np_float_dtype(fdtype)), name=s_name)
+        )
+        z_val = common.add_initializer(
+            graph, z_name, ir.tensor(np.array(0, dtype=np.int8 if bits == 8 else np.int16), name=z_name)
+        )
+        xq = ir.Value(name=names.fresh(f"{n}_x_q"), shape=x.shape, type=ir.TensorType(qdtype))
+        xdq = ir.Value(name=names.fresh(f"{n}_x_dq"), shape=x.shape, type=ir.TensorType(fdtype))
+        qnode = ir.node("QuantizeLinear", [x, s_val, z_val], outputs=[xq], name=names.fresh(f"{n}_xq"))
+        dqnode = ir.node("DequantizeLinear", [xq, s_val, z_val], outputs=[xdq], name=names.fresh(f"{n}_xdq"))
+        graph.insert_before(node, [qnode, dqnode])
+        node.replace_input_with(0, xdq)
+
+
+def apply_qdq(
+    model: onnx.ModelProto,
+    weights: Mapping[str, Any],
+    activations: Mapping[str, Any] | None = None,
+    *,
+    explicit_zero_point: bool = False,
+) -> onnx.ModelProto:
+    """Return a copy of ``model`` with :class:`QDQPass` applied (``model`` is not modified)."""
+    return common.run_on_proto(
+        model, lambda: QDQPass(weights, activations, explicit_zero_point=explicit_zero_point)
+    )
