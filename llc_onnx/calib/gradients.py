@@ -1,0 +1,166 @@
+"""One forward+backward pass over the calibration data: loss, weight and input gradients per node.
+
+For the mean task loss  L = (Σ_b S_b) / (Σ_b n_b)  (S_b the summed loss of batch b, n_b its count), the
+gradient w.r.t. node i's weight is  g_w,i = (Σ_b ∂S_b/∂W_i) / Σ_b n_b,  accumulated batch by batch, so memory
+stays one batch of activations plus one accumulator per weight. Gradients are taken *through the node*
+(node-local aliases from :meth:`TorchGraph.run`), so a shared initializer gets one gradient per user.
+
+With it, the first-order LLC prediction for weight noise δ on node i is  ΔL ≈ Σ g_w,i · δ  (exact for the
+mean gradient because δ does not depend on the sample). Input (activation) noise ε depends on the sample, so
+the prediction  ΔL ≈ (1/N) Σ_samples g_x · ε(x)  is accumulated inside the pass for every candidate activation
+quantizer given in ``act_candidates`` (their scales come from a cheap forward pass, :func:`collect_ranges`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..compressible import CompressibleNode
+from ..interpreter import TorchGraph
+from .data import Batch, Dataset
+from .losses import TaskLoss
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass
+class NodeStats:
+    """What the solvers need to know about one compressible node."""
+
+    node: str
+    grad_w: np.ndarray  # ∂L/∂W of the mean calibration loss (float64, ONNX layout)
+    grad_w_abs: np.ndarray  # mean over batches of |∂L_b/∂W| (L_b the batch mean loss)
+    grad_w_sq: np.ndarray  # mean over batches of (∂L_b/∂W)², a Fisher-diagonal estimate
+    grad_x_norm: float  # mean over samples of ‖∂L/∂x‖ (per-sample input-gradient norm, scaled by N)
+    x_absmax: float  # max |x| over the calibration data
+    x_rms: float  # root mean square of x over the calibration data
+    channel_gw: np.ndarray  # Σ over non-output axes of g_w·W per output channel (first-order saliency)
+    act_pred: dict[int, float] = field(default_factory=dict)  # act bits -> predicted ΔL of that input quantizer
+
+
+@dataclass
+class GradientPass:
+    loss: float
+    n: int  # number of loss terms (samples, or tokens for LM losses)
+    nodes: dict[str, NodeStats]
+    seconds: float
+
+
+def _labels(batch: Batch, device) -> torch.Tensor | None:
+    return None if batch.labels is None else torch.as_tensor(batch.labels, device=device)
+
+
+def _feeds(graph: TorchGraph, batch: Batch, grad: bool) -> dict[str, torch.Tensor]:
+    feeds = {}
+    for name, arr in batch.inputs.items():
+        t = torch.as_tensor(arr, device=graph.device)
+        if t.is_floating_point():
+            t = t.to(graph.dtype)
+            if grad:
+                t.requires_grad_(True)
+        feeds[name] = t
+    return feeds
+
+
+@torch.no_grad()
+def collect_ranges(graph: TorchGraph, dataset: Dataset, nodes: Sequence[CompressibleNode],
+                   progress: Progress = None) -> dict[str, float]:
+    """Forward-only pass: max |x| of every node's input over the data (per-tensor activation ranges)."""
+    absmax = {n.name: 0.0 for n in nodes}
+    names = [n.name for n in nodes]
+    for batch in dataset.batches:
+        _, cap = graph.run(_feeds(graph, batch, False), capture=names)
+        for name in names:
+            absmax[name] = max(absmax[name], float(cap[name][1].abs().max()))
+        if progress:
+            progress(1)
+    return absmax
+
+
+def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes: Sequence[CompressibleNode],
+                      act_candidates: dict[str, dict[int, Callable[[torch.Tensor], torch.Tensor]]] | None = None,
+                      progress: Progress = None) -> GradientPass:
+    """Run the calibration data once through forward+backward and accumulate :class:`NodeStats`.
+
+    ``act_candidates[node][bits]`` is a fake-quantizer of that node's input; its predicted ΔL
+    (1/N) Σ g_x·(q(x) − x) is accumulated into ``NodeStats.act_pred[bits]``.
+    """
+    t0 = time.perf_counter()
+    names = [n.name for n in nodes]
+    act_candidates = act_candidates or {}
+    weights = {n.weight for n in nodes}
+    saved = {w: graph.params[w].requires_grad for w in weights}
+    for w in weights:
+        graph.params[w].requires_grad_(True)
+    acc_g = {n: None for n in names}
+    acc_abs = {n: None for n in names}
+    acc_sq = {n: None for n in names}
+    gx_norm = {n: 0.0 for n in names}
+    x_absmax = {n: 0.0 for n in names}
+    x_sq = {n: 0.0 for n in names}
+    x_count = {n: 0 for n in names}
+    act_acc = {n: {b: 0.0 for b in act_candidates.get(n, {})} for n in names}
+    total_sum, total_n, n_batches = 0.0, 0, 0
+    try:
+        for batch in dataset.batches:
+            outs, cap = graph.run(_feeds(graph, batch, True), capture=names, outputs=[loss.output])
+            s, count = loss.terms(outs[loss.output], _labels(batch, graph.device))
+            tensors = [cap[n][0] for n in names] + [cap[n][1] for n in names]
+            grads = torch.autograd.grad(s, tensors, allow_unused=True)
+            k = len(names)
+            for i, name in enumerate(names):
+                gw = grads[i]
+                gw = torch.zeros_like(tensors[i]) if gw is None else gw.detach()
+                gw64 = gw.to(torch.float64)
+                per_batch = gw64 / max(count, 1)
+                acc_g[name] = gw64 if acc_g[name] is None else acc_g[name] + gw64
+                acc_abs[name] = per_batch.abs() if acc_abs[name] is None else acc_abs[name] + per_batch.abs()
+                sq = per_batch * per_batch
+                acc_sq[name] = sq if acc_sq[name] is None else acc_sq[name] + sq
+                x = tensors[k + i].detach()
+                gx = grads[k + i]
+                x_absmax[name] = max(x_absmax[name], float(x.abs().max()))
+                x_sq[name] += float((x.to(torch.float64) ** 2).sum())
+                x_count[name] += x.numel()
+                if gx is not None:
+                    gx = gx.detach().to(torch.float64)
+                    b = gx.shape[0] if gx.dim() > 0 else 1
+                    gx_norm[name] += float(gx.reshape(b, -1).norm(dim=1).sum())
+                    for bits, fq in act_candidates.get(name, {}).items():
+                        eps = (fq(x) - x).to(torch.float64)
+                        act_acc[name][bits] += float((gx * eps).sum())
+            total_sum += float(s.detach())
+            total_n += int(count)
+            n_batches += 1
+            del outs, cap, tensors, grads
+            if progress:
+                progress(1)
+    finally:
+        for w, flag in saved.items():
+            graph.params[w].requires_grad_(flag)
+    if total_n == 0:
+        raise ValueError("calibration data produced no loss terms (all labels ignored?)")
+    stats = {}
+    by_name = {n.name: n for n in nodes}
+    for name in names:
+        node = by_name[name]
+        g = (acc_g[name] / total_n).cpu().numpy()
+        w = graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
+        other = tuple(a for a in range(g.ndim) if a != node.out_axis)
+        stats[name] = NodeStats(
+            node=name,
+            grad_w=g,
+            grad_w_abs=(acc_abs[name] / n_batches).cpu().numpy(),
+            grad_w_sq=(acc_sq[name] / n_batches).cpu().numpy(),
+            grad_x_norm=gx_norm[name] / total_n,
+            x_absmax=x_absmax[name],
+            x_rms=float(np.sqrt(x_sq[name] / max(x_count[name], 1))),
+            channel_gw=(g * w).sum(axis=other),
+            act_pred={b: v / total_n for b, v in act_acc[name].items()},
+        )
+    return GradientPass(loss=total_sum / total_n, n=total_n, nodes=stats, seconds=time.perf_counter() - t0)

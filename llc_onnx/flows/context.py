@@ -1,0 +1,96 @@
+"""Everything a compression flow works on, loaded once: the prepared model, its compressible nodes, the
+interpreter, the task loss, the disjoint calibration / held-out splits and the float model's losses on both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from ..calib.data import Dataset, load_dataset, load_split, split_dataset
+from ..calib.losses import TaskLoss
+from ..compressible import CompressibleNode, find_compressible
+from ..errors import LLCError
+from ..interpreter import TorchGraph
+from ..model_io import load_model, prepare_model
+from ..ort_eval import Evaluation, evaluate
+from ..progress import StageTimer
+
+
+@dataclass
+class FlowContext:
+    model_path: str
+    model: onnx.ModelProto  # prepared (opset, names, shapes); the input file is never touched
+    nodes: list[CompressibleNode]
+    skipped: list[tuple[str, str]]
+    graph: TorchGraph
+    loss: TaskLoss
+    calib: Dataset
+    held: Dataset
+    measure_data: Dataset  # the part of the calibration split used for per-candidate measurements
+    calib_fp: Evaluation
+    held_fp: Evaluation
+    timer: StageTimer
+    calib_loss_torch: float = float("nan")
+    _weights: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def node(self, name: str) -> CompressibleNode:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def weight_array(self, node: CompressibleNode) -> np.ndarray:
+        """The node's float weight as float64 (ONNX layout), cached."""
+        if node.weight not in self._weights:
+            self._weights[node.weight] = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
+        return self._weights[node.weight]
+
+    def sweep_point(self, budget: float, model: onnx.ModelProto, nbytes: int) -> dict:
+        held = evaluate(model, self.held, self.loss)
+        return {"budget": budget, "bytes": nbytes, "held_loss": held.loss, "held_metrics": held.metrics}
+
+
+def create_context(model_path: str, data: str, loss: TaskLoss | None = None, *, held: str | None = None,
+                   holdout: float = 0.5, seed: int = 0, batch_size: int = 64, measure_samples: int | None = None,
+                   opset: int = 21, nodes: list[str] | None = None, loss_factory=None) -> FlowContext:
+    """Load and prepare everything a flow needs; ``loss_factory(model)`` builds the loss when not given."""
+    timer = StageTimer()
+    with timer.stage("load"):
+        model = prepare_model(load_model(model_path), opset=opset)
+        found, skipped = find_compressible(model)
+        if nodes:
+            unknown = sorted(set(nodes) - {n.name for n in found})
+            if unknown:
+                raise LLCError(f"{model_path}: --nodes names {unknown[0]!r}, which is not a compressible node; "
+                               f"run 'llc-onnx inspect {model_path}' to list them")
+            found = [n for n in found if n.name in set(nodes)]
+        if not found:
+            raise LLCError(f"{model_path}: no compressible node (MatMul/Gemm/Conv with a constant weight); "
+                           "nothing to compress")
+        if loss is None:
+            loss = loss_factory(model)
+        if held is not None:
+            calib, held_ds = load_split(data, held, model, batch_size=batch_size)
+        else:
+            calib, held_ds = split_dataset(load_dataset(data, model, batch_size=batch_size), holdout, seed)
+        graph = TorchGraph(model, dtype=torch.float32)
+    measure = calib if measure_samples is None else _head(calib, measure_samples)
+    with timer.stage("baseline"):
+        calib_fp = evaluate(model, calib, loss)
+        held_fp = evaluate(model, held_ds, loss)
+    return FlowContext(model_path, model, found, skipped, graph, loss, calib, held_ds, measure, calib_fp, held_fp,
+                       timer)
+
+
+def _head(ds: Dataset, n: int) -> Dataset:
+    """The first batches of ``ds`` holding at least ``n`` samples (deterministic)."""
+    out, count = [], 0
+    for b in ds.batches:
+        if count >= n:
+            break
+        out.append(b)
+        count += len(next(iter(b.inputs.values())))
+    return Dataset(batches=out, source=f"{ds.source} (first {count} samples)")

@@ -1,0 +1,184 @@
+"""LLC mixed-precision quantization: measure, decide one bit-width per node, rewrite, verify.
+
+Stages (each timed):
+  1. gradients   one forward+backward pass over the calibration split (``calib.gradients``);
+  2. candidates  every node at every level of ``bits``: quantize with LLC sign-directed rounding, predict
+                 ΔL = Σ g·δ (+ Σ g_x·ε), measure ΔL with only that node quantized (``calib.noise``);
+  3. solve       grouped knapsack over the cost table (``solvers.knapsack``): a byte budget, or ``lossless``
+                 (the smallest size whose predicted total ΔL ≤ 0);
+  4. verify      QDQ rewrite (``passes.qdq``), held-out loss in ONNX Runtime, back-off (``verify``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from ..calib.gradients import GradientPass, collect_gradients, collect_ranges
+from ..calib.noise import constant, measure_loss
+from ..compressible import CompressibleNode
+from ..errors import LLCError
+from ..passes.qdq import apply_qdq
+from ..progress import task
+from ..quant import ActivationQuant, WeightQuantSpec, activation_scale, fake_quant_activation, quantize_weight
+from ..solvers import knapsack
+from ..solvers.cost_model import Candidate, CostTable, classify
+from ..verify import VerifiedResult, verify_with_backoff
+from .context import FlowContext
+
+FLOAT = 0  # the "bits" value that means: keep the node in float
+
+
+def level_name(bits: int) -> str:
+    return "float" if bits == FLOAT else f"int{bits}"
+
+
+@dataclass
+class QuantConfig:
+    bits: tuple[int, ...] = (2, 4, 8, 16, FLOAT)
+    block_size: int = 32  # blocked quantization along the reduction axis for ≤ 4 bits
+    scale_method: str = "mse"
+    rounding: str = "llc"
+    activations: bool = False  # also quantize node inputs (8-bit, 16-bit with 16-bit weights)
+    error_max: float = 1e-4
+    relative: bool = False
+    outside: str = "measured"
+    budget: float | None = None  # fraction of the float weight bytes
+    avg_bits: float | None = None
+    tolerance: float = 0.0
+    max_rounds: int = 8
+    sweep: tuple[float, ...] = ()
+
+    def spec(self, bits: int) -> WeightQuantSpec:
+        block = self.block_size if bits <= 4 else None
+        return WeightQuantSpec(bits=bits, block_size=block, scale_method=self.scale_method, rounding=self.rounding)
+
+    def act_bits(self, bits: int) -> int | None:
+        if not self.activations or bits == FLOAT:
+            return None
+        return 16 if bits == 16 else 8
+
+
+@dataclass
+class QuantResult:
+    table: CostTable
+    gradients: GradientPass
+    choice: dict[str, int]  # index into each node's ladder
+    ladders: dict[str, list[Candidate]]
+    result: VerifiedResult
+    budget_bytes: int | None
+    sweep: list[dict] = field(default_factory=list)
+
+    def chosen(self) -> dict[str, Candidate]:
+        return {n: self.ladders[n][i] for n, i in self.result.choice.items()}
+
+
+def _plan(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, ranges: dict[str, float],
+          chosen: dict[str, Candidate]):
+    """Weight and activation plans for the QDQ pass from the chosen candidates (re-quantized, deterministic)."""
+    weights, acts = {}, {}
+    for name, cand in chosen.items():
+        bits = int(cand.level[3:]) if cand.level.startswith("int") else FLOAT
+        if bits == FLOAT:
+            continue
+        node = ctx.node(name)
+        w = ctx.weight_array(node)
+        weights[name] = quantize_weight(w, cfg.spec(bits), node.out_axis, node.reduce_axis,
+                                        grad=grads.nodes[name].grad_w)
+        ab = cfg.act_bits(bits)
+        if ab is not None:
+            acts[name] = ActivationQuant(scale=activation_scale(ranges[name], ab), bits=ab)
+    return weights, acts
+
+
+def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass,
+                     ranges: dict[str, float]) -> CostTable:
+    """Quantize every node at every level; predicted and measured ΔL; neighbourhood check."""
+    base = ctx.calib_loss_torch
+    cands: list[Candidate] = []
+    levels = sorted(set(cfg.bits), key=lambda b: (b == FLOAT, b))
+    quant_levels = [b for b in levels if b != FLOAT]
+    with task("measuring candidates", len(ctx.nodes) * len(quant_levels)) as advance:
+        for node in ctx.nodes:
+            w = ctx.weight_array(node)
+            stats = grads.nodes[node.name]
+            wnorm = float(np.linalg.norm(w)) or 1.0
+            if FLOAT in levels:
+                cands.append(Candidate(node.name, "float", 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True))
+            for bits in quant_levels:
+                qw = quantize_weight(w, cfg.spec(bits), node.out_axis, node.reduce_axis, grad=stats.grad_w)
+                delta = qw.dequant.astype(np.float64) - w
+                predicted = float((stats.grad_w * delta).sum())
+                weight_fns = {node.name: constant(torch.as_tensor(qw.dequant, dtype=ctx.graph.dtype))}
+                input_fns = None
+                ab = cfg.act_bits(bits)
+                if ab is not None:
+                    predicted += stats.act_pred.get(ab, 0.0)
+                    aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
+                    input_fns = {node.name: lambda x, aq=aq: fake_quant_activation(x, aq)}
+                measured = measure_loss(ctx.graph, ctx.measure_data, ctx.loss, weight_fns, input_fns) - base
+                cand = Candidate(node.name, level_name(bits), int(qw.nbytes), predicted, measured,
+                                 float(np.linalg.norm(delta)) / wnorm, True, None)
+                cands.append(classify(cand, cfg.error_max, base, cfg.relative, cfg.outside))
+                advance(1)
+    return CostTable.from_candidates(cands)
+
+
+def _budget_bytes(cfg: QuantConfig, ctx: FlowContext, table: CostTable) -> int | None:
+    if cfg.budget is not None:
+        return int(cfg.budget * table.reference_bytes())
+    if cfg.avg_bits is not None:
+        return int(cfg.avg_bits / 8 * sum(ctx.weight_array(n).size for n in ctx.nodes))
+    return None
+
+
+def solve(table: CostTable, budget: int | None) -> dict[str, int]:
+    """Index per node into the kept candidates: knapsack under ``budget`` bytes, or lossless when None."""
+    nodes, kept, costs, sizes = table.solver_inputs()
+    try:
+        pick = knapsack.solve_lossless(costs, sizes) if budget is None else knapsack.solve_budget(costs, sizes, budget)
+    except ValueError as exc:
+        raise LLCError(f"size budget: {exc}") from None
+    return dict(zip(nodes, pick))
+
+
+def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
+    ranges: dict[str, float] = {}
+    act_cands = {}
+    if cfg.activations:
+        with ctx.timer.stage("ranges"), task("activation ranges", len(ctx.calib.batches)) as advance:
+            ranges = collect_ranges(ctx.graph, ctx.calib, ctx.nodes, advance)
+        for node in ctx.nodes:
+            act_cands[node.name] = {}
+            for ab in {cfg.act_bits(b) for b in cfg.bits} - {None}:
+                aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
+                act_cands[node.name][ab] = lambda x, aq=aq: fake_quant_activation(x, aq)
+    with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
+        grads = collect_gradients(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, act_cands, advance)
+    ctx.calib_loss_torch = grads.loss
+    with ctx.timer.stage("candidates"):
+        table = build_candidates(ctx, cfg, grads, ranges)
+    with ctx.timer.stage("solve"):
+        budget = _budget_bytes(cfg, ctx, table)
+        choice = solve(table, budget)
+    _, kept, _, _ = table.solver_inputs()
+    ladders = dict(zip(table.groups, kept))
+
+    def build(ch: dict[str, int]) -> onnx.ModelProto:
+        weights, acts = _plan(ctx, cfg, grads, ranges, {n: ladders[n][i] for n, i in ch.items()})
+        return apply_qdq(ctx.model, weights, acts)
+
+    with ctx.timer.stage("verify"), task("verifying on held-out", cfg.max_rounds + 1) as advance:
+        result = verify_with_backoff(build, ladders, choice, ctx.held, ctx.loss, ctx.held_fp, cfg.tolerance,
+                                     cfg.max_rounds, advance)
+    sweep = []
+    if cfg.sweep:
+        with ctx.timer.stage("sweep"), task("sweep", len(cfg.sweep)) as advance:
+            for frac in cfg.sweep:
+                ch = solve(table, int(frac * table.reference_bytes()))
+                sweep.append(ctx.sweep_point(frac, build(ch), sum(ladders[n][i].nbytes for n, i in ch.items())))
+                advance(1)
+    return QuantResult(table, grads, choice, ladders, result, budget, sweep)
