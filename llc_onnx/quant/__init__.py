@@ -1,0 +1,21 @@
+"""Quantizers: symmetric weight quantization with loss-aware (LLC) rounding, activation fake-quant."""
+
+from llc_onnx.quant.activations import ActivationQuant, activation_scale, fake_quant_activation
+from llc_onnx.quant.weights import (
+    QuantizedWeight,
+    WeightQuantSpec,
+    qrange,
+    quantize_weight,
+    weight_nbytes,
+)
+
+__all__ = [
+    "ActivationQuant",
+    "QuantizedWeight",
+    "WeightQuantSpec",
+    "activation_scale",
+    "fake_quant_activation",
+    "qrange",
+    "quantize_weight",
+    "weight_nbytes",
+]

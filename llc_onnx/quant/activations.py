@@ -1,0 +1,70 @@
+"""Per-tensor symmetric activation quantization (Q/DQ pair on a node input).
+
+The scale comes from calibration ranges: ``scale = absmax / qmax`` with ``qmax = 2^(b-1) - 1``, zero
+point 0, signed integers.  :func:`fake_quant_activation` reproduces what ONNX
+``QuantizeLinear -> DequantizeLinear`` computes (``round_half_to_even(x / scale)``, saturate to
+``[-2^(b-1), 2^(b-1)-1]``, multiply back) and passes gradients straight through (identity), so the
+loss gradient w.r.t. the activation is available with the quantizer in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llc_onnx.errors import LLCError
+
+ACTIVATION_BITS = (8, 16)
+
+
+@dataclass
+class ActivationQuant:
+    """Per-tensor activation Q/DQ pair on a node input."""
+
+    scale: float
+    bits: int                 # 8 or 16 (signed, zero point 0)
+
+
+def _check_bits(bits) -> int:
+    if int(bits) != bits or int(bits) not in ACTIVATION_BITS:
+        raise LLCError(f"activation quant: bits={bits!r} is not supported; use 8 or 16")
+    return int(bits)
+
+
+def activation_scale(absmax: float, bits: int) -> float:
+    """Symmetric per-tensor scale ``absmax / qmax`` (1.0 for an all-zero activation).
+
+    The result is rounded to float32, the precision the Q/DQ nodes store.
+    """
+    bits = _check_bits(bits)
+    absmax = float(absmax)
+    if not math.isfinite(absmax) or absmax < 0:
+        raise LLCError(f"activation quant: calibration absmax={absmax!r} must be finite and >= 0; "
+                       "check the calibration data for NaN/Inf activations")
+    qmax = (1 << (bits - 1)) - 1
+    s = float(torch.tensor(absmax / qmax, dtype=torch.float32))
+    if s <= 0.0:
+        s = 1.0 if absmax == 0.0 else float(torch.finfo(torch.float32).tiny)
+    return s
+
+
+class _RoundClampSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax):
+        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, None, None, None
+
+
+def fake_quant_activation(x: torch.Tensor, aq: ActivationQuant) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (round half to even, clamp); straight-through gradient."""
+    bits = _check_bits(aq.bits)
+    if not (aq.scale > 0 and math.isfinite(aq.scale)):
+        raise LLCError(f"activation quant: scale={aq.scale!r} must be positive and finite")
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    scale = torch.tensor(aq.scale, dtype=torch.float32).to(dtype=x.dtype, device=x.device)
+    return _RoundClampSTE.apply(x, scale, qmin, qmax)

@@ -1,0 +1,338 @@
+"""Symmetric weight quantizers (numpy, float64 inside) with loss-aware (LLC) rounding.
+
+Layouts
+-------
+* **Per output channel** (``spec.block_size is None``): one scale per index of ``out_axis``;
+  ``scale.shape == (w.shape[out_axis],)`` and ``QuantizedWeight.axis == out_axis``.  Used for 8/16 bit.
+* **Blocked** (``spec.block_size = bs``): the reduce axis (length K) is cut into ``ceil(K / bs)``
+  consecutive blocks (the last one may be partial); every block of every other index gets its own
+  scale, so ``scale.shape == w.shape`` with ``shape[reduce_axis] -> ceil(K / bs)`` and
+  ``QuantizedWeight.axis == reduce_axis``.  This is the ONNX ``DequantizeLinear`` blocked layout.
+
+Both layouts are handled the same way internally: the weight is rearranged into a 2-D matrix of
+*groups* (one row per scale); blocked rows are zero-padded to ``bs`` (zeros quantize to exactly 0,
+have zero gradient and never change any statistic except the ACIQ mean, which is masked).
+
+Integers are b-bit signed, zero point 0: ``q ∈ [qmin, qmax] = [-2^(b-1), 2^(b-1)-1]``.  The scale is
+chosen for the symmetric range ``[-qmax, qmax]`` (``scale = clip / qmax``), so ``qmin`` is only reached
+by weights beyond the clipping threshold; nothing is ever produced outside ``[qmin, qmax]``.
+Scales are rounded to float32 *before* rounding the weights, so the decisions are made against the
+exact scale the graph will use, and ``dequant = float32(q) * scale`` is what DequantizeLinear computes.
+
+Scale methods
+-------------
+* ``"minmax"``: ``scale = absmax / qmax`` (no clipping).
+* ``"mse"``: grid search over clipping ratios ``r ∈ linspace(0.3, 1, 100)`` (1.0 included, so it is
+  never worse than minmax), per group, minimising ``‖w − dq‖²`` with nearest rounding.
+* ``"aciq"``: analytical clipping of Banner, Nahshan & Soudry, "Post training 4-bit quantization of
+  convolutional networks for rapid-deployment" (ACIQ, NeurIPS 2019).  Assuming the weights of a
+  group are Laplace(μ, b), the MSE-optimal clipping value is ``alpha = c_bits · b`` with
+  ``c = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}`` and ``b = mean|w − mean(w)|``
+  (the Laplace maximum-likelihood scale).  Clip at ``min(alpha, absmax)``; above 8 bits ``minmax``.
+
+Rounding
+--------
+With ``x = w / scale`` (after the scale is fixed):
+
+* ``"nearest"``: ``np.rint`` — round half to even.
+* ``"up"`` / ``"down"``: ``ceil(x)`` / ``floor(x)`` (clamped to the range, so beyond the clipping
+  threshold ``up`` may be below w and ``down`` above it).
+* ``"llc"``: loss-aware, sign-directed rounding.  Let ``g`` be the mean gradient of the loss w.r.t. w
+  over calibration data.  To first order the loss changes by ``ΔL ≈ Σ g·δ`` with ``δ = dq − w``.
+  Per group (channel or block) we require ``S = Σ_group g·δ ≤ 0`` while keeping ``‖δ‖`` small:
+
+  1. start from nearest rounding ``q⁰`` (the smallest possible ``‖δ‖``); if ``S(q⁰) ≤ 0`` stop.
+  2. every element with ``floor(x) ≠ ceil(x)`` (both inside the range) can move to the other
+     neighbour ``q'``; this changes ``S`` by ``Δᵢ = gᵢ·scale·(q'ᵢ − q⁰ᵢ)`` and ``‖δ‖²`` by
+     ``cᵢ = scale²·(1 − 2fᵢ) ≥ 0`` where ``fᵢ = |xᵢ − q⁰ᵢ| ≤ ½``.  Only flips with ``Δᵢ < 0`` (the ones
+     that move against the gradient) are candidates.
+  3. take candidates in increasing order of ``cᵢ / |Δᵢ|`` (most reduction of ``S`` per unit of added
+     squared error — the greedy for the fractional knapsack; ties keep element order, stable sort)
+     while ``S > 0``.
+
+  The set flipped is a subset of what pure sign rounding (up where g < 0, down where g > 0) would
+  flip, so ``‖δ_llc‖ ≤ ‖δ_sign‖``, and since pure sign rounding has every ``gᵢ·δᵢ ≤ 0``, the greedy
+  always reaches ``S ≤ 0`` when nothing is clipped.  Clipped elements (``|x| > qmax``) cannot move;
+  if their contribution alone is positive the group ends with every useful flip taken and ``S``
+  as small as it can be made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from llc_onnx.errors import LLCError
+
+SCALE_METHODS = ("minmax", "mse", "aciq")
+ROUNDINGS = ("nearest", "up", "down", "llc")
+
+# Banner et al. (ACIQ) optimal clipping for Laplace(b): alpha = c[bits] * b.
+ACIQ_LAPLACE = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
+MSE_RATIOS = np.linspace(0.3, 1.0, 100)
+
+_F32_TINY = float(np.finfo(np.float32).tiny)
+
+
+@dataclass(frozen=True)
+class WeightQuantSpec:
+    bits: int                 # 2, 4, 8, 16 (any 2..16 accepted)
+    block_size: int | None    # None => per output channel; else blocked along reduce_axis
+    scale_method: str = "minmax"   # "minmax" | "mse" | "aciq"
+    rounding: str = "nearest"      # "nearest" | "up" | "down" | "llc"
+
+
+@dataclass
+class QuantizedWeight:
+    """Exactly what DequantizeLinear needs (zero point always 0)."""
+
+    q: np.ndarray             # int32, values in [-2^(b-1), 2^(b-1)-1], same shape as w
+    scale: np.ndarray         # float32; per-channel [C] (axis=out_axis) or blocked (axis=reduce_axis)
+    axis: int
+    block_size: int | None
+    bits: int
+    dequant: np.ndarray       # float32, q * scale broadcast
+    nbytes: int               # ceil(bits * numel / 8) + 4 * scale.size
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of a b-bit signed integer."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+# ----------------------------------------------------------------------------------------- checks
+def _check_spec(spec: WeightQuantSpec) -> None:
+    if not isinstance(spec.bits, (int, np.integer)) or not 2 <= int(spec.bits) <= 16:
+        raise LLCError(f"weight quant spec: bits={spec.bits!r} is not supported; use an integer in 2..16 "
+                       "(2, 4, 8 or 16 map to ONNX integer types)")
+    if spec.block_size is not None and (not isinstance(spec.block_size, (int, np.integer))
+                                        or int(spec.block_size) < 1):
+        raise LLCError(f"weight quant spec: block_size={spec.block_size!r} must be a positive integer "
+                       "(e.g. 32, 64, 128) or None for per-channel")
+    if spec.scale_method not in SCALE_METHODS:
+        raise LLCError(f"weight quant spec: scale_method={spec.scale_method!r} is unknown; "
+                       f"use one of {', '.join(SCALE_METHODS)}")
+    if spec.rounding not in ROUNDINGS:
+        raise LLCError(f"weight quant spec: rounding={spec.rounding!r} is unknown; "
+                       f"use one of {', '.join(ROUNDINGS)}")
+
+
+def _norm_axis(axis: int, ndim: int, what: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise LLCError(f"weight quant: {what}={axis} is out of range for a {ndim}-D weight; "
+                       "pass an axis of the weight")
+    return axis % ndim
+
+
+def _infer_out_axis(ndim: int, reduce_axis: int) -> int:
+    if ndim == 2:
+        return 1 - reduce_axis
+    return 0
+
+
+# ------------------------------------------------------------------------------- group layout
+class _Groups:
+    """Rearrange a weight into rows (one row per scale) and back."""
+
+    def __init__(self, shape: tuple[int, ...], block_size: int | None, out_axis: int, reduce_axis: int):
+        self.shape = tuple(int(d) for d in shape)
+        self.block_size = block_size
+        if block_size is None:
+            self.axis = out_axis
+            moved = (self.shape[out_axis],) + tuple(d for i, d in enumerate(self.shape) if i != out_axis)
+            self.moved = moved
+            self.n_rows = moved[0]
+            self.row_len = int(np.prod(moved[1:], dtype=np.int64))
+            self.scale_shape = (self.shape[out_axis],)
+            self.pad = 0
+        else:
+            self.axis = reduce_axis
+            k = self.shape[reduce_axis]
+            rest = tuple(d for i, d in enumerate(self.shape) if i != reduce_axis)
+            self.k = k
+            self.rest = rest
+            self.nb = -(-k // block_size) if k > 0 else 0
+            self.pad = self.nb * block_size - k
+            self.n_rows = int(np.prod(rest, dtype=np.int64)) * self.nb
+            self.row_len = block_size
+            ss = list(self.shape)
+            ss[reduce_axis] = self.nb
+            self.scale_shape = tuple(ss)
+
+    def to_rows(self, a: np.ndarray) -> np.ndarray:
+        if self.block_size is None:
+            return np.moveaxis(a, self.axis, 0).reshape(self.n_rows, self.row_len)
+        t = np.moveaxis(a, self.axis, -1)
+        if self.pad:
+            t = np.concatenate([t, np.zeros(t.shape[:-1] + (self.pad,), dtype=t.dtype)], axis=-1)
+        return t.reshape(self.n_rows, self.row_len)
+
+    def mask(self) -> np.ndarray | None:
+        """Valid (non-padding) entries of the rows, or None when there is no padding."""
+        if self.block_size is None or not self.pad:
+            return None
+        m = np.ones(self.nb * self.block_size, dtype=bool)
+        m[self.k:] = False
+        m = np.broadcast_to(m, self.rest + (m.size,))
+        return m.reshape(self.n_rows, self.row_len)
+
+    def from_rows(self, r: np.ndarray) -> np.ndarray:
+        if self.block_size is None:
+            return np.moveaxis(r.reshape(self.moved), 0, self.axis)
+        t = r.reshape(self.rest + (self.nb * self.block_size,))[..., : self.k]
+        return np.moveaxis(t, -1, self.axis)
+
+    def scale_from_rows(self, s: np.ndarray) -> np.ndarray:
+        if self.block_size is None:
+            return s.reshape(self.scale_shape)
+        return np.moveaxis(s.reshape(self.rest + (self.nb,)), -1, self.axis)
+
+
+# ------------------------------------------------------------------------------------- scales
+def _to_f32_scale(s64: np.ndarray) -> np.ndarray:
+    """Float32 scales, strictly positive (all-zero groups get 1.0: their q is 0 anyway)."""
+    s32 = s64.astype(np.float32)
+    s32 = np.where(s64 > 0, np.maximum(s32, np.float32(_F32_TINY)), np.float32(1.0))
+    return s32.astype(np.float32)
+
+
+def _round_nearest(rows: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    return np.clip(np.rint(rows / s[:, None]), qmin, qmax)
+
+
+def _scales(rows: np.ndarray, mask: np.ndarray | None, spec: WeightQuantSpec) -> np.ndarray:
+    bits = int(spec.bits)
+    qmin, qmax = qrange(bits)
+    absmax = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
+    method = spec.scale_method
+    if method == "aciq" and bits not in ACIQ_LAPLACE:
+        method = "minmax"
+    if method == "minmax":
+        return _to_f32_scale(absmax / qmax)
+    if method == "aciq":
+        if mask is None:
+            n = np.full(rows.shape[0], rows.shape[1], dtype=np.float64)
+            mean = rows.mean(axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
+            dev = np.abs(rows - mean[:, None]).sum(axis=1)
+        else:
+            n = mask.sum(axis=1).astype(np.float64)
+            mean = rows.sum(axis=1) / np.maximum(n, 1)
+            dev = np.where(mask, np.abs(rows - mean[:, None]), 0.0).sum(axis=1)
+        b_lap = dev / np.maximum(n, 1)
+        alpha = ACIQ_LAPLACE[bits] * b_lap
+        clip = np.where(alpha > 0, np.minimum(alpha, absmax), absmax)
+        return _to_f32_scale(clip / qmax)
+    # mse: grid search over clipping ratios, one pass over the weight per ratio
+    best_err = np.full(rows.shape[0], np.inf)
+    best = _to_f32_scale(absmax / qmax)
+    for r in MSE_RATIOS[::-1]:            # ratio 1.0 first: ties keep the larger (unclipped) scale
+        s32 = _to_f32_scale(r * absmax / qmax)
+        s = s32.astype(np.float64)
+        q = _round_nearest(rows, s, qmin, qmax)
+        err = np.square(q * s[:, None] - rows).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, s32, best)
+    return best.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------- rounding
+def _llc_round(rows: np.ndarray, grows: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Greedy loss-aware rounding (see module docstring). Returns float64 integer-valued rows."""
+    x = rows / s[:, None]
+    lo = np.clip(np.floor(x), qmin, qmax)
+    hi = np.clip(np.ceil(x), qmin, qmax)
+    q = np.clip(np.rint(x), qmin, qmax)
+    sc = s[:, None]
+    d0 = q * sc - rows                                   # δ of nearest rounding
+    S = (grows * d0).sum(axis=1)                         # first-order loss change per group
+    if not np.any(S > 0):
+        return q
+    other = np.where(q == lo, hi, lo)                    # the other neighbour (== q if not flippable)
+    d1 = other * sc - rows
+    gain = -grows * (other - q) * sc                     # decrease of S if flipped (>0 for candidates)
+    cand = (gain > 0) & (S[:, None] > 0)
+    extra = np.maximum(np.square(d1) - np.square(d0), 0.0)   # added squared error, ≥ 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        key = np.where(cand, extra / np.where(cand, gain, 1.0), np.inf)
+    order = np.argsort(key, axis=1, kind="stable")
+    g_sorted = np.take_along_axis(np.where(cand, gain, 0.0), order, axis=1)
+    c_sorted = np.take_along_axis(cand, order, axis=1)
+    before = np.cumsum(g_sorted, axis=1) - g_sorted      # S reduction achieved before this element
+    take_sorted = c_sorted & ((S[:, None] - before) > 0)
+    take = np.empty_like(take_sorted)
+    np.put_along_axis(take, order, take_sorted, axis=1)
+    return np.where(take, other, q)
+
+
+def _round(rows, grows, s, spec) -> np.ndarray:
+    qmin, qmax = qrange(int(spec.bits))
+    if spec.rounding == "nearest":
+        return _round_nearest(rows, s, qmin, qmax)
+    x = rows / s[:, None]
+    if spec.rounding == "up":
+        return np.clip(np.ceil(x), qmin, qmax)
+    if spec.rounding == "down":
+        return np.clip(np.floor(x), qmin, qmax)
+    return _llc_round(rows, grows, s, qmin, qmax)
+
+
+# --------------------------------------------------------------------------------------- API
+def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: int,
+                    grad: np.ndarray | None = None) -> QuantizedWeight:
+    """Quantize ``w`` symmetrically per ``spec``; ``grad`` (same shape) is required for ``"llc"``."""
+    _check_spec(spec)
+    w = np.asarray(w)
+    if w.ndim < 1 or not np.issubdtype(w.dtype, np.floating):
+        raise LLCError(f"weight quant: expected a floating-point weight with at least 1 dimension, "
+                       f"got dtype {w.dtype} shape {w.shape}")
+    out_axis = _norm_axis(out_axis, w.ndim, "out_axis")
+    reduce_axis = _norm_axis(reduce_axis, w.ndim, "reduce_axis")
+    w64 = w.astype(np.float64)
+    if not np.all(np.isfinite(w64)):
+        raise LLCError(f"weight quant: weight of shape {w.shape} contains NaN or Inf; "
+                       "fix the model's initializer before compressing")
+    if spec.rounding == "llc":
+        if grad is None:
+            raise LLCError("weight quant: rounding='llc' needs the loss gradient of the weight (grad=...); "
+                           "collect gradients first or use rounding='nearest'")
+        grad = np.asarray(grad, dtype=np.float64)
+        if grad.shape != w.shape:
+            raise LLCError(f"weight quant: grad shape {grad.shape} does not match weight shape {w.shape}")
+        if not np.all(np.isfinite(grad)):
+            raise LLCError("weight quant: grad contains NaN or Inf; check the calibration loss")
+    bs = None if spec.block_size is None else int(spec.block_size)
+    lay = _Groups(w.shape, bs, out_axis, reduce_axis)
+    rows = lay.to_rows(w64)
+    grows = lay.to_rows(grad) if spec.rounding == "llc" else None
+    s32 = _scales(rows, lay.mask(), spec)
+    q_rows = _round(rows, grows, s32.astype(np.float64), spec)
+    dq_rows = q_rows.astype(np.float32) * s32[:, None]
+    q = np.ascontiguousarray(lay.from_rows(q_rows)).astype(np.int32)
+    dequant = np.ascontiguousarray(lay.from_rows(dq_rows)).astype(np.float32, copy=False)
+    scale = np.ascontiguousarray(lay.scale_from_rows(s32)).astype(np.float32, copy=False)
+    nbytes = -(-int(spec.bits) * int(w.size) // 8) + 4 * int(scale.size)
+    return QuantizedWeight(q=q, scale=scale, axis=lay.axis, block_size=bs, bits=int(spec.bits),
+                           dequant=dequant, nbytes=nbytes)
+
+
+def weight_nbytes(shape, spec: WeightQuantSpec, reduce_axis: int, out_axis: int | None = None) -> int:
+    """Bytes ``quantize_weight`` would report for a weight of ``shape`` (no quantization done).
+
+    ``out_axis`` only matters per-channel; when omitted it is the other axis of a 2-D weight and 0
+    otherwise (Conv), which matches every CompressibleNode layout.
+    """
+    _check_spec(spec)
+    shape = tuple(int(d) for d in shape)
+    ndim = len(shape)
+    reduce_axis = _norm_axis(reduce_axis, ndim, "reduce_axis")
+    numel = math.prod(shape)
+    if spec.block_size is None:
+        oa = _infer_out_axis(ndim, reduce_axis) if out_axis is None else _norm_axis(out_axis, ndim, "out_axis")
+        n_scales = shape[oa]
+    else:
+        n_scales = numel // shape[reduce_axis] * -(-shape[reduce_axis] // int(spec.block_size)) \
+            if shape[reduce_axis] else 0
+    return -(-int(spec.bits) * numel // 8) + 4 * n_scales
