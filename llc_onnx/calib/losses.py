@@ -1,0 +1,270 @@
+"""Task losses and metrics, as sums and counts so that they add up over batches.
+
+Mean loss over a dataset = Σ sums / Σ counts (:meth:`TaskLoss.summarize` does it, and is what the CLI
+uses). All losses are computed in float64.
+
+* ``"ce"`` — cross-entropy of an output ``[B, C]`` (or ``[B, C, d1, ...]`` with labels ``[B, d1, ...]``)
+  against integer class labels; label ``-100`` (``ignore_index``) is skipped. Metrics ``top1`` and
+  ``top5`` (only when C ≥ 5). Count = number of labelled positions.
+* ``"lm"`` — next-token cross-entropy, Hugging Face convention: logits ``[B, T, V]``, labels ``[B, T]``
+  aligned with ``input_ids``; ``logits[:, :-1]`` is compared with ``labels[:, 1:]``, ``-100`` ignored.
+  Metrics ``top1``, ``top5`` (V ≥ 5) and ``ppl`` = ``exp(Σ loss sums / Σ counts)`` (computed in
+  :meth:`summarize`, not a sum itself). When a batch has no ``labels`` the ``input_ids`` input is used.
+* ``"mse"`` — mean squared error over all output elements against float labels of the same shape
+  (labels ``[B]`` for an output ``[B, 1]`` are accepted). Metric ``mae``.
+* ``"module:function"`` — ``fn(output, labels)`` called with **torch tensors** (output float64, labels
+  as stored), returning either a per-sample tensor of shape ``[B]`` (summed, count B) or a 0-d scalar
+  (taken as the batch mean: sum = value·B, count B). Write it with operations numpy and torch share
+  (``((o - l) ** 2).mean(1)``) and it will also work on arrays. No metrics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import LLCError
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class TaskLoss:
+    """Base class. ``name`` is the loss kind, ``output`` the graph output it reads."""
+
+    name: str = ""
+    needs_labels: bool = True
+
+    def __init__(self, output: str):
+        self.output = output
+
+    # -- contract ------------------------------------------------------------------------------
+    def terms(self, output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(sum, count) of the loss over the batch; differentiable w.r.t. ``output``; float64."""
+        raise NotImplementedError
+
+    def metrics(self, output: np.ndarray, labels: np.ndarray) -> dict[str, tuple[float, int]]:
+        """name -> (sum, count) for each metric of the batch."""
+        return {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def batch_labels(self, batch, source: str = "data"):
+        """Labels of ``batch`` (a :class:`~llc_onnx.calib.data.Batch`); LLCError when missing."""
+        if batch.labels is None:
+            raise LLCError(f"{source}: no 'labels' array; the '{self.name}' loss needs labels, "
+                           "add labels=... to the data (integer classes for ce/lm, targets for mse)")
+        return batch.labels
+
+    def loss_sum(self, output, labels) -> tuple[float, int]:
+        """:meth:`terms` on numpy (or torch) input without autograd: (float sum, count)."""
+        with torch.no_grad():
+            s, c = self.terms(_as_tensor(output), _as_tensor(labels))
+        return float(s), int(c)
+
+    def summarize(self, loss_sum: float, count: int, metric_sums: dict[str, tuple[float, int]] | None = None
+                  ) -> tuple[float, dict[str, float]]:
+        """Means from accumulated sums: ``(Σ sums / Σ counts, {metric: Σ / Σ})``."""
+        loss = loss_sum / count if count else float("nan")
+        metrics = {k: (s / c if c else float("nan")) for k, (s, c) in (metric_sums or {}).items()}
+        return loss, metrics
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(output={self.output!r})"
+
+
+def accumulate(total: dict[str, tuple[float, int]], part: dict[str, tuple[float, int]]) -> dict:
+    """Add the (sum, count) pairs of ``part`` into ``total`` (in place); returns ``total``."""
+    for k, (s, c) in part.items():
+        s0, c0 = total.get(k, (0.0, 0))
+        total[k] = (s0 + float(s), c0 + int(c))
+    return total
+
+
+class _ClassLoss(TaskLoss):
+    def __init__(self, output: str, ignore_index: int = -100):
+        super().__init__(output)
+        self.ignore_index = int(ignore_index)
+
+    def _check(self, output_shape: tuple, labels: np.ndarray | torch.Tensor) -> None:
+        dtype = labels.dtype
+        is_int = (not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool) \
+            if isinstance(labels, torch.Tensor) else np.issubdtype(dtype, np.integer)
+        if not is_int:
+            raise LLCError(f"labels: dtype {dtype} but the '{self.name}' loss needs integer class indices; "
+                           "cast them with .astype(np.int64) (or use --loss mse for regression targets)")
+
+    def _range_check(self, labels, n_classes: int) -> None:
+        lab = _as_numpy(labels)
+        bad = (lab != self.ignore_index) & ((lab < 0) | (lab >= n_classes))
+        if bad.any():
+            value = int(lab[bad].flat[0])
+            raise LLCError(f"labels: value {value} out of range for output '{self.output}' with {n_classes} classes; "
+                           f"labels must be in [0, {n_classes - 1}] (or {self.ignore_index} to ignore), "
+                           "check --output and the labels")
+
+    @staticmethod
+    def _topk(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray, k: int) -> float:
+        """scores [N, C], labels [N]; number of valid rows whose label is among the k best scores."""
+        if k == 1:
+            hit = scores.argmax(axis=1) == labels
+        else:
+            idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            hit = (idx == labels[:, None]).any(axis=1)
+        return float(np.count_nonzero(hit & valid))
+
+    def _class_metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, tuple[float, int]]:
+        valid = labels != self.ignore_index
+        n = int(np.count_nonzero(valid))
+        safe = np.where(valid, labels, 0)
+        out = {"top1": (self._topk(scores, safe, valid, 1), n)}
+        if scores.shape[1] >= 5:
+            out["top5"] = (self._topk(scores, safe, valid, 5), n)
+        return out
+
+
+class CrossEntropyLoss(_ClassLoss):
+    name = "ce"
+
+    def _flat(self, output_shape, labels_shape):
+        if len(output_shape) < 2:
+            raise LLCError(f"output '{self.output}': shape {tuple(output_shape)} has no class dimension; "
+                           "the 'ce' loss needs [batch, classes, ...] (pick another --output or --loss)")
+        want = (output_shape[0],) + tuple(output_shape[2:])
+        if tuple(labels_shape) != want:
+            raise LLCError(f"labels: shape {tuple(labels_shape)} does not match output '{self.output}' of shape "
+                           f"{tuple(output_shape)}; the 'ce' loss needs labels of shape {want}")
+
+    def terms(self, output, labels):
+        output, labels = _as_tensor(output), _as_tensor(labels)
+        self._check(output.shape, labels)
+        self._flat(tuple(output.shape), tuple(labels.shape))
+        self._range_check(labels, output.shape[1])
+        labels = labels.long()
+        s = torch.nn.functional.cross_entropy(output.double(), labels, reduction="sum", ignore_index=self.ignore_index)
+        return s, int((labels != self.ignore_index).sum())
+
+    def metrics(self, output, labels):
+        output, labels = _as_numpy(output), _as_numpy(labels)
+        self._check(output.shape, labels)
+        self._flat(output.shape, labels.shape)
+        self._range_check(labels, output.shape[1])
+        scores = np.moveaxis(output, 1, -1).reshape(-1, output.shape[1])
+        return self._class_metrics(scores, labels.reshape(-1).astype(np.int64))
+
+
+class NextTokenLoss(_ClassLoss):
+    name = "lm"
+
+    def batch_labels(self, batch, source: str = "data"):
+        if batch.labels is None and "input_ids" in batch.inputs:
+            return batch.inputs["input_ids"]
+        return super().batch_labels(batch, source)
+
+    def _shift(self, output_shape, labels_shape):
+        if len(output_shape) != 3:
+            raise LLCError(f"output '{self.output}': shape {tuple(output_shape)} is not [batch, seq, vocab]; "
+                           "the 'lm' loss needs rank-3 logits (pick another --output or --loss)")
+        if tuple(labels_shape) != tuple(output_shape[:2]):
+            raise LLCError(f"labels: shape {tuple(labels_shape)} does not match output '{self.output}' of shape "
+                           f"{tuple(output_shape)}; the 'lm' loss needs labels [batch, seq] aligned with input_ids")
+
+    def terms(self, output, labels):
+        output, labels = _as_tensor(output), _as_tensor(labels)
+        self._check(output.shape, labels)
+        self._shift(tuple(output.shape), tuple(labels.shape))
+        self._range_check(labels, output.shape[2])
+        logits = output[:, :-1].double()
+        target = labels[:, 1:].long()
+        s = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                              reduction="sum", ignore_index=self.ignore_index)
+        return s, int((target != self.ignore_index).sum())
+
+    def metrics(self, output, labels):
+        output, labels = _as_numpy(output), _as_numpy(labels)
+        self._check(output.shape, labels)
+        self._shift(output.shape, labels.shape)
+        self._range_check(labels, output.shape[2])
+        scores = output[:, :-1].reshape(-1, output.shape[2])
+        return self._class_metrics(scores, labels[:, 1:].reshape(-1).astype(np.int64))
+
+    def summarize(self, loss_sum, count, metric_sums=None):
+        loss, metrics = super().summarize(loss_sum, count, metric_sums)
+        metrics["ppl"] = math.exp(loss) if loss < 700 else float("inf")
+        return loss, metrics
+
+
+class MSELoss(TaskLoss):
+    name = "mse"
+
+    def _labels(self, output, labels):
+        if tuple(labels.shape) != tuple(output.shape):
+            numel = int(np.prod(tuple(labels.shape))), int(np.prod(tuple(output.shape)))
+            if numel[0] == numel[1] and labels.ndim >= 1 and output.ndim >= 1 and labels.shape[0] == output.shape[0]:
+                return labels.reshape(tuple(output.shape))
+            raise LLCError(f"labels: shape {tuple(labels.shape)} does not match output '{self.output}' of shape "
+                           f"{tuple(output.shape)}; the 'mse' loss needs targets of the output's shape")
+        return labels
+
+    def terms(self, output, labels):
+        output, labels = _as_tensor(output), _as_tensor(labels)
+        labels = self._labels(output, labels)
+        d = output.double() - labels.double()
+        return (d * d).sum(), int(d.numel())
+
+    def metrics(self, output, labels):
+        output, labels = _as_numpy(output), _as_numpy(labels)
+        labels = self._labels(output, labels)
+        d = output.astype(np.float64) - labels.astype(np.float64)
+        return {"mae": (float(np.abs(d).sum()), int(d.size))}
+
+
+class UserLoss(TaskLoss):
+    """``fn(output, labels)`` from ``module:function`` (see the module docstring)."""
+
+    def __init__(self, output: str, spec: str, fn):
+        super().__init__(output)
+        self.name = spec
+        self.fn = fn
+
+    def terms(self, output, labels):
+        output, labels = _as_tensor(output), _as_tensor(labels)
+        b = int(output.shape[0]) if output.ndim else 1
+        try:
+            r = self.fn(output.double(), labels)
+        except LLCError:
+            raise
+        except Exception as exc:
+            raise LLCError(f"{self.name}: the loss function raised {type(exc).__name__}: {exc}; "
+                           "it is called as fn(output, labels) with torch tensors") from None
+        r = _as_tensor(r) if not isinstance(r, (float, int)) else torch.tensor(float(r), dtype=torch.float64)
+        if r.ndim == 0:
+            return r.double() * b, b
+        if r.ndim == 1 and r.shape[0] == b:
+            return r.double().sum(), b
+        raise LLCError(f"{self.name}: returned shape {tuple(r.shape)}; return a per-sample array of shape ({b},) "
+                       "or a scalar batch mean")
+
+
+def make_loss(kind: str, output: str, **opts) -> TaskLoss:
+    """``kind``: ``"ce"`` | ``"lm"`` (``ignore_index`` option, default -100) | ``"mse"`` | ``"module:function"``."""
+    if kind == "ce":
+        return CrossEntropyLoss(output, **opts)
+    if kind == "lm":
+        return NextTokenLoss(output, **opts)
+    if kind == "mse":
+        return MSELoss(output)
+    if ":" in kind:
+        from .data import import_object
+
+        fn = import_object(kind)
+        if not callable(fn):
+            raise LLCError(f"{kind}: not callable; give a function fn(output, labels)")
+        return UserLoss(output, kind, fn)
+    raise LLCError(f"--loss {kind}: unknown loss; use ce, lm, mse or module:function")

@@ -1,0 +1,175 @@
+"""Evaluate models with ONNX Runtime (CPU) on a dataset: loss, metrics, and reference/candidate comparison."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calib.data import Dataset
+from .calib.losses import TaskLoss, accumulate
+from .errors import LLCError
+from .model_io import EXTERNAL_DATA_THRESHOLD, save_model
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    metrics: dict[str, float]
+    n: int                    # samples evaluated
+    seconds: float = 0.0      # wall time spent in ONNX Runtime
+
+
+@dataclass
+class Comparison:
+    reference: Evaluation
+    candidate: Evaluation
+    max_abs_diff: float       # max |candidate - reference| over all elements of the loss output
+    mean_abs_diff: float      # mean of the same
+    n: int
+    extra: dict = field(default_factory=dict)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()
+
+
+def make_session(model: onnx.ModelProto | str, intra_op_num_threads: int = 0) -> ort.InferenceSession:
+    """CPU :class:`onnxruntime.InferenceSession` for a model proto or path, with
+    ``session.qdq_matmulnbits_accuracy_level = 0`` (MatMulNBits keeps the weight precision),
+    deterministic compute, and ``intra_op_num_threads`` (0 = ORT default)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(intra_op_num_threads)
+    so.use_deterministic_compute = True
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    so.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    label = model if isinstance(model, str) else "model"
+    try:
+        if isinstance(model, (str, os.PathLike)):
+            return ort.InferenceSession(os.fspath(model), sess_options=so, providers=providers)
+        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "model.onnx")
+                save_model(model, path)
+                return ort.InferenceSession(path, sess_options=so, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
+    except Exception as exc:
+        raise LLCError(f"{label}: ONNX Runtime cannot load the model ({_first_line(exc)}); "
+                       "check the opset (≤ 26) and the ops used") from None
+
+
+def output_names(model: onnx.ModelProto | ort.InferenceSession) -> list[str]:
+    if isinstance(model, ort.InferenceSession):
+        return [o.name for o in model.get_outputs()]
+    return [o.name for o in model.graph.output]
+
+
+def resolve_output(model: onnx.ModelProto, name: str | None, source: str = "model") -> str:
+    """``name`` if it is a graph output of ``model`` (the first output when ``name`` is None), else an
+    LLCError listing the available outputs."""
+    outputs = output_names(model)
+    if not outputs:
+        raise LLCError(f"{source}: the model has no outputs; check the export")
+    if name is None:
+        return outputs[0]
+    if name not in outputs:
+        listed = ", ".join(repr(o) for o in outputs)
+        raise LLCError(f"{source}: output '{name}' is not a graph output; available outputs: {listed}; "
+                       "pick one with --output")
+    return name
+
+
+def _session(model, threads):
+    return model if isinstance(model, ort.InferenceSession) else make_session(model, threads)
+
+
+def _run(sess, feeds, output: str, source: str) -> np.ndarray:
+    try:
+        return sess.run([output], feeds)[0]
+    except Exception as exc:
+        raise LLCError(f"{source}: ONNX Runtime failed on the data ({_first_line(exc)}); "
+                       "check the data shapes against the model") from None
+
+
+def _track(batches, total, description, progress):
+    if not progress:
+        return batches
+    from .report import track
+
+    return track(batches, total=total, description=description)
+
+
+def evaluate(model, dataset: Dataset, loss: TaskLoss, *, intra_op_num_threads: int = 0,
+             progress: bool = False) -> Evaluation:
+    """Run ``model`` (proto, path or session) on every batch and return the mean loss (Σ sums / Σ
+    counts), metrics and the number of samples."""
+    sess = _session(model, intra_op_num_threads)
+    resolve_output_names = output_names(sess)
+    if loss.output not in resolve_output_names:
+        listed = ", ".join(repr(o) for o in resolve_output_names)
+        raise LLCError(f"model: output '{loss.output}' is not a graph output; available outputs: {listed}; "
+                       "pick one with --output")
+    total, count, msums, n, secs = 0.0, 0, {}, 0, 0.0
+    for i, batch in enumerate(_track(dataset.batches, len(dataset.batches), "evaluate", progress)):
+        src = f"{dataset.source}[batch {i}]"
+        labels = loss.batch_labels(batch, dataset.source)
+        t0 = time.perf_counter()
+        out = _run(sess, batch.inputs, loss.output, src)
+        secs += time.perf_counter() - t0
+        s, c = loss.loss_sum(out, labels)
+        total += s
+        count += c
+        accumulate(msums, loss.metrics(out, labels))
+        n += batch.size
+    mean, metrics = loss.summarize(total, count, msums)
+    return Evaluation(loss=mean, metrics=metrics, n=n, seconds=secs)
+
+
+def compare_models(reference, candidate, dataset: Dataset, loss: TaskLoss, *, intra_op_num_threads: int = 0,
+                   progress: bool = False) -> Comparison:
+    """Run both models batch by batch; accumulate loss/metrics of each and the max / mean absolute
+    difference of the loss output (``loss.output``) between them."""
+    sessions = [_session(reference, intra_op_num_threads), _session(candidate, intra_op_num_threads)]
+    for which, sess in zip(("reference", "candidate"), sessions):
+        names = output_names(sess)
+        if loss.output not in names:
+            listed = ", ".join(repr(o) for o in names)
+            raise LLCError(f"{which}: output '{loss.output}' is not a graph output; available outputs: {listed}; "
+                           "pick one with --output")
+    acc = [[0.0, 0, {}, 0.0], [0.0, 0, {}, 0.0]]
+    max_diff, abs_sum, numel, n = 0.0, 0.0, 0, 0
+    for i, batch in enumerate(_track(dataset.batches, len(dataset.batches), "compare", progress)):
+        src = f"{dataset.source}[batch {i}]"
+        labels = loss.batch_labels(batch, dataset.source)
+        outs = []
+        for sess, a in zip(sessions, acc):
+            t0 = time.perf_counter()
+            out = _run(sess, batch.inputs, loss.output, src)
+            a[3] += time.perf_counter() - t0
+            s, c = loss.loss_sum(out, labels)
+            a[0] += s
+            a[1] += c
+            accumulate(a[2], loss.metrics(out, labels))
+            outs.append(out)
+        if outs[0].shape != outs[1].shape:
+            raise LLCError(f"candidate: output '{loss.output}' has shape {outs[1].shape}, the reference "
+                           f"{outs[0].shape}; the models are not comparable")
+        d = np.abs(outs[1].astype(np.float64) - outs[0].astype(np.float64))
+        if d.size:
+            max_diff = max(max_diff, float(d.max()))
+        abs_sum += float(d.sum())
+        numel += d.size
+        n += batch.size
+    evals = []
+    for s, c, m, secs in acc:
+        mean, metrics = loss.summarize(s, c, m)
+        evals.append(Evaluation(loss=mean, metrics=metrics, n=n, seconds=secs))
+    return Comparison(reference=evals[0], candidate=evals[1], max_abs_diff=max_diff,
+                      mean_abs_diff=abs_sum / numel if numel else 0.0, n=n)
