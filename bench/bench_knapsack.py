@@ -1,7 +1,7 @@
 """Time the grouped knapsack on 500 groups x 5 levels (random sizes/costs, default units=20000).
 
-Run from the repository root: ``python -m bench.bench_knapsack [--groups 500] [--levels 5] [--repeats 5]``; prints the median
-wall time of each solver over the repeats.
+Run from the repository root: ``python -m bench.bench_knapsack [--groups 500] [--levels 5]
+[--repeats 5]``; prints the median wall time of each solver over the repeats.
 """
 
 from __future__ import annotations

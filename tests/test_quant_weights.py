@@ -283,3 +283,30 @@ def test_bad_input():
     bad[0, 0] = np.nan
     with pytest.raises(LLCError):
         quantize_weight(bad, WeightQuantSpec(4, None), 0, 1)
+
+
+def test_llc_flips_no_more_than_needed():
+    """Un-flipping the last flip taken (worst added error per unit of Σ g·δ) makes Σ g·δ positive again."""
+    rng = _rng(15)
+    w = rng.standard_normal((40, 48)).astype(np.float32)
+    g = rng.standard_normal(w.shape)
+    qw = quantize_weight(w, WeightQuantSpec(4, 16, "minmax", "llc"), 0, 1, grad=g)
+    near = quantize_weight(w, WeightQuantSpec(4, 16), 0, 1)
+    s = _expand_scale(qw, w.shape)
+    w64 = w.astype(np.float64)
+    n_checked = 0
+    for q, qn, ss, gg, ww in zip(*[_groups(a, qw, 0, 1) for a in (qw.q.astype(np.float64), near.q.astype(np.float64),
+                                                                    s, g, w64)]):
+        flipped = np.flatnonzero(q != qn)
+        if flipped.size == 0:
+            assert np.sum(gg * (qn * ss - ww)) <= 0
+            continue
+        gain = -gg * (q - qn) * ss
+        assert np.all(gain[flipped] > 0)                       # every flip moves against the gradient
+        extra = (q * ss - ww) ** 2 - (qn * ss - ww) ** 2
+        last = flipped[np.argmax(extra[flipped] / gain[flipped])]
+        q2 = q.copy()
+        q2[last] = qn[last]
+        assert np.sum(gg * (q2 * ss - ww)) > 0
+        n_checked += 1
+    assert n_checked > 10

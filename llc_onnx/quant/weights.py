@@ -227,11 +227,16 @@ def _scales(rows: np.ndarray, mask: np.ndarray | None, spec: WeightQuantSpec) ->
     # mse: grid search over clipping ratios, one pass over the weight per ratio
     best_err = np.full(rows.shape[0], np.inf)
     best = _to_f32_scale(absmax / qmax)
+    buf = np.empty_like(rows)
     for r in MSE_RATIOS[::-1]:            # ratio 1.0 first: ties keep the larger (unclipped) scale
         s32 = _to_f32_scale(r * absmax / qmax)
-        s = s32.astype(np.float64)
-        q = _round_nearest(rows, s, qmin, qmax)
-        err = np.square(q * s[:, None] - rows).sum(axis=1)
+        s = s32.astype(np.float64)[:, None]
+        np.divide(rows, s, out=buf)       # in place: one buffer, a few passes per ratio
+        np.rint(buf, out=buf)
+        np.clip(buf, qmin, qmax, out=buf)
+        np.multiply(buf, s, out=buf)
+        np.subtract(buf, rows, out=buf)
+        err = np.einsum("ij,ij->i", buf, buf)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, s32, best)
