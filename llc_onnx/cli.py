@@ -32,7 +32,23 @@ def command(name: str, help: str, *arguments):
     return register
 
 
+# Modules that register more subcommands with @command (imported lazily: they import this module).
+EXTENSIONS = ("llc_onnx.cli_optimize",)
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for name in EXTENSIONS:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # the extension exists but one of its imports is missing
+                raise
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _load_extensions()
     parser = argparse.ArgumentParser(
         prog="llc-onnx",
         description="Loss-aware post-training compression of ONNX models, verified on held-out data.")
@@ -194,3 +210,7 @@ def cmd_compare(args) -> int:
         print_line(f"{'PASS' if passed else 'FAIL'}: candidate loss {c.loss:.6g} {rel} reference loss "
                    f"{r.loss:.6g} + tolerance {args.tolerance:g}", style="bold green" if passed else "bold red")
     return 0 if passed else 1
+
+
+# Further subcommands live in their own modules and register themselves on import.
+from . import cli_optimize  # noqa: E402,F401

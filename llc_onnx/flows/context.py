@@ -85,6 +85,14 @@ def create_context(model_path: str, data: str, loss: TaskLoss | None = None, *, 
                        timer)
 
 
+def derive_context(ctx: FlowContext, model: onnx.ModelProto) -> FlowContext:
+    """A context for a further stage on ``model`` (e.g. quantizing low-rank factors): same data and loss, and
+    the *original* float model's losses as the reference every stage is verified against."""
+    found, skipped = find_compressible(model)
+    return FlowContext(ctx.model_path, model, found, skipped, TorchGraph(model, dtype=ctx.graph.dtype), ctx.loss,
+                       ctx.calib, ctx.held, ctx.measure_data, ctx.calib_fp, ctx.held_fp, StageTimer())
+
+
 def _head(ds: Dataset, n: int) -> Dataset:
     """The first batches of ``ds`` holding at least ``n`` samples (deterministic)."""
     out, count = [], 0

@@ -135,14 +135,26 @@ def _budget_bytes(cfg: QuantConfig, ctx: FlowContext, table: CostTable) -> int |
     return None
 
 
-def solve(table: CostTable, budget: int | None) -> dict[str, int]:
-    """Index per node into the kept candidates: knapsack under ``budget`` bytes, or lossless when None."""
+def _fidelity(c: Candidate) -> tuple:
+    """Order of a quantization ladder: fewest bits first, float last (back-off moves up this order)."""
+    return (c.reference, int(c.level[3:]) if c.level.startswith("int") else 0)
+
+
+def ladders_of(table: CostTable) -> dict[str, list[Candidate]]:
+    """Each node's kept candidates in fidelity order."""
+    _, kept, _, _ = table.solver_inputs()
+    return {n: sorted(k, key=_fidelity) for n, k in zip(table.groups, kept)}
+
+
+def solve(table: CostTable, budget: int | None) -> dict[str, Candidate]:
+    """The candidate per node: knapsack under ``budget`` bytes, or lossless (smallest size with Σ cost ≤ 0)
+    when ``budget`` is None."""
     nodes, kept, costs, sizes = table.solver_inputs()
     try:
         pick = knapsack.solve_lossless(costs, sizes) if budget is None else knapsack.solve_budget(costs, sizes, budget)
     except ValueError as exc:
         raise LLCError(f"size budget: {exc}") from None
-    return dict(zip(nodes, pick))
+    return {n: kept[i][j] for i, (n, j) in enumerate(zip(nodes, pick))}
 
 
 def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
@@ -163,9 +175,9 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
         table = build_candidates(ctx, cfg, grads, ranges)
     with ctx.timer.stage("solve"):
         budget = _budget_bytes(cfg, ctx, table)
-        choice = solve(table, budget)
-    _, kept, _, _ = table.solver_inputs()
-    ladders = dict(zip(table.groups, kept))
+        picked = solve(table, budget)
+    ladders = ladders_of(table)
+    choice = {n: ladders[n].index(c) for n, c in picked.items()}
 
     def build(ch: dict[str, int]) -> onnx.ModelProto:
         weights, acts = _plan(ctx, cfg, grads, ranges, {n: ladders[n][i] for n, i in ch.items()})
@@ -178,7 +190,8 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
     if cfg.sweep:
         with ctx.timer.stage("sweep"), task("sweep", len(cfg.sweep)) as advance:
             for frac in cfg.sweep:
-                ch = solve(table, int(frac * table.reference_bytes()))
-                sweep.append(ctx.sweep_point(frac, build(ch), sum(ladders[n][i].nbytes for n, i in ch.items())))
+                picked = solve(table, int(frac * table.reference_bytes()))
+                ch = {n: ladders[n].index(c) for n, c in picked.items()}
+                sweep.append(ctx.sweep_point(frac, build(ch), sum(c.nbytes for c in picked.values())))
                 advance(1)
     return QuantResult(table, grads, choice, ladders, result, budget, sweep)

@@ -1,0 +1,252 @@
+"""LLC low-rank factorisation with a rank chosen per node, in two modes.
+
+Per node, one SVD gives every truncation's first-order term G·δ and noise norm (``solvers.rank_search``).
+
+* ``lossless``: the candidates of a node are the useful ranks with G·δ < 0 inside the neighbourhood
+  ‖δ‖ ≤ γ (absolute, or γ·‖W‖ with ``relative``), the scale α refined by the trust-region step. Each is
+  measured (loss with only that node factored, calibration split) and the node keeps its lowest-loss one.
+  Globally, nodes are added in order of their measured ΔL and the prefix with the lowest calibration loss
+  (at least one node, so the model still compresses) is kept.
+* ``compact``: each node gets a grid of useful ranks (fractions of the largest useful rank) plus the
+  unfactored weight; costs from the LLC cost model (predicted inside the neighbourhood, else measured) go into
+  the grouped knapsack with parameters as weight, and the budget is bisected for the smallest one whose
+  calibration loss (all chosen nodes factored together) is ≤ the float model's calibration loss.
+
+Both are then verified on the held-out split in ONNX Runtime with back-off (the worst nodes move one rank
+up, eventually back to unfactored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from ..calib.gradients import GradientPass, collect_gradients
+from ..calib.noise import constant, measure_loss
+from ..errors import LLCError
+from ..passes.lowrank import apply_lowrank
+from ..progress import task
+from ..solvers import knapsack
+from ..solvers.cost_model import Candidate, CostTable, classify
+from ..solvers.rank_search import NodeSVD, from_matrix, matrix_view, useful_ranks
+from ..verify import VerifiedResult, contribution, verify_with_backoff
+from .context import FlowContext
+
+FULL = "full"
+GRID = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+
+
+@dataclass
+class LowRankConfig:
+    mode: str = "lossless"  # "lossless" | "compact"
+    gamma: float = 1e-4
+    relative: bool = False  # γ relative to ‖W‖
+    max_candidates: int = 8  # measured ranks per node (lossless)
+    negligible: float = 1e-7
+    error_max: float = 1e-4
+    outside: str = "measured"
+    tolerance: float = 0.0
+    max_rounds: int = 8
+    bisection_steps: int = 10
+
+
+@dataclass
+class LowRankResult:
+    table: CostTable
+    gradients: GradientPass
+    ladders: dict[str, list[Candidate]]
+    choice: dict[str, int]
+    result: VerifiedResult
+    search: list[dict] = field(default_factory=list)  # the global search (prefixes or budgets) on calibration
+
+
+def _gamma_abs(cfg: LowRankConfig, svd: NodeSVD) -> float:
+    return cfg.gamma * svd.norm if cfg.relative else cfg.gamma
+
+
+def _factor_layout(node, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """L[K,r], R[r,N] in the matrix view -> the factor layout ``passes.lowrank`` stores for this op."""
+    if node.op_type == "Conv":
+        return _conv_factors(node, left, right)
+    return left.astype(np.float32), right.astype(np.float32)
+
+
+def _conv_factors(node, left, right):
+    o, i, kh, kw = node.weight_shape
+    r = left.shape[1]
+    first = left.T.reshape(r, i, kh, kw)  # Conv with r output channels, original kernel
+    second = right.T.reshape(o, r, 1, 1)  # 1x1 Conv back to O channels
+    return first.astype(np.float32), second.astype(np.float32)
+
+
+class _Ranks:
+    """SVDs and rank candidates of all nodes, with what is needed to rebuild each candidate."""
+
+    def __init__(self, ctx: FlowContext, grads: GradientPass):
+        self.ctx = ctx
+        self.svd: dict[str, NodeSVD] = {}
+        self.spec: dict[tuple[str, str], tuple[int, float]] = {}  # (node, level) -> (rank, alpha)
+        with task("SVD", len(ctx.nodes)) as advance:
+            for node in ctx.nodes:
+                w = ctx.weight_array(node)
+                g = grads.nodes[node.name].grad_w
+                self.svd[node.name] = NodeSVD.of(matrix_view(w, node), matrix_view(g, node))
+                advance(1)
+
+    def weight(self, name: str, level: str) -> np.ndarray:
+        r, alpha = self.spec[(name, level)]
+        node = self.ctx.node(name)
+        return from_matrix(self.svd[name].reconstruct(r, alpha), node)
+
+    def hook(self, name: str, level: str):
+        return constant(torch.as_tensor(self.weight(name, level), dtype=self.ctx.graph.dtype))
+
+    def factors(self, choice: dict[str, Candidate]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for name, cand in choice.items():
+            if cand.reference:
+                continue
+            r, alpha = self.spec[(name, cand.level)]
+            out[name] = _factor_layout(self.ctx.node(name), *self.svd[name].factors(r, alpha))
+        return out
+
+    def candidate(self, name: str, row, measured: float | None, cfg: LowRankConfig, base: float) -> Candidate:
+        level = f"rank {row.rank}"
+        self.spec[(name, level)] = (row.rank, row.alpha)
+        cand = Candidate(name, level, 4 * row.params, row.predicted, measured, row.rel_error, True, None)
+        return classify(cand, cfg.error_max, base, False, cfg.outside)
+
+
+def _reference(ctx: FlowContext, name: str) -> Candidate:
+    return Candidate(name, FULL, 4 * ctx.weight_array(ctx.node(name)).size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
+
+
+def _measure(ctx: FlowContext, fns) -> float:
+    return measure_loss(ctx.graph, ctx.measure_data, ctx.loss, fns) - ctx.calib_loss_torch
+
+
+def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
+    cands: list[Candidate] = []
+    best: dict[str, Candidate] = {}
+    plan = []
+    for node in ctx.nodes:
+        svd = ranks.svd[node.name]
+        k, n = svd.u.shape[0], svd.vt.shape[1]
+        rows = svd.rows(useful_ranks(k, n), gamma=_gamma_abs(cfg, svd), negligible=cfg.negligible)
+        limit = _gamma_abs(cfg, svd) / svd.norm
+        inside = [r for r in rows if r.predicted < 0 and r.rel_error <= limit * (1 + 1e-9)]
+        if len(inside) > cfg.max_candidates:  # spread the measured candidates over the set, smallest rank first
+            idx = np.unique(np.linspace(0, len(inside) - 1, cfg.max_candidates).round().astype(int))
+            inside = [inside[i] for i in idx]
+        plan.append((node, inside))
+    total = sum(len(p[1]) for p in plan)
+    with task("measuring ranks", total) as advance:
+        for node, rows in plan:
+            cands.append(_reference(ctx, node.name))
+            for row in rows:
+                level = f"rank {row.rank}"
+                ranks.spec[(node.name, level)] = (row.rank, row.alpha)
+                c = ranks.candidate(node.name, row, _measure(ctx, {node.name: ranks.hook(node.name, level)}), cfg,
+                                    ctx.calib_loss_torch)
+                cands.append(c)
+                if node.name not in best or contribution(c) < contribution(best[node.name]):
+                    best[node.name] = c
+                advance(1)
+    table = CostTable.from_candidates(cands)
+    if not best:
+        raise LLCError(f"{ctx.model_path}: no rank of any node lies inside the neighbourhood ‖δ‖ ≤ {cfg.gamma}"
+                       f"{' ·‖W‖' if cfg.relative else ''} with G·δ < 0, so lossless low-rank cannot compress this "
+                       "model; try a larger --gamma with --relative, or --mode compact")
+    order = sorted(best, key=lambda n: (contribution(best[n]), n))
+    search, fns, best_k, best_loss = [], {}, 1, float("inf")
+    with task("choosing the combination", len(order)) as advance:
+        for k, name in enumerate(order, 1):
+            fns[name] = ranks.hook(name, best[name].level)
+            dl = _measure(ctx, dict(fns))
+            search.append({"nodes": k, "added": name, "calib_delta": dl})
+            if dl < best_loss:
+                best_k, best_loss = k, dl
+            advance(1)
+    chosen = {n: best[n] for n in order[:best_k]}
+    return table, chosen, search
+
+
+def _grid_rows(svd: NodeSVD, cfg: LowRankConfig):
+    k, n = svd.u.shape[0], svd.vt.shape[1]
+    useful = useful_ranks(k, n)
+    if not useful:
+        return []
+    rmax = useful[-1]
+    grid = sorted({max(1, int(round(f * rmax))) for f in GRID})
+    # the α step is only taken where the truncation is inside the neighbourhood; elsewhere α = 1
+    return svd.rows(grid, gamma=_gamma_abs(cfg, svd), negligible=cfg.negligible)
+
+
+def _compact(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
+    plan = [(node, _grid_rows(ranks.svd[node.name], cfg)) for node in ctx.nodes]
+    cands: list[Candidate] = []
+    with task("measuring ranks", sum(len(r) for _, r in plan)) as advance:
+        for node, rows in plan:
+            cands.append(_reference(ctx, node.name))
+            for row in rows:
+                level = f"rank {row.rank}"
+                ranks.spec[(node.name, level)] = (row.rank, row.alpha)
+                cands.append(ranks.candidate(node.name, row, _measure(ctx, {node.name: ranks.hook(node.name, level)}),
+                                             cfg, ctx.calib_loss_torch))
+                advance(1)
+    table = CostTable.from_candidates(cands)
+    names, kept, costs, sizes = table.solver_inputs()
+    lo, hi = sum(min(s) for s in sizes), sum(max(s) for s in sizes)
+    search = []
+
+    def attempt(budget: int):
+        pick = knapsack.solve_budget(costs, sizes, budget)
+        chosen = {n: kept[i][j] for i, (n, j) in enumerate(zip(names, pick))}
+        fns = {n: ranks.hook(n, c.level) for n, c in chosen.items() if not c.reference}
+        dl = _measure(ctx, fns) if fns else 0.0
+        search.append({"budget_bytes": budget, "bytes": sum(c.nbytes for c in chosen.values()), "calib_delta": dl})
+        return chosen, dl
+
+    best = {n: kept[i][-1] for i, n in enumerate(names)}  # unfactored: always "no worse"
+    with task("budget search", cfg.bisection_steps) as advance:
+        for _ in range(cfg.bisection_steps):
+            mid = (lo + hi) // 2
+            chosen, dl = attempt(mid)
+            if dl <= cfg.tolerance:
+                best, hi = chosen, mid
+            else:
+                lo = mid + 1
+            advance(1)
+            if lo >= hi:
+                break
+    return table, best, search
+
+
+def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
+    if cfg.mode not in ("lossless", "compact"):
+        raise LLCError(f"--mode must be 'lossless' or 'compact', not {cfg.mode!r}")
+    with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
+        grads = collect_gradients(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, None, advance)
+    ctx.calib_loss_torch = measure_loss(ctx.graph, ctx.measure_data, ctx.loss)
+    with ctx.timer.stage("candidates"):
+        ranks = _Ranks(ctx, grads)
+        table, chosen, search = (_lossless if cfg.mode == "lossless" else _compact)(ctx, cfg, ranks)
+    # Ladders: each node's candidates by size, unfactored last; nodes not chosen stay unfactored.
+    ladders, choice = {}, {}
+    for name, group in table.groups.items():
+        ladder = [c for c in group if c.cost is not None or c.reference]
+        ladder.sort(key=lambda c: (c.reference, c.nbytes))
+        ladders[name] = ladder
+        pick = chosen.get(name)
+        choice[name] = ladder.index(pick) if pick is not None and pick in ladder else len(ladder) - 1
+
+    def build(ch: dict[str, int]) -> onnx.ModelProto:
+        return apply_lowrank(ctx.model, ranks.factors({n: ladders[n][i] for n, i in ch.items()}))
+
+    with ctx.timer.stage("verify"), task("verifying on held-out", cfg.max_rounds + 1) as advance:
+        result = verify_with_backoff(build, ladders, choice, ctx.held, ctx.loss, ctx.held_fp, cfg.tolerance,
+                                     cfg.max_rounds, advance)
+    return LowRankResult(table, grads, ladders, choice, result, search)
