@@ -318,3 +318,64 @@ def test_bad_plans_raise_llcerror():
     old = onnx.version_converter.convert_version(model, 19)
     with pytest.raises(LLCError, match="opset >= 21"):
         apply_qdq(old, {"mm": good})
+
+
+MODELS = {
+    "matmul": (lambda rng: matmul_model(rng, 80, 24), "mm", 1, 0),
+    "gemm_tb1": (lambda rng: gemm_model(rng, 80, 24, 1), "gm", 0, 1),
+    "conv": (lambda rng: conv_model(rng, 40, 16, 1), "cv", 0, 1),
+    "depthwise": (lambda rng: conv_model(rng, 16, 16, 16), "cv", 0, 1),
+}
+
+
+@pytest.mark.parametrize("abits", [8, 16])
+@pytest.mark.parametrize("bits,block", [(8, None), (16, None), (4, 32), (2, 32)])
+@pytest.mark.parametrize("case", list(MODELS))
+def test_weight_and_activation_matrix(case, bits, block, abits):
+    make, node, out_axis, reduce_axis = MODELS[case]
+    rng = np.random.default_rng(bits + abits)
+    model, w, shapes = make(rng)
+    plan = ref_quant(w, bits, out_axis, reduce_axis, block)
+    feeds = feeds_for(rng, shapes)
+    x, qmax = feeds["x"], 2 ** (abits - 1) - 1
+    scale = float(np.abs(x).max() / qmax)
+    qm = apply_qdq(model, {node: plan}, {node: AQ(scale, abits)})
+    onnx.checker.check_model(qm, full_check=True)
+    xq = (np.clip(np.round(x / np.float32(scale)), -qmax - 1, qmax) * np.float32(scale)).astype(np.float32)
+    want = run(replace_init(model, "w", plan.dequant), {"x": xq})[0]
+    assert rel_err(run(qm, feeds)[0], want) < 1e-5
+    fallback = case == "matmul" and bits == 2 and abits == 8
+    types = init_types(qm)
+    assert types[f"w_q{bits}_as_int4" if fallback else f"w_q{bits}"] == (TP.INT4 if fallback else QTYPE[bits])
+
+
+def test_int2_int8_matmul_fallback_and_ort_bug():
+    """ORT 1.31.1 fuses DQ(int8 x) + DQ(INT2 w) -> MatMul into MatMulIntegerToFloat, which rejects int2.
+    The pass stores those codes as INT4 (same values) unless asked to raise."""
+    rng = np.random.default_rng(14)
+    model, w, shapes = matmul_model(rng, 64, 16)
+    plan = ref_quant(w, 2, 1, 0, 32)
+    feeds = feeds_for(rng, shapes)
+    act = AQ(float(np.abs(feeds["x"]).max() / 127), 8)
+    # the raw combination (built in two steps, which bypasses the fallback) fails in ORT 1.31.1
+    raw = apply_qdq(apply_qdq(model, {"mm": plan}), {}, {"mm": act})
+    onnx.checker.check_model(raw, full_check=True)
+    if ort.__version__ == "1.31.1":
+        with pytest.raises(Exception, match="int2"):
+            session(raw)
+    ir_model = ir.serde.deserialize_model(model)
+    p = QDQPass({"mm": plan}, {"mm": act})
+    qm = ir.serde.serialize_model(p(ir_model).model)
+    assert p.fallbacks == ["mm"]
+    assert init_types(qm)["w_q2_as_int4"] == TP.INT4
+    assert {o.domain: o.version for o in qm.opset_import}[""] == 21  # no INT2 left
+    got = run(qm, feeds)[0]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # no QDQ fusion: runs raw
+    want = ort.InferenceSession(raw.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert rel_err(got, want) < 1e-5
+    with pytest.raises(LLCError, match="int2 kernel"):
+        apply_qdq(model, {"mm": plan}, {"mm": act}, int2_int8_matmul="error")
+    # int16 activations keep INT2
+    qm16 = apply_qdq(model, {"mm": plan}, {"mm": AQ(act.scale / 256, 16)})
+    assert init_types(qm16)["w_q2"] == TP.INT2

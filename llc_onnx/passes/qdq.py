@@ -24,9 +24,16 @@ default opset is relabelled to 25 and the IR version raised to 11 (INT2 Dequanti
 opset 25 on; the ops changed between 21 and 25 only gained types, no semantics changed for the ops
 they already had). Nodes without a plan are untouched.
 
-ONNX Runtime 1.31.1 (CPU) runs every combination this pass writes, checked numerically against the
+ONNX Runtime 1.31.1 (CPU) runs the graphs this pass writes, checked numerically against the
 fake-quant model: per-channel and blocked (incl. a partial last block) INT8/INT16/INT4/INT2 weights on
-MatMul, Gemm (transB 0/1) and Conv (normal, grouped, depthwise). See tests/test_pass_qdq.py.
+MatMul, Gemm (transB 0/1) and Conv (normal, grouped, depthwise), alone and with int8/int16 activation
+Q/DQ. See tests/test_pass_qdq.py. One exception, an ORT 1.31.1 bug: a MatMul whose weight DQ is INT2
+*and* whose input has an int8 Q/DQ pair fails at session creation ("Type 'tensor(int2)' of input
+parameter ... of operator (MatMulIntegerToFloat) ... is invalid": the QDQ fusion rewrites it to
+MatMulIntegerToFloat, which has no int2 kernel; ORT_ENABLE_BASIC or session.disable_quant_qdq=1 avoid
+it). For that combination the pass by default stores the 2-bit codes as INT4 (``<weight>_q2_as_int4``;
+identical values, so identical results; 4 bits per weight stored instead of 2), and lists the node in
+``QDQPass.fallbacks``; ``int2_int8_matmul="error"`` raises instead. Gemm/Conv with INT2 + int8 run fine.
 """
 
 from __future__ import annotations
@@ -143,14 +150,21 @@ class QDQPass(ir.passes.InPlacePass):
         activations: Mapping[str, Any] | None = None,
         *,
         explicit_zero_point: bool = False,
+        int2_int8_matmul: str = "int4",
     ):
         super().__init__()
+        if int2_int8_matmul not in ("int4", "error"):
+            raise LLCError(f"QDQPass: int2_int8_matmul='{int2_int8_matmul}'; use 'int4' or 'error'")
+        self.int2_int8_matmul = int2_int8_matmul
+        #: names of MatMul nodes whose INT2 codes were stored as INT4 (see module doc)
+        self.fallbacks: list[str] = []
         self.weights = dict(weights)
         self.activations = dict(activations or {})
         self.explicit_zero_point = explicit_zero_point
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self.fallbacks = []
         opset = common.default_opset(model)
         if (self.weights or self.activations) and opset < 21:
             raise LLCError(
@@ -181,7 +195,21 @@ class QDQPass(ir.passes.InPlacePass):
                 raise LLCError(f"node '{node.name}': activation scale {scale} must be positive and finite")
             act_prepared.append((node, bits, scale))
 
-        uses_int2 = any(p[-1] == 2 for p in prepared)
+        # ORT 1.31.1 cannot run MatMul + INT2 weight DQ + int8 activation Q/DQ (see module doc).
+        int8_act = {node.name for node, bits, _ in act_prepared if bits == 8}
+        storage: dict[str, int] = {}
+        for node, *_, bits in prepared:
+            storage[node.name] = bits
+            if bits == 2 and node.op_type == "MatMul" and node.name in int8_act:
+                if self.int2_int8_matmul == "error":
+                    raise LLCError(
+                        f"node '{node.name}': INT2 weight with an int8 activation Q/DQ on a MatMul fails in "
+                        "ONNX Runtime 1.31 (MatMulIntegerToFloat has no int2 kernel); use int4 weights or "
+                        "int16 activations for this node"
+                    )
+                storage[node.name] = 4
+                self.fallbacks.append(node.name)
+        uses_int2 = any(b == 2 for b in storage.values())
         if uses_int2:
             if opset > 25:
                 raise LLCError(f"model: default opset is {opset}; ONNX Runtime 1.31 runs opset <= 25 with INT2")
@@ -192,10 +220,12 @@ class QDQPass(ir.passes.InPlacePass):
         shared: dict[tuple, ir.Value] = {}
         old_weights: list[ir.Value] = []
         for node, idx, value, q, scale, axis, block, bits in prepared:
-            key = _plan_key(value.name, q, scale, axis, block, bits)
+            key = (*_plan_key(value.name, q, scale, axis, block, bits), storage[node.name])
             dq_out = shared.get(key)
             if dq_out is None:
-                dq_out = self._insert_weight_dq(graph, names, node, value, q, scale, axis, block, bits)
+                dq_out = self._insert_weight_dq(
+                    graph, names, node, value, q, scale, axis, block, bits, storage[node.name]
+                )
                 shared[key] = dq_out
             node.replace_input_with(idx, dq_out)
             old_weights.append(value)
@@ -207,11 +237,12 @@ class QDQPass(ir.passes.InPlacePass):
 
         return ir.passes.PassResult(model, modified=bool(prepared or act_prepared))
 
-    def _insert_weight_dq(self, graph, names, node, value, q, scale, axis, block, bits) -> ir.Value:
-        dtype, np_type, _ = QTYPES[bits]
+    def _insert_weight_dq(self, graph, names, node, value, q, scale, axis, block, bits, stored_bits) -> ir.Value:
+        dtype, np_type, _ = QTYPES[stored_bits]
         fdtype = value.const_value.dtype
         base, nname = value.name, node.name
-        q_name = names.fresh(f"{base}_q{bits}", f"{base}_{nname}_q{bits}")
+        tag = f"q{bits}" if stored_bits == bits else f"q{bits}_as_int{stored_bits}"
+        q_name = names.fresh(f"{base}_{tag}", f"{base}_{nname}_{tag}")
         s_name = names.fresh(f"{base}_scale", f"{base}_{nname}_scale")
         q_val = common.add_initializer(graph, q_name, ir.Tensor(q.astype(np_type), dtype=dtype, name=q_name))
         s_val = common.add_initializer(
@@ -266,8 +297,12 @@ def apply_qdq(
     activations: Mapping[str, Any] | None = None,
     *,
     explicit_zero_point: bool = False,
+    int2_int8_matmul: str = "int4",
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with :class:`QDQPass` applied (``model`` is not modified)."""
     return common.run_on_proto(
-        model, lambda: QDQPass(weights, activations, explicit_zero_point=explicit_zero_point)
+        model,
+        lambda: QDQPass(
+            weights, activations, explicit_zero_point=explicit_zero_point, int2_int8_matmul=int2_int8_matmul
+        ),
     )
