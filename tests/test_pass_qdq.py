@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -357,18 +358,34 @@ def test_int2_int8_matmul_fallback_and_ort_bug():
     plan = ref_quant(w, 2, 1, 0, 32)
     feeds = feeds_for(rng, shapes)
     act = AQ(float(np.abs(feeds["x"]).max() / 127), 8)
-    # the raw combination (built in two steps, which bypasses the fallback) fails in ORT 1.31.1
-    raw = apply_qdq(apply_qdq(model, {"mm": plan}), {}, {"mm": act})
-    onnx.checker.check_model(raw, full_check=True)
-    if ort.__version__ == "1.31.1":
-        with pytest.raises(Exception, match="int2"):
-            session(raw)
     ir_model = ir.serde.deserialize_model(model)
     p = QDQPass({"mm": plan}, {"mm": act})
     qm = ir.serde.serialize_model(p(ir_model).model)
     assert p.fallbacks == ["mm"]
     assert init_types(qm)["w_q2_as_int4"] == TP.INT4
     assert {o.domain: o.version for o in qm.opset_import}[""] == 21  # no INT2 left
+    # the raw combination (same graph with the codes stored as INT2) fails in ORT 1.31.1
+    raw = onnx.ModelProto()
+    raw.CopyFrom(qm)
+    for t in raw.graph.initializer:
+        if t.name == "w_q2_as_int4":
+            t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.int8).astype(ml_dtypes.int2), t.name))
+    del raw.graph.value_info[:]
+    raw.opset_import[0].version, raw.ir_version = 25, 11
+    onnx.checker.check_model(raw, full_check=True)
+    if ort.__version__ == "1.31.1":
+        with pytest.raises(Exception, match=r"tensor\(int2\).*MatMulIntegerToFloat"):
+            session(raw)
+    # plans applied in two calls: the existing INT2 DQ gets its codes rewritten to INT4
+    two = apply_qdq(apply_qdq(model, {"mm": plan}), {}, {"mm": act})
+    onnx.checker.check_model(two, full_check=True)
+    assert init_types(two)["w_q2_as_int4"] == TP.INT4 and "w_q2" not in init_types(two)
+    assert np.array_equal(run(two, feeds)[0], run(qm, feeds)[0])
+    two_zp = apply_qdq(apply_qdq(model, {"mm": plan}, explicit_zero_point=True), {}, {"mm": act})
+    assert init_types(two_zp)["w_zero_point_as_int4"] == TP.INT4
+    assert np.array_equal(run(two_zp, feeds)[0], run(qm, feeds)[0])
+    with pytest.raises(LLCError, match="int2 kernel"):
+        apply_qdq(apply_qdq(model, {"mm": plan}), {}, {"mm": act}, int2_int8_matmul="error")
     got = run(qm, feeds)[0]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # no QDQ fusion: runs raw

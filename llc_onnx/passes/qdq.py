@@ -33,7 +33,9 @@ parameter ... of operator (MatMulIntegerToFloat) ... is invalid": the QDQ fusion
 MatMulIntegerToFloat, which has no int2 kernel; ORT_ENABLE_BASIC or session.disable_quant_qdq=1 avoid
 it). For that combination the pass by default stores the 2-bit codes as INT4 (``<weight>_q2_as_int4``;
 identical values, so identical results; 4 bits per weight stored instead of 2), and lists the node in
-``QDQPass.fallbacks``; ``int2_int8_matmul="error"`` raises instead. Gemm/Conv with INT2 + int8 run fine.
+``QDQPass.fallbacks``; ``int2_int8_matmul="error"`` raises instead. The same holds when one side of the
+pair is already in the graph (plans applied in two calls): an existing INT2 weight DQ of a MatMul that
+gets an int8 activation plan has its codes rewritten to INT4. Gemm/Conv with INT2 + int8 run fine.
 """
 
 from __future__ import annotations
@@ -128,6 +130,20 @@ def _check_weight_plan(node: ir.Node, w: np.ndarray, plan: Any) -> tuple[np.ndar
     return q, scale, axis, block, bits
 
 
+_INT8_TYPES = (ir.DataType.INT8, ir.DataType.UINT8)
+
+
+def _dq_input_dtype(value: ir.Value | None) -> ir.DataType | None:
+    """Type of the quantized input of the DequantizeLinear producing ``value`` (None otherwise)."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain not in ("", "ai.onnx"):
+        return None
+    src = producer.inputs[0]
+    if src is None or src.type is None:
+        return None
+    return src.dtype
+
+
 def _plan_key(weight: str, q: np.ndarray, scale: np.ndarray, axis: int, block: int | None, bits: int) -> tuple:
     h = hashlib.sha1()
     h.update(np.ascontiguousarray(q, dtype=np.int32).tobytes())
@@ -195,20 +211,34 @@ class QDQPass(ir.passes.InPlacePass):
                 raise LLCError(f"node '{node.name}': activation scale {scale} must be positive and finite")
             act_prepared.append((node, bits, scale))
 
-        # ORT 1.31.1 cannot run MatMul + INT2 weight DQ + int8 activation Q/DQ (see module doc).
+        # ORT 1.31.1 cannot run MatMul + INT2 weight DQ + int8 activation Q/DQ (see module doc). The
+        # combination can also arise with a DQ already in the graph (plans applied in two calls).
         int8_act = {node.name for node, bits, _ in act_prepared if bits == 8}
+
+        def refuse(node: ir.Node) -> None:
+            if self.int2_int8_matmul == "error":
+                raise LLCError(
+                    f"node '{node.name}': INT2 weight with an int8 activation Q/DQ on a MatMul fails in "
+                    "ONNX Runtime 1.31 (MatMulIntegerToFloat has no int2 kernel); use int4 weights or "
+                    "int16 activations for this node"
+                )
+            self.fallbacks.append(node.name)
+
         storage: dict[str, int] = {}
         for node, *_, bits in prepared:
             storage[node.name] = bits
-            if bits == 2 and node.op_type == "MatMul" and node.name in int8_act:
-                if self.int2_int8_matmul == "error":
-                    raise LLCError(
-                        f"node '{node.name}': INT2 weight with an int8 activation Q/DQ on a MatMul fails in "
-                        "ONNX Runtime 1.31 (MatMulIntegerToFloat has no int2 kernel); use int4 weights or "
-                        "int16 activations for this node"
-                    )
+            if bits == 2 and node.op_type == "MatMul" and (
+                node.name in int8_act or _dq_input_dtype(node.inputs[0]) in _INT8_TYPES
+            ):
+                refuse(node)
                 storage[node.name] = 4
-                self.fallbacks.append(node.name)
+        existing_int2: list[ir.Node] = []  # DQ nodes already in the graph whose INT2 codes become INT4
+        for node, bits, _ in act_prepared:
+            if bits == 8 and node.op_type == "MatMul" and node.name not in storage:
+                if _dq_input_dtype(node.inputs[1]) == ir.DataType.INT2:
+                    refuse(node)
+                    if node.inputs[1].producer() not in existing_int2:
+                        existing_int2.append(node.inputs[1].producer())
         uses_int2 = any(b == 2 for b in storage.values())
         if uses_int2:
             if opset > 25:
@@ -234,6 +264,16 @@ class QDQPass(ir.passes.InPlacePass):
 
         for node, bits, scale in act_prepared:
             self._insert_activation_qdq(graph, names, node, bits, scale)
+        for dq in existing_int2:  # codes (and a zero point, if any) of an existing DQ: INT2 -> INT4
+            for i in (0, 2):
+                old = dq.inputs[i] if len(dq.inputs) > i else None
+                if old is None or old.dtype != ir.DataType.INT2 or old.const_value is None:
+                    continue
+                codes = old.const_value.numpy().astype(np.int8).astype(ml_dtypes.int4)
+                name = names.fresh(f"{old.name}_as_int4")
+                new = common.add_initializer(graph, name, ir.Tensor(codes, dtype=ir.DataType.INT4, name=name))
+                dq.replace_input_with(i, new)
+                common.drop_if_unused(graph, old)
 
         return ir.passes.PassResult(model, modified=bool(prepared or act_prepared))
 
