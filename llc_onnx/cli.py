@@ -114,8 +114,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         emit_json(info)
         return 0
-    head = Summary(f"{args.model}")
-    head.add("opset", info["opset"]).add("IR version", info["ir_version"]).add("producer", info["producer"] or "-")
+    head = Summary("model")
+    head.add("path", args.model).add("opset", info["opset"]).add("IR version", info["ir_version"]).add("producer", info["producer"] or "-")
     io = Summary("inputs / outputs", ["", "name", "dtype", "shape"])
     for kind in ("inputs", "outputs"):
         for v in info[kind]:

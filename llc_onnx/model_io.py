@@ -231,7 +231,8 @@ def save_model(model: onnx.ModelProto, path) -> None:
             data_name = base + ".data"
             onnx.save_model(m, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            os.replace(os.path.join(tmpdir, data_name), os.path.join(directory, data_name))
+            if os.path.exists(os.path.join(tmpdir, data_name)):  # absent when every tensor is small
+                os.replace(os.path.join(tmpdir, data_name), os.path.join(directory, data_name))
         else:
             onnx.save_model(model, tmp_model)
         os.replace(tmp_model, p)

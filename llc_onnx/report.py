@@ -55,7 +55,7 @@ class Summary:
                 t.add_row(*(fmt(v) for v in r))
         else:
             t.add_column("", style="bold")
-            t.add_column("", justify="right")
+            t.add_column("")
             t.show_header = False
             for k, v in self.kv.items():
                 t.add_row(str(k), fmt(v))
@@ -119,7 +119,10 @@ def emit_json(data: dict, file=None) -> None:
 def _console(file=None):
     from rich.console import Console
 
-    return Console(file=file or sys.stdout, highlight=False, soft_wrap=False)
+    file = file or sys.stdout
+    tty = hasattr(file, "isatty") and file.isatty()
+    # piped / captured output: wide enough that cells are not wrapped (greppable logs)
+    return Console(file=file, highlight=False, soft_wrap=False, width=None if tty else 200)
 
 
 def print_summaries(summaries: Iterable[Summary], file=None) -> None:

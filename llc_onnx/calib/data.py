@@ -264,7 +264,7 @@ def _load_dir(path: str, specs) -> Dataset:
 
 def _load_reader(spec: str, specs) -> Dataset:
     obj = import_object(spec)
-    if not hasattr(obj, "get_next") and callable(obj):
+    if isinstance(obj, type) or (not hasattr(obj, "get_next") and callable(obj)):
         try:
             obj = obj()
         except Exception as exc:

@@ -28,6 +28,12 @@ import torch
 from ..errors import LLCError
 
 
+def _need_labels(labels, loss: "TaskLoss") -> None:
+    if labels is None:
+        raise LLCError(f"labels: none given; the '{loss.name}' loss needs labels, add labels=... to the data "
+                       "(integer classes for ce/lm, targets for mse)")
+
+
 def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
@@ -97,7 +103,7 @@ class _ClassLoss(TaskLoss):
         is_int = (not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool) \
             if isinstance(labels, torch.Tensor) else np.issubdtype(dtype, np.integer)
         if not is_int:
-            raise LLCError(f"labels: dtype {dtype} but the '{self.name}' loss needs integer class indices; "
+            raise LLCError(f"labels: dtype {str(dtype).replace('torch.', '')} but the '{self.name}' loss needs integer class indices; "
                            "cast them with .astype(np.int64) (or use --loss mse for regression targets)")
 
     def _range_check(self, labels, n_classes: int) -> None:
@@ -142,6 +148,7 @@ class CrossEntropyLoss(_ClassLoss):
                            f"{tuple(output_shape)}; the 'ce' loss needs labels of shape {want}")
 
     def terms(self, output, labels):
+        _need_labels(labels, self)
         output, labels = _as_tensor(output), _as_tensor(labels)
         self._check(output.shape, labels)
         self._flat(tuple(output.shape), tuple(labels.shape))
@@ -151,6 +158,7 @@ class CrossEntropyLoss(_ClassLoss):
         return s, int((labels != self.ignore_index).sum())
 
     def metrics(self, output, labels):
+        _need_labels(labels, self)
         output, labels = _as_numpy(output), _as_numpy(labels)
         self._check(output.shape, labels)
         self._flat(output.shape, labels.shape)
@@ -176,6 +184,7 @@ class NextTokenLoss(_ClassLoss):
                            f"{tuple(output_shape)}; the 'lm' loss needs labels [batch, seq] aligned with input_ids")
 
     def terms(self, output, labels):
+        _need_labels(labels, self)
         output, labels = _as_tensor(output), _as_tensor(labels)
         self._check(output.shape, labels)
         self._shift(tuple(output.shape), tuple(labels.shape))
@@ -187,6 +196,7 @@ class NextTokenLoss(_ClassLoss):
         return s, int((target != self.ignore_index).sum())
 
     def metrics(self, output, labels):
+        _need_labels(labels, self)
         output, labels = _as_numpy(output), _as_numpy(labels)
         self._check(output.shape, labels)
         self._shift(output.shape, labels.shape)
@@ -213,12 +223,14 @@ class MSELoss(TaskLoss):
         return labels
 
     def terms(self, output, labels):
+        _need_labels(labels, self)
         output, labels = _as_tensor(output), _as_tensor(labels)
         labels = self._labels(output, labels)
         d = output.double() - labels.double()
         return (d * d).sum(), int(d.numel())
 
     def metrics(self, output, labels):
+        _need_labels(labels, self)
         output, labels = _as_numpy(output), _as_numpy(labels)
         labels = self._labels(output, labels)
         d = output.astype(np.float64) - labels.astype(np.float64)
@@ -234,6 +246,7 @@ class UserLoss(TaskLoss):
         self.fn = fn
 
     def terms(self, output, labels):
+        _need_labels(labels, self)
         output, labels = _as_tensor(output), _as_tensor(labels)
         b = int(output.shape[0]) if output.ndim else 1
         try:
