@@ -140,6 +140,8 @@ def test_static_batch_dim_and_load_split(tmp_path):
     np.savez(p, **_arrays(10))
     ds = load_dataset(str(p), two_input_model(batch=4), batch_size=64)
     assert [b.size for b in ds.batches] == [4, 4]  # remainder of 2 dropped
+    calib, held = split_dataset(load_dataset(str(p), two_input_model(batch=2)), holdout=0.5)
+    assert [b.size for b in calib.batches] == [2, 2] and [b.size for b in held.batches] == [2, 2]  # 5 -> 4 each
     q = tmp_path / "h.npz"
     np.savez(q, **_arrays(3))
     calib, held = load_split(str(p), str(q), two_input_model(), batch_size=5)

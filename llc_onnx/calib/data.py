@@ -5,7 +5,7 @@ Data specs accepted by :func:`load_dataset`:
 * ``file.npz`` — one array per graph input (named after it) plus an optional ``labels`` array; all
   arrays share the leading (sample) dimension. Cut into batches of ``batch_size`` consecutive samples
   (the last batch may be smaller). If every graph input has the same *static* leading dim ``s``, batches
-  have exactly ``s`` samples and a remainder is dropped.
+  have exactly ``s`` samples and a remainder is dropped (also in each part after :func:`split_dataset`).
 * a directory — every ``*.npz`` in it (sorted by file name) is one batch, as is.
 * ``"module:attr"`` — an object following ONNX Runtime's ``CalibrationDataReader`` protocol:
   ``get_next()`` returns a dict ``{input name: array, ..., "labels": array}`` per batch and ``None`` at
@@ -55,8 +55,10 @@ class Dataset:
     """
 
     def __init__(self, batches: list[Batch], source: str, *, indices=None, unit: str = "batch",
-                 batch_size: int | None = None, arrays: dict[str, np.ndarray] | None = None):
+                 batch_size: int | None = None, arrays: dict[str, np.ndarray] | None = None,
+                 fixed_batch: bool = False):
         self.batches = list(batches)
+        self.fixed_batch = fixed_batch  # model has a static batch dim: every batch exactly batch_size
         self.source = source
         self.unit = unit
         self.batch_size = batch_size
@@ -223,14 +225,20 @@ def _static_batch(specs: list[_InputSpec]) -> int | None:
     return dims.pop() if len(dims) == 1 and None not in dims else None
 
 
-def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int) -> list[Batch]:
+def _batches_from_arrays(arrays: dict[str, np.ndarray], batch_size: int, drop_last: bool = False) -> list[Batch]:
     n = int(next(iter(arrays.values())).shape[0])
+    if drop_last:
+        n = (n // batch_size) * batch_size
     return [_to_batch({k: v[i:i + batch_size] for k, v in arrays.items()}) for i in range(0, n, batch_size)]
 
 
-def _sample_dataset(arrays, source, batch_size, indices) -> Dataset:
-    return Dataset(_batches_from_arrays(arrays, batch_size), source, indices=indices, unit="sample",
-                   batch_size=batch_size, arrays=arrays)
+def _sample_dataset(arrays, source, batch_size, indices, fixed_batch=False) -> Dataset:
+    ds = Dataset(_batches_from_arrays(arrays, batch_size, fixed_batch), source, indices=indices, unit="sample",
+                 batch_size=batch_size, arrays=arrays, fixed_batch=fixed_batch)
+    if not ds.batches:
+        raise LLCError(f"{source}: {len(indices)} samples but the model has a fixed batch size of {batch_size}; "
+                       f"provide at least {batch_size} samples per part or export the model with a dynamic batch dim")
+    return ds
 
 
 def _load_npz(path: str, specs, batch_size: int) -> Dataset:
@@ -246,7 +254,7 @@ def _load_npz(path: str, specs, batch_size: int) -> Dataset:
                            f"provide at least {static} samples or export the model with a dynamic batch dim")
         arrays = {k: v[:usable] for k, v in arrays.items()}
         n = usable
-    return _sample_dataset(arrays, path, batch_size, np.arange(n))
+    return _sample_dataset(arrays, path, batch_size, np.arange(n), fixed_batch=static is not None)
 
 
 def _load_dir(path: str, specs) -> Dataset:
@@ -335,7 +343,7 @@ def split_dataset(ds: Dataset, holdout: float = 0.5, seed: int = 0) -> tuple[Dat
         parts = []
         for idx in (calib_idx, held_idx):
             arrays = {k: v[idx] for k, v in ds._arrays.items()}
-            parts.append(_sample_dataset(arrays, ds.source, ds.batch_size, ds.indices[idx]))
+            parts.append(_sample_dataset(arrays, ds.source, ds.batch_size, ds.indices[idx], ds.fixed_batch))
         return parts[0], parts[1]
     n = len(ds.batches)
     n_held = _split_counts(n, holdout, ds.source, "batch")
