@@ -57,7 +57,7 @@ def _quant_config(args):
         raise LLCError(f"--budget {args.budget}: a fraction of the float weight bytes in (0, 1], e.g. 0.25")
     return QuantConfig(bits=_bits(args.bits), block_size=args.block_size, scale_method=args.scale,
                        rounding=args.rounding, activations=args.activations, error_max=args.error_max,
-                       relative=args.relative, outside=args.outside, budget=args.budget, avg_bits=args.avg_bits,
+                       relative=args.relative, outside=args.outside, margin_z=args.margin_z, budget=args.budget, avg_bits=args.avg_bits,
                        tolerance=args.tolerance, max_rounds=args.max_rounds,
                        sweep=_floats(args.sweep, "--sweep") if args.sweep else ())
 
@@ -66,7 +66,7 @@ def _lowrank_config(args):
     from .flows.lowrank import LowRankConfig
 
     return LowRankConfig(mode=args.mode, gamma=args.gamma, relative=args.gamma_relative,
-                         error_max=args.error_max, outside=args.outside, tolerance=args.tolerance,
+                         error_max=args.error_max, outside=args.outside, margin_z=args.margin_z, tolerance=args.tolerance,
                          max_rounds=args.max_rounds)
 
 
@@ -75,7 +75,8 @@ def _stage(ctx, method, args):
     from .flows import lowrank, quantize
     from .flows.summary import build_report
 
-    settings = {"error_max": args.error_max, "relative": args.relative, "outside": args.outside}
+    settings = {"error_max": args.error_max, "relative": args.relative, "outside": args.outside,
+                "margin_z": args.margin_z}
     if method == "quant":
         cfg = _quant_config(args)
         res = quantize.run(ctx, cfg)
@@ -161,6 +162,8 @@ def _print(report: dict, stages: list[dict]) -> None:
          arg("--relative", action="store_true", help="--error-max is relative to the calibration loss"),
          arg("--outside", default="measured", choices=("measured", "drop"),
              help="levels outside the neighbourhood: cost = measured ΔL (default) or dropped"),
+         arg("--margin-z", type=float, default=1.0,
+             help="add z standard errors of each measured ΔL to its cost; 0 = the papers' plain rule (default 1)"),
          arg("--mode", default="lossless", choices=("lossless", "compact"), help="low-rank mode (default lossless)"),
          arg("--gamma", type=float, default=1e-4, help="low-rank neighbourhood ‖δ‖ ≤ γ (default 1e-4)"),
          arg("--gamma-relative", action="store_true", help="γ is relative to ‖W‖"),

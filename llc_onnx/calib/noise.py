@@ -1,14 +1,23 @@
 """Loss under a perturbation, applied inside the interpreter (no ONNX rewrite).
 
-``measure_loss(graph, data, loss, weight_fns={node: f})`` evaluates  L(W + δ)  with  W' = f(W)  for the
-chosen nodes (and  x' = g(x)  for ``input_fns``); the difference to the unperturbed loss is the *measured*
-ΔL the solvers compare with the first-order prediction Σ g·δ.
+``measure(graph, data, loss, weight_fns={node: f})`` evaluates the loss with  W' = f(W)  for the chosen nodes
+(and  x' = g(x)  for ``input_fns``), keeping every sample's loss. Against the unperturbed run on the same
+samples this gives the *measured* ΔL the solvers compare with the first-order prediction Σ g·δ, and its
+paired standard error: with per-sample differences e_i = s'_i − s_i (loss sums of sample i) over m samples
+and N = Σ n_i loss terms,
+
+    ΔL = Σ e_i / N,        SE(ΔL) = sqrt(m · var(e)) / N.
+
+SE is what separates a real gain from calibration noise: held-out data sees a different sample of the same
+per-sample effects, so a ΔL within a few SE of 0 may have either sign there.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..interpreter import TorchGraph
@@ -24,20 +33,46 @@ def constant(value: torch.Tensor) -> TensorFn:
     return lambda _w: value
 
 
+@dataclass
+class LossSamples:
+    """Per-sample loss sums and term counts of one evaluation."""
+
+    sums: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def mean(self) -> float:
+        return float(self.sums.sum() / self.counts.sum())
+
+    def delta(self, base: "LossSamples") -> tuple[float, float]:
+        """(ΔL, SE(ΔL)) of this run against ``base`` on the same samples (see module doc)."""
+        e = self.sums - base.sums
+        n = float(base.counts.sum())
+        se = float(np.sqrt(len(e) * e.var(ddof=1)) / n) if len(e) > 1 else 0.0
+        return float(e.sum() / n), se
+
+
 @torch.no_grad()
-def measure_loss(graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
-                 weight_fns: dict[str, TensorFn] | None = None, input_fns: dict[str, TensorFn] | None = None,
-                 progress: Progress = None) -> float:
-    """Mean task loss over ``dataset`` with the given hooks applied (forward only)."""
-    total, n = 0.0, 0
+def measure(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dict[str, TensorFn] | None = None,
+            input_fns: dict[str, TensorFn] | None = None, progress: Progress = None) -> LossSamples:
+    """Per-sample losses over ``dataset`` with the given hooks applied (forward only)."""
+    sums, counts = [], []
     for batch in dataset.batches:
         outs, _ = graph.run(_feeds(graph, batch, False), weight_fns=weight_fns, input_fns=input_fns,
                             outputs=[loss.output])
-        s, c = loss.terms(outs[loss.output], _labels(batch, graph.device))
-        total += float(s)
-        n += int(c)
+        out, labels = outs[loss.output], _labels(batch, graph.device)
+        for i in range(out.shape[0]):
+            s, c = loss.terms(out[i:i + 1], None if labels is None else labels[i:i + 1])
+            sums.append(float(s))
+            counts.append(int(c))
         if progress:
             progress(1)
-    if n == 0:
+    if not sum(counts):
         raise ValueError("no loss terms in the data (all labels ignored?)")
-    return total / n
+    return LossSamples(np.asarray(sums), np.asarray(counts, dtype=np.float64))
+
+
+def measure_loss(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dict[str, TensorFn] | None = None,
+                 input_fns: dict[str, TensorFn] | None = None, progress: Progress = None) -> float:
+    """Mean task loss over ``dataset`` with the given hooks applied."""
+    return measure(graph, dataset, loss, weight_fns, input_fns, progress).mean

@@ -11,6 +11,7 @@ import torch
 
 from ..calib.data import Dataset, load_dataset, load_split, split_dataset
 from ..calib.losses import TaskLoss
+from ..calib.noise import LossSamples, measure
 from ..compressible import CompressibleNode, find_compressible
 from ..errors import LLCError
 from ..interpreter import TorchGraph
@@ -33,8 +34,14 @@ class FlowContext:
     calib_fp: Evaluation
     held_fp: Evaluation
     timer: StageTimer
-    calib_loss_torch: float = float("nan")
     _weights: dict[str, np.ndarray] = field(default_factory=dict)
+    _base: LossSamples | None = None
+
+    def base(self) -> LossSamples:
+        """Per-sample losses of the unmodified model on ``measure_data`` (interpreter), computed once."""
+        if self._base is None:
+            self._base = measure(self.graph, self.measure_data, self.loss)
+        return self._base
 
     def node(self, name: str) -> CompressibleNode:
         for n in self.nodes:

@@ -25,7 +25,7 @@ import onnx
 import torch
 
 from ..calib.gradients import GradientPass, collect_gradients
-from ..calib.noise import constant, measure_loss
+from ..calib.noise import constant, measure
 from ..errors import LLCError
 from ..passes.lowrank import apply_lowrank
 from ..progress import task
@@ -48,6 +48,7 @@ class LowRankConfig:
     negligible: float = 1e-7
     error_max: float = 1e-4
     outside: str = "measured"
+    margin_z: float = 1.0  # cost margin in standard errors of the measured ΔL (see solvers.cost_model)
     tolerance: float = 0.0
     max_rounds: int = 8
     bisection_steps: int = 10
@@ -65,21 +66,6 @@ class LowRankResult:
 
 def _gamma_abs(cfg: LowRankConfig, svd: NodeSVD) -> float:
     return cfg.gamma * svd.norm if cfg.relative else cfg.gamma
-
-
-def _factor_layout(node, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """L[K,r], R[r,N] in the matrix view -> the factor layout ``passes.lowrank`` stores for this op."""
-    if node.op_type == "Conv":
-        return _conv_factors(node, left, right)
-    return left.astype(np.float32), right.astype(np.float32)
-
-
-def _conv_factors(node, left, right):
-    o, i, kh, kw = node.weight_shape
-    r = left.shape[1]
-    first = left.T.reshape(r, i, kh, kw)  # Conv with r output channels, original kernel
-    second = right.T.reshape(o, r, 1, 1)  # 1x1 Conv back to O channels
-    return first.astype(np.float32), second.astype(np.float32)
 
 
 class _Ranks:
@@ -110,22 +96,26 @@ class _Ranks:
             if cand.reference:
                 continue
             r, alpha = self.spec[(name, cand.level)]
-            out[name] = _factor_layout(self.ctx.node(name), *self.svd[name].factors(r, alpha))
+            left, right = self.svd[name].factors(r, alpha)  # matrix view, which passes.lowrank takes for every op
+            out[name] = (left.astype(np.float32), right.astype(np.float32))
         return out
 
-    def candidate(self, name: str, row, measured: float | None, cfg: LowRankConfig, base: float) -> Candidate:
+    def candidate(self, name: str, row, cfg: LowRankConfig) -> Candidate:
+        """Measure node ``name`` factored at ``row``'s rank (alone) and cost it."""
         level = f"rank {row.rank}"
         self.spec[(name, level)] = (row.rank, row.alpha)
-        cand = Candidate(name, level, 4 * row.params, row.predicted, measured, row.rel_error, True, None)
-        return classify(cand, cfg.error_max, base, False, cfg.outside)
+        measured, se = _measure(self.ctx, {name: self.hook(name, level)})
+        cand = Candidate(name, level, 4 * row.params, row.predicted, measured, row.rel_error, True, None, se=se)
+        return classify(cand, cfg.error_max, self.ctx.base().mean, False, cfg.outside, cfg.margin_z)
 
 
 def _reference(ctx: FlowContext, name: str) -> Candidate:
     return Candidate(name, FULL, 4 * ctx.weight_array(ctx.node(name)).size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
 
 
-def _measure(ctx: FlowContext, fns) -> float:
-    return measure_loss(ctx.graph, ctx.measure_data, ctx.loss, fns) - ctx.calib_loss_torch
+def _measure(ctx: FlowContext, fns) -> tuple[float, float]:
+    """(ΔL, SE) on the measurement data with the weight hooks ``fns`` applied together."""
+    return measure(ctx.graph, ctx.measure_data, ctx.loss, fns).delta(ctx.base())
 
 
 def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
@@ -147,10 +137,7 @@ def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
         for node, rows in plan:
             cands.append(_reference(ctx, node.name))
             for row in rows:
-                level = f"rank {row.rank}"
-                ranks.spec[(node.name, level)] = (row.rank, row.alpha)
-                c = ranks.candidate(node.name, row, _measure(ctx, {node.name: ranks.hook(node.name, level)}), cfg,
-                                    ctx.calib_loss_torch)
+                c = ranks.candidate(node.name, row, cfg)
                 cands.append(c)
                 if node.name not in best or contribution(c) < contribution(best[node.name]):
                     best[node.name] = c
@@ -165,8 +152,8 @@ def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
     with task("choosing the combination", len(order)) as advance:
         for k, name in enumerate(order, 1):
             fns[name] = ranks.hook(name, best[name].level)
-            dl = _measure(ctx, dict(fns))
-            search.append({"nodes": k, "added": name, "calib_delta": dl})
+            dl, se = _measure(ctx, dict(fns))
+            search.append({"nodes": k, "added": name, "calib_delta": dl, "se": se})
             if dl < best_loss:
                 best_k, best_loss = k, dl
             advance(1)
@@ -192,10 +179,7 @@ def _compact(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
         for node, rows in plan:
             cands.append(_reference(ctx, node.name))
             for row in rows:
-                level = f"rank {row.rank}"
-                ranks.spec[(node.name, level)] = (row.rank, row.alpha)
-                cands.append(ranks.candidate(node.name, row, _measure(ctx, {node.name: ranks.hook(node.name, level)}),
-                                             cfg, ctx.calib_loss_torch))
+                cands.append(ranks.candidate(node.name, row, cfg))
                 advance(1)
     table = CostTable.from_candidates(cands)
     names, kept, costs, sizes = table.solver_inputs()
@@ -206,9 +190,10 @@ def _compact(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
         pick = knapsack.solve_budget(costs, sizes, budget)
         chosen = {n: kept[i][j] for i, (n, j) in enumerate(zip(names, pick))}
         fns = {n: ranks.hook(n, c.level) for n, c in chosen.items() if not c.reference}
-        dl = _measure(ctx, fns) if fns else 0.0
-        search.append({"budget_bytes": budget, "bytes": sum(c.nbytes for c in chosen.values()), "calib_delta": dl})
-        return chosen, dl
+        dl, se = _measure(ctx, fns) if fns else (0.0, 0.0)
+        search.append({"budget_bytes": budget, "bytes": sum(c.nbytes for c in chosen.values()), "calib_delta": dl,
+                       "se": se})
+        return chosen, dl + cfg.margin_z * se
 
     best = {n: kept[i][-1] for i, n in enumerate(names)}  # unfactored: always "no worse"
     with task("budget search", cfg.bisection_steps) as advance:
@@ -230,7 +215,6 @@ def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
         raise LLCError(f"--mode must be 'lossless' or 'compact', not {cfg.mode!r}")
     with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
         grads = collect_gradients(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, None, advance)
-    ctx.calib_loss_torch = measure_loss(ctx.graph, ctx.measure_data, ctx.loss)
     with ctx.timer.stage("candidates"):
         ranks = _Ranks(ctx, grads)
         table, chosen, search = (_lossless if cfg.mode == "lossless" else _compact)(ctx, cfg, ranks)

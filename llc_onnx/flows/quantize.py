@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from ..calib.gradients import GradientPass, collect_gradients, collect_ranges
-from ..calib.noise import constant, measure_loss
+from ..calib.noise import constant, measure
 from ..compressible import CompressibleNode
 from ..errors import LLCError
 from ..passes.qdq import apply_qdq
@@ -46,6 +46,7 @@ class QuantConfig:
     error_max: float = 1e-4
     relative: bool = False
     outside: str = "measured"
+    margin_z: float = 1.0  # cost margin in standard errors of the measured ΔL (0 = the papers' plain rule)
     budget: float | None = None  # fraction of the float weight bytes
     avg_bits: float | None = None
     tolerance: float = 0.0
@@ -97,7 +98,8 @@ def _plan(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, ranges: dict[
 def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass,
                      ranges: dict[str, float]) -> CostTable:
     """Quantize every node at every level; predicted and measured ΔL; neighbourhood check."""
-    base = ctx.calib_loss_torch
+    base_samples = ctx.base()
+    base = base_samples.mean
     cands: list[Candidate] = []
     levels = sorted(set(cfg.bits), key=lambda b: (b == FLOAT, b))
     quant_levels = [b for b in levels if b != FLOAT]
@@ -119,10 +121,10 @@ def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass,
                     predicted += stats.act_pred.get(ab, 0.0)
                     aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
                     input_fns = {node.name: lambda x, aq=aq: fake_quant_activation(x, aq)}
-                measured = measure_loss(ctx.graph, ctx.measure_data, ctx.loss, weight_fns, input_fns) - base
+                measured, se = measure(ctx.graph, ctx.measure_data, ctx.loss, weight_fns, input_fns).delta(base_samples)
                 cand = Candidate(node.name, level_name(bits), int(qw.nbytes), predicted, measured,
-                                 float(np.linalg.norm(delta)) / wnorm, True, None)
-                cands.append(classify(cand, cfg.error_max, base, cfg.relative, cfg.outside))
+                                 float(np.linalg.norm(delta)) / wnorm, True, None, se=se)
+                cands.append(classify(cand, cfg.error_max, base, cfg.relative, cfg.outside, cfg.margin_z))
                 advance(1)
     return CostTable.from_candidates(cands)
 
@@ -170,7 +172,6 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
                 act_cands[node.name][ab] = lambda x, aq=aq: fake_quant_activation(x, aq)
     with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
         grads = collect_gradients(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, act_cands, advance)
-    ctx.calib_loss_torch = grads.loss
     with ctx.timer.stage("candidates"):
         table = build_candidates(ctx, cfg, grads, ranges)
     with ctx.timer.stage("solve"):

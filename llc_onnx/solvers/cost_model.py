@@ -8,6 +8,10 @@ For node i at level j (a weight quantizer, a rank, ...) with weight noise δ_ij:
   the first-order term describes the effect, i.e. the level lies in the first-order neighbourhood;
 * cost       p_ij inside the neighbourhood; outside it either m_ij (``outside="measured"``) or the level is
   dropped (``outside="drop"``, cost ``None``). The reference level (float, full rank) always costs 0.
+* margin     with ``margin_z`` > 0 the cost is raised by z·SE_ij, the paired standard error of m_ij over the
+  calibration samples (``calib.noise``): a level whose measured gain is within noise is not counted as a
+  gain, which is what makes a calibration-side "ΔL ≤ 0" likely to hold on held-out data. z = 0 is the
+  papers' plain rule.
 
 The grouped knapsack then minimises Σ cost under a size budget.
 """
@@ -29,12 +33,14 @@ class Candidate:
     inside: bool  # |measured − predicted| ≤ error_max
     cost: float | None  # what the solver minimises; None = dropped
     reference: bool = False  # the unmodified level (float / full rank)
+    se: float = 0.0  # paired standard error of ``measured``
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def classify(cand: Candidate, error_max: float, base_loss: float, relative: bool, outside: str) -> Candidate:
+def classify(cand: Candidate, error_max: float, base_loss: float, relative: bool, outside: str,
+             margin_z: float = 0.0) -> Candidate:
     """Set ``inside`` and ``cost`` of a candidate from its predicted/measured Δloss (see module doc)."""
     if cand.reference:
         cand.inside, cand.cost = True, 0.0
@@ -50,6 +56,8 @@ def classify(cand: Candidate, error_max: float, base_loss: float, relative: bool
         cand.cost = cand.predicted
     else:
         cand.cost = cand.measured if outside == "measured" else None
+    if cand.cost is not None:
+        cand.cost += margin_z * cand.se
     return cand
 
 
