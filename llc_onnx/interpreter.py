@@ -972,6 +972,47 @@ def _conv(ctx, xs):
     return _CONV_FNS[nsp](x, w, b, stride=strides, padding=padding, dilation=dil, groups=ctx.a("group", 1))
 
 
+_CONVT_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@_op("ConvTranspose")
+def _conv_transpose(ctx, xs):
+    x, w = xs[0], xs[1]
+    b = xs[2] if len(xs) > 2 else None
+    nsp = x.dim() - 2
+    if nsp not in _CONVT_FNS:
+        raise ctx.fail(f"{nsp}-D transposed convolution is not supported")
+    kernel = list(w.shape[2:])
+    in_sizes = list(x.shape[2:])
+    strides = list(ctx.a("strides", [1] * nsp))
+    dil = list(ctx.a("dilations", [1] * nsp))
+    out_pad = list(ctx.a("output_padding", [0] * nsp))
+    full = [strides[i] * (in_sizes[i] - 1) + out_pad[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(nsp)]
+    auto = ctx.a("auto_pad", "NOTSET")
+    out_shape = ctx.a("output_shape")
+    if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = list(out_shape)[-nsp:] if out_shape is not None else [s * st for s, st in zip(in_sizes, strides)]
+        total = [f - t for f, t in zip(full, target)]
+        if auto == "SAME_UPPER":
+            begin = [t // 2 for t in total]
+        else:
+            begin = [t - t // 2 for t in total]
+        end = [t - bg for t, bg in zip(total, begin)]
+    elif auto == "VALID":
+        begin, end = [0] * nsp, [0] * nsp
+    else:
+        pads = list(ctx.a("pads", [0] * (2 * nsp)))
+        begin, end = pads[:nsp], pads[nsp:]
+    y = _CONVT_FNS[nsp](x, w, None, stride=strides, padding=0, groups=ctx.a("group", 1), dilation=dil)
+    # y has the size without output_padding: add it at the end, then crop (or pad) by the pads
+    crop = _torch_pad_list([-bg for bg in begin], [op - e for op, e in zip(out_pad, end)])
+    if any(crop):
+        y = F.pad(y, crop)
+    if b is not None:
+        y = y + b.reshape([1, -1] + [1] * nsp)
+    return y
+
+
 def _pool_geometry(ctx, x: Tensor):
     nsp = x.dim() - 2
     kernel = list(ctx.a("kernel_shape"))
@@ -1283,6 +1324,7 @@ class TorchGraph:
 
         order, last_use = self._plan(outs, capture)
         cap_set = set(capture)
+        keep = set(self.input_names)
         captured: dict[str, tuple[Tensor, Tensor]] = {}
         grad_on = torch.is_grad_enabled()
         params, consts = self.params, self.consts
@@ -1329,7 +1371,7 @@ class TorchGraph:
                     if o:
                         env[o] = r
             for t in n.inputs:
-                if t and last_use.get(t) == pos and t in env and t not in self.input_names:
+                if t and last_use.get(t) == pos and t in env and t not in keep:
                     del env[t]
             for o in n.outputs:  # outputs nobody reads
                 if o and o not in last_use and o in env:

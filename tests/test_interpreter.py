@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import weakref
 
 import numpy as np
 import onnx
@@ -391,9 +392,17 @@ CASES = [
     ("Conv", [f32(2, 3, 6, 6), f32(4, 3, 3, 2)], dict(auto_pad="VALID", strides=[1, 2])),
     ("Conv", [f32(2, 4, 6, 6), f32(6, 2, 3, 3)], dict(pads=[0, 1, 2, 1], group=2, dilations=[1, 2])),
     ("Conv", [f32(2, 3, 11), f32(5, 3, 3), f32(5)], dict(pads=[2, 2], dilations=[2], strides=[2])),
+    ("ConvTranspose", [f32(2, 4, 5, 5), f32(4, 3, 3, 3), f32(3)], dict(strides=[2, 2], pads=[1, 0, 1, 2])),
+    ("ConvTranspose", [f32(2, 4, 5, 5), f32(4, 2, 3, 2)], dict(strides=[2, 3], output_padding=[1, 2], group=2)),
+    ("ConvTranspose", [f32(2, 4, 6), f32(4, 3, 3)], dict(strides=[2], auto_pad="SAME_UPPER", dilations=[2])),
+    ("ConvTranspose", [f32(1, 2, 4, 4), f32(2, 2, 3, 3)], dict(strides=[2, 2], output_shape=[9, 8])),
     ("MaxPool", [f32(1, 2, 7, 7)], dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)),
     ("MaxPool", [f32(1, 2, 6, 6)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)),
     ("MaxPool", [f32(1, 2, 8, 8)], dict(kernel_shape=[2, 3], pads=[0, 1, 1, 0], dilations=[2, 1])),
+    # last ceil_mode window would start in the right padding: dropped
+    ("MaxPool", [f32(1, 2, 1, 3)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 2, 2], ceil_mode=1)),
+    ("AveragePool", [f32(1, 2, 1, 3)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 2, 2], ceil_mode=1,
+                                             count_include_pad=1)),
     ("MaxPool", [f32(2, 3, 9)], dict(kernel_shape=[2], strides=[2], auto_pad="SAME_UPPER")),
     ("AveragePool", [f32(1, 2, 7, 7)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)),
     ("AveragePool", [f32(1, 2, 7, 7)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
@@ -663,6 +672,29 @@ def test_input_fn_scales_activation():
     a = g.run({"x": x}, input_fns={"conv": lambda t: 2 * t}, outputs=["c"])[0]["c"]
     b = g.run({"x": 2 * x}, outputs=["c"])[0]["c"]
     torch.testing.assert_close(a, b)
+
+
+def test_intermediates_are_freed_after_last_use():
+    g = TorchGraph(grad_model())
+    x = np.random.default_rng(9).standard_normal((2, 2, 8, 8)).astype(np.float32)
+    seen, alive_at_last_node = [], []
+
+    def spy(t):
+        seen.append(weakref.ref(t))
+        return t
+
+    def check(t):  # runs at the last node: f (read by gemm) and h (read by mm1 and the Add) are gone
+        alive_at_last_node.extend(r() is not None for r in seen)
+        return t
+
+    with torch.no_grad():
+        outs, _ = g.run({"x": x}, input_fns={"gemm": spy, "mm1": spy, "MatMul_9": check})
+    assert outs["y"].shape == (2, 3)
+    assert alive_at_last_node == [False, False]
+    # a requested intermediate output is kept
+    with torch.no_grad():
+        outs, _ = g.run({"x": x}, outputs=["y", "h"], input_fns={"mm1": spy})
+    assert outs["h"].shape == (2, 10)
 
 
 def test_unknown_op_raises_llcerror_naming_node_and_op():
