@@ -1307,7 +1307,9 @@ class TorchGraph:
                     raise LLCError(f"{kind}: node '{k}' is not in the graph; use a node name from the model")
                 for n in nodes:
                     if kind != "input_fns" and n.w_idx is None:
-                        raise LLCError(f"{kind}: node '{k}' (op {n.op}) has no weight input; hook MatMul/Gemm/Conv nodes")
+                        raise LLCError(
+                            f"{kind}: node '{k}' (op {n.op}) has no weight input; hook MatMul/Gemm/Conv nodes"
+                        )
                     if kind != "weight_fns" and n.x_idx is None:
                         raise LLCError(f"{kind}: node '{k}' (op {n.op}) has no activation input")
         env: dict[str, Tensor] = {}
