@@ -115,3 +115,48 @@ def test_real_fashion_mnist_matches_bundled_data():
     with np.load(DATA) as z:
         assert np.array_equal(z["input"][:, 0], x[:2000])
         assert np.array_equal(z["labels"], y[:2000])
+
+
+def test_fmnist_benchmark_model_exports(tmp_path):
+    """bench.prepare_fmnist's model: size, ONNX contract, ORT == torch (no training, no dataset)."""
+    import torch
+
+    from bench import prepare_fmnist as pf
+
+    torch.manual_seed(0)
+    model = pf.build_model()
+    assert 100_000 <= sum(p.numel() for p in model.parameters()) <= 200_000
+    with torch.no_grad():  # non-trivial BN statistics, as after training
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    path = tmp_path / "m.onnx"
+    pf.export_onnx(model, path)
+    m = onnx.load(str(path))
+    assert m.ir_version == 10 and {o.domain: o.version for o in m.opset_import}[""] == 21
+    assert [n.op_type for n in m.graph.node[:4]] == ["Constant", "Sub", "Constant", "Div"]
+    assert not any(t.name.startswith("onnx::") for t in m.graph.initializer)
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].name == "input" and sess.get_outputs()[0].name == "logits"
+    (got,) = sess.run(["logits"], {"input": x})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_fmnist_uses_cache(tmp_path, capsys):
+    import json
+
+    from bench import prepare_fmnist as pf
+
+    meta = {"params": 1, "epochs": 3, "threads": 1, "train_seconds": 1.0, "onnx_bytes": 1,
+            "ort": {k: {"ce": 0.3, "top1": 0.9, "n": 10000} for k in ("test", "calib")}}
+    for f in (pf.MODEL_FILE, pf.CALIB_FILE, pf.TEST_FILE):
+        (tmp_path / f).write_bytes(b"")
+    (tmp_path / pf.META_FILE).write_text(json.dumps(meta))
+    assert pf.prepare(tmp_path) == meta          # no retraining, no dataset needed
+    assert "cached" in capsys.readouterr().out
