@@ -189,6 +189,8 @@ def cmd_optimize(args) -> int:
     out = args.out or os.path.splitext(args.model)[0] + ".llc.onnx"
     if os.path.abspath(out) == os.path.abspath(args.model):
         raise LLCError(f"-o {out}: would overwrite the input model; choose another output path")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise LLCError(f"-o {out}: directory '{os.path.dirname(os.path.abspath(out))}' does not exist; create it first")
     if args.tolerance < 0:
         raise LLCError(f"--tolerance {args.tolerance}: must be ≥ 0")
     methods = args.method.split(",")
