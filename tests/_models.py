@@ -7,6 +7,8 @@ things independently in numpy / pure torch. Datasets are ``.npz`` files with one
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -111,3 +113,31 @@ def ort_logits(model: onnx.ModelProto, **feeds) -> np.ndarray:
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)[0]
+
+
+def write_mlp_files(tmp_path, n: int = 400, seed: int = 0, d_in: int = 16, hidden: int = 32, classes: int = 4):
+    """model.onnx (the :func:`mlp`) + data.npz whose labels come from a *different* teacher (the model's
+    weights plus noise, some labels flipped), so the loss gradient is systematic. Returns (model, data)."""
+    model, w = mlp(seed, d_in, hidden, classes)
+    rng = np.random.default_rng(seed + 100)
+    x = rng.normal(size=(n, d_in)).astype(np.float32)
+    teacher = {k: v + 0.3 * rng.normal(size=v.shape).astype(np.float32) * np.abs(v).mean() for k, v in w.items()}
+    y = teacher_labels(mlp_forward(teacher, x), seed=seed + 1, flip=0.1)
+    mpath, dpath = tmp_path / "model.onnx", tmp_path / "data.npz"
+    onnx.save_model(model, str(mpath))
+    save_npz(dpath, y, x=x)
+    return str(mpath), str(dpath)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run with ``n`` torch intra-op threads (the shared CI box is oversubscribed: with the default thread
+    count the gradient pass is up to ~40x slower there), restoring the previous setting afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from _models import cnn, mlp, save_npz, shared, teacher_labels
+from _models import torch_threads, cnn, mlp, save_npz, shared, teacher_labels
 from llc_onnx.calib.data import load_dataset
 from llc_onnx.calib.gradients import collect_gradients, collect_ranges
 from llc_onnx.calib.losses import make_loss
@@ -13,6 +13,12 @@ from llc_onnx.compressible import find_compressible
 from llc_onnx.interpreter import TorchGraph
 from llc_onnx.ort_eval import evaluate
 from llc_onnx.quant import ActivationQuant, fake_quant_activation
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 N, BS = 37, 16  # batches of 16, 16, 5: a mean over batches would differ from the mean over samples
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from _models import cnn, mlp, ort_logits, save_npz, teacher_labels
+from _models import torch_threads, cnn, mlp, ort_logits, save_npz, teacher_labels
 from llc_onnx.calib.data import load_dataset
 from llc_onnx.calib.losses import make_loss
 from llc_onnx.calib.noise import LossSamples, constant, measure, measure_loss
@@ -13,6 +13,12 @@ from llc_onnx.interpreter import TorchGraph
 from llc_onnx.ort_eval import evaluate
 from llc_onnx.passes.qdq import apply_qdq
 from llc_onnx.quant import ActivationQuant, WeightQuantSpec, fake_quant_activation, quantize_weight
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 def _data(tmp_path, builder, x, bs=16):

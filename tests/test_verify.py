@@ -5,12 +5,18 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from _models import mlp, ort_logits, save_npz, teacher_labels
+from _models import torch_threads, mlp, ort_logits, save_npz, teacher_labels
 from llc_onnx.calib.data import load_dataset
 from llc_onnx.calib.losses import make_loss
 from llc_onnx.ort_eval import Evaluation, evaluate
 from llc_onnx.solvers.cost_model import Candidate
 from llc_onnx.verify import plan_bytes, verify_with_backoff
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 WEIGHT = {"fc1": "W1", "fc2": "W2"}
 

@@ -1,0 +1,312 @@
+"""``llc-onnx optimize`` end to end: the bundled example (in-process and as a subprocess) and tiny models.
+
+Every claim the command makes is re-checked from the files it wrote: the held-out loss is recomputed in ONNX
+Runtime on the split the command used, the output passes the checker, quantized weights really are integer
+initializers feeding DequantizeLinear, and the input file is untouched.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from _models import torch_threads, write_mlp_files
+from llc_onnx.calib.data import load_dataset, split_dataset
+from llc_onnx.calib.losses import make_loss
+from llc_onnx.cli import main
+from llc_onnx.compressible import find_compressible
+from llc_onnx.ort_eval import evaluate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EX_MODEL = os.path.join(REPO, "examples", "fashion_cnn.onnx")
+EX_DATA = os.path.join(REPO, "examples", "fashion_data.npz")
+KEYS = {"verified", "held", "calibration", "bytes", "levels", "nodes", "rounds", "seconds"}
+INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.INT16, onnx.TensorProto.INT2,
+             onnx.TensorProto.UINT8}
+
+
+def _sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def run_cli(argv):
+    """main(argv) in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_json(stdout):
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, stdout[:500]
+    return json.loads(lines[0])
+
+
+def meta(model):
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def check_quantized_output(path, src_model):
+    """The written model passes the checker, and every compressible node whose level is intN reads its
+    weight from a DequantizeLinear of an integer initializer."""
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    inits = {t.name: t for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    by_name = {n.name: n for n in m.graph.node}
+    int_fed = {}
+    for node in find_compressible(src_model)[0]:
+        w_in = by_name[node.name].input[1]
+        p = producer.get(w_in)
+        if p is not None and p.op_type == "DequantizeLinear":
+            q = inits[p.input[0]]
+            assert q.data_type in INT_TYPES
+            int_fed[node.name] = onnx.TensorProto.DataType.Name(q.data_type)
+    return m, int_fed
+
+
+# ----------------------------------------------------------------------------------- bundled example
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("example")
+    out, rep = tmp / "out.onnx", tmp / "report"
+    before = _sha(EX_MODEL)
+    rc, stdout, stderr = run_cli(["optimize", EX_MODEL, "--data", EX_DATA, "-o", str(out), "--measure-samples", "200",
+                                  "--bits", "8,16,float", "--sweep", "0.3,0.5", "--json", "--report", str(rep)])
+    return {"rc": rc, "stdout": stdout, "stderr": stderr, "out": str(out), "report": str(rep), "before": before}
+
+
+def test_example_verified_output_is_checked_independently(example):
+    assert example["rc"] == 0, example["stderr"]
+    r = one_json(example["stdout"])
+    assert r["verified"] is True and r["output"] == example["out"]
+    assert _sha(EX_MODEL) == example["before"]  # the input model is byte-identical after the run
+
+    src = onnx.load(EX_MODEL)
+    m, int_fed = check_quantized_output(example["out"], src)
+    chosen = {n["node"]: n["level"] for n in r["nodes"]}
+    quantized = {n for n, lv in chosen.items() if lv.startswith("int")}
+    assert quantized and set(int_fed) == quantized  # exactly the intN nodes read a DequantizeLinear
+    for n in quantized:
+        assert int_fed[n] == "INT" + chosen[n][3:]
+    md = meta(m)
+    assert md["llc_onnx.verified"] == "true" and md["llc_onnx.method"] == "quant"
+
+    # recompute the held-out loss on the split the command used (holdout 0.5, seed 0, batch 64)
+    calib, held = split_dataset(load_dataset(EX_DATA, src, batch_size=64), 0.5, 0)
+    loss = make_loss("ce", "logits")
+    ref, cmp = evaluate(src, held, loss), evaluate(m, held, loss)
+    assert held.n_samples == r["held"]["n"] == 1000
+    assert ref.loss == pytest.approx(r["held"]["reference"]["loss"], rel=1e-9)
+    assert cmp.loss == pytest.approx(r["held"]["compressed"]["loss"], rel=1e-9)
+    assert cmp.loss <= ref.loss
+    assert evaluate(m, calib, loss).loss == pytest.approx(r["calibration"]["compressed"]["loss"], rel=1e-9)
+
+
+def test_example_json_and_report_files(example):
+    r = one_json(example["stdout"])
+    assert KEYS <= set(r)
+    assert isinstance(r["seconds"], dict) and all(v >= 0 for v in r["seconds"].values())
+    assert r["rounds"][0]["round"] == 0 and len(r["rounds"]) >= 1
+    assert sum(r["levels"].values()) == len(r["nodes"]) == 4
+    assert r["bytes"]["compressed"] == sum(n["bytes"] for n in r["nodes"])
+    assert r["bytes"]["reduction"] == pytest.approx(1 - r["bytes"]["compressed"] / r["bytes"]["reference"])
+    assert r["bytes"]["reference"] == 4 * sum(int(np.prod(n.weight_shape))
+                                              for n in find_compressible(onnx.load(EX_MODEL))[0])
+    d = example["report"]
+    for f in ("report.json", "report.md", "report.html"):
+        assert os.path.getsize(os.path.join(d, f)) > 100
+    pngs = [f for f in os.listdir(d) if f.endswith(".png")]
+    assert len(pngs) == 3
+    for f in pngs:
+        with open(os.path.join(d, f), "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(d, "report.json")) as f:
+        rj = json.load(f)
+    assert rj["verified"] == r["verified"] and rj["bytes"] == r["bytes"] and rj["held"] == r["held"]
+    with open(os.path.join(d, "report.md")) as f:
+        md = f.read()
+    assert "VERIFIED" in md and "NOT VERIFIED" not in md
+    assert sorted(os.path.basename(p) for p in r["report_files"]) == sorted(os.listdir(d))
+
+
+def test_example_sweep_points(example):
+    r = one_json(example["stdout"])
+    sw = r["sweep"]
+    assert [p["budget"] for p in sw] == [0.3, 0.5]
+    for p in sw:
+        assert 0 < p["bytes"] <= p["budget"] * r["bytes"]["reference"]
+        assert np.isfinite(p["held_loss"]) and p["held_loss"] > 0
+    assert sw[0]["bytes"] <= sw[1]["bytes"]
+
+
+@pytest.fixture(scope="module")
+def example_budget(tmp_path_factory):
+    """``python -m llc_onnx optimize`` as a subprocess with --budget 0.3."""
+    tmp = tmp_path_factory.mktemp("budget")
+    out = tmp / "b.onnx"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "llc_onnx", "optimize", EX_MODEL, "--data", EX_DATA, "-o", str(out),
+                        "--measure-samples", "200", "--budget", "0.3", "--json"],
+                       capture_output=True, text=True, cwd=str(tmp), timeout=300, env=env)
+    return p, str(out)
+
+
+def test_example_subprocess_exit_code_matches_result(example_budget):
+    p, out = example_budget
+    assert p.returncode in (0, 1), p.stderr
+    r = one_json(p.stdout)
+    assert r["budget_bytes"] == int(0.3 * r["bytes"]["reference"]) and r["objective"] == "budget"
+    assert (p.returncode == 0) == r["verified"] == os.path.exists(out)
+    if r["verified"]:
+        assert meta(onnx.load(out))["llc_onnx.verified"] == "true"
+
+
+@pytest.mark.xfail(reason="BUG: back-off raises nodes past --budget; a 'verified' --budget 0.3 model is ~52 % of "
+                          "the float bytes", strict=True)
+def test_example_budget_is_respected(example_budget):
+    p, out = example_budget
+    r = one_json(p.stdout)
+    if p.returncode == 0:
+        assert r["bytes"]["compressed"] <= 0.3 * r["bytes"]["reference"]
+
+
+# ----------------------------------------------------------------------------------- tiny models
+@pytest.fixture
+def tiny(tmp_path):
+    return write_mlp_files(tmp_path)
+
+
+def test_forced_failure_writes_nothing_and_allow_loss_increase_marks_it(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "o.onnx"
+    before = _sha(model)
+    args = ["optimize", model, "--data", data, "-o", str(out), "--bits", "2", "--max-rounds", "0"]
+    rc, stdout, stderr = run_cli(args + ["--json"])
+    r = one_json(stdout)
+    assert rc == 1 and not r["verified"] and r["output"] is None
+    assert not out.exists()
+    assert r["held"]["compressed"]["loss"] > r["held"]["reference"]["loss"]
+    assert len(r["rounds"]) == 1
+    rc, stdout, _ = run_cli(args)  # the table output says so, too
+    assert rc == 1 and "NOT VERIFIED" in stdout and "no model written" in stdout and not out.exists()
+
+    rc, stdout, _ = run_cli(args + ["--json", "--allow-loss-increase"])
+    r2 = one_json(stdout)
+    assert rc == 0 and r2["verified"] is False and r2["output"] == str(out)
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m)
+    md = meta(m)
+    assert md["llc_onnx.verified"] == "false"
+    assert float(md["llc_onnx.held_loss_compressed"]) == pytest.approx(r2["held"]["compressed"]["loss"])
+    assert float(md["llc_onnx.held_loss_compressed"]) > float(md["llc_onnx.held_loss_reference"])
+    assert _sha(model) == before
+
+
+def test_same_seed_gives_byte_identical_models(tiny, tmp_path):
+    model, data = tiny
+    outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for o in outs:
+        rc, _, err = run_cli(["optimize", model, "--data", data, "-o", str(o), "--bits", "4,8,float", "--json",
+                              "--seed", "3"])
+        assert rc == 0, err
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    # and the split depends on the seed: a different seed gives a different held-out set
+    rc, s1, _ = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "c.onnx"), "--bits", "8,float",
+                         "--json", "--seed", "4"])
+    rc2, s2, _ = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "c.onnx"), "--bits", "8,float",
+                          "--json", "--seed", "3"])
+    assert one_json(s1)["held"]["reference"]["loss"] != one_json(s2)["held"]["reference"]["loss"]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--data", "missing.npz"], "missing.npz"),
+    (["--output", "nope"], "nope"),
+    (["-o", "SELF"], "overwrite"),
+    (["--budget", "2"], "--budget"),
+    (["--tolerance", "-1"], "--tolerance"),
+    (["--bits", "3"], "--bits"),
+])
+def test_bad_input_exits_2_with_one_line_error(tiny, tmp_path, extra, needle):
+    model, data = tiny
+    out = tmp_path / "o.onnx"
+    before = _sha(model)
+    args = ["optimize", model]
+    if "--data" not in extra:
+        args += ["--data", data]
+    if "-o" not in extra:
+        args += ["-o", str(out)]
+    args += [model if a == "SELF" else (str(tmp_path / a) if a == "missing.npz" else a) for a in extra]
+    rc, stdout, stderr = run_cli(args)
+    assert rc == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
+    assert stdout == ""
+    assert not out.exists() and _sha(model) == before
+    assert sorted(os.listdir(tmp_path)) == ["data.npz", "model.onnx"]  # nothing else written either
+
+
+def test_budget_and_activations_on_tiny_model(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "o.onnx"
+    rc, stdout, err = run_cli(["optimize", model, "--data", data, "-o", str(out), "--budget", "0.3",
+                               "--activations", "--json"])
+    assert rc == 0, err
+    r = one_json(stdout)
+    assert r["verified"] and r["activations"] is True
+    assert r["bytes"]["compressed"] <= 0.3 * r["bytes"]["reference"]
+    src = onnx.load(model)
+    m, int_fed = check_quantized_output(str(out), src)
+    assert set(int_fed) == {n["node"] for n in r["nodes"] if n["level"].startswith("int")}
+    # each quantized node's activation input is DequantizeLinear(QuantizeLinear(original input))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    by_name = {n.name: n for n in m.graph.node}
+    orig_inputs = {n.name: n.input[0] for n in src.graph.node}
+    for name in int_fed:
+        dq = producer[by_name[name].input[0]]
+        assert dq.op_type == "DequantizeLinear"
+        q = producer[dq.input[0]]
+        assert q.op_type == "QuantizeLinear" and q.input[0] == orig_inputs[name]
+    # the held-out loss the command reports is the written model's
+    _, held = split_dataset(load_dataset(data, src, batch_size=64), 0.5, 0)
+    loss = make_loss("ce", "logits")
+    assert evaluate(m, held, loss).loss == pytest.approx(r["held"]["compressed"]["loss"], rel=1e-9)
+    assert evaluate(m, held, loss).loss <= evaluate(src, held, loss).loss
+
+
+@pytest.mark.xfail(reason="BUG: bytes.reference / --budget are 0 when 'float' is not in --bits "
+                          "(CostTable.reference_bytes sums only reference candidates)", strict=True)
+def test_budget_without_float_level(tiny, tmp_path):
+    model, data = tiny
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"),
+                                  "--bits", "4,8", "--budget", "0.5", "--json", "--allow-loss-increase"])
+    assert rc == 0, stderr  # today: "error: size budget: knapsack: budget of 0 bytes is infeasible"
+    r = one_json(stdout)
+    assert r["bytes"]["reference"] == 4 * (32 * 16 + 32 * 4)
+
+
+@pytest.mark.xfail(reason="BUG: an infeasible --sweep point raises LLCError after verification and discards the "
+                          "verified model", strict=True)
+def test_infeasible_sweep_point_does_not_discard_verified_model(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "o.onnx"
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(out), "--bits", "8,16,float",
+                                  "--sweep", "0.1,0.5", "--json"])
+    assert rc == 0, stderr  # today: exit 2, "budget of 256 bytes is infeasible", nothing written
+    assert out.exists()
+    assert 0.5 in [p["budget"] for p in one_json(stdout)["sweep"]]
