@@ -192,7 +192,8 @@ def lanczos_top(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, k: i
     reorthogonalisation (each new vector made orthogonal to all previous ones, twice, in float64) there are no
     spurious copies; when β vanishes the Krylov space is invariant and the values are exact. At most
     min(iters, dim) steps. Returns [(θ, {node: eigenvector part (float64, CPU, ONNX layout)})], θ descending;
-    the eigenvector has unit norm over all nodes together.
+    the eigenvector has unit norm over all nodes together. Memory: the basis, min(iters, dim) float64
+    vectors of all chosen weights (20 x 11.7 M weights of ResNet-18 = 1.9 GB), on the CPU.
     """
     names = _names(nodes)
     # shapes from one capture (forward only)
