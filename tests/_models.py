@@ -141,3 +141,18 @@ def torch_threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def write_lowrank_files(tmp_path, n: int = 400, seed: int = 0, d: int = 64, rank: int = 4, noise: float = 0.5):
+    """model.onnx (:func:`lowrank_mlp` with full-rank ``noise`` on top of the rank-``rank`` weight) + data.npz
+    labelled by the *noise-free* low-rank teacher: truncating the noise away lowers the loss. Returns
+    (model path, data path, weights)."""
+    model, w = lowrank_mlp(seed, d, rank, noise=noise)
+    clean, _ = lowrank_mlp(seed, d, rank, noise=0.0)
+    rng = np.random.default_rng(seed + 200)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = teacher_labels(ort_logits(clean, x=x), seed=seed + 1, flip=0.1)
+    mpath, dpath = tmp_path / "model.onnx", tmp_path / "data.npz"
+    onnx.save_model(model, str(mpath))
+    save_npz(dpath, y, x=x)
+    return str(mpath), str(dpath), w
