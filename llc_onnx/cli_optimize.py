@@ -65,7 +65,7 @@ def _quant_config(args):
 def _lowrank_config(args):
     from .flows.lowrank import LowRankConfig
 
-    return LowRankConfig(mode=args.mode, gamma=args.gamma, relative=args.gamma_relative,
+    return LowRankConfig(mode=args.mode, gamma=args.gamma, gamma_relative=args.gamma_relative, relative=args.relative,
                          error_max=args.error_max, outside=args.outside, margin_z=args.margin_z, tolerance=args.tolerance,
                          max_rounds=args.max_rounds)
 
@@ -86,7 +86,7 @@ def _stage(ctx, method, args):
         return build_report(ctx, "quant", res.table, res.ladders, res.result, settings, res.sweep), res.result
     cfg = _lowrank_config(args)
     res = lowrank.run(ctx, cfg)
-    settings.update(mode=cfg.mode, gamma=cfg.gamma, gamma_relative=cfg.relative, search=res.search)
+    settings.update(mode=cfg.mode, gamma=cfg.gamma, gamma_relative=cfg.gamma_relative, search=res.search)
     return build_report(ctx, "lowrank", res.table, res.ladders, res.result, settings), res.result
 
 

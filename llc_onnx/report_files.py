@@ -86,7 +86,7 @@ def plot_pred_vs_measured(report: dict) -> bytes:
 
 def plot_loss_vs_size(report: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
-    sw = report.get("sweep") or []
+    sw = [p for p in report.get("sweep") or [] if p.get("bytes") is not None]
     if sw:
         ax.plot([p["bytes"] / 1e6 for p in sw], [p["held_loss"] for p in sw], "o-", label="solver sweep")
     ax.scatter([report["bytes"]["compressed"] / 1e6], [report["held"]["compressed"]["loss"]], c="red", zorder=3,
@@ -129,7 +129,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['round']} | {r['held_loss']:.6f} | {r['bytes']:,} | {', '.join(r['raised'])} |")
     if report.get("sweep"):
         lines += ["", "## Sweep (held-out)", "", "| budget | bytes | held-out loss |", "|---|---|---|"]
-        lines += [f"| {p['budget']} | {p['bytes']:,} | {p['held_loss']:.6f} |" for p in report["sweep"]]
+        lines += [f"| {p['budget']} | {p['bytes']:,} | {p['held_loss']:.6f} |" if p.get("bytes") is not None
+                  else f"| {p['budget']} | infeasible | {p.get('note', '')} |" for p in report["sweep"]]
     lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["seconds"].items()]
     lines += ["", f"Neighbourhood check: |measured − predicted| ≤ {report['error_max']}"

@@ -1,11 +1,15 @@
 """Verification on the held-out split with back-off, shared by every compression method.
 
-A plan is one candidate index per node into that node's *ladder* (its kept candidates sorted by size, the
-reference level last). ``verify_with_backoff`` builds the ONNX graph for the plan, measures its held-out loss
-in ONNX Runtime and compares it with the reference model's held-out loss. While the compressed loss is above
-``reference + tolerance`` it moves the ``k`` nodes with the largest measured calibration contribution one step
-up their ladder (more bits / higher rank) and tries again, at most ``max_rounds`` times. The last round's
-result is returned with ``verified`` telling the truth either way.
+A plan is one candidate index per node into that node's *ladder* (its kept candidates in fidelity order:
+fewer bits / lower rank first, the reference level last). ``verify_with_backoff`` builds the ONNX graph for
+the plan, measures its held-out loss in ONNX Runtime and compares it with the reference model's held-out loss.
+While the compressed loss is above ``reference + tolerance`` it moves the ``k`` nodes with the largest
+calibration contribution one step up their ladder (more bits / higher rank) and tries again, at most
+``max_rounds`` times. The contribution is the upper confidence bound  m + z·SE  of the measured ΔL, so a node
+whose measured gain is uncertain (typically a low-bit level) is raised before one whose small gain is sure.
+With ``max_bytes`` (a size budget) a raise that would exceed it is not taken; when no raise fits, back-off
+stops. The last round's result is returned with ``verified`` telling the truth either way; the held-out
+split is only ever used for this pass/fail check, never to rank nodes.
 """
 
 from __future__ import annotations
@@ -51,15 +55,16 @@ def plan_bytes(ladders: dict[str, list[Candidate]], choice: dict[str, int]) -> i
     return sum(ladders[n][i].nbytes for n, i in choice.items())
 
 
-def contribution(c: Candidate) -> float:
-    """A candidate's measured calibration ΔL (its prediction when it was not measured)."""
-    return c.measured if c.measured is not None else c.predicted
+def contribution(c: Candidate, margin_z: float = 0.0) -> float:
+    """Upper confidence bound of a candidate's calibration ΔL: measured + z·SE (prediction if not measured)."""
+    return (c.measured if c.measured is not None else c.predicted) + margin_z * c.se
 
 
 def verify_with_backoff(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dict[str, list[Candidate]],
                         choice: dict[str, int], held: Dataset, loss: TaskLoss, reference: Evaluation,
                         tolerance: float = 0.0, max_rounds: int = 8,
-                        progress: Callable[[int], None] | None = None) -> VerifiedResult:
+                        progress: Callable[[int], None] | None = None, margin_z: float = 0.0,
+                        max_bytes: int | None = None) -> VerifiedResult:
     choice = dict(choice)
     movable = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
     k = max(1, math.ceil(len(movable) / max(max_rounds, 1)))
@@ -74,10 +79,17 @@ def verify_with_backoff(build: Callable[[dict[str, int]], onnx.ModelProto], ladd
         if ev.loss <= reference.loss + tolerance or r == max_rounds:
             return VerifiedResult(model, choice, ev, reference, tolerance, rounds)
         below_top = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
-        if not below_top:  # everything is at the reference level and still not verified
-            return VerifiedResult(model, choice, ev, reference, tolerance, rounds)
-        below_top.sort(key=lambda n: (-contribution(ladders[n][choice[n]]), n))
-        raised = below_top[:k]
-        for n in raised:
+        below_top.sort(key=lambda n: (-contribution(ladders[n][choice[n]], margin_z), n))
+        raised, size = [], plan_bytes(ladders, choice)
+        for n in below_top:
+            grow = ladders[n][choice[n] + 1].nbytes - ladders[n][choice[n]].nbytes
+            if max_bytes is not None and size + grow > max_bytes:
+                continue
             choice[n] += 1
+            size += grow
+            raised.append(n)
+            if len(raised) == k:
+                break
+        if not raised:  # everything at the reference level, or no raise fits the budget
+            return VerifiedResult(model, choice, ev, reference, tolerance, rounds)
     raise AssertionError("unreachable")

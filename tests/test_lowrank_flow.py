@@ -90,9 +90,6 @@ def test_lossless_without_a_rank_inside_the_neighbourhood_is_a_one_line_error(fi
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="BUG: flows/lowrank passes the absolute γ (γ·‖W‖) to NodeSVD.rows, which multiplies by "
-                          "‖M‖ again, so relative-γ candidates land at ‖δ‖ = γ·‖W‖² and are never inside",
-                   strict=True)
 def test_lossless_with_large_relative_gamma_runs_and_reports(files):
     model, data, _, tmp = files
     out = tmp / "lossless.onnx"
@@ -138,8 +135,6 @@ def meta_verified(m):
     return {p.key: p.value for p in m.metadata_props}["llc_onnx.verified"]
 
 
-@pytest.mark.xfail(reason="BUG: --relative (error_max relative to the loss) is ignored by the low-rank flow: "
-                          "_Ranks.candidate calls classify(..., relative=False)", strict=True)
 def test_lowrank_honours_relative_error_max(files):
     model, data, _, tmp = files
     e = 0.021

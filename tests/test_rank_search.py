@@ -18,7 +18,7 @@ def test_rows_match_direct_computation(gamma):
     m = rng.standard_normal((12, 9))
     g = rng.standard_normal((12, 9))
     svd = NodeSVD.of(m, g)
-    rows = svd.rows(useful_ranks(12, 9), gamma=gamma, negligible=0.0)
+    rows = svd.rows(useful_ranks(12, 9), radius=None if gamma is None else gamma * svd.norm, negligible=0.0)
     assert [r.rank for r in rows] == [1, 2, 3, 4, 5]  # r*(21) < 108
     for row in rows:
         approx = svd.reconstruct(row.rank, row.alpha)

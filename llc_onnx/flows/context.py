@@ -55,6 +55,10 @@ class FlowContext:
             self._weights[node.weight] = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
         return self._weights[node.weight]
 
+    def float_bytes(self) -> int:
+        """Float32 bytes of the compressible nodes' weights (a shared weight counted once per node)."""
+        return sum(4 * self.weight_array(n).size for n in self.nodes)
+
     def sweep_point(self, budget: float, model: onnx.ModelProto, nbytes: int) -> dict:
         held = evaluate(model, self.held, self.loss)
         return {"budget": budget, "bytes": nbytes, "held_loss": held.loss, "held_metrics": held.metrics}

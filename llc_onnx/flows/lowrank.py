@@ -32,7 +32,7 @@ from ..progress import task
 from ..solvers import knapsack
 from ..solvers.cost_model import Candidate, CostTable, classify
 from ..solvers.rank_search import NodeSVD, from_matrix, matrix_view, useful_ranks
-from ..verify import VerifiedResult, contribution, verify_with_backoff
+from ..verify import VerifiedResult, verify_with_backoff
 from .context import FlowContext
 
 FULL = "full"
@@ -43,7 +43,8 @@ GRID = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 class LowRankConfig:
     mode: str = "lossless"  # "lossless" | "compact"
     gamma: float = 1e-4
-    relative: bool = False  # γ relative to ‖W‖
+    gamma_relative: bool = False  # γ relative to ‖W‖
+    relative: bool = False  # error_max relative to the calibration loss
     max_candidates: int = 8  # measured ranks per node (lossless)
     negligible: float = 1e-7
     error_max: float = 1e-4
@@ -64,8 +65,9 @@ class LowRankResult:
     search: list[dict] = field(default_factory=list)  # the global search (prefixes or budgets) on calibration
 
 
-def _gamma_abs(cfg: LowRankConfig, svd: NodeSVD) -> float:
-    return cfg.gamma * svd.norm if cfg.relative else cfg.gamma
+def _radius(cfg: LowRankConfig, svd: NodeSVD) -> float:
+    """The neighbourhood bound on ‖δ‖ for this node: γ, or γ·‖W‖ with ``gamma_relative``."""
+    return cfg.gamma * svd.norm if cfg.gamma_relative else cfg.gamma
 
 
 class _Ranks:
@@ -106,7 +108,7 @@ class _Ranks:
         self.spec[(name, level)] = (row.rank, row.alpha)
         measured, se = _measure(self.ctx, {name: self.hook(name, level)})
         cand = Candidate(name, level, 4 * row.params, row.predicted, measured, row.rel_error, True, None, se=se)
-        return classify(cand, cfg.error_max, self.ctx.base().mean, False, cfg.outside, cfg.margin_z)
+        return classify(cand, cfg.error_max, self.ctx.base().mean, cfg.relative, cfg.outside, cfg.margin_z)
 
 
 def _reference(ctx: FlowContext, name: str) -> Candidate:
@@ -125,9 +127,9 @@ def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
     for node in ctx.nodes:
         svd = ranks.svd[node.name]
         k, n = svd.u.shape[0], svd.vt.shape[1]
-        rows = svd.rows(useful_ranks(k, n), gamma=_gamma_abs(cfg, svd), negligible=cfg.negligible)
-        limit = _gamma_abs(cfg, svd) / svd.norm
-        inside = [r for r in rows if r.predicted < 0 and r.rel_error <= limit * (1 + 1e-9)]
+        radius = _radius(cfg, svd)
+        rows = svd.rows(useful_ranks(k, n), radius=radius, negligible=cfg.negligible)
+        inside = [r for r in rows if r.predicted < 0 and r.rel_error * svd.norm <= radius * (1 + 1e-9)]
         if len(inside) > cfg.max_candidates:  # spread the measured candidates over the set, smallest rank first
             idx = np.unique(np.linspace(0, len(inside) - 1, cfg.max_candidates).round().astype(int))
             inside = [inside[i] for i in idx]
@@ -139,15 +141,15 @@ def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
             for row in rows:
                 c = ranks.candidate(node.name, row, cfg)
                 cands.append(c)
-                if node.name not in best or contribution(c) < contribution(best[node.name]):
+                if node.name not in best or c.measured < best[node.name].measured:
                     best[node.name] = c
                 advance(1)
     table = CostTable.from_candidates(cands)
     if not best:
         raise LLCError(f"{ctx.model_path}: no rank of any node lies inside the neighbourhood ‖δ‖ ≤ {cfg.gamma}"
-                       f"{' ·‖W‖' if cfg.relative else ''} with G·δ < 0, so lossless low-rank cannot compress this "
-                       "model; try a larger --gamma with --relative, or --mode compact")
-    order = sorted(best, key=lambda n: (contribution(best[n]), n))
+                       f"{' ·‖W‖' if cfg.gamma_relative else ''} with G·δ < 0, so lossless low-rank cannot compress this "
+                       "model; try a larger --gamma with --gamma-relative, or --mode compact")
+    order = sorted(best, key=lambda n: (best[n].measured, n))
     search, fns, best_k, best_loss = [], {}, 1, float("inf")
     with task("choosing the combination", len(order)) as advance:
         for k, name in enumerate(order, 1):
@@ -169,7 +171,7 @@ def _grid_rows(svd: NodeSVD, cfg: LowRankConfig):
     rmax = useful[-1]
     grid = sorted({max(1, int(round(f * rmax))) for f in GRID})
     # the α step is only taken where the truncation is inside the neighbourhood; elsewhere α = 1
-    return svd.rows(grid, gamma=_gamma_abs(cfg, svd), negligible=cfg.negligible)
+    return svd.rows(grid, radius=_radius(cfg, svd), negligible=cfg.negligible)
 
 
 def _compact(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
@@ -232,5 +234,5 @@ def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
 
     with ctx.timer.stage("verify"), task("verifying on held-out", cfg.max_rounds + 1) as advance:
         result = verify_with_backoff(build, ladders, choice, ctx.held, ctx.loss, ctx.held_fp, cfg.tolerance,
-                                     cfg.max_rounds, advance)
+                                     cfg.max_rounds, advance, margin_z=cfg.margin_z)
     return LowRankResult(table, grads, ladders, choice, result, search)

@@ -131,7 +131,7 @@ def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass,
 
 def _budget_bytes(cfg: QuantConfig, ctx: FlowContext, table: CostTable) -> int | None:
     if cfg.budget is not None:
-        return int(cfg.budget * table.reference_bytes())
+        return int(cfg.budget * ctx.float_bytes())
     if cfg.avg_bits is not None:
         return int(cfg.avg_bits / 8 * sum(ctx.weight_array(n).size for n in ctx.nodes))
     return None
@@ -186,12 +186,18 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
 
     with ctx.timer.stage("verify"), task("verifying on held-out", cfg.max_rounds + 1) as advance:
         result = verify_with_backoff(build, ladders, choice, ctx.held, ctx.loss, ctx.held_fp, cfg.tolerance,
-                                     cfg.max_rounds, advance)
+                                     cfg.max_rounds, advance, margin_z=cfg.margin_z, max_bytes=budget)
     sweep = []
     if cfg.sweep:
         with ctx.timer.stage("sweep"), task("sweep", len(cfg.sweep)) as advance:
             for frac in cfg.sweep:
-                picked = solve(table, int(frac * table.reference_bytes()))
+                try:
+                    picked = solve(table, int(frac * ctx.float_bytes()))
+                except LLCError as exc:  # an infeasible budget is a result of the sweep, not a failure
+                    sweep.append({"budget": frac, "bytes": None, "held_loss": None, "held_metrics": {},
+                                  "note": str(exc)})
+                    advance(1)
+                    continue
                 ch = {n: ladders[n].index(c) for n, c in picked.items()}
                 sweep.append(ctx.sweep_point(frac, build(ch), sum(c.nbytes for c in picked.values())))
                 advance(1)

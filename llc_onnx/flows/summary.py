@@ -20,7 +20,7 @@ def build_report(ctx: FlowContext, method: str, table: CostTable, ladders: dict[
     """Everything the user needs to trust (or not) the compressed model, both splits measured in ORT."""
     calib_c = evaluate(result.model, ctx.calib, ctx.loss)
     chosen = {n: ladders[n][i] for n, i in result.choice.items()}
-    ref_bytes = table.reference_bytes()
+    ref_bytes = ctx.float_bytes()
     new_bytes = sum(c.nbytes for c in chosen.values())
     nodes = []
     for node in ctx.nodes:

@@ -247,12 +247,15 @@ def _scales(rows: np.ndarray, mask: np.ndarray | None, spec: WeightQuantSpec) ->
 def _llc_round(rows: np.ndarray, grows: np.ndarray, s: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
     """Greedy loss-aware rounding (see module docstring). Returns float64 integer-valued rows."""
     x = rows / s[:, None]
+    r = np.rint(x)
+    x = np.where(np.abs(x - r) <= 1e-6, r, x)            # a weight already on the grid (up to float error) stays
     lo = np.clip(np.floor(x), qmin, qmax)
     hi = np.clip(np.ceil(x), qmin, qmax)
     q = np.clip(np.rint(x), qmin, qmax)
     sc = s[:, None]
     d0 = q * sc - rows                                   # δ of nearest rounding
     S = (grows * d0).sum(axis=1)                         # first-order loss change per group
+    S = np.where(S > 1e-12 * np.abs(grows * sc).sum(axis=1), S, 0.0)   # float-rounding-level S counts as 0
     if not np.any(S > 0):
         return q
     other = np.where(q == lo, hi, lo)                    # the other neighbour (== q if not flippable)

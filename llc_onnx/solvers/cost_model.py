@@ -87,8 +87,5 @@ class CostTable:
             sizes.append([int(c.nbytes) for c in g])
         return nodes, kept, costs, sizes
 
-    def reference_bytes(self) -> int:
-        return sum(c.nbytes for g in self.groups.values() for c in g if c.reference)
-
     def rows(self) -> list[dict]:
         return [c.to_dict() for g in self.groups.values() for c in g]

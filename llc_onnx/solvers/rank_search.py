@@ -10,8 +10,8 @@ M_r = Σ_{k≤r} s_k u_k v_kᵀ scaled by α, the noise is δ = α M_r − M and
 
 for *every* rank at once from cumulative sums (no reconstruction). α = 1 is plain truncation. The loss-aware
 refinement is a trust-region step on α: minimise the first-order term subject to staying inside the
-neighbourhood ‖δ‖ ≤ γ‖M‖ — the minimiser moves α away from 1 against the sign of  a = Σ_{k≤r} c_k  until
-‖δ‖ = γ‖M‖, i.e.  α = 1 − sign(a)·sqrt((γ²‖M‖² − Σ_{k>r} s_k²) / Σ_{k≤r} s_k²)  when the truncation itself is
+neighbourhood ‖δ‖ ≤ ρ — the minimiser moves α away from 1 against the sign of  a = Σ_{k≤r} c_k  until
+‖δ‖ = ρ, i.e.  α = 1 − sign(a)·sqrt((ρ² − Σ_{k>r} s_k²) / Σ_{k≤r} s_k²)  when the truncation itself is
 inside (otherwise α = 1). This makes G·δ more negative without leaving the neighbourhood.
 
 Only ranks that save parameters are candidates:  r·(K + N) < K·N. Ranks are scanned upwards with early
@@ -76,8 +76,9 @@ class NodeSVD:
         c = s * np.sum((u.T @ g.astype(np.float64)) * vt, axis=1)  # u_kᵀ G v_k for every k
         return cls(u, s, vt, c, float(np.sqrt((s ** 2).sum())) or 1.0)
 
-    def rows(self, ranks: list[int], gamma: float | None = None, negligible: float = 1e-7) -> list[RankRow]:
-        """Table for ``ranks`` (ascending), α refined inside the γ-neighbourhood when ``gamma`` is given."""
+    def rows(self, ranks: list[int], radius: float | None = None, negligible: float = 1e-7) -> list[RankRow]:
+        """Table for ``ranks`` (ascending); with ``radius`` (the absolute neighbourhood bound on ‖δ‖), α takes
+        the trust-region step for every truncation that lies inside it."""
         k, n = self.u.shape[0], self.vt.shape[1]
         s2 = self.s ** 2
         head = np.cumsum(s2)  # Σ_{k≤r} s_k²
@@ -88,8 +89,8 @@ class NodeSVD:
         for r in ranks:
             h, t, a = head[r - 1], max(tail[r - 1], 0.0), chead[r - 1]
             alpha = 1.0
-            if gamma is not None and h > 0:
-                room = (gamma * self.norm) ** 2 - t
+            if radius is not None and h > 0:
+                room = radius ** 2 - t
                 if room > 0 and a != 0:
                     alpha = 1.0 - np.sign(a) * np.sqrt(room / h)
             err = np.sqrt((alpha - 1) ** 2 * h + t) / self.norm
