@@ -173,6 +173,8 @@ def _print(report: dict, stages: list[dict]) -> None:
          arg("--max-rounds", type=int, default=8, help="back-off rounds (default 8)"),
          arg("--allow-loss-increase", action="store_true",
              help="write the model and exit 0 even when it is not verified (it is marked NOT VERIFIED)"),
+         arg("--threads", type=int, default=0,
+             help="CPU threads for torch and ONNX Runtime (default 0: their defaults); 1 on a busy machine"),
          arg("--report", default=None, metavar="DIR", help="write report.json/.md/.html with plots here"),
          _JSON)
 def cmd_optimize(args) -> int:
@@ -186,6 +188,13 @@ def cmd_optimize(args) -> int:
     from .report_files import write_report
 
     set_enabled(not args.json)
+    if args.threads:
+        import torch
+
+        from .ort_eval import set_default_threads
+
+        torch.set_num_threads(args.threads)
+        set_default_threads(args.threads)
     out = args.out or os.path.splitext(args.model)[0] + ".llc.onnx"
     if os.path.abspath(out) == os.path.abspath(args.model):
         raise LLCError(f"-o {out}: would overwrite the input model; choose another output path")

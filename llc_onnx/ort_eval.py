@@ -86,8 +86,19 @@ def resolve_output(model: onnx.ModelProto, name: str | None, source: str = "mode
     return name
 
 
+_default_threads = 0
+
+
+def set_default_threads(n: int) -> None:
+    """Intra-op threads for sessions created without an explicit count (``--threads``; 0 = ORT default)."""
+    global _default_threads
+    _default_threads = int(n)
+
+
 def _session(model, threads):
-    return model if isinstance(model, ort.InferenceSession) else make_session(model, threads)
+    if isinstance(model, ort.InferenceSession):
+        return model
+    return make_session(model, threads or _default_threads)
 
 
 def _run(sess, feeds, output: str, source: str) -> np.ndarray:
