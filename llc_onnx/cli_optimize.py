@@ -57,7 +57,7 @@ def _quant_config(args):
         raise LLCError(f"--budget {args.budget}: a fraction of the float weight bytes in (0, 1], e.g. 0.25")
     return QuantConfig(bits=_bits(args.bits), block_size=args.block_size, scale_method=args.scale,
                        rounding=args.rounding, activations=args.activations, error_max=args.error_max,
-                       relative=args.relative, outside=args.outside, margin_z=args.margin_z, budget=args.budget, avg_bits=args.avg_bits,
+                       relative=args.relative, outside=args.outside, cost=args.cost, margin_z=args.margin_z, budget=args.budget, avg_bits=args.avg_bits,
                        tolerance=args.tolerance, max_rounds=args.max_rounds,
                        sweep=_floats(args.sweep, "--sweep") if args.sweep else ())
 
@@ -80,7 +80,7 @@ def _stage(ctx, method, args):
     if method == "quant":
         cfg = _quant_config(args)
         res = quantize.run(ctx, cfg)
-        settings.update(bits=args.bits, block_size=cfg.block_size, scale=cfg.scale_method, rounding=cfg.rounding,
+        settings.update(cost=cfg.cost, bits=args.bits, block_size=cfg.block_size, scale=cfg.scale_method, rounding=cfg.rounding,
                         activations=cfg.activations, budget_bytes=res.budget_bytes,
                         objective="lossless" if res.budget_bytes is None else "budget")
         return build_report(ctx, "quant", res.table, res.ladders, res.result, settings, res.sweep), res.result
@@ -162,6 +162,8 @@ def _print(report: dict, stages: list[dict]) -> None:
          arg("--relative", action="store_true", help="--error-max is relative to the calibration loss"),
          arg("--outside", default="measured", choices=("measured", "drop"),
              help="levels outside the neighbourhood: cost = measured ΔL (default) or dropped"),
+         arg("--cost", default="measured", choices=("measured", "cet"),
+             help="per-candidate cost: measured loss change (default) or CET second order g·δ + ½δᵀHδ"),
          arg("--margin-z", type=float, default=1.0,
              help="add z standard errors of each measured ΔL to its cost; 0 = the papers' plain rule (default 1)"),
          arg("--mode", default="lossless", choices=("lossless", "compact"), help="low-rank mode (default lossless)"),

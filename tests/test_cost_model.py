@@ -67,3 +67,14 @@ def test_reference_always_costs_zero_and_unmeasured_uses_prediction():
         classify(cand(0.0, 0.0), 1e-3, 1.0, False, "bogus")
     u = classify(cand(-0.02, None), 1e-9, 1.0, False, "drop")
     assert u.inside and u.cost == -0.02
+
+
+def test_cet_second_order_estimate_replaces_the_measurement():
+    c = Candidate("n", "int4", 10, -0.01, None, 0.1, True, None, second_order=-0.00995)
+    c = classify(c, error_max=1e-4, base_loss=2.0, relative=False, outside="measured")
+    assert c.inside and c.cost == -0.01  # curvature term negligible: first order
+    c = Candidate("n", "int2", 5, -0.01, None, 0.1, True, None, second_order=0.03)
+    c = classify(c, error_max=1e-4, base_loss=2.0, relative=False, outside="measured")
+    assert not c.inside and c.cost == 0.03  # outside: the second-order estimate
+    c = Candidate("n", "int2", 5, -0.01, None, 0.1, True, None, second_order=0.03)
+    assert classify(c, 1e-4, 2.0, False, "drop").cost is None

@@ -304,3 +304,24 @@ def test_infeasible_sweep_point_does_not_discard_verified_model(tiny, tmp_path):
     assert rc == 0, stderr  # today: exit 2, "budget of 256 bytes is infeasible", nothing written
     assert out.exists()
     assert 0.5 in [p["budget"] for p in one_json(stdout)["sweep"]]
+
+
+def test_cet_cost_mode_uses_second_order_estimates(tiny, tmp_path):
+    """--cost cet: no measured ΔL; each candidate's second-order estimate equals g·δ + ½δᵀHδ from the
+    Hessian module, and the neighbourhood check is on the curvature term."""
+    model, data = tiny
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"),
+                                  "--cost", "cet", "--bits", "4,8,float", "--json", "--allow-loss-increase"])
+    assert rc == 0, stderr
+    r = one_json(stdout)
+    assert r["cost"] == "cet"
+    quantized = [c for c in r["candidates"] if not c["reference"]]
+    assert quantized and all(c["measured"] is None and c["second_order"] is not None for c in quantized)
+    for c in quantized:
+        assert c["inside"] == (abs(c["second_order"] - c["predicted"]) <= r["error_max"])
+    # 4-bit noise is larger than 8-bit noise, so its curvature term is too (per node)
+    by = {(c["node"], c["level"]): c for c in quantized}
+    for node in {c["node"] for c in quantized}:
+        q4 = by[(node, "int4")]["second_order"] - by[(node, "int4")]["predicted"]
+        q8 = by[(node, "int8")]["second_order"] - by[(node, "int8")]["predicted"]
+        assert q4 > q8 >= 0

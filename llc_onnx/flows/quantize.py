@@ -25,6 +25,7 @@ from ..passes.qdq import apply_qdq
 from ..progress import task
 from ..quant import ActivationQuant, WeightQuantSpec, activation_scale, fake_quant_activation, quantize_weight
 from ..solvers import knapsack
+from ..solvers.hessian import quadratic_term
 from ..solvers.cost_model import Candidate, CostTable, classify
 from ..verify import VerifiedResult, verify_with_backoff
 from .context import FlowContext
@@ -46,6 +47,7 @@ class QuantConfig:
     error_max: float = 1e-4
     relative: bool = False
     outside: str = "measured"
+    cost: str = "measured"  # "measured" (loss with the node quantized) or "cet" (g·δ + ½δᵀHδ, no measurement)
     margin_z: float = 1.0  # cost margin in standard errors of the measured ΔL (0 = the papers' plain rule)
     budget: float | None = None  # fraction of the float weight bytes
     avg_bits: float | None = None
@@ -98,8 +100,10 @@ def _plan(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, ranges: dict[
 def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass,
                      ranges: dict[str, float]) -> CostTable:
     """Quantize every node at every level; predicted and measured ΔL; neighbourhood check."""
-    base_samples = ctx.base()
-    base = base_samples.mean
+    if cfg.cost not in ("measured", "cet"):
+        raise LLCError(f"--cost must be 'measured' or 'cet', not {cfg.cost!r}")
+    base_samples = ctx.base() if cfg.cost == "measured" else None
+    base = ctx.base().mean if cfg.relative or cfg.cost == "measured" else float("nan")
     cands: list[Candidate] = []
     levels = sorted(set(cfg.bits), key=lambda b: (b == FLOAT, b))
     quant_levels = [b for b in levels if b != FLOAT]
@@ -121,9 +125,16 @@ def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass,
                     predicted += stats.act_pred.get(ab, 0.0)
                     aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
                     input_fns = {node.name: lambda x, aq=aq: fake_quant_activation(x, aq)}
-                measured, se = measure(ctx.graph, ctx.measure_data, ctx.loss, weight_fns, input_fns).delta(base_samples)
-                cand = Candidate(node.name, level_name(bits), int(qw.nbytes), predicted, measured,
-                                 float(np.linalg.norm(delta)) / wnorm, True, None, se=se)
+                rel = float(np.linalg.norm(delta)) / wnorm
+                if cfg.cost == "cet":  # second-order estimate instead of a measurement (weight noise only)
+                    q2 = quadratic_term(ctx.graph, ctx.measure_data, ctx.loss, node.name, delta)
+                    cand = Candidate(node.name, level_name(bits), int(qw.nbytes), predicted, None, rel, True, None,
+                                     second_order=predicted + q2)
+                else:
+                    measured, se = measure(ctx.graph, ctx.measure_data, ctx.loss, weight_fns, input_fns).delta(
+                        base_samples)
+                    cand = Candidate(node.name, level_name(bits), int(qw.nbytes), predicted, measured, rel, True,
+                                     None, se=se)
                 cands.append(classify(cand, cfg.error_max, base, cfg.relative, cfg.outside, cfg.margin_z))
                 advance(1)
     return CostTable.from_candidates(cands)

@@ -8,6 +8,8 @@ For node i at level j (a weight quantizer, a rank, ...) with weight noise δ_ij:
   the first-order term describes the effect, i.e. the level lies in the first-order neighbourhood;
 * cost       p_ij inside the neighbourhood; outside it either m_ij (``outside="measured"``) or the level is
   dropped (``outside="drop"``, cost ``None``). The reference level (float, full rank) always costs 0.
+* CET        with no measurement but a second-order estimate  s_ij = p_ij + ½ δᵀH_ii δ  (``solvers.hessian``),
+  the check is |s_ij − p_ij| ≤ error_max (the curvature term is negligible) and outside it the cost is s_ij.
 * margin     with ``margin_z`` > 0 the cost is raised by z·SE_ij, the paired standard error of m_ij over the
   calibration samples (``calib.noise``): a level whose measured gain is within noise is not counted as a
   gain, which is what makes a calibration-side "ΔL ≤ 0" likely to hold on held-out data. z = 0 is the
@@ -34,6 +36,7 @@ class Candidate:
     cost: float | None  # what the solver minimises; None = dropped
     reference: bool = False  # the unmodified level (float / full rank)
     se: float = 0.0  # paired standard error of ``measured``
+    second_order: float | None = None  # p + ½ δᵀHδ (CET mode, instead of a measurement)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,14 +51,15 @@ def classify(cand: Candidate, error_max: float, base_loss: float, relative: bool
     if outside not in ("measured", "drop"):
         raise ValueError(f"--outside must be 'measured' or 'drop', not {outside!r}")
     tol = error_max * abs(base_loss) if relative else error_max
-    if cand.measured is None:
+    actual = cand.measured if cand.measured is not None else cand.second_order
+    if actual is None:
         cand.inside, cand.cost = True, cand.predicted
         return cand
-    cand.inside = abs(cand.measured - cand.predicted) <= tol
+    cand.inside = abs(actual - cand.predicted) <= tol
     if cand.inside:
         cand.cost = cand.predicted
     else:
-        cand.cost = cand.measured if outside == "measured" else None
+        cand.cost = actual if outside == "measured" else None
     if cand.cost is not None:
         cand.cost += margin_z * cand.se
     return cand
