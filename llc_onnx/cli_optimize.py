@@ -57,17 +57,19 @@ def _quant_config(args):
         raise LLCError(f"--budget {args.budget}: a fraction of the float weight bytes in (0, 1], e.g. 0.25")
     return QuantConfig(bits=_bits(args.bits), block_size=args.block_size, scale_method=args.scale,
                        rounding=args.rounding, activations=args.activations, error_max=args.error_max,
-                       relative=args.relative, outside=args.outside, cost=args.cost, margin_z=args.margin_z, budget=args.budget, avg_bits=args.avg_bits,
-                       tolerance=args.tolerance, max_rounds=args.max_rounds,
+                       relative=args.relative, outside=args.outside, cost=args.cost, margin_z=args.margin_z,
+                       budget=args.budget, avg_bits=args.avg_bits, tolerance=args.tolerance, max_rounds=args.max_rounds,
                        sweep=_floats(args.sweep, "--sweep") if args.sweep else ())
 
 
 def _lowrank_config(args):
     from .flows.lowrank import LowRankConfig
 
-    return LowRankConfig(mode=args.mode, gamma=args.gamma, gamma_relative=args.gamma_relative, relative=args.relative,
-                         error_max=args.error_max, outside=args.outside, margin_z=args.margin_z, tolerance=args.tolerance,
-                         max_rounds=args.max_rounds)
+    return LowRankConfig(mode=args.mode, gamma=args.gamma, gamma_relative=args.gamma_relative,
+                         relative=args.relative, error_max=args.error_max, outside=args.outside,
+                         margin_z=args.margin_z, tolerance=args.tolerance,
+                         max_rounds=args.max_rounds,
+                         **({"grid": _floats(args.rank_grid, "--rank-grid")} if args.rank_grid else {}))
 
 
 def _stage(ctx, method, args):
@@ -129,6 +131,10 @@ def _print(report: dict, stages: list[dict]) -> None:
             s.add_row(f"{st['method']}: {k}" if len(stages) > 1 else k, round(v, 2))
     tables.append(s)
     print_summaries(tables)
+    if b["compressed"] >= b["reference"]:
+        print_line("nothing was compressed: no candidate's measured loss change fits the criterion (see the "
+                   "candidates in --report or --json); try --budget, a larger --margin-z tolerance or other levels",
+                   style="yellow")
     verdict = "VERIFIED" if report["verified"] else "NOT VERIFIED"
     print_line(f"{verdict}: held-out loss {held['compressed']['loss']:.6f} vs float {held['reference']['loss']:.6f} "
                f"(tolerance {report['tolerance']:g}); {100 * b['reduction']:.1f} % fewer weight bytes"
@@ -169,6 +175,9 @@ def _print(report: dict, stages: list[dict]) -> None:
          arg("--mode", default="lossless", choices=("lossless", "compact"), help="low-rank mode (default lossless)"),
          arg("--gamma", type=float, default=1e-4, help="low-rank neighbourhood ‖δ‖ ≤ γ (default 1e-4)"),
          arg("--gamma-relative", action="store_true", help="γ is relative to ‖W‖"),
+         arg("--rank-grid", default=None,
+             help="compact low-rank: candidate ranks as fractions of the largest useful rank "
+                  "(default 1/16,1/8,1/4,3/8,1/2,5/8,3/4,7/8,1)"),
          arg("--measure-samples", type=int, default=None,
              help="measure candidates on the first N calibration samples only (default: all)"),
          arg("--tolerance", type=float, default=0.0, help="verified when held-out loss ≤ float + this (default 0)"),

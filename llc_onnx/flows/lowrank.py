@@ -53,6 +53,7 @@ class LowRankConfig:
     tolerance: float = 0.0
     max_rounds: int = 8
     bisection_steps: int = 10
+    grid: tuple[float, ...] = GRID  # compact mode: ranks as fractions of each node's largest useful rank
 
 
 @dataclass
@@ -164,12 +165,13 @@ def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
 
 
 def _grid_rows(svd: NodeSVD, cfg: LowRankConfig):
+    """Compact-mode candidates: the ranks round(f·r_max) for f in ``cfg.grid``."""
     k, n = svd.u.shape[0], svd.vt.shape[1]
     useful = useful_ranks(k, n)
     if not useful:
         return []
     rmax = useful[-1]
-    grid = sorted({max(1, int(round(f * rmax))) for f in GRID})
+    grid = sorted({min(rmax, max(1, int(round(f * rmax)))) for f in cfg.grid})
     # the α step is only taken where the truncation is inside the neighbourhood; elsewhere α = 1
     return svd.rows(grid, radius=_radius(cfg, svd), negligible=cfg.negligible)
 
