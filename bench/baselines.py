@@ -120,7 +120,7 @@ def ort_int4(model_path: str, out_path: str) -> dict:
     model = onnx.load(model_path)
     mm = matmul_weight_nodes(model)
     if not mm:
-        raise NotApplicable("n/a: no MatMul with a constant weight (conv/Gemm-only model)")
+        raise NotApplicable("no MatMul with a constant weight (conv/Gemm-only model)")
     q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True)
     q.process()
     out = q.model.model

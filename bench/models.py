@@ -273,16 +273,17 @@ MODELS: dict[str, BenchModel] = {
     "smollm2": BenchModel(
         "smollm2", "SmolLM2-135M-Instruct (Shakespeare, next-token CE)", prepare_smollm2,
         lambda: _smollm2_dir() / "smollm2.onnx", lambda: _smollm2_dir() / "calib.npz",
-        lambda: _smollm2_dir() / "held.npz", loss="lm", metric="ppl", batch_size=4, latency_batch=4,
-        quick_calib=4, quick_held=4, measure_samples=4, quick_measure_samples=2, hutchinson_samples=4,
+        lambda: _smollm2_dir() / "held.npz", loss="lm", metric="ppl", batch_size=1, latency_batch=4,
+        quick_calib=4, quick_held=4, measure_samples=1, quick_measure_samples=1, hutchinson_samples=4,
+        hessian_batches=1, quick_hessian_batches=1,
         notes=["calibration / held-out: 16 sequences x 256 tokens each from disjoint sets of plays "
                "(bench.prepare_text.split_plays, seed 0)"]),
     "effnet": BenchModel(
         "effnet", "EfficientNet-Lite0 (ImageNet, 20 foolbox images + augmented views)", prepare_effnet,
         lambda: _effnet_dir() / "effnet_lite0.onnx", lambda: _effnet_dir() / "calib.npz",
         lambda: _effnet_dir() / "held.npz", loss="ce", metric="top1", batch_size=32, latency_batch=16,
-        quick_calib=None, quick_held=None, measure_samples=None, quick_measure_samples=64,
-        hutchinson_samples=8,
+        quick_calib=None, quick_held=None, measure_samples=32, quick_measure_samples=32,
+        hutchinson_samples=8, hessian_batches=1, quick_hessian_batches=1,
         notes=["calibration: 160 augmented views of the 10 even-indexed foolbox images (true labels); held-out: "
                "the 10 odd-indexed originals + 15 augmented views each (160, true labels). Augmented views are "
                "extra images derived from the same photos, not independent ImageNet samples"]),

@@ -104,7 +104,7 @@ class Evaluator:
 
 # ------------------------------------------------------------------------------------------ llc
 def run_llc(model_path: Path, calib: Path, held: Path, out: Path, m: BenchModel, extra: list[str],
-            measure_samples: int | None) -> dict:
+            measure_samples: int | None, timeout: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "llc_onnx", "optimize", str(model_path), "--data", str(calib), "--held", str(held),
            "--batch-size", str(m.batch_size), "-o", str(out), "--json", "--allow-loss-increase", *extra]
     if measure_samples:
@@ -112,7 +112,11 @@ def run_llc(model_path: Path, calib: Path, held: Path, out: Path, m: BenchModel,
     printable = "llc-onnx " + " ".join(shlex.quote(c) for c in cmd[3:])
     log(f"  $ {printable}")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"command": printable, "seconds": time.perf_counter() - t0, "exit": "timeout",
+                "error": f"stopped by --llc-timeout after {timeout:.0f} s"}
     wall = time.perf_counter() - t0
     res = {"command": printable, "seconds": wall, "exit": p.returncode}
     if p.returncode != 0 or not p.stdout.strip():
@@ -243,7 +247,7 @@ def run_model(m: BenchModel, quick: bool, args) -> dict:
             out = work / f"{key}.onnx"
             if out.exists():
                 out.unlink()
-            res = run_llc(m.model_path(), calib, held, out, m, extra, ms)
+            res = run_llc(m.model_path(), calib, held, out, m, extra, ms, args.llc_timeout)
             row["command"], row["seconds"] = res["command"], res["seconds"]
             if "error" in res:
                 row.update(status="failed", reason=f"exit {res['exit']}: {res['error']}")
@@ -254,6 +258,9 @@ def run_model(m: BenchModel, quick: bool, args) -> dict:
             row["report_bytes"] = rep["bytes"]["compressed"]
             row["note"] = llc_note(rep)
             row["llc_seconds"] = rep.get("seconds")
+            rounds = rep.get("rounds") or []
+            if len(rounds) > 1:
+                row["round0"] = [rounds[0]["bytes"], rounds[0]["held_loss"]]
             return out if out.exists() else None
         guarded(key, label, fn)
 
@@ -265,7 +272,7 @@ def run_model(m: BenchModel, quick: bool, args) -> dict:
     def svd(row):
         rep = llc_reports.get("llc_lr_compact")
         if rep is None:
-            raise B.NotApplicable("n/a: needs the llc low-rank compact result as the parameter target, which failed")
+            raise B.NotApplicable("needs the llc low-rank compact result as the parameter target, which failed")
         target = rep["bytes"]["compressed"] // 4
         weights = {n.name: _init(fp_model, n.weight) for n in nodes}
         shapes = {n.name: B.matrix_shape(n) for n in nodes}
@@ -287,7 +294,7 @@ def run_model(m: BenchModel, quick: bool, args) -> dict:
     plot = plots.loss_vs_size(m.name, m.title, [r for r in rows if r["status"] == "ok"], Path(args.plots))
     extra = {}
     if m.name == "effnet":
-        extra = effnet_all20(m, rows)
+        extra = effnet_all20(m, rows, work)
     return {"name": m.name, "title": m.title, "rows": rows, "fp_bytes": fp_bytes, "nodes": len(nodes),
             "skipped": skipped, "calib": str(calib), "held": str(held), "measure_samples": ms,
             "calib_n": ev.calib.n_samples, "held_n": ev.held.n_samples, "plot": str(plot) if plot else None,
@@ -384,7 +391,7 @@ def second_order(m, quick, args, calib, held, work, ms, guarded, want):
             guarded(key, f"{label} budget {b:g}", fn)
 
 
-def effnet_all20(m, rows) -> dict:
+def effnet_all20(m, rows, work: Path) -> dict:
     """FP32 and every model on all 20 original labelled images (10 of them are calibration sources)."""
     from llc_onnx.calib.data import load_dataset
     from llc_onnx.calib.losses import make_loss
@@ -397,15 +404,10 @@ def effnet_all20(m, rows) -> dict:
     ds = load_dataset(str(path), fp, batch_size=20)
     loss = make_loss("ce", fp.graph.output[0].name)
     for r in rows:
-        p = (m.work_dir() / r.get("_dir", "") / f"{r['key']}.onnx")
-        if r["status"] != "ok":
-            continue
-        for sub in ("quick", "full"):
-            p = m.work_dir() / sub / f"{r['key']}.onnx"
-            if p.is_file():
-                e = evaluate(str(p), ds, loss)
-                out[r["key"]] = {"ce": e.loss, "correct": round(e.metrics["top1"] * e.n), "n": e.n}
-                break
+        p = work / f"{r['key']}.onnx"
+        if r["status"] == "ok" and p.is_file():
+            e = evaluate(str(p), ds, loss)
+            out[r["label"]] = {"ce": e.loss, "correct": round(e.metrics["top1"] * e.n), "n": e.n}
     return out
 
 
@@ -488,7 +490,7 @@ def write_markdown(results: list[dict], args, path: Path, started: str, wall: fl
         for r in rows:
             if r["status"] != "ok":
                 lines.append(f"| {r['label']} | – | – | – | – | – | – | – | – | {_f(r.get('seconds'), 1)} | – | – | "
-                             f"**{r['status']}**: {r.get('reason', '')} |")
+                             f"**{r['status']}**: {_home(r.get('reason', ''))} |")
                 continue
             ver = "reference" if r["key"] == "fp32" else ("yes" if r.get("verified") else "**no**")
             lat = r.get("latency") or [None, None]
@@ -553,7 +555,47 @@ pseudo-labels (the FP32 argmax taken as the label) are re-measured here in ONNX 
 measuring, verification with back-off on the held-out split); baselines = loading + analysis + rewrite
 (HAWQ/Fisher: the shared context, Hessian/gradient pass and quantization are counted in each budget's row);
 neither includes this table's re-evaluation or latency runs. Seeds are fixed everywhere (split subsets, Hutchinson
-probes, augmentations)."""
+probes, augmentations).
+
+## Limits of this comparison
+
+- ORT INT4 (MatMulNBits) only rewrites MatMul nodes; on the conv models (Fashion-MNIST, EfficientNet, whose
+  classifier is a Gemm) it does not apply and the row says so.
+- The plain-SVD row matches the parameter count of llc's compact low-rank result; when llc compact keeps every
+  node unfactored there is no budget to match and the row says so.
+- HAWQ-V2 uses one joint Rademacher probe per sample (the cross-node terms add variance, not bias); the per-node
+  trace standard errors are in the raw JSON (`traces`: [mean, stderr]). With few probes they are large.
+- ORT INT8 quantizes activations as well; the llc rows here are weight-only (llc's `--activations` is not used).
+- HAWQ / Fisher rows have no held-out back-off; the llc budget rows do (the knapsack solution before back-off is
+  given in the notes and plotted as ×), so the llc row's final size can exceed its budget.
+- Latency depends on the fusions ORT applies to each graph (integer kernels where both activations and weights
+  are quantized, as in ORT INT8 QDQ; weight-only DequantizeLinear followed by float kernels for the llc / HAWQ /
+  Fisher rows), on this CPU, with other jobs running: read it as indicative."""
+
+
+def render(args) -> int:
+    """Rewrite the Markdown and plots from a raw results JSON (no model is run)."""
+    raw = json.loads(Path(args.render).read_text())
+    args.quick = raw.get("quick", "--quick" in raw["command"])
+    args.threads = raw.get("threads", args.threads)
+    args.repeats = raw.get("repeats", 10 if args.quick else 20)
+    args.command_line = raw["command"]
+    for res in raw["results"]:
+        for r in res.get("rows", []):
+            note = str(r.get("note", ""))
+            if "before back-off: held " in note and not r.get("round0"):
+                tail = note.split("before back-off: held ", 1)[1]
+                loss, nb = tail.split(" at ")
+                r["round0"] = [int(nb.split(" ")[0].replace(",", "")), float(loss)]
+            if r.get("status") == "n/a" and str(r.get("reason", "")).startswith("n/a: "):
+                r["reason"] = r["reason"][5:]
+        if "rows" in res:
+            m = MODELS[res["name"]]
+            plot = plots.loss_vs_size(m.name, m.title, [r for r in res["rows"] if r["status"] == "ok"], Path(args.plots))
+            res["plot"] = str(plot) if plot else None
+    write_markdown(raw["results"], args, Path(args.out), raw["started"], raw["wall_s"], raw["machine"])
+    log(f"rendered {args.out} from {args.render}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -567,7 +609,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for latency (default 2)")
     ap.add_argument("--repeats", type=int, default=None, help="latency repeats (default 10 quick, 20 full)")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--llc-timeout", type=float, default=None, help="seconds per llc-onnx run (default: none)")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only rewrite --out and the plots from a raw results file of an earlier run")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(args)
     args.command_line = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     args.budgets = [float(x) for x in str(args.budgets).split(",")]
     args.repeats = args.repeats or (10 if args.quick else 20)
@@ -588,6 +635,7 @@ def main(argv=None) -> int:
     raw = cache_dir() / "bench" / f"results_{'quick' if args.quick else 'full'}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps({"started": started, "wall_s": wall, "machine": mach, "command": args.command_line,
+                               "quick": args.quick, "threads": args.threads, "repeats": args.repeats,
                                "results": results}, indent=1, default=str) + "\n")
     log(f"wrote {out} and {raw} in {wall / 60:.1f} min")
     return 0
