@@ -133,7 +133,7 @@ def _print(report: dict, stages: list[dict]) -> None:
     print_summaries(tables)
     if b["compressed"] >= b["reference"]:
         print_line("nothing was compressed: no candidate's measured loss change fits the criterion (see the "
-                   "candidates in --report or --json); try --budget, a larger --margin-z tolerance or other levels",
+                   "candidates in --report or --json); try --budget, a smaller --margin-z, or other levels",
                    style="yellow")
     verdict = "VERIFIED" if report["verified"] else "NOT VERIFIED"
     print_line(f"{verdict}: held-out loss {held['compressed']['loss']:.6f} vs float {held['reference']['loss']:.6f} "
