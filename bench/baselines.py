@@ -170,13 +170,35 @@ def level_table(weights: dict[str, tuple[np.ndarray, int, int]], levels=LEVELS, 
                 delta = qw.dequant.astype(np.float64) - w
                 size, d2 = int(qw.nbytes), float((delta * delta).sum())
                 fd = float((fisher[name] * delta * delta).sum()) if fisher is not None else 0.0
-                t.quantized[name][bits] = qw
+                t.quantized[name][bits] = _compact(qw)
             t.levels[name].append(bits)
             t.sizes[name].append(size)
             t.deltas_sq[name].append(d2)
             if fisher is not None:
                 t.fisher[name].append(fd)
     return t
+
+
+def _compact(qw):
+    """The QuantizedWeight without its float dequant copy and with q in the smallest integer dtype (memory:
+    SmolLM2 has 135M weights × 4 levels)."""
+    import dataclasses
+
+    q = qw.q.astype(np.int8 if qw.bits <= 8 else np.int16)
+    return dataclasses.replace(qw, q=q, dequant=None)
+
+
+def dequant(qw) -> np.ndarray:
+    """q · scale broadcast (float64), per-channel or blocked along ``axis`` (see llc_onnx.quant.QuantizedWeight)."""
+    q = np.asarray(qw.q, dtype=np.float64)
+    s = np.asarray(qw.scale, dtype=np.float64)
+    if qw.block_size is None:
+        shape = [1] * q.ndim
+        shape[qw.axis] = -1
+        return q * s.reshape(shape)
+    s = np.repeat(s, qw.block_size, axis=qw.axis)
+    s = np.take(s, np.arange(q.shape[qw.axis]), axis=qw.axis)
+    return q * s
 
 
 def hawq_costs(table: LevelTable, traces: dict[str, float], numel: dict[str, int]) -> list[list[float]]:

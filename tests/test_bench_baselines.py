@@ -60,8 +60,15 @@ def test_level_table_sizes_and_noise_order():
         assert d2[-1] == 0.0 and all(a > b for a, b in zip(d2, d2[1:-1]))  # more bits, less noise
         qw = t.quantized[n.name][4]
         assert qw.block_size == 32 and qw.bits == 4
-        # nearest rounding: every dequantized value is the closest grid point of its scale
-        assert np.allclose(t.deltas_sq[n.name][1], ((qw.dequant - w[n.weight].astype(np.float64)) ** 2).sum())
+        assert qw.dequant is None and qw.q.dtype == np.int8  # stored compactly
+        deq = B.dequant(qw)
+        assert np.isclose(t.deltas_sq[n.name][1], ((deq - w[n.weight].astype(np.float64)) ** 2).sum())
+        # the compact copy is the same quantization, nearest rounding: |w/s - q| <= 1/2 where not clipped
+        full = B.quantize_weight(w[n.weight].astype(np.float64), B.spec_for(4), n.out_axis, n.reduce_axis)
+        assert np.array_equal(full.q, qw.q) and np.allclose(full.dequant, deq)
+        ratio = w[n.weight].astype(np.float64) * (qw.q / np.where(deq == 0, 1, deq))
+        inside = np.abs(qw.q) < 7
+        assert np.all(np.abs(ratio - qw.q)[inside & (deq != 0)] <= 0.5 + 1e-6)
 
 
 def test_hawq_cost_formula():
@@ -87,7 +94,7 @@ def test_fisher_cost_formula_and_relation_to_hawq():
             if bits == 0:
                 assert costs[i][j] == 0.0
                 continue
-            delta = t.quantized[n][bits].dequant.astype(np.float64) - wt
+            delta = B.dequant(t.quantized[n][bits]) - wt
             assert costs[i][j] == pytest.approx(0.5 * float((fisher[n] * delta ** 2).sum()))
     # a constant Fisher diagonal F = tr/n gives exactly the HAWQ cost
     const = {"fc1": np.full(w["W1"].shape, 2.0), "fc2": np.full(w["W2"].shape, 0.25)}
