@@ -116,6 +116,12 @@ def markdown(report: dict) -> str:
         mets = ", ".join(f"{k} {part['reference']['metrics'][k]:.4f} → {part['compressed']['metrics'].get(k, float('nan')):.4f}"
                          for k in part["reference"]["metrics"])
         lines.append(f"| {name} ({part['n']}) | {part['reference']['loss']:.6f} | {part['compressed']['loss']:.6f} | {mets} |")
+    if report.get("stages"):
+        lines += ["", "## Stages", "", "| stage | levels | bytes after | held-out loss | verified |", "|---|---|---|---|---|"]
+        for st in report["stages"]:
+            levels = ", ".join(f"{k}×{v}" for k, v in st["levels"].items())
+            lines.append(f"| {st['method']} | {levels} | {st['bytes']['compressed']:,} | "
+                         f"{st['held']['compressed']['loss']:.6f} | {st['verified']} |")
     lines += ["", "## Levels", "", "| level | nodes |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["levels"].items()]
     lines += ["", "## Nodes", "", "| node | op | shape | level | bytes | predicted ΔL | measured ΔL | inside |",

@@ -194,7 +194,7 @@ def test_forced_failure_writes_nothing_and_allow_loss_increase_marks_it(tiny, tm
     model, data = tiny
     out = tmp_path / "o.onnx"
     before = _sha(model)
-    args = ["optimize", model, "--data", data, "-o", str(out), "--bits", "2", "--max-rounds", "0"]
+    args = ["optimize", model, "--data", data, "-o", str(out), "--bits", "2", "--budget", "1", "--max-rounds", "0"]
     rc, stdout, stderr = run_cli(args + ["--json"])
     r = one_json(stdout)
     assert rc == 1 and not r["verified"] and r["output"] is None

@@ -48,3 +48,16 @@ def test_views_roundtrip_for_each_layout():
         m = matrix_view(w, node)
         assert m.shape[1] == w.shape[node.out_axis]
         np.testing.assert_array_equal(from_matrix(m, node), w)
+
+
+def test_alpha_from_one_gradient_prediction_from_another():
+    """With g_eval, α is still the step for g, while `predicted` is G_eval·δ of that step."""
+    rng = np.random.default_rng(3)
+    m, g, ge = (rng.standard_normal((10, 8)) for _ in range(3))
+    fit_only = NodeSVD.of(m, g).rows([1, 2, 3], radius=0.4 * np.linalg.norm(m), negligible=0.0)
+    both = NodeSVD.of(m, g, ge)
+    rows = both.rows([1, 2, 3], radius=0.4 * np.linalg.norm(m), negligible=0.0)
+    for a, b in zip(fit_only, rows):
+        assert a.alpha == b.alpha and a.rel_error == b.rel_error
+        delta = both.reconstruct(b.rank, b.alpha) - m
+        assert b.predicted == pytest.approx(float((ge * delta).sum()), rel=1e-9, abs=1e-12)

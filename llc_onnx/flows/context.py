@@ -1,5 +1,16 @@
 """Everything a compression flow works on, loaded once: the prepared model, its compressible nodes, the
-interpreter, the task loss, the disjoint calibration / held-out splits and the float model's losses on both."""
+interpreter, the task loss, the disjoint calibration / held-out splits and the float model's losses on both.
+
+The calibration split is itself cut, by whole batches, into two disjoint parts:
+
+* ``fit_data``      the gradients that *choose* things (LLC rounding directions, the low-rank α step);
+* ``measure_data``  the gradients that *predict* (Σ g·δ) and the per-candidate loss measurements.
+
+A rounding chosen from a gradient always looks good on the samples that gradient came from (its gain is
+fitted, in-sample); measured on other samples it shows its real effect, which is what the held-out split will
+see. Both parts together are still one pass over the calibration data. With a single calibration batch the two
+parts coincide and the report says the measurements are in-sample.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +41,8 @@ class FlowContext:
     loss: TaskLoss
     calib: Dataset
     held: Dataset
-    measure_data: Dataset  # the part of the calibration split used for per-candidate measurements
+    fit_data: Dataset  # calibration batches whose gradients choose roundings / α
+    measure_data: Dataset  # disjoint calibration batches: predictions and measured ΔL
     calib_fp: Evaluation
     held_fp: Evaluation
     timer: StageTimer
@@ -88,12 +100,12 @@ def create_context(model_path: str, data: str, loss: TaskLoss | None = None, *, 
         else:
             calib, held_ds = split_dataset(load_dataset(data, model, batch_size=batch_size), holdout, seed)
         graph = TorchGraph(model, dtype=torch.float32)
-    measure = calib if measure_samples is None else _head(calib, measure_samples)
+    fit, measure = fit_measure_split(calib, measure_samples)
     with timer.stage("baseline"):
         calib_fp = evaluate(model, calib, loss)
         held_fp = evaluate(model, held_ds, loss)
-    return FlowContext(model_path, model, found, skipped, graph, loss, calib, held_ds, measure, calib_fp, held_fp,
-                       timer)
+    return FlowContext(model_path, model, found, skipped, graph, loss, calib, held_ds, fit, measure, calib_fp,
+                       held_fp, timer)
 
 
 def derive_context(ctx: FlowContext, model: onnx.ModelProto) -> FlowContext:
@@ -101,15 +113,24 @@ def derive_context(ctx: FlowContext, model: onnx.ModelProto) -> FlowContext:
     the *original* float model's losses as the reference every stage is verified against."""
     found, skipped = find_compressible(model)
     return FlowContext(ctx.model_path, model, found, skipped, TorchGraph(model, dtype=ctx.graph.dtype), ctx.loss,
-                       ctx.calib, ctx.held, ctx.measure_data, ctx.calib_fp, ctx.held_fp, StageTimer())
+                       ctx.calib, ctx.held, ctx.fit_data, ctx.measure_data, ctx.calib_fp, ctx.held_fp, StageTimer())
 
 
-def _head(ds: Dataset, n: int) -> Dataset:
-    """The first batches of ``ds`` holding at least ``n`` samples (deterministic)."""
-    out, count = [], 0
-    for b in ds.batches:
-        if count >= n:
-            break
-        out.append(b)
-        count += len(next(iter(b.inputs.values())))
-    return Dataset(batches=out, source=f"{ds.source} (first {count} samples)")
+def fit_measure_split(calib: Dataset, measure_samples: int | None = None) -> tuple[Dataset, Dataset]:
+    """(fit, measure): the measure part is the first batches of ``calib`` — half of them, or as many as hold
+    ``measure_samples`` samples — and the fit part the rest; at least one batch each. A one-batch split gives
+    the same batch to both (measurements are then in-sample)."""
+    batches = calib.batches
+    if len(batches) < 2:
+        return calib, calib
+    if measure_samples is None:
+        k = (len(batches) + 1) // 2
+    else:
+        k, count = 0, 0
+        while k < len(batches) - 1 and count < measure_samples:
+            count += batches[k].size
+            k += 1
+        k = max(k, 1)
+    measure = Dataset(batches=batches[:k], source=f"{calib.source} (measure part: {k} batches)")
+    fit = Dataset(batches=batches[k:], source=f"{calib.source} (fit part: {len(batches) - k} batches)")
+    return fit, measure

@@ -1,9 +1,11 @@
 """LLC low-rank factorisation with a rank chosen per node, in two modes.
 
-Per node, one SVD gives every truncation's first-order term G·δ and noise norm (``solvers.rank_search``).
+Per node, one SVD gives every truncation's first-order term G·δ and noise norm (``solvers.rank_search``);
+the α step is chosen with the fit-part gradient and G·δ predicted with the measure-part gradient, on whose
+batches the candidates are also measured (``flows.context``).
 
 * ``lossless``: the candidates of a node are the useful ranks with G·δ < 0 inside the neighbourhood
-  ‖δ‖ ≤ γ (absolute, or γ·‖W‖ with ``relative``), the scale α refined by the trust-region step. Each is
+  ‖δ‖ ≤ γ (absolute, or γ·‖W‖ with ``gamma_relative``), the scale α refined by the trust-region step. Each is
   measured (loss with only that node factored, calibration split) and the node keeps its lowest-loss one.
   Globally, nodes are added in order of their measured ΔL and the prefix with the lowest calibration loss
   (at least one node, so the model still compresses) is kept.
@@ -74,15 +76,15 @@ def _radius(cfg: LowRankConfig, svd: NodeSVD) -> float:
 class _Ranks:
     """SVDs and rank candidates of all nodes, with what is needed to rebuild each candidate."""
 
-    def __init__(self, ctx: FlowContext, grads: GradientPass):
+    def __init__(self, ctx: FlowContext, grads: GradientPass, grads_m: GradientPass):
         self.ctx = ctx
         self.svd: dict[str, NodeSVD] = {}
         self.spec: dict[tuple[str, str], tuple[int, float]] = {}  # (node, level) -> (rank, alpha)
         with task("SVD", len(ctx.nodes)) as advance:
             for node in ctx.nodes:
                 w = ctx.weight_array(node)
-                g = grads.nodes[node.name].grad_w
-                self.svd[node.name] = NodeSVD.of(matrix_view(w, node), matrix_view(g, node))
+                g, gm = grads.nodes[node.name].grad_w, grads_m.nodes[node.name].grad_w
+                self.svd[node.name] = NodeSVD.of(matrix_view(w, node), matrix_view(g, node), matrix_view(gm, node))
                 advance(1)
 
     def weight(self, name: str, level: str) -> np.ndarray:
@@ -218,9 +220,11 @@ def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
     if cfg.mode not in ("lossless", "compact"):
         raise LLCError(f"--mode must be 'lossless' or 'compact', not {cfg.mode!r}")
     with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
-        grads = collect_gradients(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, None, advance)
+        grads_m = collect_gradients(ctx.graph, ctx.measure_data, ctx.loss, ctx.nodes, None, advance)
+        grads = grads_m if ctx.fit_data is ctx.measure_data else \
+            collect_gradients(ctx.graph, ctx.fit_data, ctx.loss, ctx.nodes, None, advance)
     with ctx.timer.stage("candidates"):
-        ranks = _Ranks(ctx, grads)
+        ranks = _Ranks(ctx, grads, grads_m)
         table, chosen, search = (_lossless if cfg.mode == "lossless" else _compact)(ctx, cfg, ranks)
     # Ladders: each node's candidates by size, unfactored last; nodes not chosen stay unfactored.
     ladders, choice = {}, {}

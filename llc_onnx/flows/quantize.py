@@ -1,9 +1,11 @@
 """LLC mixed-precision quantization: measure, decide one bit-width per node, rewrite, verify.
 
 Stages (each timed):
-  1. gradients   one forward+backward pass over the calibration split (``calib.gradients``);
-  2. candidates  every node at every level of ``bits``: quantize with LLC sign-directed rounding, predict
-                 ΔL = Σ g·δ (+ Σ g_x·ε), measure ΔL with only that node quantized (``calib.noise``);
+  1. gradients   one forward+backward pass over the calibration split (``calib.gradients``), accumulated
+                 separately for its fit part and its measure part (``flows.context``);
+  2. candidates  every node at every level of ``bits``: quantize with LLC sign-directed rounding from the fit
+                 gradient, predict ΔL = Σ g·δ (+ Σ g_x·ε) with the measure gradient, and measure ΔL with only
+                 that node quantized on the measure part (``calib.noise``) — out of sample for the rounding;
   3. solve       grouped knapsack over the cost table (``solvers.knapsack``): a byte budget, or ``lossless``
                  (the smallest size whose predicted total ΔL ≤ 0);
   4. verify      QDQ rewrite (``passes.qdq``), held-out loss in ONNX Runtime, back-off (``verify``).
@@ -97,9 +99,10 @@ def _plan(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, ranges: dict[
     return weights, acts
 
 
-def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass,
+def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, grads_m: GradientPass,
                      ranges: dict[str, float]) -> CostTable:
-    """Quantize every node at every level; predicted and measured ΔL; neighbourhood check."""
+    """Quantize every node at every level (rounding from the fit gradient ``grads``); predicted ΔL from the
+    measure-part gradient ``grads_m`` and measured ΔL on the measure part; neighbourhood check."""
     if cfg.cost not in ("measured", "cet"):
         raise LLCError(f"--cost must be 'measured' or 'cet', not {cfg.cost!r}")
     base_samples = ctx.base() if cfg.cost == "measured" else None
@@ -110,19 +113,19 @@ def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass,
     with task("measuring candidates", len(ctx.nodes) * len(quant_levels)) as advance:
         for node in ctx.nodes:
             w = ctx.weight_array(node)
-            stats = grads.nodes[node.name]
+            stats, stats_m = grads.nodes[node.name], grads_m.nodes[node.name]
             wnorm = float(np.linalg.norm(w)) or 1.0
             if FLOAT in levels:
                 cands.append(Candidate(node.name, "float", 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True))
             for bits in quant_levels:
                 qw = quantize_weight(w, cfg.spec(bits), node.out_axis, node.reduce_axis, grad=stats.grad_w)
                 delta = qw.dequant.astype(np.float64) - w
-                predicted = float((stats.grad_w * delta).sum())
+                predicted = float((stats_m.grad_w * delta).sum())
                 weight_fns = {node.name: constant(torch.as_tensor(qw.dequant, dtype=ctx.graph.dtype))}
                 input_fns = None
                 ab = cfg.act_bits(bits)
                 if ab is not None:
-                    predicted += stats.act_pred.get(ab, 0.0)
+                    predicted += stats_m.act_pred.get(ab, 0.0)
                     aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
                     input_fns = {node.name: lambda x, aq=aq: fake_quant_activation(x, aq)}
                 rel = float(np.linalg.norm(delta)) / wnorm
@@ -182,9 +185,11 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
                 aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
                 act_cands[node.name][ab] = lambda x, aq=aq: fake_quant_activation(x, aq)
     with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
-        grads = collect_gradients(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, act_cands, advance)
+        grads_m = collect_gradients(ctx.graph, ctx.measure_data, ctx.loss, ctx.nodes, act_cands, advance)
+        grads = grads_m if ctx.fit_data is ctx.measure_data else \
+            collect_gradients(ctx.graph, ctx.fit_data, ctx.loss, ctx.nodes, None, advance)
     with ctx.timer.stage("candidates"):
-        table = build_candidates(ctx, cfg, grads, ranges)
+        table = build_candidates(ctx, cfg, grads, grads_m, ranges)
     with ctx.timer.stage("solve"):
         budget = _budget_bytes(cfg, ctx, table)
         picked = solve(table, budget)

@@ -67,14 +67,20 @@ class NodeSVD:
     u: np.ndarray
     s: np.ndarray
     vt: np.ndarray
-    c: np.ndarray  # c_k = s_k u_kᵀ G v_k
+    c: np.ndarray  # c_k = s_k u_kᵀ G v_k with the gradient that chooses α
     norm: float
+    c_eval: np.ndarray | None = None  # the same with the gradient that predicts (default: c)
 
     @classmethod
-    def of(cls, m: np.ndarray, g: np.ndarray) -> "NodeSVD":
+    def of(cls, m: np.ndarray, g: np.ndarray, g_eval: np.ndarray | None = None) -> "NodeSVD":
+        """SVD of M with the first-order coefficients of ``g`` (chooses α) and ``g_eval`` (predicts G·δ)."""
         u, s, vt = np.linalg.svd(m.astype(np.float64), full_matrices=False)
-        c = s * np.sum((u.T @ g.astype(np.float64)) * vt, axis=1)  # u_kᵀ G v_k for every k
-        return cls(u, s, vt, c, float(np.sqrt((s ** 2).sum())) or 1.0)
+
+        def coeffs(grad):  # s_k · u_kᵀ G v_k for every k
+            return s * np.sum((u.T @ grad.astype(np.float64)) * vt, axis=1)
+
+        c = coeffs(g)
+        return cls(u, s, vt, c, float(np.sqrt((s ** 2).sum())) or 1.0, None if g_eval is None else coeffs(g_eval))
 
     def rows(self, ranks: list[int], radius: float | None = None, negligible: float = 1e-7) -> list[RankRow]:
         """Table for ``ranks`` (ascending); with ``radius`` (the absolute neighbourhood bound on ‖δ‖), α takes
@@ -84,7 +90,8 @@ class NodeSVD:
         head = np.cumsum(s2)  # Σ_{k≤r} s_k²
         tail = s2.sum() - head  # Σ_{k>r} s_k²
         chead = np.cumsum(self.c)
-        total = self.c.sum()
+        ce = self.c if self.c_eval is None else self.c_eval
+        ehead, etotal = np.cumsum(ce), ce.sum()
         out = []
         for r in ranks:
             h, t, a = head[r - 1], max(tail[r - 1], 0.0), chead[r - 1]
@@ -94,7 +101,8 @@ class NodeSVD:
                 if room > 0 and a != 0:
                     alpha = 1.0 - np.sign(a) * np.sqrt(room / h)
             err = np.sqrt((alpha - 1) ** 2 * h + t) / self.norm
-            out.append(RankRow(r, factor_params(k, n, r), float(err), float(alpha), float(alpha * a - total)))
+            out.append(RankRow(r, factor_params(k, n, r), float(err), float(alpha),
+                               float(alpha * ehead[r - 1] - etotal)))
             if np.sqrt(t) / self.norm < negligible:
                 break  # Algorithm 2: the truncation error is negligible from here on
         return out
