@@ -56,10 +56,10 @@ def _quant_config(args):
     if args.budget is not None and not 0 < args.budget <= 1:
         raise LLCError(f"--budget {args.budget}: a fraction of the float weight bytes in (0, 1], e.g. 0.25")
     return QuantConfig(bits=_bits(args.bits), block_size=args.block_size, scale_method=args.scale,
-                       rounding=args.rounding, activations=args.activations, error_max=args.error_max,
-                       relative=args.relative, outside=args.outside, cost=args.cost, margin_z=args.margin_z,
-                       budget=args.budget, avg_bits=args.avg_bits, tolerance=args.tolerance, max_rounds=args.max_rounds,
-                       sweep=_floats(args.sweep, "--sweep") if args.sweep else ())
+                       rounding=args.rounding, llc_radius=args.llc_radius, activations=args.activations,
+                       error_max=args.error_max, relative=args.relative, outside=args.outside, cost=args.cost,
+                       margin_z=args.margin_z, budget=args.budget, avg_bits=args.avg_bits, tolerance=args.tolerance,
+                       max_rounds=args.max_rounds, sweep=_floats(args.sweep, "--sweep") if args.sweep else ())
 
 
 def _lowrank_config(args):
@@ -82,7 +82,8 @@ def _stage(ctx, method, args):
     if method == "quant":
         cfg = _quant_config(args)
         res = quantize.run(ctx, cfg)
-        settings.update(cost=cfg.cost, bits=args.bits, block_size=cfg.block_size, scale=cfg.scale_method, rounding=cfg.rounding,
+        settings.update(cost=cfg.cost, bits=args.bits, block_size=cfg.block_size, scale=cfg.scale_method,
+                        rounding=cfg.rounding, llc_radius=cfg.llc_radius,
                         activations=cfg.activations, budget_bytes=res.budget_bytes,
                         objective="lossless" if res.budget_bytes is None else "budget")
         return build_report(ctx, "quant", res.table, res.ladders, res.result, settings, res.sweep), res.result
@@ -158,6 +159,8 @@ def _print(report: dict, stages: list[dict]) -> None:
          arg("--scale", default="mse", choices=("minmax", "mse", "aciq"), help="weight scales (default mse)"),
          arg("--rounding", default="llc", choices=("llc", "nearest", "up", "down"),
              help="rounding (default llc: sign-directed, first-order term ≤ 0)"),
+         arg("--llc-radius", type=float, default=0.05,
+             help="LLC rounding only where nearest rounding's ‖δ‖/‖W‖ ≤ this; nearest beyond (default 0.05)"),
          arg("--activations", action="store_true", help="also quantize node inputs (per-tensor 8/16-bit)"),
          arg("--lossless", action="store_true", help="smallest size with predicted ΔL ≤ 0 (the default)"),
          arg("--budget", type=float, default=None, help="byte budget as a fraction of float weight bytes"),

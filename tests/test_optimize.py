@@ -325,3 +325,21 @@ def test_cet_cost_mode_uses_second_order_estimates(tiny, tmp_path):
         q4 = by[(node, "int4")]["second_order"] - by[(node, "int4")]["predicted"]
         q8 = by[(node, "int8")]["second_order"] - by[(node, "int8")]["predicted"]
         assert q4 > q8 >= 0
+
+
+def test_llc_rounding_only_inside_the_neighbourhood(tiny, tmp_path):
+    """--rounding llc uses sign-directed rounding where nearest rounding's relative noise is within
+    --llc-radius and plain nearest rounding beyond it: with radius 0 every level is nearest-rounded, so the
+    candidates equal those of --rounding nearest; with a huge radius they equal pure LLC rounding."""
+    model, data = tiny
+    def cands(*extra):
+        rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"), "--bits",
+                                      "4,8,float", "--json", "--allow-loss-increase", *extra])
+        assert rc == 0, stderr
+        return {(c["node"], c["level"]): c["rel_noise"] for c in one_json(stdout)["candidates"] if not c["reference"]}
+    nearest, gated0 = cands("--rounding", "nearest"), cands("--llc-radius", "0")
+    pure, gated_all = cands("--llc-radius", "1e9"), cands()
+    assert gated0 == nearest
+    assert any(pure[k] != nearest[k] for k in pure)  # LLC rounding does move weights
+    for k, v in gated_all.items():  # default radius: each level is one of the two
+        assert v == nearest[k] or v == pure[k]
