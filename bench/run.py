@@ -451,6 +451,9 @@ def _home(p) -> str:
     return str(p).replace(str(Path.home()), "~")
 
 
+HAND_MARKER = "<!-- hand-run benchmarks: everything below this line is kept by bench.run -->"
+
+
 def write_markdown(results: list[dict], args, path: Path, started: str, wall: float, mach: dict) -> None:
     lines = []
     kind = "QUICK run (--quick)" if args.quick else "full run"
@@ -518,7 +521,10 @@ def write_markdown(results: list[dict], args, path: Path, started: str, wall: fl
             lines += [_home(r["command"]) for r in cmds]
             lines += ["```", "", "</details>", ""]
     lines += [NOTES]
-    path.write_text("\n".join(lines) + "\n")
+    kept = ""
+    if path.exists() and HAND_MARKER in path.read_text():  # hand-run benchmarks below the marker are kept
+        kept = path.read_text()[path.read_text().index(HAND_MARKER):]
+    path.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
 
 
 NOTES = """## What each method is
