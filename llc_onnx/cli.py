@@ -4,7 +4,8 @@ Each subcommand is one function decorated with :func:`command`, which declares i
 function gets the parsed ``argparse.Namespace`` and returns the exit code. :func:`main` turns an
 :class:`~llc_onnx.errors.LLCError` into ``error: <message>`` on stderr and exit code 2.
 
-Exit codes: 0 success / candidate no worse, 1 candidate worse (``compare``), 2 bad input.
+Exit codes: 0 success / candidate no worse / verified, 1 candidate worse (``compare``) / not verified
+(``optimize``), 2 bad input, 3 internal error.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: never confused with "not verified" (1) or bad input (2)
+        print(f"error: internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+              "please report it with the command line", file=sys.stderr)
+        return 3
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -4,7 +4,8 @@
     llc-onnx optimize model.onnx --data calib.npz --method lowrank --mode compact -o out.onnx
     llc-onnx optimize model.onnx --data calib.npz --method lowrank,quant -o out.onnx
 
-Exit codes: 0 verified (or ``--allow-loss-increase``), 1 not verified (no model written), 2 bad input.
+Exit codes: 0 verified (or ``--allow-loss-increase``), 1 not verified (no model written), 2 bad input,
+3 internal error.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def _loss_factory(args):
 def _quant_config(args):
     from .flows.quantize import QuantConfig
 
-    if sum(x is not None for x in (args.budget, args.avg_bits)) > 1 or (args.lossless and (args.budget or args.avg_bits)):
+    if sum(x is not None for x in (args.budget, args.avg_bits)) > 1 or \
+            (args.lossless and (args.budget is not None or args.avg_bits is not None)):
         raise LLCError("choose one of --lossless, --budget and --avg-bits")
+    if args.avg_bits is not None and not 0 < args.avg_bits <= 32:
+        raise LLCError(f"--avg-bits {args.avg_bits}: average bits per weight in (0, 32], e.g. 4.5")
     if args.budget is not None and not 0 < args.budget <= 1:
         raise LLCError(f"--budget {args.budget}: a fraction of the float weight bytes in (0, 1], e.g. 0.25")
     return QuantConfig(bits=_bits(args.bits), block_size=args.block_size, scale_method=args.scale,
@@ -70,6 +74,27 @@ def _lowrank_config(args):
                          margin_z=args.margin_z, tolerance=args.tolerance,
                          max_rounds=args.max_rounds,
                          **({"grid": _floats(args.rank_grid, "--rank-grid")} if args.rank_grid else {}))
+
+
+def _check_numbers(args) -> None:
+    """One-line errors for out-of-range numeric options, before any work is done."""
+    checks = [("--tolerance", args.tolerance, 0, False), ("--max-rounds", args.max_rounds, 0, False),
+              ("--seed", args.seed, 0, False), ("--threads", args.threads, 0, False),
+              ("--error-max", args.error_max, 0, False), ("--margin-z", args.margin_z, 0, False),
+              ("--gamma", args.gamma, 0, True), ("--llc-radius", args.llc_radius, 0, False),
+              ("--block-size", args.block_size, 1, False), ("--batch-size", args.batch_size, 1, False)]
+    for flag, value, low, strict in checks:
+        ok = value == value and value not in (float("inf"), float("-inf")) and (value > low if strict else value >= low)
+        if not ok:
+            raise LLCError(f"{flag} {value}: must be {'>' if strict else '≥'} {low}")
+    if not 0 < args.holdout < 1:
+        raise LLCError(f"--holdout {args.holdout}: a fraction in (0, 1), e.g. 0.5")
+    if args.measure_samples is not None and args.measure_samples < 1:
+        raise LLCError(f"--measure-samples {args.measure_samples}: must be ≥ 1")
+    methods = args.method.split(",")
+    if "quant" not in methods and (args.budget is not None or args.avg_bits is not None or args.sweep):
+        raise LLCError("--budget, --avg-bits and --sweep apply to quantization; with --method lowrank use "
+                       "--mode compact (smallest model not worse) or --method lowrank,quant")
 
 
 def _stage(ctx, method, args):
@@ -182,7 +207,8 @@ def _print(report: dict, stages: list[dict]) -> None:
              help="compact low-rank: candidate ranks as fractions of the largest useful rank "
                   "(default 1/16,1/8,1/4,3/8,1/2,5/8,3/4,7/8,1)"),
          arg("--measure-samples", type=int, default=None,
-             help="measure candidates on the first N calibration samples only (default: all)"),
+             help="size of the measure part of the calibration split: whole batches, seeded, holding ≥ N "
+                  "samples (default: half the batches); the other batches are the fit part"),
          arg("--tolerance", type=float, default=0.0, help="verified when held-out loss ≤ float + this (default 0)"),
          arg("--max-rounds", type=int, default=8, help="back-off rounds (default 8)"),
          arg("--allow-loss-increase", action="store_true",
@@ -196,11 +222,12 @@ def cmd_optimize(args) -> int:
     one per node, rewrite the graph, and verify the held-out loss in ONNX Runtime against the float model.
     The model is written only when verified (or with --allow-loss-increase, marked as not verified)."""
     from .flows.context import create_context, derive_context
-    from .model_io import load_model, save_model
+    from .model_io import save_model
     from .progress import set_enabled
     from .report import emit_json
     from .report_files import write_report
 
+    _check_numbers(args)
     set_enabled(not args.json)
     if args.threads:
         import torch
@@ -214,9 +241,11 @@ def cmd_optimize(args) -> int:
         raise LLCError(f"-o {out}: would overwrite the input model; choose another output path")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise LLCError(f"-o {out}: directory '{os.path.dirname(os.path.abspath(out))}' does not exist; create it first")
-    if args.tolerance < 0:
-        raise LLCError(f"--tolerance {args.tolerance}: must be ≥ 0")
     methods = args.method.split(",")
+    for method in methods:  # option errors before loading anything
+        (_quant_config if method == "quant" else _lowrank_config)(args)
+    if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
+        raise LLCError(f"--report {args.report}: exists and is not a directory; give a directory for the report")
     # Models are prepared at opset 21; the QDQ pass moves to opset 25 itself only when INT2 is chosen.
     ctx = create_context(args.model, args.data, held=args.held, holdout=args.holdout, seed=args.seed,
                          batch_size=args.batch_size, measure_samples=args.measure_samples,

@@ -16,6 +16,9 @@ import tempfile
 
 import matplotlib
 
+from .errors import LLCError
+from .report import to_jsonable
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -147,7 +150,10 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, directory: str) -> list[str]:
     """Write report.json, report.md, report.html and the plot PNGs into ``directory``; return the paths."""
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise LLCError(f"--report {directory}: cannot create the directory ({exc.strerror}); choose another") from None
     plots = {"levels.png": plot_levels(report), "pred_vs_measured.png": plot_pred_vs_measured(report),
              "loss_vs_size.png": plot_loss_vs_size(report)}
     paths = []
@@ -155,7 +161,8 @@ def write_report(report: dict, directory: str) -> list[str]:
         _atomic_write(os.path.join(directory, name), data)
         paths.append(os.path.join(directory, name))
     md = markdown(report)
-    _atomic_write(os.path.join(directory, "report.json"), json.dumps(report, indent=2, sort_keys=True).encode())
+    _atomic_write(os.path.join(directory, "report.json"),
+                  json.dumps(to_jsonable(report), indent=2, sort_keys=True, allow_nan=False).encode())
     _atomic_write(os.path.join(directory, "report.md"), md.encode())
     imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(d).decode()}" alt="{n}">'
                    f"<figcaption>{n}</figcaption></figure>" for n, d in plots.items())

@@ -56,8 +56,12 @@ def plan_bytes(ladders: dict[str, list[Candidate]], choice: dict[str, int]) -> i
 
 
 def contribution(c: Candidate, margin_z: float = 0.0) -> float:
-    """Upper confidence bound of a candidate's calibration ΔL: measured + z·SE (prediction if not measured)."""
-    return (c.measured if c.measured is not None else c.predicted) + margin_z * c.se
+    """Upper confidence bound of a candidate's calibration ΔL: measured + z·SE (else the second-order
+    estimate, else the first-order prediction)."""
+    for value in (c.measured, c.second_order, c.predicted):
+        if value is not None:
+            return value + margin_z * c.se
+    return 0.0
 
 
 def verify_with_backoff(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dict[str, list[Candidate]],

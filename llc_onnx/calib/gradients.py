@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..compressible import CompressibleNode
+from ..errors import LLCError
 from ..interpreter import TorchGraph
 from .data import Batch, Dataset
 from .losses import TaskLoss
@@ -51,8 +52,9 @@ class GradientPass:
     seconds: float
 
 
-def _labels(batch: Batch, device) -> torch.Tensor | None:
-    return None if batch.labels is None else torch.as_tensor(batch.labels, device=device)
+def _labels(batch: Batch, loss: TaskLoss, device) -> torch.Tensor:
+    """The batch's labels as the loss reads them (an LM without labels uses its input_ids)."""
+    return torch.as_tensor(loss.batch_labels(batch), device=device)
 
 
 def _feeds(graph: TorchGraph, batch: Batch, grad: bool) -> dict[str, torch.Tensor]:
@@ -109,7 +111,7 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
     try:
         for batch in dataset.batches:
             outs, cap = graph.run(_feeds(graph, batch, True), capture=names, outputs=[loss.output])
-            s, count = loss.terms(outs[loss.output], _labels(batch, graph.device))
+            s, count = loss.terms(outs[loss.output], _labels(batch, loss, graph.device))
             tensors = [cap[n][0] for n in names] + [cap[n][1] for n in names]
             grads = torch.autograd.grad(s, tensors, allow_unused=True)
             k = len(names)
@@ -144,7 +146,8 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
         for w, flag in saved.items():
             graph.params[w].requires_grad_(flag)
     if total_n == 0:
-        raise ValueError("calibration data produced no loss terms (all labels ignored?)")
+        raise LLCError(f"{dataset.source}: no loss terms (every label is the ignore index?); "
+                       "the calibration data needs labelled samples")
     stats = {}
     by_name = {n.name: n for n in nodes}
     for name in names:

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import LLCError
 from ..interpreter import TorchGraph
 from .data import Dataset
 from .gradients import Progress, _feeds, _labels
@@ -60,15 +61,16 @@ def measure(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dic
     for batch in dataset.batches:
         outs, _ = graph.run(_feeds(graph, batch, False), weight_fns=weight_fns, input_fns=input_fns,
                             outputs=[loss.output])
-        out, labels = outs[loss.output], _labels(batch, graph.device)
+        out, labels = outs[loss.output], _labels(batch, loss, graph.device)
         for i in range(out.shape[0]):
-            s, c = loss.terms(out[i:i + 1], None if labels is None else labels[i:i + 1])
+            s, c = loss.terms(out[i:i + 1], labels[i:i + 1])
             sums.append(float(s))
             counts.append(int(c))
         if progress:
             progress(1)
     if not sum(counts):
-        raise ValueError("no loss terms in the data (all labels ignored?)")
+        raise LLCError(f"{dataset.source}: no loss terms (every label is the ignore index?); "
+                       "the data needs labelled samples")
     return LossSamples(np.asarray(sums), np.asarray(counts, dtype=np.float64))
 
 

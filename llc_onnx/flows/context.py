@@ -48,6 +48,7 @@ class FlowContext:
     timer: StageTimer
     _weights: dict[str, np.ndarray] = field(default_factory=dict)
     _base: LossSamples | None = None
+    _float_bytes: int | None = None  # a later stage keeps the original model's float bytes as its reference
 
     def base(self) -> LossSamples:
         """Per-sample losses of the unmodified model on ``measure_data`` (interpreter), computed once."""
@@ -68,8 +69,18 @@ class FlowContext:
         return self._weights[node.weight]
 
     def float_bytes(self) -> int:
-        """Float32 bytes of the compressible nodes' weights (a shared weight counted once per node)."""
-        return sum(4 * self.weight_array(n).size for n in self.nodes)
+        """Float32 bytes of the compressible nodes' weights (a shared weight counted once per node); for a
+        later stage (``derive_context``) those of the original model, so budgets and reductions stay relative
+        to what the user gave."""
+        if self._float_bytes is None:
+            self._float_bytes = sum(4 * self.weight_array(n).size for n in self.nodes)
+        return self._float_bytes
+
+    def measurement_info(self) -> dict:
+        """Which calibration batches chose (fit) and which judged (measure), for the report."""
+        return {"fit": self.fit_data.source, "measure": self.measure_data.source,
+                "fit_samples": self.fit_data.n_samples, "measure_samples": self.measure_data.n_samples,
+                "in_sample": self.fit_data is self.measure_data}
 
     def sweep_point(self, budget: float, model: onnx.ModelProto, nbytes: int) -> dict:
         held = evaluate(model, self.held, self.loss)
@@ -93,6 +104,7 @@ def create_context(model_path: str, data: str, loss: TaskLoss | None = None, *, 
         if not found:
             raise LLCError(f"{model_path}: no compressible node (MatMul/Gemm/Conv with a constant weight); "
                            "nothing to compress")
+        _require_float32(model, found, model_path)
         if loss is None:
             loss = loss_factory(model)
         if held is not None:
@@ -100,7 +112,7 @@ def create_context(model_path: str, data: str, loss: TaskLoss | None = None, *, 
         else:
             calib, held_ds = split_dataset(load_dataset(data, model, batch_size=batch_size), holdout, seed)
         graph = TorchGraph(model, dtype=torch.float32)
-    fit, measure = fit_measure_split(calib, measure_samples)
+    fit, measure = fit_measure_split(calib, measure_samples, seed)
     with timer.stage("baseline"):
         calib_fp = evaluate(model, calib, loss)
         held_fp = evaluate(model, held_ds, loss)
@@ -108,29 +120,46 @@ def create_context(model_path: str, data: str, loss: TaskLoss | None = None, *, 
                        held_fp, timer)
 
 
+def _require_float32(model: onnx.ModelProto, nodes: list[CompressibleNode], path: str) -> None:
+    """Sizes, scales and measurements assume float32 weights; say so instead of writing a model whose
+    weights differ from the ones measured."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for n in nodes:
+        if types.get(n.weight, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            dtype = onnx.TensorProto.DataType.Name(types[n.weight])
+            raise LLCError(f"{path}: node '{n.name}' has a {dtype} weight '{n.weight}'; llc-onnx compresses float32 "
+                           "models: re-export or convert it to float32 first")
+
+
 def derive_context(ctx: FlowContext, model: onnx.ModelProto) -> FlowContext:
     """A context for a further stage on ``model`` (e.g. quantizing low-rank factors): same data and loss, and
     the *original* float model's losses as the reference every stage is verified against."""
     found, skipped = find_compressible(model)
     return FlowContext(ctx.model_path, model, found, skipped, TorchGraph(model, dtype=ctx.graph.dtype), ctx.loss,
-                       ctx.calib, ctx.held, ctx.fit_data, ctx.measure_data, ctx.calib_fp, ctx.held_fp, StageTimer())
+                       ctx.calib, ctx.held, ctx.fit_data, ctx.measure_data, ctx.calib_fp, ctx.held_fp, StageTimer(),
+                       _float_bytes=ctx.float_bytes())
 
 
-def fit_measure_split(calib: Dataset, measure_samples: int | None = None) -> tuple[Dataset, Dataset]:
-    """(fit, measure): the measure part is the first batches of ``calib`` — half of them, or as many as hold
-    ``measure_samples`` samples — and the fit part the rest; at least one batch each. A one-batch split gives
-    the same batch to both (measurements are then in-sample)."""
+def fit_measure_split(calib: Dataset, measure_samples: int | None = None, seed: int = 0
+                      ) -> tuple[Dataset, Dataset]:
+    """(fit, measure): whole batches of ``calib`` in a seeded random order go to the measure part — half of
+    them, or as many as hold ``measure_samples`` samples — and the rest to the fit part (at least one batch
+    each; both keep the source order). A one-batch split gives the same batch to both (in-sample)."""
     batches = calib.batches
     if len(batches) < 2:
         return calib, calib
+    order = np.random.default_rng(seed).permutation(len(batches))
     if measure_samples is None:
         k = (len(batches) + 1) // 2
     else:
         k, count = 0, 0
         while k < len(batches) - 1 and count < measure_samples:
-            count += batches[k].size
+            count += batches[order[k]].size
             k += 1
         k = max(k, 1)
-    measure = Dataset(batches=batches[:k], source=f"{calib.source} (measure part: {k} batches)")
-    fit = Dataset(batches=batches[k:], source=f"{calib.source} (fit part: {len(batches) - k} batches)")
+    chosen = set(order[:k].tolist())
+    measure = Dataset(batches=[b for i, b in enumerate(batches) if i in chosen],
+                      source=f"{calib.source} (measure part: {k} of {len(batches)} batches)")
+    fit = Dataset(batches=[b for i, b in enumerate(batches) if i not in chosen],
+                  source=f"{calib.source} (fit part: {len(batches) - k} of {len(batches)} batches)")
     return fit, measure

@@ -78,10 +78,13 @@ class _Ranks:
 
     def __init__(self, ctx: FlowContext, grads: GradientPass, grads_m: GradientPass):
         self.ctx = ctx
-        self.svd: dict[str, NodeSVD] = {}
+        self.svd: dict[str, NodeSVD] = {}  # nodes that can be factored (grouped Conv cannot: kept whole)
         self.spec: dict[tuple[str, str], tuple[int, float]] = {}  # (node, level) -> (rank, alpha)
         with task("SVD", len(ctx.nodes)) as advance:
             for node in ctx.nodes:
+                if node.group != 1:
+                    advance(1)
+                    continue
                 w = ctx.weight_array(node)
                 g, gm = grads.nodes[node.name].grad_w, grads_m.nodes[node.name].grad_w
                 self.svd[node.name] = NodeSVD.of(matrix_view(w, node), matrix_view(g, node), matrix_view(gm, node))
@@ -128,7 +131,10 @@ def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
     best: dict[str, Candidate] = {}
     plan = []
     for node in ctx.nodes:
-        svd = ranks.svd[node.name]
+        svd = ranks.svd.get(node.name)
+        if svd is None:
+            plan.append((node, []))
+            continue
         k, n = svd.u.shape[0], svd.vt.shape[1]
         radius = _radius(cfg, svd)
         rows = svd.rows(useful_ranks(k, n), radius=radius, negligible=cfg.negligible)
@@ -144,7 +150,7 @@ def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
             for row in rows:
                 c = ranks.candidate(node.name, row, cfg)
                 cands.append(c)
-                if node.name not in best or c.measured < best[node.name].measured:
+                if c.cost is not None and (node.name not in best or c.measured < best[node.name].measured):
                     best[node.name] = c
                 advance(1)
     table = CostTable.from_candidates(cands)
@@ -179,7 +185,7 @@ def _grid_rows(svd: NodeSVD, cfg: LowRankConfig):
 
 
 def _compact(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
-    plan = [(node, _grid_rows(ranks.svd[node.name], cfg)) for node in ctx.nodes]
+    plan = [(node, _grid_rows(ranks.svd[node.name], cfg) if node.name in ranks.svd else []) for node in ctx.nodes]
     cands: list[Candidate] = []
     with task("measuring ranks", sum(len(r) for _, r in plan)) as advance:
         for node, rows in plan:

@@ -79,9 +79,6 @@ class QuantResult:
     budget_bytes: int | None
     sweep: list[dict] = field(default_factory=list)
 
-    def chosen(self) -> dict[str, Candidate]:
-        return {n: self.ladders[n][i] for n, i in self.result.choice.items()}
-
 
 def quantize_node(w: np.ndarray, node: CompressibleNode, bits: int, cfg: QuantConfig, grad: np.ndarray):
     """Quantize one weight at ``bits``. With ``rounding="llc"`` the sign-directed rounding is used only where
@@ -145,14 +142,18 @@ def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, gr
                     aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
                     input_fns = {node.name: lambda x, aq=aq: fake_quant_activation(x, aq)}
                 rel = float(np.linalg.norm(delta)) / wnorm
+                nbytes = int(qw.nbytes)
+                if bits == 2 and ab == 8 and node.op_type == "MatMul":
+                    # passes.qdq stores these codes as INT4 (ORT 1.31 rejects INT2 MatMul + int8 activations)
+                    nbytes += -(-w.size // 4)
                 if cfg.cost == "cet":  # second-order estimate instead of a measurement (weight noise only)
                     q2 = quadratic_term(ctx.graph, ctx.measure_data, ctx.loss, node.name, delta)
-                    cand = Candidate(node.name, level_name(bits), int(qw.nbytes), predicted, None, rel, True, None,
+                    cand = Candidate(node.name, level_name(bits), nbytes, predicted, None, rel, True, None,
                                      second_order=predicted + q2)
                 else:
                     measured, se = measure(ctx.graph, ctx.measure_data, ctx.loss, weight_fns, input_fns).delta(
                         base_samples)
-                    cand = Candidate(node.name, level_name(bits), int(qw.nbytes), predicted, measured, rel, True,
+                    cand = Candidate(node.name, level_name(bits), nbytes, predicted, measured, rel, True,
                                      None, se=se)
                 cands.append(classify(cand, cfg.error_max, base, cfg.relative, cfg.outside, cfg.margin_z))
                 advance(1)
@@ -185,7 +186,7 @@ def solve(table: CostTable, budget: int | None) -> dict[str, Candidate]:
     try:
         pick = knapsack.solve_lossless(costs, sizes) if budget is None else knapsack.solve_budget(costs, sizes, budget)
     except ValueError as exc:
-        raise LLCError(f"size budget: {exc}") from None
+        raise LLCError(f"{'lossless solve' if budget is None else 'size budget'}: {exc}") from None
     return {n: kept[i][j] for i, (n, j) in enumerate(zip(nodes, pick))}
 
 

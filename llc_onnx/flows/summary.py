@@ -35,6 +35,7 @@ def build_report(ctx: FlowContext, method: str, table: CostTable, ladders: dict[
         "verified": result.verified,
         "tolerance": result.tolerance,
         **settings,
+        "measurement": ctx.measurement_info(),
         "calibration": {"n": ctx.calib_fp.n, "reference": _ev(ctx.calib_fp), "compressed": _ev(calib_c)},
         "held": {"n": ctx.held_fp.n, "reference": _ev(ctx.held_fp), "compressed": _ev(result.evaluation)},
         "bytes": {"reference": ref_bytes, "compressed": new_bytes,

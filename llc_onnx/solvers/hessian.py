@@ -62,7 +62,7 @@ def _forward_grads(graph: TorchGraph, batch, loss: TaskLoss, names: Sequence[str
     on w_i, and a tensor that does not require grad where ∂S_b/∂w_i is constant in w (zero curvature)."""
     with torch.enable_grad():
         outs, cap = graph.run(_feeds(graph, batch, False), capture=names, outputs=[loss.output])
-        s, count = loss.terms(outs[loss.output], _labels(batch, graph.device))
+        s, count = loss.terms(outs[loss.output], _labels(batch, loss, graph.device))
         ws = [cap[n][0] for n in names]
         if not s.requires_grad:
             return ws, [None] * len(ws), int(count)
