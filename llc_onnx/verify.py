@@ -5,8 +5,10 @@ fewer bits / lower rank first, the reference level last). ``verify_with_backoff`
 the plan, measures its held-out loss in ONNX Runtime and compares it with the reference model's held-out loss.
 While the compressed loss is above ``reference + tolerance`` it moves the ``k`` nodes with the largest
 calibration contribution one step up their ladder (more bits / higher rank) and tries again, at most
-``max_rounds`` times. The contribution is the upper confidence bound  m + z·SE  of the measured ΔL, so a node
-whose measured gain is uncertain (typically a low-bit level) is raised before one whose small gain is sure.
+``max_rounds`` times. The contribution is the plausible worst case  m + 3·SE  of the measured ΔL: a failed
+check means some estimate was wrong, and the most uncertain one (typically a low-bit level whose "gain" was
+picked from many noisy candidates) is the likeliest culprit, so it is raised before a node whose small effect
+is sure.
 With ``max_bytes`` (a size budget) a raise that would exceed it is not taken; when no raise fits, back-off
 stops. The last round's result is returned with ``verified`` telling the truth either way; the held-out
 split is only ever used for this pass/fail check, never to rank nodes.
@@ -64,11 +66,14 @@ def contribution(c: Candidate, margin_z: float = 0.0) -> float:
     return 0.0
 
 
+BACKOFF_Z = 3.0  # standard errors in the back-off ranking (see the module doc)
+
+
 def verify_with_backoff(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dict[str, list[Candidate]],
                         choice: dict[str, int], held: Dataset, loss: TaskLoss, reference: Evaluation,
                         tolerance: float = 0.0, max_rounds: int = 8,
-                        progress: Callable[[int], None] | None = None, margin_z: float = 0.0,
-                        max_bytes: int | None = None) -> VerifiedResult:
+                        progress: Callable[[int], None] | None = None, max_bytes: int | None = None
+                        ) -> VerifiedResult:
     choice = dict(choice)
     movable = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
     k = max(1, math.ceil(len(movable) / max(max_rounds, 1)))
@@ -83,7 +88,7 @@ def verify_with_backoff(build: Callable[[dict[str, int]], onnx.ModelProto], ladd
         if ev.loss <= reference.loss + tolerance or r == max_rounds:
             return VerifiedResult(model, choice, ev, reference, tolerance, rounds)
         below_top = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
-        below_top.sort(key=lambda n: (-contribution(ladders[n][choice[n]], margin_z), n))
+        below_top.sort(key=lambda n: (-contribution(ladders[n][choice[n]], BACKOFF_Z), n))
         raised, size = [], plan_bytes(ladders, choice)
         for n in below_top:
             grow = ladders[n][choice[n] + 1].nbytes - ladders[n][choice[n]].nbytes

@@ -246,5 +246,5 @@ def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
 
     with ctx.timer.stage("verify"), task("verifying on held-out", cfg.max_rounds + 1) as advance:
         result = verify_with_backoff(build, ladders, choice, ctx.held, ctx.loss, ctx.held_fp, cfg.tolerance,
-                                     cfg.max_rounds, advance, margin_z=cfg.margin_z)
+                                     cfg.max_rounds, advance)
     return LowRankResult(table, grads, ladders, choice, result, search)

@@ -219,7 +219,7 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
 
     with ctx.timer.stage("verify"), task("verifying on held-out", cfg.max_rounds + 1) as advance:
         result = verify_with_backoff(build, ladders, choice, ctx.held, ctx.loss, ctx.held_fp, cfg.tolerance,
-                                     cfg.max_rounds, advance, margin_z=cfg.margin_z, max_bytes=budget)
+                                     cfg.max_rounds, advance, max_bytes=budget)
     sweep = []
     if cfg.sweep:
         with ctx.timer.stage("sweep"), task("sweep", len(cfg.sweep)) as advance:
