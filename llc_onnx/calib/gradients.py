@@ -35,8 +35,8 @@ class NodeStats:
 
     node: str
     grad_w: np.ndarray  # ∂L/∂W of the mean calibration loss (float64, ONNX layout)
-    grad_w_abs: np.ndarray  # mean over batches of |∂L_b/∂W| (L_b the batch mean loss)
-    grad_w_sq: np.ndarray  # mean over batches of (∂L_b/∂W)², a Fisher-diagonal estimate
+    grad_w_abs: np.ndarray | None  # mean over batches of |∂L_b/∂W| (L_b the batch mean loss); None if not asked
+    grad_w_sq: np.ndarray | None  # mean over batches of (∂L_b/∂W)², a Fisher-diagonal estimate; None if not asked
     grad_x_norm: float  # mean over samples of ‖∂L/∂x‖ (per-sample input-gradient norm, scaled by N)
     x_absmax: float  # max |x| over the calibration data
     x_rms: float  # root mean square of x over the calibration data
@@ -86,11 +86,12 @@ def collect_ranges(graph: TorchGraph, dataset: Dataset, nodes: Sequence[Compress
 
 def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes: Sequence[CompressibleNode],
                       act_candidates: dict[str, dict[int, Callable[[torch.Tensor], torch.Tensor]]] | None = None,
-                      progress: Progress = None) -> GradientPass:
+                      progress: Progress = None, magnitudes: bool = True) -> GradientPass:
     """Run the calibration data once through forward+backward and accumulate :class:`NodeStats`.
 
     ``act_candidates[node][bits]`` is a fake-quantizer of that node's input; its predicted ΔL
-    (1/N) Σ g_x·(q(x) − x) is accumulated into ``NodeStats.act_pred[bits]``.
+    (1/N) Σ g_x·(q(x) − x) is accumulated into ``NodeStats.act_pred[bits]``. ``magnitudes=False`` skips the
+    |g| and g² accumulators (two float64 copies of every weight) when only the mean gradient is needed.
     """
     t0 = time.perf_counter()
     names = [n.name for n in nodes]
@@ -121,9 +122,10 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
                 gw64 = gw.to(torch.float64)
                 per_batch = gw64 / max(count, 1)
                 acc_g[name] = gw64 if acc_g[name] is None else acc_g[name] + gw64
-                acc_abs[name] = per_batch.abs() if acc_abs[name] is None else acc_abs[name] + per_batch.abs()
-                sq = per_batch * per_batch
-                acc_sq[name] = sq if acc_sq[name] is None else acc_sq[name] + sq
+                if magnitudes:
+                    acc_abs[name] = per_batch.abs() if acc_abs[name] is None else acc_abs[name] + per_batch.abs()
+                    sq = per_batch * per_batch
+                    acc_sq[name] = sq if acc_sq[name] is None else acc_sq[name] + sq
                 x = tensors[k + i].detach()
                 gx = grads[k + i]
                 x_absmax[name] = max(x_absmax[name], float(x.abs().max()))
@@ -158,8 +160,8 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
         stats[name] = NodeStats(
             node=name,
             grad_w=g,
-            grad_w_abs=(acc_abs[name] / n_batches).cpu().numpy(),
-            grad_w_sq=(acc_sq[name] / n_batches).cpu().numpy(),
+            grad_w_abs=(acc_abs[name] / n_batches).cpu().numpy() if magnitudes else None,
+            grad_w_sq=(acc_sq[name] / n_batches).cpu().numpy() if magnitudes else None,
             grad_x_norm=gx_norm[name] / total_n,
             x_absmax=x_absmax[name],
             x_rms=float(np.sqrt(x_sq[name] / max(x_count[name], 1))),

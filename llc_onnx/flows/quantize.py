@@ -202,9 +202,10 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
                 aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
                 act_cands[node.name][ab] = lambda x, aq=aq: fake_quant_activation(x, aq)
     with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
-        grads_m = collect_gradients(ctx.graph, ctx.measure_data, ctx.loss, ctx.nodes, act_cands, advance)
-        grads = grads_m if ctx.fit_data is ctx.measure_data else \
-            collect_gradients(ctx.graph, ctx.fit_data, ctx.loss, ctx.nodes, None, advance)
+        in_sample = ctx.fit_data is ctx.measure_data  # the predicting pass needs only the mean gradient
+        grads_m = collect_gradients(ctx.graph, ctx.measure_data, ctx.loss, ctx.nodes, act_cands, advance,
+                                    magnitudes=in_sample)
+        grads = grads_m if in_sample else collect_gradients(ctx.graph, ctx.fit_data, ctx.loss, ctx.nodes, None, advance)
     with ctx.timer.stage("candidates"):
         table = build_candidates(ctx, cfg, grads, grads_m, ranges)
     with ctx.timer.stage("solve"):
