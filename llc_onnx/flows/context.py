@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from ..calib.data import Dataset, load_dataset, load_split, split_dataset
+from ..calib.gradients import GradientPass, collect_gradients
 from ..calib.losses import TaskLoss
 from ..calib.noise import LossSamples, measure
 from ..compressible import CompressibleNode, find_compressible
@@ -67,6 +68,17 @@ class FlowContext:
         if node.weight not in self._weights:
             self._weights[node.weight] = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
         return self._weights[node.weight]
+
+    def gradients(self, act_candidates=None, progress=None) -> tuple[GradientPass, GradientPass]:
+        """(fit, measure) gradient passes over the two calibration parts — one pass over the calibration data
+        in all. The measure pass needs only the mean gradient (and the activation-noise predictions); with a
+        single calibration batch both are the same pass."""
+        in_sample = self.fit_data is self.measure_data
+        measure_pass = collect_gradients(self.graph, self.measure_data, self.loss, self.nodes, act_candidates,
+                                         progress, magnitudes=in_sample)
+        if in_sample:
+            return measure_pass, measure_pass
+        return collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress), measure_pass
 
     def float_bytes(self) -> int:
         """Float32 bytes of the compressible nodes' weights (a shared weight counted once per node); for a

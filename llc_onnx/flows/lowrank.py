@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..calib.gradients import GradientPass, collect_gradients
+from ..calib.gradients import GradientPass
 from ..calib.noise import constant, measure
 from ..errors import LLCError
 from ..passes.lowrank import apply_lowrank
@@ -226,10 +226,7 @@ def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
     if cfg.mode not in ("lossless", "compact"):
         raise LLCError(f"--mode must be 'lossless' or 'compact', not {cfg.mode!r}")
     with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
-        in_sample = ctx.fit_data is ctx.measure_data  # the predicting pass needs only the mean gradient
-        grads_m = collect_gradients(ctx.graph, ctx.measure_data, ctx.loss, ctx.nodes, None, advance,
-                                    magnitudes=in_sample)
-        grads = grads_m if in_sample else collect_gradients(ctx.graph, ctx.fit_data, ctx.loss, ctx.nodes, None, advance)
+        grads, grads_m = ctx.gradients(None, advance)
     with ctx.timer.stage("candidates"):
         ranks = _Ranks(ctx, grads, grads_m)
         table, chosen, search = (_lossless if cfg.mode == "lossless" else _compact)(ctx, cfg, ranks)

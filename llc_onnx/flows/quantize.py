@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..calib.gradients import GradientPass, collect_gradients, collect_ranges
+from ..calib.gradients import GradientPass, collect_ranges
 from ..calib.noise import constant, measure
 from ..compressible import CompressibleNode
 from ..errors import LLCError
@@ -202,10 +202,7 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
                 aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
                 act_cands[node.name][ab] = lambda x, aq=aq: fake_quant_activation(x, aq)
     with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
-        in_sample = ctx.fit_data is ctx.measure_data  # the predicting pass needs only the mean gradient
-        grads_m = collect_gradients(ctx.graph, ctx.measure_data, ctx.loss, ctx.nodes, act_cands, advance,
-                                    magnitudes=in_sample)
-        grads = grads_m if in_sample else collect_gradients(ctx.graph, ctx.fit_data, ctx.loss, ctx.nodes, None, advance)
+        grads, grads_m = ctx.gradients(act_cands, advance)
     with ctx.timer.stage("candidates"):
         table = build_candidates(ctx, cfg, grads, grads_m, ranges)
     with ctx.timer.stage("solve"):
