@@ -604,6 +604,35 @@ def render(args) -> int:
     return 0
 
 
+def merge_previous(results: list[dict], raw: Path) -> list[dict]:
+    """Keep what an earlier run of the same kind measured and this run did not: models not run now, and (for a
+    model run with --methods) the rows of other methods. So the columns of a long benchmark can be filled in
+    several sittings; every kept row is named in its model's notes with the run it came from."""
+    if not raw.exists():
+        return results
+    try:
+        prev = json.loads(raw.read_text())
+    except (OSError, ValueError):
+        return results
+    when = f"{prev.get('started', '?')} (`{prev.get('command', '?')}`)"
+    now = {r["name"]: r for r in results}
+    merged = []
+    for old in prev.get("results", []):
+        new = now.pop(old.get("name"), None)
+        if new is None:
+            old.setdefault("notes", []).append(f"all rows of this model are from the run of {when}")
+            merged.append(old)
+            continue
+        if "rows" in new and "rows" in old:
+            fresh = {r["key"]: r for r in new["rows"]}
+            kept = [r["label"] for r in old["rows"] if r["key"] not in fresh]
+            new["rows"] = [fresh.pop(r["key"], r) for r in old["rows"]] + list(fresh.values())
+            if kept:
+                new.setdefault("notes", []).append(f"rows {', '.join(kept)} are from the run of {when}")
+        merged.append(new)
+    return merged + list(now.values())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="Fashion-MNIST only, small subsets (< 10 min)")
@@ -637,8 +666,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     mach = machine()
     out = Path(args.out)
-    write_markdown(results, args, out, started, wall, mach)
     raw = cache_dir() / "bench" / f"results_{'quick' if args.quick else 'full'}.json"
+    results = merge_previous(results, raw)
+    write_markdown(results, args, out, started, wall, mach)
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps({"started": started, "wall_s": wall, "machine": mach, "command": args.command_line,
                                "quick": args.quick, "threads": args.threads, "repeats": args.repeats,

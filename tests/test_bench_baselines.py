@@ -202,3 +202,23 @@ def test_quick_subset_deterministic(tmp_path, monkeypatch):
         assert np.array_equal(za["labels"], zb["labels"]) and len(za["labels"]) == 10
         assert np.array_equal(za["input"][:, 0], za["labels"])
     assert _subset(src, None, tmp_path / "c.npz", 0) == src
+
+
+def test_merge_previous_keeps_models_and_rows_not_rerun(tmp_path):
+    import json
+
+    from bench.run import merge_previous
+    raw = tmp_path / "results_full.json"
+    raw.write_text(json.dumps({"started": "yesterday", "command": "python -m bench.run", "results": [
+        {"name": "fmnist", "notes": [], "rows": [{"key": "fp32", "label": "FP32", "v": 1},
+                                                  {"key": "llc", "label": "llc", "v": 1}]},
+        {"name": "smollm2", "notes": [], "rows": [{"key": "fp32", "label": "FP32", "v": 1}]}]}))
+    now = [{"name": "fmnist", "notes": [], "rows": [{"key": "llc", "label": "llc", "v": 2}]},
+           {"name": "effnet", "notes": [], "rows": [{"key": "fp32", "label": "FP32", "v": 3}]}]
+    merged = merge_previous(now, raw)
+    by = {m["name"]: m for m in merged}
+    assert [m["name"] for m in merged] == ["fmnist", "smollm2", "effnet"]
+    assert [(r["key"], r["v"]) for r in by["fmnist"]["rows"]] == [("fp32", 1), ("llc", 2)]  # fresh row replaces
+    assert "rows FP32 are from the run of yesterday" in by["fmnist"]["notes"][0]
+    assert "all rows of this model are from the run of yesterday" in by["smollm2"]["notes"][0]
+    assert merge_previous(now, tmp_path / "missing.json") == now
