@@ -240,7 +240,10 @@ def prepare_effnet() -> None:
             for _ in range(EFFNET_VIEWS - 1):
                 hx.append(_preprocess(augment(img, rng)))
                 hy.append(lab)
-    np.savez(d / "calib.npz", input=np.stack(cx), labels=np.array(cy, dtype=np.int64))
+    # interleave the views (view v of every photo in turn): a batch then spans all 10 calibration photos, so
+    # the fit and measure parts llc-onnx cuts by whole batches both see every photo, not 2 photos each
+    order = np.arange(len(cx)).reshape(-1, EFFNET_VIEWS).T.ravel()
+    np.savez(d / "calib.npz", input=np.stack(cx)[order], labels=np.array(cy, dtype=np.int64)[order])
     np.savez(d / "held.npz", input=np.stack(hx), labels=np.array(hy, dtype=np.int64))
     np.savez(d / "all20.npz", input=np.stack([_preprocess(im) for _, _, im in imgs]),
              labels=np.array([lab for _, lab, _ in imgs], dtype=np.int64))
@@ -253,7 +256,7 @@ def prepare_effnet() -> None:
     lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
     ce = float((lse - logits[np.arange(len(y)), y]).mean())
     meta = {"all20": {"ce": ce, "correct": int((logits.argmax(1) == y).sum()), "n": int(len(y))},
-            "calib": f"{len(cy)} augmented views of the 10 even-indexed images (true labels)",
+            "calib": f"{len(cy)} augmented views of the 10 even-indexed images (true labels), interleaved by view",
             "held": f"{len(hy)}: the 10 odd-indexed originals + {EFFNET_VIEWS - 1} augmented views each",
             "augmentation": "random resized crop area 0.5-1, aspect 3/4-4/3, hflip p=0.5, seed 0"}
     (d / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
