@@ -89,3 +89,37 @@ def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{lab_path}: labels outside 0..9")
     return images, labels
+
+
+def train_classifier(model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, max_lr: float,
+                     pct_start: float, seed: int, log=print) -> float:
+    """Deterministic classifier training shared by the bench and example models: Adam with a one-cycle
+    learning rate, cross-entropy, a seeded permutation per epoch (torch.Generator(seed)). Returns seconds."""
+    import time
+
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=max_lr)
+    steps = epochs * ((len(xt) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=pct_start)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    t0 = time.perf_counter()
+    for ep in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        tot, n = 0.0, 0
+        for i in range(0, len(xt), batch):
+            idx = perm[i:i + batch]
+            loss = loss_fn(model(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(idx)
+            n += len(idx)
+        log(f"  epoch {ep + 1}/{epochs}: train CE {tot / n:.4f}  ({time.perf_counter() - t0:.0f} s)")
+    model.eval()
+    return time.perf_counter() - t0

@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from bench.datasets import FMNIST_MEAN, FMNIST_STD, cache_dir, load_fashion_mnist
+from bench.datasets import FMNIST_MEAN, FMNIST_STD, cache_dir, load_fashion_mnist, train_classifier
 
 SEED = 0
 N_TRAIN = 50_000           # model trains on train[:50000]; calib pool = train[50000:]
@@ -104,32 +103,8 @@ def to_input(images_u8: np.ndarray) -> np.ndarray:
 
 
 def train(model, x: np.ndarray, y: np.ndarray, epochs: int, log=print) -> float:
-    import torch
-    from torch import nn
-
-    g = torch.Generator().manual_seed(SEED)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=MAX_LR)
-    steps = epochs * ((len(xt) + BATCH - 1) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=MAX_LR, total_steps=steps, pct_start=0.2)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    t0 = time.perf_counter()
-    for ep in range(epochs):
-        perm = torch.randperm(len(xt), generator=g)
-        tot, n = 0.0, 0
-        for i in range(0, len(xt), BATCH):
-            idx = perm[i:i + BATCH]
-            loss = loss_fn(model(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.item() * len(idx)
-            n += len(idx)
-        log(f"  epoch {ep + 1}/{epochs}: train CE {tot / n:.4f}  ({time.perf_counter() - t0:.0f} s)")
-    model.eval()
-    return time.perf_counter() - t0
+    return train_classifier(model, x, y, epochs=epochs, batch=BATCH, max_lr=MAX_LR, pct_start=0.2, seed=SEED,
+                            log=log)
 
 
 def export_onnx(model, path: Path) -> None:

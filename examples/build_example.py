@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from bench.datasets import load_fashion_mnist  # noqa: E402
+from bench.datasets import load_fashion_mnist, train_classifier  # noqa: E402
 
 SEED = 0
 N_TRAIN = 50_000
@@ -79,30 +78,7 @@ def write_npz_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int) -> float:
-    g = torch.Generator().manual_seed(SEED)
-    xt = torch.from_numpy(x)  # uint8 [N,1,28,28]
-    yt = torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    steps = epochs * ((len(xt) + BATCH - 1) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.15)
-    loss_fn = nn.CrossEntropyLoss()
-    t0 = time.perf_counter()
-    model.train()
-    for ep in range(epochs):
-        perm = torch.randperm(len(xt), generator=g)
-        tot, n = 0.0, 0
-        for i in range(0, len(xt), BATCH):
-            idx = perm[i:i + BATCH]
-            loss = loss_fn(model(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.item() * len(idx)
-            n += len(idx)
-        print(f"epoch {ep + 1}/{epochs}: train CE {tot / n:.4f} ({time.perf_counter() - t0:.1f} s)")
-    model.eval()
-    return time.perf_counter() - t0
+    return train_classifier(model, x, y, epochs=epochs, batch=BATCH, max_lr=LR, pct_start=0.15, seed=SEED)
 
 
 def export(model: nn.Module, path: Path) -> None:
