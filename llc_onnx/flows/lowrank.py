@@ -61,9 +61,7 @@ class LowRankConfig:
 @dataclass
 class LowRankResult:
     table: CostTable
-    gradients: GradientPass
     ladders: dict[str, list[Candidate]]
-    choice: dict[str, int]
     result: VerifiedResult
     search: list[dict] = field(default_factory=list)  # the global search (prefixes or budgets) on calibration
 
@@ -245,4 +243,4 @@ def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
     with ctx.timer.stage("verify"), task("verifying on held-out", cfg.max_rounds + 1) as advance:
         result = verify_with_backoff(build, ladders, choice, ctx.held, ctx.loss, ctx.held_fp, cfg.tolerance,
                                      cfg.max_rounds, advance)
-    return LowRankResult(table, grads, ladders, choice, result, search)
+    return LowRankResult(table, ladders, result, search)

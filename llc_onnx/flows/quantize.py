@@ -71,9 +71,10 @@ class QuantConfig:
 
 @dataclass
 class QuantResult:
+    """The cost table, each node's ladder and the verified plan (``result.choice``; round 0 of
+    ``result.rounds`` is the solver's plan before back-off)."""
+
     table: CostTable
-    gradients: GradientPass
-    choice: dict[str, int]  # index into each node's ladder
     ladders: dict[str, list[Candidate]]
     result: VerifiedResult
     budget_bytes: int | None
@@ -232,4 +233,4 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
                 ch = {n: ladders[n].index(c) for n, c in picked.items()}
                 sweep.append(ctx.sweep_point(frac, build(ch), sum(c.nbytes for c in picked.values())))
                 advance(1)
-    return QuantResult(table, grads, choice, ladders, result, budget, sweep)
+    return QuantResult(table, ladders, result, budget, sweep)
