@@ -63,7 +63,8 @@ def _quant_config(args):
                        rounding=args.rounding, llc_radius=args.llc_radius, activations=args.activations,
                        error_max=args.error_max, relative=args.relative, outside=args.outside, cost=args.cost,
                        margin_z=args.margin_z, budget=args.budget, avg_bits=args.avg_bits, tolerance=args.tolerance,
-                       max_rounds=args.max_rounds, sweep=_floats(args.sweep, "--sweep") if args.sweep else ())
+                       max_rounds=args.max_rounds, sweep=_floats(args.sweep, "--sweep") if args.sweep else (),
+                       cache_dir=args.cache)
 
 
 def _lowrank_config(args):
@@ -110,7 +111,7 @@ def _stage(ctx, method, args):
         settings.update(cost=cfg.cost, bits=args.bits, block_size=cfg.block_size, scale=cfg.scale_method,
                         rounding=cfg.rounding, llc_radius=cfg.llc_radius,
                         activations=cfg.activations, budget_bytes=res.budget_bytes,
-                        objective="lossless" if res.budget_bytes is None else "budget")
+                        objective="lossless" if res.budget_bytes is None else "budget", cache=res.cache)
         return build_report(ctx, "quant", res.table, res.ladders, res.result, settings, res.sweep), res.result
     cfg = _lowrank_config(args)
     res = lowrank.run(ctx, cfg)
@@ -161,6 +162,11 @@ def _print(report: dict, stages: list[dict]) -> None:
         print_line("nothing was compressed: no candidate's measured loss change fits the criterion (see the "
                    "candidates in --report or --json); try --budget, a smaller --margin-z, or other levels",
                    style="yellow")
+    for st in stages:
+        if st.get("cache"):
+            c = st["cache"]
+            print_line(f"{st['method']}: " + (f"reused {c['seconds']:.0f} s of measurements from" if c["hit"]
+                                              else "stored the measurements in") + f" cache entry {c['entry']}")
     verdict = "VERIFIED" if report["verified"] else "NOT VERIFIED"
     print_line(f"{verdict}: held-out loss {held['compressed']['loss']:.6f} vs float {held['reference']['loss']:.6f} "
                f"(tolerance {report['tolerance']:g}); {100 * b['reduction']:.1f} % fewer weight bytes"
@@ -191,6 +197,9 @@ def _print(report: dict, stages: list[dict]) -> None:
          arg("--budget", type=float, default=None, help="byte budget as a fraction of float weight bytes"),
          arg("--avg-bits", type=float, default=None, help="byte budget as average bits per weight"),
          arg("--sweep", default=None, help="also solve and verify these budgets, e.g. 0.1,0.15,0.2,0.3"),
+         arg("--cache", default=None, metavar="DIR",
+             help="keep the gradients and measured candidates here and reuse them when model, data and "
+                  "quantization settings are the same (e.g. trying several --budget values)"),
          arg("--error-max", type=float, default=1e-4,
              help="neighbourhood check |measured − predicted| ≤ this (default 1e-4)"),
          arg("--relative", action="store_true", help="--error-max is relative to the calibration loss"),
@@ -244,6 +253,12 @@ def cmd_optimize(args) -> int:
     methods = args.method.split(",")
     for method in methods:  # option errors before loading anything
         (_quant_config if method == "quant" else _lowrank_config)(args)
+    if args.cache:
+        try:
+            os.makedirs(args.cache, exist_ok=True)
+        except OSError as exc:
+            raise LLCError(f"--cache {args.cache}: cannot create the directory ({exc.strerror}); "
+                           "give a writable directory") from None
     if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
         raise LLCError(f"--report {args.report}: exists and is not a directory; give a directory for the report")
     # Models are prepared at opset 21; the QDQ pass moves to opset 25 itself only when INT2 is chosen.

@@ -13,6 +13,7 @@ Stages (each timed):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ from ..compressible import CompressibleNode
 from ..errors import LLCError
 from ..passes.qdq import apply_qdq
 from ..progress import task
+from ..report import print_line
 from ..quant import ActivationQuant, WeightQuantSpec, activation_scale, fake_quant_activation, quantize_weight
 from ..solvers import knapsack
 from ..solvers.hessian import quadratic_term
@@ -57,6 +59,14 @@ class QuantConfig:
     tolerance: float = 0.0
     max_rounds: int = 8
     sweep: tuple[float, ...] = ()
+    cache_dir: str | None = None  # reuse gradients + candidates across runs (``flows.cost_cache``)
+
+    def candidate_settings(self) -> dict:
+        """The settings a candidate depends on (the cache key); error_max, margin_z, outside and the budget
+        only re-classify or re-solve the same candidates."""
+        return {"bits": sorted(self.bits), "block_size": self.block_size, "scale_method": self.scale_method,
+                "rounding": self.rounding, "llc_radius": self.llc_radius, "activations": self.activations,
+                "cost": self.cost}
 
     def spec(self, bits: int, rounding: str | None = None) -> WeightQuantSpec:
         block = self.block_size if bits <= 4 else None
@@ -79,6 +89,7 @@ class QuantResult:
     result: VerifiedResult
     budget_bytes: int | None
     sweep: list[dict] = field(default_factory=list)
+    cache: dict | None = None  # {"entry": path, "hit": bool} with --cache
 
 
 def quantize_node(w: np.ndarray, node: CompressibleNode, bits: int, cfg: QuantConfig, grad: np.ndarray):
@@ -191,7 +202,8 @@ def solve(table: CostTable, budget: int | None) -> dict[str, Candidate]:
     return {n: kept[i][j] for i, (n, j) in enumerate(zip(nodes, pick))}
 
 
-def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
+def measure_costs(ctx: FlowContext, cfg: QuantConfig) -> tuple[GradientPass, dict[str, float], CostTable]:
+    """Stages 1–2: activation ranges (with ``--activations``), the gradient pass and the cost table."""
     ranges: dict[str, float] = {}
     act_cands = {}
     if cfg.activations:
@@ -206,6 +218,46 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
         grads, grads_m = ctx.gradients(act_cands, advance)
     with ctx.timer.stage("candidates"):
         table = build_candidates(ctx, cfg, grads, grads_m, ranges)
+    return grads, ranges, table
+
+
+_MEASURE_STAGES = ("ranges", "gradients", "candidates")
+
+
+def cached_costs(ctx: FlowContext, cfg: QuantConfig) -> tuple[GradientPass, dict[str, float], CostTable, dict]:
+    """:func:`measure_costs` through the ``--cache`` directory: a hit re-classifies the stored candidates with
+    the current criterion settings; a miss measures and stores. An unreadable entry is reported and
+    recomputed."""
+    from . import cost_cache
+
+    with ctx.timer.stage("cache"):
+        key = cost_cache.cache_key(ctx, cfg.candidate_settings())
+        try:
+            hit = cost_cache.load(cfg.cache_dir, key, [n.name for n in ctx.nodes])
+        except LLCError as exc:
+            print_line(f"warning: {exc}; measuring again", file=sys.stderr, style="yellow")
+            hit = None
+        if hit is not None:
+            base = ctx.base().mean if cfg.relative else float("nan")
+            cands = [classify(c, cfg.error_max, base, cfg.relative, cfg.outside, cfg.margin_z)
+                     for c in hit.candidates]
+            return hit.grads, hit.ranges, CostTable.from_candidates(cands), \
+                {"entry": hit.path, "hit": True, "seconds": hit.seconds}
+    before = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES)
+    grads, ranges, table = measure_costs(ctx, cfg)
+    seconds = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES) - before
+    with ctx.timer.stage("cache"):
+        path = cost_cache.save(cfg.cache_dir, key, [c for g in table.groups.values() for c in g], ranges, grads,
+                               seconds)
+    return grads, ranges, table, {"entry": path, "hit": False, "seconds": seconds}
+
+
+def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
+    cache = None
+    if cfg.cache_dir:
+        grads, ranges, table, cache = cached_costs(ctx, cfg)
+    else:
+        grads, ranges, table = measure_costs(ctx, cfg)
     with ctx.timer.stage("solve"):
         budget = _budget_bytes(cfg, ctx, table)
         picked = solve(table, budget)
@@ -233,4 +285,4 @@ def run(ctx: FlowContext, cfg: QuantConfig) -> QuantResult:
                 ch = {n: ladders[n].index(c) for n, c in picked.items()}
                 sweep.append(ctx.sweep_point(frac, build(ch), sum(c.nbytes for c in picked.values())))
                 advance(1)
-    return QuantResult(table, ladders, result, budget, sweep)
+    return QuantResult(table, ladders, result, budget, sweep, cache)

@@ -1,0 +1,148 @@
+"""Reuse of a quantization flow's measurements across runs (``llc-onnx optimize --cache DIR``).
+
+The expensive part of ``flows.quantize`` is stages 1–2: one gradient pass, then one loss measurement per
+(node, level). Everything after — the knapsack for a budget, back-off, verification — is cheap. So a user who
+tries ``--lossless``, then ``--budget 0.25``, then ``--budget 0.15`` on the same model and data should pay for
+the measurements once. An entry holds exactly what the later stages read:
+
+* the raw candidates (levels, bytes, predicted and measured ΔL, SE, relative noise) — re-classified with the
+  current ``--error-max`` / ``--margin-z`` / ``--outside``, which are therefore not part of the key;
+* the activation ranges (with ``--activations``);
+* each node's fit-part gradient ∂L/∂W (float64), from which LLC rounding re-quantizes the chosen levels, so a
+  cached run writes the same bytes as an uncached one.
+
+The key is a SHA-256 over the prepared model, the fit and measure batches (inputs and labels, in order), the
+loss, the interpreter dtype, the settings that change a candidate (bits, block size, scales, rounding, LLC
+radius, activations, cost mode) and the llc-onnx version. Any change gives a new entry; nothing is ever
+reused across a change. Entries are written atomically (temporary file, then rename); an unreadable entry is
+reported and recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__
+from ..calib.data import Dataset
+from ..calib.gradients import GradientPass, NodeStats
+from ..errors import LLCError
+from ..solvers.cost_model import Candidate
+from .context import FlowContext
+
+FORMAT = 1
+
+
+@dataclass
+class CachedCosts:
+    """What a cache entry holds (see module doc)."""
+
+    candidates: list[Candidate]
+    ranges: dict[str, float]
+    grads: GradientPass  # fit-part gradients; only ``grad_w`` is set per node
+    path: str
+    seconds: float  # what measuring them took when the entry was made
+
+
+def _hash_dataset(h, ds: Dataset) -> None:
+    for b in ds.batches:
+        for name in sorted(b.inputs):
+            arr = np.ascontiguousarray(b.inputs[name])
+            h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
+            h.update(arr.tobytes())
+        if b.labels is not None:
+            arr = np.ascontiguousarray(b.labels)
+            h.update(f"labels|{arr.dtype.str}|{arr.shape}".encode())
+            h.update(arr.tobytes())
+        h.update(b"|batch")
+
+
+def cache_key(ctx: FlowContext, settings: dict) -> str:
+    """SHA-256 (hex) of everything a quantization candidate depends on (see module doc)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT, "version": __version__, "settings": settings,
+                         "loss": [type(ctx.loss).__name__, ctx.loss.name, ctx.loss.output,
+                                  getattr(ctx.loss, "ignore_index", None)],
+                         "dtype": str(ctx.graph.dtype), "nodes": [n.name for n in ctx.nodes]},
+                        sort_keys=True, default=str).encode())
+    h.update(ctx.model.SerializeToString(deterministic=True))
+    h.update(b"|fit")
+    _hash_dataset(h, ctx.fit_data)
+    h.update(b"|measure")
+    _hash_dataset(h, ctx.measure_data)
+    return h.hexdigest()
+
+
+def _paths(directory: str, key: str) -> tuple[str, str]:
+    return os.path.join(directory, f"{key}.json"), os.path.join(directory, f"{key}.npz")
+
+
+def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
+    """The entry for ``key``, or None when there is none. An entry that cannot be read raises LLCError
+    naming the file (the caller reports it and recomputes)."""
+    jpath, npath = _paths(directory, key)
+    if not (os.path.isfile(jpath) and os.path.isfile(npath)):
+        return None
+    try:
+        with open(jpath, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT or meta.get("key") != key:
+            raise ValueError("format or key mismatch")
+        cands = [Candidate(**c) for c in meta["candidates"]]
+        with np.load(npath, allow_pickle=False) as z:
+            grads = {n: np.asarray(z[f"g{i}"], dtype=np.float64) for i, n in enumerate(meta["nodes"])}
+        if sorted(grads) != sorted(node_names):
+            raise ValueError("nodes differ")
+    except Exception as exc:  # noqa: BLE001 - any damage means: do not trust it
+        raise LLCError(f"cache entry {jpath}: unreadable ({type(exc).__name__}: {exc}); delete it") from None
+    nodes = {n: NodeStats(node=n, grad_w=g, grad_w_abs=None, grad_w_sq=None, grad_x_norm=0.0, x_absmax=0.0,
+                          x_rms=0.0, channel_gw=np.zeros(0)) for n, g in grads.items()}
+    gp = GradientPass(loss=float(meta["fit_loss"]), n=int(meta["fit_n"]), nodes=nodes, seconds=0.0)
+    return CachedCosts(cands, {k: float(v) for k, v in meta["ranges"].items()}, gp, jpath,
+                       float(meta.get("seconds", 0.0)))
+
+
+def _atomic(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(directory: str, key: str, candidates: list[Candidate], ranges: dict[str, float],
+         grads: GradientPass, seconds: float) -> str:
+    """Write the entry for ``key`` (npz of gradients first, then the JSON that makes the entry visible)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise LLCError(f"--cache {directory}: cannot create the directory ({exc.strerror}); "
+                       "give a writable directory") from None
+    jpath, npath = _paths(directory, key)
+    names = list(grads.nodes)
+
+    def write_npz(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **{f"g{i}": grads.nodes[n].grad_w for i, n in enumerate(names)})
+
+    meta = {"format": FORMAT, "key": key, "version": __version__, "nodes": names,
+            "fit_loss": grads.loss, "fit_n": grads.n, "ranges": ranges, "seconds": seconds,
+            "candidates": [c.to_dict() for c in candidates]}
+
+    def write_json(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+
+    _atomic(npath, write_npz)
+    _atomic(jpath, write_json)
+    return jpath

@@ -1,0 +1,89 @@
+"""``optimize --cache DIR``: measurements reused across runs, byte-identical output, key covers what matters."""
+
+import os
+
+import pytest
+
+from _models import torch_threads, write_mlp_files
+from test_optimize import one_json, run_cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_mlp_files(tmp_path)
+
+
+def _opt(model, data, out, *extra):
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(out), "--json",
+                                  "--bits", "2,4,8,float", "--allow-loss-increase", *extra])
+    assert rc == 0, stderr
+    return one_json(stdout)
+
+
+def _entries(d):
+    return sorted(f for f in os.listdir(d) if not f.startswith("."))
+
+
+def test_hit_reuses_measurements_and_writes_identical_bytes(tiny, tmp_path):
+    model, data = tiny
+    cache = tmp_path / "cache"
+    plain = _opt(model, data, tmp_path / "plain.onnx", "--budget", "0.3")
+    first = _opt(model, data, tmp_path / "a.onnx", "--budget", "0.3", "--cache", str(cache))
+    assert first["cache"]["hit"] is False and "gradients" in first["seconds"]
+    assert len(_entries(cache)) == 2  # one entry: .json + .npz, no temporary files left
+    second = _opt(model, data, tmp_path / "b.onnx", "--budget", "0.3", "--cache", str(cache))
+    assert second["cache"]["entry"] == first["cache"]["entry"] and second["cache"]["hit"] is True
+    assert second["cache"]["seconds"] == first["cache"]["seconds"] > 0
+    assert "gradients" not in second["seconds"] and "candidates" not in second["seconds"]
+    # same candidates, same output bytes as without any cache
+    assert second["candidates"] == first["candidates"] == plain["candidates"]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes() == \
+        (tmp_path / "plain.onnx").read_bytes()
+
+    # a different budget / margin reuses the entry (they only re-solve / re-classify) ...
+    other = _opt(model, data, tmp_path / "c.onnx", "--budget", "0.5", "--margin-z", "0", "--cache", str(cache))
+    assert other["cache"]["hit"] is True and len(_entries(cache)) == 2
+    uncached = _opt(model, data, tmp_path / "d.onnx", "--budget", "0.5", "--margin-z", "0")
+    assert [c["cost"] for c in other["candidates"]] == [c["cost"] for c in uncached["candidates"]]
+    assert (tmp_path / "c.onnx").read_bytes() == (tmp_path / "d.onnx").read_bytes()
+
+    # ... while anything a candidate depends on makes a new entry
+    for extra in (["--bits", "4,8,float"], ["--seed", "1"], ["--llc-radius", "0.01"], ["--block-size", "16"]):
+        r = _opt(model, data, tmp_path / "e.onnx", "--cache", str(cache), *extra)
+        assert r["cache"]["hit"] is False, extra
+    assert len(_entries(cache)) == 2 * 5
+
+
+def test_damaged_entry_is_reported_and_recomputed(tiny, tmp_path):
+    model, data = tiny
+    cache = tmp_path / "cache"
+    first = _opt(model, data, tmp_path / "a.onnx", "--cache", str(cache))
+    with open(first["cache"]["entry"], "w") as f:
+        f.write("{not json")
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "b.onnx"), "--json",
+                                  "--bits", "2,4,8,float", "--allow-loss-increase", "--cache", str(cache)])
+    assert rc == 0
+    r = one_json(stdout)
+    assert r["cache"]["hit"] is False
+    assert "warning: cache entry" in stderr and first["cache"]["entry"] in stderr and "delete it" in stderr
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    # the rewritten entry is good again
+    assert _opt(model, data, tmp_path / "c.onnx", "--cache", str(cache))["cache"]["hit"] is True
+
+
+def test_unwritable_cache_directory_is_a_one_line_error(tiny, tmp_path):
+    model, data = tiny
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = tmp_path / "o.onnx"
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(out), "--cache",
+                                  str(blocker / "sub")])
+    assert rc == 2 and not out.exists()
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --cache") and "writable" in lines[0], stderr
