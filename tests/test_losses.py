@@ -102,3 +102,23 @@ def test_label_errors():
     with pytest.raises(LLCError) as e:
         make_loss("hinge", "logits")
     assert str(e.value) == "--loss hinge: unknown loss; use ce, lm, mse or module:function"
+
+
+def test_lm_unit_terms_split_a_sequence_into_token_spans():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 150, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, size=(1, 150))
+    labels[0, 70:80] = -100  # ignored tokens count nowhere
+    loss = make_loss("lm", "logits")
+    units = loss.unit_terms(torch.as_tensor(logits), torch.as_tensor(labels))
+    # 149 predicted positions in spans of 64: 64 + 64 + 21, the ignored ones dropped from the counts
+    assert [c for _, c in units] == [64, 54, 21]
+    s, c = loss.terms(logits, labels)
+    assert sum(u for u, _ in units) == pytest.approx(float(s), rel=1e-12) and sum(c_ for _, c_ in units) == c
+    # a span with no labelled token is not a unit; other losses keep one unit per sample
+    labels[0, 1:] = -100
+    labels[0, 140] = 3
+    assert [c for _, c in loss.unit_terms(torch.as_tensor(logits), torch.as_tensor(labels))] == [1]
+    ce = make_loss("ce", "logits")
+    x, y = torch.as_tensor(logits[:, 0]), torch.as_tensor(labels[:, 140])
+    assert ce.unit_terms(x, y) == [(pytest.approx(float(ce.terms(x, y)[0])), 1)]

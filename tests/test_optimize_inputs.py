@@ -136,3 +136,17 @@ def test_fit_measure_split_is_seeded_disjoint_and_covers_the_data():
     one = Dataset(batches[:1], "one")
     fit, meas = fit_measure_split(one)
     assert fit is meas  # a single batch: in-sample, and the report says so
+
+
+def test_one_long_sequence_still_gives_a_standard_error(tmp_path, capsys):
+    """LM measurements use token spans as units: one sequence of 200 tokens in the measure part gives SE > 0
+    (a per-sequence SE would rest on one number and be 0, silently switching --margin-z off)."""
+    import json
+    model, data = tiny_lm(tmp_path, n=4, t=200)
+    rc, out, err = run(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"), "--batch-size", "1",
+                        "--measure-samples", "1", "--bits", "4,float", "--json", "--allow-loss-increase"], capsys)
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["measurement"]["measure_samples"] == 1
+    head = [c for c in r["candidates"] if c["node"] == "head" and c["level"] == "int4"][0]
+    assert head["se"] > 0 and head["cost"] == pytest.approx(head["measured"] + head["se"])

@@ -60,6 +60,12 @@ class TaskLoss:
         """name -> (sum, count) for each metric of the batch."""
         return {}
 
+    def unit_terms(self, output: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
+        """(sum, count) of each *unit* of one sample, the pieces whose paired differences give a standard
+        error (``calib.noise``). Default: the sample is one unit."""
+        s, c = self.terms(output, labels)
+        return [(float(s), int(c))]
+
     # -- helpers -------------------------------------------------------------------------------
     def batch_labels(self, batch, source: str = "data"):
         """Labels of ``batch`` (a :class:`~llc_onnx.calib.data.Batch`); LLCError when missing."""
@@ -194,6 +200,29 @@ class NextTokenLoss(_ClassLoss):
         s = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                               reduction="sum", ignore_index=self.ignore_index)
         return s, int((target != self.ignore_index).sum())
+
+    unit_tokens = 64
+
+    def unit_terms(self, output, labels):
+        """A sequence's loss in spans of ``unit_tokens`` predicted tokens: with one long sequence per sample
+        (batch 1, few samples) the per-sample standard error would rest on 1–2 numbers, or be undefined.
+        Spans of one sequence share context, so the SE they give is a lower estimate, better than none."""
+        _need_labels(labels, self)
+        output, labels = _as_tensor(output), _as_tensor(labels)
+        self._check(output.shape, labels)
+        self._shift(tuple(output.shape), tuple(labels.shape))
+        self._range_check(labels, output.shape[2])
+        logits = output[:, :-1].double()
+        target = labels[:, 1:].long()
+        tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                reduction="none", ignore_index=self.ignore_index)
+        valid = (target != self.ignore_index).reshape(-1)
+        out = []
+        for start in range(0, tok.shape[0], self.unit_tokens):
+            c = int(valid[start:start + self.unit_tokens].sum())
+            if c:
+                out.append((float(tok[start:start + self.unit_tokens].sum()), c))
+        return out
 
     def metrics(self, output, labels):
         _need_labels(labels, self)

@@ -9,7 +9,9 @@ and N = Σ n_i loss terms,
     ΔL = Σ e_i / N,        SE(ΔL) = sqrt(m · var(e)) / N.
 
 SE is what separates a real gain from calibration noise: held-out data sees a different sample of the same
-per-sample effects, so a ΔL within a few SE of 0 may have either sign there.
+per-sample effects, so a ΔL within a few SE of 0 may have either sign there. The "samples" are the loss's units
+(``TaskLoss.unit_terms``): one per sample, and for the LM loss spans of 64 predicted tokens, so that one long
+sequence still gives a standard error.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ def measure(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dic
                             outputs=[loss.output])
         out, labels = outs[loss.output], _labels(batch, loss, graph.device)
         for i in range(out.shape[0]):
-            s, c = loss.terms(out[i:i + 1], labels[i:i + 1])
-            sums.append(float(s))
-            counts.append(int(c))
+            for s, c in loss.unit_terms(out[i:i + 1], labels[i:i + 1]):
+                sums.append(s)
+                counts.append(c)
         if progress:
             progress(1)
     if not sum(counts):
