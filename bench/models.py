@@ -59,6 +59,7 @@ class BenchModel:
     hutchinson_samples: int = 16  # Rademacher probes
     hessian_batches: int | None = None  # batches of the measurement subset the Hessian uses (None: all)
     quick_hessian_batches: int | None = 1
+    lowrank_args: list[str] = field(default_factory=list)  # extra llc-onnx options of the low-rank rows
     notes: list[str] = field(default_factory=list)
 
     def work_dir(self) -> Path:
@@ -278,9 +279,12 @@ MODELS: dict[str, BenchModel] = {
         lambda: _smollm2_dir() / "smollm2.onnx", lambda: _smollm2_dir() / "calib.npz",
         lambda: _smollm2_dir() / "held.npz", loss="lm", metric="ppl", batch_size=1, latency_batch=4,
         quick_calib=4, quick_held=4, measure_samples=1, quick_measure_samples=1, hutchinson_samples=4,
-        hessian_batches=1, quick_hessian_batches=1,
+        hessian_batches=1, quick_hessian_batches=1, lowrank_args=["--rank-grid", "0.25,0.5,0.75"],
         notes=["calibration / held-out: 16 sequences x 256 tokens each from disjoint sets of plays "
-               "(bench.prepare_text.split_plays, seed 0)"]),
+               "(bench.prepare_text.split_plays, seed 0)",
+               "llc measure part: 1 sequence (256 tokens; standard errors over 64-token spans); low-rank "
+               "compact rows search ranks 0.25, 0.5, 0.75 of each node's largest useful rank (3 instead of 9 "
+               "grid points: 211 nodes x 9 full forwards would take ~40 min per row on 2 vCPUs)"]),
     "effnet": BenchModel(
         "effnet", "EfficientNet-Lite0 (ImageNet, 20 foolbox images + augmented views)", prepare_effnet,
         lambda: _effnet_dir() / "effnet_lite0.onnx", lambda: _effnet_dir() / "calib.npz",

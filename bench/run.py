@@ -250,6 +250,8 @@ def run_model(m: BenchModel, quick: bool, args) -> dict:
                 out.unlink()
             if "lowrank" not in extra:  # quantization runs share one measurement (same model, data, levels)
                 extra = [*extra, "--cache", str(work / "llc_cache")]
+            if "--mode" in extra and "compact" in extra:
+                extra = [*extra, *m.lowrank_args]
             res = run_llc(m.model_path(), calib, held, out, m, extra, ms, args.llc_timeout)
             row["command"], row["seconds"] = res["command"], res["seconds"]
             if "error" in res:
