@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import LLCError
-from ..interpreter import TorchGraph
+from ..interpreter import Snapshots, TorchGraph
 from .data import Dataset
 from .gradients import Progress, _feeds, _labels
 from .losses import TaskLoss
@@ -55,15 +55,12 @@ class LossSamples:
         return float(e.sum() / n), se
 
 
-@torch.no_grad()
-def measure(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dict[str, TensorFn] | None = None,
-            input_fns: dict[str, TensorFn] | None = None, progress: Progress = None) -> LossSamples:
-    """Per-sample losses over ``dataset`` with the given hooks applied (forward only)."""
+def _samples(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, run_batch, progress: Progress = None
+             ) -> LossSamples:
+    """Per-unit loss sums over ``dataset``; ``run_batch(i, feeds)`` returns batch i's loss output."""
     sums, counts = [], []
-    for batch in dataset.batches:
-        outs, _ = graph.run(_feeds(graph, batch, False), weight_fns=weight_fns, input_fns=input_fns,
-                            outputs=[loss.output])
-        out, labels = outs[loss.output], _labels(batch, loss, graph.device)
+    for bi, batch in enumerate(dataset.batches):
+        out, labels = run_batch(bi, _feeds(graph, batch, False)), _labels(batch, loss, graph.device)
         for i in range(out.shape[0]):
             for s, c in loss.unit_terms(out[i:i + 1], labels[i:i + 1]):
                 sums.append(s)
@@ -74,6 +71,36 @@ def measure(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dic
         raise LLCError(f"{dataset.source}: no loss terms (every label is the ignore index?); "
                        "the data needs labelled samples")
     return LossSamples(np.asarray(sums), np.asarray(counts, dtype=np.float64))
+
+
+@torch.no_grad()
+def measure(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dict[str, TensorFn] | None = None,
+            input_fns: dict[str, TensorFn] | None = None, progress: Progress = None,
+            snapshots: list[Snapshots] | None = None) -> LossSamples:
+    """Per-sample losses over ``dataset`` with the given hooks applied (forward only). ``snapshots`` (one per
+    batch, from :func:`measure_base`) let each run start at the first hooked node."""
+    def run_batch(bi, feeds):
+        outs, _ = graph.run(feeds, weight_fns=weight_fns, input_fns=input_fns, outputs=[loss.output],
+                            resume=snapshots[bi] if snapshots else None)
+        return outs[loss.output]
+
+    return _samples(graph, dataset, loss, run_batch, progress)
+
+
+@torch.no_grad()
+def measure_base(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, at: list[str],
+                 max_bytes: int | None = None) -> tuple[LossSamples, list[Snapshots]]:
+    """The unhooked :func:`measure`, keeping per batch the values live just before each node of ``at``
+    (``TorchGraph.snapshot``, at most ``max_bytes`` per batch): a later measurement that perturbs node k
+    then recomputes only from k on. The same numbers as without snapshots, bit for bit."""
+    snaps: list[Snapshots] = []
+
+    def run_batch(bi, feeds):
+        outs, snap = graph.snapshot(feeds, at, outputs=[loss.output], max_bytes=max_bytes)
+        snaps.append(snap)
+        return outs[loss.output]
+
+    return _samples(graph, dataset, loss, run_batch), snaps
 
 
 def measure_loss(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dict[str, TensorFn] | None = None,

@@ -14,6 +14,7 @@ parts coincide and the report says the measurements are in-sample.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,13 +24,23 @@ import torch
 from ..calib.data import Dataset, load_dataset, load_split, split_dataset
 from ..calib.gradients import GradientPass, collect_gradients
 from ..calib.losses import TaskLoss
-from ..calib.noise import LossSamples, measure
+from ..calib.noise import LossSamples, measure, measure_base
 from ..compressible import CompressibleNode, find_compressible
 from ..errors import LLCError
 from ..interpreter import TorchGraph
 from ..model_io import load_model, prepare_model
 from ..ort_eval import Evaluation, evaluate
 from ..progress import StageTimer
+
+
+def snapshot_bytes() -> int:
+    """Memory for measurement snapshots, all measure batches together: ``LLC_ONNX_SNAPSHOT_BYTES`` or 2 GiB.
+    Beyond it snapshots are thinned (measurements then start a little earlier; results are the same)."""
+    try:
+        return int(os.environ.get("LLC_ONNX_SNAPSHOT_BYTES", 2 << 30))
+    except ValueError:
+        raise LLCError(f"LLC_ONNX_SNAPSHOT_BYTES={os.environ['LLC_ONNX_SNAPSHOT_BYTES']!r}: "
+                       "a number of bytes, e.g. 1000000000") from None
 
 
 @dataclass
@@ -49,13 +60,24 @@ class FlowContext:
     timer: StageTimer
     _weights: dict[str, np.ndarray] = field(default_factory=dict)
     _base: LossSamples | None = None
+    _snapshots: list | None = None  # per measure batch: interpreter.Snapshots of the unmodified run
     _float_bytes: int | None = None  # a later stage keeps the original model's float bytes as its reference
 
     def base(self) -> LossSamples:
-        """Per-sample losses of the unmodified model on ``measure_data`` (interpreter), computed once."""
+        """Per-sample losses of the unmodified model on ``measure_data`` (interpreter), computed once, with the
+        snapshots that let :meth:`measure` recompute only from the perturbed node on."""
         if self._base is None:
-            self._base = measure(self.graph, self.measure_data, self.loss)
+            per_batch = snapshot_bytes() // max(1, len(self.measure_data.batches))
+            self._base, self._snapshots = measure_base(self.graph, self.measure_data, self.loss,
+                                                       [n.name for n in self.nodes], per_batch)
         return self._base
+
+    def measure(self, weight_fns: dict | None = None, input_fns: dict | None = None) -> LossSamples:
+        """Per-sample losses on ``measure_data`` with these hooks (``calib.noise.measure``), starting each
+        batch at the snapshot before the first hooked node: a candidate near the output costs a fraction of
+        a forward pass."""
+        self.base()
+        return measure(self.graph, self.measure_data, self.loss, weight_fns, input_fns, snapshots=self._snapshots)
 
     def node(self, name: str) -> CompressibleNode:
         for n in self.nodes:

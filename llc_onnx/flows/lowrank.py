@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from ..calib.gradients import GradientPass
-from ..calib.noise import constant, measure
+from ..calib.noise import constant
 from ..errors import LLCError
 from ..passes.lowrank import apply_lowrank
 from ..progress import task
@@ -121,7 +121,7 @@ def _reference(ctx: FlowContext, name: str) -> Candidate:
 
 def _measure(ctx: FlowContext, fns) -> tuple[float, float]:
     """(ΔL, SE) on the measurement data with the weight hooks ``fns`` applied together."""
-    return measure(ctx.graph, ctx.measure_data, ctx.loss, fns).delta(ctx.base())
+    return ctx.measure(fns).delta(ctx.base())
 
 
 def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):

@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from ..calib.gradients import GradientPass, collect_ranges
-from ..calib.noise import constant, measure
+from ..calib.noise import constant
 from ..compressible import CompressibleNode
 from ..errors import LLCError
 from ..passes.qdq import apply_qdq
@@ -163,8 +163,7 @@ def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, gr
                     cand = Candidate(node.name, level_name(bits), nbytes, predicted, None, rel, True, None,
                                      second_order=predicted + q2)
                 else:
-                    measured, se = measure(ctx.graph, ctx.measure_data, ctx.loss, weight_fns, input_fns).delta(
-                        base_samples)
+                    measured, se = ctx.measure(weight_fns, input_fns).delta(base_samples)
                     cand = Candidate(node.name, level_name(bits), nbytes, predicted, measured, rel, True,
                                      None, se=se)
                 cands.append(classify(cand, cfg.error_max, base, cfg.relative, cfg.outside, cfg.margin_z))
