@@ -472,6 +472,9 @@ def write_markdown(results: list[dict], args, path: Path, started: str, wall: fl
               f"{mach['onnxruntime']}, torch {mach['torch']}, onnx {mach['onnx']}, numpy {mach['numpy']}; "
               f"load average at the end {mach['loadavg_at_end']}",
               f"- command: `{args.command_line}`",
+              *([f"- this file merges the rows of {len(runs_of(results))} runs (`bench.run` keeps the rows a "
+                 "run did not redo; each model lists which rows come from which run):"]
+                + [f"  - {r}" for r in runs_of(results)] if len(runs_of(results)) > 1 else []),
               f"- latency: ONNX Runtime CPU, intra_op_num_threads={args.threads}, {L.WARMUP} warm-up runs, then "
               f"median over {args.repeats} runs with (min–max) in ms",
               ""]
@@ -493,6 +496,12 @@ def write_markdown(results: list[dict], args, path: Path, started: str, wall: fl
                   f"{res['fp_bytes']:,}. Model wall time for this model: {res['seconds_total'] / 60:.1f} min.", ""]
         for n in res["notes"]:
             lines.append(f"- {n}")
+        by_run: dict[str, list[str]] = {}
+        for r in rows:
+            by_run.setdefault(r.get("run", "?"), []).append(r["label"])
+        if len(runs_of(results)) > 1:
+            for run, labels in sorted(by_run.items()):
+                lines.append(f"- rows from the run of {run}: {', '.join(labels)}")
         lines.append("")
         lat_b = next((r["latency"][1]["batch"] for r in rows if r.get("latency")), "N")
         lines += [f"| method | weight bytes | ratio to FP32 | held loss | held {mname} | calib loss | "
@@ -613,33 +622,41 @@ def render(args) -> int:
     return 0
 
 
+def run_label(started: str, command: str) -> str:
+    return f"{started} (`{command}`)"
+
+
 def merge_previous(results: list[dict], raw: Path) -> list[dict]:
     """Keep what an earlier run of the same kind measured and this run did not: models not run now, and (for a
     model run with --methods) the rows of other methods. So the columns of a long benchmark can be filled in
-    several sittings; every kept row is named in its model's notes with the run it came from."""
+    several sittings; every row carries the run it came from (``row["run"]``), listed under its model."""
     if not raw.exists():
         return results
     try:
         prev = json.loads(raw.read_text())
     except (OSError, ValueError):
         return results
-    when = f"{prev.get('started', '?')} (`{prev.get('command', '?')}`)"
+    when = run_label(prev.get("started", "?"), prev.get("command", "?"))
     now = {r["name"]: r for r in results}
     merged = []
     for old in prev.get("results", []):
+        for r in old.get("rows", []):
+            r.setdefault("run", when)  # rows written before rows carried their run
+        old["notes"] = [n for n in old.get("notes", []) if " from the run of " not in n]
         new = now.pop(old.get("name"), None)
         if new is None:
-            old.setdefault("notes", []).append(f"all rows of this model are from the run of {when}")
             merged.append(old)
             continue
         if "rows" in new and "rows" in old:
             fresh = {r["key"]: r for r in new["rows"]}
-            kept = [r["label"] for r in old["rows"] if r["key"] not in fresh]
             new["rows"] = [fresh.pop(r["key"], r) for r in old["rows"]] + list(fresh.values())
-            if kept:
-                new.setdefault("notes", []).append(f"rows {', '.join(kept)} are from the run of {when}")
         merged.append(new)
     return merged + list(now.values())
+
+
+def runs_of(results: list[dict]) -> list[str]:
+    """The distinct runs the rows come from, oldest first (labels start with the date)."""
+    return sorted({r["run"] for res in results for r in res.get("rows", []) if r.get("run")})
 
 
 def main(argv=None) -> int:
@@ -676,6 +693,9 @@ def main(argv=None) -> int:
     mach = machine()
     out = Path(args.out)
     raw = cache_dir() / "bench" / f"results_{'quick' if args.quick else 'full'}.json"
+    for res in results:
+        for r in res.get("rows", []):
+            r["run"] = run_label(started, args.command_line)
     results = merge_previous(results, raw)
     write_markdown(results, args, out, started, wall, mach)
     raw.parent.mkdir(parents=True, exist_ok=True)

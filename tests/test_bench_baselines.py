@@ -219,6 +219,27 @@ def test_merge_previous_keeps_models_and_rows_not_rerun(tmp_path):
     by = {m["name"]: m for m in merged}
     assert [m["name"] for m in merged] == ["fmnist", "smollm2", "effnet"]
     assert [(r["key"], r["v"]) for r in by["fmnist"]["rows"]] == [("fp32", 1), ("llc", 2)]  # fresh row replaces
-    assert "rows FP32 are from the run of yesterday" in by["fmnist"]["notes"][0]
-    assert "all rows of this model are from the run of yesterday" in by["smollm2"]["notes"][0]
+    # every kept row carries its run; fresh rows carry theirs (set by main before merging), untouched here
+    assert by["fmnist"]["rows"][0]["run"] == "yesterday (`python -m bench.run`)"
+    assert "run" not in by["fmnist"]["rows"][1]
+    assert by["smollm2"]["rows"][0]["run"] == "yesterday (`python -m bench.run`)"
     assert merge_previous(now, tmp_path / "missing.json") == now
+
+
+def test_markdown_lists_the_runs_each_row_comes_from(tmp_path):
+    from argparse import Namespace
+
+    from bench.run import write_markdown
+    row = {"status": "failed", "reason": "x", "seconds": 1.0}
+    res = {"name": "fmnist", "title": "F", "metric": "top1", "loss": "ce", "calib": "c", "held": "h", "calib_n": 1,
+           "held_n": 1, "measure_samples": 1, "nodes": 1, "fp_bytes": 4, "seconds_total": 60, "notes": [],
+           "rows": [{**row, "key": "a", "label": "A", "run": "2026-01-01 (`cmd one`)"},
+                    {**row, "key": "b", "label": "B", "run": "2026-01-02 (`cmd two`)"}]}
+    mach = {k: "?" for k in ("cpus", "cpu", "python", "onnxruntime", "torch", "onnx", "numpy", "loadavg_at_end")}
+    out = tmp_path / "R.md"
+    write_markdown([res], Namespace(quick=False, command_line="cmd two", threads=2, repeats=3), out, "2026-01-02",
+                   60, mach)
+    text = out.read_text()
+    assert "merges the rows of 2 runs" in text and "  - 2026-01-01 (`cmd one`)" in text
+    assert "- rows from the run of 2026-01-01 (`cmd one`): A" in text
+    assert "- rows from the run of 2026-01-02 (`cmd two`): B" in text
