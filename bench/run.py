@@ -255,7 +255,9 @@ def run_model(m: BenchModel, quick: bool, args) -> dict:
             res = run_llc(m.model_path(), calib, held, out, m, extra, ms, args.llc_timeout)
             row["command"], row["seconds"] = res["command"], res["seconds"]
             if "error" in res:
-                row.update(status="failed", reason=f"exit {res['exit']}: {res['error']}")
+                # exit 2: llc-onnx refused with a reason (e.g. no rank inside the neighbourhood), not a crash
+                row.update(status="refused" if res["exit"] == 2 else "failed",
+                           reason=f"exit {res['exit']}: {res['error']}")
                 return None
             rep = res["report"]
             llc_reports[key] = rep
@@ -604,15 +606,8 @@ def render(args) -> int:
     args.threads = raw.get("threads", args.threads)
     args.repeats = raw.get("repeats", 10 if args.quick else 20)
     args.command_line = raw["command"]
+    upgrade_rows(raw["results"])
     for res in raw["results"]:
-        for r in res.get("rows", []):
-            note = str(r.get("note", ""))
-            if "before back-off: held " in note and not r.get("round0"):
-                tail = note.split("before back-off: held ", 1)[1]
-                loss, nb = tail.split(" at ")
-                r["round0"] = [int(nb.split(" ")[0].replace(",", "")), float(loss)]
-            if r.get("status") == "n/a" and str(r.get("reason", "")).startswith("n/a: "):
-                r["reason"] = r["reason"][5:]
         if "rows" in res:
             m = MODELS[res["name"]]
             plot = plots.loss_vs_size(m.name, m.title, [r for r in res["rows"] if r["status"] == "ok"], Path(args.plots))
@@ -620,6 +615,23 @@ def render(args) -> int:
     write_markdown(raw["results"], args, Path(args.out), raw["started"], raw["wall_s"], raw["machine"])
     log(f"rendered {args.out} from {args.render}")
     return 0
+
+
+def upgrade_rows(results: list[dict]) -> None:
+    """Rows written by earlier versions of this script, in today's form (in place)."""
+    for res in results:
+        if "notes" in res:  # provenance is per row now
+            res["notes"] = [n for n in res["notes"] if " from the run of " not in n]
+        for r in res.get("rows", []):
+            note = str(r.get("note", ""))
+            if "before back-off: held " in note and not r.get("round0"):
+                tail = note.split("before back-off: held ", 1)[1]
+                loss, nb = tail.split(" at ")
+                r["round0"] = [int(nb.split(" ")[0].replace(",", "")), float(loss)]
+            if r.get("status") == "failed" and str(r.get("reason", "")).startswith("exit 2: "):
+                r["status"] = "refused"
+            if r.get("status") == "n/a" and str(r.get("reason", "")).startswith("n/a: "):
+                r["reason"] = r["reason"][5:]
 
 
 def run_label(started: str, command: str) -> str:
@@ -697,6 +709,7 @@ def main(argv=None) -> int:
         for r in res.get("rows", []):
             r["run"] = run_label(started, args.command_line)
     results = merge_previous(results, raw)
+    upgrade_rows(results)
     write_markdown(results, args, out, started, wall, mach)
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps({"started": started, "wall_s": wall, "machine": mach, "command": args.command_line,
