@@ -189,16 +189,19 @@ class NextTokenLoss(_ClassLoss):
             raise LLCError(f"labels: shape {tuple(labels_shape)} does not match output '{self.output}' of shape "
                            f"{tuple(output_shape)}; the 'lm' loss needs labels [batch, seq] aligned with input_ids")
 
-    def terms(self, output, labels):
+    def _shifted(self, output, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, V] float64, targets [N]) of the predicted positions, after the input checks."""
         _need_labels(labels, self)
         output, labels = _as_tensor(output), _as_tensor(labels)
         self._check(output.shape, labels)
         self._shift(tuple(output.shape), tuple(labels.shape))
         self._range_check(labels, output.shape[2])
         logits = output[:, :-1].double()
-        target = labels[:, 1:].long()
-        s = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                              reduction="sum", ignore_index=self.ignore_index)
+        return logits.reshape(-1, logits.shape[-1]), labels[:, 1:].long().reshape(-1)
+
+    def terms(self, output, labels):
+        logits, target = self._shifted(output, labels)
+        s = torch.nn.functional.cross_entropy(logits, target, reduction="sum", ignore_index=self.ignore_index)
         return s, int((target != self.ignore_index).sum())
 
     unit_tokens = 64
@@ -207,16 +210,9 @@ class NextTokenLoss(_ClassLoss):
         """A sequence's loss in spans of ``unit_tokens`` predicted tokens: with one long sequence per sample
         (batch 1, few samples) the per-sample standard error would rest on 1–2 numbers, or be undefined.
         Spans of one sequence share context, so the SE they give is a lower estimate, better than none."""
-        _need_labels(labels, self)
-        output, labels = _as_tensor(output), _as_tensor(labels)
-        self._check(output.shape, labels)
-        self._shift(tuple(output.shape), tuple(labels.shape))
-        self._range_check(labels, output.shape[2])
-        logits = output[:, :-1].double()
-        target = labels[:, 1:].long()
-        tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                reduction="none", ignore_index=self.ignore_index)
-        valid = (target != self.ignore_index).reshape(-1)
+        logits, target = self._shifted(output, labels)
+        tok = torch.nn.functional.cross_entropy(logits, target, reduction="none", ignore_index=self.ignore_index)
+        valid = target != self.ignore_index
         out = []
         for start in range(0, tok.shape[0], self.unit_tokens):
             c = int(valid[start:start + self.unit_tokens].sum())
