@@ -282,22 +282,33 @@ def run_model(m: BenchModel, quick: bool, args) -> dict:
     # uniform SVD at llc compact's parameter count -------------------------------------------------
     def svd(row):
         rep = llc_reports.get("llc_lr_compact")
-        if rep is None:
-            raise B.NotApplicable("needs the llc low-rank compact result as the parameter target, which failed")
-        target = rep["bytes"]["compressed"] // 4
-        weights = {n.name: _init(fp_model, n.weight) for n in nodes}
-        shapes = {n.name: B.matrix_shape(n) for n in nodes}
+        if rep is not None:
+            compact_bytes = rep["bytes"]["compressed"]
+        else:  # not run now: the compact row of the previous run this one merges into, if it has one
+            prev = previous_row(m.name, "llc_lr_compact", quick)
+            if prev is None or prev.get("report_bytes") is None:
+                raise B.NotApplicable("needs the llc low-rank compact result as the parameter target, which failed")
+            compact_bytes = prev["report_bytes"]
+            row["note_target"] = f"target from the llc low-rank compact row of the run of {prev.get('run', '?')}"
+        target = compact_bytes // 4
+        # grouped (depthwise) Conv cannot be factored, by llc or here: those nodes stay whole on both sides
+        factorable = [n for n in nodes if n.group == 1]
+        target -= sum(int(np.prod(n.weight_shape)) for n in nodes if n.group != 1)
+        weights = {n.name: _init(fp_model, n.weight) for n in factorable}
+        shapes = {n.name: B.matrix_shape(n) for n in factorable}
         match = B.match_uniform_fraction(shapes, target)
         if match is None:
             raise B.NotApplicable(f"n/a: even rank 1 everywhere exceeds the target of {target} parameters")
         frac, params, ranks = match
         if all(r is None for r in ranks.values()):
             raise B.NotApplicable(f"n/a: the target ({target} params) is the unfactored size: no node factored")
-        model = B.uniform_svd(fp_model, nodes, weights, ranks)
+        model = B.uniform_svd(fp_model, factorable, weights, ranks)
         out = work / "svd_uniform.onnx"
         save_model(model, str(out))
-        row["note"] = (f"rank fraction {frac:.4f} of min(K,N); {params} params vs target {target}; "
-                       f"{sum(r is not None for r in ranks.values())}/{len(nodes)} nodes factored")
+        row["note"] = (f"rank fraction {frac:.4f} of min(K,N); {params} params vs target {target} (factorable "
+                       f"nodes); {sum(r is not None for r in ranks.values())}/{len(nodes)} nodes factored"
+                       + (f", {len(nodes) - len(factorable)} grouped Conv kept whole" if len(factorable) < len(nodes)
+                          else "") + (f"; {row.pop('note_target')}" if "note_target" in row else ""))
         return out
     guarded("svd_uniform", "plain SVD (uniform rank)", svd)
 
@@ -632,6 +643,20 @@ def upgrade_rows(results: list[dict]) -> None:
                 r["status"] = "refused"
             if r.get("status") == "n/a" and str(r.get("reason", "")).startswith("n/a: "):
                 r["reason"] = r["reason"][5:]
+
+
+def previous_row(model: str, key: str, quick: bool) -> dict | None:
+    """Row ``key`` of ``model`` in the raw results of the previous run of this kind (None when absent)."""
+    raw = cache_dir() / "bench" / f"results_{'quick' if quick else 'full'}.json"
+    try:
+        prev = json.loads(raw.read_text())
+    except (OSError, ValueError):
+        return None
+    for res in prev.get("results", []):
+        if res.get("name") == model:
+            return next((dict(r, run=r.get("run", run_label(prev.get("started", "?"), prev.get("command", "?"))))
+                         for r in res.get("rows", []) if r.get("key") == key and r.get("status") == "ok"), None)
+    return None
 
 
 def run_label(started: str, command: str) -> str:
