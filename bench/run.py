@@ -476,6 +476,80 @@ def _home(p) -> str:
 HAND_MARKER = "<!-- hand-run benchmarks: everything below this line is kept by bench.run -->"
 
 
+def _desc(r: dict | None, fp_loss: float) -> str:
+    if r is None:
+        return "not run"
+    if r.get("status") != "ok":
+        return f"{r['status']}"
+    return (f"{r['ratio']:.3f}×, held {r['held_loss']:.4f} ({r['held_loss'] - fp_loss:+.4f}), "
+            f"{'verified' if r.get('verified') else 'not verified'}")
+
+
+def standing(results: list[dict], budgets) -> list[str]:
+    """The comparison table the benchmark exists for, computed from the rows: llc-onnx against the baselines
+    at matching points (lossless vs ORT INT8; each budget vs HAWQ-V2 / Fisher; low-rank compact vs plain SVD
+    at its parameter count; the composition vs quantization alone). Held-out loss decides; Δ is against FP32."""
+    out = ["## Where llc-onnx wins and loses (computed from the rows above)", "",
+           "| model | point | llc-onnx | baseline(s) | outcome |", "|---|---|---|---|---|"]
+    for res in results:
+        if "rows" not in res:
+            continue
+        rows = {r["key"]: r for r in res["rows"]}
+        fp = rows.get("fp32")
+        if fp is None or fp.get("status") != "ok":
+            continue
+        fl = fp["held_loss"]
+        ok = lambda k: rows.get(k) is not None and rows[k].get("status") == "ok"  # noqa: E731
+        name = res["name"]
+        llc, ort = rows.get("llc_lossless"), rows.get("ort_int8")
+        if ok("llc_lossless") and ok("ort_int8"):
+            if llc.get("verified") and not ort.get("verified"):
+                verdict = "**llc-onnx**: verified, ORT INT8 is not"
+            elif ort.get("verified") and not llc.get("verified"):
+                verdict = "**ORT INT8**: verified, llc-onnx is not"
+            else:
+                smaller = "llc-onnx" if llc["bytes"] < ort["bytes"] else "ORT INT8"
+                verdict = (f"both {'verified' if llc.get('verified') else 'not verified'}; {smaller} smaller "
+                           f"({llc['ratio']:.3f}× vs {ort['ratio']:.3f}×), held loss "
+                           f"{'llc-onnx' if llc['held_loss'] < ort['held_loss'] else 'ORT INT8'} lower by "
+                           f"{abs(llc['held_loss'] - ort['held_loss']):.4f}")
+            out.append(f"| {name} | lossless / INT8 | {_desc(llc, fl)} | ORT INT8: {_desc(ort, fl)} | {verdict} |")
+        for b in budgets:
+            k = int(b * 100)
+            cands = {lab: rows.get(key) for lab, key in (("llc-onnx", f"llc_b{k}"), ("HAWQ-V2", f"hawq_b{k}"),
+                                                         ("Fisher", f"fisher_b{k}")) if ok(key)}
+            if "llc-onnx" not in cands or len(cands) < 2:
+                continue
+            best = min(cands, key=lambda lab: cands[lab]["held_loss"])
+            others = [lab for lab in cands if lab != "llc-onnx"]
+            runner = min((lab for lab in cands if lab != best), key=lambda lab: cands[lab]["held_loss"])
+            gap = cands[runner]["held_loss"] - cands[best]["held_loss"]
+            verdict = (f"**{best}** lowest held loss, by {gap:.4f} over {runner}" if gap >= 5e-5 else
+                       f"{best} and {runner} tied (within 0.00005)")
+            verdict = (verdict
+                       + ("" if best == "llc-onnx" else
+                          f" (llc-onnx {cands['llc-onnx']['held_loss'] - cands[best]['held_loss']:+.4f})"))
+            out.append(f"| {name} | budget {b:g} | {_desc(cands['llc-onnx'], fl)} | "
+                       + "; ".join(f"{lab}: {_desc(cands[lab], fl)}" for lab in others) + f" | {verdict} |")
+        if ok("llc_lr_compact"):
+            svd = rows.get("svd_uniform")
+            c = rows["llc_lr_compact"]
+            if ok("svd_uniform"):
+                verdict = ("**llc-onnx** lower held loss" if c["held_loss"] < svd["held_loss"] else
+                           "**plain SVD** lower held loss") + f" by {abs(c['held_loss'] - svd['held_loss']):.4f}"
+            else:
+                verdict = f"plain SVD {svd['status'] if svd else 'not run'}: {(svd or {}).get('reason', '')}"
+            out.append(f"| {name} | low-rank compact | {_desc(c, fl)} | plain SVD: {_desc(svd, fl)} | {verdict} |")
+        if ok("llc_lr_quant") and ok("llc_lossless"):
+            a, q = rows["llc_lr_quant"], rows["llc_lossless"]
+            out.append(f"| {name} | low-rank,quant vs quant | {_desc(a, fl)} | llc quant lossless: {_desc(q, fl)} | "
+                       f"composition {'smaller' if a['bytes'] < q['bytes'] else 'not smaller'} "
+                       f"({a['ratio']:.3f}× vs {q['ratio']:.3f}×), held loss "
+                       f"{'lower' if a['held_loss'] < q['held_loss'] else 'higher'} by "
+                       f"{abs(a['held_loss'] - q['held_loss']):.4f} |")
+    return out + [""]
+
+
 def write_markdown(results: list[dict], args, path: Path, started: str, wall: float, mach: dict) -> None:
     lines = []
     kind = "QUICK run (--quick)" if args.quick else "full run"
@@ -551,6 +625,7 @@ def write_markdown(results: list[dict], args, path: Path, started: str, wall: fl
             lines += ["<details><summary>llc-onnx commands run</summary>", "", "```"]
             lines += [_home(r["command"]) for r in cmds]
             lines += ["```", "", "</details>", ""]
+    lines += standing(results, getattr(args, "budgets", BUDGETS))
     lines += [NOTES]
     kept = ""
     if path.exists() and HAND_MARKER in path.read_text():  # hand-run benchmarks below the marker are kept
@@ -717,10 +792,10 @@ def main(argv=None) -> int:
         args.quick = "--quick" in json.loads(Path(args.render).read_text()).get("command", "")
     args.out = args.out or str(REPO / "bench" / ("RESULTS-quick.md" if args.quick else "RESULTS.md"))
     args.plots = args.plots or str(REPO / "bench" / "plots" / ("quick" if args.quick else ""))
+    args.budgets = [float(x) for x in str(args.budgets).split(",")]
     if args.render:
         return render(args)
     args.command_line = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    args.budgets = [float(x) for x in str(args.budgets).split(",")]
     args.repeats = args.repeats or (10 if args.quick else 20)
     names = args.models or ("fmnist" if args.quick else ",".join(MODELS))
     started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

@@ -243,3 +243,22 @@ def test_markdown_lists_the_runs_each_row_comes_from(tmp_path):
     assert "merges the rows of 2 runs" in text and "  - 2026-01-01 (`cmd one`)" in text
     assert "- rows from the run of 2026-01-01 (`cmd one`): A" in text
     assert "- rows from the run of 2026-01-02 (`cmd two`): B" in text
+
+
+def test_standing_compares_llc_with_the_baselines_at_matching_points():
+    from bench.run import standing
+
+    def row(key, loss, ratio, verified=False):
+        return {"key": key, "status": "ok", "held_loss": loss, "ratio": ratio, "bytes": int(ratio * 1000),
+                "verified": verified}
+    res = {"name": "m", "rows": [row("fp32", 1.0, 1.0), row("llc_lossless", 0.99, 0.25, True),
+                                 row("ort_int8", 1.01, 0.26), row("llc_b25", 1.05, 0.25),
+                                 row("hawq_b25", 1.02, 0.25), row("fisher_b25", 1.10, 0.25),
+                                 {"key": "svd_uniform", "status": "n/a", "reason": "no target"},
+                                 row("llc_lr_compact", 1.0, 1.0, True)]}
+    text = "\n".join(standing([res], [0.25]))
+    assert "| m | lossless / INT8 | 0.250×, held 0.9900 (-0.0100), verified |" in text
+    assert "**llc-onnx**: verified, ORT INT8 is not" in text
+    assert "**HAWQ-V2** lowest held loss, by 0.0300 over llc-onnx (llc-onnx +0.0300)" in text
+    assert "plain SVD n/a: no target" in text
+    assert "budget 0.15" not in text
