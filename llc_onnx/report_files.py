@@ -12,27 +12,15 @@ import html
 import io
 import json
 import os
-import tempfile
 
 import matplotlib
 
 from .errors import LLCError
+from .atomic import write_bytes_atomic
 from .report import to_jsonable
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _png(fig) -> bytes:
@@ -158,18 +146,18 @@ def write_report(report: dict, directory: str) -> list[str]:
              "loss_vs_size.png": plot_loss_vs_size(report)}
     paths = []
     for name, data in plots.items():
-        _atomic_write(os.path.join(directory, name), data)
+        write_bytes_atomic(os.path.join(directory, name), data)
         paths.append(os.path.join(directory, name))
     md = markdown(report)
-    _atomic_write(os.path.join(directory, "report.json"),
+    write_bytes_atomic(os.path.join(directory, "report.json"),
                   json.dumps(to_jsonable(report), indent=2, sort_keys=True, allow_nan=False).encode())
-    _atomic_write(os.path.join(directory, "report.md"), md.encode())
+    write_bytes_atomic(os.path.join(directory, "report.md"), md.encode())
     imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(d).decode()}" alt="{n}">'
                    f"<figcaption>{n}</figcaption></figure>" for n, d in plots.items())
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>llc-onnx report</title>"
             f"<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}pre{{white-space:pre-wrap}}"
             f"figure{{display:inline-block;margin:8px}}</style></head><body>{imgs}"
             f"<pre>{html.escape(md)}</pre></body></html>")
-    _atomic_write(os.path.join(directory, "report.html"), page.encode())
+    write_bytes_atomic(os.path.join(directory, "report.html"), page.encode())
     paths += [os.path.join(directory, p) for p in ("report.json", "report.md", "report.html")]
     return paths

@@ -87,3 +87,19 @@ def test_unwritable_cache_directory_is_a_one_line_error(tiny, tmp_path):
     assert rc == 2 and not out.exists()
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --cache") and "writable" in lines[0], stderr
+
+
+def test_cache_entries_and_reports_have_ordinary_permissions(tiny, tmp_path):
+    """Atomic writes go through mkstemp (owner-only); the files must end up like any file the user writes."""
+    model, data = tiny
+    old = os.umask(0o022)
+    try:
+        r = _opt(model, data, tmp_path / "a.onnx", "--cache", str(tmp_path / "cache"), "--report",
+                 str(tmp_path / "rep"))
+    finally:
+        os.umask(old)
+    files = [r["cache"]["entry"], r["cache"]["entry"][:-5] + ".npz"] + \
+        [str(p) for p in (tmp_path / "rep").iterdir()]
+    assert len(files) > 4
+    for f in files:
+        assert os.stat(f).st_mode & 0o777 == 0o644, f

@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import __version__
+from ..atomic import write_atomic
 from ..calib.data import Dataset
 from ..calib.gradients import GradientPass, NodeStats
 from ..errors import LLCError
@@ -107,19 +107,6 @@ def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
                        float(meta.get("seconds", 0.0)))
 
 
-def _atomic(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(directory: str, key: str, candidates: list[Candidate], ranges: dict[str, float],
          grads: GradientPass, seconds: float) -> str:
     """Write the entry for ``key`` (npz of gradients first, then the JSON that makes the entry visible)."""
@@ -143,6 +130,6 @@ def save(directory: str, key: str, candidates: list[Candidate], ranges: dict[str
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f)
 
-    _atomic(npath, write_npz)
-    _atomic(jpath, write_json)
+    write_atomic(npath, write_npz)
+    write_atomic(jpath, write_json)
     return jpath
