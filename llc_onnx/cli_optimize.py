@@ -230,7 +230,10 @@ def cmd_optimize(args) -> int:
     """Measure every compressible node's candidates (bit-widths or ranks) by their effect on the loss, choose
     one per node, rewrite the graph, and verify the held-out loss in ONNX Runtime against the float model.
     The model is written only when verified (or with --allow-loss-increase, marked as not verified)."""
+    import dataclasses
+
     from .flows.context import create_context, derive_context
+    from .progress import StageTimer
     from .model_io import save_model
     from .progress import set_enabled
     from .report import emit_json
@@ -267,7 +270,11 @@ def cmd_optimize(args) -> int:
                          loss_factory=_loss_factory(args))
     stages, result = [], None
     for i, method in enumerate(methods):
-        if i:
+        if i and set(stages[-1]["levels"]) <= {"full", "float"}:
+            # the previous stage kept every node as it was: the next works on the same model and context (its
+            # measurements, and any --cache entry, are the original model's), with a fresh stage timer
+            ctx = dataclasses.replace(ctx, timer=StageTimer())
+        elif i:
             ctx = derive_context(ctx, result.model)
         report, result = _stage(ctx, method, args)
         stages.append(report)
@@ -276,8 +283,8 @@ def cmd_optimize(args) -> int:
         report["bytes"] = {"reference": stages[0]["bytes"]["reference"], "compressed": stages[-1]["bytes"]["compressed"]}
         report["bytes"]["reduction"] = 1 - report["bytes"]["compressed"] / report["bytes"]["reference"]
         report["method"] = args.method
-        report["stages"] = [{k: s[k] for k in ("method", "levels", "bytes", "held", "verified", "seconds")}
-                            for s in stages]
+        report["stages"] = [{k: s[k] for k in ("method", "levels", "bytes", "held", "verified", "seconds", "cache")
+                             if k in s} for s in stages]
     write = report["verified"] or args.allow_loss_increase
     report["output"] = out if write else None
     if write:

@@ -157,3 +157,25 @@ def test_lowrank_honours_relative_error_max(files):
         if abs(diff - base * e) > 1e-9:
             assert c["inside"] == (diff <= base * e), c
     assert any(base * e < abs(c["measured"] - c["predicted"]) <= e and not c["inside"] for c in cands)
+
+def test_lowrank_that_keeps_everything_hands_quant_the_original_model(tmp_path):
+    """When the low-rank stage factors nothing, the quantization stage works on the original model: the same
+    output bytes as --method quant, and the same --cache entry (its measurements are reused)."""
+    from _models import write_mlp_files
+
+    model, data = write_mlp_files(tmp_path)
+    cache = str(tmp_path / "cache")
+    base = ["--data", data, "--bits", "4,8,float", "--json", "--allow-loss-increase", "--cache", cache]
+    rc, out_q, err = run_cli(["optimize", model, "-o", str(tmp_path / "q.onnx"), *base])
+    assert rc == 0, err
+    rc, out_b, err = run_cli(["optimize", model, "-o", str(tmp_path / "b.onnx"), "--method", "lowrank,quant",
+                              "--mode", "compact", "--rank-grid", "0.01", *base])
+    assert rc == 0, err
+    q, b = json.loads(out_q), json.loads(out_b)
+    assert set(b["stages"][0]["levels"]) == {"full"}  # rank 1 everywhere costs loss: nothing factored
+    assert b["stages"][1]["cache"]["hit"] is True and b["stages"][1]["cache"]["entry"] == q["cache"]["entry"]
+    assert "svd" not in b["stages"][1]["seconds"] and "candidates" not in b["stages"][1]["seconds"]
+    mq, mb = onnx.load(str(tmp_path / "q.onnx")), onnx.load(str(tmp_path / "b.onnx"))
+    assert {p.key: p.value for p in mb.metadata_props}["llc_onnx.method"] == "lowrank,quant"
+    del mq.metadata_props[:], mb.metadata_props[:]  # they differ in the method named, and only there
+    assert mq.SerializeToString() == mb.SerializeToString()
