@@ -531,6 +531,17 @@ def standing(results: list[dict], budgets) -> list[str]:
                           f" (llc-onnx {cands['llc-onnx']['held_loss'] - cands[best]['held_loss']:+.4f})"))
             out.append(f"| {name} | budget {b:g} | {_desc(cands['llc-onnx'], fl)} | "
                        + "; ".join(f"{lab}: {_desc(cands[lab], fl)}" for lab in others) + f" | {verdict} |")
+        if ok("ort_int4"):
+            o = rows["ort_int4"]
+            near = min((k for k in rows if (k.startswith("llc_b") or k == "llc_lossless") and ok(k)),
+                       key=lambda k: abs(rows[k]["ratio"] - o["ratio"]), default=None)
+            if near is not None:
+                n_ = rows[near]
+                better = "llc-onnx" if n_["held_loss"] < o["held_loss"] else "ORT INT4"
+                out.append(f"| {name} | INT4 weight-only ({rows[near]['label']}) | {_desc(n_, fl)} | ORT INT4 "
+                           f"MatMulNBits: {_desc(o, fl)} | **{better}** lower held loss by "
+                           f"{abs(n_['held_loss'] - o['held_loss']):.4f} (sizes {n_['ratio']:.3f}× vs "
+                           f"{o['ratio']:.3f}×) |")
         if ok("llc_lr_compact"):
             svd = rows.get("svd_uniform")
             c = rows["llc_lr_compact"]
@@ -542,11 +553,15 @@ def standing(results: list[dict], budgets) -> list[str]:
             out.append(f"| {name} | low-rank compact | {_desc(c, fl)} | plain SVD: {_desc(svd, fl)} | {verdict} |")
         if ok("llc_lr_quant") and ok("llc_lossless"):
             a, q = rows["llc_lr_quant"], rows["llc_lossless"]
+            if a["bytes"] == q["bytes"] and a["held_loss"] == q["held_loss"]:
+                verdict = "the same model: the low-rank stage kept every node"
+            else:
+                verdict = (f"composition {'smaller' if a['bytes'] < q['bytes'] else 'not smaller'} "
+                           f"({a['ratio']:.3f}× vs {q['ratio']:.3f}×), held loss "
+                           f"{'lower' if a['held_loss'] < q['held_loss'] else 'higher'} by "
+                           f"{abs(a['held_loss'] - q['held_loss']):.4f}")
             out.append(f"| {name} | low-rank,quant vs quant | {_desc(a, fl)} | llc quant lossless: {_desc(q, fl)} | "
-                       f"composition {'smaller' if a['bytes'] < q['bytes'] else 'not smaller'} "
-                       f"({a['ratio']:.3f}× vs {q['ratio']:.3f}×), held loss "
-                       f"{'lower' if a['held_loss'] < q['held_loss'] else 'higher'} by "
-                       f"{abs(a['held_loss'] - q['held_loss']):.4f} |")
+                       f"{verdict} |")
     return out + [""]
 
 
@@ -554,7 +569,7 @@ def write_markdown(results: list[dict], args, path: Path, started: str, wall: fl
     lines = []
     kind = "QUICK run (--quick)" if args.quick else "full run"
     lines += [f"# llc-onnx benchmark results — {kind}", "",
-              f"- date: {started} (total wall time {wall / 60:.1f} min)",
+              f"- {'last run' if len(runs_of(results)) > 1 else 'date'}: {started} (wall time {wall / 60:.1f} min)",
               f"- machine: {mach['cpus']} CPU(s), {mach['cpu']}; Python {mach['python']}, onnxruntime "
               f"{mach['onnxruntime']}, torch {mach['torch']}, onnx {mach['onnx']}, numpy {mach['numpy']}; "
               f"load average at the end {mach['loadavg_at_end']}",
@@ -580,7 +595,11 @@ def write_markdown(results: list[dict], args, path: Path, started: str, wall: fl
                   f"calibration: `{_home(res['calib'])}` ({res['calib_n']} samples); held-out: `{_home(res['held'])}` "
                   f"({res['held_n']} samples); loss `{res['loss']}`; llc `--measure-samples "
                   f"{res['measure_samples'] or 'all'}`; {res['nodes']} compressible nodes, FP32 weight bytes "
-                  f"{res['fp_bytes']:,}. Model wall time for this model: {res['seconds_total'] / 60:.1f} min.", ""]
+                  f"{res['fp_bytes']:,}. " + (
+                      f"Model wall time: {res['seconds_total'] / 60:.1f} min." if len({r.get('run') for r in rows}) <= 1
+                      else f"Rows from {len({r.get('run') for r in rows})} runs; their method wall times add up to "
+                           f"{sum(r.get('seconds') or 0 for r in rows) / 60:.1f} min (re-evaluation and latency runs "
+                           "not included)."), ""]
         for n in res["notes"]:
             lines.append(f"- {n}")
         by_run: dict[str, list[str]] = {}
