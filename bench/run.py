@@ -664,6 +664,8 @@ NOTES = """## What each method is
   levels {2, 4, 8, 16, float}, blocked (32) MSE-scaled weights with LLC rounding, knapsack, QDQ rewrite,
   held-out verification with back-off. Budget b = b × FP32 weight bytes. Run with `--allow-loss-increase` so that
   a not-verified model is still written and can be measured; VERIFIED is the CLI's own verdict.
+  The quantization rows of one run share one measurement through `llc-onnx optimize --cache`: the first measures,
+  the others re-solve the same candidates, and each row's wall time includes the reused measurement seconds.
 - **HAWQ-V2 (Hutchinson)**: per-node Hessian trace tr(H_ii) by Hutchinson's estimator
   (`llc_onnx.solvers.hessian.hutchinson_trace`, Rademacher probes, on the first batches of the llc
   measurement subset of the calibration split; the row notes say how many probes and samples), cost of level j = ½·tr(H_ii)/n_i·‖δ_ij‖² with the same quantizers as llc but nearest
