@@ -233,9 +233,8 @@ def cmd_optimize(args) -> int:
     import dataclasses
 
     from .flows.context import create_context, derive_context
-    from .progress import StageTimer
     from .model_io import save_model
-    from .progress import set_enabled
+    from .progress import StageTimer, set_enabled
     from .report import emit_json
     from .report_files import write_report
 
@@ -256,12 +255,10 @@ def cmd_optimize(args) -> int:
     methods = args.method.split(",")
     for method in methods:  # option errors before loading anything
         (_quant_config if method == "quant" else _lowrank_config)(args)
-    if args.cache:
-        try:
-            os.makedirs(args.cache, exist_ok=True)
-        except OSError as exc:
-            raise LLCError(f"--cache {args.cache}: cannot create the directory ({exc.strerror}); "
-                           "give a writable directory") from None
+    if args.cache:  # before any work, not after the measurements
+        from .flows.cost_cache import ensure_directory
+
+        ensure_directory(args.cache)
     if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
         raise LLCError(f"--report {args.report}: exists and is not a directory; give a directory for the report")
     # Models are prepared at opset 21; the QDQ pass moves to opset 25 itself only when INT2 is chosen.

@@ -1205,7 +1205,7 @@ class TorchGraph:
         for n in self._nodes:
             self._assign_operands(n)
         self._plans: dict[tuple, tuple[list[_Node], dict[str, int]]] = {}
-        self._positions: dict[tuple[int, int], int] = {}
+        self._positions: dict[tuple[str, ...], dict[int, int]] = {}  # outputs -> node index -> position
 
     # ------------------------------------------------------------------------------------------
     def _is_init(self, name: str) -> bool:
@@ -1339,7 +1339,7 @@ class TorchGraph:
                 raise LLCError("resume: snapshots are for an uncaptured run of the same outputs "
                                f"{list(resume.outputs)}; run without resume=")
             hooked = [n.index for k in (*weight_fns, *input_fns) for n in self._by_key[k]]
-            first = min((self._position(order, i) for i in hooked), default=len(order))
+            first = min((self._position(outs, i) for i in hooked), default=len(order))
             start, saved = resume.before(first)
             if start:
                 for name in self.input_names:
@@ -1406,14 +1406,13 @@ class TorchGraph:
         result = {t: get(t) for t in outs}
         return result, captured
 
-    def _position(self, order: list[_Node], index: int) -> int:
-        """Position in ``order`` of the node with graph index ``index`` (past the end when not run)."""
-        pos = self._positions.get((id(order), index))
-        if pos is None:
-            for p, n in enumerate(order):
-                self._positions[(id(order), n.index)] = p
-            pos = self._positions.get((id(order), index), len(order))
-        return pos
+    def _position(self, outs: tuple[str, ...], index: int) -> int:
+        """Position of the node with graph index ``index`` in the uncaptured plan for ``outs`` (past the end
+        when that plan does not run it)."""
+        if outs not in self._positions:
+            order, _ = self._plan(outs, ())
+            self._positions[outs] = {n.index: p for p, n in enumerate(order)}
+        return self._positions[outs].get(index, len(self._plan(outs, ())[0]))
 
     @torch.no_grad()
     def snapshot(self, feeds: dict[str, np.ndarray | Tensor], at: Iterable[str], *,
@@ -1429,7 +1428,7 @@ class TorchGraph:
         for k in at:
             if k not in self._by_key:
                 raise LLCError(f"snapshot: node '{k}' is not in the graph; use a node name from the model")
-            want.update(self._position(order, n.index) for n in self._by_key[k])
+            want.update(self._position(outs, n.index) for n in self._by_key[k])
         want.discard(len(order))
         want.discard(0)  # resuming at the top is an ordinary run
         record: dict[int, dict[str, Tensor]] = {}

@@ -15,8 +15,8 @@ import os
 
 import matplotlib
 
-from .errors import LLCError
 from .atomic import write_bytes_atomic
+from .errors import LLCError
 from .report import to_jsonable
 
 matplotlib.use("Agg")
@@ -150,7 +150,7 @@ def write_report(report: dict, directory: str) -> list[str]:
         paths.append(os.path.join(directory, name))
     md = markdown(report)
     write_bytes_atomic(os.path.join(directory, "report.json"),
-                  json.dumps(to_jsonable(report), indent=2, sort_keys=True, allow_nan=False).encode())
+                       json.dumps(to_jsonable(report), indent=2, sort_keys=True, allow_nan=False).encode())
     write_bytes_atomic(os.path.join(directory, "report.md"), md.encode())
     imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(d).decode()}" alt="{n}">'
                    f"<figcaption>{n}</figcaption></figure>" for n, d in plots.items())

@@ -3,6 +3,8 @@ without a labels array, non-float32 weights, out-of-range options, and the fit/m
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -26,6 +28,14 @@ def run(argv, capsys):
     return rc, out.out, out.err
 
 
+def optimize_json(capsys, model, data, out, *extra) -> dict:
+    """``optimize ... --json --allow-loss-increase``: exit 0 asserted, the report returned."""
+    rc, stdout, err = run(["optimize", model, "--data", data, "-o", str(out), *extra, "--json",
+                           "--allow-loss-increase"], capsys)
+    assert rc == 0, err
+    return json.loads(stdout)
+
+
 def grouped_cnn(tmp_path):
     """Conv(1→4) -> grouped Conv(4→4, group 2) -> GlobalAveragePool -> Flatten -> Gemm(4→3)."""
     rng = np.random.default_rng(0)
@@ -47,12 +57,8 @@ def grouped_cnn(tmp_path):
 
 
 def test_grouped_conv_is_kept_whole_by_lowrank(tmp_path, capsys):
-    import json
     model, data = grouped_cnn(tmp_path)
-    rc, out, err = run(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"), "--method", "lowrank",
-                        "--mode", "compact", "--json", "--allow-loss-increase"], capsys)
-    assert rc == 0, err
-    r = json.loads(out)
+    r = optimize_json(capsys, model, data, tmp_path / "o.onnx", "--method", "lowrank", "--mode", "compact")
     levels = {c["level"] for c in r["candidates"] if c["node"] == "grouped"}
     assert levels == {"full"}  # no rank candidates for a grouped Conv
     assert any(c["node"] == "c0" and c["level"].startswith("rank") for c in r["candidates"])
@@ -74,12 +80,8 @@ def tiny_lm(tmp_path, vocab=11, d=8, n=48, t=6):
 
 
 def test_language_model_without_labels_uses_input_ids(tmp_path, capsys):
-    import json
     model, data = tiny_lm(tmp_path)
-    rc, out, err = run(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"), "--batch-size", "8",
-                        "--bits", "8,float", "--json", "--allow-loss-increase"], capsys)
-    assert rc == 0, err
-    r = json.loads(out)
+    r = optimize_json(capsys, model, data, tmp_path / "o.onnx", "--batch-size", "8", "--bits", "8,float")
     assert r["calibration"]["reference"]["loss"] > 0 and "ppl" in r["held"]["reference"]["metrics"]
     assert r["measurement"]["in_sample"] is False
 
@@ -141,12 +143,9 @@ def test_fit_measure_split_is_seeded_disjoint_and_covers_the_data():
 def test_one_long_sequence_still_gives_a_standard_error(tmp_path, capsys):
     """LM measurements use token spans as units: one sequence of 200 tokens in the measure part gives SE > 0
     (a per-sequence SE would rest on one number and be 0, silently switching --margin-z off)."""
-    import json
     model, data = tiny_lm(tmp_path, n=4, t=200)
-    rc, out, err = run(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"), "--batch-size", "1",
-                        "--measure-samples", "1", "--bits", "4,float", "--json", "--allow-loss-increase"], capsys)
-    assert rc == 0, err
-    r = json.loads(out)
+    r = optimize_json(capsys, model, data, tmp_path / "o.onnx", "--batch-size", "1", "--measure-samples", "1",
+                      "--bits", "4,float")
     assert r["measurement"]["measure_samples"] == 1
     head = [c for c in r["candidates"] if c["node"] == "head" and c["level"] == "int4"][0]
     assert head["se"] > 0 and head["cost"] == pytest.approx(head["measured"] + head["se"])

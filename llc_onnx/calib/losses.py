@@ -175,6 +175,7 @@ class CrossEntropyLoss(_ClassLoss):
 
 class NextTokenLoss(_ClassLoss):
     name = "lm"
+    unit_tokens = 64  # predicted tokens per standard-error unit (``unit_terms``)
 
     def batch_labels(self, batch, source: str = "data"):
         if batch.labels is None and "input_ids" in batch.inputs:
@@ -203,8 +204,6 @@ class NextTokenLoss(_ClassLoss):
         logits, target = self._shifted(output, labels)
         s = torch.nn.functional.cross_entropy(logits, target, reduction="sum", ignore_index=self.ignore_index)
         return s, int((target != self.ignore_index).sum())
-
-    unit_tokens = 64
 
     def unit_terms(self, output, labels):
         """A sequence's loss in spans of ``unit_tokens`` predicted tokens: with one long sequence per sample

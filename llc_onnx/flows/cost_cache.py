@@ -78,6 +78,15 @@ def cache_key(ctx: FlowContext, settings: dict) -> str:
     return h.hexdigest()
 
 
+def ensure_directory(directory: str) -> None:
+    """Create the cache directory (one-line LLCError when that is not possible)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise LLCError(f"--cache {directory}: cannot create the directory ({exc.strerror}); "
+                       "give a writable directory") from None
+
+
 def _paths(directory: str, key: str) -> tuple[str, str]:
     return os.path.join(directory, f"{key}.json"), os.path.join(directory, f"{key}.npz")
 
@@ -110,11 +119,7 @@ def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
 def save(directory: str, key: str, candidates: list[Candidate], ranges: dict[str, float],
          grads: GradientPass, seconds: float) -> str:
     """Write the entry for ``key`` (npz of gradients first, then the JSON that makes the entry visible)."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise LLCError(f"--cache {directory}: cannot create the directory ({exc.strerror}); "
-                       "give a writable directory") from None
+    ensure_directory(directory)
     jpath, npath = _paths(directory, key)
     names = list(grads.nodes)
 

@@ -89,7 +89,7 @@ class QuantResult:
     result: VerifiedResult
     budget_bytes: int | None
     sweep: list[dict] = field(default_factory=list)
-    cache: dict | None = None  # {"entry": path, "hit": bool} with --cache
+    cache: dict | None = None  # {"entry": path, "hit": bool, "seconds": measurement seconds} with --cache
 
 
 def quantize_node(w: np.ndarray, node: CompressibleNode, bits: int, cfg: QuantConfig, grad: np.ndarray):
