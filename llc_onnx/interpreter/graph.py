@@ -1,0 +1,422 @@
+"""The graph executor: :class:`TorchGraph` runs an ONNX model node by node with the registered torch ops.
+
+Hooks let callers transform the weight or the activation input of a node (quantization noise, low-rank, ...)
+and capture node-local aliases of the (weight, activation) pair actually used by that node, whose gradients
+are the gradients *through that node only*. Nodes are keyed by ``node.name``, or ``f"{op_type}_{index}"``
+(index in ``graph.node``) when unnamed, the same rule as ``model_io.prepare_model``. Intermediate tensors are
+freed after their last consumer has run; :meth:`TorchGraph.snapshot` keeps the live values before chosen nodes
+so that a perturbed run can resume there.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from ..errors import LLCError
+from . import registry
+from .registry import OpContext, OpFn
+from .tensors import Tensor, attr_value, np_to_torch
+
+__all__ = ["TorchGraph", "Snapshots", "node_key", "unsupported_nodes"]
+
+# ops whose weight / activation operands the hooks address in a fixed way
+_CONV_LIKE = {"Conv", "ConvTranspose"}
+_MATMUL_LIKE = {"MatMul", "Gemm"}
+
+
+def node_key(node: onnx.NodeProto, index: int) -> str:
+    """Hook key of a node: its name, or ``<op_type>_<index>`` when unnamed."""
+    return node.name if node.name else f"{node.op_type}_{index}"
+
+
+def _domain_key(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+def _has_subgraph(proto: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in proto.attribute)
+
+
+def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """(node key, op type, domain) of every main-graph node the interpreter cannot run (in graph order):
+    no registered implementation for the model's opset of its domain, or a subgraph attribute the
+    implementation does not handle (``fn.handles_subgraphs``). Local functions are inlined first, as
+    :class:`TorchGraph` does."""
+    registry.load_plugins()
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    versions = {_domain_key(imp.domain): int(imp.version) for imp in model.opset_import}
+    out = []
+    for i, proto in enumerate(model.graph.node):
+        domain = _domain_key(proto.domain)
+        fn = registry.lookup(proto.op_type, domain, versions.get(domain, 21 if domain == "" else 1))
+        if fn is None or (_has_subgraph(proto) and not getattr(fn, "handles_subgraphs", False)):
+            out.append((node_key(proto, i), proto.op_type, proto.domain))
+    return out
+
+
+class _Node:
+    __slots__ = ("index", "key", "op", "domain", "inputs", "outputs", "attrs", "proto", "w_idx", "x_idx", "fn")
+
+    def __init__(self, index: int, proto: onnx.NodeProto):
+        self.index = index
+        self.key = node_key(proto, index)
+        self.op = proto.op_type
+        self.domain = proto.domain or ""
+        self.inputs = list(proto.input)
+        self.outputs = list(proto.output)
+        self.attrs = {a.name: attr_value(a) for a in proto.attribute}
+        self.proto = proto
+        self.w_idx: int | None = None
+        self.x_idx: int | None = None
+        self.fn: OpFn | None = None
+
+
+class TorchGraph:
+    """Executes an ONNX model with torch ops (see module docstring).
+
+    ``params``: float initializers as leaf tensors in ``dtype`` on ``device`` (``requires_grad`` off;
+    turn it on with :meth:`requires_grad_`). ``input_names`` / ``output_names``: graph inputs (excluding
+    initializers) and outputs.
+    """
+
+    def __init__(self, model: onnx.ModelProto, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if dtype not in (torch.float32, torch.float64):
+            raise LLCError(f"interpreter dtype {dtype}: not supported; use torch.float32 or torch.float64")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if model.functions:
+            model = onnx.inliner.inline_local_functions(model)
+        graph = model.graph
+        registry.load_plugins()
+        self.opset = 21  # the ONNX-domain opset (21 when the model imports none)
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                self.opset = int(imp.version)
+
+        self.params: dict[str, Tensor] = {}
+        self.consts: dict[str, Tensor] = {}  # integer/bool initializers and Constant outputs
+        for init in graph.initializer:
+            arr = numpy_helper.to_array(init)
+            t = np_to_torch(arr, dtype, self.device)
+            if t.is_floating_point():
+                self.params[init.name] = t
+            else:
+                self.consts[init.name] = t
+        init_names = set(self.params) | set(self.consts)
+        self.input_names: list[str] = [i.name for i in graph.input if i.name not in init_names]
+        self.output_names: list[str] = [o.name for o in graph.output]
+
+        self._domains = {_domain_key(imp.domain): int(imp.version) for imp in model.opset_import}
+        self._nodes: list[_Node] = []
+        self._by_key: dict[str, list[_Node]] = {}
+        self._producer: dict[str, int] = {}
+        missing = unsupported_nodes(model)
+        if missing:
+            key, op, domain = missing[0]
+            dom = f" domain {domain}" if domain else ""
+            more = f" (and {len(missing) - 1} more unsupported nodes)" if len(missing) > 1 else ""
+            raise LLCError(
+                f"node '{key}' (op {op}{dom}): not supported by the llc-onnx interpreter{more}; see "
+                "'llc-onnx inspect' for the list, or register an implementation (llc_onnx.interpreter.register_op)"
+            )
+        for i, proto in enumerate(graph.node):
+            n = _Node(i, proto)
+            n.fn = registry.lookup(n.op, n.domain, self.domain_version(n.domain))
+            self._nodes.append(n)
+            self._by_key.setdefault(n.key, []).append(n)
+            for o in n.outputs:
+                if o:
+                    self._producer[o] = len(self._nodes) - 1
+
+        # fold Constant nodes once
+        for n in self._nodes:
+            if n.op == "Constant":
+                self.consts[n.outputs[0]] = n.fn(OpContext(self, n), [])
+
+        for n in self._nodes:
+            self._assign_operands(n)
+        self._plans: dict[tuple, tuple[list[_Node], dict[str, int]]] = {}
+        self._positions: dict[tuple[str, ...], dict[int, int]] = {}  # outputs -> node index -> position
+
+    def domain_version(self, domain: str) -> int:
+        """The opset version the model imports for ``domain`` (1 when it imports none)."""
+        d = _domain_key(domain)
+        if d == "":
+            return self.opset
+        return self._domains.get(d, 1)
+
+    # ------------------------------------------------------------------------------------------
+    def _is_init(self, name: str) -> bool:
+        return name in self.params or name in self.consts
+
+    def _assign_operands(self, n: _Node) -> None:
+        """Which input is the weight (W) and which the activation (X) for hooks/capture."""
+        ins = n.inputs
+        if n.op in _CONV_LIKE:
+            n.w_idx, n.x_idx = 1, 0
+        elif n.op in _MATMUL_LIKE:
+            if len(ins) > 1 and ins[1] in self.params:
+                n.w_idx, n.x_idx = 1, 0
+            elif ins and ins[0] in self.params:
+                n.w_idx, n.x_idx = 0, 1
+            else:
+                n.w_idx, n.x_idx = 1, 0
+        else:
+            ws = [i for i, name in enumerate(ins) if name in self.params]
+            xs = [i for i, name in enumerate(ins) if name and not self._is_init(name)]
+            n.w_idx = ws[0] if ws else None
+            n.x_idx = xs[0] if xs else None
+
+    def node_names(self) -> list[str]:
+        """Hook keys of all nodes, in graph order."""
+        return [n.key for n in self._nodes]
+
+    def requires_grad_(self, names: Iterable[str] | None = None, requires_grad: bool = True) -> TorchGraph:
+        """Turn ``requires_grad`` on (or off) for the named params (all when ``names`` is None)."""
+        names = list(self.params) if names is None else list(names)
+        for name in names:
+            if name not in self.params:
+                raise LLCError(f"initializer '{name}': not a float initializer of the graph")
+            self.params[name].requires_grad_(requires_grad)
+        return self
+
+    def to(self, device: str | torch.device) -> TorchGraph:
+        self.device = torch.device(device)
+        self.params = {k: v.detach().to(self.device).requires_grad_(v.requires_grad) for k, v in self.params.items()}
+        self.consts = {k: v.to(self.device) for k, v in self.consts.items()}
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def _plan(self, outputs: tuple[str, ...], capture: tuple[str, ...]) -> tuple[list[_Node], dict[str, int]]:
+        key = (outputs, capture)
+        if key in self._plans:
+            return self._plans[key]
+        needed: set[str] = set(outputs)
+        for c in capture:
+            for n in self._by_key[c]:
+                needed.update(i for i in n.inputs if i)
+        run_mask = [False] * len(self._nodes)
+        stack = [self._producer[t] for t in needed if t in self._producer]
+        while stack:
+            i = stack.pop()
+            if run_mask[i]:
+                continue
+            run_mask[i] = True
+            for t in self._nodes[i].inputs:
+                if t and t in self._producer and not run_mask[self._producer[t]]:
+                    stack.append(self._producer[t])
+        for c in capture:
+            for n in self._by_key[c]:
+                run_mask[n.index] = True
+        order = [n for i, n in enumerate(self._nodes) if run_mask[i] and n.op != "Constant"]
+        last_use: dict[str, int] = {}
+        for pos, n in enumerate(order):
+            for t in n.inputs:
+                if t:
+                    last_use[t] = pos
+        for t in outputs:
+            last_use[t] = len(order)  # never freed
+        self._plans[key] = (order, last_use)
+        return order, last_use
+
+    def _feed(self, name: str, value: Any) -> Tensor:
+        if isinstance(value, Tensor):
+            t = value.to(self.device)
+            return t.to(self.dtype) if t.is_floating_point() else t
+        arr = np.asarray(value)
+        return np_to_torch(arr, self.dtype, self.device)
+
+    def run(
+        self,
+        feeds: dict[str, np.ndarray | Tensor],
+        *,
+        weight_fns: dict[str, Callable[[Tensor], Tensor]] | None = None,
+        input_fns: dict[str, Callable[[Tensor], Tensor]] | None = None,
+        capture: Iterable[str] = (),
+        outputs: Iterable[str] | None = None,
+        resume: Snapshots | None = None,
+        _record: tuple[set[int], dict[int, dict[str, Tensor]]] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+        """Run the graph. Returns ``(outputs, captured)``: output name -> tensor, and for each
+        captured node, the node-local aliases ``(W, X)`` as used by that node (after the hooks).
+
+        ``resume``: snapshots of an unhooked run on the same ``feeds`` (:meth:`snapshot`); execution starts at
+        the last snapshot at or before the first hooked node instead of at the top (same result, less work)."""
+        weight_fns = weight_fns or {}
+        input_fns = input_fns or {}
+        capture = tuple(dict.fromkeys(capture))
+        outs = tuple(self.output_names if outputs is None else outputs)
+        for kind, keys in (("weight_fns", weight_fns), ("input_fns", input_fns), ("capture", capture)):
+            for k in keys:
+                nodes = self._by_key.get(k)
+                if not nodes:
+                    raise LLCError(f"{kind}: node '{k}' is not in the graph; use a node name from the model")
+                for n in nodes:
+                    if kind != "input_fns" and n.w_idx is None:
+                        raise LLCError(
+                            f"{kind}: node '{k}' (op {n.op}) has no weight input; hook MatMul/Gemm/Conv nodes"
+                        )
+                    if kind != "weight_fns" and n.x_idx is None:
+                        raise LLCError(f"{kind}: node '{k}' (op {n.op}) has no activation input")
+        env: dict[str, Tensor] = {}
+        for name, value in feeds.items():
+            if name not in self.input_names and name not in self.params and name not in self.consts:
+                raise LLCError(f"feed '{name}': not an input of the graph; inputs are {self.input_names}")
+            env[name] = self._feed(name, value)
+        for name in self.input_names:
+            if name not in env:
+                raise LLCError(f"input '{name}': missing from the feeds; feed every graph input {self.input_names}")
+        for t in outs:
+            if t not in self._producer and t not in env and not self._is_init(t):
+                raise LLCError(f"output '{t}': not a tensor of the graph")
+
+        order, last_use = self._plan(outs, capture)
+        start = 0
+        if resume is not None:
+            if capture or tuple(resume.outputs) != outs:
+                raise LLCError("resume: snapshots are for an uncaptured run of the same outputs "
+                               f"{list(resume.outputs)}; run without resume=")
+            hooked = [n.index for k in (*weight_fns, *input_fns) for n in self._by_key[k]]
+            first = min((self._position(outs, i) for i in hooked), default=len(order))
+            start, saved = resume.before(first)
+            if start:
+                for name in self.input_names:
+                    if name in saved and not torch.equal(saved[name], env[name]):
+                        raise LLCError(f"resume: input '{name}' differs from the run the snapshots were taken of; "
+                                       "snapshots belong to one batch")
+                env = dict(saved)
+        cap_set = set(capture)
+        keep = set(self.input_names)
+        captured: dict[str, tuple[Tensor, Tensor]] = {}
+        grad_on = torch.is_grad_enabled()
+        params, consts = self.params, self.consts
+
+        def get(name: str) -> Tensor | None:
+            if not name:
+                return None
+            if name in env:
+                return env[name]
+            if name in params:
+                return params[name]
+            return consts[name]
+
+        for pos in range(start, len(order)):
+            n = order[pos]
+            if _record is not None and pos in _record[0]:
+                _record[1][pos] = dict(env)  # the live values (dead ones are deleted as the run goes)
+            try:
+                xs = [get(i) for i in n.inputs]
+            except KeyError as e:
+                raise LLCError(f"node '{n.key}' (op {n.op}): input {e} is not produced by any node") from None
+            key = n.key
+            if key in weight_fns or key in input_fns or key in cap_set:
+                wi, xi = n.w_idx, n.x_idx
+                if key in weight_fns:
+                    xs[wi] = weight_fns[key](xs[wi])
+                if key in input_fns:
+                    xs[xi] = input_fns[key](xs[xi])
+                if key in cap_set:
+                    w, x = _alias(xs[wi], grad_on), _alias(xs[xi], grad_on)
+                    xs[wi], xs[xi] = w, x
+                    captured[key] = (w, x)
+            try:
+                res = n.fn(OpContext(self, n), xs)
+            except LLCError:
+                raise
+            except Exception as e:  # noqa: BLE001 - re-raised with the node named
+                shapes = [tuple(x.shape) if x is not None else None for x in xs]
+                raise LLCError(
+                    f"node '{n.key}' (op {n.op}): failed on input shapes {shapes}: {type(e).__name__}: {e}"
+                ) from e
+            del xs
+            if isinstance(res, Tensor):
+                env[n.outputs[0]] = res
+            else:
+                for o, r in zip(n.outputs, res):
+                    if o:
+                        env[o] = r
+            for t in n.inputs:
+                if t and last_use.get(t) == pos and t in env and t not in keep:
+                    del env[t]
+            for o in n.outputs:  # outputs nobody reads
+                if o and o not in last_use and o in env:
+                    del env[o]
+        result = {t: get(t) for t in outs}
+        return result, captured
+
+    def _position(self, outs: tuple[str, ...], index: int) -> int:
+        """Position of the node with graph index ``index`` in the uncaptured plan for ``outs`` (past the end
+        when that plan does not run it)."""
+        if outs not in self._positions:
+            order, _ = self._plan(outs, ())
+            self._positions[outs] = {n.index: p for p, n in enumerate(order)}
+        return self._positions[outs].get(index, len(self._plan(outs, ())[0]))
+
+    @torch.no_grad()
+    def snapshot(self, feeds: dict[str, np.ndarray | Tensor], at: Iterable[str], *,
+                 outputs: Iterable[str] | None = None, max_bytes: int | None = None
+                 ) -> tuple[dict[str, Tensor], Snapshots]:
+        """Run the graph without hooks and keep, just before each node of ``at``, the values live at that point
+        (the prefix a later hooked run can skip). Returns ``(outputs, snapshots)``. With ``max_bytes``, snapshots
+        are thinned evenly (every 2nd, 4th, ... kept) until their distinct tensors fit; a hooked node then
+        resumes from the nearest earlier snapshot."""
+        outs = tuple(self.output_names if outputs is None else outputs)
+        order, _ = self._plan(outs, ())
+        want = set()
+        for k in at:
+            if k not in self._by_key:
+                raise LLCError(f"snapshot: node '{k}' is not in the graph; use a node name from the model")
+            want.update(self._position(outs, n.index) for n in self._by_key[k])
+        want.discard(len(order))
+        want.discard(0)  # resuming at the top is an ordinary run
+        record: dict[int, dict[str, Tensor]] = {}
+        result, _ = self.run(feeds, outputs=outs, _record=(want, record))
+        snaps = Snapshots(outs, sorted(record), [record[p] for p in sorted(record)])
+        step = 1
+        while max_bytes is not None and snaps.positions and snaps.nbytes() > max_bytes:
+            step *= 2
+            keep = sorted(record)[step - 1::step]
+            snaps = Snapshots(outs, keep, [record[p] for p in keep])
+        return result, snaps
+
+
+@dataclass
+class Snapshots:
+    """Live values of one unhooked run just before chosen positions of its execution order (see
+    :meth:`TorchGraph.snapshot`). Tensors are shared, never modified: the interpreter's ops do not write
+    into their inputs."""
+
+    outputs: tuple[str, ...]
+    positions: list[int]  # ascending
+    envs: list[dict[str, Tensor]]
+
+    def before(self, pos: int) -> tuple[int, dict[str, Tensor]]:
+        """(position, values) of the last snapshot at or before ``pos``; (0, {}) when there is none."""
+        i = bisect.bisect_right(self.positions, pos) - 1
+        return (self.positions[i], self.envs[i]) if i >= 0 else (0, {})
+
+    def nbytes(self) -> int:
+        """Bytes of the distinct tensors held (shared tensors counted once)."""
+        seen, total = set(), 0
+        for env in self.envs:
+            for t in env.values():
+                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    total += key[1]
+        return total
+
+
+def _alias(t: Tensor, grad_on: bool) -> Tensor:
+    if grad_on and t.is_floating_point() and not t.requires_grad:
+        return t.detach().requires_grad_(True)
+    return t.view_as(t)

@@ -1,0 +1,359 @@
+"""Neural-network ops: activations, softmax, normalizations, MatMul/Gemm, convolution and pooling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register_op, register_ops
+from ..tensors import Tensor, norm_axis
+
+@register_ops("Gelu")
+def _gelu(ctx, xs):
+    return F.gelu(xs[0], approximate=ctx.a("approximate", "none"))
+
+
+@register_ops("LeakyRelu")
+def _leaky(ctx, xs):
+    return F.leaky_relu(xs[0], ctx.a("alpha", 0.01))
+
+
+@register_ops("PRelu")
+def _prelu(ctx, xs):
+    x, s = xs
+    return torch.where(x < 0, x * s, x)
+
+
+@register_ops("Elu")
+def _elu(ctx, xs):
+    return F.elu(xs[0], ctx.a("alpha", 1.0))
+
+
+@register_ops("Selu")
+def _selu(ctx, xs):
+    x = xs[0]
+    alpha, gamma = ctx.a("alpha", 1.67326319217681884765625), ctx.a("gamma", 1.05070102214813232421875)
+    return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
+
+
+@register_ops("HardSigmoid")
+def _hard_sigmoid(ctx, xs):
+    return torch.clamp(ctx.a("alpha", 0.2) * xs[0] + ctx.a("beta", 0.5), 0.0, 1.0)
+
+
+@register_ops("HardSwish")
+def _hard_swish(ctx, xs):
+    x = xs[0]
+    return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
+
+
+@register_ops("Clip")
+def _clip(ctx, xs):
+    x = xs[0]
+    lo = xs[1] if len(xs) > 1 else None
+    hi = xs[2] if len(xs) > 2 else None
+    if lo is None and "min" in ctx.attrs:
+        lo = torch.tensor(ctx.attrs["min"], dtype=x.dtype, device=x.device)
+    if hi is None and "max" in ctx.attrs:
+        hi = torch.tensor(ctx.attrs["max"], dtype=x.dtype, device=x.device)
+    if lo is not None:
+        x = torch.maximum(x, lo.to(x.dtype))
+    if hi is not None:
+        x = torch.minimum(x, hi.to(x.dtype))
+    return x
+
+
+def _softmax_v1(fn):
+    """Opsets 1–12: the input is coerced to 2-D at ``axis`` (default 1) and normalised over the second dim."""
+    def impl(ctx, xs):
+        x = xs[0]
+        axis = norm_axis(ctx.a("axis", 1), x.dim())
+        shape = x.shape
+        y = x.reshape(math.prod(shape[:axis]), math.prod(shape[axis:]))
+        return fn(y, dim=1).reshape(shape)
+
+    return impl
+
+
+def _softmax_v13(fn):
+    """Opset 13 on: normalised over ``axis`` alone (default -1)."""
+    return lambda ctx, xs: fn(xs[0], dim=norm_axis(ctx.a("axis", -1), xs[0].dim()))
+
+
+for _op_type, _fn in (("Softmax", torch.softmax), ("LogSoftmax", torch.log_softmax)):
+    register_op(_op_type)(_softmax_v1(_fn))
+    register_op(_op_type, since_version=13)(_softmax_v13(_fn))
+
+
+@register_ops("LayerNormalization")
+def _layer_norm(ctx, xs):
+    x = xs[0]
+    scale = xs[1] if len(xs) > 1 else None
+    bias = xs[2] if len(xs) > 2 else None
+    axis = norm_axis(ctx.a("axis", -1), x.dim())
+    eps = ctx.a("epsilon", 1e-5)
+    dims = list(range(axis, x.dim()))
+    norm_shape = tuple(x.shape[axis:])
+    n_out = len([o for o in ctx.node.outputs if o])
+    if n_out == 1 and (scale is None or tuple(scale.shape) == norm_shape) and (
+        bias is None or tuple(bias.shape) == norm_shape
+    ):
+        return F.layer_norm(x, norm_shape, scale, bias, eps)
+    mean = x.mean(dim=dims, keepdim=True)
+    d = x - mean
+    inv = torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + eps)
+    y = d * inv
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return [y, mean, inv]
+
+
+def rms_norm(ctx, xs, default_axis: int = -1):
+    x = xs[0]
+    scale = xs[1] if len(xs) > 1 else None
+    axis = norm_axis(ctx.a("axis", default_axis), x.dim())
+    eps = ctx.a("epsilon", 1e-5)
+    dims = list(range(axis, x.dim()))
+    inv = torch.rsqrt((x * x).mean(dim=dims, keepdim=True) + eps)
+    y = x * inv
+    if scale is not None:
+        y = y * scale
+    return y, inv
+
+
+@register_ops("RMSNormalization")
+def _rms_norm(ctx, xs):
+    return rms_norm(ctx, xs)[0]
+
+
+@register_ops("BatchNormalization")
+def _batch_norm(ctx, xs):
+    x, scale, b, mean, var = xs[:5]
+    if ctx.a("training_mode", 0):
+        raise ctx.fail("training_mode=1 is not supported; export the model in eval mode")
+    eps = ctx.a("epsilon", 1e-5)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    inv = torch.rsqrt(var + eps).reshape(shape)
+    return (x - mean.reshape(shape)) * inv * scale.reshape(shape) + b.reshape(shape)
+
+
+@register_ops("InstanceNormalization")
+def _instance_norm(ctx, xs):
+    x, scale, b = xs
+    dims = list(range(2, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    d = x - mean
+    inv = torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + ctx.a("epsilon", 1e-5))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return d * inv * scale.reshape(shape) + b.reshape(shape)
+
+
+@register_ops("Dropout")
+def _dropout(ctx, xs):
+    x = xs[0]
+    outs = [x]
+    if len(ctx.node.outputs) > 1 and ctx.node.outputs[1]:
+        outs.append(torch.ones_like(x, dtype=torch.bool))
+    return outs
+
+
+# linear algebra ---------------------------------------------------------------------------------
+
+
+@register_ops("MatMul")
+def _matmul(ctx, xs):
+    return torch.matmul(xs[0], xs[1])
+
+
+@register_ops("Gemm")
+def _gemm(ctx, xs):
+    a, b = xs[0], xs[1]
+    c = xs[2] if len(xs) > 2 else None
+    if ctx.a("transA", 0):
+        a = a.transpose(0, 1)
+    if ctx.a("transB", 0):
+        b = b.transpose(0, 1)
+    alpha, beta = ctx.a("alpha", 1.0), ctx.a("beta", 1.0)
+    y = a @ b
+    if alpha != 1.0:
+        y = y * alpha
+    if c is not None:
+        y = y + (c if beta == 1.0 else c * beta)
+    return y
+
+
+# convolution / pooling ---------------------------------------------------------------------------
+
+
+def _conv_pads(ctx, in_sizes, kernel, strides, dilations) -> tuple[list[int], list[int]]:
+    """(begin pads, end pads) per spatial dim, honouring auto_pad."""
+    n = len(in_sizes)
+    auto = ctx.a("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i in range(n):
+            out = -(-in_sizes[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_sizes[i])
+            small = total // 2
+            if auto == "SAME_UPPER":
+                begin.append(small)
+                end.append(total - small)
+            else:
+                begin.append(total - small)
+                end.append(small)
+        return begin, end
+    if auto == "VALID":
+        return [0] * n, [0] * n
+    pads = list(ctx.a("pads", [0] * (2 * n)))
+    return pads[:n], pads[n:]
+
+
+def _torch_pad_list(begin: list[int], end: list[int]) -> list[int]:
+    out: list[int] = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        out += [b, e]
+    return out
+
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@register_ops("Conv")
+def _conv(ctx, xs):
+    x, w = xs[0], xs[1]
+    b = xs[2] if len(xs) > 2 else None
+    nsp = x.dim() - 2
+    if nsp not in _CONV_FNS:
+        raise ctx.fail(f"{nsp}-D convolution is not supported")
+    kernel = list(w.shape[2:])
+    strides = list(ctx.a("strides", [1] * nsp))
+    dil = list(ctx.a("dilations", [1] * nsp))
+    begin, end = _conv_pads(ctx, list(x.shape[2:]), kernel, strides, dil)
+    if begin == end:
+        padding = begin
+    else:
+        x = F.pad(x, _torch_pad_list(begin, end))
+        padding = [0] * nsp
+    return _CONV_FNS[nsp](x, w, b, stride=strides, padding=padding, dilation=dil, groups=ctx.a("group", 1))
+
+
+_CONVT_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@register_ops("ConvTranspose")
+def _conv_transpose(ctx, xs):
+    x, w = xs[0], xs[1]
+    b = xs[2] if len(xs) > 2 else None
+    nsp = x.dim() - 2
+    if nsp not in _CONVT_FNS:
+        raise ctx.fail(f"{nsp}-D transposed convolution is not supported")
+    kernel = list(w.shape[2:])
+    in_sizes = list(x.shape[2:])
+    strides = list(ctx.a("strides", [1] * nsp))
+    dil = list(ctx.a("dilations", [1] * nsp))
+    out_pad = list(ctx.a("output_padding", [0] * nsp))
+    full = [strides[i] * (in_sizes[i] - 1) + out_pad[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(nsp)]
+    auto = ctx.a("auto_pad", "NOTSET")
+    out_shape = ctx.a("output_shape")
+    if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = list(out_shape)[-nsp:] if out_shape is not None else [s * st for s, st in zip(in_sizes, strides)]
+        total = [f - t for f, t in zip(full, target)]
+        if auto == "SAME_UPPER":
+            begin = [t // 2 for t in total]
+        else:
+            begin = [t - t // 2 for t in total]
+        end = [t - bg for t, bg in zip(total, begin)]
+    elif auto == "VALID":
+        begin, end = [0] * nsp, [0] * nsp
+    else:
+        pads = list(ctx.a("pads", [0] * (2 * nsp)))
+        begin, end = pads[:nsp], pads[nsp:]
+    y = _CONVT_FNS[nsp](x, w, None, stride=strides, padding=0, groups=ctx.a("group", 1), dilation=dil)
+    # y has the size without output_padding: add it at the end, then crop (or pad) by the pads
+    crop = _torch_pad_list([-bg for bg in begin], [op - e for op, e in zip(out_pad, end)])
+    if any(crop):
+        y = F.pad(y, crop)
+    if b is not None:
+        y = y + b.reshape([1, -1] + [1] * nsp)
+    return y
+
+
+def _pool_geometry(ctx, x: Tensor):
+    nsp = x.dim() - 2
+    kernel = list(ctx.a("kernel_shape"))
+    strides = list(ctx.a("strides", [1] * nsp))
+    dil = list(ctx.a("dilations", [1] * nsp))
+    in_sizes = list(x.shape[2:])
+    begin, end = _conv_pads(ctx, in_sizes, kernel, strides, dil)
+    ceil = bool(ctx.a("ceil_mode", 0))
+    extra = []  # additional right padding (beyond the declared pads) needed by ceil_mode
+    for i in range(nsp):
+        span = in_sizes[i] + begin[i] + end[i] - dil[i] * (kernel[i] - 1) - 1
+        out = (-(-span // strides[i]) if ceil else span // strides[i]) + 1
+        if ceil and (out - 1) * strides[i] >= in_sizes[i] + begin[i]:
+            out -= 1  # a window may not start in the right padding
+        need = (out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1
+        extra.append(need - (in_sizes[i] + begin[i] + end[i]))
+    return nsp, kernel, strides, dil, begin, end, extra
+
+
+@register_ops("MaxPool")
+def _max_pool(ctx, xs):
+    x = xs[0]
+    if len(ctx.node.outputs) > 1 and ctx.node.outputs[1]:
+        raise ctx.fail("the Indices output is not supported")
+    nsp, kernel, strides, dil, begin, end, extra = _pool_geometry(ctx, x)
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}.get(nsp)
+    if fn is None:
+        raise ctx.fail(f"{nsp}-D pooling is not supported")
+    end2 = [e + max(x_, 0) for e, x_ in zip(end, extra)]
+    if any(begin) or any(end2):
+        x = F.pad(x, _torch_pad_list(begin, end2), value=-math.inf)
+    # negative `extra` means trailing elements no window reaches: floor mode handles them
+    return fn(x, kernel, strides, 0, dil, ceil_mode=False)
+
+
+def _sum_pool(x: Tensor, kernel, strides, dil) -> Tensor:
+    nsp = x.dim() - 2
+    n, c = x.shape[0], x.shape[1]
+    y = x.reshape([n * c, 1] + list(x.shape[2:]))
+    ones = torch.ones([1, 1] + list(kernel), dtype=x.dtype, device=x.device)
+    y = _CONV_FNS[nsp](y, ones, None, stride=strides, dilation=dil)
+    return y.reshape([n, c] + list(y.shape[2:]))
+
+
+@register_ops("AveragePool")
+def _avg_pool(ctx, xs):
+    x = xs[0]
+    nsp, kernel, strides, dil, begin, end, extra = _pool_geometry(ctx, x)
+    if nsp not in _CONV_FNS:
+        raise ctx.fail(f"{nsp}-D pooling is not supported")
+    ex = [max(e, 0) for e in extra]
+    pad_all = _torch_pad_list(begin, [e + x_ for e, x_ in zip(end, ex)])
+    xp = F.pad(x, pad_all)
+    total = _sum_pool(xp, kernel, strides, dil)
+    # divisor: how many counted positions each window covers
+    mask = torch.ones([1, 1] + list(x.shape[2:]), dtype=x.dtype, device=x.device)
+    if ctx.a("count_include_pad", 0):
+        mask = F.pad(mask, _torch_pad_list(begin, end), value=1.0)
+        mask = F.pad(mask, _torch_pad_list([0] * nsp, ex), value=0.0)
+    else:
+        mask = F.pad(mask, pad_all, value=0.0)
+    count = _sum_pool(mask, kernel, strides, dil)
+    return total / count
+
+
+@register_ops("GlobalAveragePool")
+def _gap(ctx, xs):
+    x = xs[0]
+    return x.mean(dim=list(range(2, x.dim())), keepdim=True)
+
+
+@register_ops("GlobalMaxPool")
+def _gmp(ctx, xs):
+    x = xs[0]
+    return x.amax(dim=list(range(2, x.dim())), keepdim=True)
