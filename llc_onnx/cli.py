@@ -1,67 +1,56 @@
-"""``llc-onnx`` command line.
+"""``llc-onnx`` command line: parse → config → API call → print. Nothing else lives here.
 
-Each subcommand is one function decorated with :func:`command`, which declares its arguments; the
-function gets the parsed ``argparse.Namespace`` and returns the exit code. :func:`main` turns an
-:class:`~llc_onnx.errors.LLCError` into ``error: <message>`` on stderr and exit code 2.
+The ``optimize`` options are generated from :class:`~llc_onnx.config.OptimizeConfig`'s fields
+(:func:`llc_onnx.config.cli_fields`), so flags and config names cannot drift; a
+:class:`~llc_onnx.config.ConfigError` is shown with the flag the user typed. ``--config FILE`` (TOML) gives the
+base configuration and flags override it; ``--print-config`` prints the effective configuration.
 
-Exit codes: 0 success / candidate no worse / verified, 1 candidate worse (``compare``) / not verified
-(``optimize``), 2 bad input, 3 internal error.
+Exit codes: 0 success / verified / candidate no worse, 1 not verified (``optimize``) / candidate worse
+(``compare``), 2 bad input, 3 internal error (a bug), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Callable
 
 from . import __version__
 from .errors import LLCError
 
-_COMMANDS: dict[str, tuple[str, tuple, Callable[[argparse.Namespace], int]]] = {}
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+_CFG = "cfg:"  # argparse dest prefix of generated config options
 
 
-def arg(*flags, **kwargs):
-    """An argument declaration for :func:`command` (same parameters as ``add_argument``)."""
-    return flags, kwargs
-
-
-def command(name: str, help: str, *arguments):
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
     """Register the decorated ``fn(args) -> int`` as subcommand ``name``."""
     def register(fn):
-        _COMMANDS[name] = (help, arguments, fn)
+        _COMMANDS[name] = (help, add_arguments, fn)
         return fn
     return register
 
 
-# Modules that register more subcommands with @command (imported lazily: they import this module).
-EXTENSIONS = ("llc_onnx.cli_optimize",)
-
-
-def _load_extensions() -> None:
-    import importlib
-
-    for name in EXTENSIONS:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # the extension exists but one of its imports is missing
-                raise
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _load_extensions()
     parser = argparse.ArgumentParser(
         prog="llc-onnx",
         description="Loss-aware post-training compression of ONNX models, verified on held-out data.")
     parser.add_argument("--version", action="version", version=f"llc-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (help_text, arguments, fn) in _COMMANDS.items():
+    for name, (help_text, add_arguments, fn) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=(fn.__doc__ or help_text).strip())
-        for flags, kwargs in arguments:
-            p.add_argument(*flags, **kwargs)
+        add_arguments(p)
         p.set_defaults(_run=fn)
     return parser
+
+
+class _WarningsToStderr(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from .report import print_line
+
+        print_line(f"warning: {record.getMessage()}", file=sys.stderr, style="yellow")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,151 +60,189 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help / --version (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
+    logger = logging.getLogger("llc_onnx")
+    handler = _WarningsToStderr(logging.WARNING)
+    logger.addHandler(handler)
     try:
         return int(args._run(args))
     except LLCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not bad input: never confused with "not verified" (1) or bad input (2)
         print(f"error: internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); "
               "please report it with the command line", file=sys.stderr)
         return 3
+    finally:
+        logger.removeHandler(handler)
 
 
-# ------------------------------------------------------------------------------------------ helpers
-_JSON = arg("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
 
 
-def _progress_enabled(args) -> bool:
-    return sys.stderr.isatty() and not getattr(args, "json", False)
+def _progress(args):
+    from .progress import RichBars, Silent
 
-
-def default_loss_kind(model, output: str) -> str:
-    """``"lm"`` when ``output`` has rank 3 and a graph input is named ``input_ids``, else ``"ce"``."""
-    rank = None
-    for o in model.graph.output:
-        if o.name == output and o.type.tensor_type.HasField("shape"):
-            rank = len(o.type.tensor_type.shape.dim)
-    has_ids = any(i.name == "input_ids" for i in model.graph.input)
-    return "lm" if rank == 3 and has_ids else "ce"
+    return Silent() if getattr(args, "json", False) else RichBars()
 
 
 # ------------------------------------------------------------------------------------------ inspect
-@command("inspect", "show inputs, outputs and the compressible nodes of a model",
-         arg("model", help="path of the .onnx model"), _JSON)
+def _inspect_args(p):
+    p.add_argument("model", help="path of the .onnx model")
+    _json_flag(p)
+
+
+@command("inspect", "show inputs, outputs and the compressible nodes of a model", _inspect_args)
 def cmd_inspect(args) -> int:
     """Show opset, IR version, inputs/outputs, which MatMul/Gemm/Conv nodes can be compressed (weight
-    shape, parameters, bytes) and why the others are skipped."""
-    from .compressible import inspect_model
-    from .model_io import load_model
-    from .report import Summary, emit_json, format_bytes, print_summaries
+    shape, parameters, bytes), why the others are skipped, and any op the interpreter cannot run."""
+    from . import api
+    from .report import emit_json, print_inspect
 
-    model = load_model(args.model)
-    info = inspect_model(model)
-    info = {"model": args.model, **info}
+    info = api.inspect(args.model)
     if args.json:
         emit_json(info)
-        return 0
-    head = Summary("model")
-    head.add("path", args.model).add("opset", info["opset"]).add("IR version", info["ir_version"]).add("producer", info["producer"] or "-")
-    io = Summary("inputs / outputs", ["", "name", "dtype", "shape"])
-    for kind in ("inputs", "outputs"):
-        for v in info[kind]:
-            io.add_row(kind[:-1], v["name"], v["dtype"], v["shape"])
-    comp = Summary("compressible nodes", ["node", "op", "weight", "shape", "params", "bytes", "notes"])
-    for c in info["compressible"]:
-        notes = [f"out_axis={c['out_axis']}"]
-        if c["group"] > 1:
-            notes.append("depthwise" if c["depthwise"] else f"group={c['group']}")
-        if c["shared_with"]:
-            notes.append("shared with " + ", ".join(c["shared_with"]))
-        comp.add_row(c["name"], c["op_type"], c["weight"], c["shape"], c["params"], c["bytes"], "; ".join(notes))
-    skipped = Summary("skipped nodes", ["node", "op", "reason"])
-    for s in info["skipped"]:
-        skipped.add_row(s["name"], s["op_type"], s["reason"])
-    t = info["totals"]
-    totals = Summary("totals")
-    totals.add("compressible nodes", t["compressible_nodes"]).add("compressible params", t["compressible_params"])
-    totals.add("compressible weight bytes", f"{t['compressible_bytes']:,} ({format_bytes(t['compressible_bytes'])})")
-    totals.add("all initializer bytes", f"{t['initializer_bytes']:,} ({format_bytes(t['initializer_bytes'])})")
-    print_summaries([head, io, comp] + ([skipped] if info["skipped"] else []) + [totals])
+    else:
+        print_inspect(info)
     return 0
 
 
 # ------------------------------------------------------------------------------------------ compare
-@command("compare", "evaluate a reference and a candidate model on held-out data",
-         arg("reference", help="reference (original) .onnx model"),
-         arg("candidate", help="candidate (compressed) .onnx model"),
-         arg("--data", required=True,
-             help="held-out data: file.npz, a directory of .npz batches, or module:attr (CalibrationDataReader)"),
-         arg("--output", default=None, help="graph output the loss reads (default: the first output)"),
-         arg("--loss", default=None,
-             help="ce | lm | mse | module:function (default: lm for rank-3 output with an input_ids input, else ce)"),
-         arg("--tolerance", type=float, default=0.0,
-             help="candidate passes when its loss ≤ reference loss + tolerance (default 0)"),
-         arg("--batch-size", type=int, default=64, help="samples per batch for a single .npz (default 64)"),
-         arg("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = ORT default)"),
-         _JSON)
+def _compare_args(p):
+    p.add_argument("reference", help="reference (original) .onnx model")
+    p.add_argument("candidate", help="candidate (compressed) .onnx model")
+    p.add_argument("--data", required=True,
+                   help="held-out data: file.npz, a directory of .npz batches, or module:attr (CalibrationDataReader)")
+    p.add_argument("--output", default=None, help="graph output the loss reads (default: the first output)")
+    p.add_argument("--loss", default=None,
+                   help="ce | lm | mse | module:function (default: lm for rank-3 output with an input_ids input, else ce)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="candidate passes when its loss ≤ reference loss + tolerance (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch for a single .npz (default 64)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = ORT default)")
+    _json_flag(p)
+
+
+@command("compare", "compare a candidate model against a reference on the same data", _compare_args)
 def cmd_compare(args) -> int:
     """Run both models on the same data with ONNX Runtime and report loss, metrics, the max/mean absolute
     difference of the chosen output, and weight bytes (packed at the element bit width). Exit code 1 when
     the candidate loss exceeds the reference loss + tolerance, 0 otherwise."""
-    from .calib.data import load_dataset, validate_dataset
-    from .calib.losses import make_loss
-    from .model_io import initializer_bytes, load_model
-    from .ort_eval import compare_models, resolve_output
-    from .report import Summary, emit_json, print_line, print_summaries
+    from . import api
+    from .report import emit_json, print_compare
 
-    if args.tolerance < 0:
-        raise LLCError(f"--tolerance {args.tolerance}: must be ≥ 0")
-    ref = load_model(args.reference)
-    cand = load_model(args.candidate)
-    output = resolve_output(ref, args.output, args.reference)
-    resolve_output(cand, output, args.candidate)
-    kind = args.loss or default_loss_kind(ref, output)
-    loss = make_loss(kind, output)
-    data = load_dataset(args.data, ref, batch_size=args.batch_size)
-    validate_dataset(data, cand)
-    cmp = compare_models(args.reference, args.candidate, data, loss, intra_op_num_threads=args.threads,
-                         progress=_progress_enabled(args))
-    r, c = cmp.reference, cmp.candidate
-    rb, cb = initializer_bytes(ref), initializer_bytes(cand)
-    passed = bool(c.loss <= r.loss + args.tolerance)
-    names = list(r.metrics)
-
-    def side(path, e, nbytes):
-        return {"model": path, "loss": e.loss, "metrics": dict(e.metrics), "weight_bytes": nbytes,
-                "seconds": e.seconds}
-
-    result = {
-        "output": output, "loss_kind": kind, "data": args.data, "n_samples": cmp.n,
-        "reference": side(args.reference, r, rb),
-        "candidate": side(args.candidate, c, cb),
-        "delta": {"loss": c.loss - r.loss, "metrics": {k: c.metrics[k] - r.metrics[k] for k in names},
-                  "weight_bytes": cb - rb, "weight_ratio": cb / rb if rb else None},
-        "max_abs_diff": cmp.max_abs_diff, "mean_abs_diff": cmp.mean_abs_diff,
-        "tolerance": args.tolerance, "passed": passed,
-    }
+    res = api.compare(args.reference, args.candidate, args.data, loss=args.loss, output=args.output,
+                      tolerance=args.tolerance, batch_size=args.batch_size, threads=args.threads,
+                      progress=not args.json and sys.stderr.isatty())
     if args.json:
-        emit_json(result)
+        emit_json({**res.to_dict(), "data": args.data})
     else:
-        t = Summary(f"compare on {args.data}: output '{output}', loss {kind}, {cmp.n} samples",
-                    ["", "reference", "candidate", "delta"])
-        t.add_row("loss", r.loss, c.loss, c.loss - r.loss)
-        for k in names:
-            t.add_row(k, r.metrics[k], c.metrics[k], c.metrics[k] - r.metrics[k])
-        t.add_row("weight bytes", rb, cb, cb - rb)
-        t.add_row("max |Δ output|", None, cmp.max_abs_diff, None)
-        t.add_row("mean |Δ output|", None, cmp.mean_abs_diff, None)
-        print_summaries([t])
-        rel = "≤" if passed else ">"
-        print_line(f"{'PASS' if passed else 'FAIL'}: candidate loss {c.loss:.6g} {rel} reference loss "
-                   f"{r.loss:.6g} + tolerance {args.tolerance:g}", style="bold green" if passed else "bold red")
-    return 0 if passed else 1
+        print_compare(res, args.data)
+    return 0 if res.passed else 1
 
 
-# Further subcommands live in their own modules and register themselves on import.
-from . import cli_optimize  # noqa: E402,F401
+# ------------------------------------------------------------------------------------------ optimize
+def _field_kind(f) -> str:
+    t = str(f.type)
+    if isinstance(f.default, bool):
+        return "bool"
+    if t.startswith("int") and f.parse is None:
+        return "int"
+    if t.startswith("float") and f.parse is None:
+        return "float"
+    return "str"
+
+
+def _optimize_args(p):
+    from .config import cli_fields
+
+    p.add_argument("model", help="path of the .onnx model (never modified)")
+    p.add_argument("--data", default=None,
+                   help="data: file.npz, directory of .npz batches, or module:attr (labels optional)")
+    p.add_argument("--held", default=None, help="explicit test data (then --data is calibration + validation)")
+    p.add_argument("--val", default=None, help="explicit validation data (then --data is calibration + test)")
+    p.add_argument("-o", "--out", default=None, help="output model (default <model>.llc.onnx beside the input)")
+    p.add_argument("--config", default=None, metavar="FILE", help="TOML configuration; flags override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration as TOML (to pin in a build) and exit")
+    p.add_argument("--report", default=None, metavar="DIR", help="write report.json/.md/.html with plots here")
+    _json_flag(p)
+    for f in cli_fields():
+        kw = {"dest": _CFG + f.path, "default": argparse.SUPPRESS, "help": f.help}
+        if _field_kind(f) == "bool":
+            p.add_argument(f.flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(f.flag, metavar=f.metavar, **kw)
+
+
+def _parse_value(f, raw):
+    kind = _field_kind(f)
+    if kind == "bool":
+        return raw
+    try:
+        if f.parse is not None:
+            return f.parse(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        what = {"int": "expected an integer", "float": "expected a number"}.get(kind, str(exc))
+        raise LLCError(f"{f.flag} {raw}: {str(exc) if f.parse is not None else what}") from None
+
+
+def config_from_args(args):
+    """The effective :class:`~llc_onnx.config.OptimizeConfig`: the ``--config`` file (or defaults), then the
+    flags given. A bad value is reported with its flag (or the file and field name)."""
+    from .config import ConfigError, OptimizeConfig, cli_fields, load_config, with_values
+
+    fields = {f.path: f for f in cli_fields()}
+    given = {k[len(_CFG):]: v for k, v in vars(args).items() if k.startswith(_CFG)}
+    values = {path: _parse_value(fields[path], raw) for path, raw in given.items()}
+    try:
+        base = load_config(args.config) if args.config else OptimizeConfig()
+    except ConfigError as exc:
+        raise LLCError(f"{args.config}: {exc}") from None
+    try:
+        return with_values(base, values)
+    except ConfigError as exc:
+        if exc.field in given:
+            raise LLCError(f"{fields[exc.field].flag} {given[exc.field]}: {exc.reason}") from None
+        flag = fields[exc.field].flag if exc.field in fields else exc.field
+        raise LLCError(f"{flag} ({exc.field}) {exc.value}: {exc.reason}") from None
+
+
+@command("optimize", "compress a model (quantization / low-rank) and verify it on held-out data", _optimize_args)
+def cmd_optimize(args) -> int:
+    """Measure every compressible node's candidates (bit-widths or ranks) by their effect on the loss, choose
+    one per node, measure the chosen plans jointly on a validation split (back-off), and give the verdict on
+    the test split, once, in ONNX Runtime. The model is written only when verified (or with
+    --allow-loss-increase, marked as not verified)."""
+    from . import api
+    from .config import to_toml
+    from .report import emit_json, print_optimize
+    from .report_files import check_report_dir, write_report
+
+    config = config_from_args(args)
+    if args.print_config:
+        sys.stdout.write(to_toml(config))
+        return 0
+    if args.data is None:
+        raise LLCError("--data: required; give the labelled (or unlabelled) data the model is judged on")
+    out = args.out or os.path.splitext(args.model)[0] + ".llc.onnx"
+    if args.report:
+        check_report_dir(args.report)
+    result = api.optimize(args.model, args.data, config, held=args.held, val=args.val, out=out,
+                          progress=_progress(args))
+    report = result.to_dict()
+    if args.report:
+        report["report_files"] = write_report(report, args.report)
+    if args.json:
+        emit_json(report)
+    else:
+        print_optimize(result)
+    return 0 if result.verified or config.criterion.allow_loss_increase else 1

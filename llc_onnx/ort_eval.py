@@ -1,4 +1,9 @@
-"""Evaluate models with ONNX Runtime (CPU) on a dataset: loss, metrics, and reference/candidate comparison."""
+"""Evaluate models with ONNX Runtime (CPU) on a dataset: loss, metrics, and reference/candidate comparison.
+
+Every session is made from a :class:`SessionConfig`: the thread count and the session-config entries of the
+deployment target whose verdict is being taken (the session README tells users to run), so the model that is
+verified is numerically the model the user runs.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,22 @@ class Evaluation:
     metrics: dict[str, float]
     n: int                    # samples evaluated
     seconds: float = 0.0      # wall time spent in ONNX Runtime
+    samples: "LossSamples | None" = None  # per-unit loss sums (with groups) when asked for: paired SEs
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How an ONNX Runtime session is made: intra-op threads (0 = ORT's default) and session-config entries
+    (``SessionOptions.add_session_config_entry``), e.g. a target's MatMulNBits accuracy level."""
+
+    threads: int = 0
+    entries: tuple[tuple[str, str], ...] = ()
+    description: str = "ONNX Runtime CPU, default session options"
+
+
+#: the session llc-onnx used before deployment targets: MatMulNBits at full weight precision (accuracy level 0)
+EXACT = SessionConfig(entries=(("session.qdq_matmulnbits_accuracy_level", "0"),),
+                      description="ONNX Runtime CPU, session.qdq_matmulnbits_accuracy_level=0")
 
 
 @dataclass
@@ -40,14 +61,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip()
 
 
-def make_session(model: onnx.ModelProto | str, intra_op_num_threads: int = 0) -> ort.InferenceSession:
-    """CPU :class:`onnxruntime.InferenceSession` for a model proto or path, with
-    ``session.qdq_matmulnbits_accuracy_level = 0`` (MatMulNBits keeps the weight precision),
-    deterministic compute, and ``intra_op_num_threads`` (0 = ORT default)."""
+def make_session(model: onnx.ModelProto | str, config: SessionConfig | int | None = None) -> ort.InferenceSession:
+    """CPU :class:`onnxruntime.InferenceSession` for a model proto or path, made from ``config`` (a
+    :class:`SessionConfig`; an int is a thread count with default options), with deterministic compute."""
+    if config is None or isinstance(config, int):
+        config = SessionConfig(threads=int(config or 0))
     so = ort.SessionOptions()
-    so.intra_op_num_threads = int(intra_op_num_threads)
+    so.intra_op_num_threads = int(config.threads)
     so.use_deterministic_compute = True
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    for key, value in config.entries:
+        so.add_session_config_entry(key, value)
     so.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     label = model if isinstance(model, str) else "model"
@@ -86,19 +109,10 @@ def resolve_output(model: onnx.ModelProto, name: str | None, source: str = "mode
     return name
 
 
-_default_threads = 0
-
-
-def set_default_threads(n: int) -> None:
-    """Intra-op threads for sessions created without an explicit count (``--threads``; 0 = ORT default)."""
-    global _default_threads
-    _default_threads = int(n)
-
-
-def _session(model, threads):
+def _session(model, config):
     if isinstance(model, ort.InferenceSession):
         return model
-    return make_session(model, threads or _default_threads)
+    return make_session(model, config)
 
 
 def _run(sess, feeds, output: str, source: str) -> np.ndarray:
@@ -117,17 +131,19 @@ def _track(batches, total, description, progress):
     return track(batches, total=total, description=description)
 
 
-def evaluate(model, dataset: Dataset, loss: TaskLoss, *, intra_op_num_threads: int = 0,
-             progress: bool = False) -> Evaluation:
+def evaluate(model, dataset: Dataset, loss: TaskLoss, *, session: SessionConfig | int | None = None,
+             progress: bool = False, samples: bool = False) -> Evaluation:
     """Run ``model`` (proto, path or session) on every batch and return the mean loss (Σ sums / Σ
-    counts), metrics and the number of samples."""
-    sess = _session(model, intra_op_num_threads)
+    counts), metrics and the number of samples; with ``samples`` also the per-unit loss sums
+    (``Evaluation.samples``, with the data's groups) for paired standard errors."""
+    sess = _session(model, session)
     resolve_output_names = output_names(sess)
     if loss.output not in resolve_output_names:
         listed = ", ".join(repr(o) for o in resolve_output_names)
         raise LLCError(f"model: output '{loss.output}' is not a graph output; available outputs: {listed}; "
                        "pick one with --output")
     total, count, msums, n, secs = 0.0, 0, {}, 0, 0.0
+    unit_sums, unit_counts, unit_groups = [], [], []
     for i, batch in enumerate(_track(dataset.batches, len(dataset.batches), "evaluate", progress)):
         src = f"{dataset.source}[batch {i}]"
         labels = loss.batch_labels(batch, dataset.source)
@@ -139,15 +155,32 @@ def evaluate(model, dataset: Dataset, loss: TaskLoss, *, intra_op_num_threads: i
         count += c
         accumulate(msums, loss.metrics(out, labels))
         n += batch.size
+        if samples:
+            import torch
+
+            with torch.no_grad():
+                for j in range(out.shape[0]):
+                    for us, uc in loss.unit_terms(torch.from_numpy(np.ascontiguousarray(out[j:j + 1])),
+                                                  torch.as_tensor(np.asarray(labels)[j:j + 1])):
+                        unit_sums.append(us)
+                        unit_counts.append(uc)
+                        if batch.groups is not None:
+                            unit_groups.append(int(batch.groups[j]))
     mean, metrics = loss.summarize(total, count, msums)
-    return Evaluation(loss=mean, metrics=metrics, n=n, seconds=secs)
+    per_unit = None
+    if samples:
+        from .calib.noise import LossSamples
+
+        per_unit = LossSamples(np.asarray(unit_sums, dtype=np.float64), np.asarray(unit_counts, dtype=np.float64),
+                               np.asarray(unit_groups, dtype=np.int64) if dataset.has_groups else None)
+    return Evaluation(loss=mean, metrics=metrics, n=n, seconds=secs, samples=per_unit)
 
 
-def compare_models(reference, candidate, dataset: Dataset, loss: TaskLoss, *, intra_op_num_threads: int = 0,
-                   progress: bool = False) -> Comparison:
+def compare_models(reference, candidate, dataset: Dataset, loss: TaskLoss, *,
+                   session: SessionConfig | int | None = None, progress: bool = False) -> Comparison:
     """Run both models batch by batch; accumulate loss/metrics of each and the max / mean absolute
     difference of the loss output (``loss.output``) between them."""
-    sessions = [_session(reference, intra_op_num_threads), _session(candidate, intra_op_num_threads)]
+    sessions = [_session(reference, session), _session(candidate, session)]
     for which, sess in zip(("reference", "candidate"), sessions):
         names = output_names(sess)
         if loss.output not in names:

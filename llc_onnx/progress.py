@@ -1,34 +1,48 @@
-"""Progress bars for long stages (rich), silent when stderr is not a terminal or when disabled."""
+"""Progress of long stages and their wall times.
+
+Library code reports progress through a :class:`Progress` object it is handed (``progress.task(description,
+total)`` yields an ``advance(k)`` function) and never decides how it is shown: :class:`Silent` shows nothing
+(the API's default), the CLI passes :class:`RichBars` (bars on stderr when it is a terminal). A build script
+can pass its own object with a ``task`` method.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-_enabled = True
+Advance = Callable[[int], None]
 
 
-def set_enabled(flag: bool) -> None:
-    global _enabled
-    _enabled = flag
+class Progress(Protocol):
+    def task(self, description: str, total: int) -> contextlib.AbstractContextManager[Advance]: ...
 
 
-@contextlib.contextmanager
-def task(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """``with task("gradients", n) as advance: ... advance(1)`` shows a bar on a TTY, nothing otherwise."""
-    if not (_enabled and sys.stderr.isatty()):
+class Silent:
+    """Shows nothing."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Advance]:
         yield lambda _k=1: None
-        return
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        tid = bar.add_task(description, total=total)
-        yield lambda k=1: bar.advance(tid, k)
+
+
+class RichBars:
+    """A rich progress bar per task on stderr, only when stderr is a terminal."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Advance]:
+        if not sys.stderr.isatty():
+            yield lambda _k=1: None
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+        with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                 console=Console(stderr=True), transient=True) as bar:
+            tid = bar.add_task(description, total=total)
+            yield lambda k=1: bar.advance(tid, k)
 
 
 class StageTimer:

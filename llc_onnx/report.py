@@ -1,8 +1,10 @@
-"""Presentation helpers for the CLI: summary tables (rich), JSON output, progress bars.
+"""Terminal views of the API's results: summary tables (rich), JSON output, progress bars.
 
 A :class:`Summary` is a titled table: either key/value pairs (:meth:`Summary.add`) or rows under
-``columns`` (:meth:`Summary.add_row`). :func:`print_summaries` renders them with rich on stdout;
-:func:`emit_json` writes one JSON object (numpy scalars/arrays, NaN/Inf handled) and nothing else.
+``columns`` (:meth:`Summary.add_row`). :func:`print_summaries` renders them with rich on stdout (cell text is
+escaped, so names with brackets show as they are); :func:`emit_json` writes one JSON object (numpy
+scalars/arrays, NaN/Inf handled) and nothing else. ``print_inspect`` / ``print_compare`` / ``print_optimize``
+are the command-line views of ``api.inspect`` / ``api.compare`` / ``api.optimize``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Summary:
         return out
 
     def table(self):
+        from rich.markup import escape
         from rich.table import Table
 
         t = Table(title=self.title, title_justify="left", caption=self.footer, caption_justify="left")
@@ -52,13 +55,13 @@ class Summary:
                                               for v in cells)
                 t.add_column(c, justify="right" if numeric else "left")
             for r in self.rows:
-                t.add_row(*(fmt(v) for v in r))
+                t.add_row(*(escape(fmt(v)) for v in r))
         else:
             t.add_column("", style="bold")
             t.add_column("")
             t.show_header = False
             for k, v in self.kv.items():
-                t.add_row(str(k), fmt(v))
+                t.add_row(escape(str(k)), escape(fmt(v)))
         return t
 
 
@@ -133,7 +136,9 @@ def print_summaries(summaries: Iterable[Summary], file=None) -> None:
 
 
 def print_line(text: str, file=None, style: str | None = None) -> None:
-    _console(file).print(text, style=style)
+    from rich.markup import escape
+
+    _console(file).print(escape(text), style=style)
 
 
 def track(iterable, total: int | None = None, description: str = "", enabled: bool | None = None):
@@ -153,3 +158,112 @@ def track(iterable, total: int | None = None, description: str = "", enabled: bo
         for item in iterable:
             yield item
             progress.advance(task)
+
+
+# ------------------------------------------------------------------------------------------ command views
+def print_inspect(info: dict) -> None:
+    head = Summary("model")
+    head.add("path", info["model"]).add("opset", info["opset"]).add("IR version", info["ir_version"])
+    head.add("producer", info["producer"] or "-")
+    io = Summary("inputs / outputs", ["", "name", "dtype", "shape"])
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io.add_row(kind[:-1], v["name"], v["dtype"], v["shape"])
+    comp = Summary("compressible nodes", ["node", "op", "weight", "shape", "params", "bytes", "notes"])
+    for c in info["compressible"]:
+        notes = [f"out_axis={c['out_axis']}"]
+        if c["group"] > 1:
+            notes.append("depthwise" if c["depthwise"] else f"group={c['group']}")
+        if c["shared_with"]:
+            notes.append("shared with " + ", ".join(c["shared_with"]))
+        comp.add_row(c["name"], c["op_type"], c["weight"], c["shape"], c["params"], c["bytes"], "; ".join(notes))
+    skipped = Summary("skipped nodes", ["node", "op", "reason"])
+    for s in info["skipped"]:
+        skipped.add_row(s["name"], s["op_type"], s["reason"])
+    unsupported = Summary("ops the llc-onnx interpreter cannot run (optimize will refuse the model)",
+                          ["node", "op", "domain"])
+    for u in info.get("unsupported", []):
+        unsupported.add_row(u["node"], u["op_type"], u["domain"])
+    t = info["totals"]
+    totals = Summary("totals")
+    totals.add("compressible nodes", t["compressible_nodes"]).add("compressible params", t["compressible_params"])
+    totals.add("compressible weight bytes", f"{t['compressible_bytes']:,} ({format_bytes(t['compressible_bytes'])})")
+    totals.add("all initializer bytes", f"{t['initializer_bytes']:,} ({format_bytes(t['initializer_bytes'])})")
+    print_summaries([head, io, comp] + ([skipped] if info["skipped"] else [])
+                    + ([unsupported] if info.get("unsupported") else []) + [totals])
+
+
+def print_compare(res, data: str) -> None:
+    r, c = res.reference, res.candidate
+    t = Summary(f"compare on {data}: output '{res.output}', loss {res.loss}, {res.n} samples",
+                ["", "reference", "candidate", "delta"])
+    t.add_row("loss", r["loss"], c["loss"], c["loss"] - r["loss"])
+    for k in r["metrics"]:
+        t.add_row(k, r["metrics"][k], c["metrics"][k], c["metrics"][k] - r["metrics"][k])
+    t.add_row("weight bytes", r["weight_bytes"], c["weight_bytes"], c["weight_bytes"] - r["weight_bytes"])
+    t.add_row("max |Δ output|", None, res.max_abs_diff, None)
+    t.add_row("mean |Δ output|", None, res.mean_abs_diff, None)
+    print_summaries([t])
+    rel = "≤" if res.passed else ">"
+    print_line(f"{'PASS' if res.passed else 'FAIL'}: candidate loss {c['loss']:.6g} {rel} reference loss "
+               f"{r['loss']:.6g} + tolerance {res.tolerance:g}", style="bold green" if res.passed else "bold red")
+
+
+def print_optimize(result) -> None:
+    """The summary of an :class:`~llc_onnx.result.OptimizeResult`: levels, plans measured on validation,
+    losses per split (which split did what), bytes, time per stage, notes and the verdict."""
+    tables = []
+    for st in result.stages:
+        t = Summary(f"{st.method}: levels chosen", ["level", "nodes"])
+        for k, v in st.levels.items():
+            t.add_row(k, v)
+        tables.append(t)
+        p = Summary(f"{st.method}: plans measured jointly on the validation split", ["plan", "bytes", "val loss",
+                                                                                      "passed", "raised"])
+        for tr in st.trials:
+            mark = " (chosen)" if tr.name == st.chosen_plan else ""
+            p.add_row(tr.name + mark, tr.nbytes, tr.val_loss, tr.passed, ", ".join(tr.raised[:4])
+                      + (" ..." if len(tr.raised) > 4 else ""))
+        tables.append(p)
+    s = result.splits
+    t = Summary(f"result ({result.objective} objective, loss {result.loss}; {result.target['session']})",
+                ["split (role)", "n", "float", "compressed", "delta"])
+    roles = {"calibration": "chose", "validation": "steered", "test": "verdict, once"}
+    for name in ("calibration", "validation", "test"):
+        sp = s[name]
+        label = f"{name} ({roles[name]})" + (" = calibration" if sp.extra.get("same_as_calibration") else "")
+        t.add_row(label, sp.n, sp.reference.loss, sp.compressed.loss, sp.delta)
+    test = s["test"]
+    for k, v in test.reference.metrics.items():
+        c = test.compressed.metrics.get(k, float("nan"))
+        t.add_row(f"test {k}", None, v, c, c - v)
+    task = test.extra.get("task_loss")
+    if task:
+        t.add_row(f"test {task['name']} (labels)", None, task["reference"], task["compressed"],
+                  task["compressed"] - task["reference"])
+    t.add_row("weight bytes (compressible)", None, format_bytes(result.reference_bytes),
+              format_bytes(result.compressed_bytes), f"-{100 * result.reduction:.1f} %")
+    tables.append(t)
+    sec = Summary("time per stage (s)", ["stage", "seconds"])
+    for k, v in result.seconds.items():
+        sec.add_row(k, round(v, 2))
+    tables.append(sec)
+    print_summaries(tables)
+    for st in result.stages:
+        pc = st.plan_costs
+        if pc.get("gains"):
+            print_line(f"{st.method}: the solver's plan rests on measured gains of {pc['gains']:.3g} (credited "
+                       f"{pc['credited_gains']:.3g}) against costs of {pc['costs']:.3g}")
+        if st.cache:
+            c = st.cache
+            print_line(f"{st.method}: " + (f"reused {c['seconds']:.0f} s of measurements from" if c["hit"]
+                                           else "stored the measurements in") + f" cache entry {c['entry']}")
+    for note in result.notes:
+        print_line(f"note: {note}", style="yellow")
+    verdict = "VERIFIED" if result.verified else "NOT VERIFIED"
+    first = all(st.first_plan_passed for st in result.stages)
+    print_line(f"{verdict}: test loss {test.compressed.loss:.6f} vs float {test.reference.loss:.6f} "
+               f"(tolerance {result.tolerance:g}); {100 * result.reduction:.1f} % fewer weight bytes; the solver's "
+               f"first plan {'passed' if first else 'failed'} on validation"
+               + (f"; written {result.output}" if result.output else "; no model written"),
+               style="bold green" if result.verified else "bold red")

@@ -1,8 +1,10 @@
-"""``--report DIR``: the optimize result as report.json, report.md and report.html (with PNG plots).
+"""``--report DIR``: an optimize result as report.json, report.md and report.html (tables and PNG plots).
 
-The report is a plain dict (see ``flows.summary``); this module only renders it. Plots: the level chosen per
-node, predicted vs measured ΔL of every candidate, and held-out loss against size (sweep points, the chosen
-model and the float model).
+The report is ``OptimizeResult.to_dict()``; this module only renders it. The HTML page has real tables (the
+splits and what each did, the plans measured on validation, the nodes) and four plots: the chosen level per
+node, predicted vs measured ΔL of every candidate, the solver's frontier (predicted cost against bytes over
+budgets, with the plans measured on validation and the chosen one marked), and the validation loss of those
+plans against their size.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _png(fig) -> bytes:
 
 
 def _level_rank(level: str) -> float:
-    if level == "float":
+    if level in ("float", "full"):
         return 32.0
     if level.startswith("int"):
         return float(level[3:])
@@ -40,28 +42,33 @@ def _level_rank(level: str) -> float:
     return float("nan")
 
 
+def _last(report: dict) -> dict:
+    return report["stages"][-1]
+
+
 def plot_levels(report: dict) -> bytes:
-    nodes = report["nodes"]
+    st = _last(report)
+    nodes = st["nodes"]
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(nodes)), 3.2))
-    vals = [_level_rank(n["level"]) for n in nodes]
-    ax.bar(range(len(nodes)), vals, color="#3b7dd8")
+    ax.bar(range(len(nodes)), [_level_rank(n["level"]) for n in nodes], color="#3b7dd8")
     ax.set_xticks(range(len(nodes)), [n["node"] for n in nodes], rotation=90, fontsize=6)
-    ax.set_ylabel("bits (32 = float)" if report["method"] == "quant" else "rank")
-    ax.set_title("chosen level per node")
+    ax.set_ylabel("bits (32 = float)" if st["method"] == "quant" else "rank")
+    ax.set_title(f"{st['method']}: chosen level per node")
     return _png(fig)
 
 
 def plot_pred_vs_measured(report: dict) -> bytes:
+    cands = _last(report)["candidates"]
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    levels = sorted({c["level"] for c in report["candidates"] if not c["reference"]}, key=_level_rank)
+    levels = sorted({c["level"] for c in cands if not c["reference"]}, key=_level_rank)
     for lv in levels:
-        cs = [c for c in report["candidates"] if c["level"] == lv and c["measured"] is not None]
+        cs = [c for c in cands if c["level"] == lv and c["measured"] is not None]
         for inside, marker in ((True, "o"), (False, "x")):
             pts = [c for c in cs if c["inside"] == inside]
             if pts:
                 ax.scatter([c["predicted"] for c in pts], [c["measured"] for c in pts], marker=marker, s=14,
                            label=f"{lv}{'' if inside else ' (outside)'}")
-    lim = [c for c in report["candidates"] if c["measured"] is not None]
+    lim = [c for c in cands if c["measured"] is not None]
     if lim:
         lo = min(min(c["predicted"], c["measured"]) for c in lim)
         hi = max(max(c["predicted"], c["measured"]) for c in lim)
@@ -69,95 +76,145 @@ def plot_pred_vs_measured(report: dict) -> bytes:
     ax.set_xscale("symlog", linthresh=1e-5)
     ax.set_yscale("symlog", linthresh=1e-5)
     ax.set_xlabel("predicted ΔL (first order)")
-    ax.set_ylabel("measured ΔL (calibration)")
-    ax.legend(fontsize=6)
+    ax.set_ylabel("measured ΔL (calibration, one node)")
+    if lim:
+        ax.legend(fontsize=6)
     ax.set_title("predicted vs measured, per node and level")
     return _png(fig)
 
 
-def plot_loss_vs_size(report: dict) -> bytes:
-    fig, ax = plt.subplots(figsize=(4.6, 3.6))
-    sw = [p for p in report.get("sweep") or [] if p.get("bytes") is not None]
-    if sw:
-        ax.plot([p["bytes"] / 1e6 for p in sw], [p["held_loss"] for p in sw], "o-", label="solver sweep")
-    ax.scatter([report["bytes"]["compressed"] / 1e6], [report["held"]["compressed"]["loss"]], c="red", zorder=3,
-               label="chosen")
-    ax.axhline(report["held"]["reference"]["loss"], color="k", ls="--", lw=0.8, label="float (held-out)")
+def plot_frontier(report: dict) -> bytes:
+    """The solver's frontier: predicted Σ cost against bytes over budgets, and the validation-measured plans."""
+    st = _last(report)
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fr = st.get("frontier") or []
+    if fr:
+        ax.plot([p["bytes"] / 1e6 for p in fr], [p["predicted"] for p in fr], "-", color="#3b7dd8",
+                label="solver frontier (predicted Σ cost)")
+    ref = report["splits"]["validation"]["reference"]["loss"]
+    plans = st["plans"]
+    ax2 = ax.twinx()
+    ax2.scatter([p["bytes"] / 1e6 for p in plans], [p["val_loss"] - ref for p in plans], c="#888", s=18,
+                label="plans measured on validation (ΔL)")
+    chosen = [p for p in plans if p["plan"] == st["chosen_plan"]]
+    if chosen:
+        ax2.scatter([chosen[0]["bytes"] / 1e6], [chosen[0]["val_loss"] - ref], c="red", s=40, zorder=3,
+                    label="chosen")
+    ax2.axhline(report["tolerance"] if report["objective"] == "task" else report["tolerance"], color="k", ls="--",
+                lw=0.8)
     ax.set_xlabel("weight MB (compressible nodes)")
-    ax.set_ylabel("held-out loss")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("predicted Σ cost (calibration)")
+    ax2.set_ylabel("validation ΔL (joint)")
+    ax.set_title(f"{st['method']}: frontier and measured plans")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper right")
     return _png(fig)
 
 
+def _splits_rows(report: dict) -> list[list]:
+    rows = []
+    for name, sp in report["splits"].items():
+        mets = ", ".join(f"{k} {v:.4f} → {sp['compressed']['metrics'].get(k, float('nan')):.4f}"
+                         for k, v in sp["reference"]["metrics"].items())
+        rows.append([f"{name} ({sp['n']})", sp["role"], f"{sp['reference']['loss']:.6f}",
+                     f"{sp['compressed']['loss']:.6f}", f"{sp['delta']:+.6f}", mets])
+    return rows
+
+
+def _tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
+    """(title, header, rows) of every table of the report, shared by the Markdown and HTML views."""
+    out = [("Splits: which data did what", ["split (n)", "role", "float loss", "compressed loss", "delta",
+                                            "metrics (float → compressed)"], _splits_rows(report))]
+    for st in report["stages"]:
+        out.append((f"{st['method']}: plans measured jointly on the validation split",
+                    ["plan", "bytes", "validation loss", "passed", "raised"],
+                    [[p["plan"] + (" (chosen)" if p["plan"] == st["chosen_plan"] else ""), f"{p['bytes']:,}",
+                      f"{p['val_loss']:.6f}", "yes" if p["passed"] else "no", ", ".join(p["raised"])]
+                     for p in st["plans"]]))
+        out.append((f"{st['method']}: levels", ["level", "nodes"], [[k, v] for k, v in st["levels"].items()]))
+        pc = st["plan_costs"]
+        out.append((f"{st['method']}: how much of the solver's plan rests on gains",
+                    ["summed costs", "summed gains", "gains credited", "predicted total"],
+                    [[f"{pc['costs']:.4g}", f"{pc['gains']:.4g}", f"{pc['credited_gains']:.4g}",
+                      f"{pc['predicted_total']:.4g}"]]))
+        out.append((f"{st['method']}: nodes", ["node", "op", "shape", "level", "bytes", "predicted ΔL",
+                                               "measured ΔL", "SE", "inside"],
+                    [[n["node"], n["op"], n["shape"], n["level"], f"{n['bytes']:,}", f"{n['predicted']:.3g}",
+                      "" if n["measured"] is None else f"{n['measured']:.3g}", f"{n['se']:.2g}",
+                      "yes" if n["inside"] else "no"] for n in st["nodes"]]))
+        if st.get("sweep"):
+            out.append((f"{st['method']}: sweep (validation)", ["budget", "bytes", "validation loss"],
+                        [[p["budget"], f"{p['bytes']:,}", f"{p['val_loss']:.6f}"] if p.get("bytes") is not None
+                         else [p["budget"], "infeasible", p.get("note", "")] for p in st["sweep"]]))
+    out.append(("Time per stage (s)", ["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in report["seconds"].items()]))
+    return out
+
+
+def _headline(report: dict) -> list[str]:
+    t = report["splits"]["test"]
+    b = report["bytes"]
+    return [f"model: {report['model']} → {report.get('output') or '(not written)'}",
+            f"status: {'VERIFIED' if report['verified'] else 'NOT VERIFIED'} — test loss "
+            f"{t['compressed']['loss']:.6f} vs float {t['reference']['loss']:.6f} ({report['objective']} objective, "
+            f"loss {report['loss']}, tolerance {report['tolerance']}), taken once in {report['target']['session']}",
+            f"weight bytes (compressible nodes): {b['reference']:,} → {b['compressed']:,} "
+            f"({100 * b['reduction']:.1f} % fewer)"] + [f"note: {n}" for n in report.get("notes", [])]
+
+
 def markdown(report: dict) -> str:
-    held, cal = report["held"], report["calibration"]
-    lines = [
-        f"# llc-onnx {report['method']} report",
-        "",
-        f"- model: `{report['model']}` → `{report.get('output') or '(not written)'}`",
-        f"- status: **{'VERIFIED' if report['verified'] else 'NOT VERIFIED'}** (held-out loss "
-        f"{held['compressed']['loss']:.6f} vs float {held['reference']['loss']:.6f}, tolerance {report['tolerance']})",
-        f"- weight bytes (compressible nodes): {report['bytes']['reference']:,} → {report['bytes']['compressed']:,} "
-        f"({100 * report['bytes']['reduction']:.1f} % fewer)",
-        "",
-        "| split | float loss | compressed loss | metrics (float → compressed) |",
-        "|---|---|---|---|",
-    ]
-    for name, part in (("calibration", cal), ("held-out", held)):
-        mets = ", ".join(f"{k} {part['reference']['metrics'][k]:.4f} → {part['compressed']['metrics'].get(k, float('nan')):.4f}"
-                         for k in part["reference"]["metrics"])
-        lines.append(f"| {name} ({part['n']}) | {part['reference']['loss']:.6f} | {part['compressed']['loss']:.6f} | {mets} |")
-    if report.get("stages"):
-        lines += ["", "## Stages", "", "| stage | levels | bytes after | held-out loss | verified |", "|---|---|---|---|---|"]
-        for st in report["stages"]:
-            levels = ", ".join(f"{k}×{v}" for k, v in st["levels"].items())
-            lines.append(f"| {st['method']} | {levels} | {st['bytes']['compressed']:,} | "
-                         f"{st['held']['compressed']['loss']:.6f} | {st['verified']} |")
-    lines += ["", "## Levels", "", "| level | nodes |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report["levels"].items()]
-    lines += ["", "## Nodes", "", "| node | op | shape | level | bytes | predicted ΔL | measured ΔL | inside |",
-              "|---|---|---|---|---|---|---|---|"]
-    for n in report["nodes"]:
-        meas = "" if n["measured"] is None else f"{n['measured']:.3g}"
-        lines.append(f"| {n['node']} | {n['op']} | {n['shape']} | {n['level']} | {n['bytes']:,} | "
-                     f"{n['predicted']:.3g} | {meas} | {n['inside']} |")
-    lines += ["", "## Back-off rounds (held-out)", "", "| round | held-out loss | bytes | raised |", "|---|---|---|---|"]
-    for r in report["rounds"]:
-        lines.append(f"| {r['round']} | {r['held_loss']:.6f} | {r['bytes']:,} | {', '.join(r['raised'])} |")
-    if report.get("sweep"):
-        lines += ["", "## Sweep (held-out)", "", "| budget | bytes | held-out loss |", "|---|---|---|"]
-        lines += [f"| {p['budget']} | {p['bytes']:,} | {p['held_loss']:.6f} |" if p.get("bytes") is not None
-                  else f"| {p['budget']} | infeasible | {p.get('note', '')} |" for p in report["sweep"]]
-    lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in report["seconds"].items()]
-    lines += ["", f"Neighbourhood check: |measured − predicted| ≤ {report['error_max']}"
-              f"{' × |L|' if report.get('relative') else ''}; levels outside it are "
-              f"{'costed by their measured ΔL' if report['outside'] == 'measured' else 'dropped'}."]
+    lines = [f"# llc-onnx {report['method']} report", ""] + [f"- {h}" for h in _headline(report)]
+    for title, header, rows in _tables(report):
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _html_table(title: str, header: list[str], rows: list[list]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<h2>{esc(title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_page(report: dict, plots: dict[str, bytes]) -> str:
+    esc = html.escape
+    status = "verified" if report["verified"] else "not-verified"
+    heads = "".join(f"<li>{esc(h)}</li>" for h in _headline(report))
+    tables = "".join(_html_table(*t) for t in _tables(report))
+    imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(d).decode()}" alt="{esc(n)}">'
+                   f"<figcaption>{esc(n)}</figcaption></figure>" for n, d in plots.items())
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px}"
+             "table{border-collapse:collapse;margin:6px 0 18px;font-size:13px}"
+             "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f0f0f0}"
+             ".verified{color:#176d17}.not-verified{color:#b01212}figure{display:inline-block;margin:8px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>llc-onnx report</title><style>{style}</style>"
+            f"</head><body><h1 class='{status}'>llc-onnx {esc(report['method'])}: "
+            f"{'VERIFIED' if report['verified'] else 'NOT VERIFIED'}</h1><ul>{heads}</ul>{imgs}{tables}</body></html>")
+
+
+def check_report_dir(directory: str) -> None:
+    """Validate-before-write: the report directory must be creatable."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise LLCError(f"--report {directory}: exists and is not a directory; give a directory for the report")
 
 
 def write_report(report: dict, directory: str) -> list[str]:
     """Write report.json, report.md, report.html and the plot PNGs into ``directory``; return the paths."""
+    check_report_dir(directory)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise LLCError(f"--report {directory}: cannot create the directory ({exc.strerror}); choose another") from None
     plots = {"levels.png": plot_levels(report), "pred_vs_measured.png": plot_pred_vs_measured(report),
-             "loss_vs_size.png": plot_loss_vs_size(report)}
+             "frontier.png": plot_frontier(report)}
     paths = []
     for name, data in plots.items():
         write_bytes_atomic(os.path.join(directory, name), data)
         paths.append(os.path.join(directory, name))
-    md = markdown(report)
     write_bytes_atomic(os.path.join(directory, "report.json"),
                        json.dumps(to_jsonable(report), indent=2, sort_keys=True, allow_nan=False).encode())
-    write_bytes_atomic(os.path.join(directory, "report.md"), md.encode())
-    imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(d).decode()}" alt="{n}">'
-                   f"<figcaption>{n}</figcaption></figure>" for n, d in plots.items())
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>llc-onnx report</title>"
-            f"<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}pre{{white-space:pre-wrap}}"
-            f"figure{{display:inline-block;margin:8px}}</style></head><body>{imgs}"
-            f"<pre>{html.escape(md)}</pre></body></html>")
-    write_bytes_atomic(os.path.join(directory, "report.html"), page.encode())
+    write_bytes_atomic(os.path.join(directory, "report.md"), markdown(report).encode())
+    write_bytes_atomic(os.path.join(directory, "report.html"), html_page(report, plots).encode())
     paths += [os.path.join(directory, p) for p in ("report.json", "report.md", "report.html")]
     return paths

@@ -1,17 +1,27 @@
-"""Verification on the held-out split with back-off, shared by every compression method.
+"""Choosing the plan on the validation split, and the one-shot verdict on the test split.
 
-A plan is one candidate index per node into that node's *ladder* (its kept candidates in fidelity order:
-fewer bits / lower rank first, the reference level last). ``verify_with_backoff`` builds the ONNX graph for
-the plan, measures its held-out loss in ONNX Runtime and compares it with the reference model's held-out loss.
-While the compressed loss is above ``reference + tolerance`` it moves the ``k`` nodes with the largest
-calibration contribution one step up their ladder (more bits / higher rank) and tries again, at most
-``max_rounds`` times. The contribution is the plausible worst case  m + 3·SE  of the measured ΔL: a failed
-check means some estimate was wrong, and the most uncertain one (typically a low-bit level whose "gain" was
-picked from many noisy candidates) is the likeliest culprit, so it is raised before a node whose small effect
-is sure.
-With ``max_bytes`` (a size budget) a raise that would exceed it is not taken; when no raise fits, back-off
-stops. The last round's result is returned with ``verified`` telling the truth either way; the held-out
-split is only ever used for this pass/fail check, never to rank nodes.
+A *plan* is one candidate index per node into that node's *ladder* (its offered candidates in fidelity order:
+fewer bits / lower rank first, the reference level last). Per-node costs are measured one node at a time; far
+from the first-order neighbourhood they stop adding up, so before any verdict the plans are measured
+**jointly** — the whole rewritten model in ONNX Runtime, in the target's session — on the **validation**
+split (:func:`select_plan`):
+
+1. the solver's plan is measured; then the alternative plans (e.g. the solver without gain credit, uniform
+   levels) in ascending size, each only while no plan of at most its size has passed. The solver's plan (and
+   its back-off rounds) *passes* when its validation loss change against the float model is ≤ the tolerance —
+   the test's own rule. An alternative must pass with a margin, ΔL_val + z·SE ≤ tol (``margin_z`` paired
+   standard errors): with several plans measured, one of them would otherwise pass by chance, and a result
+   that holds only on the data that steered it is not lossless. A few jointly measured plans let the
+   smallest plan that is actually no worse win;
+2. when none passes, *back-off* starts from the solver's plan: the ``k`` nodes with the largest plausible harm
+   m + 3·SE of their measured ΔL move one step up their ladder (a failed check means some estimate was wrong,
+   and the most uncertain one, typically a low-bit "gain" picked from many noisy candidates, is the likeliest
+   culprit), at most ``max_rounds`` times; with a size budget a raise that would exceed it is not taken;
+3. the **best** plan seen is kept — the smallest that passed, else the one with the lowest validation loss —
+   never simply the last one (raising nodes can make the loss go up).
+
+:func:`verdict` then evaluates the chosen model and the float model on the **test** split, once. The test
+split steers nothing; a plan that passes only on the data that steered it is not verified.
 """
 
 from __future__ import annotations
@@ -23,34 +33,52 @@ from typing import Callable
 import onnx
 
 from .calib.data import Dataset
-from .calib.losses import TaskLoss
-from .ort_eval import Evaluation, evaluate
+from .ort_eval import Evaluation
+from .progress import Advance
 from .solvers.cost_model import Candidate
 
+BACKOFF_Z = 3.0  # standard errors in the back-off ranking (see the module doc)
+
 
 @dataclass
-class Round:
-    index: int
-    held_loss: float
+class Trial:
+    """One plan measured jointly on the validation split."""
+
+    name: str  # "solver", "uniform int8", "back-off round 2", ...
+    choice: dict[str, int]
     nbytes: int
+    val_loss: float
+    passed: bool
     raised: list[str] = field(default_factory=list)
+    val_delta: float = 0.0  # validation loss − the float model's (paired)
+    val_se: float = 0.0  # paired standard error of val_delta (clustered by group)
 
     def to_dict(self) -> dict:
-        return {"round": self.index, "held_loss": self.held_loss, "bytes": self.nbytes, "raised": self.raised}
+        return {"plan": self.name, "bytes": self.nbytes, "val_loss": self.val_loss, "val_delta": self.val_delta,
+                "val_se": self.val_se, "passed": self.passed, "raised": self.raised}
 
 
 @dataclass
-class VerifiedResult:
+class Selection:
+    """The plan chosen on the validation split (see the module doc)."""
+
     model: onnx.ModelProto
     choice: dict[str, int]
-    evaluation: Evaluation
+    trial: Trial
+    trials: list[Trial]
+    val: Evaluation  # the chosen model on the validation split
+    first_plan_passed: bool  # the solver's own plan passed without back-off
+
+
+@dataclass
+class Verdict:
     reference: Evaluation
+    compressed: Evaluation
     tolerance: float
-    rounds: list[Round]
 
     @property
     def verified(self) -> bool:
-        return self.evaluation.loss <= self.reference.loss + self.tolerance
+        return self.compressed.loss <= self.reference.loss + self.tolerance
 
 
 def plan_bytes(ladders: dict[str, list[Candidate]], choice: dict[str, int]) -> int:
@@ -66,39 +94,80 @@ def contribution(c: Candidate, margin_z: float = 0.0) -> float:
     return 0.0
 
 
-BACKOFF_Z = 3.0  # standard errors in the back-off ranking (see the module doc)
+def _raise_nodes(ladders, choice, k: int, max_bytes: int | None) -> list[str]:
+    """Move the k nodes with the largest m + 3·SE one step up (in place); the names raised."""
+    below_top = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
+    below_top.sort(key=lambda n: (-contribution(ladders[n][choice[n]], BACKOFF_Z), n))
+    raised, size = [], plan_bytes(ladders, choice)
+    for n in below_top:
+        grow = ladders[n][choice[n] + 1].nbytes - ladders[n][choice[n]].nbytes
+        if max_bytes is not None and size + grow > max_bytes:
+            continue
+        choice[n] += 1
+        size += grow
+        raised.append(n)
+        if len(raised) == k:
+            break
+    return raised
 
 
-def verify_with_backoff(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dict[str, list[Candidate]],
-                        choice: dict[str, int], held: Dataset, loss: TaskLoss, reference: Evaluation,
-                        tolerance: float = 0.0, max_rounds: int = 8,
-                        progress: Callable[[int], None] | None = None, max_bytes: int | None = None
-                        ) -> VerifiedResult:
-    choice = dict(choice)
-    movable = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
-    k = max(1, math.ceil(len(movable) / max(max_rounds, 1)))
-    rounds: list[Round] = []
-    raised: list[str] = []
-    for r in range(max_rounds + 1):
+def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dict[str, list[Candidate]],
+                plans: list[tuple[str, dict[str, int]]], evaluate: Callable[[onnx.ModelProto], Evaluation],
+                reference: Evaluation, tolerance: float = 0.0, max_rounds: int = 8,
+                max_bytes: int | None = None, progress: Advance | None = None, margin_z: float = 0.0) -> Selection:
+    """Measure ``plans`` (the first is the solver's) jointly with ``evaluate`` (validation split, target
+    session; Evaluations with per-unit ``samples`` when ``margin_z`` > 0), back off from the first when none
+    passes, keep the best (module doc)."""
+    trials: list[Trial] = []
+    models: dict[int, tuple[onnx.ModelProto, Evaluation]] = {}
+    seen: set[tuple] = set()
+
+    def run(name: str, choice: dict[str, int], raised=(), z: float = 0.0) -> Trial:
         model = build(choice)
-        ev = evaluate(model, held, loss)
-        rounds.append(Round(r, ev.loss, plan_bytes(ladders, choice), raised))
+        ev = evaluate(model)
+        if ev.samples is not None and reference.samples is not None:
+            delta, se = ev.samples.delta(reference.samples)
+        else:
+            delta, se = ev.loss - reference.loss, 0.0
+        t = Trial(name, dict(choice), plan_bytes(ladders, choice), ev.loss, delta + z * se <= tolerance,
+                  list(raised), delta, se)
+        trials.append(t)
+        models[id(t)] = (model, ev)
         if progress:
             progress(1)
-        if ev.loss <= reference.loss + tolerance or r == max_rounds:
-            return VerifiedResult(model, choice, ev, reference, tolerance, rounds)
-        below_top = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
-        below_top.sort(key=lambda n: (-contribution(ladders[n][choice[n]], BACKOFF_Z), n))
-        raised, size = [], plan_bytes(ladders, choice)
-        for n in below_top:
-            grow = ladders[n][choice[n] + 1].nbytes - ladders[n][choice[n]].nbytes
-            if max_bytes is not None and size + grow > max_bytes:
-                continue
-            choice[n] += 1
-            size += grow
-            raised.append(n)
-            if len(raised) == k:
+        return t
+
+    distinct = []
+    for name, choice in plans:
+        key = tuple(sorted(choice.items()))
+        if key not in seen and (max_bytes is None or plan_bytes(ladders, choice) <= max_bytes or not distinct):
+            seen.add(key)
+            distinct.append((name, choice))
+    solver = distinct[0]
+    first_passed = run(*solver).passed
+    for name, choice in sorted(distinct[1:], key=lambda p: plan_bytes(ladders, p[1])):
+        size = plan_bytes(ladders, choice)
+        if any(t.passed and t.nbytes <= size for t in trials):
+            continue  # a plan at most this size already passed
+        run(name, choice, z=margin_z)
+    if not any(t.passed for t in trials):
+        choice = dict(solver[1])
+        movable = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
+        k = max(1, math.ceil(len(movable) / max(max_rounds, 1)))
+        for r in range(1, max_rounds + 1):
+            raised = _raise_nodes(ladders, choice, k, max_bytes)
+            if not raised:
                 break
-        if not raised:  # everything at the reference level, or no raise fits the budget
-            return VerifiedResult(model, choice, ev, reference, tolerance, rounds)
-    raise AssertionError("unreachable")
+            if run(f"back-off round {r}", choice, raised).passed:
+                break
+    passed = [t for t in trials if t.passed]
+    best = min(passed, key=lambda t: (t.nbytes, t.val_loss)) if passed else min(trials, key=lambda t: t.val_loss)
+    model, ev = models[id(best)]
+    return Selection(model, dict(best.choice), best, trials, ev, first_passed)
+
+
+def verdict(model: onnx.ModelProto, reference_model: onnx.ModelProto, test: Dataset,
+            evaluate: Callable[[onnx.ModelProto, Dataset], Evaluation], tolerance: float) -> Verdict:
+    """The float and the compressed model on the test split, once each: verified when the compressed loss is
+    ≤ the float loss + ``tolerance``."""
+    return Verdict(evaluate(reference_model, test), evaluate(model, test), tolerance)

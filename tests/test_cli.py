@@ -160,7 +160,7 @@ def test_error_messages(files, capsys):
         "missing": ({"labels": labels}, "missing array 'x' for graph input 'x' (model inputs: 'x'); "
                                         "add it, e.g. np.savez(path, x=..., labels=...)"),
         "extra": ({"x": x, "y": x, "labels": labels},
-                  "array 'y' is not a graph input of the model (inputs: 'x', plus 'labels'); remove or rename it"),
+                  "array 'y' is not a graph input of the model (inputs: 'x', plus 'labels' and 'groups'); remove or rename it"),
         "shape": ({"x": x[:, :3], "labels": labels},
                   "array 'x' has shape (50, 3), model input expects [?, 4] (dim 1 must be 4); fix the data"),
         "dtype": ({"x": x.astype(np.float64), "labels": labels},

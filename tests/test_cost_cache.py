@@ -35,28 +35,28 @@ def test_hit_reuses_measurements_and_writes_identical_bytes(tiny, tmp_path):
     cache = tmp_path / "cache"
     plain = _opt(model, data, tmp_path / "plain.onnx", "--budget", "0.3")
     first = _opt(model, data, tmp_path / "a.onnx", "--budget", "0.3", "--cache", str(cache))
-    assert first["cache"]["hit"] is False and "gradients" in first["seconds"]
+    assert first["stages"][0]["cache"]["hit"] is False and "gradients" in first["seconds"]
     assert len(_entries(cache)) == 2  # one entry: .json + .npz, no temporary files left
     second = _opt(model, data, tmp_path / "b.onnx", "--budget", "0.3", "--cache", str(cache))
-    assert second["cache"]["entry"] == first["cache"]["entry"] and second["cache"]["hit"] is True
-    assert second["cache"]["seconds"] == first["cache"]["seconds"] > 0
+    assert second["stages"][0]["cache"]["entry"] == first["stages"][0]["cache"]["entry"] and second["stages"][0]["cache"]["hit"] is True
+    assert second["stages"][0]["cache"]["seconds"] == first["stages"][0]["cache"]["seconds"] > 0
     assert "gradients" not in second["seconds"] and "candidates" not in second["seconds"]
     # same candidates, same output bytes as without any cache
-    assert second["candidates"] == first["candidates"] == plain["candidates"]
+    assert second["stages"][0]["candidates"] == first["stages"][0]["candidates"] == plain["stages"][0]["candidates"]
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes() == \
         (tmp_path / "plain.onnx").read_bytes()
 
     # a different budget / margin reuses the entry (they only re-solve / re-classify) ...
     other = _opt(model, data, tmp_path / "c.onnx", "--budget", "0.5", "--margin-z", "0", "--cache", str(cache))
-    assert other["cache"]["hit"] is True and len(_entries(cache)) == 2
+    assert other["stages"][0]["cache"]["hit"] is True and len(_entries(cache)) == 2
     uncached = _opt(model, data, tmp_path / "d.onnx", "--budget", "0.5", "--margin-z", "0")
-    assert [c["cost"] for c in other["candidates"]] == [c["cost"] for c in uncached["candidates"]]
+    assert [c["cost"] for c in other["stages"][0]["candidates"]] == [c["cost"] for c in uncached["stages"][0]["candidates"]]
     assert (tmp_path / "c.onnx").read_bytes() == (tmp_path / "d.onnx").read_bytes()
 
     # ... while anything a candidate depends on makes a new entry
     for extra in (["--bits", "4,8,float"], ["--seed", "1"], ["--llc-radius", "0.01"], ["--block-size", "16"]):
         r = _opt(model, data, tmp_path / "e.onnx", "--cache", str(cache), *extra)
-        assert r["cache"]["hit"] is False, extra
+        assert r["stages"][0]["cache"]["hit"] is False, extra
     assert len(_entries(cache)) == 2 * 5
 
 
@@ -64,17 +64,17 @@ def test_damaged_entry_is_reported_and_recomputed(tiny, tmp_path):
     model, data = tiny
     cache = tmp_path / "cache"
     first = _opt(model, data, tmp_path / "a.onnx", "--cache", str(cache))
-    with open(first["cache"]["entry"], "w") as f:
+    with open(first["stages"][0]["cache"]["entry"], "w") as f:
         f.write("{not json")
     rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "b.onnx"), "--json",
                                   "--bits", "2,4,8,float", "--allow-loss-increase", "--cache", str(cache)])
     assert rc == 0
     r = one_json(stdout)
-    assert r["cache"]["hit"] is False
-    assert "warning: cache entry" in stderr and first["cache"]["entry"] in stderr and "delete it" in stderr
+    assert r["stages"][0]["cache"]["hit"] is False
+    assert "warning: cache entry" in stderr and first["stages"][0]["cache"]["entry"] in stderr and "delete it" in stderr
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     # the rewritten entry is good again
-    assert _opt(model, data, tmp_path / "c.onnx", "--cache", str(cache))["cache"]["hit"] is True
+    assert _opt(model, data, tmp_path / "c.onnx", "--cache", str(cache))["stages"][0]["cache"]["hit"] is True
 
 
 def test_unwritable_cache_directory_is_a_one_line_error(tiny, tmp_path):
@@ -98,7 +98,7 @@ def test_cache_entries_and_reports_have_ordinary_permissions(tiny, tmp_path):
                  str(tmp_path / "rep"))
     finally:
         os.umask(old)
-    files = [r["cache"]["entry"], r["cache"]["entry"][:-5] + ".npz"] + \
+    files = [r["stages"][0]["cache"]["entry"], r["stages"][0]["cache"]["entry"][:-5] + ".npz"] + \
         [str(p) for p in (tmp_path / "rep").iterdir()]
     assert len(files) > 4
     for f in files:

@@ -48,8 +48,8 @@ def test_npz_batches_and_seeded_split(tmp_path):
     assert not np.array_equal(split_dataset(ds, holdout=0.3, seed=8)[1].indices, held.indices)
     with pytest.raises(LLCError) as e:
         split_dataset(ds, holdout=0.01)
-    assert str(e.value) == (f"{p}: splitting 10 samples with holdout=0.01 leaves the held-out part empty; "
-                            "provide more data or change the holdout fraction")
+    assert str(e.value) == (f"{p}: splitting 10 samples with a held-out fraction of 0.01 leaves the held-out part "
+                            "empty; provide more data or change the fraction")
 
 
 def test_directory_of_batches_splits_by_batch(tmp_path):
@@ -97,7 +97,7 @@ def test_reader_object_class_and_factory(tmp_path, monkeypatch):
     (lambda a: a.pop("mask"), "missing array 'mask' for graph input 'mask' (model inputs: 'x', 'mask'); "
                               "add it, e.g. np.savez(path, mask=..., labels=...)"),
     (lambda a: a.update(extra=np.zeros(10)), "array 'extra' is not a graph input of the model "
-                                             "(inputs: 'x', 'mask', plus 'labels'); remove or rename it"),
+                                             "(inputs: 'x', 'mask', plus 'labels' and 'groups'); remove or rename it"),
     (lambda a: a.update(x=np.zeros((10, 12), np.float32)),
      "array 'x' has shape (10, 12) (rank 2), model input expects rank 3 [?, 3, 4]; reshape the data"),
     (lambda a: a.update(x=np.zeros((10, 3, 5), np.float32)),

@@ -26,7 +26,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lowrank")
-    model, data, w = write_lowrank_files(tmp)
+    model, data, w = write_lowrank_files(tmp, n=1200)
     return model, data, w, tmp
 
 
@@ -51,12 +51,12 @@ def test_compact_factors_the_low_rank_node_and_verifies(files):
                                "--mode", "compact", "--json"])
     assert rc == 0, err
     r = json.loads(stdout)
-    assert r["verified"] and r["method"] == "lowrank" and r["mode"] == "compact"
+    assert r["verified"] and r["method"] == "lowrank" and r["stages"][0]["settings"]["mode"] == "compact"
     level = {n["node"]: n["level"] for n in r["nodes"]}
     assert level["big"].startswith("rank ")
     rank = int(level["big"].split()[1])
     assert 4 <= rank < 32  # the signal rank at least, and a rank that saves parameters
-    assert r["search"] and all("calib_delta" in s for s in r["search"])
+    assert r["stages"][0]["search"] and all("calib_delta" in s for s in r["stages"][0]["search"])
 
     m = onnx.load(str(out))
     onnx.checker.check_model(m, full_check=True)
@@ -73,8 +73,8 @@ def test_compact_factors_the_low_rank_node_and_verifies(files):
     assert rel < 0.5
     assert r["bytes"]["compressed"] == 4 * (a.size + b.size) + 4 * 64 * 4  # factors + the untouched head
     ref, got = _held_losses(model, str(out), data)
-    assert ref == pytest.approx(r["held"]["reference"]["loss"], rel=1e-9)
-    assert got == pytest.approx(r["held"]["compressed"]["loss"], rel=1e-9)
+    assert ref == pytest.approx(r["splits"]["test"]["reference"]["loss"], rel=1e-9)
+    assert got == pytest.approx(r["splits"]["test"]["compressed"]["loss"], rel=1e-9)
     assert got <= ref
 
 
@@ -97,9 +97,10 @@ def test_lossless_with_large_relative_gamma_runs_and_reports(files):
                                "--mode", "lossless", "--gamma", "0.5", "--gamma-relative", "--json"])
     assert rc in (0, 1), err  # today: exit 2, "no rank of any node lies inside the neighbourhood ‖δ‖ ≤ 0.5 ·‖W‖"
     r = json.loads(stdout)
-    assert r["mode"] == "lossless" and r["gamma_relative"] is True
-    assert r["search"] and r["search"][0]["nodes"] == 1
-    cands = [c for c in r["candidates"] if not c["reference"]]
+    st = r["stages"][0]
+    assert st["settings"]["mode"] == "lossless" and st["settings"]["gamma_relative"] is True
+    assert st["search"] and st["search"][0]["nodes"] == 1
+    cands = [c for c in st["candidates"] if not c["reference"]]
     assert cands and all(c["rel_noise"] <= 0.5 + 1e-9 and c["predicted"] < 0 for c in cands)
     assert (rc == 0) == r["verified"] == out.exists()
 
@@ -128,7 +129,7 @@ def test_lowrank_then_quant_has_factor_nodes_and_dequantize(files):
         assert (p is not None and p.op_type == "DequantizeLinear") == lv.startswith("int")
     assert meta_verified(m) == "true"
     ref, got = _held_losses(model, str(out), data)
-    assert got == pytest.approx(r["held"]["compressed"]["loss"], rel=1e-9) and got <= ref
+    assert got == pytest.approx(r["splits"]["test"]["compressed"]["loss"], rel=1e-9) and got <= ref
 
 
 def meta_verified(m):
@@ -142,16 +143,16 @@ def test_lowrank_honours_relative_error_max(files):
     rc, stdout, err = run_cli(common)
     assert rc == 0, err
     r = json.loads(stdout)
-    base = abs(r["calibration"]["reference"]["loss"])
+    base = abs(r["splits"]["calibration"]["reference"]["loss"])
     assert base < 1
-    diffs = sorted(abs(c["measured"] - c["predicted"]) for c in r["candidates"] if not c["reference"])
+    diffs = sorted(abs(c["measured"] - c["predicted"]) for c in r["stages"][0]["candidates"] if not c["reference"])
     d = diffs[len(diffs) // 2]
     e = d / base ** 0.5  # base·e < d ≤ e: this candidate is inside for absolute, outside for relative
     rc, stdout, err = run_cli(common + ["--error-max", repr(e), "--relative"])
     assert rc == 0, err
     r = json.loads(stdout)
-    assert r["relative"] is True
-    cands = [c for c in r["candidates"] if not c["reference"]]
+    assert r["config"]["criterion"]["relative"] is True
+    cands = [c for c in r["stages"][0]["candidates"] if not c["reference"]]
     for c in cands:
         diff = abs(c["measured"] - c["predicted"])
         if abs(diff - base * e) > 1e-9:
@@ -173,7 +174,7 @@ def test_lowrank_that_keeps_everything_hands_quant_the_original_model(tmp_path):
     assert rc == 0, err
     q, b = json.loads(out_q), json.loads(out_b)
     assert set(b["stages"][0]["levels"]) == {"full"}  # rank 1 everywhere costs loss: nothing factored
-    assert b["stages"][1]["cache"]["hit"] is True and b["stages"][1]["cache"]["entry"] == q["cache"]["entry"]
+    assert b["stages"][1]["cache"]["hit"] is True and b["stages"][1]["cache"]["entry"] == q["stages"][0]["cache"]["entry"]
     assert "svd" not in b["stages"][1]["seconds"] and "candidates" not in b["stages"][1]["seconds"]
     mq, mb = onnx.load(str(tmp_path / "q.onnx")), onnx.load(str(tmp_path / "b.onnx"))
     assert {p.key: p.value for p in mb.metadata_props}["llc_onnx.method"] == "lowrank,quant"

@@ -10,7 +10,7 @@ from llc_onnx.calib.losses import make_loss
 from llc_onnx.calib.noise import LossSamples, constant, measure, measure_loss
 from llc_onnx.compressible import find_compressible
 from llc_onnx.interpreter import TorchGraph
-from llc_onnx.ort_eval import evaluate
+from llc_onnx.ort_eval import EXACT, evaluate
 from llc_onnx.passes.qdq import apply_qdq
 from llc_onnx.quant import ActivationQuant, WeightQuantSpec, fake_quant_activation, quantize_weight
 
@@ -89,7 +89,7 @@ def test_fake_quant_in_interpreter_matches_ort_qdq_graph(tmp_path, builder, shap
     interp = measure_loss(graph, ds, loss, weight_fns=fns)
     qmodel = apply_qdq(model, plans)
     assert any(n.op_type == "DequantizeLinear" for n in qmodel.graph.node)
-    ort_loss = evaluate(qmodel, ds, loss).loss
+    ort_loss = evaluate(qmodel, ds, loss, session=EXACT).loss  # MatMulNBits at full precision: the graph's maths
     assert abs(interp - float_loss) > 1e-4  # the quantization noise is visible ...
     assert interp == pytest.approx(ort_loss, abs=1e-5)  # ... and the interpreter predicts ORT's graph
 
@@ -99,6 +99,6 @@ def test_fake_quant_in_interpreter_matches_ort_qdq_graph(tmp_path, builder, shap
     aq = ActivationQuant(scale=float(np.float32(cap[last][1].abs().max().item() / 127)), bits=8)
     interp_a = measure_loss(graph, ds, loss, weight_fns=fns,
                             input_fns={last: lambda t: fake_quant_activation(t, aq)})
-    ort_a = evaluate(apply_qdq(model, plans, {last: aq}), ds, loss).loss
+    ort_a = evaluate(apply_qdq(model, plans, {last: aq}), ds, loss, session=EXACT).loss
     assert interp_a != interp
     assert interp_a == pytest.approx(ort_a, abs=1e-5)

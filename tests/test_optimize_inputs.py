@@ -59,9 +59,10 @@ def grouped_cnn(tmp_path):
 def test_grouped_conv_is_kept_whole_by_lowrank(tmp_path, capsys):
     model, data = grouped_cnn(tmp_path)
     r = optimize_json(capsys, model, data, tmp_path / "o.onnx", "--method", "lowrank", "--mode", "compact")
-    levels = {c["level"] for c in r["candidates"] if c["node"] == "grouped"}
+    cands = r["stages"][0]["candidates"]
+    levels = {c["level"] for c in cands if c["node"] == "grouped"}
     assert levels == {"full"}  # no rank candidates for a grouped Conv
-    assert any(c["node"] == "c0" and c["level"].startswith("rank") for c in r["candidates"])
+    assert any(c["node"] == "c0" and c["level"].startswith("rank") for c in cands)
 
 
 def tiny_lm(tmp_path, vocab=11, d=8, n=48, t=6):
@@ -82,8 +83,8 @@ def tiny_lm(tmp_path, vocab=11, d=8, n=48, t=6):
 def test_language_model_without_labels_uses_input_ids(tmp_path, capsys):
     model, data = tiny_lm(tmp_path)
     r = optimize_json(capsys, model, data, tmp_path / "o.onnx", "--batch-size", "8", "--bits", "8,float")
-    assert r["calibration"]["reference"]["loss"] > 0 and "ppl" in r["held"]["reference"]["metrics"]
-    assert r["measurement"]["in_sample"] is False
+    assert r["splits"]["calibration"]["reference"]["loss"] > 0 and "ppl" in r["splits"]["test"]["reference"]["metrics"]
+    assert r["stages"][0]["measurement"]["in_sample"] is False and r["objective"] == "task"
 
 
 def test_float16_weights_are_refused_with_one_line(tmp_path, capsys):
@@ -102,14 +103,16 @@ def test_float16_weights_are_refused_with_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value, needle", [
-    ("--max-rounds", "-1", "--max-rounds -1: must be ≥ 0"),
-    ("--seed", "-1", "--seed -1: must be ≥ 0"),
-    ("--threads", "-2", "--threads -2: must be ≥ 0"),
+    ("--max-rounds", "-1", "--max-rounds -1: must be an integer ≥ 0"),
+    ("--seed", "-1", "--seed -1: must be an integer ≥ 0"),
+    ("--threads", "-2", "--threads -2: must be an integer ≥ 0"),
     ("--tolerance", "nan", "--tolerance nan: must be ≥ 0"),
-    ("--gamma", "0", "--gamma 0.0: must be > 0"),
-    ("--avg-bits", "0", "--avg-bits 0.0: average bits per weight in (0, 32]"),
-    ("--holdout", "1", "--holdout 1.0: a fraction in (0, 1)"),
-    ("--bits", "3", "--bits '3': levels are 2, 4, 8, 16 and float"),
+    ("--gamma", "0", "--gamma 0: must be > 0"),
+    ("--avg-bits", "0", "--avg-bits 0: average bits per weight in (0, 32]"),
+    ("--holdout", "1", "--holdout 1: a fraction in (0, 1)"),
+    ("--bits", "3", "--bits 3: levels are 2, 4, 8, 16 and float"),
+    ("--seed", "x", "--seed x: expected an integer"),
+    ("--objective", "kl", "--objective kl: choose one of auto, task, fidelity"),
 ])
 def test_out_of_range_options_are_one_line_errors(tmp_path, capsys, flag, value, needle):
     model, data = grouped_cnn(tmp_path)
@@ -121,7 +124,7 @@ def test_out_of_range_options_are_one_line_errors(tmp_path, capsys, flag, value,
 def test_budget_with_lowrank_only_is_refused(tmp_path, capsys):
     model, data = grouped_cnn(tmp_path)
     rc, out, err = run(["optimize", model, "--data", data, "--method", "lowrank", "--budget", "0.3"], capsys)
-    assert rc == 2 and "--budget, --avg-bits and --sweep apply to quantization" in err
+    assert rc == 2 and "--budget 0.3: budgets and sweeps apply to quantization" in err
 
 
 def test_fit_measure_split_is_seeded_disjoint_and_covers_the_data():
@@ -146,6 +149,6 @@ def test_one_long_sequence_still_gives_a_standard_error(tmp_path, capsys):
     model, data = tiny_lm(tmp_path, n=4, t=200)
     r = optimize_json(capsys, model, data, tmp_path / "o.onnx", "--batch-size", "1", "--measure-samples", "1",
                       "--bits", "4,float")
-    assert r["measurement"]["measure_samples"] == 1
-    head = [c for c in r["candidates"] if c["node"] == "head" and c["level"] == "int4"][0]
+    assert r["stages"][0]["measurement"]["measure_samples"] == 1
+    head = [c for c in r["stages"][0]["candidates"] if c["node"] == "head" and c["level"] == "int4"][0]
     assert head["se"] > 0 and head["cost"] == pytest.approx(head["measured"] + head["se"])

@@ -11,6 +11,16 @@ Data specs accepted by :func:`load_dataset`:
   ``get_next()`` returns a dict ``{input name: array, ..., "labels": array}`` per batch and ``None`` at
   the end. ``attr`` may be the reader itself, a class or a zero-argument factory. The current directory
   is put on ``sys.path`` for the import.
+* from Python also a :class:`Dataset`, such a reader object itself, or an iterable of such dicts (one per
+  batch).
+
+Besides the graph inputs, two arrays have a meaning: ``labels`` (the task loss's targets) and ``groups``
+(one id per sample, integers or strings): samples with the same id are *not independent* — augmented views
+of one photo, spans of one document. Splits never separate a group (:func:`split_dataset`,
+:func:`fit_measure_split`) and standard errors are clustered by group (``calib.noise``).
+
+Splits (the statistical roles, see ``flows.context``): *test* (the verdict, once), *validation* (steers
+back-off), and the calibration rest, cut into *fit* (chooses) and *measure* (predicts and measures) parts.
 
 Every batch is validated against the model's graph inputs; a problem raises a one-line
 :class:`~llc_onnx.errors.LLCError` naming the file (``dir/b.npz``, ``module:attr[batch 3]``), the tensor
@@ -32,6 +42,8 @@ from onnx import helper
 from ..errors import LLCError
 
 LABELS = "labels"
+GROUPS = "groups"
+RESERVED = (LABELS, GROUPS)  # arrays that are not graph inputs
 _OBJECT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -39,6 +51,7 @@ _OBJECT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 class Batch:
     inputs: dict[str, np.ndarray]   # graph input name -> array with leading batch dim
     labels: np.ndarray | None
+    groups: np.ndarray | None = None  # one cluster id per sample (int64), None: every sample its own
 
     @property
     def size(self) -> int:
@@ -73,6 +86,10 @@ class Dataset:
     @property
     def has_labels(self) -> bool:
         return bool(self.batches) and all(b.labels is not None for b in self.batches)
+
+    @property
+    def has_groups(self) -> bool:
+        return bool(self.batches) and all(b.groups is not None for b in self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -133,10 +150,18 @@ def validate_arrays(arrays: dict[str, np.ndarray], model: onnx.ModelProto | list
             raise LLCError(f"{source}: missing array '{s.name}' for graph input '{s.name}' (model inputs: {listed}); "
                            f"add it, e.g. np.savez(path, {s.name}=..., labels=...)")
     for k in arrays:
-        if k != LABELS and k not in names:
-            raise LLCError(f"{source}: array '{k}' is not a graph input of the model (inputs: {listed}, plus 'labels'); "
-                           "remove or rename it")
+        if k not in RESERVED and k not in names:
+            raise LLCError(f"{source}: array '{k}' is not a graph input of the model (inputs: {listed}, plus 'labels' "
+                           "and 'groups'); remove or rename it")
+    if GROUPS in arrays:
+        g = arrays[GROUPS]
+        if not isinstance(g, np.ndarray) or g.ndim != 1 or g.dtype.kind not in "iuU":
+            raise LLCError(f"{source}: array 'groups' must be 1-D with one integer or string id per sample "
+                           f"(got {getattr(g, 'dtype', type(g).__name__)} shape {getattr(g, 'shape', '?')}); "
+                           "e.g. the index of the photo each view was made from")
     for k, a in arrays.items():
+        if k == GROUPS and isinstance(a, np.ndarray) and a.dtype.kind == "U":
+            continue
         if not isinstance(a, np.ndarray) or a.dtype == object:
             raise LLCError(f"{source}: array '{k}' is not a numeric numpy array ({type(a).__name__}); "
                            "store plain numeric arrays")
@@ -172,18 +197,40 @@ def validate_arrays(arrays: dict[str, np.ndarray], model: onnx.ModelProto | list
 
 
 def _to_batch(arrays: dict[str, np.ndarray]) -> Batch:
-    inputs = {k: v for k, v in arrays.items() if k != LABELS}
-    return Batch(inputs=inputs, labels=arrays.get(LABELS))
+    inputs = {k: v for k, v in arrays.items() if k not in RESERVED}
+    return Batch(inputs=inputs, labels=arrays.get(LABELS), groups=arrays.get(GROUPS))
+
+
+def _batch_arrays(b: Batch) -> dict[str, np.ndarray]:
+    arrays = dict(b.inputs)
+    if b.labels is not None:
+        arrays[LABELS] = b.labels
+    if b.groups is not None:
+        arrays[GROUPS] = b.groups
+    return arrays
+
+
+def _group_ids(ds: "Dataset") -> None:
+    """Replace string/int group ids by dense int64 codes, consistently across the dataset's batches (and its
+    sample arrays), so that a group id means the same thing in every batch."""
+    if not ds.has_groups:
+        if any(b.groups is not None for b in ds.batches):
+            raise LLCError(f"{ds.source}: some batches have a 'groups' array and others do not; give it in all or none")
+        return
+    _, codes = np.unique(np.concatenate([b.groups for b in ds.batches]), return_inverse=True)
+    start = 0
+    for b in ds.batches:
+        b.groups = codes[start:start + b.size].astype(np.int64)
+        start += b.size
+    if ds._arrays is not None and GROUPS in ds._arrays:
+        _, ds._arrays[GROUPS] = np.unique(ds._arrays[GROUPS], return_inverse=True)
 
 
 def validate_dataset(ds: Dataset, model: onnx.ModelProto) -> None:
     """Re-check every batch of ``ds`` against ``model`` (e.g. a candidate with the same inputs)."""
     specs = model_inputs(model)
     for i, b in enumerate(ds.batches):
-        arrays = dict(b.inputs)
-        if b.labels is not None:
-            arrays[LABELS] = b.labels
-        validate_arrays(arrays, specs, f"{ds.source}[batch {i}]")
+        validate_arrays(_batch_arrays(b), specs, f"{ds.source}[batch {i}]")
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -270,8 +317,9 @@ def _load_dir(path: str, specs) -> Dataset:
     return Dataset(batches, path, unit="batch")
 
 
-def _load_reader(spec: str, specs) -> Dataset:
-    obj = import_object(spec)
+def _load_reader(spec, specs) -> Dataset:
+    obj = import_object(spec) if isinstance(spec, str) else spec
+    spec = spec if isinstance(spec, str) else type(obj).__name__
     if isinstance(obj, type) or (not hasattr(obj, "get_next") and callable(obj)):
         try:
             obj = obj()
@@ -297,61 +345,158 @@ def _load_reader(spec: str, specs) -> Dataset:
     return Dataset(batches, spec, unit="batch")
 
 
-def load_dataset(spec: str, model: onnx.ModelProto, batch_size: int = 64) -> Dataset:
-    """Load ``spec`` (``.npz`` file, directory of ``.npz`` batches, or ``"module:attr"`` reader; see the
-    module docstring) and validate it against ``model``'s graph inputs."""
-    spec = os.fspath(spec)
+def _load_iterable(items, specs, source: str) -> Dataset:
+    batches = []
+    for i, item in enumerate(items):
+        where = f"{source}[batch {i}]"
+        if not isinstance(item, dict):
+            raise LLCError(f"{where}: got {type(item).__name__}, expected a dict of arrays per batch")
+        arrays = {str(k): np.asarray(v) for k, v in item.items()}
+        validate_arrays(arrays, specs, where)
+        batches.append(_to_batch(arrays))
+    if not batches:
+        raise LLCError(f"{source}: no batches; give at least one dict of arrays")
+    return Dataset(batches, source, unit="batch")
+
+
+def load_dataset(spec, model: onnx.ModelProto, batch_size: int = 64) -> Dataset:
+    """Load ``spec`` and validate it against ``model``'s graph inputs: a ``.npz`` file, a directory of ``.npz``
+    batches, a ``"module:attr"`` reader, or (from Python) a :class:`Dataset`, a reader object or an iterable of
+    dicts (see the module docstring). Group ids become dense int64 codes."""
     if batch_size < 1:
-        raise LLCError(f"--batch-size {batch_size}: must be ≥ 1")
+        raise LLCError(f"data.batch_size {batch_size}: must be ≥ 1")
     specs = model_inputs(model)
-    if os.path.isdir(spec):
-        return _load_dir(spec, specs)
-    if os.path.isfile(spec):
-        return _load_npz(spec, specs, batch_size)
-    if is_object_spec(spec):
-        return _load_reader(spec, specs)
-    raise LLCError(f"{spec}: no such file or directory; give a .npz file, a directory of .npz files or module:attr")
+    if isinstance(spec, Dataset):
+        ds = Dataset(list(spec.batches), spec.source, indices=spec.indices, unit=spec.unit,
+                     batch_size=spec.batch_size, arrays=spec._arrays, fixed_batch=spec.fixed_batch)
+        for i, b in enumerate(ds.batches):
+            validate_arrays(_batch_arrays(b), specs, f"{ds.source}[batch {i}]")
+    elif isinstance(spec, (str, os.PathLike)):
+        spec = os.fspath(spec)
+        if os.path.isdir(spec):
+            ds = _load_dir(spec, specs)
+        elif os.path.isfile(spec):
+            ds = _load_npz(spec, specs, batch_size)
+        elif is_object_spec(spec):
+            ds = _load_reader(spec, specs)
+        else:
+            raise LLCError(f"{spec}: no such file or directory; give a .npz file, a directory of .npz files or "
+                           "module:attr")
+    elif callable(getattr(spec, "get_next", None)):
+        ds = _load_reader(spec, specs)
+    elif hasattr(spec, "__iter__"):
+        ds = _load_iterable(spec, specs, "data")
+    else:
+        raise LLCError(f"data: {type(spec).__name__} is not a data source; give a path, a Dataset, a "
+                       "CalibrationDataReader or an iterable of dicts of arrays")
+    _group_ids(ds)
+    return ds
 
 
 # --------------------------------------------------------------------------------------------- split
-def _split_counts(n: int, holdout: float, source: str, unit: str) -> int:
-    if not 0.0 < holdout < 1.0:
-        raise LLCError(f"holdout {holdout}: must be between 0 and 1 (exclusive)")
-    n_held = round(holdout * n)
-    if n_held == 0 or n_held == n:
-        part = "held-out" if n_held == 0 else "calibration"
-        raise LLCError(f"{source}: splitting {n} {unit}s with holdout={holdout} leaves the {part} part empty; "
-                       "provide more data or change the holdout fraction")
-    return n_held
+def _split_counts(n: int, fraction: float, source: str, unit: str, part: str = "held-out") -> int:
+    if not 0.0 < fraction < 1.0:
+        raise LLCError(f"{part} fraction {fraction}: must be between 0 and 1 (exclusive)")
+    k = round(fraction * n)
+    if k == 0 or k == n:
+        empty = part if k == 0 else "remaining"
+        raise LLCError(f"{source}: splitting {n} {unit}s with a {part} fraction of {fraction} leaves the {empty} "
+                       "part empty; provide more data or change the fraction")
+    return k
 
 
-def split_dataset(ds: Dataset, holdout: float = 0.5, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Split ``ds`` into disjoint ``(calibration, held_out)`` parts.
+def _unit_ids(ds: Dataset) -> tuple[np.ndarray, str]:
+    """Per sample of a sample-unit dataset, the unit a split moves as a whole: its group (when the data has
+    ``groups``) or the sample itself; and the unit's name."""
+    n = int(next(iter(ds._arrays.values())).shape[0])
+    if GROUPS in ds._arrays:
+        return np.asarray(ds._arrays[GROUPS]), "group"
+    return np.arange(n), "sample"
 
-    Rule: ``perm = numpy.random.default_rng(seed).permutation(n)``; the first ``round(holdout * n)``
-    entries of ``perm`` (Python ``round``, i.e. half to even) go to held-out, the rest to calibration;
-    inside each part the indices are sorted (source order kept). For a single ``.npz`` the units are
-    samples and each part is re-batched with the dataset's batch size; for a directory / reader the units
-    are whole batches. Either part being empty is an :class:`LLCError`. ``Dataset.indices`` of each part
-    holds the source indices it took.
+
+def _sample_split(ds: Dataset, fraction: float, seed: int, part: str) -> tuple[Dataset, Dataset]:
+    units, unit = _unit_ids(ds)
+    uniq = np.unique(units)
+    n_part = _split_counts(len(uniq), fraction, ds.source, unit, part)
+    perm = np.random.default_rng(seed).permutation(len(uniq))
+    chosen = np.isin(units, uniq[np.sort(perm[:n_part])])
+    out = []
+    for mask in (~chosen, chosen):
+        idx = np.flatnonzero(mask)
+        arrays = {k: v[idx] for k, v in ds._arrays.items()}
+        out.append(_sample_dataset(arrays, ds.source, ds.batch_size, ds.indices[idx], ds.fixed_batch))
+    return out[0], out[1]
+
+
+def _batch_split(ds: Dataset, fraction: float, seed: int, part: str) -> tuple[Dataset, Dataset]:
+    n = len(ds.batches)
+    n_part = _split_counts(n, fraction, ds.source, "batch", part)
+    perm = np.random.default_rng(seed).permutation(n)
+    part_idx, rest_idx = np.sort(perm[:n_part]), np.sort(perm[n_part:])
+    if ds.has_groups:
+        a = set(np.concatenate([ds.batches[i].groups for i in part_idx]).tolist())
+        b = set(np.concatenate([ds.batches[i].groups for i in rest_idx]).tolist())
+        if a & b:
+            raise LLCError(f"{ds.source}: group {min(a & b)} has samples in several batches, so a split by batch "
+                           "would put one group on both sides; keep each group in one batch file, or give the data "
+                           "as one .npz")
+    rest = Dataset([ds.batches[i] for i in rest_idx], ds.source, indices=ds.indices[rest_idx], unit="batch")
+    held = Dataset([ds.batches[i] for i in part_idx], ds.source, indices=ds.indices[part_idx], unit="batch")
+    return rest, held
+
+
+def split_dataset(ds: Dataset, holdout: float = 0.5, seed: int = 0, part: str = "held-out"
+                  ) -> tuple[Dataset, Dataset]:
+    """Split ``ds`` into disjoint ``(rest, part)`` with ``part`` holding a fraction ``holdout`` of the units.
+
+    Rule: ``perm = numpy.random.default_rng(seed).permutation(n_units)``; the first ``round(holdout * n)``
+    units of ``perm`` (Python ``round``, half to even) go to ``part``, the rest stay; inside each part the
+    source order is kept. Units: for a single ``.npz`` the samples — or the groups, when the data has a
+    ``groups`` array, so that correlated samples never straddle the split — and each part is re-batched with
+    the dataset's batch size; for a directory / reader whole batches (a group split across batches is then an
+    error). Either part being empty is an :class:`LLCError`. ``Dataset.indices`` holds the source indices.
     """
     if ds.unit == "sample" and ds._arrays is not None:
-        n = int(next(iter(ds._arrays.values())).shape[0])
-        n_held = _split_counts(n, holdout, ds.source, "sample")
-        perm = np.random.default_rng(seed).permutation(n)
-        held_idx, calib_idx = np.sort(perm[:n_held]), np.sort(perm[n_held:])
-        parts = []
-        for idx in (calib_idx, held_idx):
-            arrays = {k: v[idx] for k, v in ds._arrays.items()}
-            parts.append(_sample_dataset(arrays, ds.source, ds.batch_size, ds.indices[idx], ds.fixed_batch))
-        return parts[0], parts[1]
-    n = len(ds.batches)
-    n_held = _split_counts(n, holdout, ds.source, "batch")
-    perm = np.random.default_rng(seed).permutation(n)
-    held_idx, calib_idx = np.sort(perm[:n_held]), np.sort(perm[n_held:])
-    calib = Dataset([ds.batches[i] for i in calib_idx], ds.source, indices=ds.indices[calib_idx], unit="batch")
-    held = Dataset([ds.batches[i] for i in held_idx], ds.source, indices=ds.indices[held_idx], unit="batch")
-    return calib, held
+        return _sample_split(ds, holdout, seed, part)
+    return _batch_split(ds, holdout, seed, part)
+
+
+def fit_measure_split(calib: Dataset, measure_samples: int | None = None, seed: int = 0
+                      ) -> tuple[Dataset, Dataset]:
+    """(fit, measure) parts of the calibration split. Without groups: whole batches in a seeded random order go
+    to the measure part — half of them, or as many as hold ``measure_samples`` samples — and the rest to the fit
+    part (at least one batch each; both keep the source order). With groups (single-``.npz`` data): half the
+    groups (or enough to hold ``measure_samples``) by the same seeded rule, so no group is on both sides. A
+    one-batch split gives the same batch to both (in-sample)."""
+    batches = calib.batches
+    if len(batches) < 2:
+        return calib, calib
+    if calib.has_groups and calib.unit == "sample" and calib._arrays is not None:
+        units, _ = _unit_ids(calib)
+        n_units = len(np.unique(units))
+        if n_units >= 2:
+            frac = 0.5 if measure_samples is None else min(max(measure_samples / max(calib.n_samples, 1),
+                                                                1 / n_units), (n_units - 1) / n_units)
+            k = min(max(round(frac * n_units), 1), n_units - 1)
+            fit, measure = _sample_split(calib, k / n_units, seed, "measure")
+            fit.source = f"{calib.source} (fit part: {fit.n_samples} samples)"
+            measure.source = f"{calib.source} (measure part: {measure.n_samples} samples)"
+            return fit, measure
+    order = np.random.default_rng(seed).permutation(len(batches))
+    if measure_samples is None:
+        k = (len(batches) + 1) // 2
+    else:
+        k, count = 0, 0
+        while k < len(batches) - 1 and count < measure_samples:
+            count += batches[order[k]].size
+            k += 1
+        k = max(k, 1)
+    chosen = set(order[:k].tolist())
+    measure = Dataset(batches=[b for i, b in enumerate(batches) if i in chosen],
+                      source=f"{calib.source} (measure part: {k} of {len(batches)} batches)")
+    fit = Dataset(batches=[b for i, b in enumerate(batches) if i not in chosen],
+                  source=f"{calib.source} (fit part: {len(batches) - k} of {len(batches)} batches)")
+    return fit, measure
 
 
 def load_split(calib_spec: str, held_spec: str, model: onnx.ModelProto, batch_size: int = 64) -> tuple[Dataset, Dataset]:

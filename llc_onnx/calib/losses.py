@@ -12,6 +12,10 @@ uses). All losses are computed in float64.
   :meth:`summarize`, not a sum itself). When a batch has no ``labels`` the ``input_ids`` input is used.
 * ``"mse"`` — mean squared error over all output elements against float labels of the same shape
   (labels ``[B]`` for an output ``[B, 1]`` are accepted). Metric ``mae``.
+* ``"fidelity"`` (:class:`FidelityLoss`) — no labels: the *labels* are the float model's own outputs on the
+  same inputs (:func:`teacher_dataset`), and the loss is KL(p_float ‖ p_compressed) over the class axis (axis 1,
+  or the last axis of an LM's ``[B, T, V]`` logits), or the squared difference for regression outputs. The float
+  model's own fidelity loss is 0; a compressed model's is ≥ 0, so "no worse" needs a tolerance there.
 * ``"module:function"`` — ``fn(output, labels)`` called with **torch tensors** (output float64, labels
   as stored), returning either a per-sample tensor of shape ``[B]`` (summed, count B) or a 0-d scalar
   (taken as the batch mean: sum = value·B, count B). Write it with operations numpy and torch share
@@ -287,6 +291,79 @@ class UserLoss(TaskLoss):
             return r.double().sum(), b
         raise LLCError(f"{self.name}: returned shape {tuple(r.shape)}; return a per-sample array of shape ({b},) "
                        "or a scalar batch mean")
+
+
+class FidelityLoss(TaskLoss):
+    """KL(p_teacher ‖ p_student) per position over the class axis (``axis``), or the squared difference to the
+    teacher's output (``mode="mse"``). ``labels`` are the teacher's (float model's) outputs; ``probs=True`` when
+    the output already is a probability (no softmax). Metric ``agree``: top-1 agreement with the teacher."""
+
+    name = "fidelity"
+    unit_tokens = 64
+
+    def __init__(self, output: str, axis: int = 1, mode: str = "kl", probs: bool = False):
+        super().__init__(output)
+        if mode not in ("kl", "mse"):
+            raise LLCError(f"fidelity loss: mode {mode!r}; use 'kl' or 'mse'")
+        self.axis, self.mode, self.probs = int(axis), mode, bool(probs)
+
+    def _check(self, output, teacher):
+        if tuple(teacher.shape) != tuple(output.shape):
+            raise LLCError(f"output '{self.output}': shape {tuple(output.shape)} differs from the float model's "
+                           f"{tuple(teacher.shape)} on the same inputs; the fidelity loss compares the two")
+
+    def _logp(self, x):
+        x = x.double()
+        if self.probs:
+            return torch.log(x.clamp_min(1e-12))
+        return torch.log_softmax(x, dim=self.axis)
+
+    def pointwise(self, output, teacher) -> torch.Tensor:
+        """The loss per position: the class axis reduced (KL) or kept (mse), float64."""
+        output, teacher = _as_tensor(output), _as_tensor(teacher)
+        self._check(output, teacher)
+        if self.mode == "mse":
+            d = output.double() - teacher.double()
+            return d * d
+        lt, ls = self._logp(teacher), self._logp(output)
+        return (lt.exp() * (lt - ls)).sum(dim=self.axis)
+
+    def terms(self, output, labels):
+        _need_labels(labels, self)
+        p = self.pointwise(output, labels)
+        return p.sum(), int(p.numel())
+
+    def unit_terms(self, output, labels):
+        p = self.pointwise(output, labels).reshape(-1)
+        n = self.unit_tokens if p.numel() > self.unit_tokens else p.numel()
+        return [(float(p[i:i + n].sum()), int(p[i:i + n].numel())) for i in range(0, p.numel(), n)]
+
+    def metrics(self, output, labels):
+        if self.mode == "mse":
+            return {}
+        output, labels = _as_numpy(output), _as_numpy(labels)
+        agree = np.argmax(output, axis=self.axis) == np.argmax(labels, axis=self.axis)
+        return {"agree": (float(agree.sum()), int(agree.size))}
+
+
+def fidelity_loss_for(task_kind: str, output: str, rank: int | None, probs: bool = False) -> FidelityLoss:
+    """The fidelity loss matching a task loss kind: KL over axis 1 (ce), over the last axis (lm), squared
+    difference (mse and user losses, whose output may be anything)."""
+    if task_kind == "lm":
+        return FidelityLoss(output, axis=-1, probs=probs)
+    if task_kind == "ce" and (rank is None or rank >= 2):
+        return FidelityLoss(output, axis=1, probs=probs)
+    return FidelityLoss(output, mode="mse")
+
+
+def teacher_dataset(dataset, run_float) -> "Dataset":
+    """``dataset`` with each batch's labels replaced by the float model's output on its inputs
+    (``run_float(inputs) -> array``): the labels of the fidelity loss. Groups are kept."""
+    from .data import Batch, Dataset
+
+    batches = [Batch(inputs=b.inputs, labels=np.asarray(run_float(b.inputs)), groups=b.groups)
+               for b in dataset.batches]
+    return Dataset(batches, dataset.source, indices=dataset.indices, unit="batch")
 
 
 def make_loss(kind: str, output: str, **opts) -> TaskLoss:

@@ -12,6 +12,10 @@ SE is what separates a real gain from calibration noise: held-out data sees a di
 per-sample effects, so a ΔL within a few SE of 0 may have either sign there. The "samples" are the loss's units
 (``TaskLoss.unit_terms``): one per sample, and for the LM loss spans of 64 predicted tokens, so that one long
 sequence still gives a standard error.
+
+Correlated units (augmented views of one photo, spans of one document) make that SE too small. When the data
+has ``groups`` (one id per sample, ``calib.data``), the SE is cluster-robust: with E_g = Σ_{i∈g} e_i over the
+G groups,  SE(ΔL) = sqrt(G · var(E_g)) / N  — the same formula with groups as the independent units.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ def constant(value: torch.Tensor) -> TensorFn:
 
 @dataclass
 class LossSamples:
-    """Per-sample loss sums and term counts of one evaluation."""
+    """Per-unit loss sums and term counts of one evaluation, with each unit's group (cluster) when the data
+    has groups."""
 
     sums: np.ndarray
     counts: np.ndarray
+    groups: np.ndarray | None = None
 
     @property
     def mean(self) -> float:
@@ -49,28 +55,42 @@ class LossSamples:
 
     def delta(self, base: "LossSamples") -> tuple[float, float]:
         """(ΔL, SE(ΔL)) of this run against ``base`` on the same samples (see module doc)."""
-        e = self.sums - base.sums
-        n = float(base.counts.sum())
-        se = float(np.sqrt(len(e) * e.var(ddof=1)) / n) if len(e) > 1 else 0.0
-        return float(e.sum() / n), se
+        return paired_delta(self.sums - base.sums, float(base.counts.sum()), base.groups)
+
+    def se(self) -> float:
+        """Standard error of :attr:`mean` (clustered by group when there are groups)."""
+        n = float(self.counts.sum())
+        return paired_delta(self.sums - self.counts * self.mean, n, self.groups)[1]
+
+
+def paired_delta(e: np.ndarray, n: float, groups: np.ndarray | None = None) -> tuple[float, float]:
+    """(Σe/N, SE): SE over independent units, or over the group sums E_g when ``groups`` is given."""
+    if groups is not None:
+        _, inv = np.unique(groups, return_inverse=True)
+        e = np.bincount(inv, weights=e)
+    se = float(np.sqrt(len(e) * e.var(ddof=1)) / n) if len(e) > 1 else 0.0
+    return float(e.sum() / n) if n else 0.0, se
 
 
 def _samples(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, run_batch, progress: Progress = None
              ) -> LossSamples:
     """Per-unit loss sums over ``dataset``; ``run_batch(i, feeds)`` returns batch i's loss output."""
-    sums, counts = [], []
+    sums, counts, groups = [], [], []
     for bi, batch in enumerate(dataset.batches):
         out, labels = run_batch(bi, _feeds(graph, batch, False)), _labels(batch, loss, graph.device)
         for i in range(out.shape[0]):
             for s, c in loss.unit_terms(out[i:i + 1], labels[i:i + 1]):
                 sums.append(s)
                 counts.append(c)
+                if batch.groups is not None:
+                    groups.append(int(batch.groups[i]))
         if progress:
             progress(1)
     if not sum(counts):
         raise LLCError(f"{dataset.source}: no loss terms (every label is the ignore index?); "
                        "the data needs labelled samples")
-    return LossSamples(np.asarray(sums), np.asarray(counts, dtype=np.float64))
+    return LossSamples(np.asarray(sums), np.asarray(counts, dtype=np.float64),
+                       np.asarray(groups, dtype=np.int64) if dataset.has_groups else None)
 
 
 @torch.no_grad()

@@ -1,19 +1,30 @@
 """Everything a compression flow works on, loaded once: the prepared model, its compressible nodes, the
-interpreter, the task loss, the disjoint calibration / held-out splits and the float model's losses on both.
+interpreter, the loss, the data splits and the float model's losses.
 
-The calibration split is itself cut, by whole batches, into two disjoint parts:
+The statistical roles of the data (the contract every flow follows)
+--------------------------------------------------------------------
+* **test** (``held=`` / ``--held``, else a seeded ``data.holdout`` fraction of the data): evaluated exactly
+  once, on the final model and the float model, for the verdict. Nothing is chosen after seeing it.
+* **validation** (``val=`` / ``--val``, else a seeded ``data.val_fraction`` of the remaining data): the chosen
+  plans are measured *jointly* (all nodes compressed at once, in ONNX Runtime) on it; back-off and the choice
+  between candidate plans are steered by it.
+* **calibration** (the rest) chooses: it is cut, by whole batches (by group when the data has groups), into a
+  **fit** part, whose gradients *choose* (LLC rounding directions, the low-rank α step), and a disjoint
+  **measure** part, on which those choices are *predicted* (Σ g·δ) and *measured* (loss with one node
+  changed). A rounding chosen from a gradient always looks good on the samples that gradient came from; measured
+  on other samples it shows its real effect. With a single calibration batch the two parts coincide
+  (``in_sample``) and the summary says so.
 
-* ``fit_data``      the gradients that *choose* things (LLC rounding directions, the low-rank α step);
-* ``measure_data``  the gradients that *predict* (Σ g·δ) and the per-candidate loss measurements.
+Every split keeps whole groups (``calib.data``), so correlated samples never sit on both sides of a split.
 
-A rounding chosen from a gradient always looks good on the samples that gradient came from (its gain is
-fitted, in-sample); measured on other samples it shows its real effect, which is what the held-out split will
-see. Both parts together are still one pass over the calibration data. With a single calibration batch the two
-parts coincide and the report says the measurements are in-sample.
+Objectives: ``task`` uses the labelled loss; ``fidelity`` replaces every split's labels by the float model's
+own outputs (``calib.losses.teacher_dataset``) and uses KL to them, so unlabelled data works.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -21,16 +32,19 @@ import numpy as np
 import onnx
 import torch
 
-from ..calib.data import Dataset, load_dataset, load_split, split_dataset
+from ..calib.data import Dataset, fit_measure_split, load_dataset, split_dataset
 from ..calib.gradients import GradientPass, collect_gradients
-from ..calib.losses import TaskLoss
+from ..calib.losses import TaskLoss, fidelity_loss_for, make_loss, teacher_dataset
 from ..calib.noise import LossSamples, measure, measure_base
 from ..compressible import CompressibleNode, find_compressible
+from ..config import OptimizeConfig
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from ..model_io import load_model, prepare_model
-from ..ort_eval import Evaluation, evaluate
-from ..progress import StageTimer
+from ..model_io import prepare_model
+from ..ort_eval import Evaluation, SessionConfig, evaluate, make_session, resolve_output
+from ..progress import Progress, Silent, StageTimer
+
+log = logging.getLogger(__name__)
 
 
 def snapshot_bytes() -> int:
@@ -45,24 +59,33 @@ def snapshot_bytes() -> int:
 
 @dataclass
 class FlowContext:
-    model_path: str
-    model: onnx.ModelProto  # prepared (opset, names, shapes); the input file is never touched
+    source: str  # where the model came from (a path, or "model")
+    model: onnx.ModelProto  # prepared (opset, names, shapes); the input is never touched
     nodes: list[CompressibleNode]
     skipped: list[tuple[str, str]]
     graph: TorchGraph
-    loss: TaskLoss
+    loss: TaskLoss  # the objective's loss (task loss, or fidelity to the float model)
+    objective: str  # "task" | "fidelity"
     calib: Dataset
-    held: Dataset
+    val: Dataset
+    test: Dataset
     fit_data: Dataset  # calibration batches whose gradients choose roundings / α
     measure_data: Dataset  # disjoint calibration batches: predictions and measured ΔL
-    calib_fp: Evaluation
-    held_fp: Evaluation
-    timer: StageTimer
+    calib_fp: Evaluation  # float model on calibration (ORT, per-unit samples)
+    val_fp: Evaluation  # float model on validation (ORT, per-unit samples)
+    session: SessionConfig  # the session of the verdict (the deployment target's)
+    config: OptimizeConfig
+    timer: StageTimer = field(default_factory=StageTimer)
+    progress: Progress = field(default_factory=Silent)
+    notes: list[str] = field(default_factory=list)
+    task_loss: TaskLoss | None = None  # the labelled loss when the objective is fidelity and labels exist
+    task_test: Dataset | None = None  # the labelled test split, for that loss (fidelity objective)
     _weights: dict[str, np.ndarray] = field(default_factory=dict)
     _base: LossSamples | None = None
     _snapshots: list | None = None  # per measure batch: interpreter.Snapshots of the unmodified run
     _float_bytes: int | None = None  # a later stage keeps the original model's float bytes as its reference
 
+    # -- measurements in the interpreter -----------------------------------------------------------
     def base(self) -> LossSamples:
         """Per-sample losses of the unmodified model on ``measure_data`` (interpreter), computed once, with the
         snapshots that let :meth:`measure` recompute only from the perturbed node on."""
@@ -79,6 +102,23 @@ class FlowContext:
         self.base()
         return measure(self.graph, self.measure_data, self.loss, weight_fns, input_fns, snapshots=self._snapshots)
 
+    def gradients(self, act_candidates=None, progress=None) -> tuple[GradientPass, GradientPass]:
+        """(fit, measure) gradient passes over the two calibration parts — one pass over the calibration data
+        in all. The measure pass needs only the mean gradient (and the activation-noise predictions); with a
+        single calibration batch both are the same pass."""
+        in_sample = self.fit_data is self.measure_data
+        measure_pass = collect_gradients(self.graph, self.measure_data, self.loss, self.nodes, act_candidates,
+                                         progress, magnitudes=in_sample)
+        if in_sample:
+            return measure_pass, measure_pass
+        return collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress), measure_pass
+
+    # -- ONNX Runtime ------------------------------------------------------------------------------
+    def evaluate(self, model: onnx.ModelProto, data: Dataset, samples: bool = False) -> Evaluation:
+        """``model`` on ``data`` in the verdict's session (the deployment target's)."""
+        return evaluate(model, data, self.loss, session=self.session, samples=samples)
+
+    # -- nodes and weights -------------------------------------------------------------------------
     def node(self, name: str) -> CompressibleNode:
         for n in self.nodes:
             if n.name == name:
@@ -91,17 +131,6 @@ class FlowContext:
             self._weights[node.weight] = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
         return self._weights[node.weight]
 
-    def gradients(self, act_candidates=None, progress=None) -> tuple[GradientPass, GradientPass]:
-        """(fit, measure) gradient passes over the two calibration parts — one pass over the calibration data
-        in all. The measure pass needs only the mean gradient (and the activation-noise predictions); with a
-        single calibration batch both are the same pass."""
-        in_sample = self.fit_data is self.measure_data
-        measure_pass = collect_gradients(self.graph, self.measure_data, self.loss, self.nodes, act_candidates,
-                                         progress, magnitudes=in_sample)
-        if in_sample:
-            return measure_pass, measure_pass
-        return collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress), measure_pass
-
     def float_bytes(self) -> int:
         """Float32 bytes of the compressible nodes' weights (a shared weight counted once per node); for a
         later stage (``derive_context``) those of the original model, so budgets and reductions stay relative
@@ -110,90 +139,136 @@ class FlowContext:
             self._float_bytes = sum(4 * self.weight_array(n).size for n in self.nodes)
         return self._float_bytes
 
+    @property
+    def in_sample(self) -> bool:
+        return self.fit_data is self.measure_data
+
     def measurement_info(self) -> dict:
         """Which calibration batches chose (fit) and which judged (measure), for the report."""
         return {"fit": self.fit_data.source, "measure": self.measure_data.source,
                 "fit_samples": self.fit_data.n_samples, "measure_samples": self.measure_data.n_samples,
-                "in_sample": self.fit_data is self.measure_data}
-
-    def sweep_point(self, budget: float, model: onnx.ModelProto, nbytes: int) -> dict:
-        held = evaluate(model, self.held, self.loss)
-        return {"budget": budget, "bytes": nbytes, "held_loss": held.loss, "held_metrics": held.metrics}
+                "in_sample": self.in_sample}
 
 
-def create_context(model_path: str, data: str, loss: TaskLoss | None = None, *, held: str | None = None,
-                   holdout: float = 0.5, seed: int = 0, batch_size: int = 64, measure_samples: int | None = None,
-                   opset: int = 21, nodes: list[str] | None = None, loss_factory=None) -> FlowContext:
-    """Load and prepare everything a flow needs; ``loss_factory(model)`` builds the loss when not given."""
-    timer = StageTimer()
-    with timer.stage("load"):
-        model = prepare_model(load_model(model_path), opset=opset)
-        found, skipped = find_compressible(model)
-        if nodes:
-            unknown = sorted(set(nodes) - {n.name for n in found})
-            if unknown:
-                raise LLCError(f"{model_path}: --nodes names {unknown[0]!r}, which is not a compressible node; "
-                               f"run 'llc-onnx inspect {model_path}' to list them")
-            found = [n for n in found if n.name in set(nodes)]
-        if not found:
-            raise LLCError(f"{model_path}: no compressible node (MatMul/Gemm/Conv with a constant weight); "
-                           "nothing to compress")
-        _require_float32(model, found, model_path)
-        if loss is None:
-            loss = loss_factory(model)
-        if held is not None:
-            calib, held_ds = load_split(data, held, model, batch_size=batch_size)
-        else:
-            calib, held_ds = split_dataset(load_dataset(data, model, batch_size=batch_size), holdout, seed)
-        graph = TorchGraph(model, dtype=torch.float32)
-    fit, measure = fit_measure_split(calib, measure_samples, seed)
-    with timer.stage("baseline"):
-        calib_fp = evaluate(model, calib, loss)
-        held_fp = evaluate(model, held_ds, loss)
-    return FlowContext(model_path, model, found, skipped, graph, loss, calib, held_ds, fit, measure, calib_fp,
-                       held_fp, timer)
+# ----------------------------------------------------------------------------------------------- building
+def _default_loss_kind(model: onnx.ModelProto, output: str) -> str:
+    """``"lm"`` when ``output`` has rank 3 and a graph input is named ``input_ids``, else ``"ce"``."""
+    return "lm" if _rank(model, output) == 3 and any(i.name == "input_ids" for i in model.graph.input) else "ce"
 
 
-def _require_float32(model: onnx.ModelProto, nodes: list[CompressibleNode], path: str) -> None:
+def _rank(model: onnx.ModelProto, output: str) -> int | None:
+    for o in model.graph.output:
+        if o.name == output and o.type.tensor_type.HasField("shape"):
+            return len(o.type.tensor_type.shape.dim)
+    return None
+
+
+def task_loss_for(model: onnx.ModelProto, config: OptimizeConfig, source: str = "model") -> TaskLoss:
+    """The labelled loss ``criterion.loss`` (default: lm for LMs, else ce) on ``criterion.output``."""
+    output = resolve_output(model, config.criterion.output, source)
+    return make_loss(config.criterion.loss or _default_loss_kind(model, output), output)
+
+
+def _splits(data, model, config: OptimizeConfig, held, val) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+    """(calibration, validation, test, notes) by the rules of the module doc."""
+    d, notes = config.data, []
+    ds = load_dataset(data, model, batch_size=d.batch_size)
+    if held is not None:
+        rest, test = ds, load_dataset(held, model, batch_size=d.batch_size)
+    else:
+        rest, test = split_dataset(ds, d.holdout, d.seed, part="test")
+    if val is not None:
+        return rest, load_dataset(val, model, batch_size=d.batch_size), test, notes
+    if d.val_fraction > 0 and _units(rest) >= 4 and 1 <= round(d.val_fraction * _units(rest)) < _units(rest) - 1:
+        calib, val_ds = split_dataset(rest, d.val_fraction, d.seed + 1, part="validation")
+        return calib, val_ds, test, notes
+    notes.append("validation = calibration data (too little data to hold a validation part out, or "
+                 "data.val_fraction = 0): back-off is steered by data the search also chose on")
+    return rest, rest, test, notes
+
+
+def _units(ds: Dataset) -> int:
+    """How many units a split can move: groups or samples of a single .npz, else batches."""
+    if ds.unit == "sample" and ds._arrays is not None:
+        from ..calib.data import GROUPS
+
+        g = ds._arrays.get(GROUPS)
+        return len(np.unique(g)) if g is not None else ds.n_samples
+    return len(ds.batches)
+
+
+def _require_float32(model: onnx.ModelProto, nodes: list[CompressibleNode], source: str) -> None:
     """Sizes, scales and measurements assume float32 weights; say so instead of writing a model whose
     weights differ from the ones measured."""
     types = {t.name: t.data_type for t in model.graph.initializer}
     for n in nodes:
         if types.get(n.weight, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
             dtype = onnx.TensorProto.DataType.Name(types[n.weight])
-            raise LLCError(f"{path}: node '{n.name}' has a {dtype} weight '{n.weight}'; llc-onnx compresses float32 "
+            raise LLCError(f"{source}: node '{n.name}' has a {dtype} weight '{n.weight}'; llc-onnx compresses float32 "
                            "models: re-export or convert it to float32 first")
 
 
+def create_context(model: onnx.ModelProto, data, config: OptimizeConfig, *, source: str = "model", held=None,
+                   val=None, progress: Progress | None = None, session: SessionConfig | None = None) -> FlowContext:
+    """Load and prepare everything a flow needs (see the module doc for the splits)."""
+    timer = StageTimer()
+    notes: list[str] = []
+    with timer.stage("load"):
+        prepared = prepare_model(model, opset=21)
+        found, skipped = find_compressible(prepared)
+        if config.nodes:
+            unknown = sorted(set(config.nodes) - {n.name for n in found})
+            if unknown:
+                raise LLCError(f"{source}: nodes names {unknown[0]!r}, which is not a compressible node; "
+                               f"run 'llc-onnx inspect {source}' to list them")
+            found = [n for n in found if n.name in set(config.nodes)]
+        if not found:
+            raise LLCError(f"{source}: no compressible node (MatMul/Gemm/Conv with a constant weight); "
+                           "nothing to compress")
+        _require_float32(prepared, found, source)
+        task = task_loss_for(prepared, config, source)
+        calib, val_ds, test, split_notes = _splits(data, prepared, config, held, val)
+        notes += split_notes
+        objective = config.criterion.objective
+        if objective == "auto":
+            labelled = calib.has_labels or task.name == "lm"
+            objective = "task" if labelled else "fidelity"
+        session = session or SessionConfig(threads=config.device.threads)
+        fit, meas = fit_measure_split(calib, config.data.measure_samples, config.data.seed)
+        loss, task_loss, task_test = task, None, None
+        if objective == "fidelity":
+            ref = make_session(prepared, session)
+
+            def run_float(inputs):
+                return ref.run([task.output], inputs)[0]
+
+            loss = fidelity_loss_for(task.name, task.output, _rank(prepared, task.output))
+            task_loss = task if test.has_labels else None
+            task_test = test if test.has_labels else None
+            val_is_calib = val_ds is calib
+            fit_t = teacher_dataset(fit, run_float)
+            meas_t = fit_t if meas is fit else teacher_dataset(meas, run_float)
+            calib = fit_t if meas is fit else Dataset(fit_t.batches + meas_t.batches, calib.source, unit="batch")
+            fit, meas = fit_t, meas_t
+            val_ds = calib if val_is_calib else teacher_dataset(val_ds, run_float)
+            test = teacher_dataset(test, run_float)
+        graph = TorchGraph(prepared, dtype=torch.float32, device=config.device.device)
+    if fit is meas:
+        notes.append("fit and measure parts coincide (one calibration batch): measured costs are in-sample; "
+                     "give more calibration data")
+    ctx = FlowContext(source, prepared, found, skipped, graph, loss, objective, calib, val_ds, test, fit, meas,
+                      None, None, session, config, timer, progress or Silent(), notes, task_loss, task_test)
+    with timer.stage("baseline"):
+        ctx.calib_fp = ctx.evaluate(prepared, calib, samples=True)
+        ctx.val_fp = ctx.calib_fp if val_ds is calib else ctx.evaluate(prepared, val_ds, samples=True)
+    return ctx
+
+
 def derive_context(ctx: FlowContext, model: onnx.ModelProto) -> FlowContext:
-    """A context for a further stage on ``model`` (e.g. quantizing low-rank factors): same data and loss, and
-    the *original* float model's losses as the reference every stage is verified against."""
+    """A context for a further stage on ``model`` (e.g. quantizing low-rank factors): same data, loss and
+    splits, and the *original* float model's losses as the reference every stage is judged against."""
     found, skipped = find_compressible(model)
-    return FlowContext(ctx.model_path, model, found, skipped, TorchGraph(model, dtype=ctx.graph.dtype), ctx.loss,
-                       ctx.calib, ctx.held, ctx.fit_data, ctx.measure_data, ctx.calib_fp, ctx.held_fp, StageTimer(),
-                       _float_bytes=ctx.float_bytes())
-
-
-def fit_measure_split(calib: Dataset, measure_samples: int | None = None, seed: int = 0
-                      ) -> tuple[Dataset, Dataset]:
-    """(fit, measure): whole batches of ``calib`` in a seeded random order go to the measure part — half of
-    them, or as many as hold ``measure_samples`` samples — and the rest to the fit part (at least one batch
-    each; both keep the source order). A one-batch split gives the same batch to both (in-sample)."""
-    batches = calib.batches
-    if len(batches) < 2:
-        return calib, calib
-    order = np.random.default_rng(seed).permutation(len(batches))
-    if measure_samples is None:
-        k = (len(batches) + 1) // 2
-    else:
-        k, count = 0, 0
-        while k < len(batches) - 1 and count < measure_samples:
-            count += batches[order[k]].size
-            k += 1
-        k = max(k, 1)
-    chosen = set(order[:k].tolist())
-    measure = Dataset(batches=[b for i, b in enumerate(batches) if i in chosen],
-                      source=f"{calib.source} (measure part: {k} of {len(batches)} batches)")
-    fit = Dataset(batches=[b for i, b in enumerate(batches) if i not in chosen],
-                  source=f"{calib.source} (fit part: {len(batches) - k} of {len(batches)} batches)")
-    return fit, measure
+    return dataclasses.replace(ctx, model=model, nodes=found, skipped=skipped,
+                               graph=TorchGraph(model, dtype=ctx.graph.dtype, device=ctx.graph.device),
+                               timer=StageTimer(), _weights={}, _base=None, _snapshots=None,
+                               _float_bytes=ctx.float_bytes())

@@ -14,13 +14,11 @@ batches the candidates are also measured (``flows.context``).
   the grouped knapsack with parameters as weight, and the budget is bisected for the smallest one whose
   calibration loss (all chosen nodes factored together) is ≤ the float model's calibration loss.
 
-Both are then verified on the held-out split in ONNX Runtime with back-off (the worst nodes move one rank
-up, eventually back to unfactored).
+Both hand the chosen plan to ``verify.select_plan``, which measures it jointly on the validation split and
+backs off (the worst nodes move one rank up, eventually back to unfactored).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -28,42 +26,19 @@ import torch
 
 from ..calib.gradients import GradientPass
 from ..calib.noise import constant
+from ..config import CriterionConfig, LowRankConfig
 from ..errors import LLCError
 from ..passes.lowrank import apply_lowrank
-from ..progress import task
 from ..solvers import knapsack
-from ..solvers.cost_model import Candidate, CostTable, classify
+from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
 from ..solvers.rank_search import NodeSVD, from_matrix, matrix_view, useful_ranks
-from ..verify import VerifiedResult, verify_with_backoff
 from .context import FlowContext
+from .outcome import MethodOutcome
 
 FULL = "full"
-GRID = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
-
-
-@dataclass
-class LowRankConfig:
-    mode: str = "lossless"  # "lossless" | "compact"
-    gamma: float = 1e-4
-    gamma_relative: bool = False  # γ relative to ‖W‖
-    relative: bool = False  # error_max relative to the calibration loss
-    max_candidates: int = 8  # measured ranks per node (lossless)
-    negligible: float = 1e-7
-    error_max: float = 1e-4
-    outside: str = "measured"
-    margin_z: float = 1.0  # cost margin in standard errors of the measured ΔL (see solvers.cost_model)
-    tolerance: float = 0.0
-    max_rounds: int = 8
-    bisection_steps: int = 10
-    grid: tuple[float, ...] = GRID  # compact mode: ranks as fractions of each node's largest useful rank
-
-
-@dataclass
-class LowRankResult:
-    table: CostTable
-    ladders: dict[str, list[Candidate]]
-    result: VerifiedResult
-    search: list[dict] = field(default_factory=list)  # the global search (prefixes or budgets) on calibration
+MAX_CANDIDATES = 8  # measured ranks per node (lossless)
+NEGLIGIBLE = 1e-7  # relative truncation error below which higher ranks are not scanned (Algorithm 2)
+BISECTION_STEPS = 10  # compact mode: budget bisection steps
 
 
 def _radius(cfg: LowRankConfig, svd: NodeSVD) -> float:
@@ -78,7 +53,7 @@ class _Ranks:
         self.ctx = ctx
         self.svd: dict[str, NodeSVD] = {}  # nodes that can be factored (grouped Conv cannot: kept whole)
         self.spec: dict[tuple[str, str], tuple[int, float]] = {}  # (node, level) -> (rank, alpha)
-        with task("SVD", len(ctx.nodes)) as advance:
+        with ctx.progress.task("SVD", len(ctx.nodes)) as advance:
             for node in ctx.nodes:
                 if node.group != 1:
                     advance(1)
@@ -94,7 +69,8 @@ class _Ranks:
         return from_matrix(self.svd[name].reconstruct(r, alpha), node)
 
     def hook(self, name: str, level: str):
-        return constant(torch.as_tensor(self.weight(name, level), dtype=self.ctx.graph.dtype))
+        return constant(torch.as_tensor(self.weight(name, level), dtype=self.ctx.graph.dtype,
+                                        device=self.ctx.graph.device))
 
     def factors(self, choice: dict[str, Candidate]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out = {}
@@ -106,13 +82,13 @@ class _Ranks:
             out[name] = (left.astype(np.float32), right.astype(np.float32))
         return out
 
-    def candidate(self, name: str, row, cfg: LowRankConfig) -> Candidate:
+    def candidate(self, name: str, row, crit: CriterionConfig) -> Candidate:
         """Measure node ``name`` factored at ``row``'s rank (alone) and cost it."""
         level = f"rank {row.rank}"
         self.spec[(name, level)] = (row.rank, row.alpha)
         measured, se = _measure(self.ctx, {name: self.hook(name, level)})
         cand = Candidate(name, level, 4 * row.params, row.predicted, measured, row.rel_error, True, None, se=se)
-        return classify(cand, cfg.error_max, self.ctx.base().mean, cfg.relative, cfg.outside, cfg.margin_z)
+        return classify(cand, crit.error_max, self.ctx.base().mean, crit.relative, crit.outside, crit.margin_z)
 
 
 def _reference(ctx: FlowContext, name: str) -> Candidate:
@@ -124,7 +100,7 @@ def _measure(ctx: FlowContext, fns) -> tuple[float, float]:
     return ctx.measure(fns).delta(ctx.base())
 
 
-def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
+def _lossless(ctx: FlowContext, cfg: LowRankConfig, crit: CriterionConfig, ranks: _Ranks):
     cands: list[Candidate] = []
     best: dict[str, Candidate] = {}
     plan = []
@@ -135,30 +111,31 @@ def _lossless(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
             continue
         k, n = svd.u.shape[0], svd.vt.shape[1]
         radius = _radius(cfg, svd)
-        rows = svd.rows(useful_ranks(k, n), radius=radius, negligible=cfg.negligible)
+        rows = svd.rows(useful_ranks(k, n), radius=radius, negligible=NEGLIGIBLE)
         inside = [r for r in rows if r.predicted < 0 and r.rel_error * svd.norm <= radius * (1 + 1e-9)]
-        if len(inside) > cfg.max_candidates:  # spread the measured candidates over the set, smallest rank first
-            idx = np.unique(np.linspace(0, len(inside) - 1, cfg.max_candidates).round().astype(int))
+        if len(inside) > MAX_CANDIDATES:  # spread the measured candidates over the set, smallest rank first
+            idx = np.unique(np.linspace(0, len(inside) - 1, MAX_CANDIDATES).round().astype(int))
             inside = [inside[i] for i in idx]
         plan.append((node, inside))
     total = sum(len(p[1]) for p in plan)
-    with task("measuring ranks", total) as advance:
+    with ctx.progress.task("measuring ranks", total) as advance:
         for node, rows in plan:
             cands.append(_reference(ctx, node.name))
             for row in rows:
-                c = ranks.candidate(node.name, row, cfg)
+                c = ranks.candidate(node.name, row, crit)
                 cands.append(c)
                 if c.cost is not None and (node.name not in best or c.measured < best[node.name].measured):
                     best[node.name] = c
                 advance(1)
     table = CostTable.from_candidates(cands)
     if not best:
-        raise LLCError(f"{ctx.model_path}: no rank of any node lies inside the neighbourhood ‖δ‖ ≤ {cfg.gamma}"
+        raise LLCError(f"{ctx.source}: no rank of any node lies inside the neighbourhood ‖δ‖ ≤ {cfg.gamma}"
                        f"{' ·‖W‖' if cfg.gamma_relative else ''} with G·δ < 0, so lossless low-rank cannot compress this "
-                       "model; try a larger --gamma with --gamma-relative, or --mode compact")
+                       "model; try a larger lowrank.gamma (--gamma) with lowrank.gamma_relative (--gamma-relative), or "
+                       "lowrank.mode compact (--mode compact)")
     order = sorted(best, key=lambda n: (best[n].measured, n))
     search, fns, best_k, best_loss = [], {}, 1, float("inf")
-    with task("choosing the combination", len(order)) as advance:
+    with ctx.progress.task("choosing the combination", len(order)) as advance:
         for k, name in enumerate(order, 1):
             fns[name] = ranks.hook(name, best[name].level)
             dl, se = _measure(ctx, dict(fns))
@@ -177,19 +154,20 @@ def _grid_rows(svd: NodeSVD, cfg: LowRankConfig):
     if not useful:
         return []
     rmax = useful[-1]
-    grid = sorted({min(rmax, max(1, int(round(f * rmax)))) for f in cfg.grid})
+    grid = sorted({min(rmax, max(1, int(round(f * rmax)))) for f in cfg.rank_grid})
     # the α step is only taken where the truncation is inside the neighbourhood; elsewhere α = 1
-    return svd.rows(grid, radius=_radius(cfg, svd), negligible=cfg.negligible)
+    return svd.rows(grid, radius=_radius(cfg, svd), negligible=NEGLIGIBLE)
 
 
-def _compact(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
+def _compact(ctx: FlowContext, cfg: LowRankConfig, crit: CriterionConfig, ranks: _Ranks):
     plan = [(node, _grid_rows(ranks.svd[node.name], cfg) if node.name in ranks.svd else []) for node in ctx.nodes]
     cands: list[Candidate] = []
-    with task("measuring ranks", sum(len(r) for _, r in plan)) as advance:
+    tolerance = crit.verdict_tolerance(ctx.objective)
+    with ctx.progress.task("measuring ranks", sum(len(r) for _, r in plan)) as advance:
         for node, rows in plan:
             cands.append(_reference(ctx, node.name))
             for row in rows:
-                cands.append(ranks.candidate(node.name, row, cfg))
+                cands.append(ranks.candidate(node.name, row, crit))
                 advance(1)
     table = CostTable.from_candidates(cands)
     names, kept, costs, sizes = table.solver_inputs()
@@ -203,14 +181,14 @@ def _compact(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
         dl, se = _measure(ctx, fns) if fns else (0.0, 0.0)
         search.append({"budget_bytes": budget, "bytes": sum(c.nbytes for c in chosen.values()), "calib_delta": dl,
                        "se": se})
-        return chosen, dl + cfg.margin_z * se
+        return chosen, dl + crit.margin_z * se
 
     best = {n: kept[i][-1] for i, n in enumerate(names)}  # unfactored: always "no worse"
-    with task("budget search", cfg.bisection_steps) as advance:
-        for _ in range(cfg.bisection_steps):
+    with ctx.progress.task("budget search", BISECTION_STEPS) as advance:
+        for _ in range(BISECTION_STEPS):
             mid = (lo + hi) // 2
             chosen, dl = attempt(mid)
-            if dl <= cfg.tolerance:
+            if dl <= tolerance:
                 best, hi = chosen, mid
             else:
                 lo = mid + 1
@@ -220,14 +198,14 @@ def _compact(ctx: FlowContext, cfg: LowRankConfig, ranks: _Ranks):
     return table, best, search
 
 
-def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
-    if cfg.mode not in ("lossless", "compact"):
-        raise LLCError(f"--mode must be 'lossless' or 'compact', not {cfg.mode!r}")
-    with ctx.timer.stage("gradients"), task("gradients", len(ctx.calib.batches)) as advance:
+def run(ctx: FlowContext) -> MethodOutcome:
+    """SVDs, measured rank candidates and the chosen combination (module doc), as a plan for validation."""
+    cfg, crit = ctx.config.lowrank, ctx.config.criterion
+    with ctx.timer.stage("gradients"), ctx.progress.task("gradients", len(ctx.calib.batches)) as advance:
         grads, grads_m = ctx.gradients(None, advance)
     with ctx.timer.stage("candidates"):
         ranks = _Ranks(ctx, grads, grads_m)
-        table, chosen, search = (_lossless if cfg.mode == "lossless" else _compact)(ctx, cfg, ranks)
+        table, chosen, search = (_lossless if cfg.mode == "lossless" else _compact)(ctx, cfg, crit, ranks)
     # Ladders: each node's candidates by size, unfactored last; nodes not chosen stay unfactored.
     ladders, choice = {}, {}
     for name, group in table.groups.items():
@@ -240,7 +218,6 @@ def run(ctx: FlowContext, cfg: LowRankConfig) -> LowRankResult:
     def build(ch: dict[str, int]) -> onnx.ModelProto:
         return apply_lowrank(ctx.model, ranks.factors({n: ladders[n][i] for n, i in ch.items()}))
 
-    with ctx.timer.stage("verify"), task("verifying on held-out", cfg.max_rounds + 1) as advance:
-        result = verify_with_backoff(build, ladders, choice, ctx.held, ctx.loss, ctx.held_fp, cfg.tolerance,
-                                     cfg.max_rounds, advance)
-    return LowRankResult(table, ladders, result, search)
+    settings = {"mode": cfg.mode, "gamma": cfg.gamma, "gamma_relative": cfg.gamma_relative}
+    return MethodOutcome("lowrank", table, ladders, [("solver", choice)], build, None, settings,
+                         plan_costs([ladders[n][i] for n, i in choice.items()], 1.0), search=search)

@@ -15,7 +15,16 @@ For node i at level j (a weight quantizer, a rank, ...) with weight noise δ_ij:
   gain, which is what makes a calibration-side "ΔL ≤ 0" likely to hold on held-out data. z = 0 is the
   papers' plain rule.
 
-The grouped knapsack then minimises Σ cost under a size budget.
+The grouped knapsack then minimises Σ cost under a size budget, or finds the smallest plan with Σ cost ≤ 0
+(lossless). What the solver sees (:meth:`CostTable.solver_inputs`) is stricter than the raw costs:
+
+* gain credit  a measured *gain* (negative cost) is a fitted effect selected from many noisy candidates; it
+  counts ``gain_credit`` × its value (default ½) when it pays for other nodes' costs, so a plan cannot rest
+  on gains alone (seen: many int8 "gains" of −0.1 buying an int2 output projection costing +1.26);
+* node bound   in lossless mode a level whose cost alone exceeds ``max_node_cost`` (an absolute loss change)
+  is not offered, whatever gains elsewhere could pay for it;
+* dominance    a level that costs as many or more bytes than a higher-fidelity level of the same node is
+  never offered (it would only be picked by noise).
 """
 
 from __future__ import annotations
@@ -80,16 +89,45 @@ class CostTable:
             g.sort(key=lambda c: c.nbytes)
         return cls(groups)
 
-    def solver_inputs(self) -> tuple[list[str], list[list[Candidate]], list[list[float]], list[list[int]]]:
-        """Nodes, the kept candidates per node (dropped ones removed), their costs and sizes."""
+    def solver_inputs(self, gain_credit: float = 1.0, max_node_cost: float | None = None, fidelity=None
+                      ) -> tuple[list[str], list[list[Candidate]], list[list[float]], list[list[int]]]:
+        """Nodes, the offered candidates per node, their solver costs and sizes (see the module doc): dropped
+        levels removed, levels over ``max_node_cost`` removed (the reference level always stays), dominated
+        levels removed (``fidelity(c)`` orders a node's levels, fewest bits / lowest rank first; default: by
+        size), gains scaled by ``gain_credit``."""
         nodes, kept, costs, sizes = [], [], [], []
         for node, group in self.groups.items():
-            g = [c for c in group if c.cost is not None]
+            g = [c for c in group if c.cost is not None and
+                 (c.reference or max_node_cost is None or c.cost <= max_node_cost)]
+            g = undominated(g, fidelity)
             nodes.append(node)
             kept.append(g)
-            costs.append([float(c.cost) for c in g])
+            costs.append([float(c.cost) if c.cost >= 0 else gain_credit * float(c.cost) for c in g])
             sizes.append([int(c.nbytes) for c in g])
         return nodes, kept, costs, sizes
 
     def rows(self) -> list[dict]:
         return [c.to_dict() for g in self.groups.values() for c in g]
+
+
+def undominated(cands: list[Candidate], fidelity=None) -> list[Candidate]:
+    """``cands`` without the levels that take as many or more bytes than a higher-fidelity level (``fidelity``
+    orders levels from lowest to highest fidelity; default: by size, where nothing is dominated)."""
+    order = sorted(cands, key=fidelity or (lambda c: c.nbytes))
+    keep, smallest_above = [], None
+    for c in reversed(order):  # highest fidelity first
+        if smallest_above is None or c.nbytes < smallest_above:
+            keep.append(c)
+            smallest_above = c.nbytes if smallest_above is None else min(smallest_above, c.nbytes)
+    kept = {id(c) for c in keep}
+    return [c for c in cands if id(c) in kept]
+
+
+def plan_costs(chosen: list[Candidate], gain_credit: float) -> dict:
+    """How much of a plan rests on measured gains: the summed positive costs, the summed gains (raw and as
+    credited to the solver) and the predicted total the solver saw."""
+    pos = sum(c.cost for c in chosen if c.cost is not None and c.cost > 0)
+    gains = sum(c.cost for c in chosen if c.cost is not None and c.cost < 0)
+    return {"costs": pos, "gains": gains, "credited_gains": gain_credit * gains,
+            "predicted_total": pos + gain_credit * gains,
+            "gain_share": (-gains / pos) if pos > 0 else (0.0 if gains == 0 else float("inf"))}

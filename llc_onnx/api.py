@@ -1,0 +1,265 @@
+"""The public pipeline: :func:`optimize`, :func:`inspect`, :func:`compare`. No printing, no argparse: the CLI
+is a thin view of these functions.
+
+``model`` is a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never modified); ``data`` is a path
+(``.npz``, a directory of ``.npz`` batches, ``module:attr``), a :class:`~llc_onnx.calib.data.Dataset`, an
+ONNX Runtime ``CalibrationDataReader`` or an iterable of dicts of arrays (see ``calib.data``).
+
+:func:`optimize` runs, for each method of ``config.method`` in order: the method's flow (measure, solve —
+``flows/``), plan selection on the validation split (``verify.select_plan``), and at the end the one-shot
+verdict on the test split (``verify.verdict``). It writes ``out`` only when the model is verified (or
+``config.criterion.allow_loss_increase``), after every check has passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .config import OptimizeConfig
+from .errors import LLCError
+from .progress import Progress, Silent, StageTimer
+from .result import NodeDecision, OptimizeResult, SplitResult, StageResult
+
+__all__ = ["optimize", "inspect", "compare", "CompareResult", "load"]
+
+log = logging.getLogger(__name__)
+
+
+def load(model) -> tuple[onnx.ModelProto, str]:
+    """(ModelProto, source label) for a path, a ModelProto (copied) or an onnx_ir.Model."""
+    from .model_io import load_model
+
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model), os.fspath(model)
+    if isinstance(model, onnx.ModelProto):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        return m, "model"
+    try:
+        import onnx_ir as ir
+
+        if isinstance(model, ir.Model):
+            return ir.serde.serialize_model(model), "model"
+    except ImportError:  # pragma: no cover - onnx-ir is a dependency
+        pass
+    raise LLCError(f"model: {type(model).__name__} is not a model; give a path, an onnx.ModelProto or an "
+                   "onnx_ir.Model")
+
+
+def _check_output_path(out: str, source: str) -> None:
+    """Validate-before-write: refuse an output that would overwrite the input or has no directory."""
+    if os.path.abspath(out) == os.path.abspath(source):
+        raise LLCError(f"-o {out}: would overwrite the input model; choose another output path")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise LLCError(f"-o {out}: directory '{directory}' does not exist; create it first")
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_method(ctx, method: str):
+    from .flows import lowrank, quantize
+
+    return {"quant": quantize.run, "lowrank": lowrank.run}[method](ctx)
+
+
+def _sweep_points(ctx, outcome) -> list[dict]:
+    """The solver's plan at each ``quant.sweep`` budget, measured on the validation split."""
+    from .verify import plan_bytes
+
+    points = []
+    for frac, choice, note in outcome.sweep:
+        if choice is None:
+            points.append({"budget": frac, "bytes": None, "val_loss": None, "note": note})
+            continue
+        ev = ctx.evaluate(outcome.build(choice), ctx.val)
+        points.append({"budget": frac, "bytes": plan_bytes(outcome.ladders, choice), "val_loss": ev.loss,
+                       "val_metrics": ev.metrics})
+    return points
+
+
+def _stage(ctx, outcome, tolerance: float):
+    """(StageResult, chosen model, its validation Evaluation)."""
+    from .verify import select_plan
+
+    crit = ctx.config.criterion
+    with ctx.timer.stage("validate"), ctx.progress.task("measuring plans on validation",
+                                                        len(outcome.plans) + crit.max_rounds) as advance:
+        sel = select_plan(outcome.build, outcome.ladders, outcome.plans,
+                          lambda m: ctx.evaluate(m, ctx.val, samples=True), ctx.val_fp, tolerance, crit.max_rounds,
+                          outcome.max_bytes, advance, crit.margin_z)
+    sweep = []
+    if outcome.sweep:
+        with ctx.timer.stage("sweep"):
+            sweep = _sweep_points(ctx, outcome)
+    chosen = {n: outcome.ladders[n][i] for n, i in sel.choice.items()}
+    nodes = [NodeDecision.of(node, chosen[node.name]) for node in ctx.nodes]
+    stage = StageResult(outcome.method, nodes, [c for g in outcome.table.groups.values() for c in g], sel.trials,
+                        sel.trial.name, sel.first_plan_passed, outcome.plan_costs, ctx.float_bytes(),
+                        sum(c.nbytes for c in chosen.values()), dict(ctx.timer.seconds), outcome.settings,
+                        ctx.measurement_info(), outcome.cache, outcome.search, sweep, outcome.frontier)
+    return stage, sel.model, sel.val
+
+
+def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, val=None, out: str | None = None,
+             progress: Progress | None = None) -> OptimizeResult:
+    """Compress ``model`` on ``data`` under ``config`` and give the verdict on the test split (module doc).
+    ``held``: explicit test data (else ``config.data.holdout`` of ``data``); ``val``: explicit validation data
+    (else ``config.data.val_fraction`` of the calibration data); ``out``: where to write the model when it is
+    verified. Raises :class:`~llc_onnx.errors.LLCError` on bad input, before any output is written."""
+    from .flows.context import create_context, derive_context
+    from .verify import verdict
+
+    config = config or OptimizeConfig()
+    progress = progress or Silent()
+    proto, source = load(model)
+    if out is not None:
+        _check_output_path(out, source)
+    if config.cache_dir:
+        from .flows.cost_cache import ensure_directory
+
+        ensure_directory(config.cache_dir)
+    _set_threads(config.device.threads)
+    ctx = create_context(proto, data, config, source=source, held=held, val=val, progress=progress)
+    tolerance = config.criterion.verdict_tolerance(ctx.objective)
+    first = ctx
+    stages: list[StageResult] = []
+    current = ctx.model
+    for i, method in enumerate(config.method):
+        if i and set(stages[-1].levels) <= {"full", "float"}:
+            # the previous stage kept every node: the next works on the same model and context (its
+            # measurements, and any cache entry, are the original model's), with a fresh stage timer
+            ctx = dataclasses.replace(ctx, timer=StageTimer())
+        elif i:
+            ctx = derive_context(ctx, current)
+        outcome = _run_method(ctx, method)
+        stage, current, val_c = _stage(ctx, outcome, tolerance)
+        stages.append(stage)
+    with first.timer.stage("calibration check"):
+        calib_c = first.evaluate(current, first.calib, samples=True)
+    with first.timer.stage("test"):  # the test split, once: nothing below chooses anything
+        final = verdict(current, first.model, first.test, first.evaluate, tolerance)
+        task_extra = {}
+        if first.task_loss is not None and first.task_test is not None:
+            from .ort_eval import evaluate
+
+            ref_t = evaluate(first.model, first.task_test, first.task_loss, session=first.session)
+            cmp_t = evaluate(current, first.task_test, first.task_loss, session=first.session)
+            task_extra = {"task_loss": {"name": first.task_loss.name, "reference": ref_t.loss,
+                                        "compressed": cmp_t.loss, "reference_metrics": ref_t.metrics,
+                                        "compressed_metrics": cmp_t.metrics}}
+    notes = list(first.notes)
+    d, se = calib_c.samples.delta(first.calib_fp.samples)
+    adapted = first.objective == "task" and d < -2 * se
+    if adapted:
+        notes.append(f"adapted to the calibration data: the compressed calibration loss is {-d:.4g} below float "
+                     f"(> 2 standard errors, {se:.2g}); the gain may not carry over to other data — the test split "
+                     "and --objective fidelity say more")
+    if stages[-1].compressed_bytes >= stages[0].reference_bytes:
+        notes.append("nothing was compressed: no candidate's measured loss change fits the criterion; try a "
+                     "budget, a smaller margin_z, or other levels")
+    splits = {
+        "calibration": SplitResult("calibration", "chose: fit part chose roundings, measure part measured costs",
+                                   first.calib_fp.n, first.calib.source, first.calib_fp, calib_c,
+                                   {"fit": first.fit_data.n_samples, "measure": first.measure_data.n_samples,
+                                    "in_sample": first.in_sample, "delta_se": se, "adapted": adapted}),
+        "validation": SplitResult("validation", "steered: plans measured jointly, back-off", first.val_fp.n,
+                                  first.val.source, first.val_fp, val_c,
+                                  {"same_as_calibration": first.val is first.calib}),
+        "test": SplitResult("test", "verdict: evaluated once, on the final model", final.reference.n,
+                            first.test.source, final.reference, final.compressed, task_extra),
+    }
+    seconds: dict[str, float] = dict(first.timer.seconds)
+    for st in stages[1:]:
+        for k, v in st.seconds.items():
+            seconds[f"{st.method}: {k}"] = v
+    result = OptimizeResult(current, source, config, first.objective, first.loss.name, tolerance, final.verified,
+                            splits, stages, {"name": config.target.name, "session": first.session.description},
+                            first.skipped, notes, seconds)
+    if out is not None and (result.verified or config.criterion.allow_loss_increase):
+        result.save(out, force=True)
+    return result
+
+
+def inspect(model) -> dict:
+    """Plain-data description of a model: opset, IR version, inputs/outputs, the compressible nodes, the
+    nodes skipped and why, and the ops the interpreter cannot run (``unsupported``), before any work."""
+    from .compressible import inspect_model
+    from .interpreter import unsupported_nodes
+
+    proto, source = load(model)
+    info = {"model": source, **inspect_model(proto)}
+    info["unsupported"] = [{"node": k, "op_type": op, "domain": dom or "ai.onnx"}
+                           for k, op, dom in unsupported_nodes(proto)]
+    return info
+
+
+@dataclass
+class CompareResult:
+    """Both models on the same data in ONNX Runtime."""
+
+    output: str
+    loss: str
+    n: int
+    reference: dict  # {"model", "loss", "metrics", "weight_bytes", "seconds"}
+    candidate: dict
+    max_abs_diff: float
+    mean_abs_diff: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.candidate["loss"] <= self.reference["loss"] + self.tolerance)
+
+    def to_dict(self) -> dict:
+        r, c = self.reference, self.candidate
+        names = list(r["metrics"])
+        return {"output": self.output, "loss_kind": self.loss, "n_samples": self.n, "reference": r, "candidate": c,
+                "delta": {"loss": c["loss"] - r["loss"],
+                          "metrics": {k: c["metrics"][k] - r["metrics"][k] for k in names},
+                          "weight_bytes": c["weight_bytes"] - r["weight_bytes"],
+                          "weight_ratio": c["weight_bytes"] / r["weight_bytes"] if r["weight_bytes"] else None},
+                "max_abs_diff": self.max_abs_diff, "mean_abs_diff": self.mean_abs_diff,
+                "tolerance": self.tolerance, "passed": self.passed}
+
+
+def compare(reference, candidate, data, *, loss: str | None = None, output: str | None = None,
+            tolerance: float = 0.0, batch_size: int = 64, threads: int = 0, progress: bool = False) -> CompareResult:
+    """Run both models on ``data`` in ONNX Runtime: loss, metrics, max/mean |Δ output|, weight bytes."""
+    from .calib.data import load_dataset, validate_dataset
+    from .calib.losses import make_loss
+    from .flows.context import _default_loss_kind
+    from .model_io import initializer_bytes
+    from .ort_eval import SessionConfig, compare_models, resolve_output
+
+    if not (isinstance(tolerance, (int, float)) and np.isfinite(tolerance) and tolerance >= 0):
+        raise LLCError(f"--tolerance {tolerance}: must be ≥ 0")
+    ref, ref_src = load(reference)
+    cand, cand_src = load(candidate)
+    out_name = resolve_output(ref, output, ref_src)
+    resolve_output(cand, out_name, cand_src)
+    kind = loss or _default_loss_kind(ref, out_name)
+    task = make_loss(kind, out_name)
+    ds = load_dataset(data, ref, batch_size=batch_size)
+    validate_dataset(ds, cand)
+    cmp = compare_models(reference if isinstance(reference, (str, os.PathLike)) else ref,
+                         candidate if isinstance(candidate, (str, os.PathLike)) else cand, ds, task,
+                         session=SessionConfig(threads=threads), progress=progress)
+
+    def side(src, e, nbytes):
+        return {"model": src, "loss": e.loss, "metrics": dict(e.metrics), "weight_bytes": nbytes, "seconds": e.seconds}
+
+    return CompareResult(out_name, kind, cmp.n, side(ref_src, cmp.reference, initializer_bytes(ref)),
+                         side(cand_src, cmp.candidate, initializer_bytes(cand)), cmp.max_abs_diff,
+                         cmp.mean_abs_diff, float(tolerance))

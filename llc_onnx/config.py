@@ -1,0 +1,443 @@
+"""What an optimization does, as frozen dataclasses: the one configuration the API, the CLI and TOML share.
+
+:class:`OptimizeConfig` holds one section per concern — ``data`` (splits), ``criterion`` (what "not worse"
+means and how back-off steers), ``quant``, ``lowrank``, ``target`` and ``device`` — plus the methods to run.
+Every field is validated in ``__post_init__``; a bad value raises :class:`ConfigError` naming the field
+(``quant.bits``). Each field also carries its command-line flag (``--bits``) in its metadata: the CLI builds
+its options from these fields (:func:`cli_fields`) and maps a :class:`ConfigError` back to the flag, so the
+two cannot drift.
+
+TOML (``--config llc.toml``) uses the same names::
+
+    method = ["quant"]
+    [quant]
+    bits = [2, 4, 8, 16, "float"]
+    budget = 0.25
+    [criterion]
+    objective = "task"
+
+:func:`load_config` reads it (unknown keys are errors), :func:`to_toml` writes the effective configuration
+back so a build can pin it; ``from_dict(to_dict(c)) == c``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, get_args
+
+from .errors import LLCError
+
+__all__ = ["OptimizeConfig", "DataConfig", "CriterionConfig", "QuantConfig", "LowRankConfig", "TargetConfig",
+           "DeviceConfig", "ConfigError", "load_config", "to_toml", "from_dict", "to_dict", "cli_fields",
+           "FLOAT", "METHODS", "TARGETS"]
+
+FLOAT = "float"  # the level that keeps a node in float
+METHODS = ("quant", "lowrank")
+TARGETS = ("qdq",)  # deployment targets whose rewrite exists (llc_onnx.targets adds more)
+Objective = Literal["auto", "task", "fidelity"]
+
+
+class ConfigError(LLCError):
+    """A configuration value out of its domain. ``field`` is the dotted config name (``quant.bits``); the CLI
+    shows the flag instead (``--bits``)."""
+
+    def __init__(self, field_name: str, value: Any, reason: str):
+        self.field = field_name
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field_name} {_show(value)}: {reason}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "()"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# -------------------------------------------------------------------------------------------- fields
+def opt(default: Any, flag: str, help: str, *, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+        cli: bool = True, **kw) -> Any:
+    """A config field with its CLI flag, help text and string parser (the CLI's view of the field)."""
+    meta = {"flag": flag, "help": help, "parse": parse, "metavar": metavar, "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")
+    return field(default=default, metadata=meta, **kw)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError("expected comma-separated numbers, e.g. 0.1,0.2,0.3") from None
+
+
+def _levels(text: str) -> tuple:
+    out = []
+    for t in text.split(","):
+        t = t.strip().lower()
+        if t in ("float", "fp32", "32"):
+            out.append(FLOAT)
+        elif t.isdigit():
+            out.append(int(t))
+        elif t:
+            raise ValueError("levels are 2, 4, 8, 16 and float (e.g. --bits 4,8,float)")
+    return tuple(out)
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+def _check(cond: bool, name: str, value: Any, reason: str) -> None:
+    if not cond:
+        raise ConfigError(name, value, reason)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _choice(name: str, value: Any, choices) -> None:
+    _check(value in choices, name, value, "choose one of " + ", ".join(map(str, choices)))
+
+
+# -------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class DataConfig:
+    """How the data is split. The *test* split (``held=`` / ``--held``, else ``holdout`` of ``--data``) gives
+    the verdict once; the rest is calibration, of which ``val_fraction`` (or ``val=`` / ``--val``) is the
+    validation split that steers back-off; the remaining calibration data is cut into fit and measure parts."""
+
+    holdout: float = opt(0.5, "--holdout", "test fraction of --data when --held is not given (default 0.5)")
+    val_fraction: float = opt(0.25, "--val-fraction",
+                              "validation fraction of the calibration data when --val is not given (default 0.25)")
+    seed: int = opt(0, "--seed", "seed of every split (default 0)")
+    batch_size: int = opt(64, "--batch-size", "samples per batch (default 64)")
+    measure_samples: int | None = opt(None, "--measure-samples",
+                                      "measure part of the calibration split: whole seeded batches holding ≥ N "
+                                      "samples (default: half the batches); the other batches are the fit part")
+
+    def __post_init__(self):
+        _check(_finite(self.holdout) and 0 < self.holdout < 1, "data.holdout", self.holdout,
+               "a fraction in (0, 1), e.g. 0.5")
+        _check(_finite(self.val_fraction) and 0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction,
+               "a fraction in [0, 1), e.g. 0.25 (0: validate on the calibration data itself)")
+        _check(isinstance(self.seed, int) and self.seed >= 0, "data.seed", self.seed, "must be an integer ≥ 0")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "data.batch_size", self.batch_size,
+               "must be an integer ≥ 1")
+        _check(self.measure_samples is None or (isinstance(self.measure_samples, int) and self.measure_samples >= 1),
+               "data.measure_samples", self.measure_samples, "must be an integer ≥ 1")
+
+
+@dataclass(frozen=True)
+class CriterionConfig:
+    """What "no worse" means and how the search may use its measurements.
+
+    ``objective``: ``task`` — the labelled loss (``loss``, e.g. cross-entropy); ``fidelity`` — the KL
+    divergence of the compressed model's outputs from the float model's own outputs (no labels needed);
+    ``auto`` — task when the data has labels, else fidelity. The verdict: the compressed model's test loss
+    ≤ float's + ``tolerance`` (task), or its test KL ≤ ``tolerance`` (fidelity, where 0 is unreachable: the
+    default tolerance there is 0.01 nats).
+    """
+
+    objective: Objective = opt("auto", "--objective", "task | fidelity | auto (default: task when the data has "
+                               "labels, else fidelity)")
+    loss: str | None = opt(None, "--loss", "ce | lm | mse | module:function (default: lm for LMs, else ce)")
+    output: str | None = opt(None, "--output", "graph output the loss reads (default: the first output)")
+    tolerance: float | None = opt(None, "--tolerance", "verified when test loss ≤ float + this (task, default 0) "
+                                  "or test KL ≤ this (fidelity, default 0.01)")
+    error_max: float = opt(1e-4, "--error-max", "neighbourhood check |measured − predicted| ≤ this (default 1e-4)")
+    relative: bool = opt(False, "--relative", "--error-max is relative to the calibration loss")
+    outside: Literal["measured", "drop"] = opt("measured", "--outside",
+                                               "levels outside the neighbourhood: cost = measured ΔL (default) or dropped")
+    margin_z: float = opt(1.0, "--margin-z", "add z standard errors of each measured ΔL to its cost; "
+                          "0 = the papers' plain rule (default 1)")
+    gain_credit: float = opt(0.5, "--gain-credit",
+                             "lossless: measured gains (negative costs) count this much when they pay for other "
+                             "nodes' costs (default 0.5; 1 = the papers' plain sum)")
+    max_node_cost: float = opt(0.01, "--max-node-cost",
+                               "lossless: a level whose cost alone exceeds this fraction of the float calibration "
+                               "loss is not offered (default 0.01)")
+    max_rounds: int = opt(8, "--max-rounds", "validation back-off rounds (default 8)")
+    allow_loss_increase: bool = opt(False, "--allow-loss-increase",
+                                    "write the model (marked NOT VERIFIED) and exit 0 even when it is not verified")
+
+    def __post_init__(self):
+        _choice("criterion.objective", self.objective, get_args(Objective))
+        _check(self.tolerance is None or (_finite(self.tolerance) and self.tolerance >= 0), "criterion.tolerance",
+               self.tolerance, "must be ≥ 0")
+        for name in ("error_max", "margin_z", "max_node_cost"):
+            v = getattr(self, name)
+            _check(_finite(v) and v >= 0, f"criterion.{name}", v, "must be ≥ 0")
+        _check(_finite(self.gain_credit) and 0 <= self.gain_credit <= 1, "criterion.gain_credit", self.gain_credit,
+               "a fraction in [0, 1]")
+        _choice("criterion.outside", self.outside, ("measured", "drop"))
+        _check(isinstance(self.max_rounds, int) and self.max_rounds >= 0, "criterion.max_rounds", self.max_rounds,
+               "must be an integer ≥ 0")
+
+    def verdict_tolerance(self, objective: str) -> float:
+        """The tolerance of the verdict under the resolved objective (see the class doc)."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return 0.01 if objective == "fidelity" else 0.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Mixed-precision quantization: one level per node from ``bits``, chosen by the grouped knapsack."""
+
+    bits: tuple = opt((2, 4, 8, 16, FLOAT), "--bits", "quantization levels per node (default 2,4,8,16,float)",
+                      parse=_levels)
+    block_size: int = opt(32, "--block-size", "block along the reduction axis for 2/4-bit (default 32)")
+    scale: Literal["mse", "minmax", "aciq"] = opt("mse", "--scale", "weight scales: mse (default), minmax, aciq")
+    rounding: Literal["llc", "nearest", "up", "down"] = opt(
+        "llc", "--rounding", "rounding: llc (default: sign-directed, first-order term ≤ 0), nearest, up, down")
+    llc_radius: float = opt(0.05, "--llc-radius",
+                            "LLC rounding only where nearest rounding's ‖δ‖/‖W‖ ≤ this; nearest beyond (default 0.05)")
+    activations: bool = opt(False, "--activations", "also quantize node inputs (per-tensor 8/16-bit)")
+    cost: Literal["measured", "cet"] = opt("measured", "--cost",
+                                           "per-candidate cost: measured loss change (default) or CET second order")
+    budget: float | None = opt(None, "--budget", "byte budget as a fraction of float weight bytes")
+    avg_bits: float | None = opt(None, "--avg-bits", "byte budget as average bits per weight")
+    sweep: tuple = opt((), "--sweep", "also solve these budgets and measure them on the validation split, "
+                       "e.g. 0.1,0.15,0.2,0.3", parse=_floats)
+
+    def __post_init__(self):
+        levels = tuple(FLOAT if str(b).lower() in ("float", "0", "fp32", "32") else b for b in self.bits)
+        object.__setattr__(self, "bits", tuple(dict.fromkeys(levels)))
+        for b in self.bits:
+            _check(b == FLOAT or b in (2, 4, 8, 16), "quant.bits", self.bits,
+                   "levels are 2, 4, 8, 16 and float (e.g. 4,8,float)")
+        _check(len(self.bits) > 0, "quant.bits", self.bits, "give at least one level")
+        _check(isinstance(self.block_size, int) and self.block_size >= 1, "quant.block_size", self.block_size,
+               "must be an integer ≥ 1")
+        _choice("quant.scale", self.scale, ("mse", "minmax", "aciq"))
+        _choice("quant.rounding", self.rounding, ("llc", "nearest", "up", "down"))
+        _choice("quant.cost", self.cost, ("measured", "cet"))
+        _check(_finite(self.llc_radius) and self.llc_radius >= 0, "quant.llc_radius", self.llc_radius, "must be ≥ 0")
+        _check(self.budget is None or self.avg_bits is None, "quant.budget", self.budget,
+               "choose one of budget (quant.budget) and average bits (quant.avg_bits)")
+        _check(self.budget is None or (_finite(self.budget) and 0 < self.budget <= 1), "quant.budget", self.budget,
+               "a fraction of the float weight bytes in (0, 1], e.g. 0.25")
+        _check(self.avg_bits is None or (_finite(self.avg_bits) and 0 < self.avg_bits <= 32), "quant.avg_bits",
+               self.avg_bits, "average bits per weight in (0, 32], e.g. 4.5")
+        object.__setattr__(self, "sweep", tuple(float(s) for s in self.sweep))
+        for s in self.sweep:
+            _check(_finite(s) and 0 < s <= 1, "quant.sweep", self.sweep, "fractions in (0, 1], e.g. 0.1,0.2,0.3")
+
+    @property
+    def lossless(self) -> bool:
+        return self.budget is None and self.avg_bits is None
+
+    def levels(self) -> tuple[int, ...]:
+        """``bits`` with float as 0, fewest bits first, float last."""
+        return tuple(sorted((0 if b == FLOAT else int(b) for b in self.bits), key=lambda b: (b == 0, b)))
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Low-rank factorisation with a rank per node: ``lossless`` (ranks inside the neighbourhood with G·δ < 0)
+    or ``compact`` (the smallest model whose measured loss change is within tolerance)."""
+
+    mode: Literal["lossless", "compact"] = opt("lossless", "--mode", "low-rank mode: lossless (default) or compact")
+    gamma: float = opt(1e-4, "--gamma", "low-rank neighbourhood ‖δ‖ ≤ γ (default 1e-4)")
+    gamma_relative: bool = opt(False, "--gamma-relative", "γ is relative to ‖W‖")
+    rank_grid: tuple = opt((1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0), "--rank-grid",
+                           "compact low-rank: candidate ranks as fractions of the largest useful rank",
+                           parse=_floats)
+
+    def __post_init__(self):
+        _choice("lowrank.mode", self.mode, ("lossless", "compact"))
+        _check(_finite(self.gamma) and self.gamma > 0, "lowrank.gamma", self.gamma, "must be > 0")
+        object.__setattr__(self, "rank_grid", tuple(float(f) for f in self.rank_grid))
+        _check(bool(self.rank_grid) and all(_finite(f) and 0 < f <= 1 for f in self.rank_grid), "lowrank.rank_grid",
+               self.rank_grid, "fractions in (0, 1], e.g. 0.25,0.5,1")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Where the model ships: the formats the rewrite may emit and the session the verdict runs in."""
+
+    name: str = opt("qdq", "--target", "deployment target: qdq (portable Q/DQ; default)")
+
+    def __post_init__(self):
+        _choice("target.name", self.name, TARGETS)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the measurements run."""
+
+    device: str = opt("cpu", "--device", "device of gradients and measurements: cpu (default) or cuda")
+    threads: int = opt(0, "--threads", "CPU threads for torch and ONNX Runtime (default 0: their defaults)")
+
+    def __post_init__(self):
+        _check(self.device == "cpu" or self.device.startswith("cuda"), "device.device", self.device,
+               "cpu or cuda (cuda:N)")
+        _check(isinstance(self.threads, int) and self.threads >= 0, "device.threads", self.threads,
+               "must be an integer ≥ 0")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """One optimization: the methods in order (``("lowrank", "quant")`` factors, then quantizes the factors)
+    and every section above."""
+
+    method: tuple = opt(("quant",), "--method", "quant (default), lowrank, or lowrank,quant", parse=_words)
+    data: DataConfig = field(default_factory=DataConfig)
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    nodes: tuple = opt((), "--nodes", "compress only these nodes (comma-separated names; default all)",
+                       parse=_words)
+    cache_dir: str | None = opt(None, "--cache", "keep the gradients and measured candidates here and reuse them "
+                                "when model, data and settings are the same", metavar="DIR")
+
+    def __post_init__(self):
+        method = tuple(self.method) if not isinstance(self.method, str) else _words(self.method)
+        object.__setattr__(self, "method", method)
+        _check(method in (("quant",), ("lowrank",), ("lowrank", "quant")), "method", method,
+               "quant, lowrank, or lowrank,quant")
+        object.__setattr__(self, "nodes", tuple(self.nodes))
+        if "quant" not in method and not (self.quant.lossless and not self.quant.sweep):
+            raise ConfigError("quant.budget", self.quant.budget if self.quant.budget is not None else
+                              self.quant.avg_bits or self.quant.sweep,
+                              "budgets and sweeps apply to quantization; with method lowrank use lowrank.mode "
+                              "compact (smallest model not worse) or method lowrank,quant")
+
+
+SECTIONS = {"data": DataConfig, "criterion": CriterionConfig, "quant": QuantConfig, "lowrank": LowRankConfig,
+            "target": TargetConfig, "device": DeviceConfig}
+
+
+# -------------------------------------------------------------------------------------------- dict / TOML
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+def to_dict(config: OptimizeConfig, *, skip_none: bool = False) -> dict:
+    """Nested plain dict (tuples as lists); ``skip_none`` leaves out unset optional fields (TOML has no null)."""
+    out: dict = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = {g.name: _plain(getattr(v, g.name)) for g in dataclasses.fields(v)
+                           if not (skip_none and getattr(v, g.name) is None)}
+        elif not (skip_none and v is None):
+            out[f.name] = _plain(v)
+    return out
+
+
+def from_dict(d: dict, base: OptimizeConfig | None = None, source: str = "config") -> OptimizeConfig:
+    """A config from a nested dict over ``base`` (defaults): unknown keys are errors naming the key."""
+    base = base or OptimizeConfig()
+    top: dict = {}
+    sections = {name: {} for name in SECTIONS}
+    for key, value in d.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise LLCError(f"{source}: [{key}] must be a table of settings")
+            known = {f.name for f in dataclasses.fields(SECTIONS[key])}
+            for k, v in value.items():
+                if k not in known:
+                    raise LLCError(f"{source}: unknown setting {key}.{k}; known: {', '.join(sorted(known))}")
+                sections[key][k] = tuple(v) if isinstance(v, list) else v
+        elif key in {f.name for f in dataclasses.fields(OptimizeConfig)}:
+            top[key] = tuple(value) if isinstance(value, list) else value
+        else:
+            raise LLCError(f"{source}: unknown setting {key!r}; top-level keys are method, nodes, cache_dir and the "
+                           f"sections {', '.join(SECTIONS)}")
+    parts = {name: dataclasses.replace(getattr(base, name), **sections[name]) for name in SECTIONS}
+    return dataclasses.replace(base, **top, **parts)
+
+
+def load_config(path: str, base: OptimizeConfig | None = None) -> OptimizeConfig:
+    """Read a TOML config file (see the module doc) over ``base``."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise LLCError(f"{path}: config file not found; check the path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LLCError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    return from_dict(data, base, source=path)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def to_toml(config: OptimizeConfig) -> str:
+    """The configuration as TOML (unset optional fields are left out, so reading it back gives ``config``)."""
+    d = to_dict(config, skip_none=True)
+    lines = ["# llc-onnx optimize configuration (llc-onnx optimize --config FILE)"]
+    for k, v in d.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- CLI view
+@dataclasses.dataclass(frozen=True)
+class CliField:
+    """One config field as the CLI sees it."""
+
+    path: str  # "quant.bits"
+    flag: str  # "--bits"
+    help: str
+    type: Any
+    default: Any
+    parse: Callable[[str], Any] | None
+    metavar: str | None
+
+
+def cli_fields() -> list[CliField]:
+    """Every CLI-visible field of :class:`OptimizeConfig`, sections included, in declaration order."""
+    out = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS and prefix == "":
+                walk(SECTIONS[f.name], f.name + ".")
+                continue
+            if f.metadata.get("cli"):
+                out.append(CliField(prefix + f.name, f.metadata["flag"], f.metadata["help"], f.type, f.default,
+                                    f.metadata.get("parse"), f.metadata.get("metavar")))
+
+    walk(OptimizeConfig, "")
+    return out
+
+
+def with_values(config: OptimizeConfig, values: dict[str, Any]) -> OptimizeConfig:
+    """``config`` with dotted fields replaced (``{"quant.bits": (4, 8)}``), validated."""
+    top, sections = {}, {}
+    for path, v in values.items():
+        if "." in path:
+            sec, name = path.split(".", 1)
+            sections.setdefault(sec, {})[name] = v
+        else:
+            top[path] = v
+    parts = {sec: dataclasses.replace(getattr(config, sec), **kv) for sec, kv in sections.items()}
+    return dataclasses.replace(config, **top, **parts)
