@@ -13,6 +13,7 @@ from llc_onnx.series import (
     SeriesModel,
     abelian_add,
     abelian_mul,
+    expand_options,
     expand_weight,
     identity,
     inverse,
@@ -207,3 +208,15 @@ def test_bad_arguments_are_one_line_errors():
         expand_weight(np.ones((8, 4), np.int32), bits=4, terms=1, out_axis=1, reduce_axis=0)
     with pytest.raises(LLCError, match="order=5"):
         expand_weight(w, bits=4, terms=2, out_axis=1, reduce_axis=0).dequant(5)
+
+
+def test_layer_options_are_truncations_of_one_expansion():
+    w = np.random.default_rng(4).normal(size=(5, 4, 3, 3)).astype(np.float32)
+    opts = expand_options(w, out_axis=0, reduce_axis=1, bits=(2, 4, 8), terms=(1, 2, 3))
+    assert sorted(opts) == [(b, t) for b in (2, 4, 8) for t in (1, 2, 3)]
+    for (b, t), sw in opts.items():
+        assert sw.same_terms(expand_weight(w, bits=b, terms=t, out_axis=0, reduce_axis=1))
+        assert sw.residual_norms == expand_weight(w, bits=b, terms=t, out_axis=0, reduce_axis=1).residual_norms
+    assert opts[(4, 2)].nbytes() == 2 * opts[(4, 1)].nbytes()
+    lean = expand_weight(w, bits=4, terms=2, out_axis=0, reduce_axis=1, keep_target=False)
+    assert lean.target is None and lean.residual_norms == opts[(4, 2)].residual_norms

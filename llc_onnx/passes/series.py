@@ -132,7 +132,7 @@ class SeriesPass(ir.passes.InPlacePass):
         if tuple(sw.shape) != tuple(w.shape):
             raise LLCError(f"{where}: series plan expands a weight of shape {sw.shape}, the node's is {w.shape}; "
                            "expand this node's weight")
-        want = _axes(node, w.ndim)
+        want = _axes(node)
         if (sw.out_axis, sw.reduce_axis) != want:
             raise LLCError(f"{where}: series plan has (out_axis, reduce_axis) = {(sw.out_axis, sw.reduce_axis)}, "
                            f"the node needs {want}")
@@ -304,7 +304,8 @@ class SeriesPass(ir.passes.InPlacePass):
         new_out.name = out_name
 
 
-def _axes(node: ir.Node, ndim: int) -> tuple[int, int]:
+def _axes(node: ir.Node) -> tuple[int, int]:
+    """(out_axis, reduce_axis) of the node's weight, as find_compressible gives them."""
     if node.op_type == "Conv":
         return (0, 1)
     if node.op_type == "Gemm" and common.attr_int(node, "transB", 0):

@@ -15,6 +15,7 @@ from llc_onnx.series.expansion import (
     abelian_add,
     abelian_mul,
     default_block_size,
+    expand_options,
     expand_weight,
     identity,
     inverse,
@@ -32,7 +33,7 @@ from llc_onnx.series.packing import StackedTerms, pack_nbits, stack_terms, stack
 
 __all__ = [
     "SERIES_BITS", "SeriesWeight", "SeriesModel", "SeriesRewrite", "StackedTerms",
-    "expand_weight", "expand_node", "expand_model", "data_free", "write_series",
+    "expand_weight", "expand_options", "expand_node", "expand_model", "data_free", "write_series",
     "abelian_add", "abelian_mul", "identity", "inverse",
     "model_add", "model_mul", "model_identity", "model_inverse",
     "default_block_size", "stack_terms", "stacked_nbytes", "pack_nbits", "unpack_nbits",

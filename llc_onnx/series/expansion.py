@@ -40,7 +40,7 @@ import numpy as np
 from llc_onnx.errors import LLCError
 from llc_onnx.quant import QuantizedWeight, WeightQuantSpec, quantize_weight
 
-__all__ = ["SeriesWeight", "expand_weight", "abelian_add", "abelian_mul", "identity", "inverse",
+__all__ = ["SeriesWeight", "expand_weight", "expand_options", "abelian_add", "abelian_mul", "identity", "inverse",
            "default_block_size", "SERIES_BITS"]
 
 #: bit-widths the ONNX forms can store (INT2/INT4/INT8 DequantizeLinear, MatMulNBits 2/4/8)
@@ -194,10 +194,11 @@ def _check_axes(shape: tuple[int, ...], out_axis: int, reduce_axis: int) -> tupl
 
 def expand_weight(w: np.ndarray, *, bits: int, terms: int, out_axis: int, reduce_axis: int,
                   block_size: int | None | str = "default", scale_method: str = "mse",
-                  rounding: str = "nearest", grad: np.ndarray | None = None) -> SeriesWeight:
+                  rounding: str = "nearest", grad: np.ndarray | None = None, keep_target: bool = True) -> SeriesWeight:
     """Expand ``w`` into ``terms`` b-bit basis terms (module doc). ``block_size="default"``: 32 for 2/4 bits,
     per channel for 8. ``rounding``/``grad`` are passed to every term (``"llc"`` uses the weight's loss gradient,
-    the same for every term to first order)."""
+    the same for every term to first order). ``keep_target=False`` does not keep a copy of ``w`` (the residual
+    norms are still reported; sums of such expansions report none)."""
     w = np.asarray(w)
     if not np.issubdtype(w.dtype, np.floating):
         raise LLCError(f"series expansion: weight dtype {w.dtype} is not floating point; only float weights expand")
@@ -222,7 +223,22 @@ def expand_weight(w: np.ndarray, *, bits: int, terms: int, out_axis: int, reduce
         out.append(qw)
         resid = resid - qw.dequant
         norms.append(float(np.linalg.norm(resid)))
-    return SeriesWeight(tuple(out), shape, out_axis, reduce_axis, int(bits), bs, w.copy(), tuple(norms))
+    return SeriesWeight(tuple(out), shape, out_axis, reduce_axis, int(bits), bs, w.copy() if keep_target else None,
+                        tuple(norms))
+
+
+def expand_options(w: np.ndarray, *, out_axis: int, reduce_axis: int, bits: Sequence[int] = (2, 4, 8),
+                   terms: Sequence[int] = (1, 2, 3, 4), **kwargs) -> dict[tuple[int, int], SeriesWeight]:
+    """Layer granularity: every (bits, T) option of one weight, ``{(b, T): SeriesWeight}``. One expansion per
+    bit-width at max(terms), truncated for the smaller T (the greedy expansion's first T terms *are* the T-term
+    expansion, so this equals calling :func:`expand_weight` per option). ``kwargs`` go to :func:`expand_weight`."""
+    ts = sorted({int(t) for t in terms})
+    out: dict[tuple[int, int], SeriesWeight] = {}
+    for b in dict.fromkeys(int(b) for b in bits):
+        full = expand_weight(w, bits=b, terms=ts[-1], out_axis=out_axis, reduce_axis=reduce_axis, **kwargs)
+        for t in ts:
+            out[(b, t)] = full.truncate(t)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ algebra
