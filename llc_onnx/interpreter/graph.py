@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner  # noqa: F401  (inline_local_functions; not imported by `import onnx`)
 import torch
 from onnx import numpy_helper
 
