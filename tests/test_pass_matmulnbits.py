@@ -156,6 +156,18 @@ def test_gemm_layouts_and_bias(trans_b, beta, c_shape):
         assert {t.name for t in m.graph.initializer} == {"w_mnb4", "w_mnb_scale"} | ({"c"} if c_shape else set())
 
 
+def test_gemm_bias_as_add():
+    rng = np.random.default_rng(12)
+    model, w = gemm_model(rng, 64, 24, 1, beta=2.0, c_shape=(24,))
+    p = plan(w, 4, 32, 1)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    a = apply_matmulnbits(model, {"gm": p}, accuracy_level=0, bias_input=False)
+    b = apply_matmulnbits(model, {"gm": p}, accuracy_level=0)
+    assert [nd.op_type for nd in a.graph.node] == ["MatMulNBits", "Add"] and len(a.graph.node[0].input) == 3
+    assert [o.name for o in a.graph.output] == ["y"]
+    assert rel(run(a, x), run(b, x).astype(np.float64)) < 1e-6
+
+
 def test_gemm_left_alone_when_not_expressible():
     rng = np.random.default_rng(5)
     for kwargs, why in [({"alpha": 0.5, "c_shape": (24,)}, "alpha"), ({"c_shape": (3, 24)}, "shape")]:

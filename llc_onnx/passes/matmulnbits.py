@@ -149,14 +149,18 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
     ``weights``: node name -> QuantizedWeight-like (``q, scale, axis, block_size, bits``), blocked along
     the reduction axis with a power-of-two block ≥ 16 and bits in {2, 4, 8}.
     ``accuracy_level``: written on every node (an int 0..4), or a mapping node name -> level.
+    ``bias_input``: a Gemm bias becomes MatMulNBits' ``bias`` input (True) or a following ``Add`` (False:
+    some ORT CUDA builds reject the bias input).
     After the call, ``skipped`` lists ``(node, reason)`` for planned Gemm nodes left alone (alpha ≠ 1,
     transA = 1, a bias ORT's bias input cannot take); ``written`` lists the nodes replaced.
     """
 
-    def __init__(self, weights: Mapping[str, Any], *, accuracy_level: int | Mapping[str, int] = 4):
+    def __init__(self, weights: Mapping[str, Any], *, accuracy_level: int | Mapping[str, int] = 4,
+                 bias_input: bool = True):
         super().__init__()
         self.weights = dict(weights)
         self.accuracy_level = accuracy_level
+        self.bias_input = bias_input
         self.skipped: list[tuple[str, str]] = []
         self.written: list[str] = []
 
@@ -242,11 +246,21 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                 inputs += [None, None, bias_val]
             attrs = {"K": int(k), "N": int(n), "bits": bits, "block_size": block,
                      "accuracy_level": self._level(node.name)}
+            add_bias = None
+            if bias is not None and not self.bias_input:
+                add_bias = inputs.pop()
+                del inputs[3:]
             out = node.outputs[0]
             new = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, num_outputs=1, name=node.name)
             new_out = new.outputs[0]
             new_out.shape, new_out.type = out.shape, out.type
             graph.insert_before(node, new)
+            if add_bias is not None:
+                add = ir.node("Add", [new_out, add_bias], num_outputs=1, name=names.fresh(f"{nname}_bias_add"))
+                add.outputs[0].shape, add.outputs[0].type = out.shape, out.type
+                graph.insert_before(node, add)
+                new_out.name = names.fresh(f"{out.name}_nobias")
+                new_out = add.outputs[0]
             ir.convenience.replace_all_uses_with(out, new_out, replace_graph_outputs=True)
             graph.remove(node, safe=True)
             new_out.name = out.name
@@ -260,6 +274,7 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
 
 
 def apply_matmulnbits(model: onnx.ModelProto, weights: Mapping[str, Any], *,
-                      accuracy_level: int | Mapping[str, int] = 4) -> onnx.ModelProto:
+                      accuracy_level: int | Mapping[str, int] = 4, bias_input: bool = True) -> onnx.ModelProto:
     """Return a copy of ``model`` with :class:`MatMulNBitsPass` applied (``model`` is not modified)."""
-    return common.run_on_proto(model, lambda: MatMulNBitsPass(weights, accuracy_level=accuracy_level))
+    return common.run_on_proto(
+        model, lambda: MatMulNBitsPass(weights, accuracy_level=accuracy_level, bias_input=bias_input))
