@@ -221,7 +221,7 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                 model.opset_imports[MS_DOMAIN] = 1
                 model.graph.opset_imports[MS_DOMAIN] = 1
         old_weights = []
-        for node, value, w, q, scale, bits, block, reduce_axis, bias in jobs:
+        for node, value, _w, q, scale, bits, block, reduce_axis, bias in jobs:
             q_nk = q.T if reduce_axis == 0 else q            # [N, K]
             s_nb = scale.T if reduce_axis == 0 else scale    # [N, nb]
             n, k = q_nk.shape
