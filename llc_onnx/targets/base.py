@@ -1,0 +1,365 @@
+"""What a deployment target is: the formats a runtime executes fast per op type, the levels a node may be
+offered (and why the others are not), the session the verdict must use, and the rewrite.
+
+A **format** is one way of writing one compressible node (:class:`Format`): float (unchanged), weight-only
+Q/DQ (``qdq``), ORT's ``MatMulNBits`` (``matmulnbits``), static W8A8 Q/DQ with calibrated activations
+(``w8a8``), or a plugin node (``plugin``, written by the plugin helper). A **level** is what the user asks
+for (``--bits 2,4,8,16,float``); a target maps each requested level of a node to the formats it runs fast
+(:meth:`Target.offer`), or refuses it with the reason (an :class:`Offer`). A **plan** gives each node one
+format and its numbers (:class:`NodePlan`); :meth:`Target.rewrite` writes them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from llc_onnx.compressible import CompressibleNode
+from llc_onnx.errors import LLCError
+from llc_onnx.quant import WeightQuantSpec, weight_nbytes
+
+__all__ = [
+    "apply_passes",
+    "input_hook",
+    "FORMAT_KINDS",
+    "LEVELS",
+    "Format",
+    "FLOAT",
+    "NodePlan",
+    "Offer",
+    "Rewrite",
+    "SessionSettings",
+    "Target",
+    "GraphContext",
+    "parse_levels",
+]
+
+FORMAT_KINDS = ("float", "qdq", "matmulnbits", "w8a8", "plugin")
+#: the levels a user can ask for (``--bits``)
+LEVELS = (2, 4, 8, 16, "float")
+
+
+@dataclass(frozen=True)
+class Format:
+    """One way of writing a node.
+
+    ``bits``: bits per stored weight code (None: float). ``code_bits``: the range of codes actually used
+    (7 for ORT CPU's W8A8, whose int8 kernels saturate with full-range codes on CPUs without VNNI);
+    None = ``bits``. ``block_size``: blocked along the reduction axis (None: per output channel).
+    ``activations``: ``"uint8"`` / ``"int8"`` calibrated per-tensor activations (W8A8),
+    ``"int8-block"`` the dynamic per-block int8 activations of MatMulNBits at accuracy level 4, or None.
+    ``output``: W8A8 also quantizes the node's output (Conv → QLinearConv).
+    """
+
+    kind: str
+    bits: int | None = None
+    block_size: int | None = None
+    code_bits: int | None = None
+    activations: str | None = None
+    accuracy_level: int | None = None
+    output: bool = False
+    plugin: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in FORMAT_KINDS:
+            raise LLCError(f"format kind '{self.kind}' is unknown; use one of {', '.join(FORMAT_KINDS)}")
+
+    @property
+    def level(self) -> int | str:
+        """The user-facing level this format realises (2, 4, 8, 16 or "float")."""
+        return "float" if self.kind == "float" else int(self.bits)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "float":
+            return "float"
+        parts = {"qdq": "qdq", "matmulnbits": "mnb", "w8a8": "w8a8", "plugin": "plugin"}[self.kind]
+        s = f"{parts}-int{self.bits}"
+        if self.code_bits is not None and self.code_bits != self.bits:
+            s += f"c{self.code_bits}"
+        if self.block_size is not None:
+            s += f"-b{self.block_size}"
+        if self.activations in ("uint8", "int8"):
+            s += f"-a{self.activations}"
+        if self.accuracy_level is not None:
+            s += f"-acc{self.accuracy_level}"
+        if self.plugin:
+            s += f"-{self.plugin}"
+        return s
+
+    def weight_spec(self, *, scale_method: str = "minmax", rounding: str = "nearest") -> WeightQuantSpec | None:
+        """The quantizer spec whose codes this format stores (None for float)."""
+        if self.kind == "float":
+            return None
+        return WeightQuantSpec(int(self.code_bits or self.bits), self.block_size, scale_method, rounding)
+
+    def nbytes(self, node: CompressibleNode, float_bytes: int = 4) -> int:
+        """Bytes this format stores for the node's weight (codes, scales, zero points, padding)."""
+        numel = math.prod(node.weight_shape)
+        if self.kind == "float":
+            return float_bytes * numel
+        if self.kind == "matmulnbits":
+            k = node.weight_shape[node.reduce_axis]
+            n = numel // k
+            nb = -(-k // self.block_size)
+            return n * nb * self.block_size * self.bits // 8 + 4 * n * nb
+        spec = WeightQuantSpec(int(self.bits), self.block_size)
+        size = weight_nbytes(node.weight_shape, spec, node.reduce_axis, node.out_axis)
+        if self.kind == "w8a8":
+            size += node.weight_shape[node.out_axis]         # explicit int8 zero points
+        return size
+
+
+FLOAT = Format("float")
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a target offers one node: the formats (float first), and each requested level it refuses or
+    narrows, with the reason (for the report)."""
+
+    node: str
+    formats: tuple[Format, ...]
+    refused: tuple[tuple[str, str], ...] = ()       # (level or format name, reason)
+
+    def names(self) -> list[str]:
+        return [f.name for f in self.formats]
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One node's chosen format and its numbers: ``weight`` a QuantizedWeight (None for float),
+    ``input`` / ``output`` ActivationQParams for W8A8 (``output`` required when ``format.output``)."""
+
+    format: Format
+    weight: Any = None
+    input: Any = None
+    output: Any = None
+
+
+@dataclass
+class Rewrite:
+    """A rewritten model and what was written where."""
+
+    model: onnx.ModelProto
+    written: dict[str, str] = field(default_factory=dict)    # node -> format name
+    notes: list[tuple[str, str]] = field(default_factory=list)   # (node, note) e.g. storage fallbacks
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The ONNX Runtime session a target's verdict runs in: the configuration README tells users to use.
+
+    ``providers``: ``(name, options)`` in priority order; ``config``: session config entries;
+    ``optimization``: ``"all"`` (ORT's default) or ``"disable"``."""
+
+    providers: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+    config: tuple[tuple[str, str], ...] = ()
+    optimization: str = "all"
+    description: str = ""
+
+    def available(self) -> bool:
+        """Whether the installed ONNX Runtime has the first (the target's own) provider."""
+        import onnxruntime as ort
+
+        return self.providers[0][0] in ort.get_available_providers()
+
+    def session_options(self, intra_op_num_threads: int = 0):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(intra_op_num_threads)
+        so.log_severity_level = 3
+        if self.optimization == "disable":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        for key, value in self.config:
+            so.add_session_config_entry(key, value)
+        return so
+
+    def make_session(self, model: onnx.ModelProto | str, *, intra_op_num_threads: int = 0,
+                     optimized_model_path: str | None = None):
+        """An InferenceSession with these settings (``model``: proto or path)."""
+        import onnxruntime as ort
+
+        so = self.session_options(intra_op_num_threads)
+        if optimized_model_path:
+            so.optimized_model_filepath = str(optimized_model_path)
+        providers = [(name, dict(opts)) for name, opts in self.providers]
+        label = model if isinstance(model, str) else "model"
+        try:
+            if isinstance(model, (str, os.PathLike)):
+                return ort.InferenceSession(os.fspath(model), sess_options=so, providers=providers)
+            if model.ByteSize() > 1_800_000_000:
+                with tempfile.TemporaryDirectory() as d:
+                    from llc_onnx.model_io import save_model
+
+                    path = os.path.join(d, "model.onnx")
+                    save_model(model, path)
+                    return ort.InferenceSession(path, sess_options=so, providers=providers)
+            return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - one line, named
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise LLCError(f"{label}: ONNX Runtime cannot load the model ({first}); check the opset and ops") from None
+
+
+def parse_levels(levels: Iterable[int | str]) -> list[int | str]:
+    """Normalise a level list (ints 2/4/8/16 and "float"; strings like "8" accepted)."""
+    out: list[int | str] = []
+    for lv in levels:
+        v: int | str = lv
+        if isinstance(lv, str) and lv != "float":
+            try:
+                v = int(lv)
+            except ValueError:
+                raise LLCError(f"quant.bits: level '{lv}' is unknown; use 2, 4, 8, 16 or float") from None
+        if v not in LEVELS:
+            raise LLCError(f"quant.bits: level {lv!r} is unknown; use 2, 4, 8, 16 or float")
+        if v not in out:
+            out.append(v)
+    return out
+
+
+class GraphContext:
+    """Facts about a model's graph the targets' offers depend on (computed once per model): consumers of
+    each tensor, graph outputs, inferred ranks, Gemm attributes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.nodes = {n.name: n for n in g.node}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for t in n.input:
+                if t:
+                    self.consumers.setdefault(t, []).append(n)
+        self.graph_outputs = {o.name for o in g.output}
+        self.inits = {t.name: t for t in g.initializer}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            vis = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+        except Exception:  # noqa: BLE001 - ranks are a hint only
+            vis = list(g.input) + list(g.output)
+        self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in vis if v.type.tensor_type.HasField("shape")}
+
+    def attr(self, node: str, name: str, default):
+        for a in self.nodes[node].attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def input_rank(self, node: str) -> int | None:
+        return self.ranks.get(self.nodes[node].input[0])
+
+    def only_consumer(self, tensor: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(tensor, [])
+        return users[0] if len(users) == 1 and tensor not in self.graph_outputs else None
+
+    def const(self, name: str) -> np.ndarray | None:
+        t = self.inits.get(name)
+        return None if t is None else onnx.numpy_helper.to_array(t)
+
+
+class Target(ABC):
+    """A deployment runtime. Subclasses fill in the table and the three decisions."""
+
+    #: the name used on the command line / in the config (``--target``)
+    name: str = ""
+    #: one line for the report
+    summary: str = ""
+    #: documented table: op type -> [(format family, when / why)], rendered by :meth:`describe`
+    table: Mapping[str, Sequence[tuple[str, str]]] = {}
+
+    @abstractmethod
+    def offer(self, node: CompressibleNode, context: GraphContext, *, levels: Sequence[int | str] = LEVELS,
+              block_size: int = 32) -> Offer:
+        """The formats ``node`` may be offered for the requested ``levels``, and the refused ones with why."""
+
+    @abstractmethod
+    def session(self) -> SessionSettings:
+        """The session settings of the verdict (what README tells users to use)."""
+
+    @abstractmethod
+    def rewrite(self, model: onnx.ModelProto, plans: Mapping[str, NodePlan]) -> Rewrite:
+        """Write the plans (the input model is not modified)."""
+
+    # ------------------------------------------------------------------ shared helpers
+    def offers(self, model: onnx.ModelProto, nodes: Iterable[CompressibleNode], *,
+               levels: Sequence[int | str] = LEVELS, block_size: int = 32) -> dict[str, Offer]:
+        """:meth:`offer` for every node (one :class:`GraphContext`)."""
+        ctx = GraphContext(model)
+        lv = parse_levels(levels)
+        return {n.name: self.offer(n, ctx, levels=lv, block_size=block_size) for n in nodes}
+
+    def tensors_to_calibrate(self, model: onnx.ModelProto, node: str, fmt: Format) -> tuple[str | None, str | None]:
+        """(input tensor, output tensor) whose ranges ``fmt`` needs (None where it needs none)."""
+        if fmt.kind != "w8a8":
+            return None, None
+        from llc_onnx.passes.w8a8 import quantized_tensors
+
+        x, y = quantized_tensors(model, node, fmt.activations)
+        return x, (y if fmt.output else None)
+
+    def describe(self) -> str:
+        """The target's table as Markdown (README / report)."""
+        lines = [f"**{self.name}** — {self.summary}", "", "| op | format | when / why |", "|---|---|---|"]
+        for op, rows in self.table.items():
+            for fmt, why in rows:
+                lines.append(f"| {op} | {fmt} | {why} |")
+        return "\n".join(lines)
+
+    def check_plans(self, plans: Mapping[str, NodePlan], kinds: Sequence[str]) -> None:
+        """Every plan has a format of ``kinds`` and numbers that fit it."""
+        for name, plan in plans.items():
+            fmt = plan.format
+            if fmt.kind not in kinds:
+                raise LLCError(f"node '{name}': format {fmt.name} is not a {self.name} format "
+                               f"(its formats: {', '.join(kinds)}); choose from the target's offer")
+            if fmt.kind == "float":
+                continue
+            w = plan.weight
+            if w is None:
+                raise LLCError(f"node '{name}': plan for format {fmt.name} has no quantized weight")
+            want_bits = int(fmt.code_bits or fmt.bits)
+            if int(w.bits) != want_bits or w.block_size != fmt.block_size:
+                raise LLCError(f"node '{name}': weight is {w.bits}-bit with block_size={w.block_size}, format "
+                               f"{fmt.name} stores {want_bits}-bit codes with block_size={fmt.block_size}; "
+                               "quantize with format.weight_spec()")
+            if fmt.kind == "w8a8" and (plan.input is None or (fmt.output and plan.output is None)):
+                raise LLCError(f"node '{name}': W8A8 plan needs calibrated activation parameters (input"
+                               f"{' and output' if fmt.output else ''}); calibrate with "
+                               "calib.activation_ranges")
+
+
+def input_hook(plan: NodePlan) -> Callable | None:
+    """The interpreter ``input_fns`` hook that reproduces what the written node does to its activation
+    input (W8A8: the calibrated Q/DQ; MatMulNBits level 4: per-block int8), or None. The output Q/DQ of a
+    W8A8 Conv is not covered: it needs an output hook in the interpreter."""
+    fmt = plan.format
+    if fmt.kind == "w8a8":
+        return plan.input.fake_quant
+    if fmt.kind == "matmulnbits" and fmt.accuracy_level == 4 and not (fmt.bits == 2 and fmt.block_size == 16):
+        from llc_onnx.passes.matmulnbits import level4_input_fake_quant
+
+        bs = int(fmt.block_size)
+        return lambda x: level4_input_fake_quant(x, bs)
+    return None
+
+
+def apply_passes(model: onnx.ModelProto, passes: Sequence[ir.passes.PassBase]) -> onnx.ModelProto:
+    """Run in-place onnx-ir passes on a copy of ``model``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    ir_model = ir.serde.deserialize_model(copy)
+    for p in passes:
+        ir_model = p(ir_model).model
+    return ir.serde.serialize_model(ir_model)
+

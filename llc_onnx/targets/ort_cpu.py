@@ -1,0 +1,206 @@
+"""ONNX Runtime on CPU (``--target ort-cpu``, the default): the formats ORT 1.31's CPU provider runs faster
+than float, and nothing else.
+
+Measured on this machine (AMD EPYC, AVX2 without VNNI, ORT 1.31.1, 1 thread, medians of interleaved runs;
+``tests/test_targets_ort_cpu.py`` checks the fusions, ``llc_onnx/targets/latency.py`` measures each node):
+
+===========  =========================================================  =========================================
+op           format                                                     why
+===========  =========================================================  =========================================
+MatMul/Gemm  ``MatMulNBits`` 4-bit, block a power of two ≥ 16,          0.4–0.8× FP32 at batch 1 (576–1024 wide),
+             ``accuracy_level=4``                                       0.85–1.1× at 32 rows
+MatMul/Gemm  ``MatMulNBits`` 2-bit, block ≥ 32, ``accuracy_level=4``    0.4–0.75× at batch 1; 1.0–1.4× at 32 rows.
+                                                                        Block 16 has no int8 kernel: ORT computes
+                                                                        it at level 0, 20–30× slower than FP32
+MatMul/Gemm  W8A8: int8 weights with 7-bit codes per channel, uint8     MatMulIntegerToFloat / QGemm: 0.4–0.7×
+             calibrated activations (``MatMulIntegerToFloat``,          at batch 1 and 32 rows
+             ``QGemm``)
+MatMul/Gemm  ``MatMulNBits`` 8-bit, ``accuracy_level=4``                0.6–0.75× at batch 1, 1.3–1.7× at 32 rows
+                                                                        (offered beside W8A8; latency decides)
+Conv         W8A8 with the output quantized too (``QLinearConv``),      0.55–0.6× for 64-channel 3×3 convs;
+             uint8 activations, 7-bit codes                             1.1–1.5× for 1×1, depthwise, few-channel
+                                                                        convs (latency decides)
+===========  =========================================================  =========================================
+
+Not offered, with the reason the report shows: 16-bit anything and 2/4-bit Conv (ORT CPU has no such
+kernels: a weight-only ``DequantizeLinear`` in front of Conv/MatMul/Gemm is not fused and runs slower than
+FP32), W8A8 on a 2-D MatMul whose only consumer is an ``Add`` of a constant (ORT fuses MatMul+Add into a
+float Gemm before its Q/DQ fusion, so it stays float), MatMulNBits on a Gemm with ``transA`` or
+``alpha ≠ 1`` or a bias that is not ``[N]``.
+
+Why 7-bit codes: ORT's int8 GEMM on x86 without VNNI multiplies uint8 activations by int8 weights with
+``vpmaddubsw``, which adds pairs of products in int16 and saturates when the weight codes use the full
+int8 range (tests/test_pass_qdq.py::test_int8_matmul_saturation_canary); 7-bit codes are exact (ORT's own
+``reduce_range``). Why ``accuracy_level=4``: it is what makes 2/8-bit MatMulNBits fast (level 0 is
+15–38× slower than FP32 at batch 1) and 4-bit faster than FP32; it quantizes A per block to int8, which
+moves outputs by ~0.5 % relative (tests/test_pass_matmulnbits.py); written on the node, it does not depend
+on the session, and :func:`llc_onnx.targets.base.input_hook` reproduces it in the interpreter.
+
+Session of the verdict: a default ``InferenceSession(path, providers=["CPUExecutionProvider"])`` — what a
+user writes — with graph optimizations on (they do the integer fusions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import onnx
+
+from llc_onnx.compressible import CompressibleNode
+from llc_onnx.errors import LLCError
+from llc_onnx.passes.matmulnbits import MatMulNBitsPass, valid_block_size
+from llc_onnx.passes.w8a8 import W8A8Pass, W8A8Plan
+from llc_onnx.targets.base import (
+    FLOAT,
+    LEVELS,
+    Format,
+    GraphContext,
+    NodePlan,
+    Offer,
+    Rewrite,
+    SessionSettings,
+    Target,
+    apply_passes,
+)
+
+__all__ = ["OrtCpuTarget", "mnb_unsupported", "w8a8_unsupported"]
+
+ACCURACY_LEVEL = 4
+
+NO_INT16 = ("ORT CPU has no int16 GEMM/Conv kernel: an INT16 DequantizeLinear before the node is not fused and "
+            "runs slower than FP32")
+NO_LOWBIT_CONV = ("ORT CPU runs Conv in integers only as QLinearConv (8-bit weights and activations); a weight-only "
+                  "DequantizeLinear before Conv is not fused (measured slower than FP32)")
+TWO_BIT_BLOCK16 = ("2-bit MatMulNBits has no int8 kernel for block 16: ORT computes it in float, 20-30x slower "
+                   "than FP32 at batch 1; use a block of 32 or more")
+
+
+def mnb_unsupported(node: CompressibleNode, ctx: GraphContext) -> str | None:
+    """Why ``node`` cannot become MatMulNBits (None when it can)."""
+    if len(node.weight_shape) != 2:
+        return f"weight has rank {len(node.weight_shape)}; MatMulNBits takes a 2-D weight"
+    if node.op_type == "Gemm":
+        if ctx.attr(node.name, "transA", 0):
+            return "Gemm with transA=1; MatMulNBits takes A untransposed"
+        if ctx.attr(node.name, "alpha", 1.0) != 1.0:
+            return "Gemm with alpha != 1; MatMulNBits has no output scale"
+        ins = ctx.nodes[node.name].input
+        if len(ins) > 2 and ins[2]:
+            c = ctx.const(ins[2])
+            n = node.weight_shape[node.out_axis]
+            if c is None or c.shape not in ((n,), (1, n)):
+                return "Gemm bias is not a constant [N]; MatMulNBits' bias input is [N]"
+    return None
+
+
+def w8a8_unsupported(node: CompressibleNode, ctx: GraphContext, *, check_add_fusion: bool = True) -> str | None:
+    """Why ``node`` has no static W8A8 form that ORT fuses (None when it has)."""
+    init = ctx.inits.get(node.weight)
+    if init is not None and init.data_type != onnx.TensorProto.FLOAT:
+        return "weight is not float32; ORT's integer kernels take float32 activations"
+    if node.op_type == "Gemm":
+        if ctx.attr(node.name, "transA", 0):
+            return "Gemm with transA=1 has no QGemm form"
+        ins = ctx.nodes[node.name].input
+        if len(ins) > 2 and ins[2]:
+            c = ctx.const(ins[2])
+            n = node.weight_shape[node.out_axis]
+            if c is None or c.size != n:
+                return "Gemm bias is not a constant with one value per output; it cannot be stored as int32"
+            if ctx.attr(node.name, "beta", 1.0) != 1.0:
+                return "Gemm with beta != 1 cannot take an int32 bias"
+    if node.op_type == "MatMul" and check_add_fusion and ctx.input_rank(node.name) == 2:
+        out = ctx.nodes[node.name].output[0]
+        user = ctx.only_consumer(out)
+        if user is not None and user.op_type == "Add" and any(t in ctx.inits for t in user.input if t != out):
+            return ("2-D MatMul followed by an Add of a constant: ORT fuses them into a float Gemm before its Q/DQ "
+                    "fusion, so W8A8 would run in float")
+    return None
+
+
+def _mnb_format(bits: int, block: int) -> Format:
+    return Format("matmulnbits", bits, block, activations="int8-block", accuracy_level=ACCURACY_LEVEL)
+
+
+class OrtCpuTarget(Target):
+    """ONNX Runtime, CPU execution provider (see module docstring for the measured table)."""
+
+    name = "ort-cpu"
+    summary = "ONNX Runtime CPU: MatMulNBits (2/4/8-bit, accuracy level 4) and static W8A8 Q/DQ (uint8 activations)"
+    table = {
+        "MatMul/Gemm": [
+            ("MatMulNBits 4-bit, block 2^k ≥ 16, accuracy_level 4", "0.4–0.8× FP32 at batch 1"),
+            ("MatMulNBits 2-bit, block 2^k ≥ 32, accuracy_level 4", "0.4–0.75× FP32 at batch 1"),
+            ("W8A8 (7-bit codes, uint8 activations) → MatMulIntegerToFloat / QGemm", "0.4–0.7× FP32"),
+            ("MatMulNBits 8-bit, accuracy_level 4", "0.6–0.75× FP32 at batch 1 (latency decides)"),
+        ],
+        "Conv": [("W8A8 with output Q/DQ → QLinearConv", "0.55–0.6× FP32 for wide 3×3 convs; slower for "
+                                                         "1×1/depthwise/few channels (latency decides)")],
+        "any": [("16-bit, weight-only Q/DQ", "not offered: not fused on ORT CPU, slower than FP32")],
+    }
+
+    def offer(self, node: CompressibleNode, context: GraphContext, *, levels: Sequence[int | str] = LEVELS,
+              block_size: int = 32) -> Offer:
+        formats: list[Format] = [FLOAT]
+        refused: list[tuple[str, str]] = []
+        op = node.op_type
+        for lv in levels:
+            if lv == "float":
+                continue
+            if lv == 16:
+                refused.append(("int16", NO_INT16))
+                continue
+            if op == "Conv":
+                if lv == 8:
+                    why = w8a8_unsupported(node, context)
+                    if why:
+                        refused.append(("int8", why))
+                    else:
+                        formats.append(Format("w8a8", 8, None, code_bits=7, activations="uint8", output=True))
+                else:
+                    refused.append((f"int{lv}", NO_LOWBIT_CONV))
+                continue
+            mnb_why = mnb_unsupported(node, context)
+            if mnb_why is None and not valid_block_size(block_size):
+                mnb_why = f"block size {block_size} is not a power of two >= 16, which MatMulNBits needs"
+            if lv == 8:
+                why = w8a8_unsupported(node, context)
+                if why:
+                    refused.append(("int8 (W8A8)", why))
+                else:
+                    formats.append(Format("w8a8", 8, None, code_bits=7, activations="uint8"))
+                if mnb_why:
+                    refused.append(("int8 (MatMulNBits)", mnb_why))
+                else:
+                    formats.append(_mnb_format(8, block_size))
+                continue
+            if mnb_why:
+                refused.append((f"int{lv}", mnb_why))
+            elif lv == 2 and block_size < 32:
+                refused.append(("int2", TWO_BIT_BLOCK16))
+            else:
+                formats.append(_mnb_format(int(lv), block_size))
+        return Offer(node.name, tuple(formats), tuple(refused))
+
+    def session(self) -> SessionSettings:
+        return SessionSettings(
+            providers=(("CPUExecutionProvider", ()),),
+            description="ONNX Runtime CPU, a default session (graph optimizations on: they make the integer "
+                        "kernels); MatMulNBits nodes carry accuracy_level=4 themselves",
+        )
+
+    def rewrite(self, model: onnx.ModelProto, plans: Mapping[str, NodePlan]) -> Rewrite:
+        self.check_plans(plans, ("float", "matmulnbits", "w8a8"))
+        w8 = {n: W8A8Plan(weight=p.weight, input=p.input, output=p.output if p.format.output else None)
+              for n, p in plans.items() if p.format.kind == "w8a8"}
+        mnb = {n: p.weight for n, p in plans.items() if p.format.kind == "matmulnbits"}
+        levels = {n: int(plans[n].format.accuracy_level) for n in mnb}
+        mnb_pass = MatMulNBitsPass(mnb, accuracy_level=levels)
+        out = apply_passes(model, [W8A8Pass(w8), mnb_pass])
+        if mnb_pass.skipped:
+            node, why = mnb_pass.skipped[0]
+            raise LLCError(f"node '{node}': cannot be written as MatMulNBits ({why}); it should not have been offered")
+        written = {n: p.format.name for n, p in plans.items() if p.format.kind != "float"}
+        return Rewrite(model=out, written=written)
+
+
