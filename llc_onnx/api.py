@@ -184,9 +184,16 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
     for st in stages[1:]:
         for k, v in st.seconds.items():
             seconds[f"{st.method}: {k}"] = v
+    target = {"name": config.target.name, "session": first.session.description}
+    if config.target.measure_latency and first.session.settings is not None and first.session.settings.available():
+        from .flows.latency import end_to_end
+
+        with first.timer.stage("latency"):
+            levels = {n.node: n.level for n in stages[-1].nodes} if len(stages) == 1 else None
+            target["latency"] = end_to_end(ctx, first.model, current, levels)
+        seconds["latency"] = first.timer.seconds["latency"]
     result = OptimizeResult(current, source, config, first.objective, first.loss.name, tolerance, final.verified,
-                            splits, stages, {"name": config.target.name, "session": first.session.description},
-                            first.skipped, notes, seconds)
+                            splits, stages, target, first.skipped, notes, seconds)
     if out is not None and (result.verified or config.criterion.allow_loss_increase):
         result.save(out, force=True)
     return result

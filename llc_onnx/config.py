@@ -36,7 +36,7 @@ __all__ = ["OptimizeConfig", "DataConfig", "CriterionConfig", "QuantConfig", "Lo
 
 FLOAT = "float"  # the level that keeps a node in float
 METHODS = ("quant", "lowrank")
-TARGETS = ("qdq",)  # deployment targets whose rewrite exists (llc_onnx.targets adds more)
+TARGETS = ("ort-cpu", "ort-cuda", "tensorrt", "qdq")  # llc_onnx.targets: one module each
 Objective = Literal["auto", "task", "fidelity"]
 
 
@@ -263,12 +263,29 @@ class LowRankConfig:
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """Where the model ships: the formats the rewrite may emit and the session the verdict runs in."""
+    """Where the model ships (``llc_onnx.targets``): the formats the rewrite may emit, the session the verdict
+    runs in, how activations are calibrated where a format quantizes them, and an optional latency budget."""
 
-    name: str = opt("qdq", "--target", "deployment target: qdq (portable Q/DQ; default)")
+    name: str = opt("ort-cpu", "--target", "deployment target: ort-cpu (default: fast on ONNX Runtime CPU), "
+                    "ort-cuda, tensorrt, qdq (portable weight-only Q/DQ)")
+    calibration: Literal["minmax", "percentile", "entropy"] = opt(
+        "minmax", "--calibration", "activation ranges where a format quantizes activations: minmax (default), "
+        "percentile, entropy (KL)")
+    percentile: float = opt(99.999, "--percentile", "percentile of --calibration percentile (default 99.999)")
+    latency_budget: float | None = opt(None, "--latency-budget",
+                                       "end-to-end latency budget as a fraction of the float model's, measured on "
+                                       "the target at the calibration batch, e.g. 0.5")
+    plugins: bool = opt(False, "--plugins", "tensorrt: offer plugin nodes for levels TensorRT has no kernel for")
+    measure_latency: bool = opt(True, "--latency", "measure the float and the final model's end-to-end latency "
+                                "on the target (calibration batch and batch 1) for the summary (default on)")
 
     def __post_init__(self):
         _choice("target.name", self.name, TARGETS)
+        _choice("target.calibration", self.calibration, ("minmax", "percentile", "entropy"))
+        _check(_finite(self.percentile) and 0 < self.percentile <= 100, "target.percentile", self.percentile,
+               "a percentage in (0, 100], e.g. 99.999")
+        _check(self.latency_budget is None or (_finite(self.latency_budget) and self.latency_budget > 0),
+               "target.latency_budget", self.latency_budget, "a fraction of the float model's latency, e.g. 0.5")
 
 
 @dataclass(frozen=True)
@@ -308,6 +325,9 @@ class OptimizeConfig:
         _check(method in (("quant",), ("lowrank",), ("lowrank", "quant")), "method", method,
                "quant, lowrank, or lowrank,quant")
         object.__setattr__(self, "nodes", tuple(self.nodes))
+        if self.quant.activations and self.target.name != "qdq":
+            raise ConfigError("quant.activations", True, "applies to the qdq target; the other targets quantize "
+                              "activations where their formats need it (target.name qdq, --target qdq)")
         if "quant" not in method and not (self.quant.lossless and not self.quant.sweep):
             raise ConfigError("quant.budget", self.quant.budget if self.quant.budget is not None else
                               self.quant.avg_bits or self.quant.sweep,

@@ -39,6 +39,13 @@ class SessionConfig:
     threads: int = 0
     entries: tuple[tuple[str, str], ...] = ()
     description: str = "ONNX Runtime CPU, default session options"
+    settings: object = None  # a targets.SessionSettings: when given, it makes the session (providers, options)
+
+    @classmethod
+    def of_target(cls, settings, threads: int = 0) -> "SessionConfig":
+        """The session of a deployment target's verdict (``targets.base.SessionSettings``)."""
+        return cls(threads=threads, entries=tuple(settings.config), description=settings.description,
+                   settings=settings)
 
 
 #: the session llc-onnx used before deployment targets: MatMulNBits at full weight precision (accuracy level 0)
@@ -66,6 +73,8 @@ def make_session(model: onnx.ModelProto | str, config: SessionConfig | int | Non
     :class:`SessionConfig`; an int is a thread count with default options), with deterministic compute."""
     if config is None or isinstance(config, int):
         config = SessionConfig(threads=int(config or 0))
+    if config.settings is not None:
+        return config.settings.make_session(model, intra_op_num_threads=config.threads)
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(config.threads)
     so.use_deterministic_compute = True

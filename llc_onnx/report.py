@@ -244,6 +244,13 @@ def print_optimize(result) -> None:
     t.add_row("weight bytes (compressible)", None, format_bytes(result.reference_bytes),
               format_bytes(result.compressed_bytes), f"-{100 * result.reduction:.1f} %")
     tables.append(t)
+    lat = result.target.get("latency")
+    if lat:
+        lt = Summary(f"latency on {result.target['name']} (ms per run, fastest of interleaved rounds)",
+                     ["batch", "float", "compressed", "speed-up", "predicted"])
+        for b, row in lat.items():
+            lt.add_row(b, row["float_ms"], row["compressed_ms"], f"{row['speedup']:.2f}x", row.get("predicted_ms"))
+        tables.append(lt)
     sec = Summary("time per stage (s)", ["stage", "seconds"])
     for k, v in result.seconds.items():
         sec.add_row(k, round(v, 2))

@@ -24,7 +24,7 @@ from llc_onnx.calib.data import load_dataset, split_dataset
 from llc_onnx.calib.losses import make_loss
 from llc_onnx.cli import main
 from llc_onnx.compressible import find_compressible
-from llc_onnx.ort_eval import evaluate
+from llc_onnx.ort_eval import EXACT, evaluate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,7 +99,7 @@ def example(tmp_path_factory):
     # a tolerance the int8/int16 levels stay inside, so the run verifies whatever the split's noise
     rc, stdout, stderr = run_cli(["optimize", EX_MODEL, "--data", EX_DATA, "-o", str(out), "--measure-samples", "200",
                                   "--bits", "8,16,float", "--sweep", "0.3,0.5", "--tolerance", "0.01", "--json",
-                                  "--report", str(rep)])
+                                  "--report", str(rep), "--target", "qdq"])
     return {"rc": rc, "stdout": stdout, "stderr": stderr, "out": str(out), "report": str(rep), "before": before}
 
 
@@ -112,10 +112,10 @@ def test_example_verified_output_is_checked_independently(example):
     src = onnx.load(EX_MODEL)
     m, int_fed = check_quantized_output(example["out"], src)
     chosen = {n["node"]: n["level"] for n in r["nodes"]}
-    quantized = {n for n, lv in chosen.items() if lv.startswith("int")}
+    quantized = {n for n, lv in chosen.items() if lv.startswith("qdq-int")}
     assert quantized and set(int_fed) == quantized  # exactly the intN nodes read a DequantizeLinear
     for n in quantized:
-        assert int_fed[n] == "INT" + chosen[n][3:]
+        assert "qdq-int" + int_fed[n][3:] == chosen[n].split("-b")[0]
     md = meta(m)
     assert md["llc_onnx.verified"] == "true" and md["llc_onnx.method"] == "quant"
 
@@ -125,9 +125,9 @@ def test_example_verified_output_is_checked_independently(example):
     s = r["splits"]
     assert (calib.n_samples, val.n_samples, test.n_samples) == (s["calibration"]["n"], s["validation"]["n"],
                                                                 s["test"]["n"]) == (750, 250, 1000)
-    for name, data in (("calibration", calib), ("validation", val), ("test", test)):
-        assert evaluate(src, data, loss).loss == pytest.approx(s[name]["reference"]["loss"], rel=1e-9)
-        assert evaluate(m, data, loss).loss == pytest.approx(s[name]["compressed"]["loss"], rel=1e-9)
+    for name, data in (("calibration", calib), ("validation", val), ("test", test)):  # the qdq target's session
+        assert evaluate(src, data, loss, session=EXACT).loss == pytest.approx(s[name]["reference"]["loss"], rel=1e-9)
+        assert evaluate(m, data, loss, session=EXACT).loss == pytest.approx(s[name]["compressed"]["loss"], rel=1e-9)
     assert s["test"]["compressed"]["loss"] <= s["test"]["reference"]["loss"] + 0.01
     assert s["calibration"]["fit"] + s["calibration"]["measure"] == 750
 
@@ -236,7 +236,8 @@ def test_forced_failure_writes_nothing_and_allow_loss_increase_marks_it(tiny, tm
     model, data = tiny
     out = tmp_path / "o.onnx"
     before = _sha(model)
-    args = ["optimize", model, "--data", data, "-o", str(out), "--bits", "2", "--budget", "1", "--max-rounds", "0"]
+    args = ["optimize", model, "--data", data, "-o", str(out), "--bits", "2", "--budget", "1", "--max-rounds", "0",
+            "--target", "qdq"]
     rc, stdout, stderr = run_cli(args + ["--json"])
     r = one_json(stdout)
     assert rc == 1 and not r["verified"] and r["output"] is None
@@ -306,14 +307,14 @@ def test_budget_and_activations_on_tiny_model(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "o.onnx"
     rc, stdout, err = run_cli(["optimize", model, "--data", data, "-o", str(out), "--budget", "0.3",
-                               "--activations", "--json", "--allow-loss-increase"])
+                               "--activations", "--json", "--allow-loss-increase", "--target", "qdq"])
     assert rc == 0, err
     r = one_json(stdout)
     assert r["stages"][0]["settings"]["activations"] is True
     assert r["bytes"]["compressed"] <= 0.3 * r["bytes"]["reference"]
     src = onnx.load(model)
     m, int_fed = check_quantized_output(str(out), src)
-    assert set(int_fed) == {n["node"] for n in r["nodes"] if n["level"].startswith("int")}
+    assert set(int_fed) == {n["node"] for n in r["nodes"] if n["level"].startswith("qdq-int")}
     # each quantized node's activation input is DequantizeLinear(QuantizeLinear(original input))
     producer = {o: n for n in m.graph.node for o in n.output}
     by_name = {n.name: n for n in m.graph.node}
@@ -326,8 +327,9 @@ def test_budget_and_activations_on_tiny_model(tiny, tmp_path):
     # the test loss the command reports is the written model's, on the documented test split
     _, _, test = documented_splits(data, src)
     loss = make_loss("ce", "logits")
-    assert evaluate(m, test, loss).loss == pytest.approx(r["splits"]["test"]["compressed"]["loss"], rel=1e-9)
-    assert r["verified"] == (evaluate(m, test, loss).loss <= evaluate(src, test, loss).loss)
+    got, ref = evaluate(m, test, loss, session=EXACT).loss, evaluate(src, test, loss, session=EXACT).loss
+    assert got == pytest.approx(r["splits"]["test"]["compressed"]["loss"], rel=1e-9)
+    assert r["verified"] == (got <= ref)
 
 
 def test_budget_without_float_level(tiny, tmp_path):
@@ -355,7 +357,8 @@ def test_cet_cost_mode_uses_second_order_estimates(tiny, tmp_path):
     Hessian module, and the neighbourhood check is on the curvature term."""
     model, data = tiny
     rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"),
-                                  "--cost", "cet", "--bits", "4,8,float", "--json", "--allow-loss-increase"])
+                                  "--cost", "cet", "--bits", "4,8,float", "--json", "--allow-loss-increase",
+                                  "--target", "qdq"])
     assert rc == 0, stderr
     r = one_json(stdout)
     st = r["stages"][0]
@@ -367,8 +370,8 @@ def test_cet_cost_mode_uses_second_order_estimates(tiny, tmp_path):
     # 4-bit noise is larger than 8-bit noise, so its curvature term is too (per node)
     by = {(c["node"], c["level"]): c for c in quantized}
     for node in {c["node"] for c in quantized}:
-        q4 = by[(node, "int4")]["second_order"] - by[(node, "int4")]["predicted"]
-        q8 = by[(node, "int8")]["second_order"] - by[(node, "int8")]["predicted"]
+        q4 = by[(node, "qdq-int4-b32")]["second_order"] - by[(node, "qdq-int4-b32")]["predicted"]
+        q8 = by[(node, "qdq-int8")]["second_order"] - by[(node, "qdq-int8")]["predicted"]
         assert q4 > q8 >= 0
 
 

@@ -148,7 +148,7 @@ def test_one_long_sequence_still_gives_a_standard_error(tmp_path, capsys):
     (a per-sequence SE would rest on one number and be 0, silently switching --margin-z off)."""
     model, data = tiny_lm(tmp_path, n=4, t=200)
     r = optimize_json(capsys, model, data, tmp_path / "o.onnx", "--batch-size", "1", "--measure-samples", "1",
-                      "--bits", "4,float")
+                      "--bits", "4,float", "--target", "qdq")
     assert r["stages"][0]["measurement"]["measure_samples"] == 1
-    head = [c for c in r["stages"][0]["candidates"] if c["node"] == "head" and c["level"] == "int4"][0]
+    head = [c for c in r["stages"][0]["candidates"] if c["node"] == "head" and c["level"] == "qdq-int4-b32"][0]
     assert head["se"] > 0 and head["cost"] == pytest.approx(head["measured"] + head["se"])

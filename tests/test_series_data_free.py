@@ -11,13 +11,13 @@ from onnx import TensorProto, helper, numpy_helper
 from llc_onnx.errors import LLCError
 from llc_onnx.interpreter import TorchGraph
 from llc_onnx.model_io import prepare_model
-from llc_onnx.ort_eval import make_session
+from llc_onnx.ort_eval import EXACT, make_session
 from llc_onnx.series import data_free, expand_model, write_series
 import _models
 
 
 def _run(model, x):
-    return make_session(model).run(None, {"x": x})[0]
+    return make_session(model, EXACT).run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize("form", ["standard", "custom"])

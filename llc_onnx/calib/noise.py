@@ -96,12 +96,12 @@ def _samples(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, run_batch, pro
 @torch.no_grad()
 def measure(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, weight_fns: dict[str, TensorFn] | None = None,
             input_fns: dict[str, TensorFn] | None = None, progress: Progress = None,
-            snapshots: list[Snapshots] | None = None) -> LossSamples:
+            snapshots: list[Snapshots] | None = None, output_fns: dict[str, TensorFn] | None = None) -> LossSamples:
     """Per-sample losses over ``dataset`` with the given hooks applied (forward only). ``snapshots`` (one per
     batch, from :func:`measure_base`) let each run start at the first hooked node."""
     def run_batch(bi, feeds):
-        outs, _ = graph.run(feeds, weight_fns=weight_fns, input_fns=input_fns, outputs=[loss.output],
-                            resume=snapshots[bi] if snapshots else None)
+        outs, _ = graph.run(feeds, weight_fns=weight_fns, input_fns=input_fns, output_fns=output_fns,
+                            outputs=[loss.output], resume=snapshots[bi] if snapshots else None)
         return outs[loss.output]
 
     return _samples(graph, dataset, loss, run_batch, progress)

@@ -75,6 +75,7 @@ class FlowContext:
     val_fp: Evaluation  # float model on validation (ORT, per-unit samples)
     session: SessionConfig  # the session of the verdict (the deployment target's)
     config: OptimizeConfig
+    target: object = None  # the targets.Target the rewrite is for
     timer: StageTimer = field(default_factory=StageTimer)
     progress: Progress = field(default_factory=Silent)
     notes: list[str] = field(default_factory=list)
@@ -95,12 +96,14 @@ class FlowContext:
                                                        [n.name for n in self.nodes], per_batch)
         return self._base
 
-    def measure(self, weight_fns: dict | None = None, input_fns: dict | None = None) -> LossSamples:
+    def measure(self, weight_fns: dict | None = None, input_fns: dict | None = None,
+                output_fns: dict | None = None) -> LossSamples:
         """Per-sample losses on ``measure_data`` with these hooks (``calib.noise.measure``), starting each
         batch at the snapshot before the first hooked node: a candidate near the output costs a fraction of
         a forward pass."""
         self.base()
-        return measure(self.graph, self.measure_data, self.loss, weight_fns, input_fns, snapshots=self._snapshots)
+        return measure(self.graph, self.measure_data, self.loss, weight_fns, input_fns, snapshots=self._snapshots,
+                       output_fns=output_fns)
 
     def gradients(self, act_candidates=None, progress=None) -> tuple[GradientPass, GradientPass]:
         """(fit, measure) gradient passes over the two calibration parts — one pass over the calibration data
@@ -233,7 +236,15 @@ def create_context(model: onnx.ModelProto, data, config: OptimizeConfig, *, sour
         if objective == "auto":
             labelled = calib.has_labels or task.name == "lm"
             objective = "task" if labelled else "fidelity"
-        session = session or SessionConfig(threads=config.device.threads)
+        target = _target(config)
+        if session is None:
+            settings = target.session()
+            if not settings.available():
+                fallback = getattr(target, "reference_session", None)
+                settings = fallback() if fallback else _cpu_fallback(settings)
+                notes.append(f"the {config.target.name} runtime is not installed here: the verdict ran in "
+                             f"{settings.description}")
+            session = SessionConfig.of_target(settings, config.device.threads)
         fit, meas = fit_measure_split(calib, config.data.measure_samples, config.data.seed)
         loss, task_loss, task_test = task, None, None
         if objective == "fidelity":
@@ -257,11 +268,30 @@ def create_context(model: onnx.ModelProto, data, config: OptimizeConfig, *, sour
         notes.append("fit and measure parts coincide (one calibration batch): measured costs are in-sample; "
                      "give more calibration data")
     ctx = FlowContext(source, prepared, found, skipped, graph, loss, objective, calib, val_ds, test, fit, meas,
-                      None, None, session, config, timer, progress or Silent(), notes, task_loss, task_test)
+                      None, None, session, config, target, timer, progress or Silent(), notes, task_loss,
+                      task_test)
     with timer.stage("baseline"):
         ctx.calib_fp = ctx.evaluate(prepared, calib, samples=True)
         ctx.val_fp = ctx.calib_fp if val_ds is calib else ctx.evaluate(prepared, val_ds, samples=True)
     return ctx
+
+
+def _target(config: OptimizeConfig):
+    from ..targets import get_target
+
+    t = config.target
+    if t.name == "qdq":
+        return get_target("qdq", activations=config.quant.activations)
+    if t.name == "tensorrt":
+        return get_target("tensorrt", plugins=t.plugins)
+    return get_target(t.name)
+
+
+def _cpu_fallback(settings):
+    from ..targets.base import SessionSettings
+
+    return SessionSettings(providers=(("CPUExecutionProvider", ()),), config=settings.config,
+                           description="ONNX Runtime CPU (the target's own provider is not installed)")
 
 
 def derive_context(ctx: FlowContext, model: onnx.ModelProto) -> FlowContext:

@@ -1,16 +1,26 @@
-"""LLC mixed-precision quantization: measure, then offer the plans the validation split chooses between.
+"""LLC mixed-precision quantization for a deployment target: measure every format the target runs fast, then
+offer the plans the validation split chooses between.
 
 Stages (each timed):
+  0. formats     the target (``llc_onnx.targets``) maps the requested levels (``quant.bits``) of each node to
+                 the formats it executes fast (e.g. ORT CPU: MatMulNBits 2/4/8-bit, W8A8 Q/DQ), and says why
+                 the others are not offered; activation ranges are calibrated where a format quantizes
+                 activations (``calib.activation_ranges``: min-max, percentile or entropy);
   1. gradients   one forward+backward pass over the calibration split (``calib.gradients``), accumulated
-                 separately for its fit part and its measure part (``flows.context``);
-  2. candidates  every node at every level of ``quant.bits``: quantize with LLC sign-directed rounding from the
-                 fit gradient, predict ΔL = Σ g·δ (+ Σ g_x·ε) with the measure gradient, and measure ΔL with
-                 only that node quantized on the measure part (``calib.noise``) — out of sample for the rounding;
-  3. solve       grouped knapsack over the cost table (``solvers.knapsack``): a byte budget, or lossless (the
-                 smallest size whose total cost ≤ 0), with gains discounted and single-node costs bounded
-                 (``solvers.cost_model``). The outcome offers the solver's plan, the solver's plan without gain
-                 credit, and uniform levels; ``verify.select_plan`` measures them jointly on the validation
-                 split and backs off; the QDQ rewrite (``passes.qdq``) builds each plan.
+                 separately for its fit part and its measure part (``flows.context``), with the first-order
+                 prediction Σ g_x·ε of each format's activation quantizer;
+  2. candidates  every node in every offered format: quantize with LLC sign-directed rounding from the fit
+                 gradient (inside the neighbourhood), predict ΔL = Σ g·δ (+ Σ g_x·ε) with the measure
+                 gradient, and measure ΔL on the measure part with the node as the target computes it — the
+                 weight, and the input / output quantizers the written node applies (``targets.base``
+                 hooks) — out of sample for the rounding;
+  3. solve       grouped knapsack over the cost table (``solvers.knapsack``): a byte budget, a latency budget
+                 (``target.latency_budget``, with per-format latencies measured on the target,
+                 ``targets.latency``), or lossless (the smallest size whose total cost ≤ 0), with gains
+                 discounted and single-node costs bounded (``solvers.cost_model``). The outcome offers the
+                 solver's plan, the solver's plan without gain credit, and uniform levels;
+                 ``verify.select_plan`` measures them jointly on the validation split, in the target's session,
+                 and backs off; the target's rewrite builds each plan.
 """
 
 from __future__ import annotations
@@ -22,16 +32,17 @@ import numpy as np
 import onnx
 import torch
 
+from ..calib.activation_ranges import collect_activation_ranges, qparams
 from ..calib.gradients import GradientPass, collect_ranges
 from ..calib.noise import constant
 from ..compressible import CompressibleNode
 from ..config import QuantConfig
 from ..errors import LLCError
-from ..passes.qdq import apply_qdq
-from ..quant import ActivationQuant, WeightQuantSpec, activation_scale, fake_quant_activation, quantize_weight
+from ..quant import ActivationQuant, WeightQuantSpec, activation_scale, quantize_weight
 from ..solvers import knapsack
 from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
 from ..solvers.hessian import quadratic_term
+from ..targets.base import Format, NodePlan, input_hook, output_hook
 from .context import FlowContext
 from .outcome import MethodOutcome
 
@@ -40,113 +51,130 @@ log = logging.getLogger(__name__)
 FLOAT = 0  # the "bits" value that means: keep the node in float
 
 
-def level_name(bits: int) -> str:
-    return "float" if bits == FLOAT else f"int{bits}"
+def format_bits(fmt: Format) -> int:
+    """Bits per stored weight code of a format (0 for float)."""
+    return FLOAT if fmt.kind == "float" else int(fmt.bits)
 
 
-def level_bits(level: str) -> int:
-    return int(level[3:]) if level.startswith("int") else FLOAT
-
-
-def spec_of(cfg: QuantConfig, bits: int, rounding: str | None = None) -> WeightQuantSpec:
-    block = cfg.block_size if bits <= 4 else None
-    return WeightQuantSpec(bits=bits, block_size=block, scale_method=cfg.scale, rounding=rounding or cfg.rounding)
-
-
-def act_bits(cfg: QuantConfig, bits: int) -> int | None:
-    """Activation bits that go with weight ``bits`` under ``--activations``: 16 with 16-bit weights, else 8."""
-    if not cfg.activations or bits == FLOAT:
-        return None
-    return 16 if bits == 16 else 8
-
-
-def candidate_settings(cfg: QuantConfig) -> dict:
+def candidate_settings(ctx: FlowContext) -> dict:
     """The settings a candidate depends on (the cache key); the criterion and the budget only re-classify or
     re-solve the same candidates."""
+    cfg, t = ctx.config.quant, ctx.config.target
     return {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
             "rounding": cfg.rounding, "llc_radius": cfg.llc_radius, "activations": cfg.activations,
-            "cost": cfg.cost}
+            "cost": cfg.cost, "target": t.name, "calibration": t.calibration, "percentile": t.percentile,
+            "plugins": t.plugins}
 
 
-def quantize_node(w: np.ndarray, node: CompressibleNode, bits: int, cfg: QuantConfig, grad: np.ndarray):
-    """Quantize one node's weight at ``bits``; LLC rounding only inside the neighbourhood (nearest rounding's
-    relative noise ≤ ``llc_radius``), nearest beyond it (measured out of sample, LLC rounding helps at
-    8 bits in 7 of 9 nodes and loses at 4 bits in 7 of 9; see bench/RESULTS.md)."""
+def spec_of(cfg: QuantConfig, fmt: Format, rounding: str | None = None) -> WeightQuantSpec:
+    """The quantizer spec of a format's stored codes with the configured scales and rounding."""
+    return WeightQuantSpec(bits=int(fmt.code_bits or fmt.bits), block_size=fmt.block_size, scale_method=cfg.scale,
+                           rounding=rounding or cfg.rounding)
+
+
+def quantize_node(w: np.ndarray, node: CompressibleNode, fmt: Format, cfg: QuantConfig, grad: np.ndarray):
+    """Quantize one node's weight in ``fmt``'s layout; LLC rounding only inside the neighbourhood (nearest
+    rounding's relative noise ≤ ``llc_radius``), nearest beyond it (measured out of sample, LLC rounding helps
+    at 8 bits in 7 of 9 nodes and loses at 4 bits in 7 of 9; see bench/RESULTS.md)."""
     if cfg.rounding != "llc":
-        return quantize_weight(w, spec_of(cfg, bits), node.out_axis, node.reduce_axis, grad=grad)
-    nearest = quantize_weight(w, spec_of(cfg, bits, "nearest"), node.out_axis, node.reduce_axis)
+        return quantize_weight(w, spec_of(cfg, fmt), node.out_axis, node.reduce_axis, grad=grad)
+    nearest = quantize_weight(w, spec_of(cfg, fmt, "nearest"), node.out_axis, node.reduce_axis)
     rel = float(np.linalg.norm(nearest.dequant.astype(np.float64) - w)) / (float(np.linalg.norm(w)) or 1.0)
     if rel > cfg.llc_radius:
         return nearest
-    return quantize_weight(w, spec_of(cfg, bits), node.out_axis, node.reduce_axis, grad=grad)
+    return quantize_weight(w, spec_of(cfg, fmt), node.out_axis, node.reduce_axis, grad=grad)
 
 
-def _plan(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, ranges: dict[str, float],
-          chosen: dict[str, Candidate], memo: dict | None = None):
-    """Weight and activation plans for the QDQ pass from the chosen candidates (re-quantized, deterministic).
-    ``memo`` keeps each (node, level)'s codes between plans, which differ in a few nodes each: without it
-    every plan re-quantizes the whole model (~5 min a plan on SmolLM2)."""
-    weights, acts = {}, {}
-    for name, cand in chosen.items():
-        bits = level_bits(cand.level)
-        if bits == FLOAT:
-            continue
-        key = (name, cand.level)
-        if memo is not None and key in memo:
-            weights[name] = memo[key]
-        else:
-            node = ctx.node(name)
-            qw = quantize_node(ctx.weight_array(node), node, bits, cfg, grads.nodes[name].grad_w)
-            # the QDQ pass reads codes and scales only: keep codes in the smallest integer type, no float copy
-            weights[name] = replace(qw, q=qw.q.astype(np.int8 if bits <= 8 else np.int16), dequant=None)
-            if memo is not None:
-                memo[key] = weights[name]
-        ab = act_bits(cfg, bits)
-        if ab is not None:
-            acts[name] = ActivationQuant(scale=activation_scale(ranges[name], ab), bits=ab)
-    return weights, acts
+@dataclass
+class Formats:
+    """The offered formats of every node and what their activation quantizers need."""
+
+    by_level: dict[tuple[str, str], Format]  # (node, format name) -> format
+    offers: dict  # node -> targets.Offer
+    acts: dict[tuple[str, str], tuple]  # (node, format name) -> (input params, output params)
+
+    def plan(self, node: str, fmt: Format, weight=None) -> NodePlan:
+        inp, out = self.acts.get((node, fmt.name), (None, None))
+        return NodePlan(format=fmt, weight=weight, input=inp, output=out)
+
+    def refused(self) -> list[dict]:
+        return [{"node": n, "level": lv, "reason": why} for n, o in self.offers.items() for lv, why in o.refused]
 
 
-def build_candidates(ctx: FlowContext, cfg: QuantConfig, grads: GradientPass, grads_m: GradientPass,
-                     ranges: dict[str, float]) -> list[Candidate]:
-    """Quantize every node at every level (rounding from the fit gradient ``grads``); predicted ΔL from the
-    measure-part gradient ``grads_m`` and measured ΔL on the measure part. Raw candidates (not classified)."""
+def offered_formats(ctx: FlowContext) -> Formats:
+    """Stage 0: the target's offer for every node, and the activation parameters of the formats that need them
+    (calibrated on the calibration split)."""
+    cfg, tcfg = ctx.config.quant, ctx.config.target
+    offers = ctx.target.offers(ctx.model, ctx.nodes, levels=cfg.bits, block_size=cfg.block_size)
+    if FLOAT not in cfg.levels():  # float was not asked for: keep it only where nothing else is offered
+        from ..targets.base import Offer
+
+        offers = {n: o if len(o.formats) == 1 else
+                  Offer(n, tuple(f for f in o.formats if f.kind != "float"), o.refused) for n, o in offers.items()}
+    by_level = {(n, f.name): f for n, o in offers.items() for f in o.formats}
+    acts: dict = {}
+    w8 = [(n, f) for (n, _), f in by_level.items() if f.kind == "w8a8"]
+    if w8:
+        need = {(n, f.name): ctx.target.tensors_to_calibrate(ctx.model, n, f) for n, f in w8}
+        tensors = sorted({t for pair in need.values() for t in pair if t})
+        with ctx.timer.stage("ranges"):
+            ranges = collect_activation_ranges(ctx.graph, ctx.calib, tensors, method=tcfg.calibration,
+                                               percentile=tcfg.percentile, symmetric=True)
+        for (n, name), (x, y) in need.items():
+            f = by_level[(n, name)]
+            acts[(n, name)] = (qparams(ranges[x], f.activations), qparams(ranges[y], f.activations) if y else None)
+    qdq_acts = [(n, f) for (n, _), f in by_level.items() if f.kind == "qdq" and f.activations]
+    if qdq_acts:
+        with ctx.timer.stage("ranges"), ctx.progress.task("activation ranges", len(ctx.calib.batches)) as advance:
+            absmax = collect_ranges(ctx.graph, ctx.calib, ctx.nodes, advance)
+        for n, f in qdq_acts:
+            bits = 16 if f.activations == "int16" else 8
+            acts[(n, f.name)] = (ActivationQuant(scale=activation_scale(absmax[n], bits), bits=bits), None)
+    return Formats(by_level, offers, acts)
+
+
+def _hooks(formats: Formats, node: str, fmt: Format):
+    """(input_fns, output_fns) that reproduce the written node's activation quantizers in the interpreter."""
+    plan = formats.plan(node, fmt)
+    i, o = input_hook(plan), output_hook(plan)
+    return ({node: i} if i else None), ({node: o} if o else None)
+
+
+def build_candidates(ctx: FlowContext, formats: Formats, grads: GradientPass, grads_m: GradientPass
+                     ) -> list[Candidate]:
+    """Quantize every node in every offered format (rounding from the fit gradient ``grads``); predicted ΔL
+    from the measure-part gradient ``grads_m`` and measured ΔL on the measure part. Raw candidates."""
+    cfg = ctx.config.quant
     base_samples = ctx.base() if cfg.cost == "measured" else None
     cands: list[Candidate] = []
-    levels = cfg.levels()
-    quant_levels = [b for b in levels if b != FLOAT]
-    with ctx.progress.task("measuring candidates", len(ctx.nodes) * len(quant_levels)) as advance:
-        for node in ctx.nodes:
+    todo = [(n, formats.offers[n.name].formats) for n in ctx.nodes]
+    with ctx.progress.task("measuring candidates", sum(len(f) - 1 for _, f in todo)) as advance:
+        for node, fmts in todo:
             w = ctx.weight_array(node)
             stats, stats_m = grads.nodes[node.name], grads_m.nodes[node.name]
             wnorm = float(np.linalg.norm(w)) or 1.0
-            if FLOAT in levels:
-                cands.append(Candidate(node.name, "float", 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True))
-            for bits in quant_levels:
-                qw = quantize_node(w, node, bits, cfg, stats.grad_w)
+            for fmt in fmts:
+                if fmt.kind == "float":
+                    cands.append(Candidate(node.name, fmt.name, 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True))
+                    continue
+                qw = quantize_node(w, node, fmt, cfg, stats.grad_w)
                 delta = qw.dequant.astype(np.float64) - w
-                predicted = float((stats_m.grad_w * delta).sum())
+                predicted = float((stats_m.grad_w * delta).sum()) + stats_m.act_pred.get(fmt.name, 0.0)
                 weight_fns = {node.name: constant(torch.as_tensor(qw.dequant, dtype=ctx.graph.dtype,
                                                                   device=ctx.graph.device))}
-                input_fns = None
-                ab = act_bits(cfg, bits)
-                if ab is not None:
-                    predicted += stats_m.act_pred.get(ab, 0.0)
-                    aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
-                    input_fns = {node.name: lambda x, aq=aq: fake_quant_activation(x, aq)}
+                input_fns, output_fns = _hooks(formats, node.name, fmt)
                 rel = float(np.linalg.norm(delta)) / wnorm
-                nbytes = int(qw.nbytes)
-                if bits == 2 and ab == 8 and node.op_type == "MatMul":
+                nbytes = int(fmt.nbytes(node))
+                if fmt.kind == "qdq" and fmt.bits == 2 and fmt.activations == "int8" and node.op_type == "MatMul":
                     # passes.qdq stores these codes as INT4 (ORT 1.31 rejects INT2 MatMul + int8 activations)
                     nbytes += -(-w.size // 4)
                 if cfg.cost == "cet":  # second-order estimate instead of a measurement (weight noise only)
                     q2 = quadratic_term(ctx.graph, ctx.measure_data, ctx.loss, node.name, delta)
-                    cand = Candidate(node.name, level_name(bits), nbytes, predicted, None, rel, True, None,
+                    cand = Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None,
                                      second_order=predicted + q2)
                 else:
-                    measured, se = ctx.measure(weight_fns, input_fns).delta(base_samples)
-                    cand = Candidate(node.name, level_name(bits), nbytes, predicted, measured, rel, True,
-                                     None, se=se)
+                    measured, se = ctx.measure(weight_fns, input_fns, output_fns).delta(base_samples)
+                    cand = Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se)
                 cands.append(cand)
                 advance(1)
     return cands
@@ -160,11 +188,6 @@ def classify_all(ctx: FlowContext, cands: list[Candidate]) -> CostTable:
                                               crit.margin_z) for c in cands)
 
 
-def _fidelity(c: Candidate) -> tuple:
-    """Order of a quantization ladder: fewest bits first, float last (back-off moves up this order)."""
-    return (c.reference, level_bits(c.level))
-
-
 def budget_bytes(cfg: QuantConfig, ctx: FlowContext) -> int | None:
     if cfg.budget is not None:
         return int(cfg.budget * ctx.float_bytes())
@@ -175,7 +198,7 @@ def budget_bytes(cfg: QuantConfig, ctx: FlowContext) -> int | None:
 
 def max_node_cost(ctx: FlowContext) -> float | None:
     """The lossless bound on one node's cost (``criterion.max_node_cost`` × the float calibration loss), or
-    None in budget mode or with the fidelity objective (where the float loss is 0: the tolerance bounds it)."""
+    None in budget mode; with the fidelity objective (whose float loss is 0) the tolerance bounds it."""
     cfg, crit = ctx.config.quant, ctx.config.criterion
     if not cfg.lossless:
         return None
@@ -184,132 +207,163 @@ def max_node_cost(ctx: FlowContext) -> float | None:
     return crit.max_node_cost * abs(ctx.calib_fp.loss)
 
 
-def solve(table: CostTable, budget: int | None, gain_credit: float, bound: float | None,
-          tolerance: float = 0.0) -> dict[str, Candidate]:
-    """The candidate per node: knapsack under ``budget`` bytes, or the smallest plan whose solver cost ≤
-    ``tolerance`` (0 for the task objective) when ``budget`` is None."""
-    nodes, kept, costs, sizes = table.solver_inputs(gain_credit, bound, _fidelity)
-    try:
-        if budget is None:
-            pick = knapsack.solve_lossless([[c - tolerance / len(costs) for c in g] for g in costs], sizes)
-        else:
-            pick = knapsack.solve_budget(costs, sizes, budget)
-    except ValueError as exc:
-        raise LLCError(f"{'lossless solve' if budget is None else 'size budget'}: {exc}") from None
-    return {n: kept[i][j] for i, (n, j) in enumerate(zip(nodes, pick))}
+class Solver:
+    """The knapsack over one cost table: lossless, byte budget and/or latency budget (see the module doc)."""
+
+    def __init__(self, ctx: FlowContext, table: CostTable, formats: Formats, latency=None):
+        self.ctx, self.table, self.formats, self.latency = ctx, table, formats, latency
+        self.bound = max_node_cost(ctx)
+        crit = ctx.config.criterion
+        self.tol = crit.verdict_tolerance("fidelity") if ctx.objective == "fidelity" else 0.0
+        self.ladders = {n: sorted(k, key=self.fidelity) for n, k in
+                        zip(*table.solver_inputs(1.0, self.bound, self.fidelity)[:2])}
+
+    def fidelity(self, c: Candidate) -> tuple:
+        """Order of a ladder: fewest bits first, then the smaller format, float last (back-off moves up)."""
+        return (c.reference, format_bits(self.formats.by_level[(c.node, c.level)]), c.nbytes)
+
+    def solve(self, budget: int | None, gain_credit: float, latency_budget: float | None = None) -> dict[str, int]:
+        """Ladder index per node: the knapsack under ``budget`` bytes and/or ``latency_budget`` ms of predicted
+        latency change, or the smallest plan whose solver cost ≤ the tolerance (lossless)."""
+        nodes, kept, costs, sizes = self.table.solver_inputs(gain_credit, self.bound, self.fidelity)
+        if budget is None and latency_budget is None:
+            costs = [[c - self.tol / len(costs) for c in g] for g in costs]
+        try:
+            if latency_budget is None:
+                pick = knapsack.solve_lossless(costs, sizes) if budget is None else \
+                    knapsack.solve_budget(costs, sizes, budget)
+            else:
+                lat = [[self.latency(n, c.level) for c in k] for n, k in zip(nodes, kept)]
+                pick = knapsack.solve_constrained(costs, sizes, lat, byte_budget=budget, latency_budget=latency_budget,
+                                                  lossless=budget is None and self.ctx.config.quant.lossless).choice
+        except ValueError as exc:
+            what = "latency budget" if latency_budget is not None else "lossless solve" if budget is None else \
+                "size budget"
+            raise LLCError(f"{what}: {exc}") from None
+        return {n: self.ladders[n].index(kept[i][j]) for i, (n, j) in enumerate(zip(nodes, pick))}
+
+    def uniform_plans(self, levels: tuple[int, ...]) -> list[tuple[str, dict[str, int]]]:
+        """For each quantized level L: every node at its smallest offered format of ≥ L bits."""
+        out, seen = [], set()
+        for bits in levels:
+            if bits == FLOAT:
+                continue
+            choice = {}
+            for n, ladder in self.ladders.items():
+                ok = [i for i, c in enumerate(ladder)
+                      if c.reference or format_bits(self.formats.by_level[(n, c.level)]) >= bits]
+                choice[n] = ok[0]
+            key = tuple(sorted(choice.items()))
+            if all(self.ladders[n][i].reference for n, i in choice.items()):
+                continue  # nothing offered at ≥ this level: the float model, which back-off reaches anyway
+            if key not in seen:  # a level no node offers gives the same plan as the next one up
+                seen.add(key)
+                exact = all(format_bits(self.formats.by_level[(n, self.ladders[n][i].level)]) == bits
+                            for n, i in choice.items())
+                out.append((f"uniform int{bits}" if exact else f"uniform ≥ int{bits}", choice))
+        return out
+
+    def frontier(self, gain_credit: float) -> list[dict]:
+        """The solver's predicted total cost at 25 byte budgets from the smallest to the largest plan."""
+        _, _, costs, sizes = self.table.solver_inputs(gain_credit, self.bound, self.fidelity)
+        lo, hi = sum(min(s) for s in sizes), sum(max(s) for s in sizes)
+        return [{"budget_bytes": b, "bytes": size, "predicted": cost} for b, _, cost, size in
+                knapsack.pareto_sweep(costs, sizes, sorted({int(x) for x in np.linspace(lo, hi, 25)}))]
 
 
-def ladders_of(table: CostTable, bound: float | None) -> dict[str, list[Candidate]]:
-    """Each node's offered candidates (any gain credit: it only changes costs) in fidelity order."""
-    nodes, kept, _, _ = table.solver_inputs(1.0, bound, _fidelity)
-    return {n: sorted(k, key=_fidelity) for n, k in zip(nodes, kept)}
-
-
-def uniform_plans(ladders: dict[str, list[Candidate]], levels: tuple[int, ...]) -> list[tuple[str, dict[str, int]]]:
-    """For each quantized level L: every node at L, or at its next offered level above L."""
-    out, seen = [], set()
-    for bits in levels:
-        if bits == FLOAT:
-            continue
-        choice = {}
-        for n, ladder in ladders.items():
-            ok = [i for i, c in enumerate(ladder) if c.reference or level_bits(c.level) >= bits]
-            choice[n] = ok[0]
-        key = tuple(sorted(choice.items()))
-        if key not in seen:  # a level no node offers gives the same plan as the next one up
-            seen.add(key)
-            out.append((f"uniform {level_name(bits)}" if all(level_bits(ladders[n][i].level) == bits
-                                                             for n, i in choice.items())
-                        else f"uniform ≥ {level_name(bits)}", choice))
-    return out
-
-
-def measure_costs(ctx: FlowContext, cfg: QuantConfig) -> tuple[GradientPass, dict[str, float], list[Candidate]]:
-    """Stages 1–2: activation ranges (with ``--activations``), the gradient pass and the raw candidates."""
-    ranges: dict[str, float] = {}
+def measure_costs(ctx: FlowContext, formats: Formats) -> tuple[GradientPass, list[Candidate]]:
+    """Stages 1–2: the gradient pass (with each format's activation-noise prediction) and the raw candidates."""
     act_cands = {}
-    if cfg.activations:
-        with ctx.timer.stage("ranges"), ctx.progress.task("activation ranges", len(ctx.calib.batches)) as advance:
-            ranges = collect_ranges(ctx.graph, ctx.calib, ctx.nodes, advance)
-        for node in ctx.nodes:
-            act_cands[node.name] = {}
-            for ab in {act_bits(cfg, b) for b in cfg.levels()} - {None}:
-                aq = ActivationQuant(scale=activation_scale(ranges[node.name], ab), bits=ab)
-                act_cands[node.name][ab] = lambda x, aq=aq: fake_quant_activation(x, aq)
+    for (n, name), f in formats.by_level.items():
+        i, _ = _hooks(formats, n, f)
+        if i:
+            act_cands.setdefault(n, {})[name] = i[n]
     with ctx.timer.stage("gradients"), ctx.progress.task("gradients", len(ctx.calib.batches)) as advance:
         grads, grads_m = ctx.gradients(act_cands, advance)
     with ctx.timer.stage("candidates"):
-        cands = build_candidates(ctx, cfg, grads, grads_m, ranges)
-    return grads, ranges, cands
+        cands = build_candidates(ctx, formats, grads, grads_m)
+    return grads, cands
 
 
-_MEASURE_STAGES = ("ranges", "gradients", "candidates")
+_MEASURE_STAGES = ("gradients", "candidates")
 
 
-def cached_costs(ctx: FlowContext, cfg: QuantConfig) -> tuple[GradientPass, dict[str, float], list[Candidate], dict]:
+def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[GradientPass, list[Candidate], dict]:
     """:func:`measure_costs` through the cache directory: a hit returns the stored raw candidates; a miss
     measures and stores. An unreadable entry is reported (a warning) and recomputed."""
     from . import cost_cache
 
     with ctx.timer.stage("cache"):
-        key = cost_cache.cache_key(ctx, candidate_settings(cfg))
+        key = cost_cache.cache_key(ctx, candidate_settings(ctx))
         try:
             hit = cost_cache.load(ctx.config.cache_dir, key, [n.name for n in ctx.nodes])
         except LLCError as exc:
             log.warning("%s; measuring again", exc)
             hit = None
         if hit is not None:
-            return hit.grads, hit.ranges, hit.candidates, {"entry": hit.path, "hit": True, "seconds": hit.seconds}
+            return hit.grads, hit.candidates, {"entry": hit.path, "hit": True, "seconds": hit.seconds}
     before = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES)
-    grads, ranges, cands = measure_costs(ctx, cfg)
+    grads, cands = measure_costs(ctx, formats)
     seconds = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES) - before
     with ctx.timer.stage("cache"):
-        path = cost_cache.save(ctx.config.cache_dir, key, cands, ranges, grads, seconds)
-    return grads, ranges, cands, {"entry": path, "hit": False, "seconds": seconds}
+        path = cost_cache.save(ctx.config.cache_dir, key, cands, {}, grads, seconds)
+    return grads, cands, {"entry": path, "hit": False, "seconds": seconds}
 
 
 def run(ctx: FlowContext) -> MethodOutcome:
-    """Stages 1–3 (module doc): the cost table, the ladders and the plans to measure on validation."""
+    """Stages 0–3 (module doc): the cost table, the ladders and the plans to measure on validation."""
     cfg, crit = ctx.config.quant, ctx.config.criterion
+    formats = offered_formats(ctx)
     cache = None
     if ctx.config.cache_dir:
-        grads, ranges, cands, cache = cached_costs(ctx, cfg)
+        grads, cands, cache = cached_costs(ctx, formats)
     else:
-        grads, ranges, cands = measure_costs(ctx, cfg)
+        grads, cands = measure_costs(ctx, formats)
     table = classify_all(ctx, cands)
+    latency, lat_info = None, None
+    if ctx.config.target.latency_budget is not None:
+        from .latency import latency_model
+
+        with ctx.timer.stage("latency"):
+            latency, lat_info = latency_model(ctx, formats)
     with ctx.timer.stage("solve"):
+        solver = Solver(ctx, table, formats, latency)
         budget = budget_bytes(cfg, ctx)
-        bound = max_node_cost(ctx)
-        tol = crit.verdict_tolerance(ctx.objective) if ctx.objective == "fidelity" else 0.0
-        picked = solve(table, budget, crit.gain_credit, bound, tol)
-        ladders = ladders_of(table, bound)
-        solver = {n: ladders[n].index(c) for n, c in picked.items()}
-        plans = [("solver", solver)]
+        lat_budget = lat_info["budget_ms"] if lat_info else None
+        primary = solver.solve(budget, crit.gain_credit, lat_budget)
+        plans = [("solver", primary)]
         if crit.gain_credit > 0:
-            strict = solve(table, budget, 0.0, bound, tol)
-            plans.append(("solver, gains not credited", {n: ladders[n].index(c) for n, c in strict.items()}))
-        plans += uniform_plans(ladders, cfg.levels())
+            plans.append(("solver, gains not credited", solver.solve(budget, 0.0, lat_budget)))
+        if lat_budget is None:
+            plans += solver.uniform_plans(cfg.levels())
+        frontier = solver.frontier(crit.gain_credit)
+    ladders = solver.ladders
     memo: dict = {}
 
     def build(ch: dict[str, int]) -> onnx.ModelProto:
-        weights, acts = _plan(ctx, cfg, grads, ranges, {n: ladders[n][i] for n, i in ch.items()}, memo)
-        return apply_qdq(ctx.model, weights, acts)
+        plans_ = {}
+        for n, i in ch.items():
+            cand = ladders[n][i]
+            fmt = formats.by_level[(n, cand.level)]
+            key = (n, cand.level)
+            if fmt.kind != "float" and key not in memo:
+                node = ctx.node(n)
+                qw = quantize_node(ctx.weight_array(node), node, fmt, cfg, grads.nodes[n].grad_w)
+                # the passes read codes and scales only: codes in the smallest integer type, no float copy
+                memo[key] = replace(qw, q=qw.q.astype(np.int8 if qw.bits <= 8 else np.int16), dequant=None)
+            plans_[n] = formats.plan(n, fmt, memo.get(key))
+        return ctx.target.rewrite(ctx.model, plans_).model
 
     sweep = []
     for frac in cfg.sweep:
         try:
-            p = solve(table, int(frac * ctx.float_bytes()), crit.gain_credit, bound)
-            sweep.append((frac, {n: ladders[n].index(c) for n, c in p.items()}, None))
+            sweep.append((frac, solver.solve(int(frac * ctx.float_bytes()), crit.gain_credit), None))
         except LLCError as exc:  # an infeasible budget is a result of the sweep, not a failure
             sweep.append((frac, None, str(exc)))
-    frontier = []
-    nodes_, kept_, costs_, sizes_ = table.solver_inputs(crit.gain_credit, bound, _fidelity)
-    lo, hi = sum(min(s) for s in sizes_), sum(max(s) for s in sizes_)
-    for b, _, cost, size in knapsack.pareto_sweep(costs_, sizes_, sorted({int(x) for x in np.linspace(lo, hi, 25)})):
-        frontier.append({"budget_bytes": b, "bytes": size, "predicted": cost})
-    settings = {**candidate_settings(cfg), "budget_bytes": budget,
+    settings = {**candidate_settings(ctx), "budget_bytes": budget,
                 "objective": "lossless" if budget is None else "budget", "gain_credit": crit.gain_credit,
-                "max_node_cost": bound}
+                "max_node_cost": solver.bound, "refused": formats.refused(), "latency": lat_info,
+                "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()}}
     return MethodOutcome("quant", table, ladders, plans, build, budget, settings,
-                         plan_costs([ladders[n][i] for n, i in solver.items()], crit.gain_credit), cache=cache,
+                         plan_costs([ladders[n][i] for n, i in primary.items()], crit.gain_credit), cache=cache,
                          sweep=sweep, frontier=frontier)

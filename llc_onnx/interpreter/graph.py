@@ -242,6 +242,7 @@ class TorchGraph:
         *,
         weight_fns: dict[str, Callable[[Tensor], Tensor]] | None = None,
         input_fns: dict[str, Callable[[Tensor], Tensor]] | None = None,
+        output_fns: dict[str, Callable[[Tensor], Tensor]] | None = None,
         capture: Iterable[str] = (),
         outputs: Iterable[str] | None = None,
         resume: Snapshots | None = None,
@@ -249,13 +250,19 @@ class TorchGraph:
     ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         """Run the graph. Returns ``(outputs, captured)``: output name -> tensor, and for each
         captured node, the node-local aliases ``(W, X)`` as used by that node (after the hooks).
+        ``weight_fns`` / ``input_fns`` / ``output_fns`` (node name -> f) replace that node's weight, activation
+        input or (first) output by f of it.
 
         ``resume``: snapshots of an unhooked run on the same ``feeds`` (:meth:`snapshot`); execution starts at
         the last snapshot at or before the first hooked node instead of at the top (same result, less work)."""
         weight_fns = weight_fns or {}
         input_fns = input_fns or {}
+        output_fns = output_fns or {}
         capture = tuple(dict.fromkeys(capture))
         outs = tuple(self.output_names if outputs is None else outputs)
+        for k in output_fns:
+            if k not in self._by_key:
+                raise LLCError(f"output_fns: node '{k}' is not in the graph; use a node name from the model")
         for kind, keys in (("weight_fns", weight_fns), ("input_fns", input_fns), ("capture", capture)):
             for k in keys:
                 nodes = self._by_key.get(k)
@@ -286,7 +293,7 @@ class TorchGraph:
             if capture or tuple(resume.outputs) != outs:
                 raise LLCError("resume: snapshots are for an uncaptured run of the same outputs "
                                f"{list(resume.outputs)}; run without resume=")
-            hooked = [n.index for k in (*weight_fns, *input_fns) for n in self._by_key[k]]
+            hooked = [n.index for k in (*weight_fns, *input_fns, *output_fns) for n in self._by_key[k]]
             first = min((self._position(outs, i) for i in hooked), default=len(order))
             start, saved = resume.before(first)
             if start:
@@ -339,6 +346,8 @@ class TorchGraph:
                     f"node '{n.key}' (op {n.op}): failed on input shapes {shapes}: {type(e).__name__}: {e}"
                 ) from e
             del xs
+            if key in output_fns:  # e.g. the output Q/DQ a W8A8 Conv is written with
+                res = output_fns[key](res) if isinstance(res, Tensor) else [output_fns[key](res[0]), *res[1:]]
             if isinstance(res, Tensor):
                 env[n.outputs[0]] = res
             else:

@@ -30,6 +30,7 @@ from llc_onnx.quant import WeightQuantSpec, weight_nbytes
 __all__ = [
     "apply_passes",
     "input_hook",
+    "output_hook",
     "FORMAT_KINDS",
     "LEVELS",
     "Format",
@@ -88,7 +89,7 @@ class Format:
             s += f"c{self.code_bits}"
         if self.block_size is not None:
             s += f"-b{self.block_size}"
-        if self.activations in ("uint8", "int8"):
+        if self.activations in ("uint8", "int8", "int16"):
             s += f"-a{self.activations}"
         if self.accuracy_level is not None:
             s += f"-acc{self.accuracy_level}"
@@ -178,6 +179,7 @@ class SessionSettings:
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(intra_op_num_threads)
+        so.use_deterministic_compute = True  # same numbers on every run: verdicts are repeatable
         so.log_severity_level = 3
         if self.optimization == "disable":
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -339,6 +341,13 @@ class Target(ABC):
                                "calib.activation_ranges")
 
 
+def output_hook(plan: NodePlan) -> Callable | None:
+    """The interpreter ``output_fns`` hook of a W8A8 node whose output is quantized too (QLinearConv)."""
+    if plan.format.kind == "w8a8" and plan.format.output and plan.output is not None:
+        return plan.output.fake_quant
+    return None
+
+
 def input_hook(plan: NodePlan) -> Callable | None:
     """The interpreter ``input_fns`` hook that reproduces what the written node does to its activation
     input (W8A8: the calibrated Q/DQ; MatMulNBits level 4: per-block int8), or None. The output Q/DQ of a
@@ -346,6 +355,10 @@ def input_hook(plan: NodePlan) -> Callable | None:
     fmt = plan.format
     if fmt.kind == "w8a8":
         return plan.input.fake_quant
+    if fmt.kind == "qdq" and fmt.activations:
+        from llc_onnx.quant import fake_quant_activation
+
+        return lambda x: fake_quant_activation(x, plan.input)
     if fmt.kind == "matmulnbits" and fmt.accuracy_level == 4 and not (fmt.bits == 2 and fmt.block_size == 16):
         from llc_onnx.passes.matmulnbits import level4_input_fake_quant
 

@@ -36,7 +36,11 @@ __all__ = ["QdqTarget"]
 
 
 class QdqTarget(Target):
-    """Weight-only Q/DQ for every level (see module docstring)."""
+    """Weight-only Q/DQ for every level (see module docstring); with ``activations=True`` each node's input
+    gets a per-tensor symmetric Q/DQ pair too (int16 with 16-bit weights, int8 otherwise)."""
+
+    def __init__(self, activations: bool = False):
+        self.activations = bool(activations)
 
     name = "qdq"
     summary = "portable ONNX Q/DQ: weight-only DequantizeLinear, activations float"
@@ -54,7 +58,8 @@ class QdqTarget(Target):
             if lv == "float":
                 continue
             block = block_size if lv in (2, 4) else None
-            formats.append(Format("qdq", int(lv), block))
+            acts = ("int16" if lv == 16 else "int8") if self.activations else None
+            formats.append(Format("qdq", int(lv), block, activations=acts))
         return Offer(node.name, tuple(formats))
 
     def session(self) -> SessionSettings:
@@ -67,7 +72,8 @@ class QdqTarget(Target):
     def rewrite(self, model: onnx.ModelProto, plans: Mapping[str, NodePlan]) -> Rewrite:
         self.check_plans(plans, ("float", "qdq"))
         weights = {n: p.weight for n, p in plans.items() if p.format.kind == "qdq"}
-        qdq = QDQPass(weights)
+        acts = {n: p.input for n, p in plans.items() if p.format.kind == "qdq" and p.format.activations}
+        qdq = QDQPass(weights, acts)
         out = apply_passes(model, [qdq])
         notes = [(n, "2-bit codes stored as INT4 (ORT 1.31 MatMulIntegerToFloat has no int2 kernel)")
                  for n in qdq.fallbacks]
