@@ -511,3 +511,19 @@ def test_matrix_layout_plan_checks():
     assert per_channel.q.shape == w.shape
     qm = apply_qdq(model, {"cv": per_channel})
     assert "Reshape" not in [n.op_type for n in qm.graph.node]
+
+
+@pytest.mark.parametrize("opset", [22, 23, 24, 25, 26])
+@pytest.mark.parametrize("bits,block", [(2, 32), (4, 32), (8, None)])
+def test_newer_opsets_are_kept(opset, bits, block):
+    """Models prepared at opset 22..26 keep their opset; INT2 relabels only below 25 (ORT 1.31 runs INT2
+    DequantizeLinear at 25 and 26)."""
+    rng = np.random.default_rng(opset + bits)
+    model, w, shapes = conv_model(rng, 40, 16, 4)
+    model.opset_import[0].version = opset
+    model.ir_version = 11
+    plan = ref_quant(w, bits, 0, 1, block)
+    qm = apply_qdq(model, {"cv": plan})
+    assert {o.domain: o.version for o in qm.opset_import}[""] == (max(opset, 25) if bits == 2 else opset)
+    feeds = feeds_for(rng, shapes)
+    assert rel_err(run(qm, feeds)[0], run(replace_init(model, "w", plan.dequant), feeds)[0]) < 1e-5

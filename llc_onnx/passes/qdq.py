@@ -25,10 +25,11 @@ For every node with an activation plan (``scale``, ``bits`` in {8, 16}) the pass
 ``<node>_xq`` / ``<node>_xdq``) on that node's activation input (input 0) — only for that node's use of
 the tensor; other consumers keep reading the float tensor.
 
-Opset: the model must be at opset >= 21 (``prepare_model`` gives 21). If any weight uses INT2 the
-default opset is relabelled to 25 and the IR version raised to 11 (INT2 DequantizeLinear exists from
-opset 25 on; the ops changed between 21 and 25 only gained types, no semantics changed for the ops
-they already had). Nodes without a plan are untouched.
+Opset: the model must be at opset >= 21 (``prepare_model`` gives at least 21 and keeps 21..26). If any
+weight uses INT2 and the model is below 25, the default opset is relabelled to 25 and the IR version raised
+to 11 (INT2 DequantizeLinear exists from opset 25 on; the ops changed between 21 and 25 only gained types,
+no semantics changed for the ops they already had); a model at 25 or 26 keeps its opset (ORT 1.31 runs
+INT2 DequantizeLinear at both, checked in tests/test_pass_qdq.py). Nodes without a plan are untouched.
 
 ONNX Runtime 1.31.1 (CPU) runs the graphs this pass writes, checked numerically against the
 fake-quant model: per-channel and blocked (incl. a partial last block) INT8/INT16/INT4/INT2 weights on
@@ -253,8 +254,6 @@ class QDQPass(ir.passes.InPlacePass):
                         existing_int2.append(node.inputs[1].producer())
         uses_int2 = any(b == 2 for b in storage.values())
         if uses_int2:
-            if opset > 25:
-                raise LLCError(f"model: default opset is {opset}; ONNX Runtime 1.31 runs opset <= 25 with INT2")
             common.set_default_opset(model, 25, 11)
         elif prepared or act_prepared:
             common.set_default_opset(model, 21, 10)
