@@ -357,3 +357,63 @@ def _gap(ctx, xs):
 def _gmp(ctx, xs):
     x = xs[0]
     return x.amax(dim=list(range(2, x.dim())), keepdim=True)
+
+
+@register_ops("Celu")
+def _celu(ctx, xs):
+    """max(0, x) + min(0, α·(exp(x/α) − 1))."""
+    return F.celu(xs[0], ctx.a("alpha", 1.0))
+
+
+def _group_norm(ctx, xs, per_channel: bool):
+    """x [N, C, ...] normalised over each of ``num_groups`` groups of C/G channels (and all spatial
+    positions), then scaled and shifted: per channel (opset 21, scale/bias [C]) or per group (opset 18,
+    scale/bias [G], each channel taking its group's)."""
+    x, scale, bias = xs[0], xs[1], xs[2]
+    g = int(ctx.a("num_groups"))
+    n, c = x.shape[0], x.shape[1]
+    y = x.reshape(n, g, -1)
+    mean = y.mean(dim=2, keepdim=True)
+    d = y - mean
+    y = (d * torch.rsqrt((d * d).mean(dim=2, keepdim=True) + ctx.a("epsilon", 1e-5))).reshape(x.shape)
+    if not per_channel:
+        scale, bias = scale.repeat_interleave(c // g), bias.repeat_interleave(c // g)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    return y * scale.reshape(shape) + bias.reshape(shape)
+
+
+register_op("GroupNormalization", since_version=18)(lambda ctx, xs: _group_norm(ctx, xs, per_channel=False))
+register_op("GroupNormalization", since_version=21)(lambda ctx, xs: _group_norm(ctx, xs, per_channel=True))
+
+
+@register_ops("LpNormalization")
+def _lp_norm(ctx, xs):
+    """x / ‖x‖_p along ``axis`` (p = 1 or 2); a zero norm leaves the zeros as they are."""
+    x = xs[0]
+    axis = norm_axis(ctx.a("axis", -1), x.dim())
+    p = int(ctx.a("p", 2))
+    if p not in (1, 2):
+        raise ctx.fail(f"p={p}: LpNormalization takes p = 1 or 2")
+    norm = x.abs().sum(dim=axis, keepdim=True) if p == 1 else torch.sqrt((x * x).sum(dim=axis, keepdim=True))
+    return torch.where(norm == 0, x, x / torch.where(norm == 0, torch.ones_like(norm), norm))
+
+
+def _one_hot_max(x: Tensor, dim: int) -> Tensor:
+    idx = torch.argmax(x, dim=dim, keepdim=True)  # first occurrence of the maximum, as ONNX says
+    return torch.zeros_like(x).scatter(dim, idx, 1.0)
+
+
+@register_ops("Hardmax")
+def _hardmax_v1(ctx, xs):
+    """Opsets 1–12: 1 at the first maximum of each row of x coerced to 2-D at ``axis`` (default 1)."""
+    x = xs[0]
+    axis = norm_axis(ctx.a("axis", 1), x.dim())
+    y = x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+    return _one_hot_max(y, 1).reshape(x.shape)
+
+
+@register_ops("Hardmax", since_version=13)
+def _hardmax_v13(ctx, xs):
+    """Opset 13 on: 1 at the first maximum along ``axis`` (default -1), 0 elsewhere."""
+    x = xs[0]
+    return _one_hot_max(x, norm_axis(ctx.a("axis", -1), x.dim()))
