@@ -112,10 +112,8 @@ class _Node:
         self.inputs = list(proto.input)
         self.n_explicit = len(self.inputs)
         self.implicit: list[str] = []
-        if _has_subgraph(proto):
-            own = set(self.inputs)
-            self.implicit = [n for g in _subgraphs(proto) for n in outer_names(g) if n not in own]
-            self.implicit = list(dict.fromkeys(self.implicit))
+        if _has_subgraph(proto):  # (a name may be both an explicit input and read by a subgraph)
+            self.implicit = list(dict.fromkeys(n for g in _subgraphs(proto) for n in outer_names(g)))
             self.inputs += self.implicit
         self.outputs = list(proto.output)
         self.attrs = {a.name: attr_value(a) for a in proto.attribute}
