@@ -395,3 +395,84 @@ def test_matmul_nbits_reference_reads_our_symmetric_codes(bits):
     np.testing.assert_allclose(want, x @ qw.dequant, rtol=1e-4, atol=1e-4)
     got = matmul_nbits_reference(torch.from_numpy(x), torch.from_numpy(b), torch.from_numpy(scales), None, k, n, bits, bs)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ ONNX-domain Attention (opset 23+)
+def _onnx_attention(q, k, v, mask=None, past=None, opset=23, n_out=1, **attrs):
+    inputs = [q, k, v, mask] + (list(past) if past is not None else [])
+    while inputs[-1] is None:
+        inputs.pop()
+    return one_node_model("Attention", inputs, attrs, n_out=n_out, opset=opset)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool_mask", "float_mask", "gqa_3d", "past_causal",
+                                  "softcap", "scale", "qk_mode_2", "qk_mode_3"])
+def test_onnx_attention_23(case):
+    b, n, s, h = 2, 4, 5, 8
+    q, k, v = f32(b, n, s, h), f32(b, n, s, h), f32(b, n, s, h)
+    kw: dict = {}
+    if case == "causal":
+        kw = dict(is_causal=1)
+    elif case == "bool_mask":
+        kw = dict(mask=R.random((b, 1, s, s)) > 0.3)
+        kw["mask"][..., 0] = True
+    elif case == "float_mask":  # (ORT 1.31 refuses a mask shorter than the keys, which ONNX pads)
+        kw = dict(mask=f32(s, s))
+    elif case == "gqa_3d":
+        q, k, v = f32(b, s, n * h), f32(b, s, 2 * h), f32(b, s, 2 * h)
+        kw = dict(q_num_heads=n, kv_num_heads=2, is_causal=1)
+    elif case == "past_causal":
+        q, k, v = f32(b, n, 2, h), f32(b, n, 2, h), f32(b, n, 2, h)
+        kw = dict(past=(f32(b, n, 3, h), f32(b, n, 3, h)), is_causal=1, n_out=3)
+    elif case == "softcap":
+        kw = dict(softcap=1.5, is_causal=1)
+    elif case == "scale":
+        kw = dict(scale=0.2)
+    elif case.startswith("qk_mode"):
+        kw = dict(qk_matmul_output_mode=int(case[-1]), mask=f32(1, 1, s, s), n_out=4)
+    model, feeds = _onnx_attention(q, k, v, **kw)
+    check_against_ort(model, feeds)
+    check_gradient(model, feeds, ["in0", "in1", "in2"])
+
+
+def test_onnx_attention_from_torch_sdpa_at_opset_23():
+    """torch.onnx (dynamo) writes ai.onnx Attention for scaled_dot_product_attention at opset 23; prepare_model
+    keeps opset 23 and the interpreter runs it."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.lin(x).reshape(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return y.transpose(1, 2).reshape(2, 5, 16)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(), torch_threads(1):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(M().eval(), (torch.randn(2, 5, 16),), dynamo=True, opset_version=23, verbose=False)
+    m = prog.model_proto
+    assert "Attention" in {n.op_type for n in m.graph.node}
+    p = prepare_model(m)
+    assert {o.domain: o.version for o in p.opset_import}[""] == 23
+    x = f32(2, 5, 16)
+    check_against_ort(p, {p.graph.input[0].name: x})
+
+
+@pytest.mark.parametrize("layout", ["bsd", "bnsh"])
+@pytest.mark.parametrize("interleaved", [0, 1])
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_onnx_rotary_embedding_23(layout, interleaved, with_ids):
+    h, rd = 8, 6
+    cos, sin = _caches(16, rd // 2)
+    x = f32(B, S, N * h) if layout == "bsd" else f32(B, N, S, h)
+    pos = R.integers(0, 16, (B, S)).astype(np.int64)
+    attrs = dict(interleaved=interleaved, rotary_embedding_dim=rd)
+    if layout == "bsd":
+        attrs["num_heads"] = N
+    inputs = [x, Init(cos), Init(sin), Init(pos)] if with_ids else [x, Init(cos[pos]), Init(sin[pos])]
+    model, feeds = one_node_model("RotaryEmbedding", inputs, attrs, opset=23)
+    check_against_ort(model, feeds)
+    check_gradient(model, feeds, ["in0"])

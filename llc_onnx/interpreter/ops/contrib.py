@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..registry import register_ops
 from ..tensors import Tensor
-from .nn import rms_norm
+from .nn import rms_norm, rotary
 
 MS = "com.microsoft"
 
@@ -209,21 +209,6 @@ def _mha(ctx, xs):
     if attn_bias is not None:
         add = attn_bias if add is None else add + attn_bias
     return [_merge_heads(_sdpa(q, k, v, scale, add)), k, v]
-
-
-def rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    """Rotate the first ``2·cos.shape[-1]`` features of ``x`` [..., S, H] by the angles whose cos/sin are
-    ``cos``/``sin`` [..., S, R/2]: halves (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin), or the same on the
-    (even, odd) pairs when ``interleaved``; features past R pass through."""
-    r = 2 * cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
 
 @register_ops("RotaryEmbedding", domain=MS)
