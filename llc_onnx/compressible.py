@@ -13,8 +13,9 @@ Conv       W (input 1) [M, C/g,…]  0           1
 
 Only initializers are taken. Weights computed by constant subgraphs (a ``Constant`` node, ``Transpose`` /
 ``Cast`` / ``Reshape`` of an initializer, ...) become initializers in ``model_io.prepare_model``
-(:func:`~llc_onnx.model_io.fold_constant_weights`), and :func:`inspect_model` looks at the model folded the
-same way, so ``inspect`` and ``optimize`` list the same nodes. Weights that stay ``Constant`` node outputs,
+(:func:`~llc_onnx.model_io.fold_constant_weights`), and :func:`inspect_model` looks at the model as
+``prepare_model`` leaves it (:func:`~llc_onnx.model_io.intake_view`), so ``inspect`` and ``optimize`` list the
+same nodes. Weights that stay ``Constant`` node outputs,
 graph inputs/activations, non-float, batched (rank ≥ 3 MatMul) or on the left side (W·X) are reported as
 skipped with the reason.
 """
@@ -27,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .model_io import default_opset, fold_constant_weights, initializer_bytes, node_names, tensor_nbytes
+from .model_io import default_opset, initializer_bytes, intake_view, node_names, tensor_nbytes
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 CANDIDATE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -173,12 +174,12 @@ def inspect_model(model: onnx.ModelProto) -> dict:
     weight, shape, dtype, params, bytes, out_axis, reduce_axis, group, depthwise, bias, shared_with),
     ``skipped`` (name, op_type, reason) and ``totals`` (compressible params/bytes with each shared
     initializer counted once, number and bytes of all initializers of the file). Compressible nodes are
-    those of the model with its constant weights folded, as ``prepare_model`` does (``model`` itself is
-    not modified)."""
+    those of :func:`~llc_onnx.model_io.intake_view` (constant weights folded, initializers listed as inputs
+    taken as constants), as ``prepare_model`` gives ``optimize`` (``model`` itself is not modified)."""
     graph = model.graph
     init_names = {t.name for t in graph.initializer}
     op_of = dict(zip(node_names(graph), (n.op_type for n in graph.node)))
-    folded = fold_constant_weights(model, copy=True)
+    folded = intake_view(model)
     inits = {t.name: t for t in folded.graph.initializer}
     nodes, skipped = find_compressible(folded)
     comp = []

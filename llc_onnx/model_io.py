@@ -193,16 +193,7 @@ def prepare_model(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProto:
     if current > MAX_ORT_OPSET:
         raise LLCError(f"model: opset {current} is newer than ONNX Runtime 1.31 runs ({MAX_ORT_OPSET}); "
                        f"re-export the model with an opset in 11..{MAX_ORT_OPSET}")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    name_nodes(m)
-    init_names = {t.name for t in m.graph.initializer}
-    if any(i.name in init_names for i in m.graph.input):
-        kept = [i for i in m.graph.input if i.name not in init_names]
-        del m.graph.input[:]
-        m.graph.input.extend(kept)
-    _negative_dims_to_unknown(m.graph)
-    m = fold_constant_weights(m)
+    m = _intake_steps(_copy(model))
     large = m.ByteSize() > EXTERNAL_DATA_THRESHOLD
     detached = _DetachedWeights(m, large)
     target = max(current, int(opset))
@@ -223,6 +214,31 @@ def prepare_model(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProto:
     except Exception as exc:
         raise LLCError(f"model: shape inference failed ({_first_line(exc)}); check the model with onnx.checker") from None
     return detached.restore(m)
+
+
+def _intake_steps(m: onnx.ModelProto) -> onnx.ModelProto:
+    """Steps 1–4 of :func:`prepare_model`, in place: name nodes, drop initializers from the graph inputs,
+    ``-1`` dims to unknown, fold constant weights."""
+    name_nodes(m)
+    init_names = {t.name for t in m.graph.initializer}
+    if any(i.name in init_names for i in m.graph.input):
+        kept = [i for i in m.graph.input if i.name not in init_names]
+        del m.graph.input[:]
+        m.graph.input.extend(kept)
+    _negative_dims_to_unknown(m.graph)
+    return fold_constant_weights(m)
+
+
+def intake_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as :func:`prepare_model` sees it before converting the opset: nodes named, initializers
+    dropped from the graph inputs, ``-1`` dims unknown, constant weights folded (no opset conversion, no
+    shape inference). What ``inspect`` analyses, so that it lists the nodes ``optimize`` compresses. The
+    argument is not modified; it is returned itself when no step would change which nodes are compressible
+    (no copy of a large model for nothing)."""
+    init_names = {t.name for t in model.graph.initializer}
+    if not any(i.name in init_names for i in model.graph.input) and not _constant_weight_chains(model):
+        return model
+    return _intake_steps(_copy(model))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -251,39 +267,14 @@ _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 _SHARED_LIMIT = 4096
 
 
-def fold_constant_weights(model: onnx.ModelProto, *, copy: bool = False) -> onnx.ModelProto:
-    """Fold the weights of MatMul (B), Gemm (B) and Conv (W) that a constant subgraph computes into
-    initializers, in place; returns ``model``. With ``copy=True`` the argument is left alone: a copy (its
-    unnamed nodes named as :func:`name_nodes` does, before any node is removed) is folded and returned, or
-    ``model`` itself when there is nothing to fold.
-
-    A weight is constant when every path back from it ends in initializers (not graph inputs) or
-    ``Constant`` nodes through ONNX-domain ops without subgraphs, other than DequantizeLinear/QuantizeLinear
-    (a weight behind a DequantizeLinear is already compressed) and random generators — the shapes converter
-    exports take: a ``Constant`` weight (Keras/TF/Paddle), ``Transpose`` of an initializer feeding MatMul
-    (TF), ``Cast`` float16 -> float32 of an initializer, ``Reshape``/``Unsqueeze``/``Identity`` of a Conv
-    weight (older PyTorch, Paddle). The folded initializer takes the name of the weight tensor; nodes and
-    initializers nothing reads any more are removed, node names are untouched. A chain whose large
-    intermediate (> 4096 elements) is also read elsewhere (a tied embedding read by a Gather) is left as it
-    is: folding it would store that tensor twice.
-
-    Evaluation: ONNX's reference implementation (``onnx.reference``), one node at a time. onnxscript's
-    ``fold_constants`` evaluates with the same reference ops but also runs its rewrite rules over every
-    node of the model; intake must change nothing but these weights."""
-    from onnx.reference import ReferenceEvaluator
-
+def _constant_weight_chains(model: onnx.ModelProto) -> dict[str, frozenset]:
+    """Weight tensor name -> indices (in ``graph.node``) of the nodes computing it from constants, for every
+    MatMul/Gemm/Conv weight that a constant subgraph computes (see :func:`fold_constant_weights`)."""
     graph = model.graph
     nodes = list(graph.node)
-    inits = {t.name: t for t in graph.initializer}
+    inits = {t.name for t in graph.initializer}
     graph_inputs = {i.name for i in graph.input}
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    consumers: dict[str, set[int]] = {}
-    for i, n in enumerate(nodes):
-        for name in n.input:
-            if name:
-                consumers.setdefault(name, set()).add(i)
-    graph_outputs = {o.name for o in graph.output}
-
     memo: dict[str, frozenset | None] = {}
 
     def chain(value: str) -> frozenset | None:
@@ -322,8 +313,43 @@ def fold_constant_weights(model: onnx.ModelProto, *, copy: bool = False) -> onnx
             c = chain(w)
             if c:
                 targets[w] = c
+    return targets
+
+
+def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold the weights of MatMul (B), Gemm (B) and Conv (W) that a constant subgraph computes into
+    initializers, in place; returns ``model`` (run :func:`name_nodes` first: nodes are removed, and unnamed
+    nodes are named by their index).
+
+    A weight is constant when every path back from it ends in initializers (not graph inputs) or
+    ``Constant`` nodes through ONNX-domain ops without subgraphs, other than DequantizeLinear/QuantizeLinear
+    (a weight behind a DequantizeLinear is already compressed) and random generators — the shapes converter
+    exports take: a ``Constant`` weight (Keras/TF/Paddle), ``Transpose`` of an initializer feeding MatMul
+    (TF), ``Cast`` float16 -> float32 of an initializer, ``Reshape``/``Unsqueeze``/``Identity`` of a Conv
+    weight (older PyTorch, Paddle). The folded initializer takes the name of the weight tensor; nodes and
+    initializers nothing reads any more are removed, node names are untouched. A chain whose large
+    intermediate (> 4096 elements) is also read elsewhere (a tied embedding read by a Gather) is left as it
+    is: folding it would store that tensor twice.
+
+    Evaluation: ONNX's reference implementation (``onnx.reference``), one node at a time. onnxscript's
+    ``fold_constants`` evaluates with the same reference ops but also runs its rewrite rules over every
+    node of the model; intake must change nothing but these weights."""
+    from onnx.reference import ReferenceEvaluator
+
+    targets = _constant_weight_chains(model)
     if not targets:
         return model
+    graph = model.graph
+    nodes = list(graph.node)
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    consumers: dict[str, set[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            if name:
+                consumers.setdefault(name, set()).add(i)
+    graph_outputs = {o.name for o in graph.output}
 
     version = {(imp.domain or ""): int(imp.version) for imp in model.opset_import}
     values: dict[str, np.ndarray] = {}
@@ -358,10 +384,6 @@ def fold_constant_weights(model: onnx.ModelProto, *, copy: bool = False) -> onnx
     kept = {t: c for t, c in targets.items() if t not in graph_outputs and not shared_large(t, c)}
     if not kept:
         return model
-    if copy:  # same nodes in the same order: the indices below hold for the copy
-        model = name_nodes(_copy(model))
-        graph = model.graph
-        nodes = list(graph.node)
     folded = {i for c in kept.values() for i in c}
     new_inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(value(t)), t) for t in kept]
     # drop folded nodes nobody reads any more (a folded node may still feed the rest of the graph)

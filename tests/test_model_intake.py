@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
@@ -25,7 +26,7 @@ from llc_onnx.calib.data import load_dataset, model_inputs, validate_arrays
 from llc_onnx.compressible import find_compressible, inspect_model
 from llc_onnx.errors import LLCError
 from llc_onnx.interpreter import TorchGraph
-from llc_onnx.model_io import default_opset, fold_constant_weights, prepare_model
+from llc_onnx.model_io import default_opset, intake_view, prepare_model
 from llc_onnx.passes.qdq import apply_qdq
 from llc_onnx.quant import WeightQuantSpec, quantize_weight
 
@@ -139,7 +140,9 @@ def test_shared_large_tensor_and_dequantized_weights_are_not_folded():
     m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 21)], ir_version=10)
     p = prepare_model(m)
     assert [n.op_type for n in p.graph.node] == [n.op_type for n in m.graph.node]
-    assert fold_constant_weights(m, copy=True) is m  # nothing to fold: no copy made
+    assert [n.op_type for n in intake_view(m).graph.node] == [n.op_type for n in m.graph.node]
+    folded = prepare_model(converter_style())
+    assert intake_view(folded) is folded  # nothing left to change: no copy made
     _, skipped = find_compressible(p)
     assert [s[0] for s in skipped] == ["MatMul_2", "MatMul_4"]
 
@@ -251,3 +254,44 @@ def test_optimize_end_to_end_on_a_converter_style_model(tmp_path):
     assert default_opset(written) == 21
     dq = [n for n in written.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == res["levels"].get("int8", 0) + res["levels"].get("int4", 0)
+
+
+class _OldStyle(torch.nn.Module):
+    """Weights stored as the layer does not use them: a flat conv weight reshaped in forward (Paddle-like), a
+    [out, in] matrix used transposed (TF-like), a float16 master weight cast to float32 (mixed precision)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_flat = torch.nn.Parameter(torch.randn(8 * 3 * 3 * 3) * 0.2)
+        self.fc = torch.nn.Parameter(torch.randn(16, 128) * 0.1)
+        self.head = torch.nn.Parameter((torch.randn(16, 10) * 0.3).half())
+
+    def forward(self, x):
+        h = torch.relu(torch.nn.functional.conv2d(x, self.conv_flat.reshape(8, 3, 3, 3), padding=1, stride=2))
+        return (h.flatten(1) @ self.fc.t()) @ self.head.float()
+
+
+def test_old_pytorch_export_without_constant_folding():
+    """torch.onnx (TorchScript) with do_constant_folding=False and keep_initializers_as_inputs=True, the way older
+    exports came: the weights are graph inputs behind Reshape/Transpose/Cast nodes. All three nodes become
+    compressible and the prepared model computes the same."""
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    with warnings.catch_warnings(), torch_threads(1):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_OldStyle().eval(), (torch.randn(2, 3, 8, 8),), f, dynamo=False, opset_version=13,
+                          do_constant_folding=False, keep_initializers_as_inputs=True, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "N"}})
+    m = onnx.load_from_string(f.getvalue())
+    assert {"Reshape", "Transpose", "Cast"} <= {n.op_type for n in m.graph.node}
+    assert find_compressible(m)[0] == []
+    p = prepare_model(m)
+    nodes, _ = find_compressible(p)
+    assert [n.op_type for n in nodes] == ["Conv", "MatMul", "MatMul"]
+    assert {n.op_type for n in p.graph.node} == {"Conv", "Relu", "Flatten", "MatMul"}
+    x = np.random.default_rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_ort(p, {"x": x})[0], _ort(m, {"x": x})[0], rtol=1e-6, atol=1e-6)
+    assert [c["name"] for c in inspect_model(m)["compressible"]] == [n.name for n in nodes]
