@@ -293,7 +293,7 @@ def _gqa(ctx, xs):
         scores = scores + attn_bias
     scores = scores.masked_fill(~allowed, -math.inf)
     if head_sink is not None or ctx.a("smooth_softmax", 0):
-        sink = head_sink.reshape(1, n, 1, 1) if head_sink is not None else torch.zeros((1, n, 1, 1), dtype=q.dtype)
+        sink = head_sink.reshape(1, n, 1, 1) if head_sink is not None else torch.zeros((1, n, 1, 1), dtype=q.dtype, device=q.device)
         sink = sink.expand(b, n, s, 1).to(scores.dtype)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:

@@ -35,8 +35,8 @@ def _source_coords(mode: str, out_len: int, in_len: int, scale: float, roi: tupl
     if mode == "half_pixel":
         return (i + half) / s - half
     if mode == "half_pixel_symmetric":  # ORT: offset in float32, the rest in float64, rounded to float32
-        adjustment = torch.tensor(out_len, dtype=_F32) / (s * in_len)
-        center = torch.tensor(in_len / 2, dtype=_F32)
+        adjustment = torch.tensor(out_len, dtype=_F32, device=device) / (s * in_len)
+        center = torch.tensor(in_len / 2, dtype=_F32, device=device)
         offset = center * (1 - adjustment)
         f64 = torch.float64
         return (offset.to(f64) + (i.to(f64) + 0.5) / s.to(f64) - 0.5).to(_F32)
@@ -45,7 +45,7 @@ def _source_coords(mode: str, out_len: int, in_len: int, scale: float, roi: tupl
     if mode == "align_corners":
         if out_len == 1:
             return torch.zeros_like(i)
-        return i * torch.tensor(in_len - 1, dtype=_F32) / torch.tensor(out_len - 1, dtype=_F32)
+        return i * float(in_len - 1) / float(out_len - 1)
     if mode == "asymmetric":
         return i / s
     if mode == "tf_half_pixel_for_nn":
@@ -102,7 +102,7 @@ def _resize_axis(x: Tensor, axis: int, out_len: int, scale: float, roi, opts: di
         c = src.clamp(0, in_len - 1)
         lo = torch.floor(c)
         f = (c - lo).to(x.dtype).reshape(shape)
-        hi = torch.minimum(lo + 1, torch.tensor(in_len - 1, dtype=_F32))
+        hi = (lo + 1).clamp(max=in_len - 1)
         y = (1 - f) * take(lo) + f * take(hi)
     elif mode == "cubic":
         lo = torch.floor(src)
@@ -141,18 +141,25 @@ def _opts(ctx, mode: str, coord: str, nearest_mode: str) -> dict:
 
 
 @register_ops("Resize", since_version=10)
+def _resize10(ctx, xs):
+    """Opset 10: (X, scales), asymmetric coordinates, nearest rounding as Upsample."""
+    x = xs[0]
+    scales = [float(v) for v in xs[1].to(_F32).reshape(-1).tolist()]
+    out_sizes = [int(math.floor(d * s)) for d, s in zip(x.shape, scales)]
+    return resize(x, out_sizes, scales, None, _opts(ctx, ctx.a("mode", "nearest"), "asymmetric", "simple"))
+
+
+@register_ops("Resize", since_version=11)
 def _resize(ctx, xs):
+    """Opset 11 on: (X, roi, scales, sizes) with the transformation/rounding attributes (18: axes,
+    keep_aspect_ratio_policy, antialias; 19: half_pixel_symmetric)."""
     x = xs[0]
     r = x.dim()
-    if ctx.opset < 11:  # opset 10: (X, scales), asymmetric coordinates
-        roi_t, scales_t, sizes_t = None, xs[1], None
-        coord, nearest_mode = "asymmetric", "simple"
-    else:
-        roi_t = xs[1] if len(xs) > 1 else None
-        scales_t = xs[2] if len(xs) > 2 else None
-        sizes_t = xs[3] if len(xs) > 3 else None
-        coord = ctx.a("coordinate_transformation_mode", "half_pixel")
-        nearest_mode = ctx.a("nearest_mode", "round_prefer_floor")
+    roi_t = xs[1] if len(xs) > 1 else None
+    scales_t = xs[2] if len(xs) > 2 else None
+    sizes_t = xs[3] if len(xs) > 3 else None
+    coord = ctx.a("coordinate_transformation_mode", "half_pixel")
+    nearest_mode = ctx.a("nearest_mode", "round_prefer_floor")
     mode = ctx.a("mode", "nearest")
     axes = [norm_axis(a, r) for a in ctx.a("axes", list(range(r)))]
     in_sizes = list(x.shape)
