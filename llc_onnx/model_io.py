@@ -272,36 +272,20 @@ def _constant_weight_chains(model: onnx.ModelProto) -> dict[str, frozenset]:
     MatMul/Gemm/Conv weight that a constant subgraph computes (see :func:`fold_constant_weights`)."""
     graph = model.graph
     nodes = list(graph.node)
-    inits = {t.name for t in graph.initializer}
     graph_inputs = {i.name for i in graph.input}
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    memo: dict[str, frozenset | None] = {}
-
-    def chain(value: str) -> frozenset | None:
-        """Indices of the nodes computing ``value`` from constants (empty for an initializer); None when
-        it depends on a graph input or on an op that is not folded."""
-        if value in memo:
-            return memo[value]
-        memo[value] = None  # cycles (invalid graphs) end as "not constant"
-        if value in inits and value not in graph_inputs:
-            out: frozenset | None = frozenset()
-        elif value in producer:
-            i = producer[value]
-            n = nodes[i]
-            ok = (n.domain in ("", "ai.onnx") and n.op_type not in _NO_FOLD and not any(
-                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute))
-            acc = {i}
-            for name in n.input:
-                sub = chain(name) if name and ok else (frozenset() if ok else None)
-                if sub is None:
-                    ok = False
-                    break
-                acc |= sub
-            out = frozenset(acc) if ok else None
-        else:
-            out = None
-        memo[value] = out
-        return out
+    inits = {t.name for t in graph.initializer}
+    # one pass in graph (topological) order: a value is constant when an initializer (not a graph input)
+    # or computed by a foldable node from constants; chains[v] = the nodes computing it
+    chains: dict[str, frozenset] = {name: frozenset() for name in inits - graph_inputs}
+    for i, n in enumerate(nodes):
+        if n.domain not in ("", "ai.onnx") or n.op_type in _NO_FOLD or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            continue
+        if all(name in chains for name in n.input if name):
+            acc = frozenset({i}).union(*(chains[name] for name in n.input if name))
+            for o in n.output:
+                if o:
+                    chains[o] = acc
 
     targets: dict[str, frozenset] = {}
     for n in nodes:
@@ -309,10 +293,8 @@ def _constant_weight_chains(model: onnx.ModelProto) -> dict[str, frozenset]:
         if n.domain not in ("", "ai.onnx") or k is None or len(n.input) <= k:
             continue
         w = n.input[k]
-        if w and w not in inits and w not in targets:
-            c = chain(w)
-            if c:
-                targets[w] = c
+        if w and w not in inits and w not in targets and chains.get(w):
+            targets[w] = chains[w]
     return targets
 
 
