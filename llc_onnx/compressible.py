@@ -11,9 +11,13 @@ Gemm       B (input 1), rank 2     0 if transB else 1      the other
 Conv       W (input 1) [M, C/g,…]  0           1
 =========  ======================  ==========  =============
 
-Weights produced by ``Constant`` nodes are *not* taken (only initializers); they are reported as skipped
-with the reason, as are weights that are graph inputs/activations, non-float, batched (rank ≥ 3 MatMul),
-or on the left side (W·X).
+Only initializers are taken. Weights computed by constant subgraphs (a ``Constant`` node, ``Transpose`` /
+``Cast`` / ``Reshape`` of an initializer, ...) become initializers in ``model_io.prepare_model``
+(:func:`~llc_onnx.model_io.fold_constant_weights`), and :func:`inspect_model` looks at the model as
+``prepare_model`` leaves it (:func:`~llc_onnx.model_io.intake_view`), so ``inspect`` and ``optimize`` list the
+same nodes. Weights that stay ``Constant`` node outputs,
+graph inputs/activations, non-float, batched (rank ≥ 3 MatMul) or on the left side (W·X) are reported as
+skipped with the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .model_io import default_opset, initializer_bytes, node_names, tensor_nbytes
+from .model_io import default_opset, initializer_bytes, intake_view, node_names, tensor_nbytes
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 CANDIDATE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -154,7 +158,8 @@ def _value_info(vi: onnx.ValueInfoProto) -> dict:
         tt = t.tensor_type
         dtype = _dtype_name(tt.elem_type).lower() if tt.elem_type else None
         if tt.HasField("shape"):
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                     for d in tt.shape.dim]  # -1 (some converters' dynamic dim) is unknown
         else:
             shape = None
     else:
@@ -165,15 +170,18 @@ def _value_info(vi: onnx.ValueInfoProto) -> dict:
 def inspect_model(model: onnx.ModelProto) -> dict:
     """Plain-data description of ``model`` (what ``llc-onnx inspect`` prints / emits as JSON):
     ``opset``, ``ir_version``, ``producer``, ``inputs``/``outputs`` (name, dtype, shape with ints for
-    static dims, strings for symbolic ones, null for unknown), ``compressible`` (name, op_type, weight,
-    shape, dtype, params, bytes, out_axis, reduce_axis, group, depthwise, bias, shared_with),
+    static dims, strings for symbolic ones, null for unknown or ``-1``), ``compressible`` (name, op_type,
+    weight, shape, dtype, params, bytes, out_axis, reduce_axis, group, depthwise, bias, shared_with),
     ``skipped`` (name, op_type, reason) and ``totals`` (compressible params/bytes with each shared
-    initializer counted once, number and bytes of all initializers)."""
+    initializer counted once, number and bytes of all initializers of the file). Compressible nodes are
+    those of :func:`~llc_onnx.model_io.intake_view` (constant weights folded, initializers listed as inputs
+    taken as constants), as ``prepare_model`` gives ``optimize`` (``model`` itself is not modified)."""
     graph = model.graph
     init_names = {t.name for t in graph.initializer}
-    inits = {t.name: t for t in graph.initializer}
-    nodes, skipped = find_compressible(model)
     op_of = dict(zip(node_names(graph), (n.op_type for n in graph.node)))
+    folded = intake_view(model)
+    inits = {t.name: t for t in folded.graph.initializer}
+    nodes, skipped = find_compressible(folded)
     comp = []
     for n in nodes:
         t = inits[n.weight]

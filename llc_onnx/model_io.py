@@ -2,8 +2,10 @@
 
 * :func:`load_model` reads a model (with its external data), checks it with ``onnx.checker`` and turns
   every failure into a one-line :class:`~llc_onnx.errors.LLCError`. It never writes to the input path.
-* :func:`prepare_model` returns a *copy* brought to an opset ONNX Runtime 1.31 runs (21 by default, 25
-  when INT2 is needed), with an IR version ORT accepts, unique node names and inferred shapes.
+* :func:`prepare_model` returns a *copy* at an opset ONNX Runtime 1.31 runs: a model at opset 21..26 keeps
+  its opset, an older one (11..20) is converted up to 21; with an IR version ORT accepts, unique node names,
+  constant weights folded into initializers (:func:`fold_constant_weights`), ``-1`` dims read as dynamic
+  and inferred shapes.
 * :func:`save_model` writes atomically (temp file in the destination directory + ``os.replace``) and
   switches to external data above :data:`EXTERNAL_DATA_THRESHOLD` bytes.
 * :func:`tensor_nbytes` / :func:`initializer_bytes` count storage at the element bit width (INT4 = 1/2
@@ -173,43 +175,218 @@ class _DetachedWeights:
 def prepare_model(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProto:
     """Return a prepared copy of ``model`` (the argument is not modified):
 
-    1. default-domain opset converted to ``opset`` with ``onnx.version_converter`` (only when it
-       differs); ``opset`` must be ≤ 26, the newest ORT 1.31 runs (use 25 when INT2 tensors are needed);
-    2. IR version set to :func:`ir_version_for_opset` (10 for opset ≤ 22, 11 above);
-    3. graph inputs that are also initializers (``keep_initializers_as_inputs`` exports) are removed
+    1. every unnamed node named ``<op_type>_<index>`` (see :func:`node_names`), before anything else, so
+       the names are those of the file as given (what ``inspect`` shows);
+    2. graph inputs that are also initializers (``keep_initializers_as_inputs`` exports) are removed
        from ``graph.input`` so the weights are constants;
-    4. every unnamed node named ``<op_type>_<index>`` (see :func:`node_names`);
-    5. shape inference (``onnx.shape_inference.infer_shapes`` with data propagation).
+    3. ``-1`` dims of inputs, outputs and value infos (some converters write them) become unknown dims;
+    4. constant weights folded into initializers (:func:`fold_constant_weights`);
+    5. a default-domain opset below ``opset`` is converted up to ``opset`` with ``onnx.version_converter``;
+       a model at ``opset`` or newer (up to 26, the newest ORT 1.31 runs) keeps its opset. ``opset`` is the
+       lowest opset wanted: 21 (the QDQ pass needs ≥ 21), 25 when INT2 tensors are needed;
+    6. IR version set to :func:`ir_version_for_opset` of the resulting opset (10 up to 22, 11 above);
+    7. shape inference (``onnx.shape_inference.infer_shapes`` with data propagation).
     """
     if not 7 <= int(opset) <= MAX_ORT_OPSET:
         raise LLCError(f"opset {opset}: not supported; ONNX Runtime 1.31 runs opsets 7..{MAX_ORT_OPSET} (use 21, or 25 for INT2)")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    current = default_opset(model)
+    if current > MAX_ORT_OPSET:
+        raise LLCError(f"model: opset {current} is newer than ONNX Runtime 1.31 runs ({MAX_ORT_OPSET}); "
+                       f"re-export the model with an opset in 11..{MAX_ORT_OPSET}")
+    m = _intake_steps(_copy(model))
     large = m.ByteSize() > EXTERNAL_DATA_THRESHOLD
     detached = _DetachedWeights(m, large)
-    current = default_opset(m)
+    target = max(current, int(opset))
     if current == 0:
-        m.opset_import.append(onnx.helper.make_opsetid("", opset))
-    elif current != opset:
+        m.opset_import.append(onnx.helper.make_opsetid("", target))
+    elif current < target:
         try:
-            m = onnx.version_converter.convert_version(m, int(opset))
+            m = onnx.version_converter.convert_version(m, target)
         except Exception as exc:
             raise LLCError(
-                f"model: cannot convert from opset {current} to {opset} ({_first_line(exc)}); "
-                f"re-export the model with opset {opset}"
+                f"model: cannot convert from opset {current} to {target} ({_first_line(exc)}); "
+                f"re-export the model with opset {target}"
             ) from None
-    m.ir_version = ir_version_for_opset(int(opset))
-    init_names = {t.name for t in m.graph.initializer}
-    if any(i.name in init_names for i in m.graph.input):
-        kept = [i for i in m.graph.input if i.name not in init_names]
-        del m.graph.input[:]
-        m.graph.input.extend(kept)
-    name_nodes(m)
+        name_nodes(m)  # nodes the converter added
+    m.ir_version = ir_version_for_opset(target)
     try:
         m = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise LLCError(f"model: shape inference failed ({_first_line(exc)}); check the model with onnx.checker") from None
     return detached.restore(m)
+
+
+def _intake_steps(m: onnx.ModelProto) -> onnx.ModelProto:
+    """Steps 1–4 of :func:`prepare_model`, in place: name nodes, drop initializers from the graph inputs,
+    ``-1`` dims to unknown, fold constant weights."""
+    name_nodes(m)
+    init_names = {t.name for t in m.graph.initializer}
+    if any(i.name in init_names for i in m.graph.input):
+        kept = [i for i in m.graph.input if i.name not in init_names]
+        del m.graph.input[:]
+        m.graph.input.extend(kept)
+    _negative_dims_to_unknown(m.graph)
+    return fold_constant_weights(m)
+
+
+def intake_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as :func:`prepare_model` sees it before converting the opset: nodes named, initializers
+    dropped from the graph inputs, ``-1`` dims unknown, constant weights folded (no opset conversion, no
+    shape inference). What ``inspect`` analyses, so that it lists the nodes ``optimize`` compresses. The
+    argument is not modified; it is returned itself when no step would change which nodes are compressible
+    (no copy of a large model for nothing)."""
+    init_names = {t.name for t in model.graph.initializer}
+    if not any(i.name in init_names for i in model.graph.input) and not _constant_weight_chains(model):
+        return model
+    return _intake_steps(_copy(model))
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _negative_dims_to_unknown(graph: onnx.GraphProto) -> None:
+    """``dim_value: -1`` (a converter's way of writing a dynamic dim) -> an unknown dim, in place."""
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.ClearField("dim_value")
+
+
+# Ops never folded at intake: (de)quantization (a weight behind DequantizeLinear is already compressed) and
+# random generators (not constant although they have no variable input).
+_NO_FOLD = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomNormalLike",
+            "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"}
+# Weight inputs of the ops llc-onnx compresses (compressible.py): MatMul B, Gemm B, Conv W.
+_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1}
+# A folded chain may share a small tensor (a shape, a scalar) with the rest of the graph: it is then copied;
+# a shared large tensor (e.g. an embedding also read by a Gather) is not, the chain is left as it is.
+_SHARED_LIMIT = 4096
+
+
+def _constant_weight_chains(model: onnx.ModelProto) -> dict[str, frozenset]:
+    """Weight tensor name -> indices (in ``graph.node``) of the nodes computing it from constants, for every
+    MatMul/Gemm/Conv weight that a constant subgraph computes (see :func:`fold_constant_weights`)."""
+    graph = model.graph
+    nodes = list(graph.node)
+    graph_inputs = {i.name for i in graph.input}
+    inits = {t.name for t in graph.initializer}
+    # one pass in graph (topological) order: a value is constant when an initializer (not a graph input)
+    # or computed by a foldable node from constants; chains[v] = the nodes computing it
+    chains: dict[str, frozenset] = {name: frozenset() for name in inits - graph_inputs}
+    for i, n in enumerate(nodes):
+        if n.domain not in ("", "ai.onnx") or n.op_type in _NO_FOLD or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            continue
+        if all(name in chains for name in n.input if name):
+            acc = frozenset({i}).union(*(chains[name] for name in n.input if name))
+            for o in n.output:
+                if o:
+                    chains[o] = acc
+
+    targets: dict[str, frozenset] = {}
+    for n in nodes:
+        k = _WEIGHT_INPUT.get(n.op_type)
+        if n.domain not in ("", "ai.onnx") or k is None or len(n.input) <= k:
+            continue
+        w = n.input[k]
+        if w and w not in inits and w not in targets and chains.get(w):
+            targets[w] = chains[w]
+    return targets
+
+
+def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold the weights of MatMul (B), Gemm (B) and Conv (W) that a constant subgraph computes into
+    initializers, in place; returns ``model`` (run :func:`name_nodes` first: nodes are removed, and unnamed
+    nodes are named by their index).
+
+    A weight is constant when every path back from it ends in initializers (not graph inputs) or
+    ``Constant`` nodes through ONNX-domain ops without subgraphs, other than DequantizeLinear/QuantizeLinear
+    (a weight behind a DequantizeLinear is already compressed) and random generators — the shapes converter
+    exports take: a ``Constant`` weight (Keras/TF/Paddle), ``Transpose`` of an initializer feeding MatMul
+    (TF), ``Cast`` float16 -> float32 of an initializer, ``Reshape``/``Unsqueeze``/``Identity`` of a Conv
+    weight (older PyTorch, Paddle). The folded initializer takes the name of the weight tensor; nodes and
+    initializers nothing reads any more are removed, node names are untouched. A chain whose large
+    intermediate (> 4096 elements) is also read elsewhere (a tied embedding read by a Gather) is left as it
+    is: folding it would store that tensor twice.
+
+    Evaluation: ONNX's reference implementation (``onnx.reference``), one node at a time. onnxscript's
+    ``fold_constants`` evaluates with the same reference ops but also runs its rewrite rules over every
+    node of the model; intake must change nothing but these weights."""
+    from onnx.reference import ReferenceEvaluator
+
+    targets = _constant_weight_chains(model)
+    if not targets:
+        return model
+    graph = model.graph
+    nodes = list(graph.node)
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    consumers: dict[str, set[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            if name:
+                consumers.setdefault(name, set()).add(i)
+    graph_outputs = {o.name for o in graph.output}
+
+    version = {(imp.domain or ""): int(imp.version) for imp in model.opset_import}
+    values: dict[str, np.ndarray] = {}
+
+    def value(name: str) -> np.ndarray:
+        if name not in values:
+            if name in inits:
+                values[name] = onnx.numpy_helper.to_array(inits[name])
+            else:
+                n = nodes[producer[name]]
+                feeds = {i: value(i) for i in n.input if i}
+                try:
+                    outs = ReferenceEvaluator(n, opsets={"": version.get("", 21)}).run(None, feeds)
+                except Exception as exc:
+                    raise LLCError(f"node '{n.name}' (op {n.op_type}): cannot fold the constant weight it computes "
+                                   f"({_first_line(exc)}); check the model with onnx.checker") from None
+                for o, a in zip(n.output, outs):
+                    if o:
+                        values[o] = np.asarray(a)
+        return values[name]
+
+    def shared_large(t: str, c: frozenset) -> bool:
+        """True when folding ``t`` would copy a large tensor that something outside its chain also reads."""
+        internal = {name for i in c for name in nodes[i].input if name} | {o for i in c for o in nodes[i].output if o}
+        for name in internal - {t}:
+            outside = consumers.get(name, set()) - c
+            if name in graph_outputs or (outside and value(name).size > _SHARED_LIMIT):
+                return True
+        other_outputs = [o for o in nodes[producer[t]].output if o and o != t]
+        return any(consumers.get(o, set()) - c or o in graph_outputs for o in other_outputs)
+
+    kept = {t: c for t, c in targets.items() if t not in graph_outputs and not shared_large(t, c)}
+    if not kept:
+        return model
+    folded = {i for c in kept.values() for i in c}
+    new_inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(value(t)), t) for t in kept]
+    # drop folded nodes nobody reads any more (a folded node may still feed the rest of the graph)
+    alive = set(range(len(nodes))) - folded
+    needed = set(graph_outputs) | {name for i in alive for name in nodes[i].input if name}
+    for i in sorted(folded, reverse=True):  # topological order: consumers come after producers
+        if any(o in needed and o not in kept for o in nodes[i].output if o):
+            alive.add(i)
+            needed.update(name for name in nodes[i].input if name)
+    keep_nodes = [nodes[i] for i in sorted(alive)]
+    del graph.node[:]
+    graph.node.extend(keep_nodes)
+    still_read = needed | {o.name for o in graph.output}
+    keep_inits = [t for t in graph.initializer if t.name in still_read or t.name in graph_inputs]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits + new_inits)
+    kept_names = set(kept)
+    vis = [vi for vi in graph.value_info if vi.name not in kept_names]
+    del graph.value_info[:]
+    graph.value_info.extend(vis)
+    return model
 
 
 def save_model(model: onnx.ModelProto, path) -> None:

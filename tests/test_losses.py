@@ -122,3 +122,76 @@ def test_lm_unit_terms_split_a_sequence_into_token_spans():
     ce = make_loss("ce", "logits")
     x, y = torch.as_tensor(logits[:, 0]), torch.as_tensor(labels[:, 140])
     assert ce.unit_terms(x, y) == [(pytest.approx(float(ce.terms(x, y)[0])), 1)]
+
+
+# ------------------------------------------------------------------ probability heads
+def _softmax_head_model(through=("Identity", "Reshape")):
+    """logits = x·W, probs = Softmax(logits) -> Identity -> Reshape [B, C] -> graph output."""
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    w = np.random.default_rng(3).normal(size=(4, 6)).astype(np.float32)
+    nodes = [oh.make_node("MatMul", ["x", "w"], ["logits"]), oh.make_node("Softmax", ["logits"], ["t0"], axis=1)]
+    inits = [nh.from_array(w, "w"), nh.from_array(np.array([0, 6], np.int64), "shape")]
+    name = "t0"
+    for i, op in enumerate(through):
+        nodes.append(oh.make_node(op, [name, "shape"] if op == "Reshape" else [name], [f"t{i + 1}"]))
+        name = f"t{i + 1}"
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 4])],
+                      [oh.make_tensor_value_info(name, TP.FLOAT, ["N", 6]),
+                       oh.make_tensor_value_info("logits", TP.FLOAT, ["N", 6])], inits)
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 21)], ir_version=10), w, name
+
+
+def test_ce_on_a_softmax_output_uses_the_log_probability():
+    from llc_onnx.calib.losses import probability_source
+
+    model, w, out = _softmax_head_model()
+    assert probability_source(model, out) == "Softmax" and probability_source(model, "logits") is None
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    logits = x @ w
+    probs = np.exp(_log_softmax(logits.astype(np.float64))).astype(np.float32)
+    labels = rng.integers(0, 6, size=8)
+    labels[2] = -100
+    on_probs = make_loss("ce", out, model=model)
+    on_logits = make_loss("ce", "logits", model=model)
+    assert on_probs.note == "the output is a probability (Softmax): ce uses its log" and on_logits.note is None
+    s_p, c_p = on_probs.loss_sum(probs, labels)
+    s_l, c_l = on_logits.loss_sum(logits, labels)
+    assert c_p == c_l == 7 and s_p == pytest.approx(s_l, rel=1e-6)  # same cross-entropy, read either way
+    # what the old code computed on the probabilities (softmax of a softmax) is a different, wrong number
+    wrong = make_loss("ce", out, probabilities=False).loss_sum(probs, labels)[0]
+    assert abs(wrong - s_l) > 0.1 * s_l
+    assert on_probs.metrics(probs, labels) == on_logits.metrics(logits, labels)
+
+
+def test_ce_detects_probabilities_on_the_first_batch_and_clamps_zero():
+    rng = np.random.default_rng(5)
+    p = rng.dirichlet(np.ones(5), size=6).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    loss = make_loss("ce", "probs")  # no model: decided on the data
+    assert loss.probabilities is None and loss.note is None
+    s, c = loss.loss_sum(p, labels)
+    assert loss.probabilities is True and loss.note == ("the output is a probability (its values sum to 1 over the "
+                                                        "classes): ce uses its log")
+    assert s == pytest.approx(-np.log(p[np.arange(6), labels].astype(np.float64)).sum(), rel=1e-12)
+    # a zero probability for the label gives a large finite loss and a finite gradient
+    t = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float32, requires_grad=True)
+    s0, _ = make_loss("ce", "p", probabilities=True).terms(t, torch.tensor([1]))
+    (g,) = torch.autograd.grad(s0, [t])
+    assert float(s0.detach()) == pytest.approx(-math.log(np.finfo(np.float32).tiny))
+    assert torch.isfinite(g).all()
+    # logits are not mistaken for probabilities
+    logits = make_loss("ce", "o")
+    logits.loss_sum(rng.normal(size=(6, 5)).astype(np.float32), labels)
+    assert logits.probabilities is False and logits.note is None
+
+
+def test_ce_shape_error_on_a_sequence_output_points_to_a_custom_loss():
+    out = np.zeros((2, 7, 5), np.float32)  # [B, T, C]
+    with pytest.raises(LLCError) as e:
+        make_loss("ce", "o").loss_sum(out, np.zeros((2, 7), np.int64))
+    msg = str(e.value)
+    assert "--loss module:function" in msg and "--loss lm" in msg and "\n" not in msg

@@ -436,3 +436,94 @@ def test_int2_int8_matmul_fallback_and_ort_bug():
     # int16 activations keep INT2
     qm16 = apply_qdq(model, {"mm": plan}, {"mm": AQ(act.scale / 256, 16)})
     assert init_types(qm16)["w_q2"] == TP.INT2
+
+
+# ---------------------------------------------------------------- Conv blocks over C·kh·kw (matrix layout)
+CONV_CASES = {"conv": (40, 16, 1), "grouped": (40, 16, 4), "depthwise": (32, 32, 32)}
+
+
+@pytest.mark.parametrize("abits", [None, 8, 16])
+@pytest.mark.parametrize("bits,block", [(4, 32), (2, 32), (4, 16), (2, 8)])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_blocked_over_flattened_reduction(case, bits, block, abits):
+    """quantize_weight's matrix layout for a blocked Conv weight ([O, C/g·kh·kw], blocks along axis 1) is
+    written as codes -> DequantizeLinear(axis 1) -> Reshape -> Conv; ONNX Runtime computes the fake-quant
+    model (the float Conv with the dequantized weight) and the codes take bits/8 bytes a weight."""
+    from llc_onnx.quant import WeightQuantSpec, quantize_weight
+
+    cin, cout, group = CONV_CASES[case]
+    rng = np.random.default_rng(bits * 7 + block + (abits or 0))
+    model, w, shapes = conv_model(rng, cin, cout, group)
+    plan = quantize_weight(w, WeightQuantSpec(bits, block), 0, 1)
+    r = w[0].size
+    assert plan.q.shape == (cout, r) and plan.scale.shape == (cout, -(-r // block)) and plan.axis == 1
+    feeds = feeds_for(rng, shapes)
+    acts, xin = {}, feeds["x"]
+    if abits:
+        qmax = 2 ** (abits - 1) - 1
+        scale = float(np.abs(xin).max() / qmax)
+        acts = {"cv": AQ(scale, abits)}
+        xin = (np.clip(np.round(xin / np.float32(scale)), -qmax - 1, qmax) * np.float32(scale)).astype(np.float32)
+    before = model.SerializeToString()
+    qm = apply_qdq(model, {"cv": plan}, acts)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(qm, full_check=True)
+    want = run(replace_init(model, "w", plan.dequant), {"x": xin})[0]
+    assert rel_err(run(qm, feeds)[0], want) < 1e-5
+    producer = {o: n for n in qm.graph.node for o in n.output}
+    conv = next(n for n in qm.graph.node if n.op_type == "Conv")
+    reshape = producer[conv.input[1]]
+    dq = producer[reshape.input[0]]
+    assert (reshape.op_type, reshape.name, dq.op_type, dq.name) == ("Reshape", "cv_dq_reshape", "DequantizeLinear", "cv_dq")
+    assert {a.name: oh.get_attribute_value(a) for a in dq.attribute} == {"axis": 1, "block_size": block}
+    raw = {t.name: len(t.raw_data) for t in qm.graph.initializer}
+    assert raw[f"w_q{bits}"] == -(-w.size * bits // 8) and raw["w_scale"] == 4 * plan.scale.size == plan.nbytes - raw[f"w_q{bits}"]
+    assert nh.to_array(next(t for t in qm.graph.initializer if t.name == "w_shape")).tolist() == list(w.shape)
+
+
+def test_depthwise_int4_is_smaller_than_float():
+    """The issue's example: a depthwise (32, 1, 3, 3) weight at int4 (block 32) is 144 B of codes + 128 B of
+    scales in the written model, below its 1,152 B float32 (it was 1,296 B with blocks along C alone)."""
+    from llc_onnx.model_io import tensor_nbytes
+    from llc_onnx.quant import WeightQuantSpec, quantize_weight
+
+    rng = np.random.default_rng(21)
+    model, w, shapes = conv_model(rng, 32, 32, 32)
+    plan = quantize_weight(w, WeightQuantSpec(4, 32), 0, 1)
+    qm = apply_qdq(model, {"cv": plan})
+    sizes = {t.name: tensor_nbytes(t) for t in qm.graph.initializer}
+    assert (sizes["w_q4"], sizes["w_scale"], plan.nbytes) == (144, 128, 272)
+    feeds = feeds_for(rng, shapes)
+    assert rel_err(run(qm, feeds)[0], run(replace_init(model, "w", plan.dequant), feeds)[0]) < 1e-5
+
+
+def test_matrix_layout_plan_checks():
+    from llc_onnx.quant import WeightQuantSpec, quantize_weight
+
+    rng = np.random.default_rng(22)
+    model, w, _ = conv_model(rng, 40, 16, 1)
+    plan = quantize_weight(w, WeightQuantSpec(4, 32), 0, 1)
+    with pytest.raises(LLCError, match="blocked along axis 1, not 0"):
+        apply_qdq(model, {"cv": QW(plan.q, plan.scale, 0, 32, 4, plan.dequant)})
+    with pytest.raises(LLCError, match="q has shape"):
+        apply_qdq(model, {"cv": QW(plan.q.reshape(8, -1), plan.scale, 1, 32, 4, plan.dequant)})
+    per_channel = quantize_weight(w, WeightQuantSpec(8, None), 0, 1)  # per channel: the weight's own shape
+    assert per_channel.q.shape == w.shape
+    qm = apply_qdq(model, {"cv": per_channel})
+    assert "Reshape" not in [n.op_type for n in qm.graph.node]
+
+
+@pytest.mark.parametrize("opset", [22, 23, 24, 25, 26])
+@pytest.mark.parametrize("bits,block", [(2, 32), (4, 32), (8, None)])
+def test_newer_opsets_are_kept(opset, bits, block):
+    """Models prepared at opset 22..26 keep their opset; INT2 relabels only below 25 (ORT 1.31 runs INT2
+    DequantizeLinear at 25 and 26)."""
+    rng = np.random.default_rng(opset + bits)
+    model, w, shapes = conv_model(rng, 40, 16, 4)
+    model.opset_import[0].version = opset
+    model.ir_version = 11
+    plan = ref_quant(w, bits, 0, 1, block)
+    qm = apply_qdq(model, {"cv": plan})
+    assert {o.domain: o.version for o in qm.opset_import}[""] == (max(opset, 25) if bits == 2 else opset)
+    feeds = feeds_for(rng, shapes)
+    assert rel_err(run(qm, feeds)[0], run(replace_init(model, "w", plan.dequant), feeds)[0]) < 1e-5

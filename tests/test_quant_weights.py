@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from llc_onnx.errors import LLCError
-from llc_onnx.quant import QuantizedWeight, WeightQuantSpec, qrange, quantize_weight, weight_nbytes
+from llc_onnx.quant import QuantizedWeight, WeightQuantSpec, dominated_levels, qrange, quantize_weight, weight_nbytes
 
 
 def _rng(seed=0):
@@ -34,6 +34,13 @@ def _expand_scale(qw, shape):
     return np.take(s, np.arange(shape[qw.axis]), axis=qw.axis).astype(np.float64)
 
 
+def _layout(qw, out_axis, reduce_axis, *arrays):
+    """Arrays in the layout of qw.q (the (O, R) matrix for a blocked Conv weight) and the axes there."""
+    if qw.q.shape == arrays[0].shape:
+        return (out_axis, reduce_axis, *arrays)
+    return (0, 1, *[a.reshape(qw.q.shape) for a in arrays])
+
+
 CASES = [  # (shape, out_axis, reduce_axis)
     ((8, 3, 3, 3), 0, 1),        # Conv [O, I, kh, kw]
     ((40, 12), 1, 0),            # MatMul [K, N]
@@ -47,19 +54,27 @@ def test_nearest_error_bounded_and_layout(shape, out_axis, reduce_axis, bits, bl
     w = _rng(bits).standard_normal(shape).astype(np.float32)
     qw = quantize_weight(w, WeightQuantSpec(bits, block), out_axis, reduce_axis)
     assert isinstance(qw, QuantizedWeight)
-    assert qw.q.dtype == np.int32 and qw.q.shape == w.shape
+    assert qw.q.dtype == np.int32 and qw.dequant.shape == w.shape
     assert qw.scale.dtype == np.float32 and qw.dequant.dtype == np.float32
     if block is None:
+        assert qw.q.shape == w.shape
         assert qw.axis == out_axis and qw.scale.shape == (shape[out_axis],)
+    elif len(shape) >= 3:  # Conv: matrix layout, blocks over C·kh·kw
+        r = math.prod(shape[1:])
+        assert qw.q.shape == (shape[0], r)
+        assert qw.axis == 1 and qw.scale.shape == (shape[0], math.ceil(r / block))
     else:
+        assert qw.q.shape == w.shape
         exp = list(shape)
         exp[reduce_axis] = math.ceil(shape[reduce_axis] / block)
         assert qw.axis == reduce_axis and qw.scale.shape == tuple(exp)
+    out_axis, reduce_axis, w = _layout(qw, out_axis, reduce_axis, w)
     s = _expand_scale(qw, w.shape)
-    # dequant is exactly q * scale in float32, as DequantizeLinear computes it
-    np.testing.assert_array_equal(qw.dequant, (qw.q.astype(np.float32) * s.astype(np.float32)))
+    # dequant is exactly q * scale in float32, as DequantizeLinear computes it (reshaped to the weight)
+    np.testing.assert_array_equal(qw.dequant.reshape(w.shape), (qw.q.astype(np.float32) * s.astype(np.float32)))
+    dequant = qw.dequant.reshape(w.shape)
     # minmax + nearest: no clipping, |w - dq| <= scale / 2 (+ float32 rounding of the product)
-    err = np.abs(qw.dequant.astype(np.float64) - w)
+    err = np.abs(dequant.astype(np.float64) - w)
     assert np.all(err <= s / 2 * (1 + 1e-6) + 1e-7 * np.abs(w))
     qmin, qmax = qrange(bits)
     assert qw.q.min() >= qmin and qw.q.max() <= qmax
@@ -130,6 +145,7 @@ def test_llc_rounding_first_order_nonpositive_and_small(seed, shape, out_axis, r
     qw = quantize_weight(w, spec, out_axis, reduce_axis, grad=g)
     near = quantize_weight(w, WeightQuantSpec(bits, block), out_axis, reduce_axis)
     np.testing.assert_array_equal(qw.scale, near.scale)
+    out_axis, reduce_axis, w, g = _layout(qw, out_axis, reduce_axis, w, g)
     s = _expand_scale(qw, w.shape)
     delta = qw.q * s - w.astype(np.float64)
     d_sign = _sign_round(w, g, qw, out_axis, reduce_axis) - w.astype(np.float64)
@@ -310,3 +326,34 @@ def test_llc_flips_no_more_than_needed():
         assert np.sum(gg * (q2 * ss - ww)) > 0
         n_checked += 1
     assert n_checked > 10
+
+
+def test_depthwise_conv_blocks_run_over_the_flattened_reduction():
+    """A depthwise (32, 1, 3, 3) weight at int4: one block of 9 per output channel (272 B), not one
+    1-element block per (o, kh, kw) (1,296 B, more than the 1,152 B of float32)."""
+    w = _rng(16).standard_normal((32, 1, 3, 3)).astype(np.float32)
+    spec = WeightQuantSpec(4, 32)
+    qw = quantize_weight(w, spec, 0, 1)
+    assert qw.q.shape == (32, 9) and qw.scale.shape == (32, 1) and qw.axis == 1
+    assert qw.nbytes == weight_nbytes(w.shape, spec, 1) == 32 * 9 // 2 + 4 * 32 == 272 < w.nbytes
+    # per output channel, the largest |w| over C·kh·kw maps to ±7: the block is the whole filter
+    np.testing.assert_array_equal(np.abs(qw.q).max(axis=1), 7)
+    np.testing.assert_array_equal(qw.scale[:, 0], (np.abs(w.reshape(32, 9).astype(np.float64)).max(1) / 7).astype(np.float32))
+    np.testing.assert_array_equal(qw.dequant, (qw.q * qw.scale).astype(np.float32).reshape(w.shape))
+    # a regular conv (8, 20, 3, 3) with block 32: 180 = 5 full blocks + 20 per output channel
+    w2 = _rng(17).standard_normal((8, 20, 3, 3)).astype(np.float32)
+    qw2 = quantize_weight(w2, spec, 0, 1)
+    assert qw2.q.shape == (8, 180) and qw2.scale.shape == (8, 6)
+    np.testing.assert_array_equal(qw2.scale[:, 5], (np.abs(w2.reshape(8, 180)[:, 160:].astype(np.float64)).max(1) / 7)
+                                  .astype(np.float32))
+    with pytest.raises(LLCError, match="out_axis=0, reduce_axis=1"):
+        quantize_weight(w2, spec, 1, 0)
+
+
+def test_dominated_levels():
+    # depthwise 3x3 conv with 8 output channels: int8 per channel costs 72 + 32, int4 blocked 36 + 32,
+    # int2 blocked 18 + 32; float 288
+    assert dominated_levels({0: 288, 8: 104, 4: 68, 2: 50}) == set()
+    assert dominated_levels({"float": 100, "int8": 104, "int4": 68}) == {"int8"}
+    assert dominated_levels({16: 60, 8: 60, 4: 70, 2: 40}) == {8, 4}
+    assert dominated_levels({}) == set()

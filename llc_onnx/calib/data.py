@@ -110,7 +110,8 @@ class _InputSpec:
 
 
 def model_inputs(model: onnx.ModelProto) -> list[_InputSpec]:
-    """Graph inputs that are not initializers, with numpy dtype and static dims."""
+    """Graph inputs that are not initializers, with numpy dtype and static dims (None for symbolic, unknown
+    and ``-1`` dims)."""
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:
@@ -125,7 +126,8 @@ def model_inputs(model: onnx.ModelProto) -> list[_InputSpec]:
                 dtype = None
         shape = None
         if tt.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            # -1 is how some converters write a dynamic dim: read it as one
+            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tt.shape.dim)
         specs.append(_InputSpec(vi.name, dtype, shape))
     return specs
 

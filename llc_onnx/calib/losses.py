@@ -5,7 +5,12 @@ uses). All losses are computed in float64.
 
 * ``"ce"`` — cross-entropy of an output ``[B, C]`` (or ``[B, C, d1, ...]`` with labels ``[B, d1, ...]``)
   against integer class labels; label ``-100`` (``ignore_index``) is skipped. Metrics ``top1`` and
-  ``top5`` (only when C ≥ 5). Count = number of labelled positions.
+  ``top5`` (only when C ≥ 5). Count = number of labelled positions. The output is read as logits
+  (``CE = −log_softmax(z)[y]``) unless it is already a probability — a ``Softmax`` feeds the graph output
+  (possibly through Identity/Reshape/...: :func:`probability_source`, pass ``model=`` to
+  :func:`make_loss`), or, when not told, the first batch the loss sees has every value in [0, 1] and
+  class sums within 1e-3 of 1 — then ``CE = −log(max(p[y], tiny))`` (NLL of the log-probability, clamped
+  at float32's smallest normal so a 0 gives a finite loss). ``loss.note`` says so for the summary.
 * ``"lm"`` — next-token cross-entropy, Hugging Face convention: logits ``[B, T, V]``, labels ``[B, T]``
   aligned with ``input_ids``; ``logits[:, :-1]`` is compared with ``labels[:, 1:]``, ``-100`` ignored.
   Metrics ``top1``, ``top5`` (V ≥ 5) and ``ppl`` = ``exp(Σ loss sums / Σ counts)`` (computed in
@@ -47,10 +52,12 @@ def _as_numpy(x) -> np.ndarray:
 
 
 class TaskLoss:
-    """Base class. ``name`` is the loss kind, ``output`` the graph output it reads."""
+    """Base class. ``name`` is the loss kind, ``output`` the graph output it reads, ``note`` a one-line
+    remark for the summary on how the output is read (None when there is nothing to say)."""
 
     name: str = ""
     needs_labels: bool = True
+    note: str | None = None
 
     def __init__(self, output: str):
         self.output = output
@@ -145,8 +152,57 @@ class _ClassLoss(TaskLoss):
         return out
 
 
+# ops that pass a probability through unchanged in value (what lies between a Softmax and the graph output)
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"}
+PROBABILITY_TOL = 1e-3  # |Σ_c p - 1| allowed when the probability check runs on data
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def probability_source(model, output: str) -> str | None:
+    """The op type (``"Softmax"``) when a Softmax feeds graph output ``output`` of ``model`` (an
+    ``onnx.ModelProto``), directly or through value-preserving ops (Identity, Reshape, Flatten, Squeeze,
+    Unsqueeze, Transpose, Cast); None otherwise."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name, seen = output, set()
+    while name in producer and name not in seen:
+        seen.add(name)
+        node = producer[name]
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Softmax":
+            return "Softmax"
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            return None
+        name = node.input[0]
+    return None
+
+
+def looks_like_probability(output, axis: int = 1) -> bool:
+    """True when every value is in [0, 1] and the sums over ``axis`` are within 1e-3 of 1."""
+    o = _as_numpy(output).astype(np.float64)
+    if o.ndim <= axis or o.size == 0 or not np.all(np.isfinite(o)) or o.min() < 0 or o.max() > 1:
+        return False
+    return bool(np.all(np.abs(o.sum(axis=axis) - 1.0) <= PROBABILITY_TOL))
+
+
 class CrossEntropyLoss(_ClassLoss):
+    """``probabilities``: True when the output is a probability (a Softmax feeds it), False for logits, None
+    to decide on the first batch (module docstring); ``source`` says why, for :attr:`note`."""
+
     name = "ce"
+
+    def __init__(self, output: str, ignore_index: int = -100, probabilities: bool | None = None,
+                 source: str | None = None):
+        super().__init__(output, ignore_index)
+        self.probabilities = probabilities
+        self.source = source
+
+    @property
+    def note(self) -> str | None:
+        if not self.probabilities:
+            return None
+        why = f"({self.source})" if self.source else "(its values sum to 1 over the classes)"
+        return f"the output is a probability {why}: ce uses its log"
 
     def _flat(self, output_shape, labels_shape):
         if len(output_shape) < 2:
@@ -154,8 +210,12 @@ class CrossEntropyLoss(_ClassLoss):
                            "the 'ce' loss needs [batch, classes, ...] (pick another --output or --loss)")
         want = (output_shape[0],) + tuple(output_shape[2:])
         if tuple(labels_shape) != want:
+            hint = ""
+            if len(output_shape) >= 3:
+                hint = (" (classes on axis 1); for a [batch, seq, classes] output use --loss lm (next-token) or "
+                        "--loss module:function with your own fn(output, labels)")
             raise LLCError(f"labels: shape {tuple(labels_shape)} does not match output '{self.output}' of shape "
-                           f"{tuple(output_shape)}; the 'ce' loss needs labels of shape {want}")
+                           f"{tuple(output_shape)}; the 'ce' loss needs labels of shape {want}{hint}")
 
     def terms(self, output, labels):
         _need_labels(labels, self)
@@ -164,7 +224,14 @@ class CrossEntropyLoss(_ClassLoss):
         self._flat(tuple(output.shape), tuple(labels.shape))
         self._range_check(labels, output.shape[1])
         labels = labels.long()
-        s = torch.nn.functional.cross_entropy(output.double(), labels, reduction="sum", ignore_index=self.ignore_index)
+        if self.probabilities is None:  # decided once, on the first batch seen (the reference model's)
+            self.probabilities = looks_like_probability(output.detach())
+        if self.probabilities:
+            logp = torch.log(output.double().clamp_min(_TINY))
+            s = torch.nn.functional.nll_loss(logp, labels, reduction="sum", ignore_index=self.ignore_index)
+        else:
+            s = torch.nn.functional.cross_entropy(output.double(), labels, reduction="sum",
+                                                  ignore_index=self.ignore_index)
         return s, int((labels != self.ignore_index).sum())
 
     def metrics(self, output, labels):
@@ -366,9 +433,14 @@ def teacher_dataset(dataset, run_float) -> "Dataset":
     return Dataset(batches, dataset.source, indices=dataset.indices, unit="batch")
 
 
-def make_loss(kind: str, output: str, **opts) -> TaskLoss:
-    """``kind``: ``"ce"`` | ``"lm"`` (``ignore_index`` option, default -100) | ``"mse"`` | ``"module:function"``."""
+def make_loss(kind: str, output: str, model=None, **opts) -> TaskLoss:
+    """``kind``: ``"ce"`` | ``"lm"`` (``ignore_index`` option, default -100) | ``"mse"`` | ``"module:function"``.
+    ``model`` (optional, the ``onnx.ModelProto``): for ``ce``, a Softmax feeding ``output`` makes it read the
+    output as a probability (:func:`probability_source`); without it ``ce`` checks the first batch."""
     if kind == "ce":
+        if model is not None and "probabilities" not in opts:
+            src = probability_source(model, output)
+            opts = {**opts, "probabilities": src is not None or None, "source": src}
         return CrossEntropyLoss(output, **opts)
     if kind == "lm":
         return NextTokenLoss(output, **opts)

@@ -26,7 +26,7 @@ from . import registry
 from .registry import OpContext, OpFn
 from .tensors import Tensor, attr_value, np_to_torch
 
-__all__ = ["TorchGraph", "Snapshots", "node_key", "unsupported_nodes"]
+__all__ = ["TorchGraph", "Subgraph", "Snapshots", "node_key", "outer_names", "unsupported_nodes"]
 
 # ops whose weight / activation operands the hooks address in a fixed way
 _CONV_LIKE = {"Conv", "ConvTranspose"}
@@ -46,26 +46,64 @@ def _has_subgraph(proto: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in proto.attribute)
 
 
+def _subgraphs(proto: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for a in proto.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_names(graph: onnx.GraphProto) -> list[str]:
+    """Names ``graph`` (a node's subgraph) reads from the enclosing scopes, in first-use order: read by its
+    nodes (or their own subgraphs) and defined neither by its inputs, initializers nor nodes."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    out: dict[str, None] = {}
+    for n in graph.node:
+        reads = list(n.input) + [name for g in _subgraphs(n) for name in outer_names(g)]
+        for name in reads:
+            if name and name not in defined:
+                out[name] = None
+        defined.update(o for o in n.output if o)
+    return list(out)
+
+
 def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
     """(node key, op type, domain) of every main-graph node the interpreter cannot run (in graph order):
     no registered implementation for the model's opset of its domain, or a subgraph attribute the
-    implementation does not handle (``fn.handles_subgraphs``). Local functions are inlined first, as
-    :class:`TorchGraph` does."""
+    implementation does not handle (``fn.handles_subgraphs``); nodes inside the subgraphs of a node that
+    handles them are checked too and listed as ``<node key>/<subgraph node key>``. Local functions are
+    inlined first, as :class:`TorchGraph` does."""
     registry.load_plugins()
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     versions = {_domain_key(imp.domain): int(imp.version) for imp in model.opset_import}
-    out = []
-    for i, proto in enumerate(model.graph.node):
-        domain = _domain_key(proto.domain)
-        fn = registry.lookup(proto.op_type, domain, versions.get(domain, 21 if domain == "" else 1))
-        if fn is None or (_has_subgraph(proto) and not getattr(fn, "handles_subgraphs", False)):
-            out.append((node_key(proto, i), proto.op_type, proto.domain))
-    return out
+
+    def check(graph: onnx.GraphProto, prefix: str) -> list[tuple[str, str, str]]:
+        out = []
+        for i, proto in enumerate(graph.node):
+            domain = _domain_key(proto.domain)
+            fn = registry.lookup(proto.op_type, domain, versions.get(domain, 21 if domain == "" else 1))
+            key = prefix + node_key(proto, i)
+            if fn is None or (_has_subgraph(proto) and not getattr(fn, "handles_subgraphs", False)):
+                out.append((key, proto.op_type, proto.domain))
+            elif _has_subgraph(proto):
+                for g in _subgraphs(proto):
+                    out.extend(check(g, key + "/"))
+        return out
+
+    return check(model.graph, "")
 
 
 class _Node:
-    __slots__ = ("index", "key", "op", "domain", "inputs", "outputs", "attrs", "proto", "w_idx", "x_idx", "fn")
+    """One node as the executor runs it. A node with subgraph attributes (If, Loop, ...) also reads the
+    values its subgraphs take from the enclosing scope: they are appended to ``inputs`` after the node's
+    own ``n_explicit`` inputs (so they stay alive until it runs), under the names ``implicit``."""
+
+    __slots__ = ("index", "key", "op", "domain", "inputs", "outputs", "attrs", "proto", "w_idx", "x_idx", "fn",
+                 "n_explicit", "implicit")
 
     def __init__(self, index: int, proto: onnx.NodeProto):
         self.index = index
@@ -73,12 +111,99 @@ class _Node:
         self.op = proto.op_type
         self.domain = proto.domain or ""
         self.inputs = list(proto.input)
+        self.n_explicit = len(self.inputs)
+        self.implicit: list[str] = []
+        if _has_subgraph(proto):  # (a name may be both an explicit input and read by a subgraph)
+            self.implicit = list(dict.fromkeys(n for g in _subgraphs(proto) for n in outer_names(g)))
+            self.inputs += self.implicit
         self.outputs = list(proto.output)
         self.attrs = {a.name: attr_value(a) for a in proto.attribute}
         self.proto = proto
         self.w_idx: int | None = None
         self.x_idx: int | None = None
         self.fn: OpFn | None = None
+
+
+class Subgraph:
+    """A node's subgraph (the body of If/Loop/...) run with the registered ops, eagerly, with autograd.
+
+    ``parent``: the :class:`TorchGraph` (or enclosing :class:`Subgraph`) whose dtype, device, opsets and
+    element types it shares. :meth:`run` takes the subgraph's inputs and the outer-scope values it reads
+    (:attr:`outer`, from the node's implicit inputs) and returns its outputs in order."""
+
+    def __init__(self, parent, proto: onnx.GraphProto, where: str):
+        self.parent = parent
+        self.dtype, self.device = parent.dtype, parent.device
+        self.where = where
+        self.input_names = [i.name for i in proto.input]
+        self.output_names = [o.name for o in proto.output]
+        self.outer = outer_names(proto)
+        self.elem_types = dict(parent.elem_types)
+        self.consts: dict[str, Tensor] = {}
+        for init in proto.initializer:
+            self.consts[init.name] = np_to_torch(numpy_helper.to_array(init), self.dtype, self.device)
+            self.elem_types[init.name] = int(init.data_type)
+        self._subgraphs: dict[tuple[int, str], Subgraph] = {}
+        self.nodes = []
+        for i, p in enumerate(proto.node):
+            n = _Node(i, p)
+            n.fn = registry.lookup(n.op, n.domain, self.domain_version(n.domain))
+            if n.fn is None:
+                raise LLCError(f"node '{where}/{n.key}' (op {n.op}): not supported by the llc-onnx interpreter; "
+                               "register an implementation (llc_onnx.interpreter.register_op)")
+            if n.op == "Constant":
+                self.consts[n.outputs[0]] = n.fn(OpContext(self, n), [])
+                for a in p.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        self.elem_types[n.outputs[0]] = int(a.t.data_type)
+            else:
+                self.nodes.append(n)
+
+    def domain_version(self, domain: str) -> int:
+        return self.parent.domain_version(domain)
+
+    def subgraph(self, node, attr: str) -> Subgraph:
+        return _cached_subgraph(self, node, attr)
+
+    def run(self, inputs: list[Tensor | None], outer: dict[str, Tensor]) -> list[Tensor]:
+        env: dict[str, Tensor] = dict(outer)
+        env.update(self.consts)
+        env.update((k, v) for k, v in zip(self.input_names, inputs) if v is not None)
+        for n in self.nodes:
+            try:
+                xs = [env[i] if i else None for i in n.inputs]
+            except KeyError as e:
+                raise LLCError(f"node '{self.where}/{n.key}' (op {n.op}): input {e} is not produced by any node") \
+                    from None
+            try:
+                res = n.fn(OpContext(self, n), xs)
+            except LLCError:
+                raise
+            except Exception as e:  # noqa: BLE001 - re-raised with the node named
+                shapes = [tuple(x.shape) if x is not None else None for x in xs]
+                raise LLCError(f"node '{self.where}/{n.key}' (op {n.op}): failed on input shapes {shapes}: "
+                               f"{type(e).__name__}: {e}") from e
+            if isinstance(res, Tensor):
+                env[n.outputs[0]] = res
+            else:
+                for o, r in zip(n.outputs, res):
+                    if o:
+                        env[o] = r
+        try:
+            return [env[o] for o in self.output_names]
+        except KeyError as e:
+            raise LLCError(f"subgraph of '{self.where}': output {e} is not produced") from None
+
+
+def _cached_subgraph(owner, node, attr: str) -> Subgraph:
+    key = (node.index, attr)
+    if key not in owner._subgraphs:
+        proto = node.attrs[attr]
+        if not isinstance(proto, onnx.AttributeProto) or proto.type != onnx.AttributeProto.GRAPH:
+            raise LLCError(f"node '{node.key}' (op {node.op}): attribute '{attr}' is not a graph")
+        where = node.key if isinstance(owner, TorchGraph) else f"{owner.where}/{node.key}"
+        owner._subgraphs[key] = Subgraph(owner, proto.g, where)
+    return owner._subgraphs[key]
 
 
 class TorchGraph:
@@ -105,6 +230,14 @@ class TorchGraph:
 
         self.params: dict[str, Tensor] = {}
         self.consts: dict[str, Tensor] = {}  # integer/bool initializers and Constant outputs
+        # ONNX element type of initializers and Constant outputs (torch widens INT4/UINT16/...; ops such as
+        # QuantizeLinear need the ONNX type of a zero point)
+        self.elem_types: dict[str, int] = {init.name: int(init.data_type) for init in graph.initializer}
+        for proto in graph.node:
+            if proto.op_type == "Constant" and proto.domain in ("", "ai.onnx"):
+                for a in proto.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        self.elem_types[proto.output[0]] = int(a.t.data_type)
         for init in graph.initializer:
             arr = numpy_helper.to_array(init)
             t = np_to_torch(arr, dtype, self.device)
@@ -145,8 +278,13 @@ class TorchGraph:
 
         for n in self._nodes:
             self._assign_operands(n)
+        self._subgraphs: dict[tuple[int, str], Subgraph] = {}
         self._plans: dict[tuple, tuple[list[_Node], dict[str, int]]] = {}
         self._positions: dict[tuple[str, ...], dict[int, int]] = {}  # outputs -> node index -> position
+
+    def subgraph(self, node, attr: str) -> Subgraph:
+        """The :class:`Subgraph` of graph attribute ``attr`` of main-graph node ``node`` (built once)."""
+        return _cached_subgraph(self, node, attr)
 
     def domain_version(self, domain: str) -> int:
         """The opset version the model imports for ``domain`` (1 when it imports none)."""

@@ -71,6 +71,15 @@ class OpContext:
         """The version the model imports for this node's domain."""
         return self.g.domain_version(self.node.domain)
 
+    def outer_scope(self, xs: list) -> dict:
+        """For a node with subgraphs: the enclosing-scope values its subgraphs read (name -> tensor), which
+        the executor passes after the node's own inputs in ``xs``."""
+        return dict(zip(self.node.implicit, xs[self.node.n_explicit:]))
+
+    def subgraph(self, attr: str):
+        """The runnable subgraph of graph attribute ``attr`` (``interpreter.graph.Subgraph``)."""
+        return self.g.subgraph(self.node, attr)
+
     def fail(self, what: str) -> LLCError:
         return LLCError(f"node '{self.node.key}' (op {self.node.op}): {what}")
 

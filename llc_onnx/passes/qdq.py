@@ -11,6 +11,12 @@ For every node with a weight plan (an object with ``q, scale, axis, block_size, 
   which adds an all-zero zero point of q's type) feeding that node's weight input,
 * removes the float initializer once no node uses it any more.
 
+A blocked Conv plan in the matrix layout of ``llc_onnx.quant.weights`` (codes ``[O, C/g·kh·kw]``, blocks
+along axis 1 — the convolution's whole reduction; ONNX ``DequantizeLinear`` blocks along one axis only) is
+written as ``q [O, R] → DequantizeLinear(axis=1, block_size) → Reshape(W.shape) → Conv`` (the Reshape is
+``<node>_dq_reshape``, its shape initializer ``<weight>_shape``). Plans whose ``q`` has the weight's own
+shape are written without the Reshape, as before.
+
 Two nodes sharing one initializer may get different plans (each gets its own DQ, names are made
 unique with the node name) or identical plans (one DQ, one copy of q/scale, shared).
 
@@ -19,10 +25,11 @@ For every node with an activation plan (``scale``, ``bits`` in {8, 16}) the pass
 ``<node>_xq`` / ``<node>_xdq``) on that node's activation input (input 0) — only for that node's use of
 the tensor; other consumers keep reading the float tensor.
 
-Opset: the model must be at opset >= 21 (``prepare_model`` gives 21). If any weight uses INT2 the
-default opset is relabelled to 25 and the IR version raised to 11 (INT2 DequantizeLinear exists from
-opset 25 on; the ops changed between 21 and 25 only gained types, no semantics changed for the ops
-they already had). Nodes without a plan are untouched.
+Opset: the model must be at opset >= 21 (``prepare_model`` gives at least 21 and keeps 21..26). If any
+weight uses INT2 and the model is below 25, the default opset is relabelled to 25 and the IR version raised
+to 11 (INT2 DequantizeLinear exists from opset 25 on; the ops changed between 21 and 25 only gained types,
+no semantics changed for the ops they already had); a model at 25 or 26 keeps its opset (ORT 1.31 runs
+INT2 DequantizeLinear at both, checked in tests/test_pass_qdq.py). Nodes without a plan are untouched.
 
 ONNX Runtime 1.31.1 (CPU) runs the graphs this pass writes, checked numerically against the
 fake-quant model: per-channel and blocked (incl. a partial last block) INT8/INT16/INT4/INT2 weights on
@@ -51,6 +58,7 @@ import onnx_ir as ir
 
 from llc_onnx.errors import LLCError
 from llc_onnx.passes import common
+from llc_onnx.quant.weights import is_matrix_layout
 
 __all__ = ["QDQPass", "apply_qdq", "WeightPlan", "ActivationPlan", "QTYPES"]
 
@@ -68,8 +76,8 @@ _ACT_BITS = (8, 16)
 class WeightPlan(Protocol):
     """What the pass reads from a ``QuantizedWeight`` (llc_onnx.quant)."""
 
-    q: np.ndarray  # integer values, same shape as the ONNX weight
-    scale: np.ndarray  # per-channel [W.shape[axis]] or blocked (W.shape with axis -> ceil(K/block))
+    q: np.ndarray  # integer values, the ONNX weight's shape (or [O, C/g·kh·kw] for a blocked Conv)
+    scale: np.ndarray  # per-channel [q.shape[axis]] or blocked (q.shape with axis -> ceil(K/block))
     axis: int
     block_size: int | None
     bits: int
@@ -92,8 +100,11 @@ def _check_weight_plan(node: ir.Node, w: np.ndarray, plan: Any) -> tuple[np.ndar
     if bits not in QTYPES:
         raise LLCError(f"{where}: weight plan has bits={bits}; supported are 2, 4, 8 and 16")
     q = np.asarray(plan.q)
-    if q.shape != w.shape:
+    block = None if plan.block_size is None else int(plan.block_size)
+    matrix = block is not None and q.shape != w.shape and is_matrix_layout(w.shape, q.shape)
+    if q.shape != w.shape and not matrix:
         raise LLCError(f"{where}: weight plan q has shape {q.shape} but the weight is {w.shape}; quantize this node's weight")
+    shape = q.shape  # the shape the DequantizeLinear sees
     if not np.issubdtype(q.dtype, np.integer):
         if not np.array_equal(q, np.round(q)):
             raise LLCError(f"{where}: weight plan q is not integer-valued; pass the integer codes")
@@ -104,24 +115,26 @@ def _check_weight_plan(node: ir.Node, w: np.ndarray, plan: Any) -> tuple[np.ndar
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         raise LLCError(f"{where}: weight plan scale has non-positive or non-finite values; fix the quantizer")
     axis = int(plan.axis)
-    block = None if plan.block_size is None else int(plan.block_size)
     if scale.ndim == 0:  # per tensor (no axis attribute written)
         if block is not None:
             raise LLCError(f"{where}: weight plan has a scalar scale but block_size={block}; give blocked scales")
         return q, scale, axis, None, bits
-    if not -w.ndim <= axis < w.ndim:
-        raise LLCError(f"{where}: weight plan axis={axis} is out of range for weight rank {w.ndim}")
-    axis %= w.ndim
+    if not -len(shape) <= axis < len(shape):
+        raise LLCError(f"{where}: weight plan axis={axis} is out of range for weight rank {len(shape)}")
+    axis %= len(shape)
     if block is None:
-        if scale.shape != (w.shape[axis],):
+        if scale.shape != (shape[axis],):
             raise LLCError(
-                f"{where}: per-channel scale has shape {scale.shape}, expected ({w.shape[axis]},) for axis {axis}"
+                f"{where}: per-channel scale has shape {scale.shape}, expected ({shape[axis]},) for axis {axis}"
             )
     else:
         if block < 1:
             raise LLCError(f"{where}: weight plan block_size={block} must be >= 1")
-        want = list(w.shape)
-        want[axis] = -(-w.shape[axis] // block)
+        if matrix and axis != 1:
+            raise LLCError(f"{where}: a Conv plan with codes {shape} (matrix layout) is blocked along axis 1, "
+                           f"not {axis}; pass the QuantizedWeight unchanged")
+        want = list(shape)
+        want[axis] = -(-shape[axis] // block)
         if scale.shape != tuple(want):
             raise LLCError(
                 f"{where}: blocked scale has shape {scale.shape}, expected {tuple(want)} "
@@ -241,8 +254,6 @@ class QDQPass(ir.passes.InPlacePass):
                         existing_int2.append(node.inputs[1].producer())
         uses_int2 = any(b == 2 for b in storage.values())
         if uses_int2:
-            if opset > 25:
-                raise LLCError(f"model: default opset is {opset}; ONNX Runtime 1.31 runs opset <= 25 with INT2")
             common.set_default_opset(model, 25, 11)
         elif prepared or act_prepared:
             common.set_default_opset(model, 21, 10)
@@ -278,6 +289,8 @@ class QDQPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(prepared or act_prepared))
 
     def _insert_weight_dq(self, graph, names, node, value, q, scale, axis, block, bits, stored_bits) -> ir.Value:
+        w_shape = tuple(value.const_value.shape)
+        matrix = tuple(q.shape) != w_shape  # blocked Conv codes [O, R]: DequantizeLinear, then Reshape
         dtype, np_type, _ = QTYPES[stored_bits]
         fdtype = value.const_value.dtype
         base, nname = value.name, node.name
@@ -299,16 +312,27 @@ class QDQPass(ir.passes.InPlacePass):
             attrs["axis"] = axis
         if block is not None:
             attrs["block_size"] = block
-        out = ir.Value(
-            name=names.fresh(f"{base}_dequant", f"{base}_{nname}_dequant"),
-            shape=ir.Shape(q.shape),
-            type=ir.TensorType(fdtype),
-        )
+        dq_name = names.fresh(f"{base}_dequant_2d" if matrix else f"{base}_dequant",
+                              f"{base}_{nname}_dequant_2d" if matrix else f"{base}_{nname}_dequant")
+        out = ir.Value(name=dq_name, shape=ir.Shape(q.shape), type=ir.TensorType(fdtype))
         dq = ir.node(
             "DequantizeLinear", inputs, attrs, outputs=[out], name=names.fresh(f"{nname}_dq")
         )
         graph.insert_before(node, dq)
-        return out
+        if not matrix:
+            return out
+        shape_name = names.fresh(f"{base}_shape", f"{base}_{nname}_shape")
+        shape_val = common.add_initializer(
+            graph, shape_name, ir.tensor(np.array(w_shape, dtype=np.int64), name=shape_name)
+        )
+        reshaped = ir.Value(
+            name=names.fresh(f"{base}_dequant", f"{base}_{nname}_dequant"),
+            shape=ir.Shape(w_shape),
+            type=ir.TensorType(fdtype),
+        )
+        reshape = ir.node("Reshape", [out, shape_val], outputs=[reshaped], name=names.fresh(f"{nname}_dq_reshape"))
+        graph.insert_before(node, reshape)
+        return reshaped
 
     def _insert_activation_qdq(self, graph, names, node, bits, scale) -> None:
         x = node.inputs[0]

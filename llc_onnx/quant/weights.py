@@ -8,6 +8,18 @@ Layouts
   consecutive blocks (the last one may be partial); every block of every other index gets its own
   scale, so ``scale.shape == w.shape`` with ``shape[reduce_axis] -> ceil(K / bs)`` and
   ``QuantizedWeight.axis == reduce_axis``.  This is the ONNX ``DequantizeLinear`` blocked layout.
+* **Blocked convolution** (``spec.block_size = bs`` and ``w.ndim ≥ 3``, i.e. a Conv weight
+  ``[O, C/g, k1, …]`` with ``out_axis=0``, ``reduce_axis=1``): a convolution reduces over
+  ``R = C/g·k1·…`` (all axes but the output one; per group it is the same thing, since W holds one
+  group's channels), so the blocks run over that flattened reduction: the weight is viewed as the
+  matrix ``W2 = w.reshape(O, R)`` and blocked along its axis 1.  ``q`` and ``scale`` are returned
+  in that **matrix layout** — ``q.shape == (O, R)``, ``scale.shape == (O, ceil(R / bs))``,
+  ``axis == 1`` — because ONNX ``DequantizeLinear`` blocks along one axis only; the graph writes
+  codes ``[O, R]`` → ``DequantizeLinear(axis=1, block_size=bs)`` → ``Reshape`` to ``w.shape`` → Conv
+  (``passes/qdq.py``).  ``dequant`` is always in the ONNX weight shape (``w.shape``):
+  ``dequant == (q * scale broadcast).reshape(w.shape)``.  Without this a depthwise ``(32, 1, 3, 3)``
+  weight at 4 bits had one scale per 1-element block (1,296 B, more than its 1,152 B float32);
+  with it, 32 scales (272 B).
 
 Both layouts are handled the same way internally: the weight is rearranged into a 2-D matrix of
 *groups* (one row per scale); blocked rows are zero-padded to ``bs`` (zeros quantize to exactly 0,
@@ -86,15 +98,53 @@ class WeightQuantSpec:
 
 @dataclass
 class QuantizedWeight:
-    """Exactly what DequantizeLinear needs (zero point always 0)."""
+    """Exactly what DequantizeLinear needs (zero point always 0); layouts in the module docstring.
 
-    q: np.ndarray             # int32, values in [-2^(b-1), 2^(b-1)-1], same shape as w
-    scale: np.ndarray         # float32; per-channel [C] (axis=out_axis) or blocked (axis=reduce_axis)
+    ``q`` and ``scale`` are what the DequantizeLinear reads: in the weight's shape, except for blocked
+    weights of rank ≥ 3 (Conv), which are in the matrix layout ``[O, R]`` (see :func:`is_matrix_layout`).
+    ``dequant`` is always in the weight's (ONNX) shape."""
+
+    q: np.ndarray             # int32, values in [-2^(b-1), 2^(b-1)-1]; w.shape, or (O, R) for blocked Conv
+    scale: np.ndarray         # float32; per-channel [C] (axis=out_axis) or blocked (axis=reduce_axis, or 1)
     axis: int
     block_size: int | None
     bits: int
-    dequant: np.ndarray       # float32, q * scale broadcast
+    dequant: np.ndarray       # float32, q * scale broadcast, in w.shape
     nbytes: int               # ceil(bits * numel / 8) + 4 * scale.size
+
+
+def conv_matrix_shape(shape) -> tuple[int, int]:
+    """``(O, R)``: the matrix a Conv weight ``[O, C/g, k1, …]`` is blocked as (``R = C/g·k1·…``)."""
+    shape = tuple(int(d) for d in shape)
+    return shape[0], math.prod(shape[1:])
+
+
+def is_matrix_layout(weight_shape, q_shape) -> bool:
+    """True when codes of shape ``q_shape`` are the blocked-Conv matrix layout of a weight of
+    ``weight_shape`` (rank ≥ 3 weight, rank-2 codes ``(O, R)``)."""
+    weight_shape, q_shape = tuple(int(d) for d in weight_shape), tuple(int(d) for d in q_shape)
+    return len(weight_shape) >= 3 and q_shape == conv_matrix_shape(weight_shape)
+
+
+def dominated_levels(sizes_by_level) -> set:
+    """Levels that cost as many or more bytes than a higher-fidelity level of the same node.
+
+    ``sizes_by_level``: level -> bytes, levels given as bits (2, 4, 8, 16, or ``"int4"``-style names) and
+    0 or ``"float"`` for the float weight (the highest fidelity); more bits = higher fidelity.  A level is
+    dominated when some higher-fidelity level costs ≤ its bytes: offering it can only lose (more error,
+    no saving).  Returns the set of dominated levels (as given)."""
+    def fidelity(level):
+        if level in (0, "float", None):
+            return math.inf
+        return int(level[3:]) if isinstance(level, str) and level.startswith("int") else int(level)
+
+    ordered = sorted(sizes_by_level.items(), key=lambda kv: fidelity(kv[0]), reverse=True)
+    out, best = set(), math.inf  # fewest bytes among the higher-fidelity levels seen so far
+    for level, nbytes in ordered:
+        if nbytes >= best:
+            out.add(level)
+        best = min(best, nbytes)
+    return out
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -290,7 +340,9 @@ def _round(rows, grows, s, spec) -> np.ndarray:
 # --------------------------------------------------------------------------------------- API
 def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: int,
                     grad: np.ndarray | None = None) -> QuantizedWeight:
-    """Quantize ``w`` symmetrically per ``spec``; ``grad`` (same shape) is required for ``"llc"``."""
+    """Quantize ``w`` symmetrically per ``spec``; ``grad`` (same shape) is required for ``"llc"``.
+    A blocked weight of rank ≥ 3 (Conv, ``out_axis=0, reduce_axis=1``) is blocked over its flattened
+    reduction and returned in the matrix layout (module docstring)."""
     _check_spec(spec)
     w = np.asarray(w)
     if w.ndim < 1 or not np.issubdtype(w.dtype, np.floating):
@@ -312,14 +364,23 @@ def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_
         if not np.all(np.isfinite(grad)):
             raise LLCError("weight quant: grad contains NaN or Inf; check the calibration loss")
     bs = None if spec.block_size is None else int(spec.block_size)
-    lay = _Groups(w.shape, bs, out_axis, reduce_axis)
+    shape = w64.shape
+    matrix = bs is not None and w64.ndim >= 3
+    if matrix:  # Conv: blocks over the flattened reduction C/g·k1·… (module docstring)
+        if out_axis != 0 or reduce_axis != 1:
+            raise LLCError(f"weight quant: a blocked rank-{w64.ndim} weight is a Conv weight [O, C/g, k…] with "
+                           f"out_axis=0, reduce_axis=1 (got {out_axis}, {reduce_axis}); pass those axes")
+        w64 = w64.reshape(conv_matrix_shape(shape))
+        grad = grad.reshape(w64.shape) if grad is not None and spec.rounding == "llc" else grad
+        out_axis, reduce_axis = 0, 1
+    lay = _Groups(w64.shape, bs, out_axis, reduce_axis)
     rows = lay.to_rows(w64)
     grows = lay.to_rows(grad) if spec.rounding == "llc" else None
     s32 = _scales(rows, lay.mask(), spec)
     q_rows = _round(rows, grows, s32.astype(np.float64), spec)
     dq_rows = q_rows.astype(np.float32) * s32[:, None]
     q = np.ascontiguousarray(lay.from_rows(q_rows)).astype(np.int32)
-    dequant = np.ascontiguousarray(lay.from_rows(dq_rows)).astype(np.float32, copy=False)
+    dequant = np.ascontiguousarray(lay.from_rows(dq_rows).reshape(shape)).astype(np.float32, copy=False)
     scale = np.ascontiguousarray(lay.scale_from_rows(s32)).astype(np.float32, copy=False)
     nbytes = -(-int(spec.bits) * int(w.size) // 8) + 4 * int(scale.size)
     return QuantizedWeight(q=q, scale=scale, axis=lay.axis, block_size=bs, bits=int(spec.bits),
@@ -340,6 +401,9 @@ def weight_nbytes(shape, spec: WeightQuantSpec, reduce_axis: int, out_axis: int 
     if spec.block_size is None:
         oa = _infer_out_axis(ndim, reduce_axis) if out_axis is None else _norm_axis(out_axis, ndim, "out_axis")
         n_scales = shape[oa]
+    elif ndim >= 3:  # Conv: blocks over the flattened reduction (module docstring)
+        o, r = conv_matrix_shape(shape)
+        n_scales = o * -(-r // int(spec.block_size)) if r else 0
     else:
         n_scales = numel // shape[reduce_axis] * -(-shape[reduce_axis] // int(spec.block_size)) \
             if shape[reduce_axis] else 0

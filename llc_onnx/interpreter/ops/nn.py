@@ -357,3 +357,170 @@ def _gap(ctx, xs):
 def _gmp(ctx, xs):
     x = xs[0]
     return x.amax(dim=list(range(2, x.dim())), keepdim=True)
+
+
+@register_ops("Celu")
+def _celu(ctx, xs):
+    """max(0, x) + min(0, α·(exp(x/α) − 1))."""
+    return F.celu(xs[0], ctx.a("alpha", 1.0))
+
+
+def _group_norm(ctx, xs, per_channel: bool):
+    """x [N, C, ...] normalised over each of ``num_groups`` groups of C/G channels (and all spatial
+    positions), then scaled and shifted: per channel (opset 21, scale/bias [C]) or per group (opset 18,
+    scale/bias [G], each channel taking its group's)."""
+    x, scale, bias = xs[0], xs[1], xs[2]
+    g = int(ctx.a("num_groups"))
+    n, c = x.shape[0], x.shape[1]
+    y = x.reshape(n, g, -1)
+    mean = y.mean(dim=2, keepdim=True)
+    d = y - mean
+    y = (d * torch.rsqrt((d * d).mean(dim=2, keepdim=True) + ctx.a("epsilon", 1e-5))).reshape(x.shape)
+    if not per_channel:
+        scale, bias = scale.repeat_interleave(c // g), bias.repeat_interleave(c // g)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    return y * scale.reshape(shape) + bias.reshape(shape)
+
+
+register_op("GroupNormalization", since_version=18)(lambda ctx, xs: _group_norm(ctx, xs, per_channel=False))
+register_op("GroupNormalization", since_version=21)(lambda ctx, xs: _group_norm(ctx, xs, per_channel=True))
+
+
+@register_ops("LpNormalization")
+def _lp_norm(ctx, xs):
+    """x / ‖x‖_p along ``axis`` (p = 1 or 2); a zero norm leaves the zeros as they are."""
+    x = xs[0]
+    axis = norm_axis(ctx.a("axis", -1), x.dim())
+    p = int(ctx.a("p", 2))
+    if p not in (1, 2):
+        raise ctx.fail(f"p={p}: LpNormalization takes p = 1 or 2")
+    norm = x.abs().sum(dim=axis, keepdim=True) if p == 1 else torch.sqrt((x * x).sum(dim=axis, keepdim=True))
+    return torch.where(norm == 0, x, x / torch.where(norm == 0, torch.ones_like(norm), norm))
+
+
+def _one_hot_max(x: Tensor, dim: int) -> Tensor:
+    idx = torch.argmax(x, dim=dim, keepdim=True)  # first occurrence of the maximum, as ONNX says
+    return torch.zeros_like(x).scatter(dim, idx, 1.0)
+
+
+@register_ops("Hardmax")
+def _hardmax_v1(ctx, xs):
+    """Opsets 1–12: 1 at the first maximum of each row of x coerced to 2-D at ``axis`` (default 1)."""
+    x = xs[0]
+    axis = norm_axis(ctx.a("axis", 1), x.dim())
+    y = x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+    return _one_hot_max(y, 1).reshape(x.shape)
+
+
+@register_ops("Hardmax", since_version=13)
+def _hardmax_v13(ctx, xs):
+    """Opset 13 on: 1 at the first maximum along ``axis`` (default -1), 0 elsewhere."""
+    x = xs[0]
+    return _one_hot_max(x, norm_axis(ctx.a("axis", -1), x.dim()))
+
+
+# attention (ONNX domain, opset 23 on; torch.onnx writes it for scaled_dot_product_attention) ------------------
+def _to_heads(t: Tensor, n: int | None) -> Tensor:
+    """[B, S, N·H] -> [B, N, S, H]; 4-D inputs are already in heads."""
+    if t.dim() == 4:
+        return t
+    b, s, d = t.shape
+    return t.reshape(b, s, n, d // n).transpose(1, 2)
+
+
+@register_ops("Attention", since_version=23)
+def _attention23(ctx, xs):
+    """softmax(softcap(Q·Kᵀ·scale) + mask)·V over [B, N, S, H] heads (3-D inputs split by ``q_num_heads`` /
+    ``kv_num_heads``), K/V heads repeated for grouped queries. ``past_key``/``past_value`` are prepended
+    (outputs ``present_*``). ``attn_mask``: boolean (True = attend) or additive, right-padded with "masked"
+    to the key length. ``is_causal``: query i sees keys j ≤ i + offset (offset = past length, or
+    ``nonpad_kv_seqlen`` − S); ``nonpad_kv_seqlen`` (opset 24) masks keys past each row's length;
+    ``left/right_window_size`` (opset 25) bound |i + offset − j|. A row with no key left gives 0. The 4th
+    output is Q·Kᵀ (mode 0), after softcap (1), with the mask (2) or after softmax (3)."""
+    get = (xs + [None] * 7).__getitem__
+    q, k, v, mask, past_k, past_v, nonpad = (get(i) for i in range(7))
+    three_d = q.dim() == 3
+    q = _to_heads(q, ctx.a("q_num_heads"))
+    k, v = _to_heads(k, ctx.a("kv_num_heads")), _to_heads(v, ctx.a("kv_num_heads"))
+    if past_k is not None:
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    present_k, present_v = k, v
+    b, n, s, h = q.shape
+    total = k.shape[2]
+    scale = ctx.a("scale", 1.0 / math.sqrt(h))
+    ninf = -math.inf
+    bias = torch.zeros((s, total), dtype=q.dtype, device=q.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.where(mask, 0.0, ninf).to(q.dtype)
+        if mask.shape[-1] < total:
+            mask = F.pad(mask, (0, total - mask.shape[-1]), value=ninf)
+        bias = bias + mask
+    if nonpad is not None and past_k is None:
+        offset = (nonpad.long() - s).reshape(-1, 1, 1, 1)
+    else:
+        offset = torch.tensor(past_k.shape[2] if past_k is not None else 0, device=q.device)
+    qi = torch.arange(s, device=q.device).reshape(s, 1)
+    kj = torch.arange(total, device=q.device).reshape(1, total)
+    if ctx.a("is_causal", 0):
+        bias = bias + torch.where(kj <= qi + offset, 0.0, ninf).to(q.dtype)
+    left, right = ctx.a("left_window_size", -1), ctx.a("right_window_size", -1)
+    if left >= 0 or right >= 0:
+        diff = qi + offset - kj
+        allowed = torch.ones_like(diff, dtype=torch.bool)
+        if left >= 0:
+            allowed = allowed & (diff <= left)
+        if right >= 0:
+            allowed = allowed & (-diff <= right)
+        bias = bias + torch.where(allowed, 0.0, ninf).to(q.dtype)
+    if nonpad is not None:
+        bias = bias + torch.where(kj.reshape(1, 1, 1, total) < nonpad.long().reshape(-1, 1, 1, 1), 0.0, ninf).to(q.dtype)
+    if n != k.shape[1]:
+        k, v = k.repeat_interleave(n // k.shape[1], dim=1), v.repeat_interleave(n // v.shape[1], dim=1)
+    root = math.sqrt(scale)
+    qk = torch.matmul(q * root, (k * root).transpose(-1, -2))
+    mode = int(ctx.a("qk_matmul_output_mode", 0))
+    cap = ctx.a("softcap", 0.0)
+    if cap and cap > 0:
+        qk = cap * torch.tanh(qk / cap)
+    scores = qk + bias
+    masked_row = torch.isneginf(bias.amax(dim=-1, keepdim=True))
+    safe = torch.where(masked_row, torch.zeros_like(scores), scores)
+    probs = torch.where(masked_row, torch.zeros_like(scores), torch.softmax(safe, dim=-1))
+    y = torch.matmul(probs, v)
+    if three_d:
+        y = y.transpose(1, 2).reshape(b, s, -1)
+    qk_out = {0: qk, 1: qk, 2: scores, 3: probs}.get(mode, qk)
+    return [y, present_k, present_v, qk_out]
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """Rotate the first ``2·cos.shape[-1]`` features of ``x`` [..., S, H] by the angles whose cos/sin are
+    ``cos``/``sin`` [..., S, R/2]: halves (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin), or the same on the
+    (even, odd) pairs when ``interleaved``; features past R pass through."""
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+@register_ops("RotaryEmbedding", since_version=23)
+def _rotary23(ctx, xs):
+    """ONNX RotaryEmbedding: X [B, S, N·H] (``num_heads``) or [B, N, S, H]; cos/sin caches [max_pos, R/2]
+    indexed by ``position_ids`` [B, S], or already [B, S, R/2] without them; the first R =
+    ``rotary_embedding_dim`` (default H) features of each head rotated, halves or ``interleaved`` pairs."""
+    x, cos, sin = xs[0], xs[1], xs[2]
+    pos = xs[3] if len(xs) > 3 else None
+    if pos is not None:
+        cos, sin = cos[pos.long()], sin[pos.long()]
+    heads = _to_heads(x, ctx.a("num_heads"))  # [B, N, S, H]
+    rd = int(ctx.a("rotary_embedding_dim", 0)) or heads.shape[-1]
+    y = rotary(heads, cos[..., : rd // 2].unsqueeze(1), sin[..., : rd // 2].unsqueeze(1), bool(ctx.a("interleaved", 0)))
+    if x.dim() == 4:
+        return y
+    return y.transpose(1, 2).reshape(x.shape)

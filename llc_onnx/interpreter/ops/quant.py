@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import onnx
 import torch
 
 from ..registry import register_ops
-from ..tensors import Tensor, norm_axis
+from ..tensors import INT_TYPES, Tensor, norm_axis
+
 
 def _q_broadcast(ctx, scale: Tensor, x: Tensor) -> Tensor:
     if scale.dim() == 0 or scale.numel() == 1 and x.dim() != scale.dim():
@@ -29,13 +31,40 @@ def _dequant(ctx, xs):
     return xf * _q_broadcast(ctx, scale, x)
 
 
+# ONNX integer type -> (min, max) of its values (torch stores INT4/INT2 in int8, UINT16 in int32, ...)
+_QRANGE = {
+    onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+    onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767),
+    onnx.TensorProto.UINT4: (0, 15), onnx.TensorProto.INT4: (-8, 7),
+    onnx.TensorProto.UINT2: (0, 3), onnx.TensorProto.INT2: (-2, 1),
+    onnx.TensorProto.INT32: (-(2 ** 31), 2 ** 31 - 1),
+}
+
+
+def _q_type(ctx, zp) -> int:
+    """ONNX type of QuantizeLinear's output: the zero point's type when there is one, else ``output_dtype``
+    (opset 21), else UINT8 (the ONNX default)."""
+    names = ctx.node.inputs
+    if zp is not None:
+        onnx_type = ctx.g.elem_types.get(names[2]) if len(names) > 2 else None
+        if onnx_type is not None:
+            return onnx_type
+        inverse = {torch.uint8: onnx.TensorProto.UINT8, torch.int8: onnx.TensorProto.INT8,
+                   torch.int16: onnx.TensorProto.INT16, torch.int32: onnx.TensorProto.INT32}
+        return inverse.get(zp.dtype, onnx.TensorProto.UINT8)
+    return int(ctx.a("output_dtype", 0)) or onnx.TensorProto.UINT8
+
+
 @register_ops("QuantizeLinear")
 def _quant(ctx, xs):
     x, scale = xs[0], xs[1]
     zp = xs[2] if len(xs) > 2 else None
-    out_dtype = zp.dtype if zp is not None else torch.uint8
-    info = torch.iinfo(out_dtype)
+    q_type = _q_type(ctx, zp)
+    if q_type not in _QRANGE:
+        raise ctx.fail(f"quantizing to {onnx.TensorProto.DataType.Name(q_type)} is not supported; "
+                       "use an integer output type")
+    lo, hi = _QRANGE[q_type]
     q = torch.round(x / _q_broadcast(ctx, scale, x))
     if zp is not None:
         q = q + _q_broadcast(ctx, zp.to(ctx.dtype), x)
-    return torch.clamp(q, info.min, info.max).to(out_dtype)
+    return torch.clamp(q, lo, hi).to(INT_TYPES[q_type])

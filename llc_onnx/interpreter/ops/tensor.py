@@ -339,3 +339,26 @@ def _argmax(ctx, xs):
         return out
     fn = torch.argmax if ctx.node.op == "ArgMax" else torch.argmin
     return fn(x, dim=axis, keepdim=keep)
+
+
+def _topk(x: Tensor, k: int, axis: int, largest: bool) -> list[Tensor]:
+    """The k largest (smallest) values along ``axis`` and their int64 indices, sorted; equal values keep
+    the lower index first (ONNX's rule), hence a stable sort rather than torch.topk."""
+    values, idx = torch.sort(x, dim=axis, descending=largest, stable=True)
+    return [values.narrow(axis, 0, k), idx.narrow(axis, 0, k)]
+
+
+@register_ops("TopK")
+def _topk_v1(ctx, xs):
+    """Opset 1: ``k`` attribute, largest first."""
+    x = xs[0]
+    return _topk(x, int(ctx.a("k")), norm_axis(ctx.a("axis", -1), x.dim()), True)
+
+
+@register_ops("TopK", since_version=10)
+def _topk_v10(ctx, xs):
+    """Opset 10: K as an input; opset 11 adds ``largest`` and ``sorted`` (results are always sorted, which
+    is one valid order for ``sorted=0``)."""
+    x = xs[0]
+    k = int(scalar(xs[1]))
+    return _topk(x, k, norm_axis(ctx.a("axis", -1), x.dim()), bool(ctx.a("largest", 1)))
