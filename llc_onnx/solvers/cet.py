@@ -44,7 +44,7 @@ from ..calib.data import Dataset
 from ..calib.losses import TaskLoss
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from .hessian import HessianError, _names, _rademacher, _shapes, block_hvp, node_lanczos, node_seed
+from .hessian import FirstDerivatives, HessianError, _names, _rademacher, _shapes, block_hvp, node_lanczos, node_seed
 
 __all__ = ["NodeCurvature", "CETPrediction", "node_curvature", "cet_predict", "save_curvature",
            "load_curvature"]
@@ -116,7 +116,7 @@ def _default_iters(k: int, k_negative: int) -> int:
 def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, k: int = 8,
                    k_negative: int = 4, iters: int | None = None, probes: int = 8, seed: int = 0,
                    max_batches: int | None = None, max_basis_bytes: int | None = 1 << 30,
-                   progress=None) -> dict[str, NodeCurvature]:
+                   keep_graphs: bool = False, progress=None) -> dict[str, NodeCurvature]:
     """The CET model (top-``k`` eigenpairs, up to ``k_negative`` negative ones, the trace) of every node's
     H_ii on ``dataset`` (the calibration *fit* part; the first ``max_batches`` batches when given).
 
@@ -124,8 +124,10 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
     n ≤ iters needs only n) plus one pass for the ``probes`` trace probes. A pass is one forward and one first
     backward per batch plus one second backward per node and vector. Nodes run in consecutive groups whose
     float64 Lanczos bases (steps · n · 8 bytes) fit ``max_basis_bytes`` (each group its own passes); a node
-    larger than the cap runs alone. Deterministic for a fixed ``seed`` (per node, :func:`hessian.node_seed`),
-    whatever the other nodes. ``nodes``: CompressibleNode objects or names.
+    larger than the cap runs alone. ``keep_graphs`` keeps every batch's forward and first-derivative graph
+    for all passes of a group (``hessian.FirstDerivatives``: memory for the activations and backward graphs of
+    all used batches; same numbers, fewer forwards). Deterministic for a fixed ``seed`` (per node,
+    :func:`hessian.node_seed`), whatever the other nodes. ``nodes``: CompressibleNode objects or names.
     """
     names = _names(nodes)
     if not 1 <= int(k) or int(k_negative) < 0 or int(probes) < 0:
@@ -149,11 +151,12 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
         used += need
     out: dict[str, NodeCurvature] = {}
     for group in groups:
+        kept = FirstDerivatives(graph, dataset, loss, group, max_batches) if keep_graphs else None
         runs = node_lanczos(graph, dataset, loss, group, iters=iters, seed=seed, max_batches=max_batches,
-                            progress=progress)
+                            kept=kept, progress=progress)
         probe_vecs = {n: _deflated_probes(runs[n], shapes[n], probes, seed, n) for n in group}
         need = {n: ys for n, ys in probe_vecs.items() if ys}
-        hv = block_hvp(graph, dataset, loss, need, max_batches=max_batches) if need else {}
+        hv = block_hvp(graph, dataset, loss, need, max_batches=max_batches, kept=kept) if need else {}
         if need and progress:
             progress(1)
         for n in group:
@@ -170,7 +173,7 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
             out[n] = NodeCurvature(n, tuple(shapes[n]), res.values[keep].astype(np.float64),
                                    res.vectors[keep].numpy().astype(np.float32), res.residuals[keep].copy(),
                                    trace, se, res.steps, 0 if res.exhausted else len(est))
-        del runs, probe_vecs, hv
+        del runs, probe_vecs, hv, kept
     return {n: out[n] for n in names}
 
 

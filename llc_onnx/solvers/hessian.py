@@ -47,7 +47,7 @@ from ..calib.losses import TaskLoss
 from ..errors import LLCError
 from ..interpreter import TorchGraph
 
-__all__ = ["HessianError", "LanczosResult", "block_hvp", "hvp", "hutchinson_trace", "lanczos_top",
+__all__ = ["FirstDerivatives", "HessianError", "LanczosResult", "block_hvp", "hvp", "hutchinson_trace", "lanczos_top",
            "node_lanczos", "quadratic_term"]
 
 
@@ -312,8 +312,18 @@ def _shapes(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, names: Sequence
         return [tuple(cap[n][0].shape) for n in names]
 
 
+class FirstDerivatives:
+    """Every batch's forward and first-derivative graph (g_b = ∂S_b/∂w for ``names``), computed once and kept,
+    so that repeated :func:`block_hvp` passes (Lanczos steps) only run the second backwards. Memory: the
+    activations and backward graph of all used batches at once — for small models or sub-sampled data."""
+
+    def __init__(self, graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, max_batches: int | None = None):
+        self.names = _names(nodes)
+        self.items = [_forward_grads(graph, b, loss, self.names) for b in _batches(dataset, max_batches)]
+
+
 def block_hvp(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, vectors: Mapping[str, Sequence[object]], *,
-              max_batches: int | None = None) -> dict[str, list[torch.Tensor]]:
+              max_batches: int | None = None, kept: FirstDerivatives | None = None) -> dict[str, list[torch.Tensor]]:
     """Diagonal-block Hessian-vector products H_ii v for every node i of ``vectors`` and each of its vectors.
 
     ``vectors``: node name -> list of arrays of that node's weight shape (ONNX layout). Per batch there is one
@@ -323,19 +333,29 @@ def block_hvp(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, vectors: Mapp
         (H_ii v)_b = ∂(g_b,i · v)/∂w_i,      H_ii v = Σ_b (H_ii v)_b / Σ_b n_b,
 
     so no cross block H_ij enters and one pass over the data serves every node. A second backward from g_i
-    only visits the graph between node i and the loss, so it costs at most a first backward. Result: node ->
-    list of float64 CPU tensors, same order as given. Empty vector lists are allowed (the node is skipped).
+    only visits the graph between node i and the loss. With ``kept`` (:class:`FirstDerivatives` of these
+    nodes) the forwards and first backwards are not redone. Result: node -> list of float64 CPU tensors,
+    same order as given. Empty vector lists are allowed (the node is skipped).
     """
     names = [n for n in _names(list(vectors)) if len(vectors[n])]
     if not names:
         return {n: [] for n in vectors}
+    if kept is not None and set(names) - set(kept.names):
+        raise HessianError(f"hessian: vectors for {sorted(set(names) - set(kept.names))} but the kept first "
+                           "derivatives cover other nodes; keep them for every node that gets vectors")
     acc: dict[str, list[torch.Tensor | None]] = {n: [None] * len(vectors[n]) for n in names}
     total = 0
-    for batch in _batches(dataset, max_batches):
-        ws, gs, count = _forward_grads(graph, batch, loss, names)
-        for i, name in enumerate(names):
+    source = kept.items if kept is not None else _batches(dataset, max_batches)
+    for item in source:
+        if kept is not None:
+            ws, gs, count = item
+            pos = [kept.names.index(n) for n in names]
+        else:
+            ws, gs, count = _forward_grads(graph, item, loss, names)
+            pos = list(range(len(names)))
+        for name, i in zip(names, pos):
             for j, v in enumerate(vectors[name]):
-                only = [None] * len(names)
+                only = [None] * len(ws)
                 only[i] = _as_vector(v, ws[i])
                 (h,) = _second(ws, gs, only, wrt=[i])
                 h = h.to(torch.float64)
@@ -358,7 +378,8 @@ def node_seed(seed: int, name: str) -> int:
 
 
 def node_lanczos(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, iters: int = 40, seed: int = 0,
-                 max_batches: int | None = None, progress=None) -> dict[str, LanczosResult]:
+                 max_batches: int | None = None, kept: FirstDerivatives | None = None,
+                 progress=None) -> dict[str, LanczosResult]:
     """Lanczos on every node's own block H_ii, all nodes in lock-step: step t of every node is one
     :func:`block_hvp` pass over the data (one forward per batch for all nodes).
 
@@ -367,7 +388,8 @@ def node_lanczos(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, 
     of H_ii: the largest and the most negative converge first. The Rayleigh–Ritz property holds whatever the
     convergence: for the Ritz vectors Y (orthonormal), Yᵀ H_ii Y = diag(θ) up to rounding. Memory: one
     min(iters, n_i) × n_i float64 basis per node, all at once (``solvers.cet.node_curvature`` runs nodes in
-    groups under a byte cap). ``progress(1)`` is called after every pass. Returns node ->
+    groups under a byte cap). ``kept``: reuse every batch's first derivatives (:class:`FirstDerivatives`)
+    instead of a forward and first backward per pass. ``progress(1)`` is called after every pass. Returns node ->
     :class:`LanczosResult` (flat ONNX-layout vectors, all min(iters, n_i) Ritz pairs).
     """
     names = _names(nodes)
@@ -382,7 +404,7 @@ def node_lanczos(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, 
     while any(not r.done for r in runs.values()):
         active = [n for n in names if not runs[n].done]
         hv = block_hvp(graph, dataset, loss, {n: [runs[n].current().reshape(shapes[n])] for n in active},
-                       max_batches=max_batches)
+                       max_batches=max_batches, kept=kept)
         for n in active:
             runs[n].advance(hv[n][0])
         if progress:
