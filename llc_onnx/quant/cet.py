@@ -29,6 +29,13 @@ rounding distance): the search stops moving weights once the projection left is 
 error. That is "reduce ‖Vδ‖² per unit of added ‖δ‖²" with the curvatures as the exchange rate. Where ρ is
 not positive (a noisy trace estimate) it is floored at ``1e-3·max λ``, so a flip never comes for free.
 
+Negative axes: trusted within a radius. On a hyperbolic paraboloid the model is unbounded below along
+v_i (λ_i < 0); only the grid box stops the push, which then flips up to half the weights — far outside the
+region where a quadratic model of the loss can be believed. So the reward along a negative axis is capped:
+its term is ½ λ_i min(p_i², R_i²) with R_i = ``negative_radius`` · sqrt(Σ_j V_ij² s_j² / 12), i.e. that many
+times the RMS projection of a uniform rounding error on v_i; beyond R_i the axis costs ρ like the bulk.
+``negative_radius=None`` believes the model everywhere; the capped term is evaluated exactly per flip too.
+
 Weights whose two neighbours coincide (on the grid, or clipped at the range) cannot move; codes stay in
 [qmin, qmax] by construction. Works for every layout :func:`quantize_weight` supports (MatMul/Gemm/Conv,
 per channel or blocked), because it only reads that function's public result (codes, scales, axis, block).
@@ -59,7 +66,8 @@ class CETRounding:
     ``weight`` the quantized weight (same scales as nearest rounding); ``changed`` codes that differ from
     nearest rounding; ``movable`` weights with two distinct in-range neighbours; ``projection_*`` ‖V₊δ‖ on
     the kept positive (short) axes and ``negative_*`` ‖V₋δ‖ on the kept negative ones, for nearest rounding
-    (before) and CET rounding (after); ``objective_*`` the model value f(δ) minimised (module doc)."""
+    (before) and CET rounding (after); ``objective_*`` the model value f(δ) minimised (module doc; with the
+    negative-axis cap, which :func:`solvers.cet.cet_predict` does not apply); ``rounds`` of the search."""
 
     weight: QuantizedWeight
     changed: int
@@ -87,12 +95,13 @@ def element_scale(qw: QuantizedWeight, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def cet_round(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: int, curvature: "NodeCurvature",
-              *, grad: np.ndarray | None = None, use_negative: bool = True, batch: int = 64,
-              max_rounds: int = 10_000) -> CETRounding:
+              *, grad: np.ndarray | None = None, use_negative: bool = True, negative_radius: float | None = 2.0,
+              batch: int = 64, max_rounds: int = 10_000) -> CETRounding:
     """Quantize ``w`` at ``spec``'s level (scales and layout of :func:`quantize_weight`; ``spec.rounding`` is
     ignored) with CET rounding from ``curvature`` (module doc). ``grad`` (∂L/∂W of the fit data) adds the
     first-order term γ = 1; without it the rounding only shapes the error against the curvature.
-    ``use_negative=False`` ignores the kept negative eigenpairs (their axes then cost ρ like the rest)."""
+    ``use_negative=False`` ignores the kept negative eigenpairs (their axes then cost ρ like the rest);
+    ``negative_radius`` bounds the push along them (module doc; None: unbounded)."""
     w = np.asarray(w)
     shape = tuple(w.shape)
     if tuple(curvature.shape) != shape:
@@ -124,18 +133,26 @@ def cet_round(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: 
         pos = pos[pos]
     lam_max = float(lam.max(initial=0.0))
     rho = max(float(curvature.remainder), RHO_FLOOR * lam_max)
-    D = lam - rho
-    hjj = rho + (Vt * Vt) @ D  # ρ + Σ_i D_i V_ij²: the model's diagonal
+    Vp, Dp = np.ascontiguousarray(Vt[:, pos]), lam[pos] - rho  # quadratic axes
+    Vn, Dn = np.ascontiguousarray(Vt[:, ~pos]), lam[~pos] - rho  # negative axes, capped reward
+    if negative_radius is None:
+        R2 = np.full(Dn.size, np.inf)
+    else:
+        R2 = float(negative_radius) ** 2 * ((Vn * Vn).T @ (s * s)) / 12.0
+    hjj = rho + (Vp * Vp) @ Dp  # the quadratic part's diagonal: ρ + Σ_i D_i V_ij²
     gamma_g = np.zeros_like(w64) if grad is None else np.asarray(grad, dtype=np.float64).reshape(-1)
+
+    def capped(pn):  # Σ_neg ½ D_i min(p_i², R_i²), for a vector or rows of a matrix
+        return 0.5 * np.minimum(pn * pn, R2) @ Dn
+
+    def objective(d):
+        pp, pn = d @ Vp, d @ Vn
+        return float(gamma_g @ d + 0.5 * pp @ (Dp * pp) + 0.5 * rho * (d @ d) + capped(pn))
 
     delta0 = q0 * s - w64
     delta = delta0.copy()
-    p = delta @ Vt
-
-    def objective(d, pv):
-        return float(gamma_g @ d + 0.5 * pv @ (D * pv) + 0.5 * rho * (d @ d))
-
-    f0 = objective(delta, p)
+    pp, pn = delta @ Vp, delta @ Vn
+    f0 = objective(delta)
     tol = 1e-12 * (abs(f0) + 0.5 * (abs(rho) + float(np.abs(lam).max(initial=0.0))) * float(delta0 @ delta0)) \
         + 1e-300
     flipped = np.zeros(w64.size, dtype=bool)
@@ -144,8 +161,9 @@ def cet_round(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: 
     while idx.size and rounds < max_rounds:
         rounds += 1
         tau = np.where(flipped[idx], -step[idx], step[idx])
-        u = Vt[idx] @ (D * p)
-        df = tau * (gamma_g[idx] + rho * delta[idx] + u) + 0.5 * tau * tau * hjj[idx]
+        df = tau * (gamma_g[idx] + rho * delta[idx] + Vp[idx] @ (Dp * pp)) + 0.5 * tau * tau * hjj[idx]
+        if Dn.size:
+            df += capped(pn[None, :] + tau[:, None] * Vn[idx]) - capped(pn)
         neg = df < -tol
         if not neg.any():
             break
@@ -156,10 +174,13 @@ def cet_round(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: 
         for loc in short:
             j = idx[loc]
             t = -step[j] if flipped[j] else step[j]
-            dfj = t * (gamma_g[j] + rho * delta[j] + Vt[j] @ (D * p)) + 0.5 * t * t * hjj[j]
+            dfj = t * (gamma_g[j] + rho * delta[j] + Vp[j] @ (Dp * pp)) + 0.5 * t * t * hjj[j]
+            if Dn.size:
+                dfj += capped(pn + t * Vn[j]) - capped(pn)
             if dfj < -tol:
                 delta[j] += t
-                p += t * Vt[j]
+                pp += t * Vp[j]
+                pn += t * Vn[j]
                 flipped[j] = not flipped[j]
                 applied += 1
         if not applied:
@@ -171,11 +192,9 @@ def cet_round(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: 
                              block_size=nearest.block_size, bits=nearest.bits, dequant=dequant, nbytes=nearest.nbytes)
     d_after = dequant.astype(np.float64).reshape(-1) - w64
     d_before = nearest.dequant.astype(np.float64).reshape(-1) - w64
-    pb, pa = d_before @ Vt, d_after @ Vt
     return CETRounding(weight=weight, changed=int(flipped.sum()), movable=int(movable.sum()),
-                       projection_before=float(np.linalg.norm(pb[pos])),
-                       projection_after=float(np.linalg.norm(pa[pos])),
-                       negative_before=float(np.linalg.norm(pb[~pos])),
-                       negative_after=float(np.linalg.norm(pa[~pos])),
-                       objective_before=objective(d_before, pb), objective_after=objective(d_after, pa),
-                       rounds=rounds)
+                       projection_before=float(np.linalg.norm(d_before @ Vp)),
+                       projection_after=float(np.linalg.norm(d_after @ Vp)),
+                       negative_before=float(np.linalg.norm(d_before @ Vn)),
+                       negative_after=float(np.linalg.norm(d_after @ Vn)),
+                       objective_before=objective(d_before), objective_after=objective(d_after), rounds=rounds)
