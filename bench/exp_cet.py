@@ -69,15 +69,23 @@ def main(argv=None) -> int:
     ap.add_argument("--k-negative", type=int, default=4)
     ap.add_argument("--ks", default="4,8,16,32", help="k values for the trade-off table ('' to skip)")
     ap.add_argument("--max-batches", type=int, default=None, help="curvature on the first N fit batches")
+    ap.add_argument("--roundings", default=",".join(ROUNDINGS), help="subset of " + ",".join(ROUNDINGS))
+    ap.add_argument("--no-exact", action="store_true", help="skip the exact second order (one HVP pass each)")
+    ap.add_argument("--measure-batches", type=int, default=None, help="measure on the first N measure batches")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
     model, fit, meas = _load(args)
+    if args.measure_batches:
+        meas = Dataset(meas.batches[: args.measure_batches], source=f"{meas.source}[:{args.measure_batches} batches]")
     nodes, _ = find_compressible(model)
     graph = TorchGraph(model, dtype=torch.float32)
     loss = make_loss("ce", model.graph.output[0].name)
     bits_list = [int(b) for b in args.bits.split(",")]
+    roundings = [r for r in args.roundings.split(",") if r]
+    if set(roundings) - set(ROUNDINGS):
+        raise SystemExit(f"--roundings: choose from {ROUNDINGS}")
     out: dict = {"fit": fit.source, "measure": meas.source, "n_fit": fit.n_samples, "n_measure": meas.n_samples,
                  "nodes": [n.name for n in nodes], "k": args.k, "k_negative": args.k_negative}
 
@@ -106,7 +114,7 @@ def main(argv=None) -> int:
         gf, gm = g_fit.nodes[node.name].grad_w, g_meas.nodes[node.name].grad_w
         for bits in bits_list:
             weights, info = {}, {}
-            for rounding in ROUNDINGS:
+            for rounding in roundings:
                 if rounding.startswith("cet"):
                     t0 = time.perf_counter()
                     r = cet_round(w, _spec(bits, args.block_size), node.out_axis, node.reduce_axis, curv[node.name],
@@ -123,14 +131,14 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             cheap = cet_predict(curv[node.name], list(deltas.values()), grad=gm)
             t_cheap += time.perf_counter() - t0
-            for i, rounding in enumerate(ROUNDINGS):
+            for i, rounding in enumerate(roundings):
                 d = deltas[rounding]
                 t0 = time.perf_counter()
                 ml, se = measure(graph, meas, loss,
                                  {node.name: constant(torch.as_tensor(weights[rounding].dequant))}).delta(base)
                 t_measure += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                q2 = quadratic_term(graph, meas, loss, node.name, d)
+                q2 = float("nan") if args.no_exact else quadratic_term(graph, meas, loss, node.name, d)
                 t_exact += time.perf_counter() - t0
                 first = float((gm * d).sum())
                 row = {"node": node.name, "bits": bits, "rounding": rounding, "rel_noise": float(
@@ -143,14 +151,14 @@ def main(argv=None) -> int:
                       f"  exact2 {first + q2:+.5f}  cet {cheap.total[i]:+.5f}  changed {row.get('changed', '-')}"
                       f"  proj {row['proj']:.3g}", flush=True)
     out["rows"] = rows
-    n_cands = len(nodes) * len(bits_list) * len(ROUNDINGS)
+    n_cands = len(nodes) * len(bits_list) * len(roundings)
     out["timing"] = {"candidates": n_cands, "measure_all": t_measure, "exact_cet_all": t_exact,
                      "cheap_cet_all": t_cheap, "cet_rounding_all": t_cet_round, "curvature": out["t_curvature"]}
 
     # whole model: every node at the same level and rounding
     whole = []
     for bits in bits_list:
-        for rounding in ROUNDINGS:
+        for rounding in roundings:
             fns = {}
             for node in nodes:
                 w = graph.params[node.weight].detach().to(torch.float64).numpy()

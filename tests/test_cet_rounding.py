@@ -8,9 +8,7 @@ kept, where the CET model equals the explicit ½δᵀH_iiδ; the format case run
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from llc_onnx.errors import LLCError
@@ -176,4 +174,3 @@ def test_bad_input_is_one_line_llc_error():
         cet_round(w, WeightQuantSpec(4, 16), 1, 0, synthetic((40, 24)), grad=np.zeros(3))
     with pytest.raises(LLCError, match="bits=1"):
         cet_round(w, WeightQuantSpec(1, 16), 1, 0, synthetic((40, 24)))
-    _ = torch  # torch is imported for the shared tiny models

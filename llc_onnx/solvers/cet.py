@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -121,8 +121,10 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
     H_ii on ``dataset`` (the calibration *fit* part; the first ``max_batches`` batches when given).
 
     Cost: ``iters`` passes for Lanczos (default max(2(k + k_negative), k + k_negative + 16); a node with
-    n ≤ iters needs only n) plus one pass for the ``probes`` trace probes. A pass is one forward and one first
-    backward per batch plus one second backward per node and vector. Nodes run in consecutive groups whose
+    n ≤ iters needs only n) plus one pass for the ``probes`` trace probes, whose second backwards cost about as
+    much as ``probes`` Lanczos steps (``probes=0``: the trace outside the Krylov space is taken as 0 and
+    ``trace_se`` is NaN). A pass is one forward and one first backward per batch plus one second backward per
+    node and vector. Nodes run in consecutive groups whose
     float64 Lanczos bases (steps · n · 8 bytes) fit ``max_basis_bytes`` (each group its own passes); a node
     larger than the cap runs alone. ``keep_graphs`` keeps every batch's forward and first-derivative graph
     for all passes of a group (``hessian.FirstDerivatives``: memory for the activations and backward graphs of
