@@ -58,7 +58,8 @@ class NodeCurvature:
 
     ``eigenvalues`` [k'] float64, descending (the k largest first, then the kept negative ones);
     ``eigenvectors`` [k', n] float32, orthonormal rows over the flattened weight (C order, ONNX layout);
-    ``residuals`` [k'] Lanczos bounds ‖H v − λ v‖; ``trace`` tr(H_ii) and its standard error ``trace_se``
+    ``residuals`` [k'] the Lanczos recurrence's ‖H v − λ v‖ (it does not see the HVP's own rounding: with a
+    float32 graph and float32 storage the true residual is ~1e-7..1e-6·λ when this is ~0); ``trace`` tr(H_ii) and its standard error ``trace_se``
     (0 when exact); ``steps`` Lanczos steps (passes over the data) and ``probes`` Hutchinson probes used;
     ``n_terms`` loss terms of the data it was computed on."""
 

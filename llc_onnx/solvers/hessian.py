@@ -204,8 +204,8 @@ class LanczosResult:
     """Ritz pairs of one symmetric operator after ``steps`` Lanczos steps.
 
     ``values`` ascending (float64); ``vectors[j]`` the unit Ritz vector of ``values[j]`` (float64, flat);
-    ``residuals[j]`` = |β_m s_mj| = ‖A y_j − θ_j y_j‖ (exact for Lanczos with full reorthogonalisation up to
-    rounding); ``exhausted`` when the Krylov space became invariant (β ≈ 0, or m = dim): the Ritz values are
+    ``residuals[j]`` = |β_m s_mj| = ‖A y_j − θ_j y_j‖ for the operator the recurrence saw (full
+    reorthogonalisation; the rounding of the operator itself — a float32 HVP — is not included); ``exhausted`` when the Krylov space became invariant (β ≈ 0, or m = dim): the Ritz values are
     then exact eigenvalues of A restricted to it (all of A's eigenvalues when m = dim)."""
 
     values: np.ndarray
