@@ -8,11 +8,11 @@ kept, where the CET model equals the explicit ½δᵀH_iiδ; the format case run
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from llc_onnx.errors import LLCError
-from llc_onnx.ort_eval import make_session
 from llc_onnx.passes.qdq import apply_qdq
 from llc_onnx.quant import WeightQuantSpec, qrange, quantize_weight
 from llc_onnx.quant.cet import RHO_FLOOR, cet_round, element_scale
@@ -160,7 +160,9 @@ def test_cet_rounded_weight_runs_in_onnx_runtime_as_the_interpreter_computes_it(
     assert r.changed > 0
     q = apply_qdq(model, {"mm": r.weight})
     x = np.random.default_rng(5).normal(size=(7, 40)).astype(np.float32)
-    (y,) = make_session(q).run(None, {"x": x})
+    so = ort.SessionOptions()  # weights at full precision (a fused MatMulNBits may quantize activations)
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    (y,) = ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ r.weight.dequant, rtol=1e-5, atol=1e-5)
     assert model.graph.initializer[0].name == "W" and len(model.graph.node) == 1  # input model untouched
 
