@@ -20,7 +20,8 @@ from llc_onnx.calib.losses import make_loss
 from llc_onnx.calib.noise import measure_loss
 from llc_onnx.compressible import find_compressible
 from llc_onnx.interpreter import TorchGraph
-from llc_onnx.solvers.hessian import hutchinson_trace, hvp, lanczos_top, quadratic_term
+from llc_onnx.errors import LLCError
+from llc_onnx.solvers.hessian import HessianError, hutchinson_trace, hvp, lanczos_top, quadratic_term
 
 OPSET = 21
 
@@ -178,10 +179,15 @@ def test_hvp_float32_graph_and_bad_vectors():
     for n in t.nodes:
         assert b[n].dtype == torch.float64
         np.testing.assert_allclose(b[n].numpy(), a[n].numpy(), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="not among the nodes"):
+    with pytest.raises(LLCError, match="not among the nodes") as exc:
         hvp(g64, ds, loss, ["fc1"], v)
-    with pytest.raises(ValueError, match="shape"):
+    assert "\n" not in str(exc.value) and isinstance(exc.value, HessianError)
+    with pytest.raises(LLCError, match="shape"):
         hvp(g64, ds, loss, t.nodes, {"fc1": np.zeros((6, 4))})
+    with pytest.raises(LLCError, match="n_samples=0 must be >= 1"):
+        hutchinson_trace(g64, ds, loss, t.nodes, n_samples=0)
+    with pytest.raises(LLCError, match="no batches"):
+        hvp(g64, Dataset([], source="empty.npz"), loss, t.nodes, v)
 
 
 def test_quadratic_term_and_compressible_nodes():

@@ -24,11 +24,18 @@ Uses in the compression flows
 * :func:`quadratic_term` — ½ δᵀ H_ii δ, the second-order correction to the first-order LLC prediction
   ΔL ≈ g·δ (+ ½ δᵀHδ) for a candidate that leaves the first-order neighbourhood.
 * :func:`lanczos_top` — the top of the spectrum of H (sharpness; how far the quadratic model can be trusted).
+* :func:`block_hvp` / :func:`node_lanczos` — the diagonal blocks H_ii alone, every node at once: one forward
+  per batch (first-derivative graph kept), then one second backward per node restricted to w_i, so one pass
+  over the data advances the Lanczos iteration of every node (``solvers.cet`` builds its eigenpairs on it).
+
+Bad input raises :class:`HessianError` (an :class:`LLCError` and a ``ValueError``): one line.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -37,9 +44,15 @@ import torch
 from ..calib.data import Dataset
 from ..calib.gradients import _feeds, _labels
 from ..calib.losses import TaskLoss
+from ..errors import LLCError
 from ..interpreter import TorchGraph
 
-__all__ = ["hvp", "hutchinson_trace", "lanczos_top", "quadratic_term"]
+__all__ = ["FirstDerivatives", "HessianError", "LanczosResult", "block_hvp", "hvp", "hutchinson_trace", "lanczos_top",
+           "node_lanczos", "quadratic_term"]
+
+
+class HessianError(LLCError, ValueError):
+    """Bad input to the curvature routines (an LLCError and a ValueError: the CLI prints one line)."""
 
 
 def _names(nodes) -> list[str]:
@@ -52,7 +65,8 @@ def _names(nodes) -> list[str]:
 def _batches(dataset: Dataset, max_batches: int | None):
     batches = dataset.batches if max_batches is None else dataset.batches[:max_batches]
     if not batches:
-        raise ValueError("hessian: the dataset has no batches")
+        raise HessianError(f"{dataset.source}: no batches for the curvature pass; give calibration data "
+                           "(and max_batches >= 1)")
     return batches
 
 
@@ -87,7 +101,8 @@ def _second(ws, gs, vs, wrt: Sequence[int] | None = None, retain: bool = True):
 def _as_vector(v, like: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
     if tuple(t.shape) != tuple(like.shape):
-        raise ValueError(f"hessian: vector of shape {tuple(t.shape)} for a weight of shape {tuple(like.shape)}")
+        raise HessianError(f"hessian: vector of shape {tuple(t.shape)} for a weight of shape {tuple(like.shape)}; "
+                           "pass one array of the weight's shape (ONNX layout) per node")
     return t.to(device=like.device, dtype=like.dtype)
 
 
@@ -108,7 +123,8 @@ def hvp(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, vectors: Map
     names = _names(nodes)
     unknown = set(vectors) - set(names)
     if unknown:
-        raise ValueError(f"hessian: vectors given for {sorted(unknown)} which are not among the nodes {names}")
+        raise HessianError(f"hessian: vectors given for {sorted(unknown)} which are not among the nodes {names}; "
+                           "pass vectors only for the chosen nodes")
     acc: list[torch.Tensor | None] = [None] * len(names)
     total = 0
     for batch in _batches(dataset, max_batches):
@@ -121,7 +137,8 @@ def hvp(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, vectors: Map
         total += count
         del ws, gs, hv
     if total == 0:
-        raise ValueError("hessian: the data produced no loss terms (all labels ignored?)")
+        raise HessianError("hessian: the data produced no loss terms (all labels ignored?); "
+                           "the curvature pass needs labelled samples")
     return {n: (a / total).cpu() for n, a in zip(names, acc)}
 
 
@@ -152,7 +169,7 @@ def hutchinson_trace(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes,
     """
     names = _names(nodes)
     if n_samples < 1:
-        raise ValueError("hutchinson_trace: n_samples must be >= 1")
+        raise HessianError(f"hutchinson_trace: n_samples={n_samples} must be >= 1; use at least one probe")
     est = np.zeros((len(names), n_samples), dtype=np.float64)
     total = 0
     for batch in _batches(dataset, max_batches):
@@ -172,7 +189,8 @@ def hutchinson_trace(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes,
         total += count
         del ws, gs
     if total == 0:
-        raise ValueError("hessian: the data produced no loss terms (all labels ignored?)")
+        raise HessianError("hessian: the data produced no loss terms (all labels ignored?); "
+                           "the curvature pass needs labelled samples")
     est /= total
     out = {}
     for i, n in enumerate(names):
@@ -181,73 +199,217 @@ def hutchinson_trace(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes,
     return out
 
 
+@dataclass
+class LanczosResult:
+    """Ritz pairs of one symmetric operator after ``steps`` Lanczos steps.
+
+    ``values`` ascending (float64); ``vectors[j]`` the unit Ritz vector of ``values[j]`` (float64, flat);
+    ``residuals[j]`` = |β_m s_mj| = ‖A y_j − θ_j y_j‖ for the operator the recurrence saw (full
+    reorthogonalisation; the rounding of the operator itself — a float32 HVP — is not included); ``exhausted`` when the Krylov space became invariant (β ≈ 0, or m = dim): the Ritz values are
+    then exact eigenvalues of A restricted to it (all of A's eigenvalues when m = dim)."""
+
+    values: np.ndarray
+    vectors: torch.Tensor
+    residuals: np.ndarray
+    steps: int
+    exhausted: bool
+
+
+class _Lanczos:
+    """One Lanczos run on a symmetric operator A of dimension ``dim``, driven from outside so that several
+    runs (one per node) can share each pass over the data: :meth:`current` is the vector to multiply,
+    :meth:`advance` takes A·current.
+
+    It builds an orthonormal basis Q_t of the Krylov space span{q_1, A q_1, ..., A^{t-1} q_1} and the
+    tridiagonal T_t = Q_tᵀ A Q_t (α on the diagonal, β off it). Full reorthogonalisation (each new vector
+    made orthogonal to all previous ones, twice — Kahan/Parlett — in float64) keeps Q orthonormal, so there
+    are no spurious copies; when β vanishes the Krylov space is invariant and the values are exact.
+    At most min(iters, dim) steps; the basis is preallocated (steps × dim float64)."""
+
+    def __init__(self, dim: int, iters: int, start: torch.Tensor):
+        self.steps = max(1, min(int(iters), int(dim)))
+        self.Q = torch.empty((self.steps, dim), dtype=torch.float64)
+        self.Q[0] = start / start.norm()
+        self.m = 1
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.last_beta = 0.0
+        self.done = False
+        self.exhausted = False
+
+    def current(self) -> torch.Tensor:
+        return self.Q[self.m - 1]
+
+    def advance(self, w: torch.Tensor) -> None:
+        t = self.m - 1
+        w = w.to(torch.float64).reshape(-1)
+        self.alphas.append(float(w @ self.Q[t]))
+        basis = self.Q[: self.m]
+        for _ in range(2):
+            w = w - basis.T @ (basis @ w)
+        beta = float(w.norm())
+        scale = max(abs(a) for a in self.alphas) or 1.0
+        if beta <= 1e-12 * scale:  # invariant subspace: T is exact on it
+            self.done = self.exhausted = True
+            self.last_beta = 0.0
+            return
+        self.last_beta = beta
+        if self.m == self.steps:
+            self.done = True
+            self.exhausted = self.m == self.Q.shape[1]
+            return
+        self.betas.append(beta)
+        self.Q[self.m] = w / beta
+        self.m += 1
+
+    def result(self) -> LanczosResult:
+        m = len(self.alphas)
+        T = np.diag(self.alphas)
+        for i, b in enumerate(self.betas[: m - 1]):
+            T[i, i + 1] = T[i + 1, i] = b
+        theta, S = np.linalg.eigh(T)
+        vecs = torch.from_numpy(np.ascontiguousarray(S.T)) @ self.Q[:m]
+        vecs = vecs / vecs.norm(dim=1, keepdim=True)
+        res = np.abs(self.last_beta * S[-1, :])
+        return LanczosResult(theta, vecs, res, m, self.exhausted)
+
+
 def lanczos_top(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, k: int = 4, iters: int = 20,
                 seed: int = 0, max_batches: int | None = None) -> list[tuple[float, dict[str, torch.Tensor]]]:
     """Top-``k`` (algebraically largest) eigenpairs of H over the chosen nodes' weights, by Lanczos.
 
-    Lanczos builds an orthonormal basis Q_t of the Krylov space span{q_1, H q_1, ..., H^{t-1} q_1} (q_1 a
-    seeded Gaussian unit vector) and the tridiagonal T_t = Q_tᵀ H Q_t (α on the diagonal, β off it). The
-    Ritz values θ (eigenvalues of T_t) approximate the extreme eigenvalues of H, the largest converging
-    first; Ritz vectors are Q_t s. Each step costs one :func:`hvp` (a full pass over the data). With full
-    reorthogonalisation (each new vector made orthogonal to all previous ones, twice, in float64) there are no
-    spurious copies; when β vanishes the Krylov space is invariant and the values are exact. At most
-    min(iters, dim) steps. Returns [(θ, {node: eigenvector part (float64, CPU, ONNX layout)})], θ descending;
-    the eigenvector has unit norm over all nodes together. Memory: the basis, min(iters, dim) float64
-    vectors of all chosen weights (20 x 11.7 M weights of ResNet-18 = 1.9 GB), on the CPU.
+    The Ritz values θ (eigenvalues of T_t, see :class:`_Lanczos`; q_1 a seeded Gaussian unit vector)
+    approximate the extreme eigenvalues of H, the largest converging first; Ritz vectors are Q_t s. Each step
+    costs one :func:`hvp` (a full pass over the data). Returns [(θ, {node: eigenvector part (float64, CPU,
+    ONNX layout)})], θ descending; the eigenvector has unit norm over all nodes together. Memory: the basis,
+    min(iters, dim) float64 vectors of all chosen weights (20 x 11.7 M weights of ResNet-18 = 1.9 GB), on the
+    CPU. Per node block H_ii instead (and every node in one pass per step): :func:`node_lanczos`.
     """
     names = _names(nodes)
-    # shapes from one capture (forward only)
-    with torch.no_grad():
-        batch = _batches(dataset, max_batches)[0]
-        _, cap = graph.run(_feeds(graph, batch, False), capture=names, outputs=[loss.output])
-        shapes = [tuple(cap[n][0].shape) for n in names]
-        del cap
+    shapes = _shapes(graph, dataset, loss, names, max_batches)
     sizes = [int(np.prod(s)) for s in shapes]
-    dim = sum(sizes)
-    steps = max(1, min(int(iters), dim))
 
     def split(x: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = torch.split(x, sizes)
         return {n: p.reshape(s).clone() for n, p, s in zip(names, parts, shapes)}
 
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        hv = hvp(graph, dataset, loss, names, split(x), max_batches=max_batches)
-        return torch.cat([hv[n].reshape(-1) for n in names])
-
     gen = torch.Generator().manual_seed(int(seed))
-    q = torch.randn(dim, generator=gen, dtype=torch.float64)
-    q /= q.norm()
-    Q = [q]
-    alphas: list[float] = []
-    betas: list[float] = []
-    for t in range(steps):
-        w = apply(Q[t])
-        alpha = float(w @ Q[t])
-        alphas.append(alpha)
-        basis = torch.stack(Q)
-        for _ in range(2):  # full reorthogonalisation, twice is enough (Kahan/Parlett)
-            w = w - basis.T @ (basis @ w)
-        if t == steps - 1:
-            break
-        beta = float(w.norm())
-        scale = max(abs(a) for a in alphas) or 1.0
-        if beta <= 1e-12 * scale:  # invariant subspace: T is exact on it
-            break
-        betas.append(beta)
-        Q.append(w / beta)
-    m = len(alphas)
-    T = np.diag(alphas)
-    for i, b in enumerate(betas[: m - 1]):
-        T[i, i + 1] = T[i + 1, i] = b
-    theta, S = np.linalg.eigh(T)
-    order = np.argsort(theta)[::-1][: max(0, int(k))]
-    basis = torch.stack(Q[:m])
-    result = []
-    for j in order:
-        vec = basis.T @ torch.from_numpy(S[:, j].copy())
-        vec = vec / vec.norm()
-        result.append((float(theta[j]), split(vec)))
-    return result
+    run = _Lanczos(sum(sizes), iters, torch.randn(sum(sizes), generator=gen, dtype=torch.float64))
+    while not run.done:
+        hv = hvp(graph, dataset, loss, names, split(run.current()), max_batches=max_batches)
+        run.advance(torch.cat([hv[n].reshape(-1) for n in names]))
+    res = run.result()
+    order = np.argsort(res.values)[::-1][: max(0, int(k))]
+    return [(float(res.values[j]), split(res.vectors[j])) for j in order]
+
+
+def _shapes(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, names: Sequence[str],
+            max_batches: int | None) -> list[tuple[int, ...]]:
+    """The node-local weight shapes (one forward of the first batch, no gradients)."""
+    with torch.no_grad():
+        batch = _batches(dataset, max_batches)[0]
+        _, cap = graph.run(_feeds(graph, batch, False), capture=names, outputs=[loss.output])
+        return [tuple(cap[n][0].shape) for n in names]
+
+
+class FirstDerivatives:
+    """Every batch's forward and first-derivative graph (g_b = ∂S_b/∂w for ``names``), computed once and kept,
+    so that repeated :func:`block_hvp` passes (Lanczos steps) only run the second backwards. Memory: the
+    activations and backward graph of all used batches at once — for small models or sub-sampled data."""
+
+    def __init__(self, graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, max_batches: int | None = None):
+        self.names = _names(nodes)
+        self.items = [_forward_grads(graph, b, loss, self.names) for b in _batches(dataset, max_batches)]
+
+
+def block_hvp(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, vectors: Mapping[str, Sequence[object]], *,
+              max_batches: int | None = None, kept: FirstDerivatives | None = None) -> dict[str, list[torch.Tensor]]:
+    """Diagonal-block Hessian-vector products H_ii v for every node i of ``vectors`` and each of its vectors.
+
+    ``vectors``: node name -> list of arrays of that node's weight shape (ONNX layout). Per batch there is one
+    forward and one first backward with the graph kept (g_b = ∂S_b/∂w for all nodes), then one second backward
+    per (node, vector), restricted to w_i:
+
+        (H_ii v)_b = ∂(g_b,i · v)/∂w_i,      H_ii v = Σ_b (H_ii v)_b / Σ_b n_b,
+
+    so no cross block H_ij enters and one pass over the data serves every node. A second backward from g_i
+    only visits the graph between node i and the loss. With ``kept`` (:class:`FirstDerivatives` of these
+    nodes) the forwards and first backwards are not redone. Result: node -> list of float64 CPU tensors,
+    same order as given. Empty vector lists are allowed (the node is skipped).
+    """
+    names = [n for n in _names(list(vectors)) if len(vectors[n])]
+    if not names:
+        return {n: [] for n in vectors}
+    if kept is not None and set(names) - set(kept.names):
+        raise HessianError(f"hessian: vectors for {sorted(set(names) - set(kept.names))} but the kept first "
+                           "derivatives cover other nodes; keep them for every node that gets vectors")
+    acc: dict[str, list[torch.Tensor | None]] = {n: [None] * len(vectors[n]) for n in names}
+    total = 0
+    source = kept.items if kept is not None else _batches(dataset, max_batches)
+    for item in source:
+        if kept is not None:
+            ws, gs, count = item
+            pos = [kept.names.index(n) for n in names]
+        else:
+            ws, gs, count = _forward_grads(graph, item, loss, names)
+            pos = list(range(len(names)))
+        for name, i in zip(names, pos):
+            for j, v in enumerate(vectors[name]):
+                only = [None] * len(ws)
+                only[i] = _as_vector(v, ws[i])
+                (h,) = _second(ws, gs, only, wrt=[i])
+                h = h.to(torch.float64)
+                acc[name][j] = h if acc[name][j] is None else acc[name][j] + h
+        total += count
+        del ws, gs
+    if total == 0:
+        raise HessianError("hessian: the data produced no loss terms (all labels ignored?); "
+                           "the curvature pass needs labelled samples")
+    out = {n: [(a / total).cpu() for a in acc[n]] for n in names}
+    for n in vectors:
+        out.setdefault(n, [])
+    return out
+
+
+def node_seed(seed: int, name: str) -> int:
+    """The seed of node ``name``'s random start / probe vectors: independent of which other nodes run with
+    it, so a node's result does not depend on the node list."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (1 << 62)
+
+
+def node_lanczos(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, iters: int = 40, seed: int = 0,
+                 max_batches: int | None = None, kept: FirstDerivatives | None = None,
+                 progress=None) -> dict[str, LanczosResult]:
+    """Lanczos on every node's own block H_ii, all nodes in lock-step: step t of every node is one
+    :func:`block_hvp` pass over the data (one forward per batch for all nodes).
+
+    Node i runs min(iters, n_i) steps from a Gaussian start seeded by :func:`node_seed`; a node whose Krylov
+    space is exhausted stops early (later passes skip it). Ritz values approximate both ends of the spectrum
+    of H_ii: the largest and the most negative converge first. The Rayleigh–Ritz property holds whatever the
+    convergence: for the Ritz vectors Y (orthonormal), Yᵀ H_ii Y = diag(θ) up to rounding. Memory: one
+    min(iters, n_i) × n_i float64 basis per node, all at once (``solvers.cet.node_curvature`` runs nodes in
+    groups under a byte cap). ``kept``: reuse every batch's first derivatives (:class:`FirstDerivatives`)
+    instead of a forward and first backward per pass. ``progress(1)`` is called after every pass. Returns node ->
+    :class:`LanczosResult` (flat ONNX-layout vectors, all min(iters, n_i) Ritz pairs).
+    """
+    names = _names(nodes)
+    if int(iters) < 1:
+        raise HessianError(f"node_lanczos: iters={iters} must be >= 1; use e.g. 40")
+    shapes = dict(zip(names, _shapes(graph, dataset, loss, names, max_batches)))
+    runs = {}
+    for n in names:
+        size = int(np.prod(shapes[n]))
+        gen = torch.Generator().manual_seed(node_seed(seed, n))
+        runs[n] = _Lanczos(size, iters, torch.randn(size, generator=gen, dtype=torch.float64))
+    while any(not r.done for r in runs.values()):
+        active = [n for n in names if not runs[n].done]
+        hv = block_hvp(graph, dataset, loss, {n: [runs[n].current().reshape(shapes[n])] for n in active},
+                       max_batches=max_batches, kept=kept)
+        for n in active:
+            runs[n].advance(hv[n][0])
+        if progress:
+            progress(1)
+    return {n: runs[n].result() for n in names}
 
 
 def quadratic_term(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, node, delta, *,
