@@ -50,16 +50,17 @@ def test_cet_rounding_stays_on_the_grid_and_removes_the_short_axes(shape, out_ax
     qw = r.weight
     # the nearest-rounding grid: same scales, layout and bytes; per-element scale reproduces its dequant
     s = element_scale(near, shape)
-    assert np.array_equal(near.dequant, near.q.astype(np.float32) * s)
+    wq = lambda qw: qw.q.reshape(shape)  # noqa: E731  (blocked Conv codes are stored as an [O, R] matrix)
+    assert np.array_equal(near.dequant, wq(near).astype(np.float32) * s)
     assert np.array_equal(qw.scale, near.scale) and (qw.axis, qw.block_size, qw.bits, qw.nbytes) == \
         (near.axis, near.block_size, near.bits, near.nbytes)
     # every code is one of the weight's two grid neighbours, inside the integer range
     qmin, qmax = qrange(bits)
     x = w.astype(np.float64) / s
-    assert qw.q.dtype == np.int32 and qw.q.min() >= qmin and qw.q.max() <= qmax
-    assert np.all((qw.q == np.clip(np.floor(x), qmin, qmax)) | (qw.q == np.clip(np.ceil(x), qmin, qmax))
-                  | (qw.q == near.q))
-    assert np.array_equal(qw.dequant, qw.q.astype(np.float32) * s) and qw.dequant.dtype == np.float32
+    assert qw.q.dtype == np.int32 and qw.q.min() >= qmin and qw.q.max() <= qmax and qw.q.shape == near.q.shape
+    assert np.all((wq(qw) == np.clip(np.floor(x), qmin, qmax)) | (wq(qw) == np.clip(np.ceil(x), qmin, qmax))
+                  | (wq(qw) == wq(near)))
+    assert np.array_equal(qw.dequant, wq(qw).astype(np.float32) * s) and qw.dequant.dtype == np.float32
     assert r.changed == int((qw.q != near.q).sum()) and 0 < r.changed <= 0.1 * r.movable  # a few codes
     # the short-axis projection is (nearly) removed, the negative axis is pushed along, the model value falls
     assert r.projection_after <= 0.25 * r.projection_before
@@ -80,10 +81,10 @@ def test_cet_rounding_stays_on_the_grid_and_removes_the_short_axes(shape, out_ax
     pred = cet_predict(curv, [d_before, d_after])
     np.testing.assert_allclose(pred.total, [r.objective_before, r.objective_after], rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(pred.projection, [r.projection_before, r.projection_after], rtol=1e-9, atol=1e-15)
-    alt = np.where(qw.q == np.clip(np.floor(x), qmin, qmax), np.clip(np.ceil(x), qmin, qmax),
+    alt = np.where(wq(qw) == np.clip(np.floor(x), qmin, qmax), np.clip(np.ceil(x), qmin, qmax),
                    np.clip(np.floor(x), qmin, qmax))
     flips = np.flatnonzero(alt.reshape(-1) != qw.q.reshape(-1))
-    steps = (alt - qw.q).reshape(-1) * s.reshape(-1)
+    steps = (alt - wq(qw)).reshape(-1) * s.reshape(-1)
     d = np.repeat(d_after.reshape(1, -1), flips.size, axis=0)
     d[np.arange(flips.size), flips] += steps[flips]
     assert cet_predict(curv, d.reshape(-1, *shape)).total.min() >= r.objective_after - 1e-12 * abs(r.objective_after)

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import LLCError
-from .weights import QuantizedWeight, WeightQuantSpec, qrange, quantize_weight
+from .weights import QuantizedWeight, WeightQuantSpec, conv_matrix_shape, is_matrix_layout, qrange, quantize_weight
 
 if TYPE_CHECKING:  # only the attributes are read: eigenvalues, eigenvectors, remainder, shape, node
     from ..solvers.cet import NodeCurvature
@@ -86,6 +86,8 @@ def element_scale(qw: QuantizedWeight, shape: tuple[int, ...]) -> np.ndarray:
     per channel, ``scale[c]`` along ``axis``; blocked, ``scale`` repeated ``block_size`` times along ``axis``
     (the last block cut to the weight's length)."""
     scale = np.asarray(qw.scale, dtype=np.float32)
+    if is_matrix_layout(shape, np.shape(qw.q)):  # blocked Conv: blocks over C/g·kh·kw of the [O, R] matrix
+        return element_scale(qw, conv_matrix_shape(shape)).reshape(shape)
     if qw.block_size is None:
         view = [1] * len(shape)
         view[qw.axis] = shape[qw.axis]
@@ -188,8 +190,8 @@ def cet_round(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: 
         if not applied:
             break
 
-    q = np.where(flipped, alt, q0).reshape(shape)
-    dequant = (q.astype(np.float32) * s32).astype(np.float32)
+    q = np.where(flipped, alt, q0).reshape(np.shape(nearest.q))  # the quantizer's layout (Conv blocks: [O, R])
+    dequant = (q.reshape(shape).astype(np.float32) * s32).astype(np.float32)
     weight = QuantizedWeight(q=q.astype(np.int32), scale=nearest.scale, axis=nearest.axis,
                              block_size=nearest.block_size, bits=nearest.bits, dequant=dequant, nbytes=nearest.nbytes)
     d_after = dequant.astype(np.float64).reshape(-1) - w64
