@@ -15,10 +15,18 @@ solved by alternating (β ← κβ after every round):
 
 The reference (``mobiusml/hqq``, ``optimize_weights_proximal``) keeps the scale fixed and solves step 3 for an
 affine zero point; our format has zero point 0 and a free scale, so step 3 is the closed-form least-squares
-*scale* instead — the same splitting on the parameter our format has. As there, the defaults are p = 0.7,
-β = 10, κ = 1.01, 20 rounds, started from the min-max scale, in the weight's own units (β acts on absolute
-errors), and the criterion that is monitored is the mean absolute error mean|w − s·q|: each group keeps its best
-scale under it (so never worse than min-max there), and the rounds stop when no group improved.
+*scale* instead — the same splitting on the parameter our format has. As there: p = 0.7, β = 10, κ = 1.01,
+up to 20 rounds, in the weight's own units (β acts on absolute errors).
+
+Two changes make it a search rather than a local refinement. Started from the min-max scale (the reference's
+start) the alternation stops in the nearest local minimum — on Gaussian blocks of 32 its lp error is then
+*worse* than a plain grid search of the clipping ratio (4-bit: 0.328 vs 0.311; 2-bit: 0.849 vs 0.819). So
+
+* the start is the best of a coarse grid of clipping ratios r ∈ linspace(0.3, 1, 15) under the lp error
+  (``scale = r · absmax / qmax``; ties keep the larger scale);
+* the monitored criterion is the lp error itself (the reference monitors mean |w − ŵ|); each group keeps the
+  best scale seen, so the result is never worse than its grid start, and the rounds stop when no group
+  improved.
 
 Because the format is symmetric, an asymmetric grid's advantages are out of reach here: a zero point lets the
 2^b levels cover [min, max] of a skewed block instead of [−max|w|, max|w|] (one level of 2^b, −2^(b−1), is
@@ -29,14 +37,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import LLCError
 from .weights import _to_f32_scale, qrange
 
-__all__ = ["HQQ_LP_NORM", "HQQ_BETA", "HQQ_KAPPA", "HQQ_ITERS", "hqq_scales"]
+__all__ = ["HQQ_BETA", "HQQ_ITERS", "HQQ_KAPPA", "HQQ_LP_NORM", "HQQ_START_RATIOS", "hqq_scales", "lp_error"]
 
 HQQ_LP_NORM = 0.7
 HQQ_BETA = 10.0
 HQQ_KAPPA = 1.01
 HQQ_ITERS = 20
+HQQ_START_RATIOS = np.linspace(0.3, 1.0, 15)
 
 
 def _shrink_lp(r: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -50,40 +60,46 @@ def _shrink_lp(r: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.sign(r) * np.maximum(a - thr, 0.0)
 
 
+def lp_error(rows: np.ndarray, scale: np.ndarray, bits: int, p: float = HQQ_LP_NORM) -> np.ndarray:
+    """Σ_row |w − s·clip(round(w/s))|^p per row (float64; ``scale`` per row)."""
+    qmin, qmax = qrange(int(bits))
+    s = np.asarray(scale, dtype=np.float64)[:, None]
+    q = np.clip(np.rint(rows / s), qmin, qmax)
+    return np.power(np.abs(rows - q * s), p).sum(axis=1)
+
+
 def hqq_scales(rows: np.ndarray, bits: int, *, lp_norm: float = HQQ_LP_NORM, beta: float = HQQ_BETA,
-               kappa: float = HQQ_KAPPA, iters: int = HQQ_ITERS) -> np.ndarray:
+               kappa: float = HQQ_KAPPA, iters: int = HQQ_ITERS, start: str = "grid") -> np.ndarray:
     """Float32 scale per row of ``rows`` [R, L] (one row per group; zero padding is harmless: a zero weight has
-    code 0 and adds nothing to any sum) by the half-quadratic search of the module docstring."""
+    code 0 and adds nothing to any sum) by the half-quadratic search of the module docstring. ``start="minmax"``
+    starts from the min-max scale alone (the reference's start: a local refinement that clips little)."""
+    if start not in ("grid", "minmax"):
+        raise LLCError(f"hqq: start={start!r} is unknown; use 'grid' or 'minmax'")
     w = np.asarray(rows, dtype=np.float64)
     qmin, qmax = qrange(int(bits))
     absmax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
     best = _to_f32_scale(absmax / qmax)
     if not w.size:
         return best
-
-    def l1(s32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = s32.astype(np.float64)[:, None]
-        q = np.clip(np.rint(w / s), qmin, qmax)
-        return q, np.abs(w - q * s).sum(axis=1)
-
-    s32, best_err = best, None
-    for it in range(int(iters) + 1):
-        q, err = l1(s32)
-        if best_err is None:
-            best_err = err
-        else:
-            better = err < best_err
-            if not better.any():
-                break
-            best = np.where(better, s32, best)
-            best_err = np.where(better, err, best_err)
-        if it == int(iters):
-            break
+    best_err = lp_error(w, best, bits, lp_norm)
+    for r in (HQQ_START_RATIOS[::-1][1:] if start == "grid" else ()):                 # ratio 1.0 is the min-max start above
+        s32 = _to_f32_scale(r * absmax / qmax)
+        err = lp_error(w, s32, bits, lp_norm)
+        better = err < best_err
+        best, best_err = np.where(better, s32, best), np.where(better, err, best_err)
+    s32 = best
+    for _ in range(int(iters)):
         s = s32.astype(np.float64)
+        q = np.clip(np.rint(w / s[:, None]), qmin, qmax)
         e = _shrink_lp(w - q * s[:, None], beta, lp_norm)
         num = ((w - e) * q).sum(axis=1)
         den = (q * q).sum(axis=1)
         ok = (den > 0) & (num > 0)
         s32 = _to_f32_scale(np.where(ok, num / np.where(ok, den, 1.0), s) * (absmax > 0))
         beta *= kappa
+        err = lp_error(w, s32, bits, lp_norm)
+        better = err < best_err
+        if not better.any():
+            break
+        best, best_err = np.where(better, s32, best), np.where(better, err, best_err)
     return best.astype(np.float32)
