@@ -7,10 +7,9 @@ and groups of a Conv without re-implementing them.
 """
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from _models import make, ort_logits, torch_threads
 from llc_onnx.calib.data import Batch, Dataset
@@ -148,5 +147,3 @@ def test_input_model_is_not_modified():
     x = np.random.default_rng(5).normal(size=(2, 4, 7, 9)).astype(np.float32)
     collect_grams(model, TorchGraph(model), _dataset(x, 2), nodes)
     assert model.SerializeToString() == before
-    assert isinstance(onnx.helper.printable_graph(model.graph), str)
-    assert numpy_helper.to_array(model.graph.initializer[0]).dtype == np.float32
