@@ -28,28 +28,32 @@ def _lp_grid_best(rows, bits, ratios):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("kind", ["normal", "laplace"])
-def test_lp_error_at_most_grid_search_and_below_minmax(bits, kind):
+def test_default_refines_minmax_under_the_lp_error(bits, kind):
     rows = _rows(bits, kind=kind)
     s = hqq_scales(rows, bits)
     assert s.dtype == np.float32 and s.shape == (rows.shape[0],) and np.all(s > 0)
     err = lp_error(rows, s, bits)
+    s_mm = (np.abs(rows).max(1) / qrange(bits)[1]).astype(np.float32)
+    minmax = lp_error(rows, s_mm, bits)
+    assert np.all(err <= minmax)                                    # never loses to its start
+    assert err.mean() < 0.99 * minmax.mean()
+    assert np.mean(s / s_mm) > 0.45                                 # a refinement: no search of hard clipping
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["normal", "laplace"])
+def test_grid_start_searches_the_lp_objective(bits, kind):
+    rows = _rows(bits, kind=kind)
+    s = hqq_scales(rows, bits, start="grid")
+    err = lp_error(rows, s, bits)
     grid = _lp_grid_best(rows, bits, HQQ_START_RATIOS)
     assert np.all(err <= grid * (1 + 1e-12))                       # the half-quadratic rounds never lose
-    minmax = lp_error(rows, (np.abs(rows).max(1) / qrange(bits)[1]).astype(np.float32), bits)
-    assert err.mean() < 0.99 * minmax.mean()
-    assert err.mean() < grid.mean()                                # the rounds improve on their start
+    assert err.mean() < grid.mean()                                # and improve on their start
     fine = _lp_grid_best(rows, bits, np.linspace(0.3, 1.0, 141))    # within 3 % of a 141-ratio search
     assert err.mean() <= fine.mean() * 1.03
-
-
-def test_minmax_start_is_a_local_refinement_that_never_loses_to_minmax():
-    rows = _rows(3)
-    s_mm = (np.abs(rows).max(1) / 7).astype(np.float32)
-    s = hqq_scales(rows, 4, start="minmax")
-    assert np.all(lp_error(rows, s, 4) <= lp_error(rows, s_mm, 4))
-    assert np.mean(s / s_mm) > 0.9                                  # stays near the min-max range (clips little)
+    assert err.mean() < lp_error(rows, hqq_scales(rows, bits), bits).mean()
     with pytest.raises(LLCError, match="start='x'"):
-        hqq_scales(rows, 4, start="x")
+        hqq_scales(rows, bits, start="x")
 
 
 def test_on_grid_group_keeps_its_exact_scale():
