@@ -39,6 +39,7 @@ METHODS = {
     "gptq mse act-order": ("gptq", "mse", True),
     "gptq hqq act-order": ("gptq", "hqq", True),
 }
+SMOLLM2_NODES = ("/m/model/layers.14/mlp/down_proj/MatMul", "/m/model/layers.15/self_attn/q_proj/MatMul")
 
 
 def _context(model: str, measure_samples: int | None):
@@ -76,9 +77,8 @@ def main(argv=None) -> int:
     elif args.model == "example":
         names = [n.name for n in ctx.nodes if n.op_type in ("Gemm", "MatMul")][:1] + \
                 [n.name for n in ctx.nodes if n.op_type == "Conv"][-1:]
-    else:
-        mm = [n.name for n in ctx.nodes]
-        names = [mm[len(mm) // 2 - 4], mm[len(mm) // 2]]          # an attention and an MLP MatMul mid-model
+    else:                                                       # an MLP and an attention MatMul mid-model
+        names = [n for n in SMOLLM2_NODES if n in by_name] or [ctx.nodes[len(ctx.nodes) // 2].name]
     methods = args.methods.split(",")
     print(f"model {args.model}: fit {ctx.fit_data.n_samples} / measure {ctx.measure_data.n_samples} samples; "
           f"nodes {names}", flush=True)

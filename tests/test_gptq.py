@@ -139,8 +139,8 @@ def _conv(x, w, group):
                                       groups=group).numpy()
 
 
-@pytest.mark.parametrize("group", [1, 2])
-def test_conv_weight_with_the_unfold_gram(group):
+@pytest.mark.parametrize("group,bits,block", [(1, 4, 4), (2, 4, 4), (1, 8, None), (2, 3, 2)])
+def test_conv_weight_with_the_unfold_gram(group, bits, block):
     rng = np.random.default_rng(10)
     c_in, c_out = 8, 6
     x = rng.normal(size=(6, c_in, 9, 9))                           # spatially smooth, like image features
@@ -151,11 +151,11 @@ def test_conv_weight_with_the_unfold_gram(group):
     rows = input_rows(torch.as_tensor(x), view).numpy()            # [R, g, K]
     gram = np.einsum("rgk,rgl->gkl", rows, rows)
     gram = gram[0] if group == 1 else gram
-    spec = WeightQuantSpec(4, 4)                                   # blocks of 4 input channels
+    spec = WeightQuantSpec(bits, block)                            # e.g. blocks of 4 input channels
     rtn = quantize_weight(w, spec, out_axis=0, reduce_axis=1)
     gq = quantize_weight_gptq(w, gram, spec, out_axis=0, reduce_axis=1)
     gs = quantize_weight_gptq(w, gram, spec, out_axis=0, reduce_axis=1, static_groups=True)
-    assert gq.scale.shape == rtn.scale.shape and gq.axis == rtn.axis == 1 and gq.nbytes == rtn.nbytes
+    assert gq.scale.shape == rtn.scale.shape and gq.axis == rtn.axis and gq.nbytes == rtn.nbytes
     np.testing.assert_array_equal(gs.scale, rtn.scale)
     y = _conv(x, w, group)
     e_rtn = np.linalg.norm(y - _conv(x, rtn.dequant, group))

@@ -86,7 +86,6 @@ def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec
     groups = np.asarray(column_groups, dtype=np.int64)
     n_groups = int(groups.max()) + 1 if k else 0
     qmin, qmax = qrange(int(spec.bits))
-    wt = torch.from_numpy(w.copy())
     h = torch.from_numpy(np.array(gram, dtype=np.float64))
     h = (h + h.T) / 2
     dead = torch.diagonal(h) <= 0
@@ -101,12 +100,12 @@ def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec
             scales[:, g] = _scales(w[:, groups == g], None, spec)
         ready[:] = True
     perm = torch.from_numpy(order)
-    wt = wt[:, perm].contiguous()
+    wt = torch.from_numpy(w)[:, perm]                            # a copy (advanced indexing), permuted
     h = h[perm][:, perm]
     g_perm = groups[order]
     members = [np.flatnonzero(g_perm == g) for g in range(n_groups)]   # processing positions of each group
     u, lam = _upper_cholesky_of_inverse(h, damp)
-    q_out = torch.zeros((n_rows, k), dtype=torch.float64)
+    q_out = torch.zeros((n_rows, k), dtype=torch.int32)
     proxy = 0.0
     lazy_block = max(1, int(lazy_block))
     for i1 in range(0, k, lazy_block):
@@ -129,7 +128,7 @@ def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec
             s = torch.from_numpy(scales[:, g].astype(np.float64))
             col = w1[:, i]
             q = torch.clamp(torch.round(col / s), qmin, qmax)   # torch.round: half to even, like np.rint
-            q_out[:, j] = q
+            q_out[:, j] = q.to(torch.int32)
             d = u[j, j]
             e = (col - q * s) / d
             proxy += float((e * e).sum()) / 2
@@ -138,32 +137,33 @@ def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec
         if i2 < k:
             wt[:, i2:] -= err1 @ u[i1:i2, i2:]
     inv = np.argsort(order, kind="stable")
-    q_np = q_out.numpy()[:, inv].astype(np.int32)
+    q_np = q_out.numpy()[:, inv]
     return GPTQMatrix(q=q_np, scale=scales, damp=float(lam), proxy_loss=proxy)
 
 
-def _layout_groups(shape: tuple[int, ...], block_size: int | None, out_axis: int, reduce_axis: int):
-    """The weight as a matrix [N, K] (rows: ``out_axis``; columns: the other axes flattened in C order, which is
-    the order of a Conv's im2col/unfold view C_in·kH·kW) and, for the format's layout (``_Groups``), the scale
-    group of every column plus the row of ``_Groups`` (the scale index) of each (row, group)."""
-    lay = _Groups(shape, block_size, out_axis, reduce_axis)
-    size = int(np.prod(shape, dtype=np.int64))
-    ids = np.arange(1, size + 1, dtype=np.int64).reshape(shape)   # 0 marks _Groups' padding
+def _column_groups(shape: tuple[int, ...], block_size: int | None, out_axis: int, reduce_axis: int) -> np.ndarray:
+    """Scale group (0..G-1) of every column of the weight seen as a matrix [N, K] (rows: ``out_axis``; columns:
+    the other axes flattened in C order, the order of a Conv's im2col/unfold view C_in·kH·kW) in the format's
+    layout (``_Groups``). Read from a copy of the layout with at most two outputs, which also checks that
+    every output splits its columns the same way."""
+    small = list(shape)
+    small[out_axis] = min(2, shape[out_axis])
+    lay = _Groups(tuple(small), block_size, out_axis, reduce_axis)
+    size = int(np.prod(small, dtype=np.int64))
+    ids = np.arange(1, size + 1, dtype=np.int64).reshape(small)   # 0 marks _Groups' padding
     rows = lay.to_rows(ids)
-    scale_of = np.empty(size + 1, dtype=np.int64)
+    scale_of = np.zeros(size + 1, dtype=np.int64)
     scale_of[rows.reshape(-1)] = np.repeat(np.arange(rows.shape[0], dtype=np.int64), rows.shape[1])
-    mat_ids = np.moveaxis(ids, out_axis, 0).reshape(shape[out_axis], -1)
-    sid = scale_of[mat_ids]                                      # [N, K] scale index of each element
-    _, col_groups = np.unique(sid[0], return_inverse=True) if sid.size else (None, np.zeros(0, np.int64))
-    col_groups = col_groups.reshape(-1).astype(np.int64)
-    n_groups = int(col_groups.max()) + 1 if col_groups.size else 0
-    first = np.zeros(n_groups, dtype=np.int64)
-    first[col_groups[::-1]] = np.arange(col_groups.size)[::-1]  # first column of each group
-    group_sid = sid[:, first]                                    # [N, G]
-    if not np.array_equal(sid, group_sid[:, col_groups]):
-        raise LLCError(f"gptq: the scale layout of a weight of shape {shape} (axis {lay.axis}) does not split "
-                       "into column groups shared by every output; GPTQ needs per-channel or reduction-axis blocks")
-    return lay, col_groups, group_sid
+    sid = scale_of[np.moveaxis(ids, out_axis, 0).reshape(small[out_axis], -1)]      # [≤2, K] scale index
+    _, groups = np.unique(sid[0], return_inverse=True)
+    groups = groups.reshape(-1).astype(np.int64)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    for row in sid:
+        if np.unique(row).size != n_groups or np.unique(np.stack([groups, row]), axis=1).shape[1] != n_groups:
+            raise LLCError(f"gptq: the scale layout of a weight of shape {shape} (axis {lay.axis}) does not split "
+                           "into column groups shared by every output; GPTQ needs per-channel or reduction-axis "
+                           "blocks")
+    return groups
 
 
 def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: int,
@@ -188,8 +188,7 @@ def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec,
     reduce_axis = _norm_axis(reduce_axis, w.ndim, "reduce_axis")
     if out_axis == reduce_axis:
         raise LLCError(f"gptq: out_axis and reduce_axis are both {out_axis}; pass the weight's two roles")
-    w64 = w.astype(np.float64)
-    if not np.all(np.isfinite(w64)):
+    if not np.all(np.isfinite(w)):
         raise LLCError(f"gptq: weight of shape {w.shape} contains NaN or Inf; "
                        "fix the model's initializer before compressing")
     gram = np.asarray(gram, dtype=np.float64)
@@ -203,22 +202,26 @@ def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec,
     if not np.all(np.isfinite(gram)):
         raise LLCError("gptq: Gram matrix contains NaN or Inf; check the calibration inputs")
     bs = None if spec.block_size is None else int(spec.block_size)
-    lay, col_groups, group_sid = _layout_groups(w.shape, bs, out_axis, reduce_axis)
-    mat = np.moveaxis(w64, out_axis, 0).reshape(n_out, k)
+    col_groups = _column_groups(w.shape, bs, out_axis, reduce_axis)
+    mat = np.moveaxis(w, out_axis, 0).reshape(n_out, k).astype(np.float64)
     grams = gram.reshape(n_parts, k, k)
     part = n_out // n_parts
     q_mat = np.empty((n_out, k), dtype=np.int32)
-    s_rows = np.ones(lay.n_rows, dtype=np.float32)
+    s_mat = np.empty((n_out, k), dtype=np.float32)           # the scale of every element
     for p in range(n_parts):
         sl = slice(p * part, (p + 1) * part)
         res = gptq_matrix(mat[sl], grams[p], col_groups, spec, damp=damp, act_order=act_order,
                           static_groups=static_groups, lazy_block=lazy_block)
         q_mat[sl] = res.q
-        s_rows[group_sid[sl].reshape(-1)] = res.scale.reshape(-1)
+        s_mat[sl] = res.scale[:, col_groups]
+    del mat
     moved = (n_out,) + tuple(d for i, d in enumerate(w.shape) if i != out_axis)
-    q = np.ascontiguousarray(np.moveaxis(q_mat.reshape(moved), 0, out_axis)).astype(np.int32)
-    q_rows = lay.to_rows(q)
-    dq_rows = q_rows.astype(np.float32) * s_rows[:, None]
+    back = lambda a: np.ascontiguousarray(np.moveaxis(a.reshape(moved), 0, out_axis))   # noqa: E731
+    lay = _Groups(w.shape, bs, out_axis, reduce_axis)
+    s_rows = lay.to_rows(back(s_mat))[:, 0]                  # a group's first element is never padding
+    del s_mat
+    q = back(q_mat)
+    dq_rows = lay.to_rows(q).astype(np.float32) * s_rows[:, None]
     dequant = np.ascontiguousarray(lay.from_rows(dq_rows)).astype(np.float32, copy=False)
     scale = np.ascontiguousarray(lay.scale_from_rows(s_rows)).astype(np.float32, copy=False)
     nbytes = -(-int(spec.bits) * int(w.size) // 8) + 4 * int(scale.size)
