@@ -2,12 +2,14 @@
 
     python -m bench.exp_gptq --model smollm2 [--nodes NAME,NAME] [--bits 4,2] [--block-size 32]
     python -m bench.exp_gptq --model example      # examples/fashion_cnn.onnx, its Gemm and last Conv
+    python -m bench.exp_gptq --model smollm2 --whole --bits 4 --methods "nearest mse,gptq mse act-order"
 
 One candidate per (node, bits, method): scales by ``--scale``-style methods, rounding nearest or GPTQ (input Gram
 of the node from the *fit* part of the calibration split, ``llc_onnx.calib.gram``). Judged on the disjoint
 *measure* part: the relative layer-output error ‖X(W − Ŵ)‖/‖XW‖ (X the node's inputs there, through their
 Gram matrix) and the loss change with that node alone quantized, ΔL ± its paired standard error
-(``FlowContext.measure``), as the quantization flow measures candidates. SmolLM2: ``python -m
+(``FlowContext.measure``), as the quantization flow measures candidates. ``--whole``: every compressible node at
+once with the same method, loss on the measure part and on the held-out split (interpreter). SmolLM2: ``python -m
 bench.prepare_smollm2`` first; its FP32 weights are a de-quantized Q4_1 GGUF (asymmetric 4-bit blocks of 32).
 """
 
@@ -23,7 +25,7 @@ import torch
 from bench.datasets import cache_dir
 from llc_onnx.calib.gram import collect_grams
 from llc_onnx.calib.losses import make_loss
-from llc_onnx.calib.noise import constant
+from llc_onnx.calib.noise import constant, measure
 from llc_onnx.flows.context import create_context
 from llc_onnx.quant import WeightQuantSpec, quantize_weight
 from llc_onnx.quant.gptq import quantize_weight_gptq
@@ -68,9 +70,12 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--measure-samples", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--whole", action="store_true", help="quantize every node at once (see module docstring)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     ctx = _context(args.model, args.measure_samples)
+    if args.whole:
+        return _whole(ctx, args, t0)
     by_name = {n.name: n for n in ctx.nodes}
     if args.nodes:
         names = args.nodes.split(",")
@@ -97,19 +102,50 @@ def main(argv=None) -> int:
         ref = _quadratic(mat(w), mes_g[name].gram, group)
         for bits in (int(b) for b in args.bits.split(",")):
             for label in methods:
-                rounding, scale, act = METHODS[label]
-                spec = WeightQuantSpec(bits, args.block_size if bits <= 4 else None, scale)
+                spec = WeightQuantSpec(bits, args.block_size if bits <= 4 else None, METHODS[label][1])
                 t = time.perf_counter()
-                if rounding == "gptq":
-                    qw = quantize_weight_gptq(w, fit_g[name].gram, spec, node.out_axis, node.reduce_axis,
-                                              act_order=act)
-                else:
-                    qw = quantize_weight(w, spec, node.out_axis, node.reduce_axis)
+                qw = _quantize(w, node, spec, label, fit_g[name].gram)
                 secs = time.perf_counter() - t
                 err = np.sqrt(_quadratic(mat(qw.dequant.astype(np.float64) - w), mes_g[name].gram, group) / ref)
                 dl, se = ctx.measure({name: constant(torch.as_tensor(qw.dequant))}).delta(base)
                 print(f"| {name} | {list(w.shape)} | {bits} | {label} | {err:.4f} | {dl:+.4f} ± {se:.4f} | "
                       f"{secs:.1f} |", flush=True)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _quantize(w, node, spec, label, gram):
+    rounding, _, act = METHODS[label]
+    if rounding == "gptq":
+        return quantize_weight_gptq(w, gram, spec, node.out_axis, node.reduce_axis, act_order=act)
+    return quantize_weight(w, spec, node.out_axis, node.reduce_axis)
+
+
+def _whole(ctx, args, t0) -> int:
+    labels = args.methods.split(",")
+    grams = collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes) if any(
+        METHODS[m][0] == "gptq" for m in labels) else {}
+    base = ctx.base()
+    print(f"setup {time.perf_counter() - t0:.0f} s; float: measure part {base.mean:.4f}, held-out (ORT) "
+          f"{ctx.held_fp.loss:.4f}\n", flush=True)
+    print("| bits | method | weight bytes / FP32 | measure-part loss | held-out loss | quantize s |")
+    print("|---|---|---|---|---|---|")
+    for bits in (int(b) for b in args.bits.split(",")):
+        for label in labels:
+            spec = WeightQuantSpec(bits, args.block_size if bits <= 4 else None, METHODS[label][1])
+            t = time.perf_counter()
+            fns, nbytes = {}, 0
+            for node in ctx.nodes:
+                gram = grams[node.name].gram if node.name in grams else None
+                qw = _quantize(ctx.weight_array(node), node, spec, label, gram)
+                fns[node.name] = constant(torch.as_tensor(qw.dequant))
+                nbytes += qw.nbytes
+            secs = time.perf_counter() - t
+            m = ctx.measure(fns).mean
+            h = measure(ctx.graph, ctx.held, ctx.loss, fns).mean
+            print(f"| {bits} | {label} | {nbytes / ctx.float_bytes():.4f} | {m:.4f} | {h:.4f} | {secs:.0f} |",
+                  flush=True)
+            del fns
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -132,7 +132,7 @@ def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec
             d = u[j, j]
             e = (col - q * s) / d
             proxy += float((e * e).sum()) / 2
-            w1[:, i:] -= torch.outer(e, u[j, j:i2])
+            w1[:, i:].addr_(e, u[j, j:i2], alpha=-1.0)
             err1[:, i] = e
         if i2 < k:
             wt[:, i2:] -= err1 @ u[i1:i2, i2:]
