@@ -378,7 +378,7 @@ def second_order(m, quick, args, calib, held, work, ms, guarded, want):
         if "fisher" not in state:
             ctx = setup()
             t = time.perf_counter()
-            grads = collect_gradients(ctx.graph, ctx.calib, ctx.loss, ctx.nodes)
+            grads = collect_gradients(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, magnitudes=True)
             tab = table({n: s.grad_w_sq for n, s in grads.nodes.items()})
             state["fisher"] = (tab, B.fisher_costs(tab), time.perf_counter() - t)
         return state["fisher"]

@@ -47,7 +47,7 @@ def test_mlp_grad_w_is_gradient_of_sample_mean_loss(tmp_path):
     model, w, ds, nodes, y = _setup(tmp_path, mlp, x)
     assert [b.size for b in ds.batches] == [16, 16, 5]
     loss = make_loss("ce", "logits")
-    gp = collect_gradients(TorchGraph(model, dtype=torch.float64), ds, loss, nodes)
+    gp = collect_gradients(TorchGraph(model, dtype=torch.float64), ds, loss, nodes, magnitudes=True)
 
     tw = {k: _t(v) for k, v in w.items()}
     xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
@@ -80,6 +80,21 @@ def test_mlp_grad_w_is_gradient_of_sample_mean_loss(tmp_path):
     # channel_gw: Σ over non-output axes of g·W per output channel (fc1: out_axis 0, fc2: out_axis 1)
     np.testing.assert_allclose(gp.nodes["fc1"].channel_gw, (gp.nodes["fc1"].grad_w * w["W1"]).sum(1), rtol=1e-9)
     np.testing.assert_allclose(gp.nodes["fc2"].channel_gw, (gp.nodes["fc2"].grad_w * w["W2"]).sum(0), rtol=1e-9)
+
+
+def test_float32_pass_keeps_float32_means_and_collects_magnitudes_only_when_asked(tmp_path):
+    x = np.random.default_rng(8).normal(size=(N, 8)).astype(np.float32)
+    model, _, ds, nodes, _ = _setup(tmp_path, mlp, x)
+    loss = make_loss("ce", "logits")
+    g32 = collect_gradients(TorchGraph(model), ds, loss, nodes)
+    g64 = collect_gradients(TorchGraph(model, dtype=torch.float64), ds, loss, nodes, magnitudes=True)
+    for name in ("fc1", "fc2"):
+        s32, s64 = g32.nodes[name], g64.nodes[name]
+        assert s32.grad_w.dtype == np.float32 and s64.grad_w.dtype == np.float64
+        assert s32.grad_w_abs is None and s32.grad_w_sq is None          # not asked: not accumulated
+        assert s64.grad_w_abs is not None and s64.grad_w_sq is not None
+        np.testing.assert_allclose(s32.grad_w, s64.grad_w, rtol=1e-4, atol=1e-7 * np.abs(s64.grad_w).max())
+        assert s32.channel_gw.dtype == np.float64
 
 
 def test_mlp_grad_matches_finite_difference_of_measure_loss(tmp_path):

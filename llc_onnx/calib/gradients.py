@@ -34,7 +34,7 @@ class NodeStats:
     """What the solvers need to know about one compressible node."""
 
     node: str
-    grad_w: np.ndarray  # ∂L/∂W of the mean calibration loss (float64, ONNX layout)
+    grad_w: np.ndarray  # ∂L/∂W of the mean calibration loss (the interpreter's dtype: float32, ONNX layout)
     grad_w_abs: np.ndarray | None  # mean over batches of |∂L_b/∂W| (L_b the batch mean loss); None if not asked
     grad_w_sq: np.ndarray | None  # mean over batches of (∂L_b/∂W)², a Fisher-diagonal estimate; None if not asked
     grad_x_norm: float  # mean over samples of ‖∂L/∂x‖ (per-sample input-gradient norm, scaled by N)
@@ -86,12 +86,15 @@ def collect_ranges(graph: TorchGraph, dataset: Dataset, nodes: Sequence[Compress
 
 def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes: Sequence[CompressibleNode],
                       act_candidates: dict[str, dict[int, Callable[[torch.Tensor], torch.Tensor]]] | None = None,
-                      progress: Progress = None, magnitudes: bool = True) -> GradientPass:
+                      progress: Progress = None, magnitudes: bool = False) -> GradientPass:
     """Run the calibration data once through forward+backward and accumulate :class:`NodeStats`.
 
     ``act_candidates[node][bits]`` is a fake-quantizer of that node's input; its predicted ΔL
-    (1/N) Σ g_x·(q(x) − x) is accumulated into ``NodeStats.act_pred[bits]``. ``magnitudes=False`` skips the
-    |g| and g² accumulators (two float64 copies of every weight) when only the mean gradient is needed.
+    (1/N) Σ g_x·(q(x) − x) is accumulated into ``NodeStats.act_pred[bits]``. ``magnitudes=True`` also keeps
+    the |g| and g² accumulators (``grad_w_abs`` / ``grad_w_sq``: two more copies of every weight), which only
+    the Fisher baseline reads. Weight-gradient accumulators are in the interpreter's dtype (float32 for the
+    usual float32 graph: one weight-sized buffer per node, summed in place), so the pass holds about one copy
+    of the weights besides the model itself.
     """
     t0 = time.perf_counter()
     names = [n.name for n in nodes]
@@ -119,13 +122,17 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
             for i, name in enumerate(names):
                 gw = grads[i]
                 gw = torch.zeros_like(tensors[i]) if gw is None else gw.detach()
-                gw64 = gw.to(torch.float64)
-                per_batch = gw64 / max(count, 1)
-                acc_g[name] = gw64 if acc_g[name] is None else acc_g[name] + gw64
+                if acc_g[name] is None:
+                    acc_g[name] = gw.to(graph.dtype, copy=True)   # own buffer: autograd may share storage
+                else:
+                    acc_g[name].add_(gw)
                 if magnitudes:
-                    acc_abs[name] = per_batch.abs() if acc_abs[name] is None else acc_abs[name] + per_batch.abs()
+                    per_batch = gw / max(count, 1)
                     sq = per_batch * per_batch
-                    acc_sq[name] = sq if acc_sq[name] is None else acc_sq[name] + sq
+                    ab = per_batch.abs_()
+                    acc_abs[name] = ab if acc_abs[name] is None else acc_abs[name].add_(ab)
+                    acc_sq[name] = sq if acc_sq[name] is None else acc_sq[name].add_(sq)
+                del gw
                 x = tensors[k + i].detach()
                 gx = grads[k + i]
                 x_absmax[name] = max(x_absmax[name], float(x.abs().max()))
@@ -154,18 +161,18 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
     by_name = {n.name: n for n in nodes}
     for name in names:
         node = by_name[name]
-        g = (acc_g[name] / total_n).cpu().numpy()
-        w = graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
+        g = acc_g.pop(name).div_(total_n).cpu().numpy()
+        w = graph.params[node.weight].detach().cpu().numpy()
         other = tuple(a for a in range(g.ndim) if a != node.out_axis)
         stats[name] = NodeStats(
             node=name,
             grad_w=g,
-            grad_w_abs=(acc_abs[name] / n_batches).cpu().numpy() if magnitudes else None,
-            grad_w_sq=(acc_sq[name] / n_batches).cpu().numpy() if magnitudes else None,
+            grad_w_abs=acc_abs.pop(name).div_(n_batches).cpu().numpy() if magnitudes else None,
+            grad_w_sq=acc_sq.pop(name).div_(n_batches).cpu().numpy() if magnitudes else None,
             grad_x_norm=gx_norm[name] / total_n,
             x_absmax=x_absmax[name],
             x_rms=float(np.sqrt(x_sq[name] / max(x_count[name], 1))),
-            channel_gw=(g * w).sum(axis=other),
+            channel_gw=np.sum(g * w, axis=other, dtype=np.float64),
             act_pred={b: v / total_n for b, v in act_acc[name].items()},
         )
     return GradientPass(loss=total_sum / total_n, n=total_n, nodes=stats, seconds=time.perf_counter() - t0)

@@ -41,6 +41,8 @@ Scale methods
   group are Laplace(μ, b), the MSE-optimal clipping value is ``alpha = c_bits · b`` with
   ``c = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}`` and ``b = mean|w − mean(w)|``
   (the Laplace maximum-likelihood scale).  Clip at ``min(alpha, absmax)``; above 8 bits ``minmax``.
+* ``"hqq"``: half-quadratic search of the scale under an lp<1 error (Badri & Shaji 2023), see
+  :mod:`llc_onnx.quant.hqq`.
 
 Rounding
 --------
@@ -78,7 +80,7 @@ import numpy as np
 
 from llc_onnx.errors import LLCError
 
-SCALE_METHODS = ("minmax", "mse", "aciq")
+SCALE_METHODS = ("minmax", "mse", "aciq", "hqq")
 ROUNDINGS = ("nearest", "up", "down", "llc")
 
 # Banner et al. (ACIQ) optimal clipping for Laplace(b): alpha = c[bits] * b.
@@ -261,6 +263,9 @@ def _scales(rows: np.ndarray, mask: np.ndarray | None, spec: WeightQuantSpec) ->
         method = "minmax"
     if method == "minmax":
         return _to_f32_scale(absmax / qmax)
+    if method == "hqq":  # data-free half-quadratic search (llc_onnx.quant.hqq)
+        from .hqq import hqq_scales
+        return hqq_scales(rows, bits)
     if method == "aciq":
         if mask is None:
             n = np.full(rows.shape[0], rows.shape[1], dtype=np.float64)

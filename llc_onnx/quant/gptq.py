@@ -1,0 +1,229 @@
+"""GPTQ rounding: column-by-column rounding with error feedback through the input Gram matrix.
+
+Frantar, Ashkboos, Hoefler & Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (ICLR 2023). For one layer y = W·x (W as a matrix [N outputs, K inputs]) and calibration inputs
+X [n, K], the layer-output error of a rounded Ŵ is
+
+    E(Ŵ) = ‖X Wᵀ − X Ŵᵀ‖²_F = Σ_rows (w − ŵ)ᵀ (XᵀX) (w − ŵ),
+
+a quadratic with the same Hessian H = 2XᵀX for every output row. GPTQ (the Optimal Brain Quantizer with a
+fixed column order) rounds column j of every row, then moves the not-yet-rounded columns F to the
+minimiser of E given that choice:
+
+    err = (w_j − ŵ_j) / [H_F⁻¹]_jj,     w_F ← w_F − err · [H_F⁻¹]_{j,F},     F ← F \\ {j}.
+
+With U the upper Cholesky factor of H⁻¹ (UᵀU = H⁻¹), row j of U is [H_F⁻¹]_{j,F} / √[H_F⁻¹]_jj for the
+remaining set F = {j, j+1, ...}, so every step reads one row of U (the paper's Cholesky reformulation); updates
+beyond the current lazy block of columns are applied once per block as one matrix product (lazy batch update).
+H is dampened, H + λI with λ = ``damp`` · mean(diag H) (raised ×10 until the Cholesky succeeds); the
+result does not depend on the scale of the Gram matrix (2XᵀX, XᵀX or XᵀX/n give the same codes).
+
+Our format (``llc_onnx.quant.weights``): symmetric codes, zero point 0, float32 scales, per output channel or
+blocked along the reduction axis. A scale is chosen (by ``spec.scale_method``) when its group is reached —
+when the first of its columns comes up for rounding — from the *current* values of its columns, i.e. after
+the error feedback of every column rounded before (the reference code computes block scales from values that
+miss the updates of the current lazy block; here the lazy block size changes nothing but float rounding).
+``static_groups=True`` computes every scale up front from the original weight instead (the scales of
+:func:`llc_onnx.quant.quantize_weight` with the same spec). With ``act_order`` columns are rounded in
+decreasing order of diag(H) (stable order on ties); a group is still the format's block, so its scale is
+computed when its first column *in that order* comes up.
+
+Deviation from the reference code: columns whose input is always zero (diag H = 0) keep their weights
+(rounded to nearest) instead of being set to zero, so a model that later sees such inputs is unchanged there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ..errors import LLCError
+from .weights import QuantizedWeight, WeightQuantSpec, _check_spec, _Groups, _norm_axis, _scales, qrange
+
+__all__ = ["GPTQMatrix", "gptq_matrix", "quantize_weight_gptq"]
+
+
+@dataclass(frozen=True)
+class GPTQMatrix:
+    """GPTQ result for one weight matrix W [N, K] (rows = outputs, columns = the Gram's K inputs)."""
+
+    q: np.ndarray        # int32 codes [N, K] in [qmin, qmax], original column order
+    scale: np.ndarray    # float32 [N, n_groups]: the scale of column group g for row n
+    damp: float          # λ added to diag(H) (after any raise needed by the Cholesky)
+    proxy_loss: float    # Σ_steps (w_j − ŵ_j)² / (2 [H_F⁻¹]_jj) = ½ Σ_rows (w − ŵ)ᵀ (gram + λI) (w − ŵ)
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """U with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H), raised ×10 (up to 8 times) until H + λI is PD."""
+    k = h.shape[0]
+    mean_diag = float(torch.diagonal(h).mean()) if k else 0.0
+    lam = damp * mean_diag if mean_diag > 0 else 1.0
+    eye = torch.eye(k, dtype=h.dtype)
+    for _ in range(9):
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return u, lam
+        lam = lam * 10 if lam > 0 else 1e-8
+    raise LLCError("gptq: the dampened Gram matrix is not positive definite even with λ = "
+                   f"{lam:.3g}; check the calibration inputs for NaN/Inf or use rounding='nearest'")
+
+
+def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec: WeightQuantSpec, *,
+                damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                lazy_block: int = 128) -> GPTQMatrix:
+    """GPTQ-round ``w`` [N, K] against the Gram matrix ``gram`` [K, K] (Σ x xᵀ of the inputs, any scale).
+
+    ``column_groups`` [K]: integer id (0..G-1) of the scale group of each column — every row has its own scale
+    per group (per channel: all zeros; blocked: the block index). ``spec`` gives bits and ``scale_method``
+    (its ``block_size``/``rounding`` are not read here). See the module docstring for the algorithm."""
+    w = np.asarray(w, dtype=np.float64)
+    n_rows, k = w.shape
+    groups = np.asarray(column_groups, dtype=np.int64)
+    n_groups = int(groups.max()) + 1 if k else 0
+    qmin, qmax = qrange(int(spec.bits))
+    h = torch.from_numpy(np.array(gram, dtype=np.float64))
+    h = (h + h.T) / 2
+    dead = torch.diagonal(h) <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    order = (np.argsort(-np.diagonal(h.numpy()), kind="stable") if act_order else np.arange(k)).astype(np.int64)
+    scales = np.zeros((n_rows, n_groups), dtype=np.float32)
+    ready = np.zeros(n_groups, dtype=bool)
+    if static_groups:
+        for g in range(n_groups):
+            scales[:, g] = _scales(w[:, groups == g], None, spec)
+        ready[:] = True
+    perm = torch.from_numpy(order)
+    wt = torch.from_numpy(w)[:, perm]                            # a copy (advanced indexing), permuted
+    h = h[perm][:, perm]
+    g_perm = groups[order]
+    members = [np.flatnonzero(g_perm == g) for g in range(n_groups)]   # processing positions of each group
+    u, lam = _upper_cholesky_of_inverse(h, damp)
+    q_out = torch.zeros((n_rows, k), dtype=torch.int32)
+    proxy = 0.0
+    lazy_block = max(1, int(lazy_block))
+    for i1 in range(0, k, lazy_block):
+        i2 = min(i1 + lazy_block, k)
+        w1 = wt[:, i1:i2].clone()
+        err1 = torch.zeros((n_rows, i2 - i1), dtype=torch.float64)
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = int(g_perm[j])
+            if not ready[g]:
+                cols = members[g]                       # all ≥ j: none of them is rounded yet
+                inside, beyond = cols[cols < i2], cols[cols >= i2]
+                vals = torch.empty((n_rows, cols.size), dtype=torch.float64)
+                vals[:, : inside.size] = w1[:, inside - i1]
+                if beyond.size:
+                    bt = torch.from_numpy(beyond)
+                    vals[:, inside.size:] = wt[:, bt] - err1[:, :i] @ u[i1:j, bt]
+                scales[:, g] = _scales(vals.numpy(), None, spec)
+                ready[g] = True
+            s = torch.from_numpy(scales[:, g].astype(np.float64))
+            col = w1[:, i]
+            q = torch.clamp(torch.round(col / s), qmin, qmax)   # torch.round: half to even, like np.rint
+            q_out[:, j] = q.to(torch.int32)
+            d = u[j, j]
+            e = (col - q * s) / d
+            proxy += float((e * e).sum()) / 2
+            w1[:, i:].addr_(e, u[j, j:i2], alpha=-1.0)
+            err1[:, i] = e
+        if i2 < k:
+            wt[:, i2:] -= err1 @ u[i1:i2, i2:]
+    inv = np.argsort(order, kind="stable")
+    q_np = q_out.numpy()[:, inv]
+    return GPTQMatrix(q=q_np, scale=scales, damp=float(lam), proxy_loss=proxy)
+
+
+def _column_groups(shape: tuple[int, ...], block_size: int | None, out_axis: int, reduce_axis: int) -> np.ndarray:
+    """Scale group (0..G-1) of every column of the weight seen as a matrix [N, K] (rows: ``out_axis``; columns:
+    the other axes flattened in C order, the order of a Conv's im2col/unfold view C_in·kH·kW) in the format's
+    layout (``_Groups``). Read from a copy of the layout with at most two outputs, which also checks that
+    every output splits its columns the same way."""
+    small = list(shape)
+    small[out_axis] = min(2, shape[out_axis])
+    lay = _Groups(tuple(small), block_size, out_axis, reduce_axis)
+    size = int(np.prod(small, dtype=np.int64))
+    ids = np.arange(1, size + 1, dtype=np.int64).reshape(small)   # 0 marks _Groups' padding
+    rows = lay.to_rows(ids)
+    scale_of = np.zeros(size + 1, dtype=np.int64)
+    scale_of[rows.reshape(-1)] = np.repeat(np.arange(rows.shape[0], dtype=np.int64), rows.shape[1])
+    sid = scale_of[np.moveaxis(ids, out_axis, 0).reshape(small[out_axis], -1)]      # [≤2, K] scale index
+    _, groups = np.unique(sid[0], return_inverse=True)
+    groups = groups.reshape(-1).astype(np.int64)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    for row in sid:
+        if np.unique(row).size != n_groups or np.unique(np.stack([groups, row]), axis=1).shape[1] != n_groups:
+            raise LLCError(f"gptq: the scale layout of a weight of shape {shape} (axis {lay.axis}) does not split "
+                           "into column groups shared by every output; GPTQ needs per-channel or reduction-axis "
+                           "blocks")
+    return groups
+
+
+def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: int,
+                         *, damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                         lazy_block: int = 128) -> QuantizedWeight:
+    """:func:`llc_onnx.quant.quantize_weight`'s format (same scale layout, codes, dequant, nbytes), rounded by GPTQ.
+
+    ``gram``: the node's input Gram matrix over the reduction, K×K with K = ``w.size / w.shape[out_axis]`` in the
+    order of the weight's non-output axes flattened in C order (MatMul [K, N] / Gemm: the input features; Conv
+    [M, C/g, kH, kW]: the unfold view C/g·kH·kW), as :func:`llc_onnx.calib.gram.collect_grams` returns it; for a
+    grouped Conv [g, K, K], one per group (output channels split into g consecutive parts). ``spec``: bits,
+    block_size, scale_method as for ``quantize_weight``; ``spec.rounding`` must be ``"nearest"`` or ``"gptq"``."""
+    if spec.rounding not in ("nearest", "gptq"):
+        raise LLCError(f"gptq: spec.rounding={spec.rounding!r} cannot be combined with GPTQ rounding; "
+                       "use rounding='gptq' (or 'nearest')")
+    _check_spec(replace(spec, rounding="nearest"))
+    w = np.asarray(w)
+    if w.ndim < 2 or not np.issubdtype(w.dtype, np.floating):
+        raise LLCError(f"gptq: expected a floating-point weight with at least 2 dimensions, "
+                       f"got dtype {w.dtype} shape {w.shape}")
+    out_axis = _norm_axis(out_axis, w.ndim, "out_axis")
+    reduce_axis = _norm_axis(reduce_axis, w.ndim, "reduce_axis")
+    if out_axis == reduce_axis:
+        raise LLCError(f"gptq: out_axis and reduce_axis are both {out_axis}; pass the weight's two roles")
+    if not np.all(np.isfinite(w)):
+        raise LLCError(f"gptq: weight of shape {w.shape} contains NaN or Inf; "
+                       "fix the model's initializer before compressing")
+    gram = np.asarray(gram, dtype=np.float64)
+    n_out = w.shape[out_axis]
+    k = w.size // max(n_out, 1)
+    n_parts = gram.shape[0] if gram.ndim == 3 else 1
+    if gram.ndim not in (2, 3) or gram.shape[-2:] != (k, k) or n_out % n_parts:
+        raise LLCError(f"gptq: Gram matrix of shape {gram.shape} does not fit a weight of shape {w.shape} "
+                       f"(expected [{k}, {k}], or [groups, {k}, {k}] for a grouped Conv with groups dividing "
+                       f"{n_out}); collect it with llc_onnx.calib.gram.collect_grams for this node")
+    if not np.all(np.isfinite(gram)):
+        raise LLCError("gptq: Gram matrix contains NaN or Inf; check the calibration inputs")
+    bs = None if spec.block_size is None else int(spec.block_size)
+    col_groups = _column_groups(w.shape, bs, out_axis, reduce_axis)
+    mat = np.moveaxis(w, out_axis, 0).reshape(n_out, k).astype(np.float64)
+    grams = gram.reshape(n_parts, k, k)
+    part = n_out // n_parts
+    q_mat = np.empty((n_out, k), dtype=np.int32)
+    s_mat = np.empty((n_out, k), dtype=np.float32)           # the scale of every element
+    for p in range(n_parts):
+        sl = slice(p * part, (p + 1) * part)
+        res = gptq_matrix(mat[sl], grams[p], col_groups, spec, damp=damp, act_order=act_order,
+                          static_groups=static_groups, lazy_block=lazy_block)
+        q_mat[sl] = res.q
+        s_mat[sl] = res.scale[:, col_groups]
+    del mat
+    moved = (n_out,) + tuple(d for i, d in enumerate(w.shape) if i != out_axis)
+    back = lambda a: np.ascontiguousarray(np.moveaxis(a.reshape(moved), 0, out_axis))   # noqa: E731
+    lay = _Groups(w.shape, bs, out_axis, reduce_axis)
+    s_rows = lay.to_rows(back(s_mat))[:, 0]                  # a group's first element is never padding
+    del s_mat
+    q = back(q_mat)
+    dq_rows = lay.to_rows(q).astype(np.float32) * s_rows[:, None]
+    dequant = np.ascontiguousarray(lay.from_rows(dq_rows)).astype(np.float32, copy=False)
+    scale = np.ascontiguousarray(lay.scale_from_rows(s_rows)).astype(np.float32, copy=False)
+    nbytes = -(-int(spec.bits) * int(w.size) // 8) + 4 * int(scale.size)
+    return QuantizedWeight(q=q, scale=scale, axis=lay.axis, block_size=bs, bits=int(spec.bits),
+                           dequant=dequant, nbytes=nbytes)
