@@ -83,9 +83,13 @@ def test_quantize_weight_hqq_method(shape, out_axis, reduce_axis, block):
         bshape = [1] * len(shape)
         bshape[out_axis] = shape[out_axis]
         s = qw.scale.reshape(bshape)
+    elif len(shape) >= 3:  # blocked Conv: codes and scales in the [O, R] matrix layout
+        o, r = shape[0], int(np.prod(shape[1:]))
+        s = np.take(np.repeat(qw.scale, block, axis=1), np.arange(r), axis=1).reshape(shape)
     else:
         s = np.take(np.repeat(qw.scale, block, axis=reduce_axis), np.arange(shape[reduce_axis]), axis=reduce_axis)
-    np.testing.assert_array_equal(qw.dequant, qw.q.astype(np.float32) * s)
-    np.testing.assert_array_equal(qw.q, np.clip(np.rint(w.astype(np.float64) / s), qmin, qmax))   # nearest
+    q = qw.q.reshape(shape)
+    np.testing.assert_array_equal(qw.dequant, q.astype(np.float32) * s)
+    np.testing.assert_array_equal(q, np.clip(np.rint(w.astype(np.float64) / s), qmin, qmax))   # nearest
     again = quantize_weight(w, spec, out_axis, reduce_axis)
     assert again.dequant.tobytes() == qw.dequant.tobytes()

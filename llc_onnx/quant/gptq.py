@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from ..errors import LLCError
-from .weights import QuantizedWeight, WeightQuantSpec, _check_spec, _Groups, _norm_axis, _scales, qrange
+from .weights import (QuantizedWeight, WeightQuantSpec, _check_spec, _Groups, _norm_axis, _scales, conv_matrix_shape,
+                      qrange)
 
 __all__ = ["GPTQMatrix", "gptq_matrix", "quantize_weight_gptq"]
 
@@ -202,6 +203,13 @@ def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec,
     if not np.all(np.isfinite(gram)):
         raise LLCError("gptq: Gram matrix contains NaN or Inf; check the calibration inputs")
     bs = None if spec.block_size is None else int(spec.block_size)
+    if bs is not None and w.ndim >= 3:  # a blocked Conv is quantized as its [O, R] matrix (quant.weights' layout)
+        if out_axis != 0 or reduce_axis != 1:
+            raise LLCError(f"gptq: a blocked rank-{w.ndim} weight is a Conv weight [O, C/g, k…] with out_axis=0, "
+                           f"reduce_axis=1 (got {out_axis}, {reduce_axis}); pass those axes")
+        res = quantize_weight_gptq(w.reshape(conv_matrix_shape(w.shape)), gram, spec, 0, 1, damp=damp,
+                                   act_order=act_order, static_groups=static_groups, lazy_block=lazy_block)
+        return replace(res, dequant=res.dequant.reshape(w.shape))
     col_groups = _column_groups(w.shape, bs, out_axis, reduce_axis)
     mat = np.moveaxis(w, out_axis, 0).reshape(n_out, k).astype(np.float64)
     grams = gram.reshape(n_parts, k, k)
