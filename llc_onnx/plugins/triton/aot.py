@@ -98,16 +98,23 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
 
 
 def _compile(fn, signature: dict, constexprs: dict, *, arch: int, num_warps: int, num_stages: int,
-             ptx_version: int | None = None):
+             ptx_version: int | None = None, divisible: dict | None = None):
+    """``triton.compile`` of ``fn``. ``divisible``: runtime argument -> value known to be a multiple of 16 (int)
+    or True (16-byte-aligned pointer); Triton then vectorizes the loads, as its JIT does for such arguments."""
     import triton
     from triton.compiler import ASTSource
 
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
+    names = list(fn.arg_names) if hasattr(fn, "arg_names") else list(sig)
+    attrs = {}
+    for name, value in (divisible or {}).items():
+        if value is True or (not isinstance(value, bool) and int(value) % 16 == 0):
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if ptx_version is not None:
         options["ptx_version"] = ptx_version
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=_target(arch),
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=_target(arch),
                           options=options)
 
 
@@ -128,12 +135,21 @@ def _result(ck, kind, arch, dtype, config, constexprs, seconds) -> CompiledKerne
 
 
 def compile_kernel(config: KernelConfig, *, bits: int, block_size: int, terms: int = 1, per_channel: bool = False,
-                   dtype: str = "fp16", arch: int = 90, ptx_version: int | None = None) -> CompiledKernel:
-    """Compile one matmul instantiation for ``sm_<arch>`` and read its resource usage."""
+                   dtype: str = "fp16", arch: int = 90, ptx_version: int | None = None, K: int | None = None,
+                   N: int | None = None) -> CompiledKernel:
+    """Compile one matmul instantiation for ``sm_<arch>`` and read its resource usage. The four pointers are
+    declared 16-byte aligned (true of torch and TensorRT allocations); ``K`` / ``N``, when given (TensorRT
+    knows them at build time), are declared multiples of 16 if they are."""
     cx = kernel_constexprs(config, bits=bits, block_size=block_size, terms=terms, per_channel=per_channel)
+    divisible = {"x_ptr": True, "w_ptr": True, "s_ptr": True, "y_ptr": True}
+    if K is not None:
+        divisible["K"] = K
+    if N is not None:
+        divisible["N"] = N
     t0 = time.perf_counter()
     ck = _compile(kernel_fn(config.kind), matmul_signature(dtype, split_k=config.split_k), cx, arch=arch,
-                  num_warps=config.num_warps, num_stages=config.num_stages, ptx_version=ptx_version)
+                  num_warps=config.num_warps, num_stages=config.num_stages, ptx_version=ptx_version,
+                  divisible=divisible)
     return _result(ck, config.kind, arch, dtype, config, cx, time.perf_counter() - t0)
 
 
@@ -146,7 +162,8 @@ def compile_reduce(*, dtype: str = "fp16", split_k: int = 4, has_bias: bool = Tr
     cx = {"SPLIT_K": split_k, "HAS_BIAS": has_bias, "BLOCK": 1024}
     sig = {"ws_ptr": "*fp32", "b_ptr": f"*{dt}", "MN": "i32", "N": "i32", "y_ptr": f"*{dt}"}
     t0 = time.perf_counter()
-    ck = _compile(splitk_reduce_kernel, sig, cx, arch=arch, num_warps=4, num_stages=1)
+    ck = _compile(splitk_reduce_kernel, sig, cx, arch=arch, num_warps=4, num_stages=1,
+                  divisible={"ws_ptr": True, "b_ptr": True, "y_ptr": True})
     return _result(ck, "reduce", arch, dtype, None, cx, time.perf_counter() - t0)
 
 
@@ -156,9 +173,10 @@ def representative_set(archs=(80, 90)) -> list[dict]:
     jobs = []
     for arch in archs:
         for cfg in (GEMV_CONFIGS[0], GEMM_SMALL_M_CONFIGS[0], GEMM_LARGE_M_CONFIGS[0]):
-            jobs.append(dict(config=cfg, bits=2, block_size=32, terms=2, per_channel=False, dtype="bf16", arch=arch))
+            jobs.append(dict(config=cfg, bits=2, block_size=32, terms=2, per_channel=False, dtype="bf16", arch=arch,
+                             K=4096, N=4096))
         jobs.append(dict(config=GEMM_LARGE_M_CONFIGS[0], bits=8, block_size=128, terms=1, per_channel=True,
-                         dtype="fp16", arch=arch))
+                         dtype="fp16", arch=arch, K=4096, N=14336))
         jobs.append(dict(reduce=True, dtype="fp16", arch=arch))
     return jobs
 
@@ -172,7 +190,7 @@ def full_set(archs=(80, 90)) -> list[dict]:
                 for terms in (1, 2):
                     for dtype in ("fp16", "bf16"):
                         jobs.append(dict(config=cfg, bits=bits, block_size=32, terms=terms, per_channel=False,
-                                         dtype=dtype, arch=arch))
+                                         dtype=dtype, arch=arch, K=4096, N=4096))
         jobs.append(dict(reduce=True, dtype="fp16", arch=arch))
     return jobs
 

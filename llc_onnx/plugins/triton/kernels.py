@@ -57,7 +57,7 @@ def wo_gemv_kernel(x_ptr, w_ptr, s_ptr, M, N, K, y_ptr,
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for kw0 in range(pid_k * BLOCK_KW, kw_total, SPLIT_K * BLOCK_KW):
         kw = kw0 + tl.arange(0, BLOCK_KW)
-        kw_ok = kw < kw_total
+        kw_ok = kw < row_words  # not kw_total: a bound that is a multiple of BS/PER keeps the loads vectorized
         k = kw[:, None] * PER + j[None, :]
         xv = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
         wmask = n_ok[:, None] & kw_ok[None, :]

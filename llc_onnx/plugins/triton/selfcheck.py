@@ -5,9 +5,11 @@
 ``CASES.npz`` holds, for each case ``i``: ``i.x`` (float32 values already rounded to the activation dtype),
 ``i.b`` (MatMulNBits bytes), ``i.s`` (scales) and ``i.meta`` (JSON: ``K, N, bits, block_size, terms, dtype,
 configs`` = labels of :data:`~.launch.ALL_CONFIGS`). ``OUT.npz`` gets ``i.<label>`` = the kernel's output as
-float32. On CPU run it with ``TRITON_INTERPRET=1`` (the tests do); the interpreter of Triton ≤ 3.9 multiplies
-the raw uint16 bits of bf16 operands in ``tl.dot``, so this harness converts bf16 dot operands to fp32 first
-(exactly what the hardware's bf16 MMA with fp32 accumulation computes).
+float32. On CPU run it with ``TRITON_INTERPRET=1`` (the tests do). Triton 3.9's interpreter mishandles bf16 in
+two places the kernels use: ``tl.dot`` multiplies the raw uint16 bits of bf16 operands, and an integer ->
+bf16 cast reinterprets instead of converting. This harness patches both in the interpreter only (bf16 dot
+operands -> fp32, which is what the hardware's bf16 MMA with fp32 accumulation computes; int -> fp32 ->
+bf16, exact for the small integer codes); compiled kernels are not affected.
 """
 
 from __future__ import annotations
@@ -22,33 +24,38 @@ import torch
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _patch_interpreter_bf16_dot() -> None:
+def _patch_interpreter_bf16() -> None:
     import triton.language as tl
     from triton.runtime import interpreter as ti
 
     cls = type(ti.interpreter_builder)
-    if getattr(cls, "_llc_bf16_dot", False):
+    if getattr(cls, "_llc_bf16_patched", False):
         return
-    orig = cls.create_dot
+    dot, si_to_fp = cls.create_dot, cls.create_si_to_fp
 
     def as_f32(h):
         if h.dtype == tl.bfloat16:
-            bits = h.data.astype(np.uint32) << 16
-            return ti.TensorHandle(bits.view(np.float32), tl.float32)
+            return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
         return h
 
     def create_dot(self, a, b, d, *args, **kwargs):
-        return orig(self, as_f32(a), as_f32(b), d, *args, **kwargs)
+        return dot(self, as_f32(a), as_f32(b), d, *args, **kwargs)
+
+    def create_si_to_fp(self, src, dst_type):
+        if dst_type.scalar == tl.bfloat16:
+            return self.cast_impl(si_to_fp(self, src, tl.float32), dst_type)
+        return si_to_fp(self, src, dst_type)
 
     cls.create_dot = create_dot
-    cls._llc_bf16_dot = True
+    cls.create_si_to_fp = create_si_to_fp
+    cls._llc_bf16_patched = True
 
 
 def run(cases_path: str, out_path: str, device: str = "cpu") -> int:
     from .launch import ALL_CONFIGS, interpreting, matmul_nbits_triton
 
     if interpreting():
-        _patch_interpreter_bf16_dot()
+        _patch_interpreter_bf16()
     by_label = {c.label: c for c in ALL_CONFIGS}
     cases = np.load(cases_path)
     ids = sorted({k.split(".")[0] for k in cases.files}, key=int)
