@@ -38,7 +38,7 @@ class DeviceRun:
     throughput: float               # samples per second over the timed batches
     seconds: float                  # total timed wall time
     nodes: dict[str, int] = field(default_factory=dict)   # op type -> count of weight-only nodes run
-    kernels: str = ""               # "triton" | "torch reference"
+    kernels: dict[str, str] = field(default_factory=dict)  # op type -> what ran it
 
 
 def check_device(device: str) -> torch.device:
@@ -69,6 +69,25 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     return fused, counts
 
 
+def implementations(dev: torch.device, counts: dict[str, int]) -> dict[str, str]:
+    """What runs each weight-only op type on ``dev``: "triton", "torch reference", or the module of another
+    interpreter implementation of MatMulNBits (the built-in contrib op, which runs the kernels only once it
+    calls :func:`llc_onnx.plugins.triton.dispatch.matmul_nbits`)."""
+    from ..interpreter import lookup
+    from .interpreter_ops import matmul_nbits_op
+    from .series import MS_DOMAIN
+    from .triton.ops import triton_available
+
+    ours = "triton" if dev.type == "cuda" and triton_available() else "torch reference"
+    out = {}
+    for op in counts:
+        if op == "MatMulNBits" and lookup(op, MS_DOMAIN, 1) is not matmul_nbits_op:
+            out[op] = f"interpreter op {lookup(op, MS_DOMAIN, 1).__module__}"
+        else:
+            out[op] = ours
+    return out
+
+
 def run_model(model: onnx.ModelProto, dataset: Dataset, loss: TaskLoss, *, device: str = "cuda",
               warmup: int = 1) -> DeviceRun:
     """Loss, metrics, latency and throughput of ``model`` on ``dataset`` executed on ``device``."""
@@ -81,9 +100,7 @@ def run_model(model: onnx.ModelProto, dataset: Dataset, loss: TaskLoss, *, devic
                        "pick one with --output")
     if not dataset.batches:
         raise LLCError(f"{dataset.source}: no batches to run")
-    from .triton.ops import triton_available
-
-    kernels = "triton" if dev.type == "cuda" and triton_available() else "torch reference"
+    kernels = implementations(dev, counts)
 
     def forward(batch):
         feeds = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in batch.inputs.items()}

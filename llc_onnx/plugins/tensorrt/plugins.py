@@ -24,7 +24,7 @@ annotations``: ``tensorrt.plugin`` reads the annotations of the registered funct
 import os
 
 from ...errors import LLCError
-from ..triton.launch import GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, KernelConfig
+from ..triton.configs import GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, KernelConfig
 from .convert import MATMUL_PLUGINS, PLUGIN_NAMESPACE, SERIES_PLUGIN
 
 _REGISTERED: list = []

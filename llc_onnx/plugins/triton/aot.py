@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 from ...errors import LLCError
-from .launch import ALL_CONFIGS, GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CONFIGS, KernelConfig, \
-    kernel_constexprs, kernel_fn
+from .configs import ALL_CONFIGS, GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CONFIGS, KernelConfig, \
+    kernel_constexprs
 
 TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "float16": "fp16", "bfloat16": "bf16",
                  "float32": "fp32"}
@@ -147,6 +147,8 @@ def compile_kernel(config: KernelConfig, *, bits: int, block_size: int, terms: i
     if N is not None:
         divisible["N"] = N
     t0 = time.perf_counter()
+    from .launch import kernel_fn
+
     ck = _compile(kernel_fn(config.kind), matmul_signature(dtype, split_k=config.split_k), cx, arch=arch,
                   num_warps=config.num_warps, num_stages=config.num_stages, ptx_version=ptx_version,
                   divisible=divisible)

@@ -1,17 +1,16 @@
-"""Launch the Triton kernels from torch: the configuration sets, their choice (autotuned on CUDA), the grids.
+"""Launch the Triton kernels from torch: choice of configuration (autotuned on CUDA), grids, split-K reduction.
 
 :func:`matmul_nbits_triton` is the one entry point (plain and series). CUDA tensors run the compiled
 kernels; CPU tensors run them in Triton's interpreter when the process has ``TRITON_INTERPRET=1`` (slow:
-what the CPU tests use, in a subprocess, see :mod:`.selfcheck`). The
-configurations form a small set per kernel; on CUDA the first call for a problem key (kernel family, M
-bucket, N, K, bits, block size, terms, dtype) times every candidate *with its launch overhead* (split-K
-reduction included) and keeps the fastest (``LLC_ONNX_AUTOTUNE=0``: take the first candidate).
+what the CPU tests use, in a subprocess, see :mod:`.selfcheck`). On CUDA the first call for a problem key
+(M bucket, N, K, bits, block size, terms, scales layout, dtype, bias) times every candidate of
+:func:`~.configs.candidates` *with its launch overhead* (split-K reduction included) and keeps the fastest
+(``LLC_ONNX_AUTOTUNE=0``: take the first candidate).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,71 +18,11 @@ import triton
 from ...errors import LLCError
 from ..layout import check_format, n_blocks
 from . import kernels
+from .configs import ALL_CONFIGS, GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, \
+    KernelConfig, candidates, kernel_constexprs  # noqa: F401  (re-exported)
 
 Tensor = torch.Tensor
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-GEMV_MAX_M = 4  # rows up to which the GEMV candidates are tried
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """One launch configuration. ``block_k`` counts inputs (codes), not words."""
-
-    kind: str                 # "gemv" | "gemm"
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    block_m: int = 1          # gemm only
-    group_m: int = 8          # gemm only
-    num_warps: int = 4
-    num_stages: int = 2
-
-    @property
-    def label(self) -> str:
-        if self.kind == "gemv":
-            return f"gemv n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps}"
-        return (f"gemm m{self.block_m} n{self.block_n} k{self.block_k} s{self.split_k} "
-                f"w{self.num_warps} st{self.num_stages}")
-
-
-GEMV_CONFIGS = (
-    KernelConfig("gemv", block_n=16, block_k=128, split_k=1, num_warps=4),
-    KernelConfig("gemv", block_n=8, block_k=512, split_k=2, num_warps=4),
-    KernelConfig("gemv", block_n=32, block_k=128, split_k=4, num_warps=4),
-    KernelConfig("gemv", block_n=16, block_k=256, split_k=8, num_warps=4),
-    KernelConfig("gemv", block_n=64, block_k=128, split_k=1, num_warps=8),
-)
-GEMM_SMALL_M_CONFIGS = (  # M ≤ 64: bandwidth-bound, split-K for parallelism
-    KernelConfig("gemm", block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3),
-    KernelConfig("gemm", block_m=16, block_n=128, block_k=64, split_k=2, num_warps=4, num_stages=3),
-    KernelConfig("gemm", block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=4),
-    KernelConfig("gemm", block_m=64, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=3),
-)
-GEMM_LARGE_M_CONFIGS = (  # M > 64: compute-bound tiles
-    KernelConfig("gemm", block_m=64, block_n=128, block_k=32, split_k=1, num_warps=4, num_stages=4),
-    KernelConfig("gemm", block_m=128, block_n=128, block_k=32, split_k=1, num_warps=8, num_stages=3),
-    KernelConfig("gemm", block_m=128, block_n=64, block_k=32, split_k=1, num_warps=4, num_stages=4),
-    KernelConfig("gemm", block_m=64, block_n=256, block_k=32, split_k=1, num_warps=8, num_stages=3),
-)
-ALL_CONFIGS = GEMV_CONFIGS + GEMM_SMALL_M_CONFIGS + GEMM_LARGE_M_CONFIGS
-
-
-def candidates(M: int) -> tuple[KernelConfig, ...]:
-    """Configurations tried for ``M`` rows (the first one is the default when not autotuning)."""
-    if M <= GEMV_MAX_M:
-        return GEMV_CONFIGS + (GEMM_SMALL_M_CONFIGS if M > 1 else ())
-    if M <= 64:
-        return GEMM_SMALL_M_CONFIGS
-    return GEMM_LARGE_M_CONFIGS
-
-
-def kernel_constexprs(config: KernelConfig, *, bits: int, block_size: int, terms: int, per_channel: bool) -> dict:
-    """The constexpr arguments of ``config``'s kernel (shared with the AOT compile)."""
-    c = {"BITS": bits, "BS": block_size, "TERMS": terms, "PER_CHANNEL": per_channel,
-         "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "SPLIT_K": config.split_k}
-    if config.kind == "gemm":
-        c.update(BLOCK_M=config.block_m, GROUP_M=config.group_m)
-    return c
 
 
 def kernel_fn(kind: str):
