@@ -6,8 +6,10 @@
                                                                # checks the script itself, times mean nothing
 
 Shapes K×N ∈ {4096×4096, 4096×14336}, rows M ∈ {1, 16, 256, 1024}, formats INT4, INT2 (block 32), INT8 (per
-channel) and INT4×2 (a 2-term series of 4-bit terms), activations fp16 (``--dtype bf16`` for bf16); the
-baselines are ``torch.matmul`` in fp16 and bf16 (cuBLAS) on the same shapes, in the same run.
+channel) and INT4×2 (a 2-term series of 4-bit terms), activations fp16 (``--dtype bf16`` for bf16) and scales
+in the activation dtype (as ORT's MatMulNBits stores them for an fp16 model; ``--fp32-scales`` for llc-onnx's
+fp32 ONNX as written); the baselines are ``torch.matmul`` in fp16 and bf16 (cuBLAS) on the same shapes, in the
+same run.
 
 Timing: every candidate configuration of a format (:func:`llc_onnx.plugins.triton.configs.candidates`) is
 captured ``R`` times in one CUDA graph, each call on its own copy of the weights (``R`` copies hold ≥ 3× the
@@ -69,7 +71,7 @@ def preflight(dry_run: bool = False):
     return torch
 
 
-def make_weights(torch, K, N, bits, bs, terms, per_channel, copies, dev):
+def make_weights(torch, K, N, bits, bs, terms, per_channel, copies, dev, scale_dtype):
     """``copies`` random (bytes, scales) pairs in MatMulNBits layout (random codes: speed does not depend on them)."""
     nblk = terms * (-(-K // bs))
     out = []
@@ -78,7 +80,7 @@ def make_weights(torch, K, N, bits, bs, terms, per_channel, copies, dev):
         b = torch.randint(0, 256, (N, nblk, bs * bits // 8), dtype=torch.uint8, device=dev, generator=g)
         ns = N * terms if per_channel else N * nblk
         s = (torch.rand(ns, device=dev, generator=g) + 0.5) / (2 ** (bits - 1) * math.sqrt(K))
-        out.append((b, s))
+        out.append((b, s.to(scale_dtype)))
     return out
 
 
@@ -125,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="4096×4096, M=1 only")
     ap.add_argument("--max-seconds", type=float, default=450.0, help="stop starting new cases after this")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes: checks the script")
+    ap.add_argument("--fp32-scales", action="store_true", help="fp32 scales instead of the activation dtype")
     args = ap.parse_args(argv)
     torch = preflight(args.dry_run)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
         gpu, l2 = props.name, int(getattr(props, "L2_cache_size", 50 * 2 ** 20))
     t_start = time.perf_counter()
     print(f"# Weight-only kernels vs cuBLAS — {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"activations {args.dtype}, L2 {l2 >> 20} MiB\n")
+          f"activations {args.dtype}, scales {'fp32' if args.fp32_scales else args.dtype}, L2 {l2 >> 20} MiB\n")
     results = {}   # (K, N, M) -> {name: (us, label, err)}
     for K, N in shapes:
         for M in rows:
@@ -162,8 +165,9 @@ def main(argv=None) -> int:
                              "cuBLAS", 0.0)
                 del ws
             for fname, (bits, bs, terms, pc) in FORMATS.items():
-                per_copy = terms * N * K * bits // 8 + (N * terms if pc else N * terms * K // bs) * 4
-                copies = make_weights(torch, K, N, bits, bs, terms, pc, n_copies(torch, per_copy, l2), dev)
+                sdt = torch.float32 if args.fp32_scales else act
+                per_copy = terms * N * K * bits // 8 + (N * terms if pc else N * terms * K // bs) * sdt.itemsize
+                copies = make_weights(torch, K, N, bits, bs, terms, pc, n_copies(torch, per_copy, l2), dev, sdt)
                 words = [(weight_words(b), s) for b, s in copies]
                 best = (float("inf"), "", 0.0)
                 for cfg in candidates(M):

@@ -1,8 +1,8 @@
-"""The Triton kernels (in Triton's interpreter, CPU) and the torch custom ops against first principles and ORT.
+"""The Triton kernels and the torch custom ops against first principles and ONNX Runtime on the same bytes.
 
-The interpreter mode is process-wide in Triton, so the kernels run in a subprocess with TRITON_INTERPRET=1
-(``python -m llc_onnx.plugins.triton.selfcheck``); this process builds the cases, the numpy references and
-the ONNX Runtime sessions on the same bytes.
+The kernels run in a subprocess (``python -m llc_onnx.plugins.triton.selfcheck``): on CUDA when torch sees a
+GPU, else in Triton's interpreter (TRITON_INTERPRET=1, a process-wide mode). This process builds the cases,
+the numpy references and the ONNX Runtime sessions.
 """
 
 from __future__ import annotations
@@ -27,17 +27,18 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -c constraints.txt "
                                                          "triton; it is in the 'test' extra)")
 
-# (bits, block, K, N, M, terms, dtype, per_channel): K not a multiple of the block, N not of the tile, bs 16,
-# 2-bit / 8-bit, 2- and 3-term series, per-channel scales, every activation dtype
+# (bits, block, K, N, M, terms, dtype, per_channel, scales in the activation dtype): K not a multiple of the
+# block, N not of the tile, bs 16, 2-bit / 8-bit, 2- and 3-term series, per-channel scales, every activation
+# dtype, fp32 and fp16/bf16 scales (ORT stores an fp16 model's scales in fp16)
 CASES = [
-    (4, 32, 200, 48, 1, 1, "float16", False),
-    (2, 32, 200, 40, 3, 1, "float16", False),
-    (8, 128, 300, 33, 2, 1, "float32", False),
-    (8, 64, 256, 48, 3, 1, "bfloat16", True),
-    (4, 128, 256, 40, 2, 2, "float16", False),
-    (2, 16, 64, 24, 2, 3, "float32", True),
-    (4, 16, 96, 40, 5, 1, "bfloat16", False),
-    (2, 64, 128, 64, 1, 2, "bfloat16", False),
+    (4, 32, 200, 48, 1, 1, "float16", False, True),
+    (2, 32, 200, 40, 3, 1, "float16", False, False),
+    (8, 128, 300, 33, 2, 1, "float32", False, False),
+    (8, 64, 256, 48, 3, 1, "bfloat16", True, True),
+    (4, 128, 256, 40, 2, 2, "float16", False, True),
+    (2, 16, 64, 24, 2, 3, "float32", True, False),
+    (4, 16, 96, 40, 5, 1, "bfloat16", False, False),
+    (2, 64, 128, 64, 1, 2, "bfloat16", False, True),
 ]
 TOL = {"float16": 3e-3, "bfloat16": 2e-2, "float32": 2e-5}  # max error / max |y| (output rounding, fp16 weights)
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -50,14 +51,17 @@ def _build_cases():
     gemm = GEMM_SMALL_M_CONFIGS + GEMM_LARGE_M_CONFIGS
     rng = np.random.default_rng(0)
     cases = []
-    for i, (bits, bs, K, N, M, T, dtype, pc) in enumerate(CASES):
+    for i, (bits, bs, K, N, M, T, dtype, pc, low_scales) in enumerate(CASES):
         terms = random_terms(rng, K, N, bits, bs, terms=T, per_channel=pc)
+        if low_scales:  # scales representable in the activation dtype, so the reference stays exact
+            terms = [(q, torch.from_numpy(s).to(DT[dtype]).float().numpy()) for q, s in terms]
         B, S = packed(terms, bits, bs)
         if pc:
             S = per_channel_scales(S, N, -(-K // bs), T)
         x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32)).to(DT[dtype]).float().numpy()
         configs = sorted({candidates(M)[0].label, GEMV_CONFIGS[i % len(GEMV_CONFIGS)].label, gemm[i % len(gemm)].label})
-        meta = dict(K=K, N=N, bits=bits, block_size=bs, terms=T, dtype=dtype, configs=configs)
+        meta = dict(K=K, N=N, bits=bits, block_size=bs, terms=T, dtype=dtype, configs=configs,
+                    scale_dtype=dtype if low_scales else "float32")
         cases.append(dict(meta=meta, x=x, B=B, S=S, terms=terms,
                           ref=x.astype(np.float64) @ first_principles(terms, K, bs)))
     return cases
@@ -73,9 +77,14 @@ def interpreted(tmp_path_factory):
     for i, c in enumerate(cases):
         arrays.update({f"{i}.x": c["x"], f"{i}.b": c["B"], f"{i}.s": c["S"], f"{i}.meta": np.array(json.dumps(c["meta"]))})
     np.savez(d / "cases.npz", **arrays)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1", LLC_ONNX_AUTOTUNE="0")
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "-m", "llc_onnx.plugins.triton.selfcheck", str(d / "cases.npz"),
-                        str(d / "out.npz")], env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+                        str(d / "out.npz"), "--device", device], env=env, capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = np.load(d / "out.npz")
     return cases, {k: out[k] for k in out.files}

@@ -143,9 +143,9 @@ def stack_series(terms: Sequence[tuple[np.ndarray, np.ndarray]], *, bits: int, b
 
 
 def per_channel_scales(scales: np.ndarray, N: int, nblk: int, terms: int = 1) -> np.ndarray | None:
-    """Scales ``[N·terms]`` when every block of a (row, term) has the same scale (an 8-bit per-channel weight
-    written as MatMulNBits repeats it per block), else None."""
+    """Scales ``[N·terms]`` (same dtype) when every block of a (row, term) has the same scale (an 8-bit
+    per-channel weight written as MatMulNBits repeats it per block), else None."""
     s = np.asarray(scales).reshape(N, terms, nblk)
     if np.array_equal(s, np.broadcast_to(s[:, :, :1], s.shape)):
-        return np.ascontiguousarray(s[:, :, 0]).reshape(-1).astype(np.float32)
+        return np.ascontiguousarray(s[:, :, 0]).reshape(-1)
     return None

@@ -12,8 +12,8 @@ it the node attributes the plugin declares (the others are ignored). So each con
 all with ``plugin_namespace="llc_onnx"``, ``plugin_version="1"``, ``aot=1`` (use the ahead-of-time
 implementation), in the node domain ``llc_onnx.tensorrt`` (imported at version 1; TensorRT matches on the op
 type, the domain keeps ``onnx.checker`` valid). ``words`` is the int32 view ``[N, n_blk·blob/4]`` of the
-MatMulNBits bytes (same bytes, a type TensorRT's parser accepts as a constant), ``scales`` float32, collapsed
-to one per (channel, term) when every block repeats it. A bias becomes an ``Add`` after the plugin.
+MatMulNBits bytes (same bytes, a type TensorRT's parser accepts as a constant), ``scales`` as stored (fp32 or
+fp16), collapsed to one per (channel, term) when every block repeats it. A bias becomes an ``Add`` after the plugin.
 
 4-bit weights (``int4="native"``, the default) become ``DequantizeLinear`` (INT4 ``[K, N]``, ``axis=0``,
 ``block_size``, scales ``[n_blk, N]`` in the activation dtype) + ``MatMul``: TensorRT runs that as its own
@@ -95,14 +95,13 @@ def _plugin_node(op: str, inputs: list[str], output: str, name: str, **attrs) ->
                             plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION, aot=1, **attrs)
 
 
-def _with_bias(nodes: list, node: onnx.NodeProto, bias: str, out: str, b: _Builder, x_type: int) -> str:
-    """Output name for the matmul part; appends an ``Add`` of the bias (cast to the activation dtype)."""
+def _with_bias(after: list, node: onnx.NodeProto, bias: str, out: str, b: _Builder, x_type: int) -> str:
+    """Output name for the matmul part; appends to ``after`` an ``Add`` of the bias (in the activation dtype)."""
     if not bias:
         return out
     arr = b.array(bias, node.name).astype(helper.tensor_dtype_to_np_dtype(x_type))
     mm_out = f"{out}.no_bias"
-    nodes.append(("after", helper.make_node("Add", [mm_out, b.add(f"{bias}.{x_type}", arr)], [out],
-                                            name=f"{node.name}.bias")))
+    after.append(helper.make_node("Add", [mm_out, b.add(f"{bias}.{x_type}", arr)], [out], name=f"{node.name}.bias"))
     return mm_out
 
 
@@ -132,10 +131,12 @@ def to_tensorrt(model: onnx.ModelProto, *, int4: str = "native") -> Conversion:
         bias = node.input[3] if is_series and len(node.input) > 3 else _optional(node, 5) if is_nbits else ""
         x_type = types.get(x, TensorProto.FLOAT)
         raw = b.array(bname, node.name)
-        scales = b.array(sname, node.name).astype(np.float32).reshape(-1)
+        scales = b.array(sname, node.name).reshape(-1)
+        if scales.dtype not in (np.float32, np.float16):
+            scales = scales.astype(np.float32)
         nblk = n_blocks(K, bs)
-        pending: list = []
-        out = _with_bias(pending, node, bias, node.output[0], b, x_type)
+        after: list[onnx.NodeProto] = []
+        out = _with_bias(after, node, bias, node.output[0], b, x_type)
 
         if is_nbits and bits == 4 and int4 == "native":
             if opset < 21:
@@ -153,7 +154,7 @@ def to_tensorrt(model: onnx.ModelProto, *, int4: str = "native") -> Conversion:
             words = b.add(f"{bname}.words", np.ascontiguousarray(raw).reshape(N, -1).view("<i4").copy())
             pc = per_channel_scales(scales, N, nblk, terms)
             sn = b.add(f"{sname}.per_channel", pc) if pc is not None and nblk > 1 else \
-                b.add(f"{sname}.f32", scales)
+                b.add(f"{sname}.flat", scales)
             if is_series:
                 op = SERIES_PLUGIN
                 new_nodes.append(_plugin_node(op, [x, words, sn], out, node.name, K=K, N=N, bits=bits,
@@ -162,7 +163,7 @@ def to_tensorrt(model: onnx.ModelProto, *, int4: str = "native") -> Conversion:
                 op = MATMUL_PLUGINS[bits]
                 new_nodes.append(_plugin_node(op, [x, words, sn], out, node.name, K=K, N=N, block_size=bs))
             conv.plugins[op] = conv.plugins.get(op, 0) + 1
-        new_nodes.extend(n for _, n in pending)
+        new_nodes.extend(after)
 
     out_model = onnx.ModelProto()
     out_model.CopyFrom(fused)
@@ -172,6 +173,10 @@ def to_tensorrt(model: onnx.ModelProto, *, int4: str = "native") -> Conversion:
     kept = [i for i in out_model.graph.initializer if i.name in used]
     del out_model.graph.initializer[:]
     out_model.graph.initializer.extend(kept + [t for n, t in b.added.items() if n in used])
+    produced = {o for n in new_nodes for o in n.output}
+    vis = [v for v in out_model.graph.value_info if v.name in produced]
+    del out_model.graph.value_info[:]
+    out_model.graph.value_info.extend(vis)
     if conv.plugins and not any(o.domain == PLUGIN_DOMAIN for o in out_model.opset_import):
         out_model.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
     for dom in (MS_DOMAIN, SERIES_DOMAIN):

@@ -1,7 +1,7 @@
 """TensorRT plugin definitions (``tensorrt.plugin``) for the weight-only ops, backed by the Triton kernels.
 
 Plugins ``llc_onnx::matmul_int2``, ``llc_onnx::matmul_int4``, ``llc_onnx::matmul_int8`` (inputs ``x [..., K]``,
-``words`` int32 ``[N, n_blk·blob/4]``, ``scales`` float32; attributes ``K, N, block_size``) and
+``words`` int32 ``[N, n_blk·blob/4]``, ``scales`` fp32 or the activation dtype; attributes ``K, N, block_size``) and
 ``llc_onnx::series_matmul`` (same inputs, ``x`` untiled; attributes ``K, N, bits, block_size, terms``). The
 output is ``x``'s shape with the last dimension ``N`` and ``x``'s dtype (fp16, bf16 or fp32).
 
@@ -101,7 +101,8 @@ def aot_launch(trt, trtp, x, s, *, K: int, N: int, bits: int, block_size: int, t
     per_channel = n_scales == N * terms and n_scales != N * terms * -(-K // block_size)
     ptx_version = os.environ.get("LLC_ONNX_PTX_VERSION")
     ck = aot.compile_kernel(config, bits=bits, block_size=block_size, terms=terms, per_channel=per_channel,
-                            dtype=_dtype_name(trt, x.dtype), arch=build_arch(),
+                            dtype=_dtype_name(trt, x.dtype), scale_dtype=_dtype_name(trt, s.dtype), arch=build_arch(),
+                            K=K, N=N,
                             ptx_version=int(ptx_version) if ptx_version else None)
     if ck.scratch:
         raise LLCError(f"TensorRT plugin {ck.name}: the kernel needs {ck.scratch} bytes of Triton scratch memory, "

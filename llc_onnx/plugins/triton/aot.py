@@ -118,10 +118,11 @@ def _compile(fn, signature: dict, constexprs: dict, *, arch: int, num_warps: int
                           options=options)
 
 
-def matmul_signature(dtype: str, *, split_k: int = 1) -> dict:
+def matmul_signature(dtype: str, *, split_k: int = 1, scale_dtype: str = "fp32") -> dict:
     """Runtime parameters of the matmul kernels: ``(x, w, s, M, N, K, y)`` (TensorRT's AOT order)."""
     dt = TRITON_DTYPES[dtype]
-    return {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+    return {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{TRITON_DTYPES[scale_dtype]}", "M": "i32", "N": "i32",
+            "K": "i32",
             "y_ptr": f"*{dt}" if split_k == 1 else "*fp32"}
 
 
@@ -136,7 +137,7 @@ def _result(ck, kind, arch, dtype, config, constexprs, seconds) -> CompiledKerne
 
 def compile_kernel(config: KernelConfig, *, bits: int, block_size: int, terms: int = 1, per_channel: bool = False,
                    dtype: str = "fp16", arch: int = 90, ptx_version: int | None = None, K: int | None = None,
-                   N: int | None = None) -> CompiledKernel:
+                   N: int | None = None, scale_dtype: str = "fp32") -> CompiledKernel:
     """Compile one matmul instantiation for ``sm_<arch>`` and read its resource usage. The four pointers are
     declared 16-byte aligned (true of torch and TensorRT allocations); ``K`` / ``N``, when given (TensorRT
     knows them at build time), are declared multiples of 16 if they are."""
@@ -149,7 +150,8 @@ def compile_kernel(config: KernelConfig, *, bits: int, block_size: int, terms: i
     t0 = time.perf_counter()
     from .launch import kernel_fn
 
-    ck = _compile(kernel_fn(config.kind), matmul_signature(dtype, split_k=config.split_k), cx, arch=arch,
+    ck = _compile(kernel_fn(config.kind), matmul_signature(dtype, split_k=config.split_k, scale_dtype=scale_dtype),
+                  cx, arch=arch,
                   num_warps=config.num_warps, num_stages=config.num_stages, ptx_version=ptx_version,
                   divisible=divisible)
     return _result(ck, config.kind, arch, dtype, config, cx, time.perf_counter() - t0)

@@ -4,9 +4,9 @@ Both kernels compute ``y[m, n] = Σ_k x[m, k] · W[k, n]`` with ``W[k, n] = Σ_t
 s_t[n, k // bs]`` (T = ``TERMS`` low-bit terms; T = 1 is the plain weight-only matmul). The weights arrive as
 the int32 view of ORT's MatMulNBits bytes (:mod:`llc_onnx.plugins.layout`): row n of term t is the run of
 words ``[t·row_words, (t+1)·row_words)`` of row n, ``row_words = ceil(K/bs)·bs·bits/32``; word w holds the
-codes of ``k = PER·w + j`` (``PER = 32/bits``) at bits ``[j·bits, (j+1)·bits)``. Scales are float32
-``[N, T·ceil(K/bs)]`` (blocked) or ``[N, T]`` (``PER_CHANNEL``). Activations fp16 / bf16 / fp32, fp32
-accumulation, output in the activations' dtype.
+codes of ``k = PER·w + j`` (``PER = 32/bits``) at bits ``[j·bits, (j+1)·bits)``. Scales (fp32, fp16 or bf16:
+ORT stores them in the activation dtype) are ``[N, T·ceil(K/bs)]`` (blocked) or ``[N, T]`` (``PER_CHANNEL``)
+and are used in fp32. Activations fp16 / bf16 / fp32, fp32 accumulation, output in the activations' dtype.
 
 * ``wo_gemv_kernel`` (small M; grid ``(cdiv(N, BLOCK_N), SPLIT_K, M)``): a program owns ``BLOCK_N`` output
   columns of one row ``m`` and every ``SPLIT_K``-th chunk of ``BLOCK_K`` inputs. It loads the words as a

@@ -150,7 +150,8 @@ def matmul_nbits_triton(x: Tensor, b: Tensor, scales: Tensor, *, K: int, N: int,
     per_channel = _check(x, words, scales, K, N, bits, block_size, terms)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
-    s = scales.reshape(-1).to(torch.float32).contiguous()
+    s = scales.reshape(-1)
+    s = (s if s.dtype in ACT_DTYPES else s.to(torch.float32)).contiguous()
     M = x2.shape[0]
     kw = dict(K=K, N=N, bits=bits, block_size=block_size, terms=terms, per_channel=per_channel, bias=bias)
     if config is None:

@@ -4,7 +4,7 @@
 
 ``CASES.npz`` holds, for each case ``i``: ``i.x`` (float32 values already rounded to the activation dtype),
 ``i.b`` (MatMulNBits bytes), ``i.s`` (scales) and ``i.meta`` (JSON: ``K, N, bits, block_size, terms, dtype,
-configs`` = labels of :data:`~.launch.ALL_CONFIGS`). ``OUT.npz`` gets ``i.<label>`` = the kernel's output as
+scale_dtype, configs`` = labels of :data:`~.configs.ALL_CONFIGS`). ``OUT.npz`` gets ``i.<label>`` = the kernel's output as
 float32. On CPU run it with ``TRITON_INTERPRET=1`` (the tests do). Triton 3.9's interpreter mishandles bf16 in
 two places the kernels use: ``tl.dot`` multiplies the raw uint16 bits of bf16 operands, and an integer ->
 bf16 cast reinterprets instead of converting. This harness patches both in the interpreter only (bf16 dot
@@ -64,7 +64,7 @@ def run(cases_path: str, out_path: str, device: str = "cpu") -> int:
         meta = json.loads(str(cases[f"{i}.meta"]))
         x = torch.from_numpy(cases[f"{i}.x"]).to(DTYPES[meta["dtype"]]).to(device)
         b = torch.from_numpy(cases[f"{i}.b"]).to(device)
-        s = torch.from_numpy(cases[f"{i}.s"]).to(device)
+        s = torch.from_numpy(cases[f"{i}.s"]).to(DTYPES[meta.get("scale_dtype", "float32")]).to(device)
         for label in meta["configs"]:
             y = matmul_nbits_triton(x, b, s, K=meta["K"], N=meta["N"], bits=meta["bits"],
                                     block_size=meta["block_size"], terms=meta["terms"], config=by_label[label])
