@@ -21,6 +21,8 @@ and are used in fp32. Activations fp16 / bf16 / fp32, fp32 accumulation, output 
   fp32 result (one scale per column covers the step); per-channel scales are applied once at the end.
   Otherwise the codes are dequantized in fp32 registers, ``Σ_t (u_t − zp)·s_t`` block by block, rounded to
   the activation dtype (the precision of fp16/bf16 weights) and one dot is issued: T terms cost one MMA.
+* Codes become floats without an int -> float conversion (a quarter-rate instruction): ``u | 0x4B000000``
+  read as float32 is ``2^23 + u`` exactly, so one OR and one subtraction give ``u − zp``.
 * With ``SPLIT_K > 1`` each split writes fp32 partials ``[SPLIT_K, M, N]`` and ``splitk_reduce_kernel`` sums
   them in a fixed order (deterministic; no atomics, no zero-filled buffer).
 
@@ -42,6 +44,8 @@ def wo_gemv_kernel(x_ptr, w_ptr, s_ptr, M, N, K, y_ptr,
     BLOCK_KW: tl.constexpr = BLOCK_K // PER
     ZP: tl.constexpr = 1 << (BITS - 1)
     MASK: tl.constexpr = (1 << BITS) - 1
+    MAGIC: tl.constexpr = 0x4B000000     # float32 bits of 2^23: (u | MAGIC) as float32 is 2^23 + u
+    MAGIC_F: tl.constexpr = 8388608.0
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -64,8 +68,9 @@ def wo_gemv_kernel(x_ptr, w_ptr, s_ptr, M, N, K, y_ptr,
         for t in tl.static_range(TERMS):
             words = tl.load(w_ptr + n[:, None] * (TERMS * row_words) + t * row_words + kw[None, :],
                             mask=wmask, other=0)
-            q = ((words[:, :, None] >> shifts[None, None, :]) & MASK) - ZP
-            d = tl.sum(q.to(tl.float32) * xv[None, :, :], axis=2)
+            u = (words[:, :, None] >> shifts[None, None, :]) & MASK
+            q = (u | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + ZP)  # u - zp, exact, no int->float cvt
+            d = tl.sum(q * xv[None, :, :], axis=2)
             if PER_CHANNEL:
                 s = tl.load(s_ptr + n * TERMS + t, mask=n_ok, other=0.0)
                 acc += tl.sum(d, axis=1) * s
@@ -89,6 +94,8 @@ def wo_gemm_kernel(x_ptr, w_ptr, s_ptr, M, N, K, y_ptr,
     BLOCK_KW: tl.constexpr = BLOCK_K // PER
     ZP: tl.constexpr = 1 << (BITS - 1)
     MASK: tl.constexpr = (1 << BITS) - 1
+    MAGIC: tl.constexpr = 0x4B000000
+    MAGIC_F: tl.constexpr = 8388608.0
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -116,7 +123,8 @@ def wo_gemm_kernel(x_ptr, w_ptr, s_ptr, M, N, K, y_ptr,
         wmask = (kw < row_words)[:, None] & n_ok[None, :]
         if TERMS == 1:
             words = tl.load(w_ptr + rn[None, :] * row_words + kw[:, None], mask=wmask, other=0)
-            q = ((words[:, None, :] >> shifts[None, :, None]) & MASK) - ZP
+            u = (words[:, None, :] >> shifts[None, :, None]) & MASK
+            q = (u | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + ZP)
             if PER_CHANNEL:
                 acc = tl.dot(a, tl.reshape(q, [BLOCK_K, BLOCK_N]).to(dt), acc)
             elif BLOCK_K <= BS:
@@ -126,31 +134,32 @@ def wo_gemm_kernel(x_ptr, w_ptr, s_ptr, M, N, K, y_ptr,
                     acc += tl.dot(a, tl.reshape(q, [BLOCK_K, BLOCK_N]).to(dt)) * s[None, :]
                 else:
                     # large tile: a second [BLOCK_M, BLOCK_N] fp32 temporary would spill; dequantize first
-                    w = tl.reshape(q, [BLOCK_K, BLOCK_N]).to(tl.float32) * s[None, :]
+                    w = tl.reshape(q, [BLOCK_K, BLOCK_N]) * s[None, :]
                     acc = tl.dot(a, w.to(dt), acc)
             else:
                 sb = k0 // BS + tl.arange(0, BLOCK_K // BS)
                 s = tl.load(s_ptr + rn[None, :] * nblk + sb[:, None],
                             mask=(sb < nblk)[:, None] & n_ok[None, :], other=0.0)
-                w = tl.reshape(q, [BLOCK_K // BS, BS, BLOCK_N]).to(tl.float32) * s[:, None, :]
+                w = tl.reshape(q, [BLOCK_K // BS, BS, BLOCK_N]) * s[:, None, :]
                 acc = tl.dot(a, tl.reshape(w, [BLOCK_K, BLOCK_N]).to(dt), acc)
         else:
             wsum = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
             for t in tl.static_range(TERMS):
                 words = tl.load(w_ptr + rn[None, :] * (TERMS * row_words) + t * row_words + kw[:, None],
                                 mask=wmask, other=0)
-                q = ((words[:, None, :] >> shifts[None, :, None]) & MASK) - ZP
+                u = (words[:, None, :] >> shifts[None, :, None]) & MASK
+                q = (u | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + ZP)
                 if PER_CHANNEL:
                     s = tl.load(s_ptr + rn * TERMS + t, mask=n_ok, other=0.0)
-                    wsum += tl.reshape(q, [BLOCK_K, BLOCK_N]).to(tl.float32) * s[None, :]
+                    wsum += tl.reshape(q, [BLOCK_K, BLOCK_N]) * s[None, :]
                 elif BLOCK_K <= BS:
                     s = tl.load(s_ptr + rn * (TERMS * nblk) + t * nblk + k0 // BS, mask=n_ok, other=0.0)
-                    wsum += tl.reshape(q, [BLOCK_K, BLOCK_N]).to(tl.float32) * s[None, :]
+                    wsum += tl.reshape(q, [BLOCK_K, BLOCK_N]) * s[None, :]
                 else:
                     sb = k0 // BS + tl.arange(0, BLOCK_K // BS)
                     s = tl.load(s_ptr + rn[None, :] * (TERMS * nblk) + t * nblk + sb[:, None],
                                 mask=(sb < nblk)[:, None] & n_ok[None, :], other=0.0)
-                    w = tl.reshape(q, [BLOCK_K // BS, BS, BLOCK_N]).to(tl.float32) * s[:, None, :]
+                    w = tl.reshape(q, [BLOCK_K // BS, BS, BLOCK_N]) * s[:, None, :]
                     wsum += tl.reshape(w, [BLOCK_K, BLOCK_N])
             acc = tl.dot(a, wsum.to(dt), acc)
 

@@ -99,8 +99,6 @@ def launch(x2: Tensor, words: Tensor, scales: Tensor, *, K: int, N: int, bits: i
         return y
     fn = _runnable(kernel_fn(config.kind), x2.device)
     cx = kernel_constexprs(config, bits=bits, block_size=block_size, terms=terms, per_channel=per_channel)
-    if config.kind == "gemm" and cx["BLOCK_K"] < 16:
-        raise LLCError(f"config {config.label}: BLOCK_K must be ≥ 16")
     out = y if config.split_k == 1 else torch.empty((config.split_k, M, N), dtype=torch.float32,
                                                     device=x2.device)
     fn[grid(config, M, N)](x2, words, scales, M, N, K, out, num_warps=config.num_warps,
@@ -157,7 +155,7 @@ def matmul_nbits_triton(x: Tensor, b: Tensor, scales: Tensor, *, K: int, N: int,
     if config is None:
         options = candidates(M)
         if x2.device.type == "cuda" and os.environ.get("LLC_ONNX_AUTOTUNE", "1") != "0" and len(options) > 1:
-            key = (_m_bucket(M), N, K, bits, block_size, terms, per_channel, x2.dtype, bias is not None,
+            key = (_m_bucket(M), N, K, bits, block_size, terms, per_channel, x2.dtype, s.dtype, bias is not None,
                    x2.device.index)
             config = _autotune(key, options, lambda cfg: launch(x2, words, s, config=cfg, **kw))
         else:
