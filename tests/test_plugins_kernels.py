@@ -46,7 +46,7 @@ DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.flo
 
 def _build_cases():
     from llc_onnx.plugins.layout import per_channel_scales
-    from llc_onnx.plugins.triton.launch import GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CONFIGS, candidates
+    from llc_onnx.plugins.triton.configs import GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CONFIGS, candidates
 
     gemm = GEMM_SMALL_M_CONFIGS + GEMM_LARGE_M_CONFIGS
     rng = np.random.default_rng(0)
@@ -109,7 +109,7 @@ def test_every_kernel_configuration_computes_the_first_principles_product(interp
 
 @needs_triton
 def test_every_configuration_and_both_kernels_are_exercised(interpreted):
-    from llc_onnx.plugins.triton.launch import ALL_CONFIGS
+    from llc_onnx.plugins.triton.configs import ALL_CONFIGS
 
     cases, out = interpreted
     ran = {k.split(".", 1)[1] for k in out}

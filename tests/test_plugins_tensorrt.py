@@ -4,6 +4,7 @@ error where TensorRT is absent. Building and running an engine needs TensorRT an
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import onnx
@@ -11,7 +12,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from llc_onnx.errors import LLCError
-from llc_onnx.plugins import layout
 from llc_onnx.plugins.tensorrt import PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, to_tensorrt
 
 from _plugins_util import MS, nbits_model, packed, random_terms, run_ort
@@ -161,3 +161,53 @@ def test_engine_matches_onnx_runtime(tmp_path):  # pragma: no cover - runs only 
     ds = Dataset([Batch({"x": x[:16]}, rng.integers(0, 16, 16)), Batch({"x": x[16:]}, rng.integers(0, 16, 16))], "mem")
     cmp = compare_engine(str(path), str(tmp_path / "m.plan"), ds, make_loss("ce", "y"))
     assert abs(cmp.engine.loss - cmp.reference.loss) < 1e-3 and cmp.max_abs_diff < 1e-2
+
+
+class _Dim(int):
+    """A build-time constant dimension, as TensorRT's ShapeExpr reports one (is_constant / constant_value)."""
+
+    is_constant = True
+
+    def constant_value(self):
+        return int(self)
+
+    def __mul__(self, other):
+        return _Dim(int(self) * int(other))
+
+
+class _Shape(list):
+    def numel(self):
+        return _Dim(int(np.prod([int(d) for d in self])))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or bool(os.environ.get("TRITON_INTERPRET")),
+                    reason="needs triton (compiled mode) to build the PTX")
+def test_plugin_launch_is_the_kernel_and_grid_the_torch_path_uses(monkeypatch):
+    """The aot_impl computation with TensorRT's symbolic types stood in by integers (TensorRT itself cannot be
+    installed here): the PTX is the kernel compiled for LLC_ONNX_TRT_ARCH, the grid is ``launch.grid``'s,
+    (M, N, K) are the int32 extra arguments, per-channel scales are recognised."""
+    from types import SimpleNamespace
+
+    from llc_onnx.plugins.tensorrt.plugins import aot_launch, choose_config
+    from llc_onnx.plugins.triton.launch import grid
+
+    monkeypatch.setenv("LLC_ONNX_TRT_ARCH", "90")
+    trt = SimpleNamespace(float16="fp16", float32="fp32", bfloat16="bf16")
+    trtp = SimpleNamespace(KernelLaunchParams=SimpleNamespace, SymInt32=int,
+                           SymIntExprs=SimpleNamespace(from_tuple=tuple), cdiv=lambda a, b: -(-int(a) // b))
+    for (batch, seq), kind in [((1, 1), "gemv"), ((2, 16), "gemm"), ((4, 100), "gemm")]:
+        x = SimpleNamespace(shape_expr=_Shape([_Dim(batch), _Dim(seq), _Dim(4096)]), ndim=3, dtype="fp16")
+        s = SimpleNamespace(shape_expr=_Shape([_Dim(14336 * 32)]), dtype="fp16")
+        name, ptx, launch, extra = aot_launch(trt, trtp, x, s, K=4096, N=14336, bits=2, block_size=128, terms=1)
+        cfg = choose_config(batch * seq)
+        assert cfg.kind == kind and cfg.split_k == 1
+        assert name.startswith(f"wo_{kind}") and f".entry {name}(" in ptx and ".target sm_90a" in ptx
+        assert (launch.grid_x, launch.grid_y, launch.grid_z) == grid(cfg, batch * seq, 14336)
+        assert launch.block_x == cfg.num_warps * 32 and launch.shared_mem <= 48 * 1024
+        assert extra == (batch * seq, 14336, 4096)
+    # 8-bit scales collapsed to one per channel select the per-channel kernel
+    s = SimpleNamespace(shape_expr=_Shape([_Dim(14336)]), dtype="fp32")
+    _, ptx_pc, _, _ = aot_launch(trt, trtp, x, s, K=4096, N=14336, bits=8, block_size=128, terms=1)
+    _, ptx_bl, _, _ = aot_launch(trt, trtp, x, SimpleNamespace(shape_expr=_Shape([_Dim(14336 * 32)]), dtype="fp32"),
+                                 K=4096, N=14336, bits=8, block_size=128, terms=1)
+    assert ptx_pc != ptx_bl

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from ...atomic import write_bytes_atomic
 from ...calib.data import Dataset
@@ -115,24 +114,33 @@ class EngineSession:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
+    def _dtype(self, name: str):
+        """torch dtype of an I/O tensor (``trt.nptype`` has no bfloat16)."""
+        trt, torch = self.trt, self.torch
+        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+                 trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool, trt.uint8: torch.uint8}
+        if hasattr(trt, "bfloat16"):
+            table[trt.bfloat16] = torch.bfloat16
+        dt = self.engine.get_tensor_dtype(name)
+        if dt not in table:
+            raise LLCError(f"TensorRT engine: tensor '{name}' has type {dt}, not supported for I/O here")
+        return table[dt]
+
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         """Outputs as numpy and the synchronized wall time (s) of the execution."""
-        torch, trt = self.torch, self.trt
+        torch = self.torch
         keep = []
         for name in self.inputs:
             if name not in feeds:
                 raise LLCError(f"TensorRT engine: input '{name}' missing from the data")
-            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
-            want = torch.from_numpy(np.zeros(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
-            t = t.to(want)
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda().to(self._dtype(name))
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
             keep.append(t)
         outs = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
-            dt = torch.from_numpy(np.zeros(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
-            outs[name] = torch.empty(shape, dtype=dt, device="cuda")
+            outs[name] = torch.empty(shape, dtype=self._dtype(name), device="cuda")
             self.context.set_tensor_address(name, outs[name].data_ptr())
         stream = torch.cuda.current_stream()
         torch.cuda.synchronize()

@@ -11,7 +11,8 @@ shape expressions and ``(M, N, K)`` as int32 extra arguments (kernel parameters 
 TensorRT's order of inputs, scalars, outputs). The engine stores the PTX and runs without Python. The
 configuration is the GEMV one when ``M`` (product of ``x``'s leading dims) is a build-time constant ≤
 ``GEMV_MAX_M``, else a GEMM one sized by ``M`` (dynamic ``M``: the large-M tile); split-K is never used
-(the plugin has one kernel and TensorRT does not zero outputs).
+(the plugin has one kernel and TensorRT does not zero outputs), and the pipeline stages are reduced until the
+kernel needs at most 48 KB of shared memory (more needs an opt-in attribute the AOT launch does not set).
 
 The architecture is the current CUDA device's (``torch.cuda.get_device_capability()``) unless
 ``LLC_ONNX_TRT_ARCH`` (e.g. ``90``) is set; ``LLC_ONNX_PTX_VERSION`` (e.g. ``84``) caps the PTX ISA when the
@@ -21,6 +22,7 @@ This module imports ``tensorrt`` only inside :func:`register_plugins`. No ``from
 annotations``: ``tensorrt.plugin`` reads the annotations of the registered functions as objects.
 """
 
+import dataclasses
 import os
 
 from ...errors import LLCError
@@ -28,6 +30,7 @@ from ..triton.configs import GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CO
 from .convert import MATMUL_PLUGINS, PLUGIN_NAMESPACE, SERIES_PLUGIN
 
 _REGISTERED: list = []
+SHARED_DEFAULT = 48 * 1024  # dynamic shared memory a kernel gets without cuFuncSetAttribute
 
 TRT_INSTALL = ("install TensorRT ≥ 10.8 with its Python bindings on a machine with an NVIDIA GPU (e.g. "
                "pip install tensorrt-cu12 from NVIDIA's index, see docs.nvidia.com/deeplearning/tensorrt), "
@@ -100,10 +103,16 @@ def aot_launch(trt, trtp, x, s, *, K: int, N: int, bits: int, block_size: int, t
     n_scales = _constant(s.shape_expr.numel())
     per_channel = n_scales == N * terms and n_scales != N * terms * -(-K // block_size)
     ptx_version = os.environ.get("LLC_ONNX_PTX_VERSION")
-    ck = aot.compile_kernel(config, bits=bits, block_size=block_size, terms=terms, per_channel=per_channel,
-                            dtype=_dtype_name(trt, x.dtype), scale_dtype=_dtype_name(trt, s.dtype), arch=build_arch(),
-                            K=K, N=N,
-                            ptx_version=int(ptx_version) if ptx_version else None)
+    for stages in (config.num_stages, 2, 1):  # fewer pipeline stages until the tile fits in 48 KB
+        config = dataclasses.replace(config, num_stages=stages)
+        ck = aot.compile_kernel(config, bits=bits, block_size=block_size, terms=terms, per_channel=per_channel,
+                                dtype=_dtype_name(trt, x.dtype), scale_dtype=_dtype_name(trt, s.dtype),
+                                arch=build_arch(), K=K, N=N, ptx_version=int(ptx_version) if ptx_version else None)
+        if ck.shared <= SHARED_DEFAULT:
+            break
+    else:
+        raise LLCError(f"TensorRT plugin {ck.name}: {ck.shared} bytes of shared memory, more than the "
+                       f"{SHARED_DEFAULT} a launch gets without an opt-in")
     if ck.scratch:
         raise LLCError(f"TensorRT plugin {ck.name}: the kernel needs {ck.scratch} bytes of Triton scratch memory, "
                        "which TensorRT's AOT launch does not provide")

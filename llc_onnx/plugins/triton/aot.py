@@ -111,7 +111,7 @@ def _compile(fn, signature: dict, constexprs: dict, *, arch: int, num_warps: int
     for name, value in (divisible or {}).items():
         if value is True or (not isinstance(value, bool) and int(value) % 16 == 0):
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}  # FMA, as Triton 3.6
     if ptx_version is not None:
         options["ptx_version"] = ptx_version
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=_target(arch),

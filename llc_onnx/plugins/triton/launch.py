@@ -18,8 +18,7 @@ import triton
 from ...errors import LLCError
 from ..layout import check_format, n_blocks
 from . import kernels
-from .configs import ALL_CONFIGS, GEMM_LARGE_M_CONFIGS, GEMM_SMALL_M_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, \
-    KernelConfig, candidates, kernel_constexprs  # noqa: F401  (re-exported)
+from .configs import KernelConfig, candidates, kernel_constexprs
 
 Tensor = torch.Tensor
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -102,13 +101,13 @@ def launch(x2: Tensor, words: Tensor, scales: Tensor, *, K: int, N: int, bits: i
     out = y if config.split_k == 1 else torch.empty((config.split_k, M, N), dtype=torch.float32,
                                                     device=x2.device)
     fn[grid(config, M, N)](x2, words, scales, M, N, K, out, num_warps=config.num_warps,
-                           num_stages=config.num_stages, **cx)
+                           num_stages=config.num_stages, enable_fp_fusion=True, **cx)
     if config.split_k > 1:
         block = 1024
         red = _runnable(kernels.splitk_reduce_kernel, x2.device)
         b = bias if bias is not None else out
         red[(triton.cdiv(M * N, block),)](out, b, M * N, N, y, SPLIT_K=config.split_k, HAS_BIAS=bias is not None,
-                                          BLOCK=block, num_warps=4)
+                                          BLOCK=block, num_warps=4, enable_fp_fusion=True)
     elif bias is not None:
         y += bias.to(y.dtype)
     return y

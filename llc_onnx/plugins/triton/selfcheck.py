@@ -52,7 +52,8 @@ def _patch_interpreter_bf16() -> None:
 
 
 def run(cases_path: str, out_path: str, device: str = "cpu") -> int:
-    from .launch import ALL_CONFIGS, interpreting, matmul_nbits_triton
+    from .configs import ALL_CONFIGS
+    from .launch import interpreting, matmul_nbits_triton
 
     if interpreting():
         _patch_interpreter_bf16()
