@@ -5,6 +5,10 @@
     TRITON_INTERPRET=1 python -m bench.gpu_kernels --dry-run   # CPU: tiny shapes in Triton's interpreter,
                                                                # checks the script itself, times mean nothing
 
+On the GPU machine, run with it the GPU halves of the tests (kernels on CUDA vs first principles and ORT,
+the runner on CUDA): ``python -m pytest -q tests/test_plugins_kernels.py tests/test_plugins_runner.py``.
+Exit status: 0 when every goal is met, 1 when one is not, 2 when there is no GPU / Triton.
+
 Shapes K×N ∈ {4096×4096, 4096×14336}, rows M ∈ {1, 16, 256, 1024}, formats INT4, INT2 (block 32), INT8 (per
 channel) and INT4×2 (a 2-term series of 4-bit terms), activations fp16 (``--dtype bf16`` for bf16) and scales
 in the activation dtype (as ORT's MatMulNBits stores them for an fp16 model; ``--fp32-scales`` for llc-onnx's

@@ -1,8 +1,13 @@
 """Interpreter ops that run the weight-only formats through :mod:`llc_onnx.plugins.triton.dispatch`.
 
-* ``com.microsoft::MatMulNBits``: registered only when the interpreter has no implementation yet (the
-  built-in one in ``interpreter/ops/contrib.py`` wins; it should call
-  ``llc_onnx.plugins.triton.dispatch.matmul_nbits`` so that CUDA runs the kernels);
+* ``com.microsoft::MatMulNBits``: registered only when the interpreter has no implementation yet. The
+  built-in one in ``interpreter/ops/contrib.py`` wins; for CUDA to run the kernels its body should be::
+
+      from ...plugins.triton import dispatch  # inside the function: keeps the interpreter import light
+      return dispatch.matmul_nbits(xs[0], xs[1], xs[2], K=ctx.a("K"), N=ctx.a("N"), bits=ctx.a("bits", 4),
+                                   block_size=ctx.a("block_size"), zero_points=xs[3] if len(xs) > 3 else None,
+                                   g_idx=xs[4] if len(xs) > 4 else None, bias=xs[5] if len(xs) > 5 else None)
+
 * ``llc_onnx::SeriesMatMulNBits``: the fused series node of :mod:`llc_onnx.plugins.series`.
 
 :func:`register_interpreter_ops` is idempotent.
