@@ -43,7 +43,7 @@ GEMV_CONFIGS = (
     KernelConfig("gemv", block_n=32, block_k=512, split_k=4, num_warps=8),
 )
 GEMM_SMALL_M_CONFIGS = (  # M ≤ 64: bandwidth-bound, split-K for parallelism
-    KernelConfig("gemm", block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3),
+    KernelConfig("gemm", block_m=16, block_n=64, block_k=64, split_k=4, num_warps=4, num_stages=4),
     KernelConfig("gemm", block_m=16, block_n=128, block_k=64, split_k=2, num_warps=4, num_stages=3),
     KernelConfig("gemm", block_m=32, block_n=64, block_k=64, split_k=1, num_warps=4, num_stages=4),
     KernelConfig("gemm", block_m=64, block_n=64, block_k=64, split_k=2, num_warps=4, num_stages=3),
