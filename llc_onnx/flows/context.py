@@ -47,6 +47,16 @@ from ..progress import Progress, Silent, StageTimer
 log = logging.getLogger(__name__)
 
 
+class Sequential:
+    """Runs measurement tasks one after the other in this process (the default executor)."""
+
+    def map(self, fn, tasks):
+        return [fn(t) for t in tasks]
+
+
+Executor = Sequential  # the protocol: ``map(fn, tasks) -> [fn(t) for t in tasks]`` in task order
+
+
 def snapshot_bytes() -> int:
     """Memory for measurement snapshots, all measure batches together: ``LLC_ONNX_SNAPSHOT_BYTES`` or 2 GiB.
     Beyond it snapshots are thinned (measurements then start a little earlier; results are the same)."""
@@ -81,6 +91,7 @@ class FlowContext:
     notes: list[str] = field(default_factory=list)
     task_loss: TaskLoss | None = None  # the labelled loss when the objective is fidelity and labels exist
     task_test: Dataset | None = None  # the labelled test split, for that loss (fidelity objective)
+    executor: "Executor" = field(default_factory=lambda: Sequential())  # runs the candidate measurements
     _weights: dict[str, np.ndarray] = field(default_factory=dict)
     _base: LossSamples | None = None
     _snapshots: list | None = None  # per measure batch: interpreter.Snapshots of the unmodified run

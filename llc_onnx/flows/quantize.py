@@ -140,44 +140,49 @@ def _hooks(formats: Formats, node: str, fmt: Format):
     return ({node: i} if i else None), ({node: o} if o else None)
 
 
+def measure_candidate(ctx: FlowContext, formats: Formats, grads: GradientPass, grads_m: GradientPass,
+                      node: CompressibleNode, fmt: Format) -> Candidate:
+    """One raw candidate: ``node`` quantized in ``fmt`` (rounding from the fit gradient ``grads``), its
+    predicted ΔL from the measure-part gradient ``grads_m`` and its measured ΔL on the measure part."""
+    cfg = ctx.config.quant
+    w = ctx.weight_array(node)
+    if fmt.kind == "float":
+        return Candidate(node.name, fmt.name, 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
+    stats, stats_m = grads.nodes[node.name], grads_m.nodes[node.name]
+    qw = quantize_node(w, node, fmt, cfg, stats.grad_w)
+    delta = qw.dequant.astype(np.float64) - w
+    predicted = float((stats_m.grad_w * delta).sum()) + stats_m.act_pred.get(fmt.name, 0.0)
+    rel = float(np.linalg.norm(delta)) / (float(np.linalg.norm(w)) or 1.0)
+    nbytes = int(fmt.nbytes(node))
+    if fmt.kind == "qdq" and fmt.bits == 2 and fmt.activations == "int8" and node.op_type == "MatMul":
+        # passes.qdq stores these codes as INT4 (ORT 1.31 rejects INT2 MatMul + int8 activations)
+        nbytes += -(-w.size // 4)
+    if cfg.cost == "cet":  # second-order estimate instead of a measurement (weight noise only)
+        q2 = quadratic_term(ctx.graph, ctx.measure_data, ctx.loss, node.name, delta)
+        return Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None, second_order=predicted + q2)
+    weight_fns = {node.name: constant(torch.as_tensor(qw.dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
+    input_fns, output_fns = _hooks(formats, node.name, fmt)
+    measured, se = ctx.measure(weight_fns, input_fns, output_fns).delta(ctx.base())
+    return Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se)
+
+
 def build_candidates(ctx: FlowContext, formats: Formats, grads: GradientPass, grads_m: GradientPass
                      ) -> list[Candidate]:
-    """Quantize every node in every offered format (rounding from the fit gradient ``grads``); predicted ΔL
-    from the measure-part gradient ``grads_m`` and measured ΔL on the measure part. Raw candidates."""
-    cfg = ctx.config.quant
-    base_samples = ctx.base() if cfg.cost == "measured" else None
-    cands: list[Candidate] = []
-    todo = [(n, formats.offers[n.name].formats) for n in ctx.nodes]
-    with ctx.progress.task("measuring candidates", sum(len(f) - 1 for _, f in todo)) as advance:
-        for node, fmts in todo:
-            w = ctx.weight_array(node)
-            stats, stats_m = grads.nodes[node.name], grads_m.nodes[node.name]
-            wnorm = float(np.linalg.norm(w)) or 1.0
-            for fmt in fmts:
-                if fmt.kind == "float":
-                    cands.append(Candidate(node.name, fmt.name, 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True))
-                    continue
-                qw = quantize_node(w, node, fmt, cfg, stats.grad_w)
-                delta = qw.dequant.astype(np.float64) - w
-                predicted = float((stats_m.grad_w * delta).sum()) + stats_m.act_pred.get(fmt.name, 0.0)
-                weight_fns = {node.name: constant(torch.as_tensor(qw.dequant, dtype=ctx.graph.dtype,
-                                                                  device=ctx.graph.device))}
-                input_fns, output_fns = _hooks(formats, node.name, fmt)
-                rel = float(np.linalg.norm(delta)) / wnorm
-                nbytes = int(fmt.nbytes(node))
-                if fmt.kind == "qdq" and fmt.bits == 2 and fmt.activations == "int8" and node.op_type == "MatMul":
-                    # passes.qdq stores these codes as INT4 (ORT 1.31 rejects INT2 MatMul + int8 activations)
-                    nbytes += -(-w.size // 4)
-                if cfg.cost == "cet":  # second-order estimate instead of a measurement (weight noise only)
-                    q2 = quadratic_term(ctx.graph, ctx.measure_data, ctx.loss, node.name, delta)
-                    cand = Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None,
-                                     second_order=predicted + q2)
-                else:
-                    measured, se = ctx.measure(weight_fns, input_fns, output_fns).delta(base_samples)
-                    cand = Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se)
-                cands.append(cand)
+    """Every node in every offered format (:func:`measure_candidate`), in node and offer order. The
+    measurements go through ``ctx.executor`` (one process, or shards across workers gathered in this same
+    order, so the result does not depend on how many workers measured it)."""
+    if ctx.config.quant.cost == "measured":
+        ctx.base()
+    tasks = [(node, fmt) for node in ctx.nodes for fmt in formats.offers[node.name].formats]
+    with ctx.progress.task("measuring candidates", sum(f.kind != "float" for _, f in tasks)) as advance:
+        def one(task):
+            node, fmt = task
+            cand = measure_candidate(ctx, formats, grads, grads_m, node, fmt)
+            if fmt.kind != "float":
                 advance(1)
-    return cands
+            return cand
+
+        return ctx.executor.map(one, tasks)
 
 
 def classify_all(ctx: FlowContext, cands: list[Candidate]) -> CostTable:

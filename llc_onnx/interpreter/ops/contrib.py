@@ -348,6 +348,11 @@ def _matmul_nbits(ctx, xs):
     if len(xs) > 4 and xs[4] is not None:
         raise ctx.fail("the g_idx input (deprecated) is not supported; re-quantize without act_order")
     bias = xs[5] if len(xs) > 5 else None
+    if x.is_cuda:  # the Triton kernel reads the same bytes (llc_onnx.plugins.triton)
+        from ...plugins.triton import dispatch
+
+        return dispatch.matmul_nbits(x, b, scales, K=int(ctx.a("K")), N=int(ctx.a("N")), bits=int(ctx.a("bits", 4)),
+                                     block_size=int(ctx.a("block_size")), zero_points=zp, bias=bias)
     y = matmul_nbits_reference(x, b, scales, zp, int(ctx.a("K")), int(ctx.a("N")), int(ctx.a("bits", 4)),
                                int(ctx.a("block_size")))
     return y + bias if bias is not None else y
