@@ -1,21 +1,22 @@
-"""ONNX Runtime CPU latency of a model: median over repeats with the min-max spread, after warm-up.
+"""ONNX Runtime CPU latency and throughput of a model against FP32, interleaved, in the row's target session.
 
-    python -m bench.latency model.onnx data.npz [--batch 1,32] [--repeats 20] [--threads 2]
+    python -m bench.latency fp32.onnx model.onnx data.npz [--batch 1,64] [--rounds 31] [--threads 2] [--target ort-cpu]
 
-Sessions come from :func:`llc_onnx.ort_eval.make_session` (CPU provider,
-``session.qdq_matmulnbits_accuracy_level=0``, deterministic compute) with ``intra_op_num_threads`` set
-explicitly. The inputs are the first ``batch`` samples of the data (repeated when it has fewer). On a shared
-machine the spread matters as much as the median: both are reported.
+Both sessions run on the same inputs (the first ``batch`` samples of the data, repeated when it has fewer)
+in alternating rounds (``llc_onnx.targets.latency.time_sessions``: warm-up, then per round each session runs
+``inner`` times, a sample is the mean per-run time), so load on a shared machine hits both alike: the speed-up
+is measured, not a ratio of two separate medians. The FP32 model runs in a default CPU session (what users of
+ONNX Runtime run), the model in its target's session (``bench.evaluate.target_session``). Intra-op threads are
+set explicitly. Reported per batch: median, 25–75 % and min–max in ms, throughput (samples/s at the median)
+and speed-up over FP32 (ratio of the medians of the same rounds).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
-
-WARMUP = 3
 
 
 def batch_inputs(npz_path: str, input_names: list[str], batch: int) -> dict[str, np.ndarray]:
@@ -28,46 +29,60 @@ def batch_inputs(npz_path: str, input_names: list[str], batch: int) -> dict[str,
     return feeds
 
 
-def measure(model_path: str, npz_path: str, batch: int, repeats: int = 20, threads: int = 2,
-            warmup: int = WARMUP, min_seconds: float = 0.0) -> dict:
-    """{"batch", "threads", "repeats", "median_ms", "min_ms", "max_ms"} for one session.run per repeat."""
-    from llc_onnx.ort_eval import make_session
+def _timing(t) -> dict:
+    return {"median_ms": t.median_ms, "q25_ms": t.q25_ms, "q75_ms": t.q75_ms, "min_ms": t.min_ms,
+            "max_ms": t.max_ms, "rounds": t.rounds}
 
-    sess = make_session(str(model_path), intra_op_num_threads=threads)
-    names = [i.name for i in sess.get_inputs()]
-    feeds = batch_inputs(npz_path, names, batch)
-    out = [sess.get_outputs()[0].name]
-    for _ in range(warmup):
-        sess.run(out, feeds)
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - t_start < min_seconds:
-        t0 = time.perf_counter()
-        sess.run(out, feeds)
-        times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1e3
-    return {"batch": batch, "threads": threads, "repeats": len(times), "warmup": warmup,
-            "median_ms": float(np.median(ms)), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
+
+def measure(fp_path: str, path: str | None, npz_path: str, batch: int, *, target: str = "ort-cpu",
+            threads: int = 2, rounds: int = 31) -> dict:
+    """{"batch", "threads", "fp32": timing, "model": timing, "throughput", "throughput_fp32", "speedup"};
+    ``path`` None times the FP32 model alone."""
+    from llc_onnx.ort_eval import make_session
+    from llc_onnx.targets.latency import time_sessions
+
+    from bench.evaluate import FP_TARGET, target_session
+
+    fp_cfg, _ = target_session(FP_TARGET, threads)
+    sessions = {"fp32": make_session(str(fp_path), fp_cfg)}
+    if path is not None:
+        cfg, _ = target_session(target, threads)
+        sessions["model"] = make_session(str(path), cfg)
+    feeds = batch_inputs(npz_path, [i.name for i in sessions["fp32"].get_inputs()], batch)
+    t = time_sessions(sessions, feeds, rounds=rounds)
+    out = {"batch": batch, "threads": threads, "target": target, "fp32": _timing(t["fp32"]),
+           "throughput_fp32": batch / t["fp32"].median_ms * 1e3}
+    if path is not None:
+        m = t["model"]
+        out.update(model=_timing(m), throughput=batch / m.median_ms * 1e3, speedup=t["fp32"].median_ms / m.median_ms)
+    return out
 
 
 def fmt(lat: dict | None) -> str:
+    """"median (min–max) ms, ×speed-up" for a table cell."""
     if not lat:
         return "–"
     if "error" in lat:
         return "error"
-    return f"{lat['median_ms']:.2f} ({lat['min_ms']:.2f}–{lat['max_ms']:.2f})"
+    m = lat.get("model") or lat["fp32"]
+    s = f"{m['median_ms']:.2f} ({m['min_ms']:.2f}–{m['max_ms']:.2f})"
+    if "speedup" in lat:
+        s += f", {lat['speedup']:.2f}×"
+    return s
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n")[0])
+    ap.add_argument("fp32")
     ap.add_argument("model")
     ap.add_argument("data", help="npz holding one array per graph input")
-    ap.add_argument("--batch", default="1,32")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--batch", default="1,64")
+    ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", default="ort-cpu")
     a = ap.parse_args(argv)
     for b in (int(x) for x in a.batch.split(",")):
-        print(json.dumps(measure(a.model, a.data, b, a.repeats, a.threads)))
+        print(json.dumps(measure(a.fp32, a.model, a.data, b, target=a.target, threads=a.threads, rounds=a.rounds)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,393 @@
+"""The methods of the benchmark: one small function per row, registered in :data:`METHODS`.
+
+A method gets the :class:`Bench` of one model (paths, splits, the FP32 model, shared state) and the row
+dict; it fills the row (notes, selection, result summary) and returns the path of the model it produced, or
+raises :class:`~bench.baselines.NotApplicable` (row "n/a") or :class:`Refused` (row "refused": llc-onnx said
+no, with its one-line reason — e.g. a flag not wired in yet). ``bench.run`` then judges every produced model
+the same way (test split once, in the row's target session), counts its bytes and times it.
+
+Families (the rows' ``family``): ``fp32``, ``ort`` (ONNX Runtime's quantizers), ``llc`` (llc-onnx, any
+target), ``alloc`` (HAWQ-V2 / AutoQuantize / CET-cost allocations on the qdq target), ``round`` (CET rounding
+rows), ``series`` (FP = xINT rows), ``lowrank`` and ``svd``. Row keys are stable; ``--methods`` selects by
+key prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bench import baselines as B
+from bench import llc as LLC
+
+ALLOC_TARGET = "qdq"  # the allocation comparison: every level offered to every node (weight-only)
+BUDGETS = (0.25, 0.15, 0.10)
+
+
+class Refused(Exception):
+    """llc-onnx refused the run (exit 2: bad input or an option it does not have yet) — its one-line reason."""
+
+
+@dataclass
+class Bench:
+    """One benchmark model as every method sees it."""
+
+    m: object  # bench.models.BenchModel
+    quick: bool
+    args: object
+    calib: Path
+    test: Path
+    work: Path
+    fp_path: Path
+    fp_model: object
+    nodes: list
+    fp_bytes: int
+    evaluator: object
+    state: dict = field(default_factory=dict)  # shared between rows: contexts, traces, scores, results
+    rows: dict = field(default_factory=dict)  # key -> finished row (rows that read other rows' results)
+
+    @property
+    def measure_samples(self) -> int | None:
+        return self.m.ms(self.quick)
+
+    def out(self, key: str) -> Path:
+        p = self.work / f"{key}.onnx"
+        if p.exists():
+            p.unlink()
+        return p
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    family: str
+    fn: Callable[[Bench, dict], Path | None]
+    target: str = "ort-cpu"  # the session the row's model is judged (and timed) in
+    issue: str = ""  # the issue the row reports for
+    latency: bool = False  # timed against FP32 (rows whose target is ort-cpu)
+
+
+# ------------------------------------------------------------------------------------------ llc-onnx
+def llc_method(extra: list[str], *, cache: str | None = None, check: Callable | None = None):
+    """A row that runs ``llc-onnx optimize <model> --data calib --held test <extra>``. ``cache``: runs with
+    the same candidate settings share measurements (``--cache``); the reused seconds are added to the row."""
+    def fn(b: Bench, row: dict) -> Path | None:
+        out = b.out(row["key"])
+        args = list(extra) + list(b.m.lowrank_args if "--mode" in extra and "compact" in extra else [])
+        if cache:
+            args += ["--cache", str(b.work / f"cache_{cache}")]
+        cmd = LLC.command(b.m.model_path(), b.calib, b.test, out, b.m.batch_size, b.measure_samples, args)
+        res = LLC.run(cmd, b.work / f"{row['key']}.json", b.args.llc_timeout)
+        row["command"], row["seconds"] = res["command"], res["seconds"]
+        if "error" in res:
+            if res["exit"] == 2:
+                raise Refused(res["error"].removeprefix("error: "))
+            raise RuntimeError(f"exit {res['exit']}: {res['error']}")
+        s = LLC.summarize(res["result"])
+        row["llc"] = s
+        row["result_json"] = str(b.work / f"{row['key']}.json")
+        row["verified"] = s["verified"]
+        row["objective"] = s["objective"]
+        row["report_bytes"] = s["bytes"]
+        reused = LLC.cached_seconds(s)
+        if reused:
+            row["seconds"] += reused
+            row.setdefault("notes", []).append(f"{reused:.0f} s of cached measurements reused, counted in the time")
+        last = s["stages"][-1]
+        row["selection"] = {"backoff_rounds": sum(st["backoff_rounds"] for st in s["stages"]),
+                            "first_plan_passed": all(st["first_plan_passed"] for st in s["stages"]),
+                            "chosen_plan": "; ".join(f"{st['method']}: {st['chosen_plan']}" for st in s["stages"])
+                            if len(s["stages"]) > 1 else last["chosen_plan"],
+                            "plans": [p for st in s["stages"] for p in st["plans"]]}
+        row["levels"] = last["levels"]
+        for note in s["notes"]:
+            row.setdefault("notes", []).append(note)
+        if check is not None and out.exists():
+            check(b, row, out)
+        return out if out.exists() else None
+    return fn
+
+
+def check_tensorrt(b: Bench, row: dict, path: Path) -> None:
+    """Issue 12's done-when: ``llc_onnx.targets.check_tensorrt`` on the written model; violations listed."""
+    from llc_onnx.model_io import load_model
+    from llc_onnx.targets import check_tensorrt as check
+
+    v = check(load_model(str(path)))
+    row["tensorrt_check"] = [{"node": x.node, "rule": x.rule, "message": x.message} for x in v]
+    row.setdefault("notes", []).append(
+        "TensorRT checker: passes (0 violations)" if not v else
+        f"TensorRT checker: **{len(v)} violation(s)**: " + "; ".join(f"{x.node}: {x.rule}" for x in v[:5]))
+
+
+# ----------------------------------------------------------------------------------------- FP32 / ORT
+def fp32(b: Bench, row: dict) -> Path:
+    row["seconds"] = 0.0
+    return b.fp_path
+
+
+def ort_int8(b: Bench, row: dict) -> Path:
+    from llc_onnx.calib.data import load_dataset
+
+    t0 = time.perf_counter()
+    out = b.out(row["key"])
+    ds = load_dataset(str(b.calib), b.fp_model, batch_size=b.m.batch_size)
+    row["info"] = B.ort_int8(str(b.fp_path), ds, str(out))
+    row["seconds"] = time.perf_counter() - t0
+    row["notes"] = ["quantize_static QDQ: per-channel symmetric INT8 weights, INT8 activations (MinMax over the "
+                    "whole calibration file); no validation step"]
+    return out
+
+
+def ort_weight_only(algo: str, block: int, symmetric: bool = True):
+    def fn(b: Bench, row: dict) -> Path:
+        from llc_onnx.calib.data import load_dataset
+
+        if block not in b.m.ort_blocks:
+            raise B.NotApplicable(f"block {block} not benchmarked for this model (ort_blocks {b.m.ort_blocks})")
+        t0 = time.perf_counter()
+        out = b.out(row["key"])
+        ds = load_dataset(str(b.calib), b.fp_model, batch_size=b.m.batch_size) if algo == "gptq" else None
+        info = B.ort_weight_only(str(b.fp_path), str(out), algo, block, symmetric, ds)
+        row["seconds"] = time.perf_counter() - t0
+        row["info"] = {k: v for k, v in info.items() if k != "covered"} | {"covered": len(info["covered"])}
+        row["notes"] = [f"{len(info['covered'])} of {info['total_matmul']} MatMul nodes rewritten; "
+                        f"{len(b.nodes) - len(info['covered'])} other compressible nodes stay FP32; "
+                        f"MatMulNBits accuracy_level 4; no validation step"]
+        return out
+    return fn
+
+
+# --------------------------------------------------------------------------------- allocation baselines
+def _alloc_state(b: Bench) -> dict:
+    """The shared part of the allocation baselines: the context llc-onnx's qdq run builds (same splits),
+    every candidate quantized (nearest rounding). Its seconds are counted in every allocation row."""
+    st = b.state.setdefault("alloc", {})
+    if "ctx" not in st:
+        t0 = time.perf_counter()
+        st["ctx"] = B.baseline_context(str(b.m.model_path()), str(b.calib), str(b.test), batch_size=b.m.batch_size,
+                                       measure_samples=b.measure_samples, target=ALLOC_TARGET)
+        st["quantized"] = B.quantize_all(st["ctx"])
+        st["seconds"] = time.perf_counter() - t0
+    return st
+
+
+def _hawq(b: Bench) -> dict:
+    st = _alloc_state(b)
+    if "hawq" not in st:
+        ctx = st["ctx"]
+        t0 = time.perf_counter()
+        mb = b.m.quick_hessian_batches if b.quick else b.m.hessian_batches
+        traces = B.hawq_traces(ctx, probes=b.m.hutchinson_probes, max_probes=b.m.hutchinson_max_probes,
+                               max_batches=mb, per_node=b.m.hutchinson_per_node)
+        numel = {n.name: int(np.prod(n.weight_shape)) for n in ctx.nodes}
+        costs = B.monotone(B.hawq_costs(st["quantized"], traces, numel), st["quantized"], ctx.nodes)
+        used = ctx.calib.batches if mb is None else ctx.calib.batches[:mb]
+        st["hawq"] = {"costs": costs, "traces": traces, "seconds": time.perf_counter() - t0,
+                      "samples": sum(x.size for x in used)}
+    return st["hawq"]
+
+
+def _autoquant(b: Bench) -> dict:
+    st = _alloc_state(b)
+    if "autoquant" not in st:
+        ctx = st["ctx"]
+        t0 = time.perf_counter()
+        scores = B.autoquant_scores(ctx, st["quantized"], max_batches=b.m.score_batches)
+        full = {k: scores.get(k, 0.0) for k in st["quantized"].delta_sq}
+        used = ctx.calib.batches if b.m.score_batches is None else ctx.calib.batches[:b.m.score_batches]
+        st["autoquant"] = {"costs": B.monotone(full, st["quantized"], ctx.nodes), "seconds": time.perf_counter() - t0,
+                           "samples": sum(x.size for x in used)}
+    return st["autoquant"]
+
+
+def alloc_method(kind: str, budget: float):
+    def fn(b: Bench, row: dict) -> Path:
+        from llc_onnx.model_io import save_model
+
+        got = _hawq(b) if kind == "hawq" else _autoquant(b)
+        st = b.state["alloc"]
+        ctx = st["ctx"]
+        a = B.allocation(ctx, st["quantized"], got["costs"], budget, kind)
+        out = b.out(row["key"])
+        save_model(a.model, str(out))
+        row["seconds"] = st["seconds"] + got["seconds"] + a.seconds
+        row["selection"] = B.selection_summary(a.selection)
+        row["levels"] = _count(a.levels.values())
+        row["budget_bytes"] = a.budget_bytes
+        row["objective"] = "task"
+        row["validation"] = {"n": ctx.val.n_samples, "reference": ctx.val_fp.loss, "source": ctx.val.source}
+        notes = [f"budget {a.budget_bytes:,} B; solver's plan: " + ", ".join(
+            f"{k}×{v}" for k, v in _count(a.solver_plan.values()).items())]
+        if kind == "hawq":
+            tr = got["traces"]
+            probes = next(iter(tr.values()))["probes"]
+            unstable = sum(not v["stable"] for v in tr.values())
+            clamped = sum(v["clamped"] for v in tr.values())
+            notes.append(f"tr(H_ii) from {probes} Rademacher probes "
+                         f"({'one per node' if b.m.hutchinson_per_node else 'joint'}) on {got['samples']} calibration samples; "
+                         f"{unstable} of {len(tr)} traces with SE > 10 % after {probes} probes; {clamped} "
+                         "non-positive trace(s) clamped to their SE")
+            row["traces"] = tr
+        else:
+            notes.append(f"scores from {got['samples']} calibration samples")
+        row["notes"] = notes
+        return out
+    return fn
+
+
+def _count(levels) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lv in levels:
+        out[lv] = out.get(lv, 0) + 1
+    return dict(sorted(out.items()))
+
+
+# ------------------------------------------------------------------------------------- series (issue 13)
+def series_data_free(bits: int, terms: int):
+    def fn(b: Bench, row: dict) -> Path:
+        from llc_onnx.model_io import save_model
+        from llc_onnx.series import data_free
+
+        t0 = time.perf_counter()
+        res = data_free(b.fp_model, bits=bits, terms=terms, form="standard")
+        out = b.out(row["key"])
+        save_model(res.model, str(out))
+        row["seconds"] = time.perf_counter() - t0
+        row["report_bytes"] = int(res.nbytes)
+        rel = [r / w.weight_norm for w in res.series.weights.values() for r in w.residual_norms[-1:]]
+        row["notes"] = [f"data-free: every node {terms} term(s) of {bits} bits (no data, no validation); "
+                        f"median relative residual ‖R_T‖/‖W‖ {float(np.median(rel)):.3g}"
+                        + (f"; {len(res.skipped)} node(s) left float" if res.skipped else "")]
+        row["objective"] = None
+        return out
+    return fn
+
+
+# ------------------------------------------------------------------------------- low-rank and plain SVD
+def svd_uniform(b: Bench, row: dict) -> Path:
+    from llc_onnx.model_io import save_model
+
+    from bench.run import previous_row
+
+    t0 = time.perf_counter()
+    compact = b.rows.get("llc_lr_compact")
+    if compact is not None and compact.get("status") == "ok" and compact.get("report_bytes"):
+        compact_bytes = compact["report_bytes"]
+    else:
+        prev = previous_row(b.m.name, "llc_lr_compact", b.quick)
+        if prev is None or prev.get("report_bytes") is None:
+            raise B.NotApplicable("needs the llc low-rank compact result (its parameter count is the target)")
+        compact_bytes = prev["report_bytes"]
+    target = compact_bytes // 4
+    factorable = [n for n in b.nodes if n.group == 1]  # grouped Conv cannot be factored, by llc or here
+    target -= sum(int(np.prod(n.weight_shape)) for n in b.nodes if n.group != 1)
+    weights = {n.name: _init(b.fp_model, n.weight) for n in factorable}
+    shapes = {n.name: B.matrix_shape(n) for n in factorable}
+    match = B.match_uniform_fraction(shapes, target)
+    if match is None:
+        raise B.NotApplicable(f"even rank 1 everywhere exceeds the target of {target} parameters")
+    frac, params, ranks = match
+    if all(r is None for r in ranks.values()):
+        raise B.NotApplicable(f"the target ({target} params) is the unfactored size: no node factored")
+    out = b.out(row["key"])
+    save_model(B.uniform_svd(b.fp_model, factorable, weights, ranks), str(out))
+    row["seconds"] = time.perf_counter() - t0
+    row["notes"] = [f"rank fraction {frac:.4f} of min(K,N); {params} params vs target {target}; "
+                    f"{sum(r is not None for r in ranks.values())}/{len(b.nodes)} nodes factored; no validation step"]
+    return out
+
+
+def _init(model, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t).astype(np.float64)
+    raise KeyError(name)
+
+
+# ------------------------------------------------------------------------------------------ registry
+def _methods() -> list[Method]:
+    ms = [Method("fp32", "FP32", "fp32", fp32, latency=True),
+          Method("ort_int8", "ORT INT8 QDQ (quantize_static)", "ort", ort_int8, issue="12", latency=True)]
+    for algo, block, sym, label in (("default", 32, True, "default sym"), ("rtn", 32, True, "RTN sym"),
+                                    ("gptq", 32, False, "GPTQ asym"), ("hqq", 32, False, "HQQ"),
+                                    ("default", 128, True, "default sym"), ("hqq", 128, False, "HQQ")):
+        ms.append(Method(f"ort_w4_{algo}_b{block}", f"ORT MatMulNBits 4-bit {label} b{block}", "ort",
+                         ort_weight_only(algo, block, sym), issue="9/15", latency=True))
+    cpu = ["--target", "ort-cpu"]
+    ms += [Method("llc_cpu_lossless", "llc ort-cpu lossless", "llc", llc_method(cpu, cache="cpu"), issue="12",
+                  latency=True),
+           Method("llc_cpu_b25", "llc ort-cpu budget 0.25", "llc", llc_method(cpu + ["--budget", "0.25"], cache="cpu"),
+                  issue="12", latency=True),
+           Method("llc_cpu_lat50", "llc ort-cpu latency budget 0.5", "llc",
+                  llc_method(cpu + ["--latency-budget", "0.5"], cache="cpu"), issue="12", latency=True),
+           Method("llc_cpu_fid_lossless", "llc ort-cpu lossless, fidelity objective", "llc",
+                  llc_method(cpu + ["--objective", "fidelity"], cache="cpu_fid"), issue="9", latency=True),
+           Method("llc_trt_lossless", "llc tensorrt lossless", "llc",
+                  llc_method(["--target", "tensorrt"], cache="trt", check=check_tensorrt), target="tensorrt",
+                  issue="12"),
+           Method("llc_qdq_lossless", "llc qdq lossless", "llc", llc_method(["--target", "qdq"], cache="qdq"),
+                  target="qdq", issue="9"),
+           Method("llc_qdq_fid_lossless", "llc qdq lossless, fidelity objective", "llc",
+                  llc_method(["--target", "qdq", "--objective", "fidelity"], cache="qdq_fid"), target="qdq",
+                  issue="9")]
+    for bud in BUDGETS:
+        k = f"b{int(round(bud * 100))}"
+        qb = ["--target", "qdq", "--budget", str(bud)]
+        ms += [Method(f"llc_qdq_{k}", f"llc qdq budget {bud:g}", "llc", llc_method(qb, cache="qdq"), target="qdq",
+                      issue="9/14"),
+               Method(f"hawq_{k}", f"HAWQ-V2 budget {bud:g}", "alloc", alloc_method("hawq", bud), target="qdq",
+                      issue="9/14"),
+               Method(f"autoquant_{k}", f"AutoQuantize (ModelOpt score) budget {bud:g}", "alloc",
+                      alloc_method("autoquant", bud), target="qdq", issue="9"),
+               Method(f"cet_cost_{k}", f"CET cost allocation budget {bud:g}", "alloc",
+                      llc_method(qb + ["--cost", "cet"], cache="qdq_cet"), target="qdq", issue="14")]
+    for bits in (4, 2):
+        for rounding in ("nearest", "llc", "cet"):
+            # every node at int{bits} (the only level; --budget 1: no lossless bound can drop it)
+            extra = ["--target", "qdq", "--bits", str(bits), "--budget", "1", "--rounding", rounding]
+            if rounding == "llc":
+                extra += ["--llc-radius", "1"]  # LLC rounding on every node (the default stops at 5 % noise)
+            ms.append(Method(f"round_{rounding}_int{bits}", f"uniform int{bits}, {rounding} rounding", "round",
+                             llc_method(extra), target="qdq", issue="14"))
+    for bits, terms in ((8, 1), (4, 1), (4, 2), (4, 3), (2, 1), (2, 2), (2, 3), (2, 4)):
+        ms.append(Method(f"series_df_b{bits}t{terms}", f"series data-free b={bits} T={terms}", "series",
+                         series_data_free(bits, terms), target="qdq", issue="13"))
+    ms.append(Method("series_llc_lossless", "llc series lossless", "series",
+                     llc_method(["--target", "qdq", "--method", "series"], cache="series"), target="qdq", issue="13"))
+    for bud in BUDGETS:
+        ms.append(Method(f"series_llc_b{int(round(bud * 100))}", f"llc series budget {bud:g}", "series",
+                         llc_method(["--target", "qdq", "--method", "series", "--budget", str(bud)], cache="series"),
+                         target="qdq", issue="13"))
+    ms += [Method("llc_lr_lossless", "llc low-rank lossless", "lowrank",
+                  llc_method(["--method", "lowrank", "--mode", "lossless"]), latency=True),
+           Method("llc_lr_compact", "llc low-rank compact", "lowrank",
+                  llc_method(["--method", "lowrank", "--mode", "compact"]), latency=True),
+           Method("llc_lr_quant", "llc low-rank,quant (ort-cpu)", "lowrank",
+                  llc_method(["--method", "lowrank,quant", "--mode", "compact"]), latency=True),
+           Method("svd_uniform", "plain SVD (uniform rank)", "svd", svd_uniform, latency=True)]
+    return ms
+
+
+METHODS: list[Method] = _methods()
+BY_KEY = {m.key: m for m in METHODS}
+
+
+def selected(spec: str | None) -> list[Method]:
+    """The methods whose key starts with one of the comma-separated prefixes (all when None); FP32 always."""
+    if not spec:
+        return list(METHODS)
+    pre = [p.strip() for p in spec.split(",") if p.strip()]
+    return [m for m in METHODS if m.key == "fp32" or any(m.key.startswith(p) for p in pre)]
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, default=str)
