@@ -232,7 +232,7 @@ class Quantized:
 
 def quantize_all(ctx) -> Quantized:
     """Stage 0 of the allocation baselines: the target's formats and every candidate's quantized weight."""
-    from llc_onnx.flows.quantize import offered_formats, quantize_node
+    from llc_onnx.flows.quantize import offered_formats
 
     t0 = time.perf_counter()
     formats = offered_formats(ctx)
@@ -246,7 +246,7 @@ def quantize_all(ctx) -> Quantized:
             if fmt.kind == "float":
                 out.delta_sq[key], out.nbytes[key], out.rel_noise[key] = 0.0, 4 * w.size, 0.0
                 continue
-            qw = quantize_node(w, node, fmt, cfg, None)
+            qw = nearest(w, node, fmt, cfg.scale)
             delta = qw.dequant.astype(np.float64) - w
             d2 = float((delta * delta).sum())
             nbytes = int(fmt.nbytes(node))
@@ -257,6 +257,15 @@ def quantize_all(ctx) -> Quantized:
             out.delta_sq[key], out.nbytes[key], out.rel_noise[key] = d2, nbytes, math.sqrt(d2) / wn
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def nearest(w: np.ndarray, node, fmt, scale_method: str = "mse"):
+    """``node``'s weight in ``fmt``'s layout and scales (as ``flows.roundings.Rounder.spec``), nearest rounding."""
+    from llc_onnx.quant import WeightQuantSpec, quantize_weight
+
+    spec = WeightQuantSpec(bits=int(fmt.code_bits or fmt.bits), block_size=fmt.block_size, scale_method=scale_method,
+                           rounding="nearest")
+    return quantize_weight(w, spec, node.out_axis, node.reduce_axis)
 
 
 def dequant(qw, shape) -> np.ndarray:
@@ -549,7 +558,7 @@ def matrix_shape(node) -> tuple[int, int]:
 
 
 __all__ = ["NotApplicable", "weight_bytes", "ort_int8", "ort_weight_only", "ORT_WEIGHT_ONLY", "baseline_context",
-           "quantize_all", "Quantized", "dequant", "hawq_traces", "sensitivities", "hawq_costs", "unit_model", "autoquant_scores",
+           "quantize_all", "Quantized", "nearest", "dequant", "hawq_traces", "sensitivities", "hawq_costs", "unit_model", "autoquant_scores",
            "monotone", "allocation", "Allocation", "selection_summary", "uniform_svd", "match_uniform_fraction",
            "svd_params", "svd_rank", "matrix_shape"]
 

@@ -289,7 +289,7 @@ def standing(results: list[dict]) -> list[str]:
                            f"{'lower with fidelity' if f['kl_fp'] < a['kl_fp'] else 'lower with task'} |")
         # 5. rounding (issue 14)
         for bits in (4, 2):
-            cands = {lab: rows[f"round_{lab}_int{bits}"] for lab in ("cet", "llc", "nearest")
+            cands = {lab: rows[f"round_{lab}_int{bits}"] for lab in ("cet", "llc", "gptq", "nearest")
                      if _ok(rows, f"round_{lab}_int{bits}")}
             if len(cands) >= 2:
                 out.append(f"| {name} | uniform int{bits} rounding | "
@@ -347,11 +347,13 @@ Row keys (`python -m bench.run --list`) in brackets; "issue" = the issue the row
   lossless / `--budget 0.25` / `--latency-budget 0.5` / `--objective fidelity` (issue 12, 9), `--target tensorrt`
   checked by `llc_onnx.targets.check_tensorrt` (issue 12), `--target qdq` lossless, fidelity and budgets 0.25,
   0.15, 0.10 (the allocation comparison), `--cost cet` at those budgets (issue 14), `--bits B --budget 1
-  --rounding nearest|llc|cet` (every node at B bits; `llc` with `--llc-radius 1` so LLC rounding acts on every
-  node; issue 14), `--method series` (issue 13). A flag the CLI does not have yet is a "refused" row with its
+  --rounding nearest|llc|gptq|cet` (every node at B bits; `llc` with `--llc-radius 1` so LLC rounding acts on
+  every node; issue 14), `--method series` (issue 13). Their rounding is llc-onnx's default (`--rounding auto`:
+  LLC inside the first-order neighbourhood, elsewhere the better of nearest and GPTQ per level, measured). A flag the CLI does not have yet is a "refused" row with its
   error line. Runs with the same candidate settings share measurements through `--cache`; the reused
   seconds are added to each row's time (the row's time is the whole method's).
-- **HAWQ-V2** [`hawq_b*`]: cost of format f of node i = ½·tr(H_ii)/n_i·‖δ_if‖², nearest rounding, same formats,
+- **HAWQ-V2** [`hawq_b*`]: cost of format f of node i = ½·tr(H_ii)/n_i·‖δ_if‖², nearest rounding (HAWQ-V2 and
+  AutoQuantize choose bit-widths, not roundings), same formats,
   knapsack, rewrite and validation back-off as llc's qdq rows. tr(H_ii) by Hutchinson (one Rademacher probe over
   all nodes per sample) in rounds until every trace has SE ≤ 10 % or the model's probe cap is reached; a trace
   still ≤ 0 is clamped to its standard error (never a free node). Traces and SEs are listed per model.

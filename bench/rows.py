@@ -351,7 +351,7 @@ def _methods() -> list[Method]:
                Method(f"cet_cost_{k}", f"CET cost allocation budget {bud:g}", "alloc",
                       llc_method(qb + ["--cost", "cet"], cache="qdq_cet"), target="qdq", issue="14")]
     for bits in (4, 2):
-        for rounding in ("nearest", "llc", "cet"):
+        for rounding in ("nearest", "llc", "gptq", "cet"):
             # every node at int{bits} (the only level; --budget 1: no lossless bound can drop it)
             extra = ["--target", "qdq", "--bits", str(bits), "--budget", "1", "--rounding", rounding]
             if rounding == "llc":
