@@ -366,16 +366,14 @@ def autoquant_scores(ctx, quantized: Quantized, *, max_batches: int | None = Non
     units = {n.name: TorchGraph(unit_model(ctx.model, n.name), dtype=graph.dtype, device=graph.device) for n in nodes}
     unit_in = {n.name: units[n.name].input_names[0] for n in nodes}
     unit_out = {n.name: units[n.name].output_names[0] for n in nodes}
-    plans = {}  # (node, format) -> (weight tensor, input hook, output hook)
+    plans = {}  # (node, format) -> (weight shape, input hook, output hook); weights dequantized when used
     for n in nodes:
         shape = ctx.weight_array(n).shape
         for fmt in formats.offers[n.name].formats:
             if fmt.kind == "float":
                 continue
-            key = (n.name, fmt.name)
             plan = formats.plan(n.name, fmt)
-            w = torch.as_tensor(dequant(quantized.weights[key], shape), dtype=graph.dtype, device=graph.device)
-            plans[key] = (w, input_hook(plan), output_hook(plan))
+            plans[(n.name, fmt.name)] = (shape, input_hook(plan), output_hook(plan))
     scores = {k: 0.0 for k in plans}
     batches = ctx.calib.batches if max_batches is None else ctx.calib.batches[:max_batches]
     for batch in batches:
@@ -413,7 +411,8 @@ def autoquant_scores(ctx, quantized: Quantized, *, max_batches: int | None = Non
                     key = (name, fmt.name)
                     if key not in plans:
                         continue
-                    w, ih, oh = plans[key]
+                    shape, ih, oh = plans[key]
+                    w = torch.as_tensor(dequant(quantized.weights[key], shape), dtype=graph.dtype, device=graph.device)
                     res, _ = units[name].run({unit_in[name]: x}, weight_fns={name: constant(w)},
                                              input_fns={name: ih} if ih else None,
                                              output_fns={name: oh} if oh else None, outputs=[unit_out[name]])

