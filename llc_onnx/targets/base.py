@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from llc_onnx.compressible import CompressibleNode
 from llc_onnx.errors import LLCError
+from llc_onnx.passes.common import apply_passes  # noqa: F401 - the targets' rewrite runner, exported here
 from llc_onnx.quant import WeightQuantSpec, weight_nbytes
 
 __all__ = [
@@ -365,14 +365,3 @@ def input_hook(plan: NodePlan) -> Callable | None:
         bs = int(fmt.block_size)
         return lambda x: level4_input_fake_quant(x, bs)
     return None
-
-
-def apply_passes(model: onnx.ModelProto, passes: Sequence[ir.passes.PassBase]) -> onnx.ModelProto:
-    """Run in-place onnx-ir passes on a copy of ``model``."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    ir_model = ir.serde.deserialize_model(copy)
-    for p in passes:
-        ir_model = p(ir_model).model
-    return ir.serde.serialize_model(ir_model)
-
