@@ -123,6 +123,28 @@ def weight_value(node: ir.Node) -> tuple[int, ir.Value, np.ndarray]:
     return idx, value, value.const_value.numpy()
 
 
+def plan_codes(where: str, plan: Any, what: str, allowed_bits: Sequence[int]) -> tuple[np.ndarray, int]:
+    """(codes q, bits) of a QuantizedWeight-like plan (``q, scale, axis, block_size, bits``), checked: the
+    attributes exist, ``bits`` is one of ``allowed_bits``, q is integer-valued within the signed range
+    [-2^(bits-1), 2^(bits-1)-1] and the scales are positive and finite."""
+    for attr in ("q", "scale", "axis", "block_size", "bits"):
+        if not hasattr(plan, attr):
+            raise LLCError(f"{where}: {what} has no attribute '{attr}'; pass a QuantizedWeight")
+    bits = int(plan.bits)
+    if bits not in allowed_bits:
+        raise LLCError(f"{where}: {what} has bits={bits}; supported are {', '.join(map(str, allowed_bits))}")
+    q = np.asarray(plan.q)
+    if not np.issubdtype(q.dtype, np.integer) and not np.array_equal(q, np.round(q)):
+        raise LLCError(f"{where}: {what} q is not integer-valued; pass the integer codes")
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if q.size and (q.min() < lo or q.max() > hi):
+        raise LLCError(f"{where}: {what} q has values in [{q.min()}, {q.max()}], outside int{bits} [{lo}, {hi}]")
+    scale = np.asarray(plan.scale, dtype=np.float64)
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise LLCError(f"{where}: {what} scale has non-positive or non-finite values; fix the quantizer")
+    return q, bits
+
+
 def np_float_dtype(dtype: ir.DataType | None) -> type:
     """Numpy float type for an IR float data type (float32 when unknown)."""
     return _FLOAT_DTYPES.get(dtype, np.float32) if dtype is not None else np.float32

@@ -108,12 +108,7 @@ def level4_input_fake_quant(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def _check_plan(node: ir.Node, w: np.ndarray, plan: Any, reduce_axis: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     where = f"node '{node.name}'"
-    for attr in ("q", "scale", "axis", "block_size", "bits"):
-        if not hasattr(plan, attr):
-            raise LLCError(f"{where}: MatMulNBits plan has no attribute '{attr}'; pass a QuantizedWeight")
-    bits = int(plan.bits)
-    if bits not in BITS:
-        raise LLCError(f"{where}: MatMulNBits plan has bits={bits}; MatMulNBits stores 2, 4 or 8 bits")
+    q, bits = common.plan_codes(where, plan, "MatMulNBits plan", BITS)
     block = plan.block_size
     if not valid_block_size(block):
         raise LLCError(f"{where}: MatMulNBits plan has block_size={block}; ONNX Runtime needs a power of two "
@@ -122,13 +117,8 @@ def _check_plan(node: ir.Node, w: np.ndarray, plan: Any, reduce_axis: int) -> tu
     if int(plan.axis) % w.ndim != reduce_axis:
         raise LLCError(f"{where}: MatMulNBits plan is blocked along axis {plan.axis}, the reduction axis is "
                        f"{reduce_axis}; quantize blocked along the reduction axis")
-    q = np.asarray(plan.q)
     if q.shape != w.shape:
         raise LLCError(f"{where}: MatMulNBits plan q has shape {q.shape} but the weight is {w.shape}")
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    if q.size and (q.min() < lo or q.max() > hi):
-        raise LLCError(f"{where}: MatMulNBits plan q has values in [{q.min()}, {q.max()}], outside int{bits} "
-                       f"[{lo}, {hi}]")
     scale = np.asarray(plan.scale, dtype=np.float32)
     want = list(w.shape)
     want[reduce_axis] = -(-w.shape[reduce_axis] // block)

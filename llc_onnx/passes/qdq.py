@@ -57,6 +57,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from llc_onnx.axes import norm_axis
 from llc_onnx.errors import LLCError
 from llc_onnx.passes import common
 from llc_onnx.quant.weights import is_matrix_layout
@@ -94,35 +95,19 @@ class ActivationPlan(Protocol):
 
 def _check_weight_plan(node: ir.Node, w: np.ndarray, plan: Any) -> tuple[np.ndarray, np.ndarray, int, int | None, int]:
     where = f"node '{node.name}'"
-    for attr in ("q", "scale", "axis", "block_size", "bits"):
-        if not hasattr(plan, attr):
-            raise LLCError(f"{where}: weight plan has no attribute '{attr}'; pass a QuantizedWeight")
-    bits = int(plan.bits)
-    if bits not in QTYPES:
-        raise LLCError(f"{where}: weight plan has bits={bits}; supported are 2, 4, 8 and 16")
-    q = np.asarray(plan.q)
+    q, bits = common.plan_codes(where, plan, "weight plan", sorted(QTYPES))
     block = None if plan.block_size is None else int(plan.block_size)
     matrix = block is not None and q.shape != w.shape and is_matrix_layout(w.shape, q.shape)
     if q.shape != w.shape and not matrix:
         raise LLCError(f"{where}: weight plan q has shape {q.shape} but the weight is {w.shape}; quantize this node's weight")
     shape = q.shape  # the shape the DequantizeLinear sees
-    if not np.issubdtype(q.dtype, np.integer):
-        if not np.array_equal(q, np.round(q)):
-            raise LLCError(f"{where}: weight plan q is not integer-valued; pass the integer codes")
-    lo, hi = QTYPES[bits][2]
-    if q.size and (q.min() < lo or q.max() > hi):
-        raise LLCError(f"{where}: weight plan q has values in [{q.min()}, {q.max()}], outside int{bits} [{lo}, {hi}]")
     scale = np.asarray(plan.scale, dtype=np.float64)
-    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-        raise LLCError(f"{where}: weight plan scale has non-positive or non-finite values; fix the quantizer")
     axis = int(plan.axis)
     if scale.ndim == 0:  # per tensor (no axis attribute written)
         if block is not None:
             raise LLCError(f"{where}: weight plan has a scalar scale but block_size={block}; give blocked scales")
         return q, scale, axis, None, bits
-    if not -len(shape) <= axis < len(shape):
-        raise LLCError(f"{where}: weight plan axis={axis} is out of range for weight rank {len(shape)}")
-    axis %= len(shape)
+    axis = norm_axis(axis, len(shape), "weight plan axis", where)
     if block is None:
         if scale.shape != (shape[axis],):
             raise LLCError(
