@@ -144,7 +144,7 @@ class CriterionConfig:
     divergence of the compressed model's outputs from the float model's own outputs (no labels needed);
     ``auto`` — task when the data has labels, else fidelity. The verdict: the compressed model's test loss
     ≤ float's + ``tolerance`` (task), or its test KL ≤ ``tolerance`` (fidelity, where 0 is unreachable: the
-    default tolerance there is 0.01 nats).
+    default tolerance there is 0.002 nats per prediction).
     """
 
     objective: Objective = opt("auto", "--objective", "task | fidelity | auto (default: task when the data has "
@@ -152,7 +152,7 @@ class CriterionConfig:
     loss: str | None = opt(None, "--loss", "ce | lm | mse | module:function (default: lm for LMs, else ce)")
     output: str | None = opt(None, "--output", "graph output the loss reads (default: the first output)")
     tolerance: float | None = opt(None, "--tolerance", "verified when test loss ≤ float + this (task, default 0) "
-                                  "or test KL ≤ this (fidelity, default 0.01)")
+                                  "or test KL ≤ this (fidelity, default 0.002)")
     error_max: float = opt(1e-4, "--error-max", "neighbourhood check |measured − predicted| ≤ this (default 1e-4)")
     relative: bool = opt(False, "--relative", "--error-max is relative to the calibration loss")
     outside: Literal["measured", "drop"] = opt("measured", "--outside",
@@ -186,7 +186,7 @@ class CriterionConfig:
         """The tolerance of the verdict under the resolved objective (see the class doc)."""
         if self.tolerance is not None:
             return self.tolerance
-        return 0.01 if objective == "fidelity" else 0.0
+        return 0.002 if objective == "fidelity" else 0.0
 
 
 @dataclass(frozen=True)

@@ -115,10 +115,10 @@ def test_fidelity_objective_needs_no_labels(tmp_path):
     res = llc_onnx.optimize(model, str(tmp_path / "unlabelled.npz"),
                             llc_onnx.OptimizeConfig(target=llc_onnx.TargetConfig(name="qdq"),
                                                     quant=llc_onnx.QuantConfig(bits=(4, 8, "float"))))
-    assert res.objective == "fidelity" and res.loss == "fidelity" and res.tolerance == 0.01
+    assert res.objective == "fidelity" and res.loss == "fidelity" and res.tolerance == 0.002
     t = res.splits["test"]
     assert t.reference.loss == pytest.approx(0.0, abs=1e-12)  # the float model is its own teacher
-    assert res.verified == (t.compressed.loss <= 0.01)
+    assert res.verified == (t.compressed.loss <= 0.002)
     assert "agree" in t.compressed.metrics and 0 <= t.compressed.metrics["agree"] <= 1
     # with labels, --objective fidelity still reports the labelled loss on the test split
     res2 = llc_onnx.optimize(model, data, llc_onnx.OptimizeConfig(
