@@ -4,7 +4,9 @@ offer the plans the validation split chooses between.
 Stages (each timed):
   0. formats     the target (``llc_onnx.targets``) maps the requested levels (``quant.bits``) of each node to
                  the formats it executes fast (e.g. ORT CPU: MatMulNBits 2/4/8-bit, W8A8 Q/DQ), and says why
-                 the others are not offered; activation ranges are calibrated where a format quantizes
+                 the others are not offered; with the ``series`` family (``--method series`` or
+                 ``quant,series``) also the series formats (T b-bit basis terms, ``flows.series``), which join
+                 the same cost table and knapsack; activation ranges are calibrated where a format quantizes
                  activations (``calib.activation_ranges``: min-max, percentile or entropy);
   1. gradients   one forward+backward pass over the calibration split (``calib.gradients``), accumulated
                  separately for its fit part and its measure part (``flows.context``), with the first-order
@@ -26,7 +28,7 @@ Stages (each timed):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -56,14 +58,24 @@ def format_bits(fmt: Format) -> int:
     return FLOAT if fmt.kind == "float" else int(fmt.bits)
 
 
+def families(ctx: FlowContext) -> tuple[str, ...]:
+    """The format families this stage offers: ``quant`` and/or ``series`` (``config.method``)."""
+    return tuple(m for m in ctx.config.method if m in ("quant", "series")) or ("quant",)
+
+
 def candidate_settings(ctx: FlowContext) -> dict:
     """The settings a candidate depends on (the cache key); the criterion and the budget only re-classify or
     re-solve the same candidates."""
     cfg, t = ctx.config.quant, ctx.config.target
-    return {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
-            "rounding": cfg.rounding, "llc_radius": cfg.llc_radius, "activations": cfg.activations,
-            "cost": cfg.cost, "target": t.name, "calibration": t.calibration, "percentile": t.percentile,
-            "plugins": t.plugins}
+    out = {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
+           "rounding": cfg.rounding, "llc_radius": cfg.llc_radius, "activations": cfg.activations,
+           "cost": cfg.cost, "target": t.name, "calibration": t.calibration, "percentile": t.percentile,
+           "plugins": t.plugins}
+    if "series" in families(ctx):  # only then, so that quantization-only cache keys stay as they were
+        sc = ctx.config.series
+        out.update(families=list(families(ctx)), series={"bits": list(sc.bits), "terms": list(sc.terms),
+                                                          "block_size": sc.block_size, "form": sc.form})
+    return out
 
 
 def spec_of(cfg: QuantConfig, fmt: Format, rounding: str | None = None) -> WeightQuantSpec:
@@ -92,6 +104,7 @@ class Formats:
     by_level: dict[tuple[str, str], Format]  # (node, format name) -> format
     offers: dict  # node -> targets.Offer
     acts: dict[tuple[str, str], tuple]  # (node, format name) -> (input params, output params)
+    expansions: dict = field(default_factory=dict)  # series: one expansion per (weight, bits, block)
 
     def plan(self, node: str, fmt: Format, weight=None) -> NodePlan:
         inp, out = self.acts.get((node, fmt.name), (None, None))
@@ -105,8 +118,17 @@ def offered_formats(ctx: FlowContext) -> Formats:
     """Stage 0: the target's offer for every node, and the activation parameters of the formats that need them
     (calibrated on the calibration split)."""
     cfg, tcfg = ctx.config.quant, ctx.config.target
-    offers = ctx.target.offers(ctx.model, ctx.nodes, levels=cfg.bits, block_size=cfg.block_size)
-    if FLOAT not in cfg.levels():  # float was not asked for: keep it only where nothing else is offered
+    fams = families(ctx)
+    offers = ctx.target.offers(ctx.model, ctx.nodes, levels=cfg.bits, block_size=cfg.block_size) \
+        if "quant" in fams else {}
+    if "series" in fams:
+        from ..targets.base import Offer
+
+        sc = ctx.config.series
+        more = ctx.target.series_offers(ctx.model, ctx.nodes, bits=sc.bits, terms=sc.terms, block_size=sc.block_size)
+        offers = {n: Offer(n, tuple(dict.fromkeys((*offers[n].formats, *o.formats))) if n in offers else o.formats,
+                           (*offers[n].refused, *o.refused) if n in offers else o.refused) for n, o in more.items()}
+    if FLOAT not in cfg.levels() and "quant" in fams:  # float not asked for: keep it only where nothing else is
         from ..targets.base import Offer
 
         offers = {n: o if len(o.formats) == 1 else
@@ -140,6 +162,18 @@ def _hooks(formats: Formats, node: str, fmt: Format):
     return ({node: i} if i else None), ({node: o} if o else None)
 
 
+def stored_weight(ctx: FlowContext, formats: Formats, node: CompressibleNode, fmt: Format, w: np.ndarray,
+                  grad: np.ndarray):
+    """The weight ``fmt`` stores for ``node``: a QuantizedWeight (:func:`quantize_node`), or for a series format
+    the SeriesWeight of its T terms (``flows.series.expansion``: one expansion per node and bit-width)."""
+    if fmt.kind == "series":
+        from .series import expansion
+
+        return expansion(w, node, fmt, scale_method=ctx.config.quant.scale, max_terms=max(ctx.config.series.terms),
+                         memo=formats.expansions)
+    return quantize_node(w, node, fmt, ctx.config.quant, grad)
+
+
 def measure_candidate(ctx: FlowContext, formats: Formats, grads: GradientPass, grads_m: GradientPass,
                       node: CompressibleNode, fmt: Format) -> Candidate:
     """One raw candidate: ``node`` quantized in ``fmt`` (rounding from the fit gradient ``grads``), its
@@ -149,8 +183,10 @@ def measure_candidate(ctx: FlowContext, formats: Formats, grads: GradientPass, g
     if fmt.kind == "float":
         return Candidate(node.name, fmt.name, 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
     stats, stats_m = grads.nodes[node.name], grads_m.nodes[node.name]
-    qw = quantize_node(w, node, fmt, cfg, stats.grad_w)
-    delta = qw.dequant.astype(np.float64) - w
+    from .series import values
+
+    dequant = values(stored_weight(ctx, formats, node, fmt, w, stats.grad_w))
+    delta = dequant.astype(np.float64) - w
     predicted = float((stats_m.grad_w * delta).sum()) + stats_m.act_pred.get(fmt.name, 0.0)
     rel = float(np.linalg.norm(delta)) / (float(np.linalg.norm(w)) or 1.0)
     nbytes = int(fmt.nbytes(node))
@@ -160,7 +196,7 @@ def measure_candidate(ctx: FlowContext, formats: Formats, grads: GradientPass, g
     if cfg.cost == "cet":  # second-order estimate instead of a measurement (weight noise only)
         q2 = quadratic_term(ctx.graph, ctx.measure_data, ctx.loss, node.name, delta)
         return Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None, second_order=predicted + q2)
-    weight_fns = {node.name: constant(torch.as_tensor(qw.dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
+    weight_fns = {node.name: constant(torch.as_tensor(dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
     input_fns, output_fns = _hooks(formats, node.name, fmt)
     measured, se = ctx.measure(weight_fns, input_fns, output_fns).delta(ctx.base())
     return Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se)
@@ -217,6 +253,7 @@ class Solver:
 
     def __init__(self, ctx: FlowContext, table: CostTable, formats: Formats, latency=None):
         self.ctx, self.table, self.formats, self.latency = ctx, table, formats, latency
+        self.by_error = {n for (n, _), f in formats.by_level.items() if f.kind == "series"}
         self.bound = max_node_cost(ctx)
         crit = ctx.config.criterion
         self.tol = crit.verdict_tolerance("fidelity") if ctx.objective == "fidelity" else 0.0
@@ -224,7 +261,13 @@ class Solver:
                         zip(*table.solver_inputs(1.0, self.bound, self.fidelity)[:2])}
 
     def fidelity(self, c: Candidate) -> tuple:
-        """Order of a ladder: fewest bits first, then the smaller format, float last (back-off moves up)."""
+        """Order of a ladder: fewest bits first, then the smaller format, float last (back-off moves up). A node
+        with series candidates orders its whole ladder by the weight's relative error ‖δ‖/‖W‖ instead, largest
+        first (then bytes): b-bit T-term options sit between the single levels (4-bit T=2 is finer than int4,
+        coarser or finer than int8 by node), and the exact weight error is what orders them; a level costing
+        as many bytes as a finer one is then dominated and dropped."""
+        if c.node in self.by_error:
+            return (c.reference, -c.rel_noise, c.nbytes)
         return (c.reference, format_bits(self.formats.by_level[(c.node, c.level)]), c.nbytes)
 
     def solve(self, budget: int | None, gain_credit: float, latency_budget: float | None = None) -> dict[str, int]:
@@ -256,7 +299,8 @@ class Solver:
             choice = {}
             for n, ladder in self.ladders.items():
                 ok = [i for i, c in enumerate(ladder)
-                      if c.reference or format_bits(self.formats.by_level[(n, c.level)]) >= bits]
+                      if c.reference or (self.formats.by_level[(n, c.level)].kind != "series" and
+                                         format_bits(self.formats.by_level[(n, c.level)]) >= bits)]
                 choice[n] = ok[0]
             key = tuple(sorted(choice.items()))
             if all(self.ladders[n][i].reference for n, i in choice.items()):
@@ -266,6 +310,23 @@ class Solver:
                 exact = all(format_bits(self.formats.by_level[(n, self.ladders[n][i].level)]) == bits
                             for n, i in choice.items())
                 out.append((f"uniform int{bits}" if exact else f"uniform ≥ int{bits}", choice))
+        return out
+
+    def uniform_series_plans(self, bits: tuple[int, ...], terms: tuple[int, ...]) -> list[tuple[str, dict[str, int]]]:
+        """For each (b, T): every node at its b-bit T-term format where its ladder holds it, else float (the
+        data-free configurations, measured on validation beside the solver's plan)."""
+        out, seen = [], set()
+        for b in bits:
+            for t in terms:
+                choice = {}
+                for n, ladder in self.ladders.items():
+                    hit = [i for i, c in enumerate(ladder) if not c.reference and
+                           (f := self.formats.by_level[(n, c.level)]).kind == "series" and (f.bits, f.terms) == (b, t)]
+                    choice[n] = hit[0] if hit else len(ladder) - 1
+                key = tuple(sorted(choice.items()))
+                if key not in seen and not all(self.ladders[n][i].reference for n, i in choice.items()):
+                    seen.add(key)
+                    out.append((f"uniform series int{b}x{t}", choice))
         return out
 
     def frontier(self, gain_credit: float) -> list[dict]:
@@ -340,7 +401,10 @@ def run(ctx: FlowContext) -> MethodOutcome:
         if crit.gain_credit > 0:
             plans.append(("solver, gains not credited", solver.solve(budget, 0.0, lat_budget)))
         if lat_budget is None:
-            plans += solver.uniform_plans(cfg.levels())
+            if "quant" in families(ctx):
+                plans += solver.uniform_plans(cfg.levels())
+            if "series" in families(ctx):
+                plans += solver.uniform_series_plans(ctx.config.series.bits, ctx.config.series.terms)
         frontier = solver.frontier(crit.gain_credit)
     ladders = solver.ladders
     memo: dict = {}
@@ -353,9 +417,14 @@ def run(ctx: FlowContext) -> MethodOutcome:
             key = (n, cand.level)
             if fmt.kind != "float" and key not in memo:
                 node = ctx.node(n)
-                qw = quantize_node(ctx.weight_array(node), node, fmt, cfg, grads.nodes[n].grad_w)
+                qw = stored_weight(ctx, formats, node, fmt, ctx.weight_array(node), grads.nodes[n].grad_w)
                 # the passes read codes and scales only: codes in the smallest integer type, no float copy
-                memo[key] = replace(qw, q=qw.q.astype(np.int8 if qw.bits <= 8 else np.int16), dequant=None)
+                if fmt.kind == "series":
+                    from .series import compact
+
+                    memo[key] = compact(qw)
+                else:
+                    memo[key] = replace(qw, q=qw.q.astype(np.int8 if qw.bits <= 8 else np.int16), dequant=None)
             plans_[n] = formats.plan(n, fmt, memo.get(key))
         return ctx.target.rewrite(ctx.model, plans_).model
 
@@ -369,6 +438,6 @@ def run(ctx: FlowContext) -> MethodOutcome:
                 "objective": "lossless" if budget is None else "budget", "gain_credit": crit.gain_credit,
                 "max_node_cost": solver.bound, "refused": formats.refused(), "latency": lat_info,
                 "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()}}
-    return MethodOutcome("quant", table, ladders, plans, build, budget, settings,
+    return MethodOutcome("+".join(families(ctx)), table, ladders, plans, build, budget, settings,
                          plan_costs([ladders[n][i] for n, i in primary.items()], crit.gain_credit), cache=cache,
                          sweep=sweep, frontier=frontier)
