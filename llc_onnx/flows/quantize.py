@@ -7,7 +7,8 @@ Stages (each timed):
                  the others are not offered; with the ``series`` family (``--method series`` or
                  ``quant,series``) also the series formats (T b-bit basis terms, ``flows.series``: one
                  expansion per node and bit-width, nearest rounding), which join the same cost table and
-                 knapsack; activation ranges are calibrated where a format quantizes activations (``calib.activation_ranges``: min-max, percentile or entropy);
+                 knapsack; activation ranges are calibrated where a format quantizes activations
+                 (``calib.activation_ranges``: min-max, percentile or entropy);
   1. gradients   one forward+backward pass over the calibration split (``calib.gradients``), accumulated
                  separately for its fit part and its measure part (``flows.context``), with the first-order
                  prediction Σ g_x·ε of each format's activation quantizer;
