@@ -475,7 +475,9 @@ def run(ctx: FlowContext) -> MethodOutcome:
     if lat_budget is None:
         if "quant" in families(ctx):
             plans += solver.uniform_plans(cfg.levels())
-        if "series" in families(ctx):
+        if "series" in families(ctx) and budget is not None:
+            # the data-free configurations as alternatives at a budget; lossless runs leave them out: none is
+            # lossless by construction, and with many noisy alternatives one passes or "wins" by chance
             plans += solver.uniform_series_plans(ctx.config.series.bits, ctx.config.series.terms)
     ladders = solver.ladders
 
