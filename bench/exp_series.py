@@ -7,8 +7,8 @@ Models: ``example`` (examples/fashion_cnn.onnx; its data split as ``optimize`` s
 the test split is the same half in every row) and ``fmnist`` (``bench.prepare_fmnist``: calibration = the last
 10,000 training images, test = the official 10,000 test images).
 
-* ``data-free`` rows (``llc_onnx.flows.series.data_free``, no data used): b=4 T=1..3 and b=2 T=1..4, and the
-  single-level quantizers with the same scales and rounding (nearest, MSE scales, blocks of 32 for 2/4 bits,
+* ``data-free`` rows (``llc_onnx.flows.series.data_free_expansion``, no data used): b=4 T=1..3 and b=2 T=1..4,
+  and the single-level quantizers with the same scales and rounding (nearest, MSE scales, blocks of 32 for 2/4 bits,
   per channel for 8/16: ``int4`` is exactly b=4 T=1) for the comparison at equal bytes. Test-split CE in two
   sessions: exact (``ort_eval.EXACT``, the Q/DQ maths) and a default ORT CPU session (what a user runs: the
   standard form fused where ORT fuses it, MatMulNBits at accuracy level 4).
@@ -83,7 +83,7 @@ def single_level(model_path, bits: int):
 
 
 def data_free_rows(model_path, test, loss) -> list[str]:
-    from llc_onnx.flows.series import data_free
+    from llc_onnx.flows.series import data_free_expansion
     from llc_onnx.model_io import load_model
     from llc_onnx.ort_eval import EXACT, SessionConfig, evaluate
 
@@ -98,14 +98,14 @@ def data_free_rows(model_path, test, loss) -> list[str]:
         rows.append(f"| single int{bits} | – | {nbytes / fbytes:.3f} | {e.loss:.4f} | {e.loss - fp_e.loss:+.5f} | "
                     f"{d.loss:.4f} | {d.loss - fp_d.loss:+.5f} | {e.metrics['top1']:.4f} | |")
     for bits, terms in DATA_FREE:
-        r = data_free(model, bits=bits, terms=terms)
+        r = data_free_expansion(model, bits=bits, terms=terms)
         e, d = evaluate(r.model, test, loss, session=exact), evaluate(r.model, test, loss, session=default)
-        res = "/".join(f"{max(n.relative_residuals[terms - 1] for n in r.nodes):.2g}" for _ in [0])
+        res = f"{max(n.relative_residuals[terms - 1] for n in r.nodes):.2g}"
         rows.append(f"| series b={bits} | {terms} | {r.nbytes / r.float_bytes:.3f} | {e.loss:.4f} | "
                     f"{e.loss - fp_e.loss:+.5f} | {d.loss:.4f} | {d.loss - fp_d.loss:+.5f} | {e.metrics['top1']:.4f} "
                     f"| {res} |")
-    head = ["| rows | T | × fp32 bytes | test CE exact | Δ exact | test CE ORT default | Δ default | top-1 (exact) | "
-            "max ‖R_T‖/‖W‖ |", "|---|---|---|---|---|---|---|---|---|"]
+    head = ["| rows | T | × fp32 bytes | test CE exact | Δ exact | test CE ORT default | Δ default | "
+            "top-1 (exact) | max ‖R_T‖/‖W‖ |", "|---|---|---|---|---|---|---|---|---|"]
     return head + rows
 
 
@@ -114,12 +114,16 @@ def _levels(stage) -> str:
     return ", ".join(f"{k}×{v}" for k, v in sorted(c.items()))
 
 
-def llc_rows(model_path, data, held, ms, target: str, cache: str) -> list[str]:
+RUNS = "series:lossless,series:0.25,quant:lossless,quant:0.25,quant+series:0.25"
+
+
+def llc_rows(model_path, data, held, ms, target: str, cache: str, runs: str = RUNS) -> list[str]:
     from llc_onnx import api
     from llc_onnx.config import (CriterionConfig, DataConfig, DeviceConfig, OptimizeConfig, QuantConfig,
                                  TargetConfig)
 
-    runs = [("series", None), ("series", 0.25), ("quant", None), ("quant", 0.25), ("quant,series", 0.25)]
+    runs = [(m.replace("+", ","), None if b == "lossless" else float(b))
+            for m, b in (r.split(":") for r in runs.split(","))]
     rows = ["| method | budget | verified | test CE fp32 → compressed | Δ | × fp32 bytes | levels | latency b1 "
             "(float → compressed ms) | latency batch | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method, budget in runs:
@@ -151,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="example", choices=("example", "fmnist"))
     ap.add_argument("--target", default="qdq", choices=("qdq", "ort-cpu"))
     ap.add_argument("--part", default="all", choices=("data-free", "llc", "all"))
+    ap.add_argument("--runs", default=RUNS, help=f"llc rows as method:budget (default {RUNS})")
     ap.add_argument("--cache", default=None, help="cost cache directory shared by the llc rows (default: a "
                                                    "directory under the bench cache)")
     args = ap.parse_args(argv)
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
         cache = args.cache or str(cache_dir() / "bench" / "series-cost-cache")
         os.makedirs(cache, exist_ok=True)
         print(f"\n### LLC-chosen, --target {args.target}\n", flush=True)
-        llc_rows(model_path, data, held, ms, args.target, cache)
+        llc_rows(model_path, data, held, ms, args.target, cache, args.runs)
     return 0
 
 

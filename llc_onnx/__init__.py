@@ -47,5 +47,5 @@ def __getattr__(name):  # the pipeline imports torch and onnxruntime: load it on
 
 
 __all__ = ["optimize", "inspect", "compare", "expand", "CompareResult", "OptimizeConfig", "DataConfig",
-           "CriterionConfig", "QuantConfig", "LowRankConfig", "SeriesConfig", "TargetConfig", "DeviceConfig", "OptimizeResult", "NotVerifiedError",
-           "ConfigError", "LLCError", "Dataset", "load_config", "to_toml", "__version__"]
+           "CriterionConfig", "QuantConfig", "LowRankConfig", "SeriesConfig", "TargetConfig", "DeviceConfig",
+           "OptimizeResult", "NotVerifiedError", "ConfigError", "LLCError", "Dataset", "load_config", "to_toml", "__version__"]

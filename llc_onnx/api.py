@@ -285,13 +285,13 @@ def expand(model, *, bits: int = 4, terms: int = 2, order: int | None = None, bl
     build it; with ``data`` the written model is compared with ``model`` in ONNX Runtime (:func:`compare`).
     Returns a :class:`~llc_onnx.flows.series.ExpandResult`; writes ``out`` when given (the data's verdict does
     not stop the write: nothing was chosen on it; the model's metadata records it)."""
-    from .flows.series import data_free
+    from .flows.series import data_free_expansion
 
     proto, source = load(model)
     if out is not None:
         _check_output_path(out, source)
-    res = data_free(proto, bits=bits, terms=terms, order=order, block_size=block_size, scale_method=scale,
-                    form=form, source=source)
+    res = data_free_expansion(proto, bits=bits, terms=terms, order=order, block_size=block_size,
+                              scale_method=scale, form=form, source=source)
     if data is not None:
         res.comparison = compare(proto, res.model, data, loss=loss, output=output, tolerance=tolerance,
                                  batch_size=batch_size, threads=threads)

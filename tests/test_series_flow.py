@@ -154,8 +154,9 @@ def test_rewrite_computes_the_plan(target, bits, terms):
         assert ops.count("MatMulNBits") == 2 and ops.count("DequantizeLinear") == 1
         # level 4 rounds activations to int8: float-order differences upstream flip an odd rounding downstream
         assert np.quantile(err, 0.9) <= 2e-5 * scale and err.max() <= 5e-3 * scale
-        plain = interpreter_output(m, {n: NodePlan(Format("series", p.format.bits, p.format.block_size,
-                                                          terms=p.format.terms), p.weight) for n, p in plans.items()}, x)
+        bare = {n: NodePlan(Format("series", p.format.bits, p.format.block_size, terms=p.format.terms), p.weight)
+                for n, p in plans.items()}
+        plain = interpreter_output(m, bare, x)
         assert np.median(np.abs(y - plain)) > 10 * np.median(err)   # the input hook is what ORT computes
     if target == "tensorrt":
         from llc_onnx.targets.tensorrt import check_tensorrt

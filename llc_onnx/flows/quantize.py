@@ -501,5 +501,5 @@ def run(ctx: FlowContext) -> MethodOutcome:
                 "max_node_cost": solver.bound, "refused": formats.refused(), "latency": lat_info,
                 "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()},
                 "rounding_per_level": per_level, "joint": joint}
-    return MethodOutcome("+".join(families(ctx)), table, ladders, plans, build, budget, settings, first_costs, cache=cache,
-                         sweep=sweep, frontier=frontier)
+    return MethodOutcome("+".join(families(ctx)), table, ladders, plans, build, budget, settings, first_costs,
+                         cache=cache, sweep=sweep, frontier=frontier)

@@ -9,8 +9,8 @@ expansion. :mod:`llc_onnx.flows.quantize` measures each like any other candidate
 dequantized sum Σ_{t<T} s_t·Q_t, with the input hook of the written node) and the same grouped knapsack
 chooses among all families at once.
 
-**Data-free** (:func:`data_free`, ``llc-onnx expand``; the paper's setting): fixed b and T for every node,
-no data, nothing measured, so nothing verified: the result lists bytes and relative residual norms
+**Data-free** (:func:`data_free_expansion`, ``llc-onnx expand``; the paper's setting): fixed b and T for every
+node, no data, nothing measured, so nothing verified: the result lists bytes and relative residual norms
 ‖R_t‖/‖W‖ per node and says so; ``api.expand(..., data=)`` compares the written model with the float one in
 ONNX Runtime. ``order=τ`` writes the model truncated at τ terms from the same expansion (the model-granularity
 progressive family: each truncation is a valid, smaller model).
@@ -30,7 +30,7 @@ from ..errors import LLCError
 from ..series import SERIES_BITS, SeriesWeight, default_block_size, expand_node, expand_model
 from ..targets.base import Format
 
-__all__ = ["expansion", "values", "compact", "NodeExpansion", "ExpandResult", "data_free"]
+__all__ = ["expansion", "values", "compact", "NodeExpansion", "ExpandResult", "data_free_expansion"]
 
 
 def expansion(w: np.ndarray, node: CompressibleNode, fmt: Format, *, scale_method: str, max_terms: int,
@@ -146,7 +146,7 @@ class ExpandResult:
                 "comparison": None if self.comparison is None else self.comparison.to_dict(), "notes": self.notes}
 
 
-def data_free(model: onnx.ModelProto, *, bits: int = 4, terms: int = 2, order: int | None = None,
+def data_free_expansion(model: onnx.ModelProto, *, bits: int = 4, terms: int = 2, order: int | None = None,
               block_size: int | None | str = "default", scale_method: str = "mse", form: str = "standard",
               source: str = "model") -> ExpandResult:
     """Expand every compressible node of ``model`` into ``terms`` ``bits``-bit terms (no data) and write the

@@ -333,7 +333,8 @@ class SeriesPass(ir.passes.InPlacePass):
             pads = _const(graph, names, f"{nname}_series_pads", np.array([0, st.k_pad - st.k], np.int64))
             axes = _const(graph, names, f"{nname}_series_pad_axis", np.array([-1], np.int64))
             padded = ir.Value(name=names.fresh(f"{nname}_series_x_padded"), type=a_in.type)
-            new.append(ir.node("Pad", [cur, pads, None, axes], outputs=[padded], name=names.fresh(f"{nname}_series_pad")))
+            new.append(ir.node("Pad", [cur, pads, None, axes], outputs=[padded],
+                               name=names.fresh(f"{nname}_series_pad")))
             cur = padded
         if st.terms > 1:
             xt = ir.Value(name=names.fresh(f"{nname}_series_x"), type=a_in.type)
