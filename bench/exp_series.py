@@ -119,6 +119,7 @@ RUNS = "series:lossless,series:0.25,quant:lossless,quant:0.25,quant+series:0.25"
 
 def llc_rows(model_path, data, held, ms, target: str, cache: str, runs: str = RUNS) -> list[str]:
     from llc_onnx import api
+    from llc_onnx.errors import LLCError
     from llc_onnx.config import (CriterionConfig, DataConfig, DeviceConfig, OptimizeConfig, QuantConfig,
                                  TargetConfig)
 
@@ -132,7 +133,12 @@ def llc_rows(model_path, data, held, ms, target: str, cache: str, runs: str = RU
                              target=TargetConfig(name=target), criterion=CriterionConfig(allow_loss_increase=True),
                              cache_dir=cache)
         t0 = time.perf_counter()
-        res = api.optimize(str(model_path), str(data), cfg, held=None if held is None else str(held))
+        try:
+            res = api.optimize(str(model_path), str(data), cfg, held=None if held is None else str(held))
+        except LLCError as exc:  # e.g. an infeasible budget on this target: a result, not a crash
+            rows.append(f"| {method} | {'lossless' if budget is None else budget} | {exc} |||||||")
+            print(rows[-1], flush=True)
+            continue
         secs = time.perf_counter() - t0
         t = res.splits["test"]
         st = res.stages[-1]
