@@ -22,6 +22,7 @@ from .config import (  # noqa: E402
     LowRankConfig,
     OptimizeConfig,
     QuantConfig,
+    SeriesConfig,
     TargetConfig,
     load_config,
     to_toml,
@@ -30,7 +31,7 @@ from .errors import LLCError  # noqa: E402
 
 
 def __getattr__(name):  # the pipeline imports torch and onnxruntime: load it on first use
-    if name in ("optimize", "inspect", "compare", "CompareResult"):
+    if name in ("optimize", "inspect", "compare", "expand", "CompareResult"):
         from . import api
 
         return getattr(api, name)
@@ -45,6 +46,6 @@ def __getattr__(name):  # the pipeline imports torch and onnxruntime: load it on
     raise AttributeError(f"module 'llc_onnx' has no attribute {name!r}")
 
 
-__all__ = ["optimize", "inspect", "compare", "CompareResult", "OptimizeConfig", "DataConfig", "CriterionConfig",
-           "QuantConfig", "LowRankConfig", "TargetConfig", "DeviceConfig", "OptimizeResult", "NotVerifiedError",
-           "ConfigError", "LLCError", "Dataset", "load_config", "to_toml", "__version__"]
+__all__ = ["optimize", "inspect", "compare", "expand", "CompareResult", "OptimizeConfig", "DataConfig",
+           "CriterionConfig", "QuantConfig", "LowRankConfig", "SeriesConfig", "TargetConfig", "DeviceConfig",
+           "OptimizeResult", "NotVerifiedError", "ConfigError", "LLCError", "Dataset", "load_config", "to_toml", "__version__"]

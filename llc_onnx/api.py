@@ -1,6 +1,8 @@
 """The public pipeline: :func:`optimize`, :func:`inspect`, :func:`compare`. No printing, no argparse: the CLI
 is a thin view of these functions.
 
+:func:`expand` is the data-free series expansion (fixed bits and terms, no data; ``flows.series``).
+
 ``model`` is a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never modified); ``data`` is a path
 (``.npz``, a directory of ``.npz`` batches, ``module:attr``), a :class:`~llc_onnx.calib.data.Dataset`, an
 ONNX Runtime ``CalibrationDataReader`` or an iterable of dicts of arrays (see ``calib.data``).
@@ -26,7 +28,7 @@ from .errors import LLCError
 from .progress import Progress, Silent, StageTimer
 from .result import NodeDecision, OptimizeResult, SplitResult, StageResult
 
-__all__ = ["optimize", "inspect", "compare", "CompareResult", "load"]
+__all__ = ["optimize", "inspect", "compare", "expand", "CompareResult", "load"]
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,12 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_method(ctx, method: str):
+def _run_method(ctx, stage: str):
+    """Run one stage of ``config.stages``: ``lowrank``, or the knapsack over ``quant`` / ``series`` /
+    ``quant+series`` (``flows.quantize`` reads the families from ``config.method``)."""
     from .flows import lowrank, quantize
 
-    return {"quant": quantize.run, "lowrank": lowrank.run}[method](ctx)
+    return lowrank.run(ctx) if stage == "lowrank" else quantize.run(ctx)
 
 
 def _sweep_points(ctx, outcome) -> list[dict]:
@@ -138,7 +142,7 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
     first = ctx
     stages: list[StageResult] = []
     current = ctx.model
-    for i, method in enumerate(config.method):
+    for i, method in enumerate(config.stages):
         if i and set(stages[-1].levels) <= {"full", "float"}:
             # the previous stage kept every node: the next works on the same model and context (its
             # measurements, and any cache entry, are the original model's), with a fresh stage timer
@@ -272,3 +276,27 @@ def compare(reference, candidate, data, *, loss: str | None = None, output: str 
     return CompareResult(out_name, kind, cmp.n, side(ref_src, cmp.reference, initializer_bytes(ref)),
                          side(cand_src, cmp.candidate, initializer_bytes(cand)), cmp.max_abs_diff,
                          cmp.mean_abs_diff, float(tolerance))
+
+
+def expand(model, *, bits: int = 4, terms: int = 2, order: int | None = None, block_size: int | None | str = "default",
+           scale: str = "mse", form: str = "standard", data=None, loss: str | None = None, output: str | None = None,
+           tolerance: float = 0.0, batch_size: int = 64, threads: int = 0, out: str | None = None):
+    """Data-free series expansion (the FP = xINT paper's setting): every compressible node's weight as ``terms``
+    ``bits``-bit basis terms W ≈ Σ_t s_t·Q_t (blocks of ``block_size`` along the reduction axis; default 32 for
+    2/4 bits, per channel for 8), written truncated at ``order`` (default all) in ``form``. No data is used to
+    build it; with ``data`` the written model is compared with ``model`` in ONNX Runtime (:func:`compare`).
+    Returns a :class:`~llc_onnx.flows.series.ExpandResult`; writes ``out`` when given (the data's verdict does
+    not stop the write: nothing was chosen on it; the model's metadata records it)."""
+    from .flows.series import data_free_expansion
+
+    proto, source = load(model)
+    if out is not None:
+        _check_output_path(out, source)
+    res = data_free_expansion(proto, bits=bits, terms=terms, order=order, block_size=block_size,
+                              scale_method=scale, form=form, source=source)
+    if data is not None:
+        res.comparison = compare(proto, res.model, data, loss=loss, output=output, tolerance=tolerance,
+                                 batch_size=batch_size, threads=threads)
+    if out is not None:
+        res.save(out)
+    return res

@@ -144,6 +144,54 @@ def cmd_compare(args) -> int:
     return 0 if res.passed else 1
 
 
+# ------------------------------------------------------------------------------------------ expand
+def _block(text: str):
+    t = text.lower()
+    return t if t == "default" else None if t in ("none", "channel") else int(text)
+
+
+def _expand_args(p):
+    p.add_argument("model", help="path of the .onnx model (never modified)")
+    p.add_argument("-o", "--out", default=None, help="output model (default <model>.series.onnx beside the input)")
+    p.add_argument("--bits", type=int, default=4, help="bits per term: 2, 4 or 8 (default 4)")
+    p.add_argument("--terms", type=int, default=2, help="terms T per weight (default 2)")
+    p.add_argument("--order", type=int, default=None,
+                   help="write the model truncated at this many terms (1..T) of the same expansion (default T)")
+    p.add_argument("--block-size", type=_block, default="default",
+                   help="block along the reduction axis, or 'channel' (default 32 for 2/4 bits, per channel for 8)")
+    p.add_argument("--scale", default="mse", choices=["mse", "minmax"], help="scales per block (default mse)")
+    p.add_argument("--form", default="standard", choices=["standard", "custom"],
+                   help="standard ops (default) or ai.llc_onnx SeriesMatMul/SeriesConv nodes with function bodies")
+    p.add_argument("--data", default=None, help="held-out data to compare the written model with the input on "
+                   "(as llc-onnx compare); without it nothing is checked")
+    p.add_argument("--output", default=None, help="graph output the loss reads (default: the first output)")
+    p.add_argument("--loss", default=None, help="ce | lm | mse | module:function (as compare)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="--data: passes when loss ≤ float + this (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch of --data (default 64)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = ORT default)")
+    _json_flag(p)
+
+
+@command("expand", "data-free series expansion: every weight as T low-bit basis terms (no data)", _expand_args)
+def cmd_expand(args) -> int:
+    """Expand every MatMul/Gemm/Conv weight into T b-bit basis terms W ≈ Σ_t s_t·Q_t (FP = xINT) without data
+    and write the model. Nothing is measured, so nothing is verified: the summary lists bytes and residual
+    norms per node; with --data the written model is compared with the input in ONNX Runtime (exit code 1
+    when its loss is higher, as compare)."""
+    from . import api
+    from .report import emit_json, print_expand
+
+    out = args.out or os.path.splitext(args.model)[0] + ".series.onnx"
+    res = api.expand(args.model, bits=args.bits, terms=args.terms, order=args.order, block_size=args.block_size,
+                     scale=args.scale, form=args.form, data=args.data, loss=args.loss, output=args.output,
+                     tolerance=args.tolerance, batch_size=args.batch_size, threads=args.threads, out=out)
+    if args.json:
+        emit_json(res.to_dict())
+    else:
+        print_expand(res)
+    return 0 if res.verified is not False else 1
+
+
 # ------------------------------------------------------------------------------------------ optimize
 def _field_kind(f) -> str:
     t = str(f.type)

@@ -1,7 +1,8 @@
 """What an optimization does, as frozen dataclasses: the one configuration the API, the CLI and TOML share.
 
 :class:`OptimizeConfig` holds one section per concern — ``data`` (splits), ``criterion`` (what "not worse"
-means and how back-off steers), ``quant``, ``lowrank``, ``target`` and ``device`` — plus the methods to run.
+means and how back-off steers), ``quant``, ``lowrank``, ``series``, ``target`` and ``device`` — plus the methods
+to run.
 Every field is validated in ``__post_init__``; a bad value raises :class:`ConfigError` naming the field
 (``quant.bits``). Each field also carries its command-line flag (``--bits``) in its metadata: the CLI builds
 its options from these fields (:func:`cli_fields`) and maps a :class:`ConfigError` back to the flag, so the
@@ -30,12 +31,16 @@ from typing import Any, Callable, Literal, get_args
 
 from .errors import LLCError
 
-__all__ = ["OptimizeConfig", "DataConfig", "CriterionConfig", "QuantConfig", "LowRankConfig", "TargetConfig",
+__all__ = ["OptimizeConfig", "DataConfig", "CriterionConfig", "QuantConfig", "LowRankConfig", "SeriesConfig",
+           "TargetConfig",
            "DeviceConfig", "ConfigError", "load_config", "to_toml", "from_dict", "to_dict", "cli_fields",
            "FLOAT", "METHODS", "TARGETS"]
 
 FLOAT = "float"  # the level that keeps a node in float
-METHODS = ("quant", "lowrank")
+METHODS = ("quant", "lowrank", "series")
+#: the method lists an optimization runs (``quant`` and ``series`` given together share one knapsack)
+METHOD_CHOICES = (("quant",), ("lowrank",), ("lowrank", "quant"), ("series",), ("quant", "series"),
+                  ("lowrank", "series"), ("lowrank", "quant", "series"))
 TARGETS = ("ort-cpu", "ort-cuda", "tensorrt", "qdq")  # llc_onnx.targets: one module each
 Objective = Literal["auto", "task", "fidelity"]
 
@@ -85,6 +90,13 @@ def _levels(text: str) -> tuple:
         elif t:
             raise ValueError("levels are 2, 4, 8, 16 and float (e.g. --bits 4,8,float)")
     return tuple(out)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError("expected comma-separated integers, e.g. 1,2,3") from None
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -287,6 +299,35 @@ class LowRankConfig:
 
 
 @dataclass(frozen=True)
+class SeriesConfig:
+    """Series expansion (FP = xINT, ``llc_onnx.series``): each node's options are T basis terms of b bits,
+    W ≈ Σ_t s_t·Q_t, for every b in ``bits`` and T in ``terms`` (one greedy expansion per b, truncated), measured
+    like every other candidate and chosen by the same knapsack (method ``series``, or ``quant,series``)."""
+
+    bits: tuple = opt((2, 4, 8), "--series-bits", "bits per series term (default 2,4,8)", parse=_ints)
+    terms: tuple = opt((1, 2, 3, 4), "--series-terms", "numbers of series terms T per node (default 1,2,3,4)",
+                       parse=_ints)
+    block_size: int = opt(32, "--series-block-size",
+                          "block of the terms' scales along the reduction axis (default 32; 8-bit terms are per "
+                          "channel on the qdq target)")
+    form: Literal["standard", "custom"] = opt(
+        "standard", "--series-form", "qdq target: standard (default: one DequantizeLinear, tiled input) or "
+        "custom (ai.llc_onnx SeriesMatMul/SeriesConv nodes with function bodies)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", tuple(dict.fromkeys(self.bits)))
+        _check(bool(self.bits) and all(b in (2, 4, 8) and not isinstance(b, bool) for b in self.bits), "series.bits",
+               self.bits, "bits per term are 2, 4 or 8 (e.g. 2,4)")
+        _check(bool(self.terms) and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 8
+                                        for t in self.terms), "series.terms", self.terms,
+               "numbers of terms in 1..8 (e.g. 1,2,3)")
+        object.__setattr__(self, "terms", tuple(sorted(set(self.terms))))
+        _check(isinstance(self.block_size, int) and self.block_size >= 1, "series.block_size", self.block_size,
+               "must be an integer ≥ 1 (a power of two ≥ 16 for the MatMulNBits targets)")
+        _choice("series.form", self.form, ("standard", "custom"))
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     """Where the model ships (``llc_onnx.targets``): the formats the rewrite may emit, the session the verdict
     runs in, how activations are calibrated where a format quantizes them, and an optional latency budget."""
@@ -332,11 +373,13 @@ class OptimizeConfig:
     """One optimization: the methods in order (``("lowrank", "quant")`` factors, then quantizes the factors)
     and every section above."""
 
-    method: tuple = opt(("quant",), "--method", "quant (default), lowrank, or lowrank,quant", parse=_words)
+    method: tuple = opt(("quant",), "--method", "quant (default), lowrank, series, or a combination: lowrank,quant; "
+                        "quant,series (one knapsack over both); lowrank,series; lowrank,quant,series", parse=_words)
     data: DataConfig = field(default_factory=DataConfig)
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     nodes: tuple = opt((), "--nodes", "compress only these nodes (comma-separated names; default all)",
@@ -347,21 +390,35 @@ class OptimizeConfig:
     def __post_init__(self):
         method = tuple(self.method) if not isinstance(self.method, str) else _words(self.method)
         object.__setattr__(self, "method", method)
-        _check(method in (("quant",), ("lowrank",), ("lowrank", "quant")), "method", method,
-               "quant, lowrank, or lowrank,quant")
+        _check(method in METHOD_CHOICES, "method", method,
+               "one of " + "; ".join(",".join(m) for m in METHOD_CHOICES))
         object.__setattr__(self, "nodes", tuple(self.nodes))
         if self.quant.activations and self.target.name != "qdq":
             raise ConfigError("quant.activations", True, "applies to the qdq target; the other targets quantize "
                               "activations where their formats need it (target.name qdq, --target qdq)")
-        if "quant" not in method and not (self.quant.lossless and not self.quant.sweep):
+        if "series" in method:
+            if self.series.form == "custom" and self.target.name != "qdq":
+                raise ConfigError("series.form", "custom", f"applies to target qdq; target {self.target.name} writes "
+                                  "its own series form (--target qdq, or --series-form standard)")
+            if self.target.name == "tensorrt" and not self.target.plugins:
+                raise ConfigError("target.plugins", False, "TensorRT runs series terms only as plugin nodes; add "
+                                  "--plugins (target.plugins = true) or choose another target")
+        if not {"quant", "series"} & set(method) and not (self.quant.lossless and not self.quant.sweep):
             raise ConfigError("quant.budget", self.quant.budget if self.quant.budget is not None else
                               self.quant.avg_bits or self.quant.sweep,
-                              "budgets and sweeps apply to quantization; with method lowrank use lowrank.mode "
-                              "compact (smallest model not worse) or method lowrank,quant")
+                              "budgets and sweeps apply to quantization and series; with method lowrank use "
+                              "lowrank.mode compact (smallest model not worse) or method lowrank,quant")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The flows run in order: ``lowrank``, then one knapsack stage over the quantization families given
+        (``quant``, ``series`` or ``quant+series``)."""
+        families = [m for m in self.method if m in ("quant", "series")]
+        return tuple(m for m in self.method if m == "lowrank") + (("+".join(families),) if families else ())
 
 
 SECTIONS = {"data": DataConfig, "criterion": CriterionConfig, "quant": QuantConfig, "lowrank": LowRankConfig,
-            "target": TargetConfig, "device": DeviceConfig}
+            "series": SeriesConfig, "target": TargetConfig, "device": DeviceConfig}
 
 
 # -------------------------------------------------------------------------------------------- dict / TOML

@@ -209,6 +209,35 @@ def print_compare(res, data: str) -> None:
                f"{r['loss']:.6g} + tolerance {res.tolerance:g}", style="bold green" if res.passed else "bold red")
 
 
+def print_expand(res) -> None:
+    """The summary of a data-free series expansion (:class:`~llc_onnx.flows.series.ExpandResult`): bytes and
+    relative residual norms per node, and plainly whether anything was checked."""
+    block = "per channel" if res.block_size is None else f"block {res.block_size}"
+    t = Summary(f"series expansion of {res.source}: {res.bits}-bit terms, T={res.terms}, written at order "
+                f"{res.order}, {block}, {res.form} form (data-free)",
+                ["node", "op", "weight", "float bytes", "bytes", "×", "‖R_t‖/‖W‖, t = 1..T"])
+    for n in res.nodes:
+        rel = " / ".join(("[" if i + 1 == n.terms else "") + f"{r:.3g}" + ("]" if i + 1 == n.terms else "")
+                         for i, r in enumerate(n.relative_residuals))
+        t.add_row(n.node, n.op_type, "x".join(map(str, n.shape)), n.float_bytes, n.nbytes,
+                  n.nbytes / n.float_bytes if n.float_bytes else None, rel)
+    t.add_row("total", None, None, res.float_bytes, res.nbytes, res.nbytes / res.float_bytes if res.float_bytes
+              else None, None)
+    tables = [t]
+    if res.skipped:
+        sk = Summary("left float", ["node", "why"])
+        for node, why in res.skipped:
+            sk.add_row(node, why)
+        tables.append(sk)
+    print_summaries(tables)
+    if res.output:
+        print_line(f"wrote {res.output}")
+    if res.comparison is None:
+        print_line("not verified: no data (run llc-onnx compare to check it)", style="bold yellow")
+    else:
+        print_compare(res.comparison, "the data given")
+
+
 def print_optimize(result) -> None:
     """The summary of an :class:`~llc_onnx.result.OptimizeResult`: levels, plans measured on validation,
     losses per split (which split did what), bytes, time per stage, notes and the verdict."""

@@ -292,7 +292,7 @@ def _target(config: OptimizeConfig):
 
     t = config.target
     if t.name == "qdq":
-        return get_target("qdq", activations=config.quant.activations)
+        return get_target("qdq", activations=config.quant.activations, series_form=config.series.form)
     if t.name == "tensorrt":
         return get_target("tensorrt", plugins=t.plugins)
     return get_target(t.name)

@@ -4,8 +4,11 @@ offer the plans the validation split chooses between.
 Stages (each timed):
   0. formats     the target (``llc_onnx.targets``) maps the requested levels (``quant.bits``) of each node to
                  the formats it executes fast (e.g. ORT CPU: MatMulNBits 2/4/8-bit, W8A8 Q/DQ), and says why
-                 the others are not offered; activation ranges are calibrated where a format quantizes
-                 activations (``calib.activation_ranges``: min-max, percentile or entropy);
+                 the others are not offered; with the ``series`` family (``--method series`` or
+                 ``quant,series``) also the series formats (T b-bit basis terms, ``flows.series``: one
+                 expansion per node and bit-width, nearest rounding), which join the same cost table and
+                 knapsack; activation ranges are calibrated where a format quantizes activations
+                 (``calib.activation_ranges``: min-max, percentile or entropy);
   1. gradients   one forward+backward pass over the calibration split (``calib.gradients``), accumulated
                  separately for its fit part and its measure part (``flows.context``), with the first-order
                  prediction Σ g_x·ε of each format's activation quantizer;
@@ -26,7 +29,7 @@ Stages (each timed):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -56,15 +59,25 @@ def format_bits(fmt: Format) -> int:
     return FLOAT if fmt.kind == "float" else int(fmt.bits)
 
 
+def families(ctx: FlowContext) -> tuple[str, ...]:
+    """The format families this stage offers: ``quant`` and/or ``series`` (``config.method``)."""
+    return tuple(m for m in ctx.config.method if m in ("quant", "series")) or ("quant",)
+
+
 def candidate_settings(ctx: FlowContext) -> dict:
     """The settings a candidate depends on (the cache key); the criterion and the budget only re-classify or
     re-solve the same candidates."""
     cfg, t = ctx.config.quant, ctx.config.target
-    return {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
+    out = {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
             "rounding": cfg.rounding, "auto_roundings": list(cfg.auto_roundings), "llc_radius": cfg.llc_radius,
             "gptq": [cfg.gptq_act_order, cfg.gptq_damp], "cet": [cfg.cet_k, cfg.cet_batches],
             "activations": cfg.activations, "cost": cfg.cost, "target": t.name, "calibration": t.calibration,
             "percentile": t.percentile, "plugins": t.plugins}
+    if "series" in families(ctx):  # only then, so that quantization-only cache keys stay as they were
+        sc = ctx.config.series
+        out.update(families=list(families(ctx)), series={"bits": list(sc.bits), "terms": list(sc.terms),
+                                                          "block_size": sc.block_size, "form": sc.form})
+    return out
 
 
 @dataclass
@@ -74,6 +87,7 @@ class Formats:
     by_level: dict[tuple[str, str], Format]  # (node, format name) -> format
     offers: dict  # node -> targets.Offer
     acts: dict[tuple[str, str], tuple]  # (node, format name) -> (input params, output params)
+    expansions: dict = field(default_factory=dict)  # series: one expansion per (weight, bits, block)
 
     def plan(self, node: str, fmt: Format, weight=None) -> NodePlan:
         inp, out = self.acts.get((node, fmt.name), (None, None))
@@ -87,8 +101,17 @@ def offered_formats(ctx: FlowContext) -> Formats:
     """Stage 0: the target's offer for every node, and the activation parameters of the formats that need them
     (calibrated on the calibration split)."""
     cfg, tcfg = ctx.config.quant, ctx.config.target
-    offers = ctx.target.offers(ctx.model, ctx.nodes, levels=cfg.bits, block_size=cfg.block_size)
-    if FLOAT not in cfg.levels():  # float was not asked for: keep it only where nothing else is offered
+    fams = families(ctx)
+    offers = ctx.target.offers(ctx.model, ctx.nodes, levels=cfg.bits, block_size=cfg.block_size) \
+        if "quant" in fams else {}
+    if "series" in fams:
+        from ..targets.base import Offer
+
+        sc = ctx.config.series
+        more = ctx.target.series_offers(ctx.model, ctx.nodes, bits=sc.bits, terms=sc.terms, block_size=sc.block_size)
+        offers = {n: Offer(n, tuple(dict.fromkeys((*offers[n].formats, *o.formats))) if n in offers else o.formats,
+                           (*offers[n].refused, *o.refused) if n in offers else o.refused) for n, o in more.items()}
+    if FLOAT not in cfg.levels() and "quant" in fams:  # float not asked for: keep it only where nothing else is
         from ..targets.base import Offer
 
         offers = {n: o if len(o.formats) == 1 else
@@ -122,6 +145,19 @@ def _hooks(formats: Formats, node: str, fmt: Format):
     return ({node: i} if i else None), ({node: o} if o else None)
 
 
+def stored_weight(ctx: FlowContext, formats: Formats, rounder: Rounder, w: np.ndarray, node: CompressibleNode,
+                  fmt: Format, rounding: str):
+    """(weight, info): what ``fmt`` stores for ``node`` — ``rounder.quantize``'s QuantizedWeight, or for a series
+    format the SeriesWeight of its T nearest-rounded terms (``flows.series.expansion``: one expansion per node
+    and bit-width, truncated)."""
+    if fmt.kind == "series":
+        from .series import expansion
+
+        return expansion(w, node, fmt, scale_method=ctx.config.quant.scale, max_terms=max(ctx.config.series.terms),
+                         memo=formats.expansions), {}
+    return rounder.quantize(w, node, fmt, rounding)
+
+
 def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grads_m: GradientPass,
                       node: CompressibleNode, fmt: Format, rounding: str) -> Candidate:
     """One raw candidate: ``node`` quantized in ``fmt`` with ``rounding`` (``flows.roundings``; chosen from the
@@ -132,8 +168,11 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
     if fmt.kind == "float":
         return Candidate(node.name, fmt.name, 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
     stats_m = grads_m.nodes[node.name]
-    qw, info = rounder.quantize(w, node, fmt, rounding)
-    delta = qw.dequant.astype(np.float64) - w
+    from .series import values
+
+    qw, info = stored_weight(ctx, formats, rounder, w, node, fmt, rounding)
+    dequant = values(qw)
+    delta = dequant.astype(np.float64) - w
     predicted = float((stats_m.grad_w * delta).sum()) + stats_m.act_pred.get(fmt.name, 0.0)
     rel = float(np.linalg.norm(delta)) / (float(np.linalg.norm(w)) or 1.0)
     nbytes = int(fmt.nbytes(node))
@@ -146,7 +185,7 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
         second = float(cet_predict(rounder.ensure_curvature()[node.name], delta, grad=stats_m.grad_w).total[0])
         return Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None,
                          second_order=second + stats_m.act_pred.get(fmt.name, 0.0), rounding=rounding, info=info)
-    weight_fns = {node.name: constant(torch.as_tensor(qw.dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
+    weight_fns = {node.name: constant(torch.as_tensor(dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
     input_fns, output_fns = _hooks(formats, node.name, fmt)
     measured, se = ctx.measure(weight_fns, input_fns, output_fns).delta(ctx.base())
     return Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se, rounding=rounding,
@@ -165,7 +204,8 @@ def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads
     for node in ctx.nodes:
         w = ctx.weight_array(node)
         for fmt in formats.offers[node.name].formats:
-            for rounding in ([""] if fmt.kind == "float" else rounder.choices(w, node, fmt)):
+            for rounding in ([""] if fmt.kind == "float" else ["nearest"] if fmt.kind == "series" else
+                             rounder.choices(w, node, fmt)):
                 tasks.append((node, fmt, rounding))
     with ctx.progress.task("measuring candidates", sum(f.kind != "float" for _, f, _ in tasks)) as advance:
         def one(task):
@@ -210,6 +250,7 @@ class Solver:
 
     def __init__(self, ctx: FlowContext, table: CostTable, formats: Formats, latency=None):
         self.ctx, self.table, self.formats, self.latency = ctx, table, formats, latency
+        self.by_error = {n for (n, _), f in formats.by_level.items() if f.kind == "series"}
         self.bound = max_node_cost(ctx)
         crit = ctx.config.criterion
         self.tol = crit.verdict_tolerance("fidelity") if ctx.objective == "fidelity" else 0.0
@@ -217,7 +258,13 @@ class Solver:
                         zip(*table.solver_inputs(1.0, self.bound, self.fidelity)[:2])}
 
     def fidelity(self, c: Candidate) -> tuple:
-        """Order of a ladder: fewest bits first, then the smaller format, float last (back-off moves up)."""
+        """Order of a ladder: fewest bits first, then the smaller format, float last (back-off moves up). A node
+        with series candidates orders its whole ladder by the weight's relative error ‖δ‖/‖W‖ instead, largest
+        first (then bytes): b-bit T-term options sit between the single levels (4-bit T=2 is finer than int4,
+        coarser or finer than int8 by node), and the exact weight error is what orders them; a level costing
+        as many bytes as a finer one is then dominated and dropped."""
+        if c.node in self.by_error:
+            return (c.reference, -c.rel_noise, c.nbytes)
         return (c.reference, format_bits(self.formats.by_level[(c.node, c.level)]), c.nbytes)
 
     def solve(self, budget: int | None, gain_credit: float, latency_budget: float | None = None) -> dict[str, int]:
@@ -249,7 +296,8 @@ class Solver:
             choice = {}
             for n, ladder in self.ladders.items():
                 ok = [i for i, c in enumerate(ladder)
-                      if c.reference or format_bits(self.formats.by_level[(n, c.level)]) >= bits]
+                      if c.reference or (self.formats.by_level[(n, c.level)].kind != "series" and
+                                         format_bits(self.formats.by_level[(n, c.level)]) >= bits)]
                 choice[n] = ok[0]
             key = tuple(sorted(choice.items()))
             if all(self.ladders[n][i].reference for n, i in choice.items()):
@@ -259,6 +307,23 @@ class Solver:
                 exact = all(format_bits(self.formats.by_level[(n, self.ladders[n][i].level)]) == bits
                             for n, i in choice.items())
                 out.append((f"uniform int{bits}" if exact else f"uniform ≥ int{bits}", choice))
+        return out
+
+    def uniform_series_plans(self, bits: tuple[int, ...], terms: tuple[int, ...]) -> list[tuple[str, dict[str, int]]]:
+        """For each (b, T): every node at its b-bit T-term format where its ladder holds it, else float (the
+        data-free configurations, measured on validation beside the solver's plan)."""
+        out, seen = [], set()
+        for b in bits:
+            for t in terms:
+                choice = {}
+                for n, ladder in self.ladders.items():
+                    hit = [i for i, c in enumerate(ladder) if not c.reference and
+                           (f := self.formats.by_level[(n, c.level)]).kind == "series" and (f.bits, f.terms) == (b, t)]
+                    choice[n] = hit[0] if hit else len(ladder) - 1
+                key = tuple(sorted(choice.items()))
+                if key not in seen and not all(self.ladders[n][i].reference for n, i in choice.items()):
+                    seen.add(key)
+                    out.append((f"uniform series int{b}x{t}", choice))
         return out
 
     def frontier(self, gain_credit: float) -> list[dict]:
@@ -332,7 +397,7 @@ def joint_resolve(ctx: FlowContext, solver: "Solver", formats: Formats, rounder:
             fmt = formats.by_level[(n, c.level)]
             if fmt.kind == "float":
                 continue
-            qw = _weight(ctx, rounder, n, c, fmt, memo, dequant=True)
+            qw = _weight(ctx, formats, rounder, n, c, fmt, memo, dequant=True)
             weight_fns[n] = constant(torch.as_tensor(qw, dtype=ctx.graph.dtype, device=ctx.graph.device))
             i, o = _hooks(formats, n, fmt)
             input_fns.update(i or {})
@@ -357,14 +422,20 @@ def joint_resolve(ctx: FlowContext, solver: "Solver", formats: Formats, rounder:
     return choice, rows
 
 
-def _weight(ctx, rounder, n, cand, fmt, memo, dequant=False):
+def _weight(ctx, formats, rounder, n, cand, fmt, memo, dequant=False):
     """The codes (or dequantized weight) of node ``n`` at ``cand``'s level and rounding, computed once."""
     key = (n, cand.level)
     if key not in memo:
         node = ctx.node(n)
-        qw, _ = rounder.quantize(ctx.weight_array(node), node, fmt, cand.rounding or "nearest")
+        qw, _ = stored_weight(ctx, formats, rounder, ctx.weight_array(node), node, fmt, cand.rounding or "nearest")
         # the passes read codes and scales only: codes in the smallest integer type
-        memo[key] = (replace(qw, q=qw.q.astype(np.int8 if qw.bits <= 8 else np.int16), dequant=None), qw.dequant)
+        if fmt.kind == "series":
+            from .series import compact
+
+            memo[key] = (compact(qw), qw.dequant())
+        else:
+            memo[key] = (replace(qw, q=qw.q.astype(np.int8 if qw.bits <= 8 else np.int16), dequant=None),
+                         qw.dequant)
     return memo[key][1] if dequant else memo[key][0]
 
 
@@ -402,7 +473,12 @@ def run(ctx: FlowContext) -> MethodOutcome:
     if strict is not None:
         plans.append(("solver, gains not credited", strict))
     if lat_budget is None:
-        plans += solver.uniform_plans(cfg.levels())
+        if "quant" in families(ctx):
+            plans += solver.uniform_plans(cfg.levels())
+        if "series" in families(ctx) and budget is not None:
+            # the data-free configurations as alternatives at a budget; lossless runs leave them out: none is
+            # lossless by construction, and with many noisy alternatives one passes or "wins" by chance
+            plans += solver.uniform_series_plans(ctx.config.series.bits, ctx.config.series.terms)
     ladders = solver.ladders
     rewrite_notes: dict[tuple, list[str]] = {}
 
@@ -411,7 +487,7 @@ def run(ctx: FlowContext) -> MethodOutcome:
         for n, i in ch.items():
             cand = ladders[n][i]
             fmt = formats.by_level[(n, cand.level)]
-            weight = None if fmt.kind == "float" else _weight(ctx, rounder, n, cand, fmt, memo)
+            weight = None if fmt.kind == "float" else _weight(ctx, formats, rounder, n, cand, fmt, memo)
             plans_[n] = formats.plan(n, fmt, weight)
         rw = ctx.target.rewrite(ctx.model, plans_)
         rewrite_notes[tuple(sorted(ch.items()))] = [f"node '{n}': {note}" for n, note in rw.notes]
@@ -428,6 +504,6 @@ def run(ctx: FlowContext) -> MethodOutcome:
                 "max_node_cost": solver.bound, "refused": formats.refused(), "latency": lat_info,
                 "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()},
                 "rounding_per_level": per_level, "joint": joint}
-    return MethodOutcome("quant", table, ladders, plans, build, budget, settings, first_costs, cache=cache,
-                         sweep=sweep, frontier=frontier,
+    return MethodOutcome("+".join(families(ctx)), table, ladders, plans, build, budget, settings, first_costs,
+                         cache=cache, sweep=sweep, frontier=frontier,
                          notes=lambda ch: rewrite_notes.get(tuple(sorted(ch.items())), []))

@@ -31,6 +31,12 @@ The same bug hits any INT2 DQ + MatMul graph, including ``passes/qdq.py``'s.
 * ``SeriesConv(X, B, scales[, bias]) -> Y``: the same weight bytes (matrix view [O, C/g·kH·kW]) plus the Conv
   attributes ``group, kernel_shape, strides, pads, dilations, auto_pad``.
 
+``"nbits"``. MatMul/Gemm only, the ORT contrib form that ORT's CUDA provider and the TensorRT plugin converter
+(:func:`llc_onnx.plugins.tensorrt.convert.to_tensorrt`, via :func:`llc_onnx.plugins.series.fuse_series`) take:
+``Pad(X) → Concat_T → com.microsoft::MatMulNBits(K = T·K', N, bits, block_size = the stacked block,
+accuracy_level)`` with the custom form's bytes ``B``/``scales``; Gemm as in the custom form (Transpose for
+transA, then Mul α, Add β·C after the node). The stacked block must be a power of two ≥ 16.
+
 With ``function=True`` (default) the model carries model-local functions (``FunctionProto``) with the bodies of
 both ops in standard ops (unpack the bytes with Div/Mod, scale, sum the terms, MatMul/Conv), so ONNX Runtime (which
 inlines local functions) and any other runtime without the kernel still run it; ``function=False`` leaves the bare
@@ -54,6 +60,7 @@ from onnx import helper as oh
 
 from llc_onnx.errors import LLCError
 from llc_onnx.passes import common
+from llc_onnx.passes.matmulnbits import valid_block_size
 from llc_onnx.passes.qdq import QTYPES
 from llc_onnx.series.expansion import SERIES_BITS, SeriesWeight
 from llc_onnx.series.packing import StackedTerms, pack_nbits, stack_terms
@@ -62,7 +69,8 @@ __all__ = ["SeriesPass", "SeriesResult", "apply_series", "DOMAIN", "FORMS", "ser
 
 DOMAIN = "ai.llc_onnx"
 DOMAIN_VERSION = 1
-FORMS = ("standard", "custom")
+MS_DOMAIN = "com.microsoft"
+FORMS = ("standard", "custom", "nbits")
 _CONV_ATTRS = ("strides", "pads", "dilations", "auto_pad")
 
 
@@ -87,10 +95,13 @@ class SeriesPass(common.RewritePass):
     :class:`SeriesResult`."""
 
     def __init__(self, weights: Mapping[str, SeriesWeight], *, form: str = "standard", function: bool = True,
-                 orders: Mapping[str, int] | None = None):
+                 orders: Mapping[str, int] | None = None, accuracy_level: int = 0):
         super().__init__()
         if form not in FORMS:
             raise LLCError(f"series pass: form='{form}' is unknown; use one of {', '.join(FORMS)}")
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise LLCError(f"series pass: accuracy_level={accuracy_level!r}; MatMulNBits takes 0..4")
+        self.accuracy_level = int(accuracy_level)
         self.weights = dict(weights)
         self.form = form
         self.function = bool(function)
@@ -118,8 +129,14 @@ class SeriesPass(common.RewritePass):
             else:
                 common.set_default_opset(model, 21, 10)
         else:
-            model.opset_imports[DOMAIN] = DOMAIN_VERSION
-            model.graph.opset_imports[DOMAIN] = DOMAIN_VERSION
+            dom = DOMAIN if self.form == "custom" else MS_DOMAIN
+            model.opset_imports[dom] = DOMAIN_VERSION
+            model.graph.opset_imports[dom] = DOMAIN_VERSION
+            if self.form == "nbits":
+                for node, *_, st in plans:
+                    if not valid_block_size(st.block):
+                        raise LLCError(f"node '{node.name}': stacked block {st.block} is not a power of two ≥ 16, "
+                                       "which MatMulNBits needs; choose a block size that is one (and ≤ K)")
         shared: dict[tuple, Any] = {}
         transposed = []
         for node, idx, value, sw, st in plans:
@@ -127,7 +144,7 @@ class SeriesPass(common.RewritePass):
             if self.form == "standard":
                 if self._standard(graph, names, node, idx, value, st, shared, key):
                     transposed.append(node.name)
-            else:
+            else:  # custom and nbits: the node is replaced (same packed bytes)
                 self._custom(graph, names, node, value, st, shared, key)
         if self.form == "custom" and self.function:
             opset = common.default_opset(model)
@@ -276,6 +293,9 @@ class SeriesPass(common.RewritePass):
         x = node.inputs[0]
         new: list[ir.Node] = []
         if node.op_type == "Conv":
+            if self.form == "nbits":
+                raise LLCError(f"node '{nname}' (Conv): the nbits form (MatMulNBits) is for MatMul/Gemm; write Conv "
+                               "in the standard or custom form")
             kshape = list(value.const_value.shape)
             attrs["group"] = node.attributes.get_int("group", 1)
             attrs["kernel_shape"] = kshape[2:]
@@ -287,8 +307,7 @@ class SeriesPass(common.RewritePass):
             new.append(ir.node("SeriesConv", ins, attrs, domain=DOMAIN, outputs=[new_out],
                                name=names.fresh(f"{nname}_series")))
         elif node.op_type == "MatMul":
-            new.append(ir.node("SeriesMatMul", [x, b_val, s_val], attrs, domain=DOMAIN, outputs=[new_out],
-                               name=names.fresh(f"{nname}_series")))
+            new += self._core(graph, names, nname, x, new_out, b_val, s_val, st, attrs)
         else:  # Gemm: Y = α·A'·B' + β·C
             a_in = x
             if node.attributes.get_int("transA", 0):
@@ -300,8 +319,7 @@ class SeriesPass(common.RewritePass):
             c = node.inputs[2] if len(node.inputs) > 2 else None
             tail = alpha != 1.0 or c is not None
             y = ir.Value(name=names.fresh(f"{nname}_series_mm"), type=out.type) if tail else new_out
-            new.append(ir.node("SeriesMatMul", [a_in, b_val, s_val], attrs, domain=DOMAIN, outputs=[y],
-                               name=names.fresh(f"{nname}_series")))
+            new += self._core(graph, names, nname, a_in, y, b_val, s_val, st, attrs)
             npf = common.np_float_dtype(fdtype)
             if alpha != 1.0:
                 ya = ir.Value(name=names.fresh(f"{nname}_series_alpha_out"), type=out.type) if c is not None else new_out
@@ -321,6 +339,32 @@ class SeriesPass(common.RewritePass):
         graph.remove(node, safe=True)
         out.name = names.fresh(f"{out_name}_replaced")
         new_out.name = out_name
+
+
+    def _core(self, graph, names, nname, a_in, y, b_val, s_val, st: StackedTerms, attrs) -> list[ir.Node]:
+        """Nodes computing ``y = a_in · (Σ_t s_t·Q_t)ᵀ`` (a_in untiled, [..., K]): one ``SeriesMatMul`` (custom
+        form) or ``Pad → Concat_T → com.microsoft::MatMulNBits`` with K = T·K' (nbits form)."""
+        if self.form == "custom":
+            return [ir.node("SeriesMatMul", [a_in, b_val, s_val], attrs, domain=DOMAIN, outputs=[y],
+                            name=names.fresh(f"{nname}_series"))]
+        new, cur = [], a_in
+        if st.k_pad != st.k:
+            pads = _const(graph, names, f"{nname}_series_pads", np.array([0, st.k_pad - st.k], np.int64))
+            axes = _const(graph, names, f"{nname}_series_pad_axis", np.array([-1], np.int64))
+            padded = ir.Value(name=names.fresh(f"{nname}_series_x_padded"), type=a_in.type)
+            new.append(ir.node("Pad", [cur, pads, None, axes], outputs=[padded],
+                               name=names.fresh(f"{nname}_series_pad")))
+            cur = padded
+        if st.terms > 1:
+            xt = ir.Value(name=names.fresh(f"{nname}_series_x"), type=a_in.type)
+            new.append(ir.node("Concat", [cur] * st.terms, {"axis": -1}, outputs=[xt],
+                               name=names.fresh(f"{nname}_series_tile")))
+            cur = xt
+        mnb = {"K": st.terms * st.k_pad, "N": st.n, "bits": st.bits, "block_size": st.block,
+               "accuracy_level": self.accuracy_level}
+        new.append(ir.node("MatMulNBits", [cur, b_val, s_val], mnb, domain=MS_DOMAIN, outputs=[y],
+                           name=names.fresh(f"{nname}_series")))
+        return new
 
 
 def _axes(node: ir.Node) -> tuple[int, int]:
@@ -423,6 +467,8 @@ def series_conv_function(opset: int = 21) -> onnx.FunctionProto:
 
 
 def apply_series(model: onnx.ModelProto, weights: Mapping[str, SeriesWeight], *, form: str = "standard",
-                 function: bool = True, orders: Mapping[str, int] | None = None) -> onnx.ModelProto:
+                 function: bool = True, orders: Mapping[str, int] | None = None,
+                 accuracy_level: int = 0) -> onnx.ModelProto:
     """Return a copy of ``model`` with :class:`SeriesPass` applied (``model`` is not modified)."""
-    return common.apply_passes(model, [SeriesPass(weights, form=form, function=function, orders=orders)])
+    return common.apply_passes(model, [SeriesPass(weights, form=form, function=function, orders=orders,
+                                                  accuracy_level=accuracy_level)])

@@ -3,7 +3,9 @@ offered (and why the others are not), the session the verdict must use, and the 
 
 A **format** is one way of writing one compressible node (:class:`Format`): float (unchanged), weight-only
 Q/DQ (``qdq``), ORT's ``MatMulNBits`` (``matmulnbits``), static W8A8 Q/DQ with calibrated activations
-(``w8a8``), or a plugin node (``plugin``, written by the plugin helper). A **level** is what the user asks
+(``w8a8``), a plugin node (``plugin``, written by the plugin helper), or ``series``: T low-bit basis terms
+W ≈ Σ_t s_t·Q_t (:mod:`llc_onnx.series`, written by :mod:`llc_onnx.passes.series`), offered per node by
+:meth:`Target.offer_series`. A **level** is what the user asks
 for (``--bits 2,4,8,16,float``); a target maps each requested level of a node to the formats it runs fast
 (:meth:`Target.offer`), or refuses it with the reason (an :class:`Offer`). A **plan** gives each node one
 format and its numbers (:class:`NodePlan`); :meth:`Target.rewrite` writes them.
@@ -45,7 +47,7 @@ __all__ = [
     "parse_levels",
 ]
 
-FORMAT_KINDS = ("float", "qdq", "matmulnbits", "w8a8", "plugin")
+FORMAT_KINDS = ("float", "qdq", "matmulnbits", "w8a8", "plugin", "series")
 #: the levels a user can ask for (``--bits``)
 LEVELS = (2, 4, 8, 16, "float")
 
@@ -59,7 +61,8 @@ class Format:
     None = ``bits``. ``block_size``: blocked along the reduction axis (None: per output channel).
     ``activations``: ``"uint8"`` / ``"int8"`` calibrated per-tensor activations (W8A8),
     ``"int8-block"`` the dynamic per-block int8 activations of MatMulNBits at accuracy level 4, or None.
-    ``output``: W8A8 also quantizes the node's output (Conv → QLinearConv).
+    ``output``: W8A8 also quantizes the node's output (Conv → QLinearConv). ``terms``: the number of basis
+    terms T of a ``series`` format (bits per term ``bits``, the terms' block ``block_size``).
     """
 
     kind: str
@@ -70,10 +73,16 @@ class Format:
     accuracy_level: int | None = None
     output: bool = False
     plugin: str | None = None
+    terms: int | None = None
 
     def __post_init__(self):
         if self.kind not in FORMAT_KINDS:
             raise LLCError(f"format kind '{self.kind}' is unknown; use one of {', '.join(FORMAT_KINDS)}")
+        if (self.kind == "series") != (self.terms is not None):
+            raise LLCError(f"format {self.kind}: terms={self.terms!r}; series formats (and only they) have a number "
+                           "of terms ≥ 1")
+        if self.terms is not None and int(self.terms) < 1:
+            raise LLCError(f"format series: terms={self.terms!r} must be ≥ 1")
 
     @property
     def level(self) -> int | str:
@@ -84,8 +93,10 @@ class Format:
     def name(self) -> str:
         if self.kind == "float":
             return "float"
-        parts = {"qdq": "qdq", "matmulnbits": "mnb", "w8a8": "w8a8", "plugin": "plugin"}[self.kind]
+        parts = {"qdq": "qdq", "matmulnbits": "mnb", "w8a8": "w8a8", "plugin": "plugin", "series": "series"}[self.kind]
         s = f"{parts}-int{self.bits}"
+        if self.kind == "series":
+            s += f"x{self.terms}"
         if self.code_bits is not None and self.code_bits != self.bits:
             s += f"c{self.code_bits}"
         if self.block_size is not None:
@@ -109,6 +120,14 @@ class Format:
         numel = math.prod(node.weight_shape)
         if self.kind == "float":
             return float_bytes * numel
+        if self.kind == "series":  # T terms stacked along K, each padded to whole blocks (series.packing)
+            from llc_onnx.series.packing import stacked_block
+
+            k = math.prod(node.weight_shape[1:]) if len(node.weight_shape) > 2 else node.weight_shape[node.reduce_axis]
+            n = numel // k
+            block = stacked_block(k, self.block_size)
+            nb = -(-k // block)
+            return -(-int(self.bits) * n * self.terms * nb * block // 8) + 4 * n * self.terms * nb
         if self.kind == "matmulnbits":
             k = node.weight_shape[node.reduce_axis]
             n = numel // k
@@ -300,6 +319,21 @@ class Target(ABC):
         lv = parse_levels(levels)
         return {n.name: self.offer(n, ctx, levels=lv, block_size=block_size) for n in nodes}
 
+    def offer_series(self, node: CompressibleNode, context: GraphContext, *, bits: Sequence[int] = (2, 4, 8),
+                     terms: Sequence[int] = (1, 2, 3, 4), block_size: int = 32) -> Offer:
+        """The ``series`` formats (T b-bit basis terms, :mod:`llc_onnx.series`) ``node`` may be offered for
+        every b in ``bits`` and T in ``terms``, and the refused ones with why. Default: none (float only)."""
+        return Offer(node.name, (FLOAT,), tuple((f"series int{b}", f"target {self.name} does not run series terms")
+                                                for b in bits))
+
+    def series_offers(self, model: onnx.ModelProto, nodes: Iterable[CompressibleNode], *,
+                      bits: Sequence[int] = (2, 4, 8), terms: Sequence[int] = (1, 2, 3, 4),
+                      block_size: int = 32) -> dict[str, Offer]:
+        """:meth:`offer_series` for every node (one :class:`GraphContext`)."""
+        ctx = GraphContext(model)
+        return {n.name: self.offer_series(n, ctx, bits=tuple(bits), terms=tuple(terms), block_size=block_size)
+                for n in nodes}
+
     def tensors_to_calibrate(self, model: onnx.ModelProto, node: str, fmt: Format) -> tuple[str | None, str | None]:
         """(input tensor, output tensor) whose ranges ``fmt`` needs (None where it needs none)."""
         if fmt.kind != "w8a8":
@@ -329,6 +363,16 @@ class Target(ABC):
             w = plan.weight
             if w is None:
                 raise LLCError(f"node '{name}': plan for format {fmt.name} has no quantized weight")
+            if fmt.kind == "series":
+                from llc_onnx.series import SeriesWeight
+
+                if not isinstance(w, SeriesWeight) or (w.bits, w.block_size, w.order) != \
+                        (fmt.bits, fmt.block_size, fmt.terms):
+                    got = (f"{w.order} {w.bits}-bit terms with block_size={w.block_size}"
+                           if isinstance(w, SeriesWeight) else f"a {type(w).__name__}")
+                    raise LLCError(f"node '{name}': plan for {fmt.name} holds {got}; expand the weight into "
+                                   f"{fmt.terms} {fmt.bits}-bit terms with block_size={fmt.block_size}")
+                continue
             want_bits = int(fmt.code_bits or fmt.bits)
             if int(w.bits) != want_bits or w.block_size != fmt.block_size:
                 raise LLCError(f"node '{name}': weight is {w.bits}-bit with block_size={w.block_size}, format "
@@ -358,7 +402,9 @@ def input_hook(plan: NodePlan) -> Callable | None:
         from llc_onnx.quant import fake_quant_activation
 
         return lambda x: fake_quant_activation(x, plan.input)
-    if fmt.kind == "matmulnbits" and fmt.accuracy_level == 4 and not (fmt.bits == 2 and fmt.block_size == 16):
+    if fmt.kind in ("matmulnbits", "series") and fmt.accuracy_level == 4 and \
+            not (fmt.bits == 2 and fmt.block_size == 16):
+        # a series format fused into one MatMulNBits: its K = T·K' holds T copies of the input, blocked alike
         from llc_onnx.passes.matmulnbits import level4_input_fake_quant
 
         bs = int(fmt.block_size)

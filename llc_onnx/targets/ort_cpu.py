@@ -22,6 +22,21 @@ Conv         W8A8 with the output quantized too (``QLinearConv``),      0.55–0
                                                                         convs (latency decides)
 ===========  =========================================================  =========================================
 
+Series terms (``--method series``; T b-bit terms W ≈ Σ_t s_t·Q_t, :mod:`llc_onnx.series`). MatMul/Gemm: the
+terms stacked along K as **one** ``MatMulNBits`` with K = T·K' on the input tiled T times
+(``Pad → Concat → MatMulNBits``, ``accuracy_level=4`` written on the node, reproduced in the interpreter by the
+MatMulNBits input hook), blocks of ``block_size`` for 2, 4 and 8 bits (a power of two ≥ 16; ≥ 32 for 2 bits).
+That node is what ORT's optimizer would make of the portable standard form (one blocked ``DequantizeLinear``
+feeding the MatMul), but writing it explicitly is needed: ORT fuses a Gemm (or a MatMul + Add) followed by
+Relu into a float ``FusedGemm`` *before* its DequantizeLinear fusion, leaving the weight dequantized at every
+run in float, and ORT 1.31's INT2 fusion is wrong when N % 4 ≠ 0 (the explicit node is right; both checked in
+tests/test_series_flow.py). Conv: the standard form (``DequantizeLinear → Reshape → Conv`` on the tiled
+input), not fused. Measured (1 thread, shared 2-core machine, so ±30 %): **series is not faster than FP32 on
+ORT CPU**: T = 1 is MatMulNBits itself (0.8–1.2× FP32), each further term adds a Concat and another K of
+int8 products: T = 2 ran 1.3–3×, T = 3 1.5–4× FP32's time at batch 64 on 64–784-wide layers, about 2× at
+batch 1; Conv in the standard form is slower than FP32 (the weight is dequantized at every run). Series
+saves bytes here, not time; with ``--latency-budget`` the latency table decides.
+
 Not offered, with the reason the report shows: 16-bit anything and 2/4-bit Conv (ORT CPU has no such
 kernels: a weight-only ``DequantizeLinear`` in front of Conv/MatMul/Gemm is not fused and runs slower than
 FP32), W8A8 on a 2-D MatMul whose only consumer is an ``Add`` of a constant (ORT fuses MatMul+Add into a
@@ -48,6 +63,8 @@ import onnx
 
 from llc_onnx.compressible import CompressibleNode
 from llc_onnx.passes.matmulnbits import MatMulNBitsPass, valid_block_size
+from llc_onnx.passes.series import SeriesPass
+from llc_onnx.series.packing import stacked_block
 from llc_onnx.passes.w8a8 import W8A8Pass, W8A8Plan
 from llc_onnx.targets.base import (
     FLOAT,
@@ -117,6 +134,18 @@ def w8a8_unsupported(node: CompressibleNode, ctx: GraphContext, *, check_add_fus
     return None
 
 
+def series_unsupported(node: CompressibleNode, ctx: GraphContext, block_size: int) -> str | None:
+    """Why ``node``'s series terms cannot be one MatMulNBits (None when they can)."""
+    if len(node.weight_shape) != 2:
+        return f"weight has rank {len(node.weight_shape)}; MatMulNBits takes a 2-D weight"
+    k = node.weight_shape[node.reduce_axis]
+    block = stacked_block(k, block_size)
+    if not valid_block_size(block):
+        return (f"the terms' block is {block} (K={k}, block size {block_size}); MatMulNBits takes a block that is "
+                "a power of two ≥ 16")
+    return None
+
+
 def _mnb_format(bits: int, block: int) -> Format:
     return Format("matmulnbits", bits, block, activations="int8-block", accuracy_level=ACCURACY_LEVEL)
 
@@ -136,6 +165,11 @@ class OrtCpuTarget(Target):
         "Conv": [("W8A8 with output Q/DQ → QLinearConv", "0.55–0.6× FP32 for wide 3×3 convs; slower for "
                                                          "1×1/depthwise/few channels (latency decides)")],
         "any": [("16-bit, weight-only Q/DQ", "not offered: not fused on ORT CPU, slower than FP32")],
+        "series (MatMul/Gemm)": [("T terms stacked along K: Pad → Concat_T → one MatMulNBits (K = T·K', "
+                                  "accuracy level 4)", "T=1 0.8–1.2× FP32; T=2 1.3–3×, T=3 1.5–4× "
+                                  "(slower: saves bytes, not time)")],
+        "series (Conv)": [("T terms + DequantizeLinear → Reshape → Conv on the tiled input (standard form)",
+                           "not fused: slower than FP32")],
     }
 
     def offer(self, node: CompressibleNode, context: GraphContext, *, levels: Sequence[int | str] = LEVELS,
@@ -181,6 +215,26 @@ class OrtCpuTarget(Target):
                 formats.append(_mnb_format(int(lv), block_size))
         return Offer(node.name, tuple(formats), tuple(refused))
 
+    def offer_series(self, node: CompressibleNode, context: GraphContext, *, bits: Sequence[int] = (2, 4, 8),
+                     terms: Sequence[int] = (1, 2, 3, 4), block_size: int = 32) -> Offer:
+        formats: list[Format] = [FLOAT]
+        refused: list[tuple[str, str]] = []
+        if node.op_type == "Conv":  # the standard form, not fused (module doc)
+            formats += [Format("series", int(b), block_size if int(b) < 8 else None, terms=int(t))
+                        for b in bits for t in terms]
+            return Offer(node.name, tuple(formats), tuple(refused))
+        why = series_unsupported(node, context, block_size)
+        for b in bits:
+            b = int(b)
+            if why is None and b == 2 and block_size < 32:
+                refused.append(("series int2", TWO_BIT_BLOCK16))
+            elif why is not None:
+                refused.append((f"series int{b}", why))
+            else:
+                formats += [Format("series", b, block_size, activations="int8-block", accuracy_level=ACCURACY_LEVEL,
+                                   terms=int(t)) for t in terms]
+        return Offer(node.name, tuple(formats), tuple(refused))
+
     def session(self) -> SessionSettings:
         return SessionSettings(
             providers=(("CPUExecutionProvider", ()),),
@@ -189,12 +243,16 @@ class OrtCpuTarget(Target):
         )
 
     def rewrite(self, model: onnx.ModelProto, plans: Mapping[str, NodePlan]) -> Rewrite:
-        self.check_plans(plans, ("float", "matmulnbits", "w8a8"))
+        self.check_plans(plans, ("float", "matmulnbits", "w8a8", "series"))
         w8 = {n: W8A8Plan(weight=p.weight, input=p.input, output=p.output if p.format.output else None)
               for n, p in plans.items() if p.format.kind == "w8a8"}
         mnb = {n: p.weight for n, p in plans.items() if p.format.kind == "matmulnbits"}
         levels = {n: int(plans[n].format.accuracy_level) for n in mnb}
-        out = apply_passes(model, [W8A8Pass(w8), MatMulNBitsPass(mnb, accuracy_level=levels, unsupported="error")])
+        series = {n: p.weight for n, p in plans.items() if p.format.kind == "series"}
+        conv = {n: w for n, w in series.items() if len(w.shape) > 2}
+        mm = {n: w for n, w in series.items() if n not in conv}
+        out = apply_passes(model, [W8A8Pass(w8), MatMulNBitsPass(mnb, accuracy_level=levels, unsupported="error"),
+                                   SeriesPass(conv), SeriesPass(mm, form="nbits", accuracy_level=ACCURACY_LEVEL)])
         written = {n: p.format.name for n, p in plans.items() if p.format.kind != "float"}
         return Rewrite(model=out, written=written)
 

@@ -12,15 +12,21 @@ from onnx import numpy_helper
 from llc_onnx.calib.activation_ranges import collect_activation_ranges, qparams
 from llc_onnx.compressible import CompressibleNode, find_compressible
 from llc_onnx.errors import LLCError
-from llc_onnx.quant import QuantizedWeight, quantize_weight
+from llc_onnx.quant import quantize_weight
 from llc_onnx.targets.base import Format, NodePlan, Target
 
 __all__ = ["quantize_for", "plan_nodes"]
 
 
 def quantize_for(fmt: Format, node: CompressibleNode, w: np.ndarray, *, grad: np.ndarray | None = None,
-                 scale_method: str = "minmax", rounding: str = "nearest") -> QuantizedWeight | None:
-    """The node's weight quantized the way ``fmt`` stores it (None for float)."""
+                 scale_method: str = "minmax", rounding: str = "nearest"):
+    """The node's weight quantized the way ``fmt`` stores it (None for float; a ``SeriesWeight`` of
+    ``fmt.terms`` nearest-rounded terms for a series format)."""
+    if fmt.kind == "series":
+        from llc_onnx.series import expand_node
+
+        return expand_node(w, node, bits=int(fmt.bits), terms=int(fmt.terms), block_size=fmt.block_size,
+                           scale_method=scale_method)
     spec = fmt.weight_spec(scale_method=scale_method, rounding=rounding)
     if spec is None:
         return None

@@ -13,6 +13,14 @@ Q/DQ importer, onnx-tensorrt ``onnxOpImporters.cpp``):
   **plugin nodes** (a custom-domain node with ``plugin_namespace``/``plugin_version`` that TensorRT's
   parser resolves from its plugin registry). They are offered only with ``plugins=True`` and written by the
   ``plugin_writer`` the plugin helper provides. 16-bit and INT4 Conv are refused.
+* Series terms (T ≥ 2 b-bit terms, MatMul/Gemm, ``plugins=True`` only): the ``llc_onnx::series_matmul`` plugin
+  node (:mod:`llc_onnx.plugins.tensorrt.convert`: the untiled input, the MatMulNBits bytes as int32 words,
+  attributes K (one term, padded to whole blocks), N, bits, block_size, terms), written from the explicit
+  MatMulNBits form of :mod:`llc_onnx.passes.series`. The model also carries a model-local function of the same
+  op (the plugin's maths in standard ops): TensorRT 10's ONNX parser prefers a registered plugin to a local
+  function for a node with ``plugin_namespace``, and a runtime without the plugin (ONNX Runtime CPU, the
+  reference session here) runs the function. T = 1 is the single-level quantizer (``--method quant``); Conv
+  has no series plugin.
 
 :func:`check_tensorrt` reports every violation of the rules below with the node name (``RULES``).
 
@@ -260,7 +268,8 @@ class TensorRTTarget(Target):
         "MatMul/Gemm": [
             ("W8A8: INT8 weight DQ per channel + INT8 activation Q/DQ per tensor", "TensorRT int8 GEMM"),
             ("INT4 weight-only DQ, blocked along K (block 64 or 128)", "TensorRT INT4 weight-only GEMM"),
-            ("plugin node (INT2, weight-only INT8, other INT4 blocks, series)", "only with plugins=True"),
+            ("plugin node (INT2, weight-only INT8, other INT4 blocks)", "only with plugins=True"),
+            ("series_matmul plugin node (T ≥ 2 terms of 2/4/8 bits) + its local function", "only with plugins=True"),
         ],
         "any": [("16-bit", "not offered: TensorRT has no INT16 quantization")],
     }
@@ -324,6 +333,37 @@ class TensorRTTarget(Target):
                                             "(plugins=True)"))
         return Offer(node.name, tuple(formats), tuple(refused))
 
+    def offer_series(self, node: CompressibleNode, context: GraphContext, *, bits: Sequence[int] = (2, 4, 8),
+                     terms: Sequence[int] = (1, 2, 3, 4), block_size: int = 32) -> Offer:
+        from llc_onnx.passes.matmulnbits import valid_block_size
+        from llc_onnx.series.packing import stacked_block
+
+        formats: list[Format] = [FLOAT]
+        refused: list[tuple[str, str]] = []
+        init = context.inits.get(node.weight)
+        why = None
+        if not self.plugins:
+            why = "TensorRT runs series terms only as the llc series_matmul plugin (plugins=True)"
+        elif node.op_type not in ("MatMul", "Gemm"):
+            why = "the series plugin is a matmul; Conv has none"
+        elif init is not None and init.data_type != TensorProto.FLOAT:
+            why = "weight is not float32"
+        else:
+            k = node.weight_shape[node.reduce_axis]
+            block = stacked_block(k, block_size)
+            if not valid_block_size(block):
+                why = f"the terms' block is {block} (K={k}); the plugin takes a power of two ≥ 16"
+        for b in bits:
+            if why:
+                refused.append((f"series int{b}", why))
+                continue
+            for t in terms:
+                if int(t) < 2:
+                    refused.append((f"series int{b}x1", "T = 1 is the single-level quantizer (method quant)"))
+                else:
+                    formats.append(Format("series", int(b), block_size, plugin="llc", terms=int(t)))
+        return Offer(node.name, tuple(formats), tuple(refused))
+
     def session(self) -> SessionSettings:
         return SessionSettings(
             providers=(("TensorrtExecutionProvider", (("trt_int8_enable", "True"),)),
@@ -340,7 +380,7 @@ class TensorRTTarget(Target):
         )
 
     def rewrite(self, model: onnx.ModelProto, plans: Mapping[str, NodePlan]) -> Rewrite:
-        self.check_plans(plans, ("float", "w8a8", "qdq", "plugin"))
+        self.check_plans(plans, ("float", "w8a8", "qdq", "plugin", "series"))
         for n, p in plans.items():
             if p.format.kind == "w8a8" and (p.input is None or p.input.dtype != "int8" or p.input.zero_point != 0):
                 raise LLCError(f"node '{n}': TensorRT W8A8 needs symmetric int8 activations (zero point 0); "
@@ -349,6 +389,9 @@ class TensorRTTarget(Target):
               for n, p in plans.items() if p.format.kind == "w8a8"}
         w4 = {n: p.weight for n, p in plans.items() if p.format.kind == "qdq"}
         out = apply_passes(model, [W8A8Pass(w8), QDQPass(w4, explicit_zero_point=False)])
+        series = {n: p.weight for n, p in plans.items() if p.format.kind == "series"}
+        if series:
+            out = write_series_plugins(out, series)
         plugin_plans = {n: p for n, p in plans.items() if p.format.kind == "plugin"}
         if plugin_plans:
             if self.plugin_writer is None:
@@ -357,3 +400,81 @@ class TensorRTTarget(Target):
             out = self.plugin_writer(out, plugin_plans)
         written = {n: p.format.name for n, p in plans.items() if p.format.kind != "float"}
         return Rewrite(model=out, written=written)
+
+
+def write_series_plugins(model: onnx.ModelProto, weights: Mapping) -> onnx.ModelProto:
+    """``model`` with the named nodes' series terms (T ≥ 2) as ``llc_onnx::series_matmul`` plugin nodes plus the
+    op's model-local function (module doc)."""
+    from llc_onnx.passes.series import apply_series
+    from llc_onnx.plugins.tensorrt.convert import PLUGIN_DOMAIN, SERIES_PLUGIN, to_tensorrt
+
+    for name, w in weights.items():
+        if w.order < 2:
+            raise LLCError(f"node '{name}': a series plugin node needs T ≥ 2 terms (T = 1 is the single-level "
+                           "quantizer); offer it through the quant family")
+    nbits = apply_series(model, weights, form="nbits", accuracy_level=0)
+    out = to_tensorrt(nbits).model
+    if not any(f.domain == PLUGIN_DOMAIN and f.name == SERIES_PLUGIN for f in out.functions):
+        opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 21)
+        out.functions.append(series_plugin_function(opset))
+    return out
+
+
+def _ref_attr(name: str, ref: str, kind: int) -> onnx.AttributeProto:
+    a = onnx.AttributeProto()
+    a.name, a.ref_attr_name, a.type = name, ref, kind
+    return a
+
+
+def series_plugin_function(opset: int = 21) -> onnx.FunctionProto:
+    """``llc_onnx.tensorrt::series_matmul(x, words, scales) -> y`` in standard ops: ``words`` int32
+    ``[N, T·nb·blob/4]`` (the MatMulNBits bytes), codes ``u = (word >> bits·j) & (2^bits − 1)``,
+    ``q = u − 2^(bits−1)``, ``scales`` ``[N·T·nb]`` or ``[N·T]`` (per channel), ``w[N, K] = Σ_t s_t·q_t``,
+    ``y = x·wᵀ`` (K = one term, whole blocks)."""
+    from onnx import helper as oh
+
+    def const(out: str, attr: str) -> onnx.NodeProto:
+        n = oh.make_node("Constant", [], [out])
+        n.attribute.append(_ref_attr("value_int", attr, onnx.AttributeProto.INT))
+        return n
+
+    def lit(out: str, value, dtype) -> onnx.NodeProto:
+        return oh.make_node("Constant", [], [out], value=numpy_helper.from_array(np.array(value, dtype), out))
+
+    nodes = [
+        const("bits", "bits"), const("n", "N"), const("t", "terms"), const("k", "K"), const("bs", "block_size"),
+        lit("zero", 0, np.int64), lit("width", 32, np.int64), lit("two", 2, np.int64),
+        lit("word", 1 << 32, np.int64), lit("ax0", [0], np.int64), lit("ax1", [1], np.int64),
+        lit("last", [-1], np.int64), lit("one", [1], np.int64),
+        oh.make_node("Range", ["zero", "width", "bits"], ["shifts"]),
+        oh.make_node("Pow", ["two", "shifts"], ["divisors"]),
+        oh.make_node("Pow", ["two", "bits"], ["modulus"]),
+        oh.make_node("Div", ["modulus", "two"], ["zero_point"]),
+        oh.make_node("Cast", ["words"], ["w64"], to=TensorProto.INT64),
+        oh.make_node("Mod", ["w64", "word"], ["unsigned"]),                  # two's complement -> 0..2^32-1
+        oh.make_node("Unsqueeze", ["unsigned", "last"], ["u3"]),
+        oh.make_node("Div", ["u3", "divisors"], ["shifted"]),
+        oh.make_node("Mod", ["shifted", "modulus"], ["u"]),
+        oh.make_node("Sub", ["u", "zero_point"], ["q"]),
+        oh.make_node("CastLike", ["q", "scales"], ["qf"]),
+        oh.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+        oh.make_node("Unsqueeze", ["t", "ax0"], ["t1"]),
+        oh.make_node("Unsqueeze", ["k", "ax0"], ["k1"]),
+        oh.make_node("Unsqueeze", ["bs", "ax0"], ["bs1"]),
+        oh.make_node("Concat", ["n1", "t1", "last", "bs1"], ["q_shape"], axis=0),
+        oh.make_node("Reshape", ["qf", "q_shape"], ["q4"]),                   # [N, T, nb, block]
+        oh.make_node("Concat", ["n1", "t1", "last", "one"], ["s_shape"], axis=0),
+        oh.make_node("Reshape", ["scales", "s_shape"], ["s4"]),               # [N, T, nb or 1, 1]
+        oh.make_node("Mul", ["q4", "s4"], ["dq"]),
+        oh.make_node("Concat", ["n1", "t1", "k1"], ["t_shape"], axis=0),
+        oh.make_node("Reshape", ["dq", "t_shape"], ["dq3"]),                  # [N, T, K]
+        oh.make_node("ReduceSum", ["dq3", "ax1"], ["w"], keepdims=0),         # [N, K]
+        oh.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        oh.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    from llc_onnx.plugins.tensorrt.convert import PLUGIN_DOMAIN, SERIES_PLUGIN
+
+    return oh.make_function(PLUGIN_DOMAIN, SERIES_PLUGIN, ["x", "words", "scales"], ["y"], nodes,
+                            [oh.make_opsetid("", int(opset))],
+                            ["K", "N", "bits", "block_size", "terms", "plugin_namespace", "plugin_version", "aot"],
+                            doc_string="the series_matmul plugin's maths in standard ops (for runtimes without it)")
