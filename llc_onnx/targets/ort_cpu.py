@@ -49,6 +49,7 @@ import onnx
 from llc_onnx.compressible import CompressibleNode
 from llc_onnx.errors import LLCError
 from llc_onnx.passes.matmulnbits import MatMulNBitsPass, valid_block_size
+from llc_onnx.passes.pad_fusion import FusePadIntoConvPass
 from llc_onnx.passes.w8a8 import W8A8Pass, W8A8Plan
 from llc_onnx.targets.base import (
     FLOAT,
@@ -196,7 +197,8 @@ class OrtCpuTarget(Target):
         mnb = {n: p.weight for n, p in plans.items() if p.format.kind == "matmulnbits"}
         levels = {n: int(plans[n].format.accuracy_level) for n in mnb}
         mnb_pass = MatMulNBitsPass(mnb, accuracy_level=levels)
-        out = apply_passes(model, [W8A8Pass(w8), mnb_pass])
+        passes = [FusePadIntoConvPass()] if w8 else []        # exact; keeps Pad → Q/DQ → Conv integer
+        out = apply_passes(model, [*passes, W8A8Pass(w8, join_adds=True), mnb_pass])
         if mnb_pass.skipped:
             node, why = mnb_pass.skipped[0]
             raise LLCError(f"node '{node}': cannot be written as MatMulNBits ({why}); it should not have been offered")
