@@ -3,8 +3,9 @@
 A :class:`Summary` is a titled table: either key/value pairs (:meth:`Summary.add`) or rows under
 ``columns`` (:meth:`Summary.add_row`). :func:`print_summaries` renders them with rich on stdout (cell text is
 escaped, so names with brackets show as they are); :func:`emit_json` writes one JSON object (numpy
-scalars/arrays, NaN/Inf handled) and nothing else. ``print_inspect`` / ``print_compare`` / ``print_optimize``
-are the command-line views of ``api.inspect`` / ``api.compare`` / ``api.optimize``.
+scalars/arrays, NaN/Inf handled) and nothing else. ``print_inspect`` / ``print_compare`` / ``print_optimize`` /
+``print_check`` / ``print_run`` / ``print_engine`` are the command-line views of ``api.inspect`` /
+``api.compare`` / ``api.optimize`` / ``api.check`` / ``api.run`` / ``api.engine``.
 """
 
 from __future__ import annotations

@@ -264,10 +264,13 @@ class W8A8Pass(ir.passes.InPlacePass):
             if qa is None or qb is None or (quantized(y) is None and (user is None or quantized(user.outputs[0])
                                                                        is None)):
                 continue
+            rewired = False
             for i, q in enumerate((qa, qb)):
                 if q is not node.inputs[i]:
                     node.replace_input_with(i, q)
-            self.joined.append(node.name)
+                    rewired = True
+            if rewired:
+                self.joined.append(node.name)
 
     def _int32_bias(self, graph: ir.Graph, names: common.Names, node: ir.Node, x_scale: float) -> None:
         w_dq = node.inputs[1].producer()
