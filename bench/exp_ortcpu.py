@@ -15,7 +15,9 @@ figure; on a shared machine load only adds time), at each batch, in a default CP
   ORT recommendation for x86 without VNNI.
 * ``llc-w8a8``: every node the ort-cpu target offers W8A8 written as W8A8 (7-bit codes, uint8 activations;
   the output quantized for Conv), nearest rounding, min-max ranges (``targets.plans.plan_nodes``).
-* ``llc-w8a8-wide``: W8A8 only for the Conv nodes the latency table says are faster (the rest float).
+* ``llc-w8a8-only:a+b``: W8A8 only for the nodes named (the rest float).
+* ``llc-mnb4`` / ``llc-mnb2`` / ``llc-mnb8``: every MatMul/Gemm the target offers as MatMulNBits at that width
+  (accuracy level 4); ``ort-int4``: ORT's ``MatMulNBitsQuantizer`` (block 32, symmetric; ``bench.baselines``).
 
 ``--ops`` prints the node types of each variant after ORT's graph optimizations (what actually runs).
 """
@@ -55,17 +57,19 @@ def ort_u8(model_path: str, dataset, out_path: str) -> None:
                         calibrate_method=CalibrationMethod.MinMax)
 
 
-def llc_w8a8(model: onnx.ModelProto, dataset, only=None) -> onnx.ModelProto:
+def llc_w8a8(model: onnx.ModelProto, dataset, only=None, kind: str = "w8a8", bits: int = 8) -> onnx.ModelProto:
+    """Every node the ort-cpu target offers ``kind`` (w8a8 / matmulnbits at ``bits``) written so (nearest
+    rounding, min-max ranges); ``only``: restrict to these node names."""
     from llc_onnx.compressible import find_compressible
     from llc_onnx.targets import get_target
     from llc_onnx.targets.plans import plan_nodes
 
     t = get_target("ort-cpu")
     nodes = find_compressible(model)[0]
-    offers = t.offers(model, nodes, levels=(8, "float"))
+    offers = t.offers(model, nodes, levels=(bits, "float"))
     choice = {}
     for n in nodes:
-        fmts = [f for f in offers[n.name].formats if f.kind == "w8a8"]
+        fmts = [f for f in offers[n.name].formats if f.kind == kind]
         if fmts and (only is None or n.name in only):
             choice[n.name] = fmts[0]
     plans = plan_nodes(t, model, choice, data=dataset)
@@ -119,6 +123,13 @@ def main(argv=None) -> None:
                     built[v] = out
                 elif v == "llc-w8a8":
                     built[v] = llc_w8a8(model, ds)
+                elif v in ("llc-mnb4", "llc-mnb2", "llc-mnb8"):
+                    built[v] = llc_w8a8(model, ds, kind="matmulnbits", bits=int(v[-1]))
+                elif v == "ort-int4":
+                    from bench.baselines import ort_int4
+
+                    ort_int4(path, out)
+                    built[v] = out
                 elif v.startswith("llc-w8a8-only:"):
                     built[v] = llc_w8a8(model, ds, set(v.split(":", 1)[1].split("+")))
                 else:

@@ -236,13 +236,14 @@ class W8A8Pass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def _join_adds(self, graph: ir.Graph, dq_params: dict[int, tuple]) -> None:
-        """Residual joins in integers: an ``Add`` whose two inputs are quantized for some other consumer (a
-        DQ output, or a float tensor that also feeds one of this pass's QuantizeLinear) and whose output
-        (or the absorbed Relu/Clip after it) is quantized too reads the dequantized inputs, so ORT runs it as
-        ``QLinearAdd`` and the integer chain is not broken by DQ → Add → Q in float. One quantization per
-        tensor: the Add sees the values the quantized consumer of the same tensor sees. The candidate
-        measurements quantize only the W8A8 node's own input; the joint validation in ONNX Runtime measures
-        the written model."""
+        """Residual joins in integers: an ``Add`` whose two inputs are both quantized for some consumer (a DQ
+        output, or a float tensor that also feeds one of this pass's QuantizeLinear) reads the dequantized
+        inputs. When its output is quantized too ORT runs it as ``QLinearAdd``; when it is not (the last
+        residual before a pooling), reading the DQ still leaves the producer of its skip input (a Relu) with
+        the QuantizeLinear as its only consumer, which ORT needs to fold the Relu and fuse the *previous*
+        residual Add. One quantization per tensor: the Add sees the values the quantized consumer of the same
+        tensor sees. The candidate measurements quantize only each W8A8 node's own input; the joint
+        validation in ONNX Runtime measures the written model."""
         twins: dict[int, ir.Value] = {}
         for node in graph:
             if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
@@ -259,10 +260,7 @@ class W8A8Pass(ir.passes.InPlacePass):
             if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
                 continue
             qa, qb = quantized(node.inputs[0]), quantized(node.inputs[1])
-            y = node.outputs[0]
-            user = _absorbed_consumer(y, "uint8")
-            if qa is None or qb is None or (quantized(y) is None and (user is None or quantized(user.outputs[0])
-                                                                       is None)):
+            if qa is None or qb is None:
                 continue
             rewired = False
             for i, q in enumerate((qa, qb)):
