@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import LLCError
+from ..errors import LLCError, first_line
 
 LABELS = "labels"
 GROUPS = "groups"
@@ -243,8 +243,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                 raise ValueError("not an .npz archive")
             return {k: z[k] for k in z.files}
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LLCError(f"{path}: cannot read as .npz ({reason}); save the data with numpy.savez") from None
+        raise LLCError(f"{path}: cannot read as .npz ({first_line(exc)}); save the data with numpy.savez") from None
 
 
 def import_object(spec: str):
@@ -331,33 +330,23 @@ def _load_reader(spec, specs) -> Dataset:
     if not callable(getattr(obj, "get_next", None)):
         raise LLCError(f"{spec}: not a CalibrationDataReader (no get_next() method); "
                        "give an object with get_next() returning a dict of arrays, or None at the end")
-    batches = []
-    while True:
-        item = obj.get_next()
-        if item is None:
-            break
-        source = f"{spec}[batch {len(batches)}]"
-        if not isinstance(item, dict):
-            raise LLCError(f"{source}: get_next() returned {type(item).__name__}, expected a dict of arrays or None")
-        arrays = {str(k): np.asarray(v) for k, v in item.items()}
-        validate_arrays(arrays, specs, source)
-        batches.append(_to_batch(arrays))
-    if not batches:
-        raise LLCError(f"{spec}: the data reader returned no batches; get_next() must return dicts before None")
-    return Dataset(batches, spec, unit="batch")
+    return _load_iterable(iter(obj.get_next, None), specs, spec, "get_next() returned",
+                          "get_next() must return dicts before None")
 
 
-def _load_iterable(items, specs, source: str) -> Dataset:
+def _load_iterable(items, specs, source: str, got: str = "got",
+                   fix: str = "give at least one dict of arrays") -> Dataset:
+    """One batch per dict of ``items`` (a reader's ``get_next()`` until None, or any iterable), validated."""
     batches = []
     for i, item in enumerate(items):
         where = f"{source}[batch {i}]"
         if not isinstance(item, dict):
-            raise LLCError(f"{where}: got {type(item).__name__}, expected a dict of arrays per batch")
+            raise LLCError(f"{where}: {got} {type(item).__name__}, expected a dict of arrays per batch")
         arrays = {str(k): np.asarray(v) for k, v in item.items()}
         validate_arrays(arrays, specs, where)
         batches.append(_to_batch(arrays))
     if not batches:
-        raise LLCError(f"{source}: no batches; give at least one dict of arrays")
+        raise LLCError(f"{source}: no batches; {fix}")
     return Dataset(batches, source, unit="batch")
 
 

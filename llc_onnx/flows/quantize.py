@@ -404,6 +404,7 @@ def run(ctx: FlowContext) -> MethodOutcome:
     if lat_budget is None:
         plans += solver.uniform_plans(cfg.levels())
     ladders = solver.ladders
+    rewrite_notes: dict[tuple, list[str]] = {}
 
     def build(ch: dict[str, int]) -> onnx.ModelProto:
         plans_ = {}
@@ -412,7 +413,9 @@ def run(ctx: FlowContext) -> MethodOutcome:
             fmt = formats.by_level[(n, cand.level)]
             weight = None if fmt.kind == "float" else _weight(ctx, rounder, n, cand, fmt, memo)
             plans_[n] = formats.plan(n, fmt, weight)
-        return ctx.target.rewrite(ctx.model, plans_).model
+        rw = ctx.target.rewrite(ctx.model, plans_)
+        rewrite_notes[tuple(sorted(ch.items()))] = [f"node '{n}': {note}" for n, note in rw.notes]
+        return rw.model
 
     sweep = []
     for frac in cfg.sweep:
@@ -426,4 +429,5 @@ def run(ctx: FlowContext) -> MethodOutcome:
                 "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()},
                 "rounding_per_level": per_level, "joint": joint}
     return MethodOutcome("quant", table, ladders, plans, build, budget, settings, first_costs, cache=cache,
-                         sweep=sweep, frontier=frontier)
+                         sweep=sweep, frontier=frontier,
+                         notes=lambda ch: rewrite_notes.get(tuple(sorted(ch.items())), []))

@@ -15,7 +15,8 @@ reference implementation), no padding of the batch and channel axes, no negative
 Pad's only consumer is an ONNX-domain ``Conv`` reading it as its data input, with ``auto_pad`` NOTSET and
 the Pad output not a graph output. Zero padding commutes with quantization whenever 0 is exactly
 representable (every ONNX Q/DQ with an integer zero point), so a W8A8 input quantizer measured on the Pad's
-output is the same quantizer on its input. Constant nodes nothing reads any more are removed.
+output is the same quantizer on its input. Like the other passes it leaves what it replaced in the graph (the
+pads' constant subgraph): :func:`~llc_onnx.passes.common.apply_passes` removes what nothing reads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as ir_common
 
 from llc_onnx.passes import common
 
@@ -130,11 +130,9 @@ class FusePadIntoConvPass(ir.passes.InPlacePass):
             conv.replace_input_with(0, pad.inputs[0])
             graph.remove(pad, safe=True)
             self.fused.append((pad.name, conv.name))
-        if self.fused:
-            ir_common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.fused))
 
 
 def fuse_pad_into_conv(model: onnx.ModelProto) -> onnx.ModelProto:
-    """:class:`FusePadIntoConvPass` on a copy of ``model``."""
-    return common.run_on_proto(model, FusePadIntoConvPass)
+    """:class:`FusePadIntoConvPass` on a copy of ``model`` (the constants only the Pads read are removed)."""
+    return common.apply_passes(model, [FusePadIntoConvPass()])

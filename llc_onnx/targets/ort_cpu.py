@@ -47,7 +47,6 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 from llc_onnx.compressible import CompressibleNode
-from llc_onnx.errors import LLCError
 from llc_onnx.passes.matmulnbits import MatMulNBitsPass, valid_block_size
 from llc_onnx.passes.pad_fusion import FusePadIntoConvPass
 from llc_onnx.passes.w8a8 import W8A8Pass, W8A8Plan
@@ -196,12 +195,9 @@ class OrtCpuTarget(Target):
               for n, p in plans.items() if p.format.kind == "w8a8"}
         mnb = {n: p.weight for n, p in plans.items() if p.format.kind == "matmulnbits"}
         levels = {n: int(plans[n].format.accuracy_level) for n in mnb}
-        mnb_pass = MatMulNBitsPass(mnb, accuracy_level=levels)
         passes = [FusePadIntoConvPass()] if w8 else []        # exact; keeps Pad → Q/DQ → Conv integer
-        out = apply_passes(model, [*passes, W8A8Pass(w8, join_adds=True), mnb_pass])
-        if mnb_pass.skipped:
-            node, why = mnb_pass.skipped[0]
-            raise LLCError(f"node '{node}': cannot be written as MatMulNBits ({why}); it should not have been offered")
+        out = apply_passes(model, [*passes, W8A8Pass(w8, join_adds=True),
+                                   MatMulNBitsPass(mnb, accuracy_level=levels, unsupported="error")])
         written = {n: p.format.name for n, p in plans.items() if p.format.kind != "float"}
         return Rewrite(model=out, written=written)
 
