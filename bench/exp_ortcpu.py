@@ -15,7 +15,8 @@ figure; on a shared machine load only adds time), at each batch, in a default CP
   ORT recommendation for x86 without VNNI.
 * ``llc-w8a8``: every node the ort-cpu target offers W8A8 written as W8A8 (7-bit codes, uint8 activations;
   the output quantized for Conv), nearest rounding, min-max ranges (``targets.plans.plan_nodes``).
-* ``llc-w8a8-only:a+b``: W8A8 only for the nodes named (the rest float).
+* ``llc-w8a8-only:a+b``: W8A8 only for the nodes named (the rest float); ``file:PATH``: a model written
+  elsewhere (e.g. by ``llc-onnx optimize``).
 * ``llc-mnb4`` / ``llc-mnb2`` / ``llc-mnb8``: every MatMul/Gemm the target offers as MatMulNBits at that width
   (accuracy level 4); ``ort-int4``: ORT's ``MatMulNBitsQuantizer`` (block 32, symmetric; ``bench.baselines``).
 
@@ -130,6 +131,8 @@ def main(argv=None) -> None:
 
                     ort_int4(path, out)
                     built[v] = out
+                elif v.startswith("file:"):
+                    built[v] = v[5:]
                 elif v.startswith("llc-w8a8-only:"):
                     built[v] = llc_w8a8(model, ds, set(v.split(":", 1)[1].split("+")))
                 else:
@@ -150,7 +153,7 @@ def main(argv=None) -> None:
                 load = os.getloadavg()[0]
                 for v, tm in t.items():
                     rel = f"{ref / tm.min_ms:5.2f}x fp32 speed" if ref else ""
-                    print(f"[{bench.name}] batch {b:3d} threads {args.threads} load {load:4.1f}  {v:28s} "
+                    print(f"[{bench.name}] batch {b:3d} threads {args.threads} load {load:4.1f}  {v[-28:]:28s} "
                           f"min {tm.min_ms:8.3f} ms  median {tm.median_ms:8.3f} ms  {rel}", flush=True)
     del x
     sys.stdout.flush()
