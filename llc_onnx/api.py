@@ -246,11 +246,13 @@ class CompareResult:
                 "tolerance": self.tolerance, "passed": self.passed, "latency": self.latency}
 
 
-def compare_latency(reference, candidate, dataset, *, threads: int = 0, rounds: int = 31) -> dict:
+def compare_latency(reference, candidate, dataset, *, threads: int = 0, rounds: int = 31,
+                    max_seconds: float = 30.0) -> dict:
     """Latency and throughput of both models in the same ONNX Runtime session settings (CPU provider, default
     graph optimizations, ``threads`` intra-op threads), timed interleaved (``targets.latency.time_sessions``:
     each round runs both; ms per run as the fastest round and the median) at batch 1 and at the data's
-    batch (its first batch; only that one when the model's batch is fixed)."""
+    batch (its first batch; only that one when the model's batch is fixed). At most ``rounds`` rounds per
+    batch, fewer (at least 3) once ``max_seconds`` of timing have passed; the rounds done are reported."""
     from .ort_eval import SessionConfig, make_session
     from .targets.latency import time_sessions
 
@@ -262,7 +264,7 @@ def compare_latency(reference, candidate, dataset, *, threads: int = 0, rounds: 
         feeds = {"1": {k: v[:1] for k, v in first.inputs.items()}, **feeds}
     out = {}
     for label, f in feeds.items():
-        t = time_sessions(sessions, f, rounds=rounds)
+        t = time_sessions(sessions, f, rounds=rounds, max_seconds=max_seconds, min_rounds=min(3, rounds))
         r, c = t["reference"], t["candidate"]
         out[label] = {"reference_ms": r.min_ms, "candidate_ms": c.min_ms, "reference_median_ms": r.median_ms,
                       "candidate_median_ms": c.median_ms, "speedup": r.min_ms / c.min_ms if c.min_ms else None,

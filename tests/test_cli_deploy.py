@@ -203,3 +203,15 @@ def test_compare_reports_latency_and_throughput_of_both(fashion, capsys):
     assert "speed-up" in capsys.readouterr().out
     err = _err(capsys, ["compare", fashion["float"], fashion["float"], "--data", fashion["held"], "--rounds", "0"])
     assert "--rounds 0" in err
+
+
+def test_time_sessions_stops_at_its_time_budget(fashion):
+    from llc_onnx.ort_eval import make_session
+    from llc_onnx.targets.latency import time_sessions
+
+    x = np.load(fashion["held"])["input"][:8]
+    sessions = {"a": make_session(fashion["float"]), "b": make_session(fashion["ort-cpu"])}
+    quick = time_sessions(sessions, {"input": x}, rounds=50, max_seconds=0.0, min_rounds=3)
+    assert quick["a"].rounds == quick["b"].rounds == 3
+    full = time_sessions(sessions, {"input": x}, rounds=5)
+    assert full["a"].rounds == 5 and full["a"].min_ms <= full["a"].median_ms <= full["a"].max_ms
