@@ -6,7 +6,9 @@
                                                                # checks the script itself, times mean nothing
 
 On the GPU machine, run with it the GPU halves of the tests (kernels on CUDA vs first principles and ORT,
-the runner on CUDA): ``python -m pytest -q tests/test_plugins_kernels.py tests/test_plugins_runner.py``.
+the runner on CUDA, ``run --device cuda``, optimize on CUDA): ``python -m pytest -q tests/test_plugins_kernels.py
+tests/test_plugins_runner.py tests/test_cli_deploy.py tests/test_device_plumbing.py``, and the optimize-on-CUDA
+wall-time comparison ``python -m bench.gpu_optimize`` (≤ 8 min on its own: give it a separate call).
 Exit status: 0 when every goal is met, 1 when one is not, 2 when there is no GPU / Triton.
 
 Shapes K×N ∈ {4096×4096, 4096×14336}, rows M ∈ {1, 16, 256, 1024}, formats INT4, INT2 (block 32), INT8 (per

@@ -28,7 +28,9 @@ from .errors import LLCError
 from .progress import Progress, Silent, StageTimer
 from .result import NodeDecision, OptimizeResult, SplitResult, StageResult
 
-__all__ = ["optimize", "inspect", "compare", "expand", "CompareResult", "load"]
+from .deploy import check, engine, run  # noqa: E402,F401 - the deployment commands' API (deploy.py)
+
+__all__ = ["optimize", "inspect", "compare", "expand", "CompareResult", "load", "check", "run", "engine"]
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +232,7 @@ class CompareResult:
     max_abs_diff: float
     mean_abs_diff: float
     tolerance: float
+    latency: dict | None = None  # batch -> both models' latency and throughput (compare_latency)
 
     @property
     def passed(self) -> bool:
@@ -244,12 +247,41 @@ class CompareResult:
                           "weight_bytes": c["weight_bytes"] - r["weight_bytes"],
                           "weight_ratio": c["weight_bytes"] / r["weight_bytes"] if r["weight_bytes"] else None},
                 "max_abs_diff": self.max_abs_diff, "mean_abs_diff": self.mean_abs_diff,
-                "tolerance": self.tolerance, "passed": self.passed}
+                "tolerance": self.tolerance, "passed": self.passed, "latency": self.latency}
+
+
+def compare_latency(reference, candidate, dataset, *, threads: int = 0, rounds: int = 31,
+                    max_seconds: float = 30.0) -> dict:
+    """Latency and throughput of both models in the same ONNX Runtime session settings (CPU provider, default
+    graph optimizations, ``threads`` intra-op threads), timed interleaved (``targets.latency.time_sessions``:
+    each round runs both; ms per run as the fastest round and the median) at batch 1 and at the data's
+    batch (its first batch; only that one when the model's batch is fixed). At most ``rounds`` rounds per
+    batch, fewer (at least 3) once ``max_seconds`` of timing have passed; the rounds done are reported."""
+    from .ort_eval import SessionConfig, make_session
+    from .targets.latency import time_sessions
+
+    cfg = SessionConfig(threads=threads)
+    sessions = {"reference": make_session(reference, cfg), "candidate": make_session(candidate, cfg)}
+    first = dataset.batches[0]
+    feeds = {str(first.size): dict(first.inputs)}
+    if first.size != 1 and not dataset.fixed_batch:
+        feeds = {"1": {k: v[:1] for k, v in first.inputs.items()}, **feeds}
+    out = {}
+    for label, f in feeds.items():
+        t = time_sessions(sessions, f, rounds=rounds, max_seconds=max_seconds, min_rounds=min(3, rounds))
+        r, c = t["reference"], t["candidate"]
+        out[label] = {"reference_ms": r.min_ms, "candidate_ms": c.min_ms, "reference_median_ms": r.median_ms,
+                      "candidate_median_ms": c.median_ms, "speedup": r.min_ms / c.min_ms if c.min_ms else None,
+                      "reference_throughput": int(label) / r.min_ms * 1e3,
+                      "candidate_throughput": int(label) / c.min_ms * 1e3, "rounds": r.rounds, "threads": threads}
+    return out
 
 
 def compare(reference, candidate, data, *, loss: str | None = None, output: str | None = None,
-            tolerance: float = 0.0, batch_size: int = 64, threads: int = 0, progress: bool = False) -> CompareResult:
-    """Run both models on ``data`` in ONNX Runtime: loss, metrics, max/mean |Δ output|, weight bytes."""
+            tolerance: float = 0.0, batch_size: int = 64, threads: int = 0, progress: bool = False,
+            latency: bool = True, rounds: int = 31) -> CompareResult:
+    """Run both models on ``data`` in ONNX Runtime: loss, metrics, max/mean |Δ output|, weight bytes, and
+    (``latency``) both models' latency and throughput in the same session settings (:func:`compare_latency`)."""
     from .calib.data import load_dataset, validate_dataset
     from .calib.losses import make_loss
     from .flows.context import _default_loss_kind
@@ -258,6 +290,8 @@ def compare(reference, candidate, data, *, loss: str | None = None, output: str 
 
     if not (isinstance(tolerance, (int, float)) and np.isfinite(tolerance) and tolerance >= 0):
         raise LLCError(f"--tolerance {tolerance}: must be ≥ 0")
+    if latency and not (isinstance(rounds, int) and rounds >= 1):
+        raise LLCError(f"--rounds {rounds}: must be an integer ≥ 1")
     ref, ref_src = load(reference)
     cand, cand_src = load(candidate)
     out_name = resolve_output(ref, output, ref_src)
@@ -273,9 +307,12 @@ def compare(reference, candidate, data, *, loss: str | None = None, output: str 
     def side(src, e, nbytes):
         return {"model": src, "loss": e.loss, "metrics": dict(e.metrics), "weight_bytes": nbytes, "seconds": e.seconds}
 
+    lat = compare_latency(reference if isinstance(reference, (str, os.PathLike)) else ref,
+                          candidate if isinstance(candidate, (str, os.PathLike)) else cand, ds, threads=threads,
+                          rounds=rounds) if latency else None
     return CompareResult(out_name, kind, cmp.n, side(ref_src, cmp.reference, initializer_bytes(ref)),
                          side(cand_src, cmp.candidate, initializer_bytes(cand)), cmp.max_abs_diff,
-                         cmp.mean_abs_diff, float(tolerance))
+                         cmp.mean_abs_diff, float(tolerance), lat)
 
 
 def expand(model, *, bits: int = 4, terms: int = 2, order: int | None = None, block_size: int | None | str = "default",

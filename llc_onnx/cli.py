@@ -123,20 +123,24 @@ def _compare_args(p):
                    help="candidate passes when its loss ≤ reference loss + tolerance (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch for a single .npz (default 64)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = ORT default)")
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                   help="time both models in the same session settings at batch 1 and the data's batch (default on)")
+    p.add_argument("--rounds", type=int, default=31, help="interleaved timing rounds per batch (default 31)")
     _json_flag(p)
 
 
 @command("compare", "compare a candidate model against a reference on the same data", _compare_args)
 def cmd_compare(args) -> int:
     """Run both models on the same data with ONNX Runtime and report loss, metrics, the max/mean absolute
-    difference of the chosen output, and weight bytes (packed at the element bit width). Exit code 1 when
+    difference of the chosen output, weight bytes (packed at the element bit width), and both models'
+    latency and throughput in the same session settings at batch 1 and the data's batch. Exit code 1 when
     the candidate loss exceeds the reference loss + tolerance, 0 otherwise."""
     from . import api
     from .report import emit_json, print_compare
 
     res = api.compare(args.reference, args.candidate, args.data, loss=args.loss, output=args.output,
                       tolerance=args.tolerance, batch_size=args.batch_size, threads=args.threads,
-                      progress=not args.json and sys.stderr.isatty())
+                      progress=not args.json and sys.stderr.isatty(), latency=args.latency, rounds=args.rounds)
     if args.json:
         emit_json({**res.to_dict(), "data": args.data})
     else:
@@ -190,6 +194,97 @@ def cmd_expand(args) -> int:
     else:
         print_expand(res)
     return 0 if res.verified is not False else 1
+
+
+# ------------------------------------------------------------------------------------------ check
+def _check_args(p):
+    p.add_argument("model", help="path of the .onnx model")
+    p.add_argument("--target", default="ort-cpu", choices=("ort-cpu", "tensorrt"),
+                   help="tensorrt: every violation of TensorRT's explicit-quantization rules; ort-cpu (default): "
+                        "which nodes ONNX Runtime CPU runs in integer kernels, and quantized nodes it runs in float")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (ort-cpu)")
+    _json_flag(p)
+
+
+@command("check", "check a model against a deployment target's rules", _check_args)
+def cmd_check(args) -> int:
+    """Report every violation of the target's rules with the node name. tensorrt: symmetric INT8/INT4 Q/DQ
+    placement, plugin attributes, opset. ort-cpu: the kernel ONNX Runtime's CPU provider runs each
+    MatMul/Gemm/Conv/MatMulNBits in (read from its optimized graph), and a violation for each quantized node
+    that runs in float. Exit code 1 when there are violations, 0 otherwise."""
+    from . import api
+    from .report import emit_json, print_check
+
+    res = api.check(args.model, target=args.target, threads=args.threads)
+    if args.json:
+        emit_json(res.to_dict())
+    else:
+        print_check(res)
+    return 0 if res.passed else 1
+
+
+# ------------------------------------------------------------------------------------------ run
+def _data_args(p, required: bool = True):
+    p.add_argument("--data", required=required, default=None,
+                   help="held-out data: file.npz, a directory of .npz batches, or module:attr")
+    p.add_argument("--output", default=None, help="graph output the loss reads (default: the first output)")
+    p.add_argument("--loss", default=None, help="ce | lm | mse | module:function (default as in compare)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch for a single .npz (default 64)")
+
+
+def _run_args(p):
+    p.add_argument("model", help="path of the compressed .onnx model")
+    _data_args(p)
+    p.add_argument("--device", default="cpu", help="cpu (default; the interpreter, a correctness run) or cuda[:N] "
+                                                   "(weight-only nodes on the Triton kernels)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes over the first batch (default 1)")
+    _json_flag(p)
+
+
+@command("run", "run a compressed model on a device (GPU: Triton kernels) and report loss, latency, throughput",
+         _run_args)
+def cmd_run(args) -> int:
+    """Execute the model through the llc-onnx interpreter on --device: on CUDA, MatMulNBits and series nodes
+    run the Triton kernels; on CPU, their torch reference (the numbers, not ONNX Runtime's speed). Reports
+    loss, metrics, median latency per batch and throughput."""
+    from . import api
+    from .report import emit_json, print_run
+
+    res = api.run(args.model, args.data, device=args.device, loss=args.loss, output=args.output,
+                  batch_size=args.batch_size, warmup=args.warmup)
+    if args.json:
+        emit_json(res.to_dict())
+    else:
+        print_run(res)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ engine
+def _engine_args(p):
+    p.add_argument("model", help="path of the compressed .onnx model (--target tensorrt output)")
+    p.add_argument("-o", "--out", required=True, help="the serialized TensorRT plan to write")
+    _data_args(p, required=False)
+    p.add_argument("--int4", default="native", choices=("native", "plugin"),
+                   help="INT4 weight-only nodes: TensorRT's own kernel (native, default) or the llc plugin")
+    _json_flag(p)
+
+
+@command("engine", "build a TensorRT engine from a compressed model and compare it with ONNX Runtime", _engine_args)
+def cmd_engine(args) -> int:
+    """Build a strongly typed TensorRT engine (the llc plugins for the levels TensorRT has no kernel for);
+    with --data, run it and ONNX Runtime on the same batches (loss, max/mean |Δ output|, latency). Needs
+    TensorRT ≥ 10.8 with tensorrt.plugin, triton and a CUDA GPU; without them one error line says what to
+    install (exit code 2)."""
+    from . import api
+    from .report import emit_json, print_engine
+
+    res = api.engine(args.model, args.out, data=args.data, loss=args.loss, output=args.output,
+                     batch_size=args.batch_size, int4=args.int4)
+    if args.json:
+        emit_json(res.to_dict())
+    else:
+        print_engine(res)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ optimize

@@ -157,7 +157,7 @@ def evaluate(model, dataset: Dataset, loss: TaskLoss, *, session: SessionConfig 
             with torch.no_grad():
                 for j in range(out.shape[0]):
                     for us, uc in loss.unit_terms(torch.from_numpy(np.ascontiguousarray(out[j:j + 1])),
-                                                  torch.as_tensor(np.asarray(labels)[j:j + 1])):
+                                                  torch.as_tensor(np.asarray(labels)[j:j + 1], device="cpu")):
                         unit_sums.append(us)
                         unit_counts.append(uc)
                         if batch.groups is not None:

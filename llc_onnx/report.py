@@ -3,8 +3,9 @@
 A :class:`Summary` is a titled table: either key/value pairs (:meth:`Summary.add`) or rows under
 ``columns`` (:meth:`Summary.add_row`). :func:`print_summaries` renders them with rich on stdout (cell text is
 escaped, so names with brackets show as they are); :func:`emit_json` writes one JSON object (numpy
-scalars/arrays, NaN/Inf handled) and nothing else. ``print_inspect`` / ``print_compare`` / ``print_optimize``
-are the command-line views of ``api.inspect`` / ``api.compare`` / ``api.optimize``.
+scalars/arrays, NaN/Inf handled) and nothing else. ``print_inspect`` / ``print_compare`` / ``print_optimize`` /
+``print_check`` / ``print_run`` / ``print_engine`` are the command-line views of ``api.inspect`` /
+``api.compare`` / ``api.optimize`` / ``api.check`` / ``api.run`` / ``api.engine``.
 """
 
 from __future__ import annotations
@@ -203,7 +204,16 @@ def print_compare(res, data: str) -> None:
     t.add_row("weight bytes", r["weight_bytes"], c["weight_bytes"], c["weight_bytes"] - r["weight_bytes"])
     t.add_row("max |Δ output|", None, res.max_abs_diff, None)
     t.add_row("mean |Δ output|", None, res.mean_abs_diff, None)
-    print_summaries([t])
+    tables = [t]
+    if res.latency:
+        lt = Summary("latency (ONNX Runtime CPU, same session settings; ms per run, fastest of interleaved rounds; "
+                     "throughput in samples/s)", ["batch", "reference ms", "candidate ms", "speed-up",
+                                                  "reference /s", "candidate /s"])
+        for b, row in res.latency.items():
+            lt.add_row(b, row["reference_ms"], row["candidate_ms"], f"{row['speedup']:.2f}x",
+                       round(row["reference_throughput"], 1), round(row["candidate_throughput"], 1))
+        tables.append(lt)
+    print_summaries(tables)
     rel = "≤" if res.passed else ">"
     print_line(f"{'PASS' if res.passed else 'FAIL'}: candidate loss {c['loss']:.6g} {rel} reference loss "
                f"{r['loss']:.6g} + tolerance {res.tolerance:g}", style="bold green" if res.passed else "bold red")
@@ -303,3 +313,63 @@ def print_optimize(result) -> None:
                f"first plan {'passed' if first else 'failed'} on validation"
                + (f"; written {result.output}" if result.output else "; no model written"),
                style="bold green" if result.verified else "bold red")
+
+
+def print_check(res) -> None:
+    """``llc-onnx check``: the violations (node, rule, message), and for ort-cpu how ORT runs each node."""
+    tables = []
+    if res.nodes:
+        t = Summary(f"how ONNX Runtime CPU runs {res.model} (its optimized graph)",
+                    ["node", "op", "weight", "ORT kernel", "integer"])
+        for n in res.nodes:
+            t.add_row(n["node"], n["op_type"], n["weight"], n["kernel"], n["integer"])
+        tables.append(t)
+    if res.violations:
+        v = Summary(f"{len(res.violations)} violation(s) of the {res.target} rules", ["node", "rule", "message"])
+        for x in res.violations:
+            v.add_row(x["node"], x["rule"], x["message"])
+        tables.append(v)
+    print_summaries(tables)
+    if res.passed:
+        print_line(f"PASS: {res.model} follows the {res.target} rules", style="bold green")
+    else:
+        print_line(f"FAIL: {len(res.violations)} violation(s) of the {res.target} rules in {res.model}",
+                   style="bold red")
+
+
+def print_run(res) -> None:
+    """``llc-onnx run``: loss, metrics, latency and throughput on the device, and what ran the nodes."""
+    t = Summary(f"run {res.model} on {res.device} ({res.executor})")
+    t.add("data", f"{res.data}: {res.n_samples} samples, batches of {res.batch_size}")
+    t.add(f"loss ({res.loss_kind}, output '{res.output}')", res.loss)
+    for k, v in res.metrics.items():
+        t.add(k, v)
+    t.add("latency (median per batch)", f"{res.latency_ms:.4g} ms")
+    t.add("throughput", f"{res.throughput:.1f} samples/s")
+    for op, count in res.nodes.items():
+        t.add(f"{op} nodes", f"{count} ({res.kernels.get(op, '?')})")
+    print_summaries([t])
+    if res.note:
+        print_line(f"note: {res.note}", style="yellow")
+
+
+def print_engine(res) -> None:
+    """``llc-onnx engine``: the plan built and, with data, TensorRT against ONNX Runtime."""
+    b = res.built
+    t = Summary(f"TensorRT engine {res.plan}")
+    t.add("model", res.model).add("plan bytes", f"{b.get('bytes', 0):,}").add("build seconds", b.get("seconds"))
+    t.add("plugin nodes", ", ".join(f"{k}: {v}" for k, v in b.get("plugins", {}).items()) or "none")
+    t.add("native INT4 nodes", b.get("native_int4"))
+    tables = [t]
+    c = res.comparison
+    if c:
+        cmp = Summary(f"TensorRT vs ONNX Runtime on {c['n_samples']} samples (output '{c['output']}')",
+                      ["", "ONNX Runtime", "TensorRT"])
+        cmp.add_row(f"loss ({c['loss_kind']})", c["onnxruntime"]["loss"], c["tensorrt"]["loss"])
+        for k, v in c["onnxruntime"]["metrics"].items():
+            cmp.add_row(k, v, c["tensorrt"]["metrics"].get(k))
+        cmp.add_row("max |Δ output|", None, c["max_abs_diff"])
+        cmp.add_row("mean |Δ output|", None, c["mean_abs_diff"])
+        cmp.add_row("latency per batch (ms)", None, c["latency_ms"])
+        tables.append(cmp)
+    print_summaries(tables)

@@ -690,3 +690,16 @@ def test_bad_feeds_and_hook_targets_raise_llcerror():
     assert g.input_names == ["x"] and g.output_names == ["y"]
     assert set(g.params) == {"Wc", "Bc", "Wg", "Cg", "Ws", "Wo"}
     assert all(p.dtype == torch.float32 and p.is_leaf and not p.requires_grad for p in g.params.values())
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, 3, -1, -3])
+def test_flatten_takes_every_onnx_axis_including_the_rank(axis):
+    """ONNX Flatten's axis lies in [-r, r]; axis = r (SmolLM2's export flattens a [B, T] mask with axis 2)
+    gives [prod(shape), 1]."""
+    g = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"], axis=axis)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    (ref,) = check_against_ort(m, {"x": x})
+    assert ref.shape == ((24, 1) if axis == 3 else (1, 24) if axis == 0 else ref.shape)

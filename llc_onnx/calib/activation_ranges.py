@@ -96,7 +96,7 @@ class ActivationQParams:
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """QuantizeLinear → DequantizeLinear in torch (same float32 arithmetic), straight-through gradient."""
-        s = torch.tensor(self.scale, dtype=torch.float32).to(device=x.device)
+        s = torch.tensor(self.scale, dtype=torch.float32, device=x.device)
         xf = x.float()
         with torch.no_grad():
             q = torch.clamp(torch.round(xf / s) + self.zero_point, self.qmin, self.qmax)

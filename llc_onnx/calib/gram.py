@@ -182,7 +182,7 @@ def collect_grams(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, n
             step = max(1, ROW_CHUNK_BYTES // (8 * r3.shape[1] * r3.shape[2]))
             g = acc[key][0]
             if g is None:
-                g = torch.zeros((r3.shape[1], view.k, view.k), dtype=torch.float64)
+                g = torch.zeros((r3.shape[1], view.k, view.k), dtype=torch.float64, device="cpu")
             for s in range(0, r3.shape[0], step):
                 c = r3[s:s + step].to(device="cpu", dtype=torch.float64).transpose(0, 1)   # [g, r, K]
                 g += c.transpose(1, 2) @ c
@@ -201,7 +201,8 @@ def collect_grams(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, n
     for key, (g, n, members) in acc.items():
         view = key[1]
         if g is None:
-            g = torch.zeros((max(view.group, 1) if view.op == "Conv" else 1, view.k, view.k), dtype=torch.float64)
+            g = torch.zeros((max(view.group, 1) if view.op == "Conv" else 1, view.k, view.k), dtype=torch.float64,
+                            device="cpu")
         arr = g.numpy()
         if not (view.op == "Conv" and view.group > 1):
             arr = arr[0]

@@ -371,7 +371,8 @@ class UserLoss(TaskLoss):
         except Exception as exc:
             raise LLCError(f"{self.name}: the loss function raised {type(exc).__name__}: {exc}; "
                            "it is called as fn(output, labels) with torch tensors") from None
-        r = _as_tensor(r) if not isinstance(r, (float, int)) else torch.tensor(float(r), dtype=torch.float64)
+        r = _as_tensor(r) if not isinstance(r, (float, int)) else torch.tensor(float(r), dtype=torch.float64,
+                                                                                 device=output.device)
         if r.ndim == 0:
             return r.double() * b, b
         if r.ndim == 1 and r.shape[0] == b:

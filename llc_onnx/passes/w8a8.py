@@ -101,10 +101,11 @@ def _absorbed_consumer(value: ir.Value, dtype: str) -> ir.Node | None:
         return None
     if user.op_type == "Clip":
         lo = user.inputs[1] if len(user.inputs) > 1 else None
-        if lo is None or lo.const_value is None or float(lo.const_value.numpy()) != 0.0:
+        lo_t = None if lo is None else ir.convenience.get_const_tensor(lo)    # an initializer or a Constant node
+        if lo_t is None or float(lo_t.numpy()) != 0.0:
             return None
         hi = user.inputs[2] if len(user.inputs) > 2 else None
-        if hi is not None and hi.const_value is None:
+        if hi is not None and ir.convenience.get_const_tensor(hi) is None:
             return None
     return user
 
@@ -129,9 +130,11 @@ class W8A8Pass(common.RewritePass):
     """Write static W8A8 plans (see module docstring). ``plans``: node name -> :class:`W8A8Plan`. The result's
     ``written`` lists the planned nodes."""
 
-    def __init__(self, plans: Mapping[str, W8A8Plan]):
+    def __init__(self, plans: Mapping[str, W8A8Plan], *, join_adds: bool = False):
         super().__init__()
         self.plans = dict(plans)
+        self.join_adds = bool(join_adds)
+        self.joined: list[str] = []                  # Add nodes that read quantized inputs (join_adds)
 
     def check(self, model: ir.Model) -> tuple[dict[str, Any], list]:
         if not self.plans:
@@ -247,8 +250,45 @@ class W8A8Pass(common.RewritePass):
                 node.replace_input_with(0, xdq)
             if int32_bias and node.op_type in ("Gemm", "Conv"):
                 self._int32_bias(graph, names, node, in_p[0])
+        if self.join_adds:
+            self._join_adds(graph, dq_params)
         common.set_default_opset(model, 21, 10)
         return common.RewriteResult(model, modified=True, written=tuple(n.name for n, *_ in checked))
+
+    def _join_adds(self, graph: ir.Graph, dq_params: dict[int, tuple]) -> None:
+        """Residual joins in integers: an ``Add`` whose two inputs are both quantized for some consumer (a DQ
+        output, or a float tensor that also feeds one of this pass's QuantizeLinear) reads the dequantized
+        inputs. When its output is quantized too ORT runs it as ``QLinearAdd``; when it is not (the last
+        residual before a pooling), reading the DQ still leaves the producer of its skip input (a Relu) with
+        the QuantizeLinear as its only consumer, which ORT needs to fold the Relu and fuse the *previous*
+        residual Add. One quantization per tensor: the Add sees the values the quantized consumer of the same
+        tensor sees. The candidate measurements quantize only each W8A8 node's own input; the joint
+        validation in ONNX Runtime measures the written model."""
+        twins: dict[int, ir.Value] = {}
+        for node in graph:
+            if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
+                dq = [u.node for u in node.outputs[0].uses() if u.node.op_type == "DequantizeLinear"]
+                if dq and id(dq[0].outputs[0]) in dq_params:
+                    twins.setdefault(id(node.inputs[0]), dq[0].outputs[0])
+
+        def quantized(v: ir.Value | None) -> ir.Value | None:
+            if v is None:
+                return None
+            return v if id(v) in dq_params else twins.get(id(v))
+
+        for node in list(graph):
+            if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            qa, qb = quantized(node.inputs[0]), quantized(node.inputs[1])
+            if qa is None or qb is None:
+                continue
+            rewired = False
+            for i, q in enumerate((qa, qb)):
+                if q is not node.inputs[i]:
+                    node.replace_input_with(i, q)
+                    rewired = True
+            if rewired:
+                self.joined.append(node.name)
 
     def _int32_bias(self, graph: ir.Graph, names: common.Names, node: ir.Node, x_scale: float) -> None:
         w_dq = node.inputs[1].producer()

@@ -43,7 +43,10 @@ class DeviceRun:
 
 def check_device(device: str) -> torch.device:
     """``torch.device(device)``, or LLCError when it is CUDA and none is usable."""
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise LLCError(f"device '{device}': not a device name; use 'cpu' or 'cuda' (cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LLCError(f"device '{device}': torch sees no CUDA device (torch {torch.__version__}, "
                        f"CUDA build: {torch.version.cuda or 'no'}); run on a machine with an NVIDIA GPU and a "

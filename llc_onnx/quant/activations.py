@@ -44,7 +44,7 @@ def activation_scale(absmax: float, bits: int) -> float:
         raise LLCError(f"activation quant: calibration absmax={absmax!r} must be finite and >= 0; "
                        "check the calibration data for NaN/Inf activations")
     qmax = (1 << (bits - 1)) - 1
-    s = float(torch.tensor(absmax / qmax, dtype=torch.float32))
+    s = float(torch.tensor(absmax / qmax, dtype=torch.float32, device="cpu"))
     if s <= 0.0:
         s = 1.0 if absmax == 0.0 else float(torch.finfo(torch.float32).tiny)
     return s
@@ -66,5 +66,5 @@ def fake_quant_activation(x: torch.Tensor, aq: ActivationQuant) -> torch.Tensor:
     if not (aq.scale > 0 and math.isfinite(aq.scale)):
         raise LLCError(f"activation quant: scale={aq.scale!r} must be positive and finite")
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    scale = torch.tensor(aq.scale, dtype=torch.float32).to(dtype=x.dtype, device=x.device)
+    scale = torch.tensor(aq.scale, dtype=torch.float32, device=x.device).to(dtype=x.dtype)
     return _RoundClampSTE.apply(x, scale, qmin, qmax)

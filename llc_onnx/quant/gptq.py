@@ -61,7 +61,7 @@ def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> tuple[torch.Tens
     k = h.shape[0]
     mean_diag = float(torch.diagonal(h).mean()) if k else 0.0
     lam = damp * mean_diag if mean_diag > 0 else 1.0
-    eye = torch.eye(k, dtype=h.dtype)
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
     for _ in range(9):
         chol, info = torch.linalg.cholesky_ex(h + lam * eye)
         if int(info) == 0:
@@ -106,20 +106,20 @@ def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec
     g_perm = groups[order]
     members = [np.flatnonzero(g_perm == g) for g in range(n_groups)]   # processing positions of each group
     u, lam = _upper_cholesky_of_inverse(h, damp)
-    q_out = torch.zeros((n_rows, k), dtype=torch.int32)
+    q_out = torch.zeros((n_rows, k), dtype=torch.int32, device="cpu")   # the algorithm runs on the CPU
     proxy = 0.0
     lazy_block = max(1, int(lazy_block))
     for i1 in range(0, k, lazy_block):
         i2 = min(i1 + lazy_block, k)
         w1 = wt[:, i1:i2].clone()
-        err1 = torch.zeros((n_rows, i2 - i1), dtype=torch.float64)
+        err1 = torch.zeros((n_rows, i2 - i1), dtype=torch.float64, device="cpu")
         for i in range(i2 - i1):
             j = i1 + i
             g = int(g_perm[j])
             if not ready[g]:
                 cols = members[g]                       # all ≥ j: none of them is rounded yet
                 inside, beyond = cols[cols < i2], cols[cols >= i2]
-                vals = torch.empty((n_rows, cols.size), dtype=torch.float64)
+                vals = torch.empty((n_rows, cols.size), dtype=torch.float64, device="cpu")
                 vals[:, : inside.size] = w1[:, inside - i1]
                 if beyond.size:
                     bt = torch.from_numpy(beyond)

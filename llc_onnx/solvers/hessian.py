@@ -99,7 +99,7 @@ def _second(ws, gs, vs, wrt: Sequence[int] | None = None, retain: bool = True):
 
 
 def _as_vector(v, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
+    t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v), device="cpu")
     if tuple(t.shape) != tuple(like.shape):
         raise HessianError(f"hessian: vector of shape {tuple(t.shape)} for a weight of shape {tuple(like.shape)}; "
                            "pass one array of the weight's shape (ONNX layout) per node")
@@ -144,7 +144,7 @@ def hvp(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, vectors: Map
 
 def _rademacher(gen: torch.Generator, shape, dtype, device) -> torch.Tensor:
     # drawn on the CPU so that the probes do not depend on the device
-    r = torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.int8)
+    r = torch.randint(0, 2, tuple(shape), generator=gen, dtype=torch.int8, device="cpu")
     return (r.to(torch.float64) * 2 - 1).to(device=device, dtype=dtype)
 
 
@@ -228,7 +228,7 @@ class _Lanczos:
 
     def __init__(self, dim: int, iters: int, start: torch.Tensor):
         self.steps = max(1, min(int(iters), int(dim)))
-        self.Q = torch.empty((self.steps, dim), dtype=torch.float64)
+        self.Q = torch.empty((self.steps, dim), dtype=torch.float64, device="cpu")   # the basis lives on the CPU
         self.Q[0] = start / start.norm()
         self.m = 1
         self.alphas: list[float] = []
@@ -294,7 +294,7 @@ def lanczos_top(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, k: i
         return {n: p.reshape(s).clone() for n, p, s in zip(names, parts, shapes)}
 
     gen = torch.Generator().manual_seed(int(seed))
-    run = _Lanczos(sum(sizes), iters, torch.randn(sum(sizes), generator=gen, dtype=torch.float64))
+    run = _Lanczos(sum(sizes), iters, torch.randn(sum(sizes), generator=gen, dtype=torch.float64, device="cpu"))
     while not run.done:
         hv = hvp(graph, dataset, loss, names, split(run.current()), max_batches=max_batches)
         run.advance(torch.cat([hv[n].reshape(-1) for n in names]))
@@ -400,7 +400,7 @@ def node_lanczos(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, 
     for n in names:
         size = int(np.prod(shapes[n]))
         gen = torch.Generator().manual_seed(node_seed(seed, n))
-        runs[n] = _Lanczos(size, iters, torch.randn(size, generator=gen, dtype=torch.float64))
+        runs[n] = _Lanczos(size, iters, torch.randn(size, generator=gen, dtype=torch.float64, device="cpu"))
     while any(not r.done for r in runs.values()):
         active = [n for n in names if not runs[n].done]
         hv = block_hvp(graph, dataset, loss, {n: [runs[n].current().reshape(shapes[n])] for n in active},
@@ -421,6 +421,6 @@ def quadratic_term(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, node, de
     """
     (name,) = _names(node)
     hv = hvp(graph, dataset, loss, [name], {name: delta}, max_batches=max_batches)[name]
-    d = torch.as_tensor(np.asarray(delta) if not isinstance(delta, torch.Tensor) else delta)
+    d = delta if isinstance(delta, torch.Tensor) else torch.as_tensor(np.asarray(delta), device="cpu")
     return 0.5 * float((d.detach().cpu().to(torch.float64) * hv).sum())
 

@@ -101,9 +101,12 @@ class Prediction:
 
 
 def time_sessions(sessions: Mapping[str, object], feeds: Mapping[str, np.ndarray], *, rounds: int = 31,
-                  warmup: int = 3, min_round_s: float = 0.001) -> dict[str, Timing]:
+                  warmup: int = 3, min_round_s: float = 0.001, max_seconds: float | None = None,
+                  min_rounds: int = 3) -> dict[str, Timing]:
     """Time ``sessions`` on ``feeds`` interleaved: per round each session runs ``inner`` times (``inner``
-    set once so a round of the slowest lasts ≥ ``min_round_s``); a sample is the mean per-run time."""
+    set once so a round of the slowest lasts ≥ ``min_round_s``); a sample is the mean per-run time.
+    ``max_seconds``: stop after the round that passes this much timed wall time, once ``min_rounds`` rounds
+    are done (a large model at a large batch: 31 rounds of seconds each would take minutes)."""
     if not sessions:
         return {}
     for s in sessions.values():
@@ -116,12 +119,15 @@ def time_sessions(sessions: Mapping[str, object], feeds: Mapping[str, np.ndarray
         slowest = max(slowest, time.perf_counter() - t0)
     inner = max(1, int(math.ceil(min_round_s / max(slowest, 1e-7))))
     samples: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(int(rounds)):
+    start = time.perf_counter()
+    for r in range(int(rounds)):
         for k, s in sessions.items():
             t0 = time.perf_counter()
             for _ in range(inner):
                 s.run(None, feeds)
             samples[k].append((time.perf_counter() - t0) / inner * 1e3)
+        if max_seconds is not None and r + 1 >= min_rounds and time.perf_counter() - start > max_seconds:
+            break
     return {k: Timing.of(v) for k, v in samples.items()}
 
 

@@ -65,6 +65,7 @@ from llc_onnx.compressible import CompressibleNode
 from llc_onnx.passes.matmulnbits import MatMulNBitsPass, valid_block_size
 from llc_onnx.passes.series import SeriesPass
 from llc_onnx.series.packing import stacked_block
+from llc_onnx.passes.pad_fusion import FusePadIntoConvPass
 from llc_onnx.passes.w8a8 import W8A8Pass, W8A8Plan
 from llc_onnx.targets.base import (
     FLOAT,
@@ -251,7 +252,9 @@ class OrtCpuTarget(Target):
         series = {n: p.weight for n, p in plans.items() if p.format.kind == "series"}
         conv = {n: w for n, w in series.items() if len(w.shape) > 2}
         mm = {n: w for n, w in series.items() if n not in conv}
-        out = apply_passes(model, [W8A8Pass(w8), MatMulNBitsPass(mnb, accuracy_level=levels, unsupported="error"),
+        passes = [FusePadIntoConvPass()] if w8 else []        # exact; keeps Pad → Q/DQ → Conv integer
+        out = apply_passes(model, [*passes, W8A8Pass(w8, join_adds=True),
+                                   MatMulNBitsPass(mnb, accuracy_level=levels, unsupported="error"),
                                    SeriesPass(conv), SeriesPass(mm, form="nbits", accuracy_level=ACCURACY_LEVEL)])
         written = {n: p.format.name for n, p in plans.items() if p.format.kind != "float"}
         return Rewrite(model=out, written=written)

@@ -62,7 +62,8 @@ def _reshape(ctx, xs):
 @register_ops("Flatten")
 def _flatten(ctx, xs):
     x = xs[0]
-    axis = norm_axis(ctx.a("axis", 1), x.dim())
+    axis = ctx.a("axis", 1)                    # ONNX: axis in [-r, r]; axis = r flattens everything into dim 0
+    axis = x.dim() if axis == x.dim() else norm_axis(axis, x.dim())
     lead = math.prod(x.shape[:axis])
     return x.reshape(lead, math.prod(x.shape[axis:]))
 
