@@ -121,7 +121,11 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
     from .flows.context import create_context, derive_context
     from .verify import verdict
 
+    from .flows import parallel
+
     config = config or OptimizeConfig()
+    if parallel.needs_launch(config):  # several workers: set up the ranks, each comes back here
+        return parallel.optimize(optimize, model, data, config, held=held, val=val, out=out, progress=progress)
     progress = progress or Silent()
     proto, source = load(model)
     if out is not None:

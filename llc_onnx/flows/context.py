@@ -43,6 +43,7 @@ from ..interpreter import TorchGraph
 from ..model_io import prepare_model
 from ..ort_eval import Evaluation, SessionConfig, evaluate, make_session, resolve_output
 from ..progress import Progress, Silent, StageTimer
+from .parallel import executor as parallel_executor
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ def create_context(model: onnx.ModelProto, data, config: OptimizeConfig, *, sour
     ctx = FlowContext(source, prepared, found, skipped, graph, loss, objective, calib, val_ds, test, fit, meas,
                       None, None, session, config, target, timer, progress or Silent(), notes, task_loss,
                       task_test)
+    ctx.executor = parallel_executor()  # in-process, or shards across the workers' ranks (flows.parallel)
     with timer.stage("baseline"):
         ctx.calib_fp = ctx.evaluate(prepared, calib, samples=True)
         ctx.val_fp = ctx.calib_fp if val_ds is calib else ctx.evaluate(prepared, val_ds, samples=True)
