@@ -136,6 +136,7 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
         ensure_directory(config.cache_dir)
     _set_threads(config.device.threads)
     ctx = create_context(proto, data, config, source=source, held=held, val=val, progress=progress)
+    del proto  # the run reads ctx.model (a prepared copy): do not hold a large model twice
     tolerance = config.criterion.verdict_tolerance(ctx.objective)
     first = ctx
     stages: list[StageResult] = []

@@ -74,6 +74,36 @@ def test_a_task_failing_on_one_rank_fails_every_rank():
         _map_on_two_ranks(["a", "b", "c", "fail", "e"])
 
 
+def _dying_task(x):
+    if x == 3 and dist.get_rank() == 1:
+        os._exit(7)  # a worker killed mid-run (out of memory, a signal)
+    return x
+
+
+def _dying_rank(index, port):
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    store.set("ready1", "1")
+    dist.init_process_group("gloo", store=store, rank=1, world_size=2)
+    parallel.Distributed().map(_dying_task, list(range(8)))
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for():
+    """The group is made at the first collective (``_Pending``); the dead worker's closed sockets fail rank 0's
+    gather at once, and rank 0 names the worker and how it ended."""
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    procs = mp.start_processes(_dying_rank, args=(store.port,), nprocs=1, join=False, start_method="spawn")
+    parallel._state["pending"] = parallel._Pending(store, "gloo", 0, 2, procs)
+    try:
+        with pytest.raises(RuntimeError):
+            parallel.Distributed().map(_dying_task, list(range(8)))
+        assert str(parallel._worker_error(procs)) == "worker 1 failed: exit code 7"
+    finally:
+        parallel._state["pending"] = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        parallel._stop(procs)
+
+
 # ------------------------------------------------------------------------------------------- optimize
 def _config(workers, threads=1, **quant):
     return OptimizeConfig(quant=QuantConfig(**quant), device=DeviceConfig(threads=threads, workers=workers),

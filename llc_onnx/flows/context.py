@@ -141,17 +141,22 @@ class FlowContext:
         raise KeyError(name)
 
     def weight_array(self, node: CompressibleNode) -> np.ndarray:
-        """The node's float weight as float64 (ONNX layout), cached."""
-        if node.weight not in self._weights:
-            self._weights[node.weight] = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
-        return self._weights[node.weight]
+        """The node's float weight as float64 (ONNX layout). The last two asked for are kept (a node's formats
+        are measured one after the other): a float64 copy of every weight would double the model's memory."""
+        w = self._weights.pop(node.weight, None)
+        if w is None:
+            w = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
+        self._weights[node.weight] = w  # most recent last
+        while len(self._weights) > 2:
+            self._weights.pop(next(iter(self._weights)))
+        return w
 
     def float_bytes(self) -> int:
         """Float32 bytes of the compressible nodes' weights (a shared weight counted once per node); for a
         later stage (``derive_context``) those of the original model, so budgets and reductions stay relative
         to what the user gave."""
         if self._float_bytes is None:
-            self._float_bytes = sum(4 * self.weight_array(n).size for n in self.nodes)
+            self._float_bytes = sum(4 * self.graph.params[n.weight].numel() for n in self.nodes)
         return self._float_bytes
 
     @property

@@ -8,7 +8,7 @@ the measurements once. An entry holds exactly what the later stages read:
 * the raw candidates (levels, bytes, predicted and measured ΔL, SE, relative noise) — re-classified with the
   current ``--error-max`` / ``--margin-z`` / ``--outside``, which are therefore not part of the key;
 * the activation ranges (with ``--activations``);
-* each node's fit-part gradient ∂L/∂W (float64), from which LLC rounding re-quantizes the chosen levels, so a
+* each node's fit-part gradient ∂L/∂W (in the gradient pass's dtype, float32), from which LLC rounding re-quantizes the chosen levels, so a
   cached run writes the same bytes as an uncached one.
 
 The key is a SHA-256 over the prepared model, the fit and measure batches (inputs and labels, in order), the
@@ -104,7 +104,7 @@ def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
             raise ValueError("format or key mismatch")
         cands = [Candidate(**c) for c in meta["candidates"]]
         with np.load(npath, allow_pickle=False) as z:
-            grads = {n: np.asarray(z[f"g{i}"], dtype=np.float64) for i, n in enumerate(meta["nodes"])}
+            grads = {n: z[f"g{i}"] for i, n in enumerate(meta["nodes"])}  # as stored (the pass's dtype)
         if sorted(grads) != sorted(node_names):
             raise ValueError("nodes differ")
     except Exception as exc:  # noqa: BLE001 - any damage means: do not trust it

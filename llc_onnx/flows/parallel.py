@@ -91,8 +91,15 @@ def world() -> tuple[int, int]:
 
 
 def is_primary() -> bool:
-    """True on rank 0 (and in a plain process): the rank that writes files and prints."""
-    return world()[0] == 0
+    """True on rank 0 (and in a plain process): the rank that writes files and prints — also after the run,
+    under torchrun (``RANK``), once the group is gone."""
+    rank, size = world()
+    if size > 1:
+        return rank == 0
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
 
 
 def _env_world() -> int:

@@ -12,8 +12,6 @@ format and its numbers (:class:`NodePlan`); :meth:`Target.rewrite` writes them.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -189,25 +187,17 @@ class SessionSettings:
 
     def make_session(self, model: onnx.ModelProto | str, *, intra_op_num_threads: int = 0,
                      optimized_model_path: str | None = None):
-        """An InferenceSession with these settings (``model``: proto or path)."""
-        import onnxruntime as ort
-
+        """An InferenceSession with these settings (``model``: proto or path; a large proto reaches ONNX Runtime
+        as files, ``ort_eval.inference_session``)."""
         so = self.session_options(intra_op_num_threads)
         if optimized_model_path:
             so.optimized_model_filepath = str(optimized_model_path)
         providers = [(name, dict(opts)) for name, opts in self.providers]
         label = model if isinstance(model, str) else "model"
         try:
-            if isinstance(model, (str, os.PathLike)):
-                return ort.InferenceSession(os.fspath(model), sess_options=so, providers=providers)
-            if model.ByteSize() > 1_800_000_000:
-                with tempfile.TemporaryDirectory() as d:
-                    from llc_onnx.model_io import save_model
+            from llc_onnx.ort_eval import inference_session
 
-                    path = os.path.join(d, "model.onnx")
-                    save_model(model, path)
-                    return ort.InferenceSession(path, sess_options=so, providers=providers)
-            return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
+            return inference_session(model, so, providers)
         except Exception as exc:  # noqa: BLE001 - one line, named
             first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise LLCError(f"{label}: ONNX Runtime cannot load the model ({first}); check the opset and ops") from None
