@@ -127,7 +127,10 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
     if parallel.needs_launch(config):  # several workers: set up the ranks, each comes back here
         return parallel.optimize(optimize, model, data, config, held=held, val=val, out=out, progress=progress)
     progress = progress or Silent()
-    proto, source = load(model)
+    # a path is read by create_context and a proto is not copied (neither is modified): the run holds one
+    # prepared copy of a large model, not two
+    proto, source = (os.fspath(model), os.fspath(model)) if isinstance(model, (str, os.PathLike)) else \
+        (model, "model") if isinstance(model, onnx.ModelProto) else load(model)
     if out is not None:
         _check_output_path(out, source)
     if config.cache_dir:

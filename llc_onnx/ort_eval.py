@@ -187,6 +187,11 @@ def evaluate(model, dataset: Dataset, loss: TaskLoss, *, session: SessionConfig 
                         if batch.groups is not None:
                             unit_groups.append(int(batch.groups[j]))
     mean, metrics = loss.summarize(total, count, msums)
+    if sess is not model:  # made here: give its memory back now (memory.release)
+        del sess
+        from .memory import release
+
+        release()
     per_unit = None
     if samples:
         from .calib.noise import LossSamples

@@ -40,7 +40,8 @@ from ..compressible import CompressibleNode, find_compressible
 from ..config import OptimizeConfig
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from ..model_io import prepare_model
+from ..memory import release
+from ..model_io import load_model, prepare_model
 from ..ort_eval import Evaluation, SessionConfig, evaluate, make_session, resolve_output
 from ..progress import Progress, Silent, StageTimer
 from .parallel import executor as parallel_executor
@@ -228,13 +229,18 @@ def _require_float32(model: onnx.ModelProto, nodes: list[CompressibleNode], sour
                            "models: re-export or convert it to float32 first")
 
 
-def create_context(model: onnx.ModelProto, data, config: OptimizeConfig, *, source: str = "model", held=None,
+def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *, source: str = "model", held=None,
                    val=None, progress: Progress | None = None, session: SessionConfig | None = None) -> FlowContext:
-    """Load and prepare everything a flow needs (see the module doc for the splits)."""
+    """Load and prepare everything a flow needs (see the module doc for the splits). ``model``: a proto (not
+    modified) or a path, read here and dropped once prepared (a large model is then not held twice)."""
     timer = StageTimer()
     notes: list[str] = []
     with timer.stage("load"):
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(model)
         prepared = prepare_model(model, opset=21)
+        del model
+        release()
         found, skipped = find_compressible(prepared)
         if config.nodes:
             unknown = sorted(set(config.nodes) - {n.name for n in found})
