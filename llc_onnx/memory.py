@@ -18,9 +18,11 @@ _libc = None
 
 
 def release() -> None:
-    """Collect garbage, then return the allocator's free memory to the OS (``malloc_trim(0)``, glibc only)."""
+    """Collect garbage, drop the pages of spilled arrays (:func:`drop_mapped_pages`), then return the allocator's
+    free memory to the OS (``malloc_trim(0)``, glibc only)."""
     global _libc
     gc.collect()
+    drop_mapped_pages()
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -29,3 +31,56 @@ def release() -> None:
             _libc = False
     if _libc:
         _libc.malloc_trim(0)
+
+
+class Spill:
+    """Large arrays moved out of the process's memory into files (a temporary directory under ``$TMPDIR``, removed
+    with this object) and mapped back read-only (``np.load(mmap_mode="r")``): the same values, read from the page
+    cache when used. :func:`drop_mapped_pages` drops the pages a pass touched from the process's memory again
+    (``madvise(MADV_DONTNEED)``; the data stays in the file). Used for the gradient accumulators, which the
+    candidate stage reads one node at a time."""
+
+    def __init__(self):
+        import shutil
+        import tempfile
+        import weakref
+
+        self.dir = tempfile.mkdtemp(prefix="llc-spill-")
+        self.arrays: list = []
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
+        _SPILLS.add(self)
+
+    def put(self, arr):
+        """``arr`` written to a file, returned as a read-only memory map of it."""
+        import os
+
+        import numpy as np
+
+        path = os.path.join(self.dir, f"{len(self.arrays)}.npy")
+        np.save(path, np.ascontiguousarray(arr))
+        mapped = np.load(path, mmap_mode="r")
+        self.arrays.append(mapped)
+        return mapped
+
+    def drop_pages(self) -> None:
+        import mmap
+
+        for a in self.arrays:
+            m = getattr(a, "_mmap", None)
+            if m is not None and not m.closed:
+                m.madvise(mmap.MADV_DONTNEED)
+
+
+def _weak_set():
+    import weakref
+
+    return weakref.WeakSet()
+
+
+_SPILLS = _weak_set()
+
+
+def drop_mapped_pages() -> None:
+    """Drop every live :class:`Spill`'s touched pages from this process's memory (between two tasks)."""
+    for s in list(_SPILLS):
+        s.drop_pages()

@@ -40,7 +40,7 @@ from ..compressible import CompressibleNode, find_compressible
 from ..config import OptimizeConfig
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from ..memory import release
+from ..memory import Spill, drop_mapped_pages, release
 from ..model_io import load_model, prepare_model
 from ..ort_eval import Evaluation, SessionConfig, evaluate, make_session, resolve_output
 from ..progress import Progress, Silent, StageTimer
@@ -50,10 +50,15 @@ log = logging.getLogger(__name__)
 
 
 class Sequential:
-    """Runs measurement tasks one after the other in this process (the default executor)."""
+    """Runs measurement tasks one after the other in this process (the default executor); between two tasks the
+    pages of spilled gradients a task read leave this process's memory (``memory.drop_mapped_pages``)."""
 
     def map(self, fn, tasks):
-        return [fn(t) for t in tasks]
+        out = []
+        for t in tasks:
+            out.append(fn(t))
+            drop_mapped_pages()
+        return out
 
 
 Executor = Sequential  # the protocol: ``map(fn, tasks) -> [fn(t) for t in tasks]`` in task order
@@ -123,11 +128,12 @@ class FlowContext:
         in all. The measure pass needs only the mean gradient (and the activation-noise predictions); with a
         single calibration batch both are the same pass."""
         in_sample = self.fit_data is self.measure_data
-        measure_pass = collect_gradients(self.graph, self.measure_data, self.loss, self.nodes, act_candidates,
-                                         progress, magnitudes=in_sample)
+        measure_pass = _spilled(collect_gradients(self.graph, self.measure_data, self.loss, self.nodes,
+                                                  act_candidates, progress, magnitudes=in_sample))
         if in_sample:
             return measure_pass, measure_pass
-        return collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress), measure_pass
+        return _spilled(collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress)), \
+            measure_pass
 
     # -- ONNX Runtime ------------------------------------------------------------------------------
     def evaluate(self, model: onnx.ModelProto, data: Dataset, samples: bool = False) -> Evaluation:
@@ -169,6 +175,27 @@ class FlowContext:
         return {"fit": self.fit_data.source, "measure": self.measure_data.source,
                 "fit_samples": self.fit_data.n_samples, "measure_samples": self.measure_data.n_samples,
                 "in_sample": self.in_sample}
+
+
+def _spilled(gp: GradientPass) -> GradientPass:
+    """``gp`` with its weight-sized arrays in files mapped back read-only (``memory.Spill``, same values) when the
+    model is large: two passes would otherwise hold two copies of every weight through the candidate stage,
+    which reads them one node at a time (the executors drop the pages after each task)."""
+    if sum(s.grad_w.nbytes for s in gp.nodes.values()) < SPILL_BYTES:
+        return gp
+    spill = Spill()
+    for st in gp.nodes.values():
+        for name in ("grad_w", "grad_w_abs", "grad_w_sq"):
+            arr = getattr(st, name)
+            if arr is not None:
+                setattr(st, name, spill.put(arr))
+    gp.spill = spill  # the files live as long as the pass
+    release()
+    return gp
+
+
+#: gradient passes holding more than this many bytes of weight gradients go to files (``_spilled``)
+SPILL_BYTES = 256 << 20
 
 
 # ----------------------------------------------------------------------------------------------- building
