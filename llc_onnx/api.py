@@ -129,9 +129,16 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
     from .flows.context import create_context, derive_context
     from .verify import verdict
 
+    from .flows import parallel
+
     config = config or OptimizeConfig()
+    if parallel.needs_launch(config):  # several workers: set up the ranks, each comes back here
+        return parallel.optimize(optimize, model, data, config, held=held, val=val, out=out, progress=progress)
     progress = progress or Silent()
-    proto, source = load(model)
+    # a path is read by create_context and a proto is not copied (neither is modified): the run holds one
+    # prepared copy of a large model, not two
+    proto, source = (os.fspath(model), os.fspath(model)) if isinstance(model, (str, os.PathLike)) else \
+        (model, "model") if isinstance(model, onnx.ModelProto) else load(model)
     if out is not None:
         _check_output_path(out, source)
     if config.cache_dir:
@@ -140,6 +147,7 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
         ensure_directory(config.cache_dir)
     _set_threads(config.device.threads)
     ctx = create_context(proto, data, config, source=source, held=held, val=val, progress=progress)
+    del proto  # the run reads ctx.model (a prepared copy): do not hold a large model twice
     tolerance = config.criterion.verdict_tolerance(ctx.objective)
     first = ctx
     stages: list[StageResult] = []

@@ -359,13 +359,18 @@ class DeviceConfig:
     """Where the measurements run."""
 
     device: str = opt("cpu", "--device", "device of gradients and measurements: cpu (default) or cuda")
-    threads: int = opt(0, "--threads", "CPU threads for torch and ONNX Runtime (default 0: their defaults)")
+    threads: int = opt(0, "--threads", "CPU threads for torch and ONNX Runtime, per worker (default 0: their "
+                       "defaults; with several workers CPUs / workers each)")
+    workers: int = opt(1, "--workers", "processes measuring candidates in parallel (torch.distributed: gloo on CPU, "
+                       "NCCL with one GPU each on cuda); same bytes for any number at the same --threads (default 1)")
 
     def __post_init__(self):
         _check(self.device == "cpu" or self.device.startswith("cuda"), "device.device", self.device,
                "cpu or cuda (cuda:N)")
         _check(isinstance(self.threads, int) and self.threads >= 0, "device.threads", self.threads,
                "must be an integer ≥ 0")
+        _check(isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 1,
+               "device.workers", self.workers, "must be an integer ≥ 1")
 
 
 @dataclass(frozen=True)

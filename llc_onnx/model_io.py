@@ -74,6 +74,22 @@ def load_model(path) -> onnx.ModelProto:
         raise LLCError(f"{p}: not a valid ONNX model (cannot parse protobuf); {_FIX_EXPORT}") from None
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise LLCError(f"{p}: not a valid ONNX model (no ir_version or graph); {_FIX_EXPORT}")
+    _check_external_files(model, p)
+    del model  # the checker below holds its own copy of the model: not two at once
+    try:
+        # The checker reads the file itself, which works for models with external data / > 2 GB.
+        onnx.checker.check_model(p)
+    except Exception as exc:
+        raise LLCError(f"{p}: not a valid ONNX model (checker: {first_line(exc)}); {_FIX_EXPORT}") from None
+    model = onnx.load_model(p, load_external_data=False)
+    try:
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(p)))
+    except Exception as exc:
+        raise LLCError(f"{p}: cannot read external data ({first_line(exc)}); {_FIX_EXPORT}") from None
+    return model
+
+
+def _check_external_files(model: onnx.ModelProto, p: str) -> None:
     base = os.path.dirname(os.path.abspath(p))
     for tensor in _external_tensors(model):
         loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -82,16 +98,6 @@ def load_model(path) -> onnx.ModelProto:
                 f"{p}: external data file '{loc}' for tensor '{tensor.name}' not found next to the model; "
                 "copy the .data file into the model's directory"
             )
-    try:
-        onnx.load_external_data_for_model(model, base)
-    except Exception as exc:
-        raise LLCError(f"{p}: cannot read external data ({first_line(exc)}); {_FIX_EXPORT}") from None
-    try:
-        # The checker reads the file itself, which works for models with external data / > 2 GB.
-        onnx.checker.check_model(p)
-    except Exception as exc:
-        raise LLCError(f"{p}: not a valid ONNX model (checker: {first_line(exc)}); {_FIX_EXPORT}") from None
-    return model
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -188,10 +194,21 @@ def prepare_model(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProto:
     if current > MAX_ORT_OPSET:
         raise LLCError(f"model: opset {current} is newer than ONNX Runtime 1.31 runs ({MAX_ORT_OPSET}); "
                        f"re-export the model with an opset in 11..{MAX_ORT_OPSET}")
-    m = _intake_steps(_copy(model))
+    try:  # the weights' data copied once, at the end (_heavy_weights); the plain copy if a weight moved
+        return _prepare(model, current, int(opset), _heavy_weights(model))
+    except _WeightsMoved:
+        return _prepare(model, current, int(opset), {})
+
+
+class _WeightsMoved(Exception):
+    pass
+
+
+def _prepare(model: onnx.ModelProto, current: int, opset: int, heavy: dict[str, TensorProto]) -> onnx.ModelProto:
+    m = _intake_steps(_copy(model, skip_data=heavy), heavy)
     large = m.ByteSize() > EXTERNAL_DATA_THRESHOLD
     detached = _DetachedWeights(m, large)
-    target = max(current, int(opset))
+    target = max(current, opset)
     if current == 0:
         m.opset_import.append(onnx.helper.make_opsetid("", target))
     elif current < target:
@@ -208,12 +225,41 @@ def prepare_model(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProto:
         m = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise LLCError(f"model: shape inference failed ({first_line(exc)}); check the model with onnx.checker") from None
-    return detached.restore(m)
+    return _restore_weights(detached.restore(m), heavy)
 
 
-def _intake_steps(m: onnx.ModelProto) -> onnx.ModelProto:
+# Float types whose large initializers are weights: no shape computation reads their values
+_WEIGHT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+def _heavy_weights(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    """The float initializers > 1 KB: name -> the tensor of ``model`` itself (not copied). :func:`prepare_model`
+    copies the model without their data and copies it once, into the prepared model, at the end, so intake,
+    version conversion and shape inference (which serialize the model, several times) handle a model without
+    its weights. No shape computation reads a float weight; the tensors a constant weight chain reads are put
+    back before it is folded (:func:`_intake_steps`)."""
+    return {t.name: t for t in model.graph.initializer
+            if t.data_type in _WEIGHT_TYPES and t.ByteSize() > 1024
+            and not (t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL)}
+
+
+def _restore_weights(m: onnx.ModelProto, heavy: dict[str, TensorProto]) -> onnx.ModelProto:
+    """Copy the data of the :func:`_heavy_weights` back into ``m`` (in place), by name."""
+    if not heavy:
+        return m
+    targets = [(t, heavy[t.name]) for t in m.graph.initializer if t.name in heavy]
+    if len(targets) != len(heavy) or any(list(t.dims) != list(src.dims) or t.data_type != src.data_type
+                                         for t, src in targets):
+        raise _WeightsMoved  # the opset converter renamed or changed a weight: prepare from a full copy
+    for t, src in targets:
+        t.CopyFrom(src)
+    return m
+
+
+def _intake_steps(m: onnx.ModelProto, heavy: dict[str, TensorProto] | None = None) -> onnx.ModelProto:
     """Steps 1–4 of :func:`prepare_model`, in place: name nodes, drop initializers from the graph inputs,
-    ``-1`` dims to unknown, fold constant weights."""
+    ``-1`` dims to unknown, fold constant weights. ``heavy``: initializers copied without their data
+    (:func:`_heavy_weights`); those a constant weight chain reads get it back (and leave ``heavy``) first."""
     name_nodes(m)
     init_names = {t.name for t in m.graph.initializer}
     if any(i.name in init_names for i in m.graph.input):
@@ -221,6 +267,12 @@ def _intake_steps(m: onnx.ModelProto) -> onnx.ModelProto:
         del m.graph.input[:]
         m.graph.input.extend(kept)
     _negative_dims_to_unknown(m.graph)
+    if heavy:
+        nodes = m.graph.node
+        read = {name for c in _constant_weight_chains(m).values() for i in c for name in nodes[i].input}
+        for t in m.graph.initializer:
+            if t.name in read and t.name in heavy:
+                t.CopyFrom(heavy.pop(t.name))
     return fold_constant_weights(m)
 
 
@@ -236,10 +288,32 @@ def intake_view(model: onnx.ModelProto) -> onnx.ModelProto:
     return _intake_steps(_copy(model))
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def _copy(model: onnx.ModelProto, skip_data: dict | None = None) -> onnx.ModelProto:
+    """A copy of ``model``; the initializers named in ``skip_data`` get their name, type and dims only."""
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    if not skip_data:
+        m.CopyFrom(model)
+        return m
+    _copy_fields(m, model, skip=("graph",))
+    _copy_fields(m.graph, model.graph, skip=("initializer",))
+    for t in model.graph.initializer:
+        if t.name in skip_data:
+            m.graph.initializer.add(name=t.name, data_type=t.data_type, dims=list(t.dims))
+        else:
+            m.graph.initializer.add().CopyFrom(t)
     return m
+
+
+def _copy_fields(dst, src, skip=()) -> None:
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def _negative_dims_to_unknown(graph: onnx.GraphProto) -> None:
@@ -414,6 +488,39 @@ def save_model(model: onnx.ModelProto, path) -> None:
         raise LLCError(f"{path}: cannot write the model ({first_line(exc)}); check disk space and permissions") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_for_session(model: onnx.ModelProto, directory: str, name: str = "model.onnx") -> str:
+    """Write ``model`` into ``directory`` the way ONNX Runtime loads a large model with the least memory:
+    ``name`` with every main-graph initializer > 1 KB as external data in ``name + ".data"``, written tensor by
+    tensor (no serialized copy of the whole model in memory; offsets aligned to 4 KiB). Returns the model path.
+    ``model`` is not modified."""
+    from onnx import numpy_helper
+
+    heavy = {t.name: t for t in model.graph.initializer
+             if t.ByteSize() > 1024 and t.data_type != TensorProto.STRING
+             and not (t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL)}
+    m = _copy(model, skip_data=heavy)
+    data_name = name + ".data"
+    offset = 0
+    with open(os.path.join(directory, data_name), "wb") as f:
+        for t in m.graph.initializer:
+            src = heavy.get(t.name)
+            if src is None:
+                continue
+            raw = src.raw_data if src.HasField("raw_data") else numpy_helper.to_array(src).tobytes()
+            pad = -offset % 4096
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(raw)
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=key, value=value)
+            offset += len(raw)
+            del raw
+    path = os.path.join(directory, name)
+    onnx.save_model(m, path)
+    return path
 
 
 def tensor_bits(elem_type: int) -> int:

@@ -32,7 +32,7 @@ Q/DQ parameters (:func:`qparams`), as ONNX ``QuantizeLinear`` computes ``q = sat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,9 +167,22 @@ class _Stats:
         self.edges = None
 
 
-def _batches(data) -> list[Mapping[str, np.ndarray]]:
+class _Inputs:
+    """The feeds of a dataset's batches, each read when reached (streamed data stays on disk); iterable twice."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return (b.inputs for b in self.batches)
+
+
+def _batches(data):
     if hasattr(data, "batches"):
-        return [b.inputs for b in data.batches]
+        return _Inputs(data.batches)
     return [dict(b) for b in data]
 
 

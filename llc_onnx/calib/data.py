@@ -14,6 +14,13 @@ Data specs accepted by :func:`load_dataset`:
 * from Python also a :class:`Dataset`, such a reader object itself, or an iterable of such dicts (one per
   batch).
 
+Streaming: a directory and a reader need not fit in memory. Their batches are :class:`FileBatch` objects —
+the file's path, sample count and group ids — whose arrays are read from disk each time a pass reaches them
+(the last two batches read are kept), so a split holds only references and a pass holds one batch at a time.
+A reader (or a Python iterator) is read once, batch by batch, into ``.npz`` files in a temporary directory
+(under ``$TMPDIR``; removed when no dataset refers to it any more). A single ``.npz`` file and a list of dicts
+are held in memory (a ``.npz`` is re-batched by sample, which needs all of it).
+
 Besides the graph inputs, two arrays have a meaning: ``labels`` (the task loss's targets) and ``groups``
 (one id per sample, integers or strings): samples with the same id are *not independent* — augmented views
 of one photo, spans of one document. Splits never separate a group (:func:`split_dataset`,
@@ -22,9 +29,10 @@ of one photo, spans of one document. Splits never separate a group (:func:`split
 Splits (the statistical roles, see ``flows.context``): *test* (the verdict, once), *validation* (steers
 back-off), and the calibration rest, cut into *fit* (chooses) and *measure* (predicts and measures) parts.
 
-Every batch is validated against the model's graph inputs; a problem raises a one-line
-:class:`~llc_onnx.errors.LLCError` naming the file (``dir/b.npz``, ``module:attr[batch 3]``), the tensor
-and the fix. Labels are not required here; the loss checks them (:mod:`llc_onnx.calib.losses`).
+Every batch is validated against the model's graph inputs when the data is loaded (a streamed batch is read
+once for it); a problem raises a one-line :class:`~llc_onnx.errors.LLCError` naming the file (``dir/b.npz``,
+``module:attr[batch 3]``), the tensor and the fix. A batch file that changes after it was validated is an error
+when it is read again. Labels are not required here; the loss checks them (:mod:`llc_onnx.calib.losses`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,11 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
 import sys
+import tempfile
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +70,86 @@ class Batch:
         """Number of samples (leading dim)."""
         arr = next(iter(self.inputs.values()), self.labels)
         return 0 if arr is None else int(arr.shape[0])
+
+
+class _SpillDir:
+    """A temporary directory of batch files written here (from a reader or an iterator); removed when the last
+    :class:`FileBatch` that refers to it is gone. A copy sent to another process does not own it."""
+
+    def __init__(self):
+        self.path = tempfile.mkdtemp(prefix="llc-data-")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def __reduce__(self):
+        return (_Borrowed, (self.path,))
+
+
+class _Borrowed:
+    """A spill directory owned by another process."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+
+class FileBatch:
+    """A batch stored in one ``.npz`` file, read when used (see "Streaming" in the module doc): ``inputs`` and
+    ``labels`` come from the file, ``groups`` and :attr:`size` are kept from the validating read."""
+
+    __slots__ = ("path", "_size", "groups", "_stamp", "_owner")
+
+    def __init__(self, path: str, size: int, groups: np.ndarray | None, owner=None):
+        self.path = path
+        self._size = int(size)
+        self.groups = groups
+        st = os.stat(path)
+        self._stamp = (st.st_size, st.st_mtime_ns)
+        self._owner = owner  # keeps a spill directory alive
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array of the file (the last two files read are kept in memory)."""
+        hit = _READ_CACHE.get(self.path)
+        if hit is not None and hit[0] == self._stamp:
+            _READ_CACHE.move_to_end(self.path)
+            return hit[1]
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise LLCError(f"{self.path}: cannot read the batch file any more ({exc.strerror}); keep the data in "
+                           "place until the run ends") from None
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise LLCError(f"{self.path}: the batch file changed after it was validated; do not modify the data "
+                           "while llc-onnx runs")
+        arrays = _read_npz(self.path)
+        _READ_CACHE[self.path] = (self._stamp, arrays)
+        while len(_READ_CACHE) > _READ_CACHE_BATCHES:
+            _READ_CACHE.popitem(last=False)
+        return arrays
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self.arrays().items() if k not in RESERVED}
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.arrays().get(LABELS)
+
+    def __repr__(self) -> str:
+        return f"FileBatch({self.path!r}, {self._size} samples)"
+
+
+_READ_CACHE: OrderedDict = OrderedDict()  # path -> (stamp, arrays) of the last batch files read
+_READ_CACHE_BATCHES = 2
 
 
 class Dataset:
@@ -203,7 +295,9 @@ def _to_batch(arrays: dict[str, np.ndarray]) -> Batch:
     return Batch(inputs=inputs, labels=arrays.get(LABELS), groups=arrays.get(GROUPS))
 
 
-def _batch_arrays(b: Batch) -> dict[str, np.ndarray]:
+def _batch_arrays(b: Batch | FileBatch) -> dict[str, np.ndarray]:
+    if isinstance(b, FileBatch):
+        return dict(b.arrays())
     arrays = dict(b.inputs)
     if b.labels is not None:
         arrays[LABELS] = b.labels
@@ -314,8 +408,33 @@ def _load_dir(path: str, specs) -> Dataset:
         full = os.path.join(path, f)
         arrays = _read_npz(full)
         validate_arrays(arrays, specs, full)
-        batches.append(_to_batch(arrays))
+        batches.append(_file_batch(full, arrays))
     return Dataset(batches, path, unit="batch")
+
+
+def _file_batch(path: str, arrays: dict[str, np.ndarray], owner=None) -> FileBatch:
+    """The streamed form of a validated batch: its file, sample count and group ids."""
+    b = _to_batch(arrays)
+    return FileBatch(path, b.size, b.groups, owner)
+
+
+class _Spill:
+    """Writes validated batches of a reader or an iterator to a temporary directory, one ``.npz`` each."""
+
+    def __init__(self):
+        self.dir: _SpillDir | None = None
+
+    def add(self, index: int, arrays: dict[str, np.ndarray]) -> FileBatch:
+        if self.dir is None:
+            self.dir = _SpillDir()
+        path = os.path.join(self.dir.path, f"batch_{index:07d}.npz")
+        try:
+            with open(path, "wb") as f:
+                np.savez(f, **arrays)
+        except OSError as exc:
+            raise LLCError(f"{path}: cannot store a data batch on disk ({exc.strerror}); free space in $TMPDIR "
+                           "or point TMPDIR to a larger disk") from None
+        return _file_batch(path, arrays, self.dir)
 
 
 def _load_reader(spec, specs) -> Dataset:
@@ -336,15 +455,16 @@ def _load_reader(spec, specs) -> Dataset:
 
 def _load_iterable(items, specs, source: str, got: str = "got",
                    fix: str = "give at least one dict of arrays") -> Dataset:
-    """One batch per dict of ``items`` (a reader's ``get_next()`` until None, or any iterable), validated."""
-    batches = []
+    """One batch per dict of ``items`` (a reader's ``get_next()`` until None, or any iterable), validated. A
+    list/tuple of dicts stays in memory; any other iterable (a reader, a generator) is streamed to disk."""
+    batches, spill = [], None if isinstance(items, (list, tuple)) else _Spill()
     for i, item in enumerate(items):
         where = f"{source}[batch {i}]"
         if not isinstance(item, dict):
             raise LLCError(f"{where}: {got} {type(item).__name__}, expected a dict of arrays per batch")
         arrays = {str(k): np.asarray(v) for k, v in item.items()}
         validate_arrays(arrays, specs, where)
-        batches.append(_to_batch(arrays))
+        batches.append(_to_batch(arrays) if spill is None else spill.add(i, arrays))
     if not batches:
         raise LLCError(f"{source}: no batches; {fix}")
     return Dataset(batches, source, unit="batch")

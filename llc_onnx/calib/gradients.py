@@ -99,10 +99,6 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
     t0 = time.perf_counter()
     names = [n.name for n in nodes]
     act_candidates = act_candidates or {}
-    weights = {n.weight for n in nodes}
-    saved = {w: graph.params[w].requires_grad for w in weights}
-    for w in weights:
-        graph.params[w].requires_grad_(True)
     acc_g = {n: None for n in names}
     acc_abs = {n: None for n in names}
     acc_sq = {n: None for n in names}
@@ -112,48 +108,73 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
     x_count = {n: 0 for n in names}
     act_acc = {n: {b: 0.0 for b in act_candidates.get(n, {})} for n in names}
     total_sum, total_n, n_batches = 0.0, 0, 0
-    try:
-        for batch in dataset.batches:
-            outs, cap = graph.run(_feeds(graph, batch, True), capture=names, outputs=[loss.output])
-            s, count = loss.terms(outs[loss.output], _labels(batch, loss, graph.device))
-            tensors = [cap[n][0] for n in names] + [cap[n][1] for n in names]
-            grads = torch.autograd.grad(s, tensors, allow_unused=True)
-            k = len(names)
-            for i, name in enumerate(names):
-                gw = grads[i]
-                gw = torch.zeros_like(tensors[i]) if gw is None else gw.detach()
-                if acc_g[name] is None:
-                    acc_g[name] = gw.to(graph.dtype, copy=True)   # own buffer: autograd may share storage
-                else:
-                    acc_g[name].add_(gw)
-                if magnitudes:
-                    per_batch = gw / max(count, 1)
-                    sq = per_batch * per_batch
-                    ab = per_batch.abs_()
-                    acc_abs[name] = ab if acc_abs[name] is None else acc_abs[name].add_(ab)
-                    acc_sq[name] = sq if acc_sq[name] is None else acc_sq[name].add_(sq)
-                del gw
-                x = tensors[k + i].detach()
-                gx = grads[k + i]
-                x_absmax[name] = max(x_absmax[name], float(x.abs().max()))
-                x_sq[name] += float((x.to(torch.float64) ** 2).sum())
-                x_count[name] += x.numel()
-                if gx is not None:
-                    gx = gx.detach().to(torch.float64)
-                    b = gx.shape[0] if gx.dim() > 0 else 1
-                    gx_norm[name] += float(gx.reshape(b, -1).norm(dim=1).sum())
-                    for bits, fq in act_candidates.get(name, {}).items():
-                        eps = (fq(x) - x).to(torch.float64)
-                        act_acc[name][bits] += float((gx * eps).sum())
-            total_sum += float(s.detach())
-            total_n += int(count)
-            n_batches += 1
-            del outs, cap, tensors, grads
-            if progress:
-                progress(1)
-    finally:
-        for w, flag in saved.items():
-            graph.params[w].requires_grad_(flag)
+
+    def add_weight_grad(name: str, gw: torch.Tensor, count: int) -> None:
+        if acc_g[name] is None:
+            acc_g[name] = gw.to(graph.dtype, copy=True)   # own buffer: autograd may share storage
+        else:
+            acc_g[name].add_(gw)
+        if magnitudes:
+            per_batch = gw / max(count, 1)
+            sq = per_batch * per_batch
+            ab = per_batch.abs_()
+            acc_abs[name] = ab if acc_abs[name] is None else acc_abs[name].add_(ab)
+            acc_sq[name] = sq if acc_sq[name] is None else acc_sq[name].add_(sq)
+
+    def add_input_grad(name: str, x: torch.Tensor, gx: torch.Tensor) -> None:
+        gx = gx.detach().to(torch.float64)
+        b = gx.shape[0] if gx.dim() > 0 else 1
+        gx_norm[name] += float(gx.reshape(b, -1).norm(dim=1).sum())
+        for bits, fq in act_candidates.get(name, {}).items():
+            eps = (fq(x) - x).to(torch.float64)
+            act_acc[name][bits] += float((gx * eps).sum())
+
+    for batch in dataset.batches:
+        # each node reads its weight through its own leaf (a detached view: no copy), so the backward pass hands
+        # over ∂S_b/∂W one node at a time (accumulated, then freed) instead of every node's at once
+        leaves: dict[str, torch.Tensor] = {}
+
+        def own_leaf(w, name):
+            leaves[name] = w.detach().requires_grad_(True)
+            return leaves[name]
+
+        fns = {name: (lambda w, name=name: own_leaf(w, name)) for name in names}
+        outs, cap = graph.run(_feeds(graph, batch, True), weight_fns=fns, capture=names, outputs=[loss.output])
+        s, count = loss.terms(outs[loss.output], _labels(batch, loss, graph.device))
+        seen: set[str] = set()
+
+        def on_weight(leaf, name):
+            seen.add(name)
+            gw, leaf.grad = leaf.grad, None
+            add_weight_grad(name, gw.detach(), count)
+
+        def on_input(gx, name):
+            add_input_grad(name, cap[name][1].detach(), gx)
+
+        hooks = []
+        for name in names:
+            hooks.append(leaves[name].register_post_accumulate_grad_hook(lambda t, name=name: on_weight(t, name)))
+            if cap[name][1].requires_grad:
+                hooks.append(cap[name][1].register_hook(lambda g, name=name: on_input(g, name)))
+        xs = [cap[n][1] for n in names if cap[n][1].requires_grad]
+        targets = list(leaves.values()) + xs
+        if s.requires_grad:
+            torch.autograd.backward(s, inputs=targets)
+        for h in hooks:
+            h.remove()
+        for name in names:
+            if name not in seen:  # no path from the loss to this node's weight: a zero gradient
+                add_weight_grad(name, torch.zeros_like(leaves[name]), count)
+            x = cap[name][1].detach()
+            x_absmax[name] = max(x_absmax[name], float(x.abs().max()))
+            x_sq[name] += float((x.to(torch.float64) ** 2).sum())
+            x_count[name] += x.numel()
+        total_sum += float(s.detach())
+        total_n += int(count)
+        n_batches += 1
+        del outs, cap, xs, targets, leaves
+        if progress:
+            progress(1)
     if total_n == 0:
         raise LLCError(f"{dataset.source}: no loss terms (every label is the ignore index?); "
                        "the calibration data needs labelled samples")

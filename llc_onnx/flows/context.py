@@ -40,18 +40,25 @@ from ..compressible import CompressibleNode, find_compressible
 from ..config import OptimizeConfig
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from ..model_io import prepare_model
+from ..memory import Spill, drop_mapped_pages, release
+from ..model_io import load_model, prepare_model
 from ..ort_eval import Evaluation, SessionConfig, evaluate, make_session, resolve_output
 from ..progress import Progress, Silent, StageTimer
+from .parallel import executor as parallel_executor
 
 log = logging.getLogger(__name__)
 
 
 class Sequential:
-    """Runs measurement tasks one after the other in this process (the default executor)."""
+    """Runs measurement tasks one after the other in this process (the default executor); between two tasks the
+    pages of spilled gradients a task read leave this process's memory (``memory.drop_mapped_pages``)."""
 
     def map(self, fn, tasks):
-        return [fn(t) for t in tasks]
+        out = []
+        for t in tasks:
+            out.append(fn(t))
+            drop_mapped_pages()
+        return out
 
 
 Executor = Sequential  # the protocol: ``map(fn, tasks) -> [fn(t) for t in tasks]`` in task order
@@ -121,11 +128,12 @@ class FlowContext:
         in all. The measure pass needs only the mean gradient (and the activation-noise predictions); with a
         single calibration batch both are the same pass."""
         in_sample = self.fit_data is self.measure_data
-        measure_pass = collect_gradients(self.graph, self.measure_data, self.loss, self.nodes, act_candidates,
-                                         progress, magnitudes=in_sample)
+        measure_pass = _spilled(collect_gradients(self.graph, self.measure_data, self.loss, self.nodes,
+                                                  act_candidates, progress, magnitudes=in_sample))
         if in_sample:
             return measure_pass, measure_pass
-        return collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress), measure_pass
+        return _spilled(collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress)), \
+            measure_pass
 
     # -- ONNX Runtime ------------------------------------------------------------------------------
     def evaluate(self, model: onnx.ModelProto, data: Dataset, samples: bool = False) -> Evaluation:
@@ -140,17 +148,22 @@ class FlowContext:
         raise KeyError(name)
 
     def weight_array(self, node: CompressibleNode) -> np.ndarray:
-        """The node's float weight as float64 (ONNX layout), cached."""
-        if node.weight not in self._weights:
-            self._weights[node.weight] = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
-        return self._weights[node.weight]
+        """The node's float weight as float64 (ONNX layout). The last two asked for are kept (a node's formats
+        are measured one after the other): a float64 copy of every weight would double the model's memory."""
+        w = self._weights.pop(node.weight, None)
+        if w is None:
+            w = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
+        self._weights[node.weight] = w  # most recent last
+        while len(self._weights) > 2:
+            self._weights.pop(next(iter(self._weights)))
+        return w
 
     def float_bytes(self) -> int:
         """Float32 bytes of the compressible nodes' weights (a shared weight counted once per node); for a
         later stage (``derive_context``) those of the original model, so budgets and reductions stay relative
         to what the user gave."""
         if self._float_bytes is None:
-            self._float_bytes = sum(4 * self.weight_array(n).size for n in self.nodes)
+            self._float_bytes = sum(4 * self.graph.params[n.weight].numel() for n in self.nodes)
         return self._float_bytes
 
     @property
@@ -162,6 +175,27 @@ class FlowContext:
         return {"fit": self.fit_data.source, "measure": self.measure_data.source,
                 "fit_samples": self.fit_data.n_samples, "measure_samples": self.measure_data.n_samples,
                 "in_sample": self.in_sample}
+
+
+def _spilled(gp: GradientPass) -> GradientPass:
+    """``gp`` with its weight-sized arrays in files mapped back read-only (``memory.Spill``, same values) when the
+    model is large: two passes would otherwise hold two copies of every weight through the candidate stage,
+    which reads them one node at a time (the executors drop the pages after each task)."""
+    if sum(s.grad_w.nbytes for s in gp.nodes.values()) < SPILL_BYTES:
+        return gp
+    spill = Spill()
+    for st in gp.nodes.values():
+        for name in ("grad_w", "grad_w_abs", "grad_w_sq"):
+            arr = getattr(st, name)
+            if arr is not None:
+                setattr(st, name, spill.put(arr))
+    gp.spill = spill  # the files live as long as the pass
+    release()
+    return gp
+
+
+#: gradient passes holding more than this many bytes of weight gradients go to files (``_spilled``)
+SPILL_BYTES = 256 << 20
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -222,13 +256,18 @@ def _require_float32(model: onnx.ModelProto, nodes: list[CompressibleNode], sour
                            "models: re-export or convert it to float32 first")
 
 
-def create_context(model: onnx.ModelProto, data, config: OptimizeConfig, *, source: str = "model", held=None,
+def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *, source: str = "model", held=None,
                    val=None, progress: Progress | None = None, session: SessionConfig | None = None) -> FlowContext:
-    """Load and prepare everything a flow needs (see the module doc for the splits)."""
+    """Load and prepare everything a flow needs (see the module doc for the splits). ``model``: a proto (not
+    modified) or a path, read here and dropped once prepared (a large model is then not held twice)."""
     timer = StageTimer()
     notes: list[str] = []
     with timer.stage("load"):
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(model)
         prepared = prepare_model(model, opset=21)
+        del model
+        release()
         found, skipped = find_compressible(prepared)
         if config.nodes:
             unknown = sorted(set(config.nodes) - {n.name for n in found})
@@ -281,6 +320,7 @@ def create_context(model: onnx.ModelProto, data, config: OptimizeConfig, *, sour
     ctx = FlowContext(source, prepared, found, skipped, graph, loss, objective, calib, val_ds, test, fit, meas,
                       None, None, session, config, target, timer, progress or Silent(), notes, task_loss,
                       task_test)
+    ctx.executor = parallel_executor()  # in-process, or shards across the workers' ranks (flows.parallel)
     with timer.stage("baseline"):
         ctx.calib_fp = ctx.evaluate(prepared, calib, samples=True)
         ctx.val_fp = ctx.calib_fp if val_ds is calib else ctx.evaluate(prepared, val_ds, samples=True)

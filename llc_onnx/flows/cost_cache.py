@@ -8,7 +8,7 @@ the measurements once. An entry holds exactly what the later stages read:
 * the raw candidates (levels, bytes, predicted and measured ΔL, SE, relative noise) — re-classified with the
   current ``--error-max`` / ``--margin-z`` / ``--outside``, which are therefore not part of the key;
 * the activation ranges (with ``--activations``);
-* each node's fit-part gradient ∂L/∂W (float64), from which LLC rounding re-quantizes the chosen levels, so a
+* each node's fit-part gradient ∂L/∂W (in the gradient pass's dtype, float32), from which LLC rounding re-quantizes the chosen levels, so a
   cached run writes the same bytes as an uncached one.
 
 The key is a SHA-256 over the prepared model, the fit and measure batches (inputs and labels, in order), the

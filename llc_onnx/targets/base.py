@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ import onnx
 
 from llc_onnx.compressible import CompressibleNode
 from llc_onnx.errors import LLCError, first_line
-from llc_onnx.model_io import EXTERNAL_DATA_THRESHOLD, save_model
 from llc_onnx.passes.common import apply_passes  # noqa: F401 - the targets' rewrite runner, exported here
 from llc_onnx.quant import WeightQuantSpec, weight_nbytes
 
@@ -209,23 +207,17 @@ class SessionSettings:
 
     def make_session(self, model: onnx.ModelProto | str, *, intra_op_num_threads: int = 0,
                      optimized_model_path: str | None = None):
-        """An InferenceSession with these settings (``model``: proto or path)."""
-        import onnxruntime as ort
-
+        """An InferenceSession with these settings (``model``: proto or path; a large proto reaches ONNX Runtime
+        as files, ``ort_eval.inference_session``)."""
         so = self.session_options(intra_op_num_threads)
         if optimized_model_path:
             so.optimized_model_filepath = str(optimized_model_path)
         providers = [(name, dict(opts)) for name, opts in self.providers]
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
         try:
-            if isinstance(model, (str, os.PathLike)):
-                return ort.InferenceSession(os.fspath(model), sess_options=so, providers=providers)
-            if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:  # protobuf's 2 GB limit: through a file
-                with tempfile.TemporaryDirectory() as d:
-                    path = os.path.join(d, "model.onnx")
-                    save_model(model, path)
-                    return ort.InferenceSession(path, sess_options=so, providers=providers)
-            return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
+            from llc_onnx.ort_eval import inference_session
+
+            return inference_session(model, so, providers)
         except Exception as exc:  # noqa: BLE001 - one line, named
             raise LLCError(f"{label}: ONNX Runtime cannot load the model ({first_line(exc)}); check the opset "
                            "(≤ 26) and the ops used") from None

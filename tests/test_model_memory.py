@@ -1,0 +1,88 @@
+"""A large model's memory at intake and in ONNX Runtime: ``prepare_model`` copies the weights' data once (not
+through every serialization of opset conversion and shape inference), and a large proto reaches ORT as files
+with external data (``model_io.write_for_session``). Both must change nothing but memory: the same prepared
+model, the same session outputs, the input untouched."""
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from llc_onnx import model_io, ort_eval
+
+
+def _weights_model(opset=17, as_inputs=True):
+    """x[N, 64] -> MatMul(W1) -> Relu -> MatMul(Transpose(W2t)) -> Add(b) -> y: heavy float weights, one behind a
+    Transpose chain (folded at intake), initializers listed as graph inputs, an old opset (converted)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(64, 96)).astype(np.float32)
+    w2t = rng.normal(size=(32, 96)).astype(np.float32)
+    b = rng.normal(size=(32,)).astype(np.float32)
+    shape = np.array([-1, 32], np.int64)
+    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2t, "W2t"),
+             numpy_helper.from_array(b, "b"), numpy_helper.from_array(shape, "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Transpose", ["W2t"], ["W2"], perm=[1, 0]),
+             helper.make_node("MatMul", ["r", "W2"], ["z"]), helper.make_node("Add", ["z", "b"], ["zb"]),
+             helper.make_node("Reshape", ["zb", "shape"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])]
+    if as_inputs:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _bytes(m):
+    return m.SerializeToString(deterministic=True)
+
+
+def test_prepare_copies_weight_data_once_and_gives_the_same_model():
+    model = _weights_model()
+    before = _bytes(model)
+    heavy = model_io._heavy_weights(model)
+    assert set(heavy) == {"W1", "W2t"}  # float, > 1 KB; the int64 shape and the small bias are copied as usual
+    light = model_io.prepare_model(model, opset=21)
+    full = model_io._prepare(model, 17, 21, {})  # the plain full copy
+    assert _bytes(light) == _bytes(full)
+    assert _bytes(model) == before  # the input is not modified
+    inits = {t.name: t for t in light.graph.initializer}
+    assert "W2" in inits and "W2t" not in inits  # the chain was folded from the real data
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["W1"]), numpy_helper.to_array(heavy["W1"]))
+    assert light.opset_import[0].version == 21
+
+
+def test_prepare_falls_back_to_a_full_copy_when_a_weight_changes(monkeypatch):
+    """Opset conversion that rewrote a weight (simulated) must not leave a data-less initializer behind."""
+    model = _weights_model(opset=21, as_inputs=False)
+    real = model_io._restore_weights
+    calls = []
+
+    def moved(m, heavy):
+        calls.append(bool(heavy))
+        if heavy:
+            raise model_io._WeightsMoved
+        return real(m, heavy)
+
+    monkeypatch.setattr(model_io, "_restore_weights", moved)
+    out = model_io.prepare_model(model)
+    assert calls == [True, False]
+    assert all(t.HasField("raw_data") or t.float_data or t.int64_data for t in out.graph.initializer)
+
+
+def test_large_protos_reach_onnx_runtime_as_files_with_the_same_outputs(tmp_path, monkeypatch):
+    model = model_io.prepare_model(_weights_model())
+    before = _bytes(model)
+    path = model_io.write_for_session(model, str(tmp_path))
+    on_disk = onnx.load(path, load_external_data=False)
+    ext = [t for t in on_disk.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert {t.name for t in ext} == {"W1", "W2"}
+    assert all(int(next(e.value for e in t.external_data if e.key == "offset")) % 4096 == 0 for t in ext)
+    assert os.path.getsize(path) < 2048 and _bytes(model) == before
+    x = np.random.default_rng(1).normal(size=(5, 64)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    monkeypatch.setattr(ort_eval, "SESSION_FILE_BYTES", 1024)  # this small model now goes through files
+    sess = ort_eval.make_session(model)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ref)
