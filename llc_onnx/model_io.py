@@ -95,8 +95,94 @@ def load_model(path) -> onnx.ModelProto:
         # The checker reads the file itself, which works for models with external data / > 2 GB.
         onnx.checker.check_model(p)
     except Exception as exc:
-        raise LLCError(f"{p}: not a valid ONNX model (checker: {_first_line(exc)}); {_FIX_EXPORT}") from None
+        checker_error = LLCError(f"{p}: not a valid ONNX model (checker: {_first_line(exc)}); {_FIX_EXPORT}")
+        if "topologically sorted" not in str(exc):
+            raise checker_error from None
+        # ONNX Runtime runs graphs whose nodes are listed out of order (ORT's own float16 converter writes
+        # them): put them in order, then check again; a tensor nothing produces stays the checker's error
+        try:
+            sort_nodes(model, p)
+        except LLCError:
+            raise checker_error from None
+        try:
+            if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+                onnx.checker.check_model(model)
+            else:
+                with tempfile.TemporaryDirectory() as d:
+                    save_model(model, os.path.join(d, "sorted.onnx"))
+                    onnx.checker.check_model(os.path.join(d, "sorted.onnx"))
+        except LLCError:
+            raise
+        except Exception as exc2:
+            raise LLCError(f"{p}: not a valid ONNX model (checker: {_first_line(exc2)}); {_FIX_EXPORT}") from None
     return model
+
+
+def sort_nodes(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+    """Order the nodes of the main graph and of every subgraph topologically, in place (Kahn's algorithm,
+    keeping the file's order among nodes that are ready together); returns ``model``. A node reading a tensor
+    nothing produces (not a graph input, initializer or outer-scope value) or a cycle is an LLCError."""
+    def sort(graph: onnx.GraphProto, outer: set[str]) -> None:
+        known = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
+            {t.name for t in graph.sparse_initializer}
+        nodes = list(graph.node)
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        for n in nodes:  # subgraphs see every name of this scope
+            for a in n.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                          list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                    sort(g, known | set(producer))
+        needs: list[set[int]] = []
+        for n in nodes:
+            deps = set()
+            for name in list(n.input) + _implicit_inputs(n):
+                if not name or name in known:
+                    continue
+                if name not in producer:
+                    raise LLCError(f"{source}: node '{n.name or n.op_type}' reads '{name}', which no node, input or "
+                                   f"initializer provides; {_FIX_EXPORT}")
+                deps.add(producer[name])
+            needs.append(deps)
+        users: dict[int, list[int]] = {}
+        for i, deps in enumerate(needs):
+            for d in deps:
+                users.setdefault(d, []).append(i)
+        import heapq
+
+        waiting = [len(d) for d in needs]
+        ready = [i for i, w in enumerate(waiting) if w == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(i)
+            for u in users.get(i, ()):
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    heapq.heappush(ready, u)
+        if len(order) < len(nodes):
+            stuck = next(nodes[i] for i, w in enumerate(waiting) if w > 0)
+            raise LLCError(f"{source}: the graph has a cycle through node '{stuck.name or stuck.op_type}'; "
+                           f"{_FIX_EXPORT}")
+        if order != list(range(len(nodes))):
+            del graph.node[:]
+            graph.node.extend(nodes[i] for i in order)
+
+    sort(model.graph, set())
+    return model
+
+
+def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs read from the enclosing scope (not produced or declared inside them)."""
+    out = []
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                  list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+            inner = {i.name for i in g.input} | {t.name for t in g.initializer} | \
+                {o for n in g.node for o in n.output}
+            for n in g.node:
+                out += [name for name in list(n.input) + _implicit_inputs(n) if name and name not in inner]
+    return out
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -69,7 +69,7 @@ def candidate_settings(ctx: FlowContext) -> dict:
 def spec_of(cfg: QuantConfig, fmt: Format, rounding: str | None = None) -> WeightQuantSpec:
     """The quantizer spec of a format's stored codes with the configured scales and rounding."""
     return WeightQuantSpec(bits=int(fmt.code_bits or fmt.bits), block_size=fmt.block_size, scale_method=cfg.scale,
-                           rounding=rounding or cfg.rounding)
+                           rounding=rounding or cfg.rounding, float_type=fmt.float_type)
 
 
 def quantize_node(w: np.ndarray, node: CompressibleNode, fmt: Format, cfg: QuantConfig, grad: np.ndarray):
@@ -147,7 +147,7 @@ def measure_candidate(ctx: FlowContext, formats: Formats, grads: GradientPass, g
     cfg = ctx.config.quant
     w = ctx.weight_array(node)
     if fmt.kind == "float":
-        return Candidate(node.name, fmt.name, 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
+        return Candidate(node.name, fmt.name, fmt.nbytes(node), 0.0, 0.0, 0.0, True, 0.0, reference=True)
     stats, stats_m = grads.nodes[node.name], grads_m.nodes[node.name]
     qw = quantize_node(w, node, fmt, cfg, stats.grad_w)
     delta = qw.dequant.astype(np.float64) - w

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -20,6 +21,7 @@ WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 _FLOAT_DTYPES = {
     ir.DataType.FLOAT: np.float32,
     ir.DataType.FLOAT16: np.float16,
+    ir.DataType.BFLOAT16: ml_dtypes.bfloat16,
     ir.DataType.DOUBLE: np.float64,
 }
 
