@@ -7,7 +7,9 @@
   constant weights folded into initializers (:func:`fold_constant_weights`), ``-1`` dims read as dynamic
   and inferred shapes.
 * :func:`save_model` writes atomically (temp file in the destination directory + ``os.replace``) and
-  switches to external data above :data:`EXTERNAL_DATA_THRESHOLD` bytes.
+  switches to external data above :data:`EXTERNAL_DATA_THRESHOLD` bytes, in a content-named data file, so
+  that the ``.onnx``/``.data`` pair is never mismatched (see its docstring for what a reader sees when).
+* :func:`sort_nodes` puts out-of-order nodes in order (ORT runs such graphs; ``load_model`` sorts them).
 * :func:`tensor_nbytes` / :func:`initializer_bytes` count storage at the element bit width (INT4 = 1/2
   byte per element, INT2 = 1/4, ...), which is how compressed sizes are reported.
 """
@@ -476,35 +478,203 @@ def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_model(model: onnx.ModelProto, path) -> None:
-    """Write ``model`` to ``path`` atomically: the file is written next to ``path`` under a temporary
-    name and moved into place with ``os.replace``; on failure the temporary files are removed and the
-    destination is untouched. Models larger than :data:`EXTERNAL_DATA_THRESHOLD` bytes are written with
-    external data in ``<name>.data`` next to the model (``model`` itself is not modified)."""
+    """Write ``model`` to ``path`` atomically (``model`` itself is not modified).
+
+    A model up to :data:`EXTERNAL_DATA_THRESHOLD` bytes is one file: written under a temporary name in a
+    temporary directory beside ``path``, flushed to disk, and moved onto ``path`` with ``os.replace``.
+
+    A larger model is a pair: the model file and one external data file named by its content,
+    ``<name>.<first 16 hex digits of its SHA-256>.data`` (:func:`external_data_name`; tensors of ≥ 1 KiB,
+    each at a 4 KiB-aligned offset). Order of the steps, and what a reader of ``path`` sees meanwhile:
+
+    1. the data and the model are written into the temporary directory and flushed: ``path`` is still the
+       previous model (or absent), with its own data files, untouched;
+    2. the data file is moved to its content name beside ``path``: nothing refers to it yet (a file already
+       there under that name has the same bytes);
+    3. ``os.replace`` of the model onto ``path`` — the commit: from here ``path`` is the new model, whose data
+       file is complete on disk;
+    4. the data files the previous model referred to (those named after ``path``) and what killed writes of
+       ``path`` left (``<name>.<16 hex>.data`` not referred to, ``.<name>.*.tmp`` directories) are deleted: a reader that parsed the previous model
+       before step 3 finds its data file either intact or gone (an error), never another model's data.
+
+    So at no instant does ``path`` name a model whose data file is missing, partial or another model's, and a
+    run killed at any point leaves ``path`` as it was or complete (a kill at step 2 or 4 may leave one orphan
+    data file, which the next write removes). On an exception (KeyboardInterrupt included: the CLI turns
+    SIGINT/SIGTERM into one) before the commit, every file this call created is removed."""
     p = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(p)
     base = os.path.basename(p)
     if not os.path.isdir(directory):
         raise LLCError(f"{path}: directory '{directory}' does not exist; create it first")
+    previous = _external_locations(p) if os.path.isfile(p) else set()
+    created: list[str] = []  # final paths this call created before the commit (removed on failure)
     tmpdir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    committed = False
     try:
         tmp_model = os.path.join(tmpdir, base)
+        data_name = None
         if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            m = onnx.ModelProto()
-            m.CopyFrom(model)  # save_model(save_as_external_data=True) rewrites tensors in place
-            data_name = base + ".data"
-            onnx.save_model(m, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            if os.path.exists(os.path.join(tmpdir, data_name)):  # absent when every tensor is small
-                os.replace(os.path.join(tmpdir, data_name), os.path.join(directory, data_name))
+            tmp_data = os.path.join(tmpdir, "data")
+            shell, digest = _write_external(model, tmp_data, base)
+            data_name = external_data_name(base, digest) if digest else None
+            if data_name is not None:
+                _set_location(shell, data_name)
+            _write_file(tmp_model, shell.SerializeToString())
+            if data_name is not None:
+                final = os.path.join(directory, data_name)
+                if not os.path.exists(final):
+                    created.append(final)
+                os.replace(tmp_data, final)
         else:
-            onnx.save_model(model, tmp_model)
+            _write_file(tmp_model, model.SerializeToString())
         os.replace(tmp_model, p)
+        committed = True
+        _fsync_directory(directory)
+        _remove_stale_data(directory, base, previous, data_name, tmpdir)
     except LLCError:
         raise
     except Exception as exc:
         raise LLCError(f"{path}: cannot write the model ({_first_line(exc)}); check disk space and permissions") from None
     finally:
+        if not committed:
+            for f in created:
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+_ALIGN = 4096
+_EXTERNAL_MIN = 1024  # tensors of at least this many bytes go to the data file
+
+
+def external_data_name(model_name: str, digest: str) -> str:
+    """The data file of model ``model_name`` whose content has SHA-256 ``digest`` (hex)."""
+    return f"{model_name}.{digest[:16]}.data"
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _copy_fields(src, dst, skip: set[str]) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _write_external(model: onnx.ModelProto, data_path: str, base: str) -> tuple[onnx.ModelProto, str | None]:
+    """(shell, SHA-256 hex of the data file or None when no tensor went there): the main graph's initializers
+    of ≥ 1 KiB (``raw_data``) are written to ``data_path`` at 4 KiB-aligned offsets, and ``shell`` is the model
+    with those tensors pointing there (location to be set). Only one tensor's bytes are copied at a time: the
+    shell is built field by field, never as a copy of the whole model."""
+    import hashlib
+
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, {"graph"})
+    _copy_fields(model.graph, shell.graph, {"initializer"})
+    digest = hashlib.sha256()
+    offset = 0
+    moved = 0
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            out = shell.graph.initializer.add()
+            if not t.HasField("raw_data") or t.data_location == TensorProto.EXTERNAL or \
+                    len(t.raw_data) < _EXTERNAL_MIN:
+                out.CopyFrom(t)
+                continue
+            _copy_fields(t, out, {"raw_data"})
+            raw = t.raw_data
+            pad = -offset % _ALIGN
+            if pad:
+                f.write(b"\0" * pad)
+                digest.update(b"\0" * pad)
+                offset += pad
+            f.write(raw)
+            digest.update(raw)
+            del out.external_data[:]
+            for key, value in (("location", "?"), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = out.external_data.add()
+                entry.key, entry.value = key, value
+            out.data_location = TensorProto.EXTERNAL
+            offset += len(raw)
+            moved += 1
+            del raw
+        f.flush()
+        os.fsync(f.fileno())
+    if shell.ByteSize() >= 2**31 - 1:  # protobuf cannot serialize it
+        raise LLCError(f"{base}: the model is larger than 2 GB without its initializers (large Constant nodes or "
+                       "subgraph tensors); store those weights as initializers")
+    return shell, (digest.hexdigest() if moved else None)
+
+
+def _set_location(shell: onnx.ModelProto, location: str) -> None:
+    for t in shell.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location" and e.value == "?":
+                    e.value = location
+
+
+def _external_locations(path: str) -> set[str]:
+    """Data files (plain names beside the model) the model at ``path`` refers to; empty when unreadable or
+    large (a model with external data is small without it)."""
+    try:
+        if os.path.getsize(path) > 64 << 20:
+            return set()
+        m = onnx.load_model(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - whatever was there is about to be replaced
+        return set()
+    return {e.value for t in _external_tensors(m) for e in t.external_data
+            if e.key == "location" and e.value and os.path.basename(e.value) == e.value}
+
+
+def _remove_stale_data(directory: str, base: str, previous: set[str], keep: str | None, own_tmp: str) -> None:
+    """After the commit: delete the previous model's data files named after it, and what killed writes of this
+    path left: content-named data files nothing refers to and their temporary directories (one writer per
+    output path is assumed)."""
+    import re
+
+    pattern = re.compile(re.escape(base) + r"\.[0-9a-f]{16}\.data")
+    tmp_pattern = re.compile(re.escape(f".{base}.") + r"[a-z0-9_]{8}\.tmp")
+    stale = {n for n in previous if n.startswith(base + ".")}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    stale |= {n for n in names if pattern.fullmatch(n)}
+    for name in stale - {keep}:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+    for name in names:
+        if tmp_pattern.fullmatch(name) and name != os.path.basename(own_tmp):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def tensor_bits(elem_type: int) -> int:
