@@ -257,7 +257,7 @@ class Solver:
             for n, ladder in self.ladders.items():
                 ok = [i for i, c in enumerate(ladder)
                       if c.reference or format_bits(self.formats.by_level[(n, c.level)]) >= bits]
-                choice[n] = ok[0]
+                choice[n] = ok[0] if ok else len(ladder) - 1  # none that wide (float not asked for): its widest
             key = tuple(sorted(choice.items()))
             if all(self.ladders[n][i].reference for n, i in choice.items()):
                 continue  # nothing offered at ≥ this level: the float model, which back-off reaches anyway
