@@ -178,7 +178,9 @@ def _compare_args(p):
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="candidate passes when its loss ≤ reference loss + tolerance (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch for a single .npz (default 64)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = ORT default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="batches run at once, each on one ONNX Runtime thread (0 = one per CPU; the numbers do not "
+                        "depend on it)")
     _json_flag(p)
 
 

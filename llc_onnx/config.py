@@ -293,7 +293,8 @@ class DeviceConfig:
     """Where the measurements run."""
 
     device: str = opt("cpu", "--device", "device of gradients and measurements: cpu (default) or cuda")
-    threads: int = opt(0, "--threads", "CPU threads for torch and ONNX Runtime (default 0: their defaults)")
+    threads: int = opt(0, "--threads", "ONNX Runtime batches run at once, one thread each (default 0: one per "
+                       "CPU); the interpreter runs on one thread: the output does not depend on it")
 
     def __post_init__(self):
         _check(self.device == "cpu" or self.device.startswith("cuda"), "device.device", self.device,

@@ -284,7 +284,7 @@ def create_context(model: onnx.ModelProto, data, config: OptimizeConfig, *, sour
         fit, meas = fit_measure_split(calib, config.data.measure_samples, config.data.seed)
         loss, task_loss, task_test = task, None, None
         if objective == "fidelity":
-            ref = make_session(prepared, session)
+            ref = make_session(prepared, dataclasses.replace(session, threads=1))  # numbers independent of threads
 
             def run_float(inputs):
                 return ref.run([task.output], inputs)[0]
