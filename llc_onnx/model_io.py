@@ -93,6 +93,7 @@ def load_model(path) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, base)
     except Exception as exc:
         raise LLCError(f"{p}: cannot read external data ({_first_line(exc)}); {_FIX_EXPORT}") from None
+    _check_tensor_sizes(model, p)
     try:
         # The checker reads the file itself, which works for models with external data / > 2 GB.
         onnx.checker.check_model(p)
@@ -185,6 +186,41 @@ def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
             for n in g.node:
                 out += [name for name in list(n.input) + _implicit_inputs(n) if name and name not in inner]
     return out
+
+
+# typed-data field of each element type whose entries are one per element
+_TYPED_FIELD = {TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data", TensorProto.INT64: "int64_data",
+                TensorProto.UINT64: "uint64_data", TensorProto.UINT32: "uint64_data",
+                **{t: "int32_data" for t in (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
+                                             TensorProto.UINT16, TensorProto.UINT8, TensorProto.BOOL,
+                                             TensorProto.FLOAT16, TensorProto.BFLOAT16)}}
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
+    """Every tensor holds as much data as its dims and type say (the checker does not look: a truncated
+    ``.data`` file or a wrong ``length`` would otherwise surface later as a numpy error)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise LLCError(f"{source}: tensor '{t.name}' has negative dims {list(t.dims)}; {_FIX_EXPORT}")
+        numel = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        bits = _BITS.get(t.data_type)
+        if t.data_type == TensorProto.STRING or t.data_type == TensorProto.UNDEFINED:
+            continue
+        if bits is None:
+            raise LLCError(f"{source}: tensor '{t.name}' has element type {t.data_type}, which ONNX does not define; "
+                           f"{_FIX_EXPORT}")
+        if t.HasField("raw_data"):
+            have, want, unit = len(t.raw_data), (numel * bits + 7) // 8, "bytes"
+        elif t.data_type in _TYPED_FIELD:
+            have, want, unit = len(getattr(t, _TYPED_FIELD[t.data_type])), numel, "values"
+        else:
+            continue
+        if have != want:
+            name = TensorProto.DataType.Name(t.data_type)
+            raise LLCError(f"{source}: tensor '{t.name}' holds {have} {unit} of data, its dims {list(t.dims)} of "
+                           f"{name} need {want}; {_FIX_EXPORT}")
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -574,7 +610,7 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def _copy_fields(src, dst, skip: set[str]) -> None:
+def _copy_message_fields(src, dst, skip: set[str]) -> None:
     """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
     for fd, value in src.ListFields():
         if fd.name in skip:
@@ -595,8 +631,8 @@ def _write_external(model: onnx.ModelProto, data_path: str, base: str) -> tuple[
     import hashlib
 
     shell = onnx.ModelProto()
-    _copy_fields(model, shell, {"graph"})
-    _copy_fields(model.graph, shell.graph, {"initializer"})
+    _copy_message_fields(model, shell, {"graph"})
+    _copy_message_fields(model.graph, shell.graph, {"initializer"})
     digest = hashlib.sha256()
     offset = 0
     moved = 0
@@ -607,7 +643,7 @@ def _write_external(model: onnx.ModelProto, data_path: str, base: str) -> tuple[
                     len(t.raw_data) < _EXTERNAL_MIN:
                 out.CopyFrom(t)
                 continue
-            _copy_fields(t, out, {"raw_data"})
+            _copy_message_fields(t, out, {"raw_data"})
             raw = t.raw_data
             pad = -offset % _ALIGN
             if pad:

@@ -30,6 +30,7 @@ and the fix. Labels are not required here; the loss checks them (:mod:`llc_onnx.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import re
 import sys
@@ -319,6 +320,21 @@ def _load_dir(path: str, specs) -> Dataset:
     return Dataset(batches, path, unit="batch")
 
 
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _as_arrays(item: dict, source: str) -> dict[str, np.ndarray]:
+    """A batch dict's values as numpy arrays (a value numpy cannot make one array of is bad input)."""
+    arrays = {}
+    for k, v in item.items():
+        try:
+            arrays[str(k)] = np.asarray(v)
+        except Exception as exc:  # e.g. ragged nested lists
+            raise LLCError(f"{source}: value of '{k}' is not an array ({_one_line(exc)}); give numpy arrays") from None
+    return arrays
+
+
 def _load_reader(spec, specs) -> Dataset:
     obj = import_object(spec) if isinstance(spec, str) else spec
     spec = spec if isinstance(spec, str) else type(obj).__name__
@@ -333,13 +349,17 @@ def _load_reader(spec, specs) -> Dataset:
                        "give an object with get_next() returning a dict of arrays, or None at the end")
     batches = []
     while True:
-        item = obj.get_next()
+        source = f"{spec}[batch {len(batches)}]"
+        try:
+            item = obj.get_next()
+        except Exception as exc:  # the user's reader failed: bad input, not a bug here
+            raise LLCError(f"{source}: get_next() raised {type(exc).__name__}: {_one_line(exc)}; fix the data "
+                           "reader") from None
         if item is None:
             break
-        source = f"{spec}[batch {len(batches)}]"
         if not isinstance(item, dict):
             raise LLCError(f"{source}: get_next() returned {type(item).__name__}, expected a dict of arrays or None")
-        arrays = {str(k): np.asarray(v) for k, v in item.items()}
+        arrays = _as_arrays(item, source)
         validate_arrays(arrays, specs, source)
         batches.append(_to_batch(arrays))
     if not batches:
@@ -349,11 +369,19 @@ def _load_reader(spec, specs) -> Dataset:
 
 def _load_iterable(items, specs, source: str) -> Dataset:
     batches = []
-    for i, item in enumerate(items):
+    iterator = iter(items)
+    for i in itertools.count():
         where = f"{source}[batch {i}]"
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        except Exception as exc:  # the user's iterable failed
+            raise LLCError(f"{where}: iterating the data raised {type(exc).__name__}: {_one_line(exc)}; fix the "
+                           "data source") from None
         if not isinstance(item, dict):
             raise LLCError(f"{where}: got {type(item).__name__}, expected a dict of arrays per batch")
-        arrays = {str(k): np.asarray(v) for k, v in item.items()}
+        arrays = _as_arrays(item, where)
         validate_arrays(arrays, specs, where)
         batches.append(_to_batch(arrays))
     if not batches:
