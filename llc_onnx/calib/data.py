@@ -296,6 +296,9 @@ def _load_npz(path: str, specs, batch_size: int) -> Dataset:
     validate_arrays(arrays, specs, path, check_batch_dim=False)
     n = int(next(iter(arrays.values())).shape[0])
     static = _static_batch(specs)
+    if static is not None and static < 1:
+        raise LLCError(f"{path}: the model's inputs have a fixed batch dim of {static}; export the model with a "
+                       "dynamic (or positive) batch dim")
     if static is not None:
         batch_size = static
         usable = (n // static) * static
