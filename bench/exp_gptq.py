@@ -11,6 +11,11 @@ Gram matrix) and the loss change with that node alone quantized, ΔL ± its pair
 (``FlowContext.measure``), as the quantization flow measures candidates. ``--whole``: every compressible node at
 once with the same method, loss on the measure part and on the held-out split (interpreter). SmolLM2: ``python -m
 bench.prepare_smollm2`` first; its FP32 weights are a de-quantized Q4_1 GGUF (asymmetric 4-bit blocks of 32).
+
+Measured here (1 thread, shared 2-core box): SmolLM2 ``--whole --bits 4`` (block 32, 0.156× FP32; fit 12 / measure
+4 calibration sequences; held-out 16 sequences, FP32 3.7536): nearest+mse 4.109, nearest+hqq 4.176, GPTQ+mse
+act-order 3.838 (ORT 1.31's best at this size: 4.046). Bundled example ``--whole``: held-out 0.3594 FP32; 4-bit
+nearest 0.3681, GPTQ 0.3595; 2-bit nearest 0.5601, GPTQ 0.4009.
 """
 
 from __future__ import annotations

@@ -114,6 +114,8 @@ def _stage(ctx, outcome, tolerance: float):
         with ctx.timer.stage("sweep"):
             sweep = _sweep_points(ctx, outcome)
     chosen = {n: outcome.ladders[n][i] for n, i in sel.choice.items()}
+    if outcome.notes is not None:
+        ctx.notes.extend(outcome.notes(sel.choice))
     nodes = [NodeDecision.of(node, chosen[node.name]) for node in ctx.nodes]
     stage = StageResult(outcome.method, nodes, [c for g in outcome.table.groups.values() for c in g], sel.trials,
                         sel.trial.name, sel.first_plan_passed, outcome.plan_costs, ctx.float_bytes(),

@@ -196,11 +196,26 @@ class QuantConfig:
     bits: tuple = opt((2, 4, 8, 16, FLOAT), "--bits", "quantization levels per node (default 2,4,8,16,float)",
                       parse=_levels)
     block_size: int = opt(32, "--block-size", "block along the reduction axis for 2/4-bit (default 32)")
-    scale: Literal["mse", "minmax", "aciq"] = opt("mse", "--scale", "weight scales: mse (default), minmax, aciq")
-    rounding: Literal["llc", "nearest", "up", "down"] = opt(
-        "llc", "--rounding", "rounding: llc (default: sign-directed, first-order term ≤ 0), nearest, up, down")
+    scale: Literal["mse", "minmax", "aciq", "hqq"] = opt(
+        "mse", "--scale", "weight scales: mse (default), minmax, aciq, hqq (half-quadratic, data-free)")
+    rounding: Literal["auto", "llc", "nearest", "gptq", "cet", "up", "down"] = opt(
+        "auto", "--rounding", "auto (default): LLC sign-directed rounding inside the first-order neighbourhood, "
+        "elsewhere the best of quant.auto_roundings per level, measured on the calibration split; or one of "
+        "llc, nearest, gptq (error feedback over the input Gram), cet (error off the Hessian's short axes)")
+    auto_roundings: tuple = opt(("nearest", "gptq"), "--auto-roundings",
+                                "the roundings --rounding auto measures outside the neighbourhood "
+                                "(default nearest,gptq; cet adds the curvature pass)", parse=_words)
     llc_radius: float = opt(0.05, "--llc-radius",
-                            "LLC rounding only where nearest rounding's ‖δ‖/‖W‖ ≤ this; nearest beyond (default 0.05)")
+                            "LLC rounding only where nearest rounding's ‖δ‖/‖W‖ ≤ this; beyond it the other "
+                            "roundings (default 0.05)")
+    gptq_act_order: bool = opt(True, "--gptq-act-order", "GPTQ: quantize columns in order of decreasing input "
+                               "energy (default on)")
+    gptq_damp: float = opt(0.01, "--gptq-damp", "GPTQ: dampening λ = damp · mean diag(XᵀX) (default 0.01)")
+    cet_k: int = opt(8, "--cet-k", "CET: short-axis eigenpairs per node (Lanczos; default 8)")
+    cet_batches: int = opt(2, "--cet-batches", "CET: calibration fit batches of the curvature pass (default 2)")
+    joint_rounds: int = opt(2, "--joint-rounds",
+                            "re-solves after measuring the solver's plan jointly on the calibration measure part, "
+                            "its gap to the predicted sum attributed to the nodes (default 2; 0: off)")
     activations: bool = opt(False, "--activations", "also quantize node inputs (per-tensor 8/16-bit)")
     cost: Literal["measured", "cet"] = opt("measured", "--cost",
                                            "per-candidate cost: measured loss change (default) or CET second order")
@@ -218,8 +233,18 @@ class QuantConfig:
         _check(len(self.bits) > 0, "quant.bits", self.bits, "give at least one level")
         _check(isinstance(self.block_size, int) and self.block_size >= 1, "quant.block_size", self.block_size,
                "must be an integer ≥ 1")
-        _choice("quant.scale", self.scale, ("mse", "minmax", "aciq"))
-        _choice("quant.rounding", self.rounding, ("llc", "nearest", "up", "down"))
+        _choice("quant.scale", self.scale, ("mse", "minmax", "aciq", "hqq"))
+        _choice("quant.rounding", self.rounding, ("auto", "llc", "nearest", "gptq", "cet", "up", "down"))
+        object.__setattr__(self, "auto_roundings", tuple(self.auto_roundings))
+        for r in self.auto_roundings:
+            _choice("quant.auto_roundings", r, ("nearest", "gptq", "cet"))
+        _check(bool(self.auto_roundings), "quant.auto_roundings", self.auto_roundings, "give at least one rounding")
+        _check(_finite(self.gptq_damp) and self.gptq_damp > 0, "quant.gptq_damp", self.gptq_damp, "must be > 0")
+        for name in ("cet_k", "cet_batches"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"quant.{name}", v, "must be an integer ≥ 1")
+        _check(isinstance(self.joint_rounds, int) and self.joint_rounds >= 0, "quant.joint_rounds",
+               self.joint_rounds, "must be an integer ≥ 0")
         _choice("quant.cost", self.cost, ("measured", "cet"))
         _check(_finite(self.llc_radius) and self.llc_radius >= 0, "quant.llc_radius", self.llc_radius, "must be ≥ 0")
         _check(self.budget is None or self.avg_bits is None, "quant.budget", self.budget,

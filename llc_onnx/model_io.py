@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import LLCError
+from .errors import LLCError, first_line
 
 # ONNX Runtime 1.31 runs default-domain opsets up to 26.
 MAX_ORT_OPSET = 26
@@ -49,11 +49,6 @@ _BITS = {
 def ir_version_for_opset(opset: int) -> int:
     """IR version written for a default-domain opset: 10 up to opset 22, 11 above (ORT 1.31 accepts both)."""
     return 10 if opset <= 22 else 11
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].strip()
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -92,13 +87,13 @@ def load_model(path) -> onnx.ModelProto:
     try:
         onnx.load_external_data_for_model(model, base)
     except Exception as exc:
-        raise LLCError(f"{p}: cannot read external data ({_first_line(exc)}); {_FIX_EXPORT}") from None
+        raise LLCError(f"{p}: cannot read external data ({first_line(exc)}); {_FIX_EXPORT}") from None
     _check_tensor_sizes(model, p)
     try:
         # The checker reads the file itself, which works for models with external data / > 2 GB.
         onnx.checker.check_model(p)
     except Exception as exc:
-        checker_error = LLCError(f"{p}: not a valid ONNX model (checker: {_first_line(exc)}); {_FIX_EXPORT}")
+        checker_error = LLCError(f"{p}: not a valid ONNX model (checker: {first_line(exc)}); {_FIX_EXPORT}")
         if "topologically sorted" not in str(exc):
             raise checker_error from None
         # ONNX Runtime runs graphs whose nodes are listed out of order (ORT's own float16 converter writes
@@ -117,7 +112,7 @@ def load_model(path) -> onnx.ModelProto:
         except LLCError:
             raise
         except Exception as exc2:
-            raise LLCError(f"{p}: not a valid ONNX model (checker: {_first_line(exc2)}); {_FIX_EXPORT}") from None
+            raise LLCError(f"{p}: not a valid ONNX model (checker: {first_line(exc2)}); {_FIX_EXPORT}") from None
     return model
 
 
@@ -328,7 +323,7 @@ def prepare_model(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProto:
             m = onnx.version_converter.convert_version(m, target)
         except Exception as exc:
             raise LLCError(
-                f"model: cannot convert from opset {current} to {target} ({_first_line(exc)}); "
+                f"model: cannot convert from opset {current} to {target} ({first_line(exc)}); "
                 f"re-export the model with opset {target}"
             ) from None
         name_nodes(m)  # nodes the converter added
@@ -336,7 +331,7 @@ def prepare_model(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProto:
     try:
         m = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:
-        raise LLCError(f"model: shape inference failed ({_first_line(exc)}); check the model with onnx.checker") from None
+        raise LLCError(f"model: shape inference failed ({first_line(exc)}); check the model with onnx.checker") from None
     return detached.restore(m)
 
 
@@ -471,7 +466,7 @@ def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
                     outs = ReferenceEvaluator(n, opsets={"": version.get("", 21)}).run(None, feeds)
                 except Exception as exc:
                     raise LLCError(f"node '{n.name}' (op {n.op_type}): cannot fold the constant weight it computes "
-                                   f"({_first_line(exc)}); check the model with onnx.checker") from None
+                                   f"({first_line(exc)}); check the model with onnx.checker") from None
                 for o, a in zip(n.output, outs):
                     if o:
                         values[o] = np.asarray(a)
@@ -570,7 +565,7 @@ def save_model(model: onnx.ModelProto, path) -> None:
     except LLCError:
         raise
     except Exception as exc:
-        raise LLCError(f"{path}: cannot write the model ({_first_line(exc)}); check disk space and permissions") from None
+        raise LLCError(f"{path}: cannot write the model ({first_line(exc)}); check disk space and permissions") from None
     finally:
         if not committed:
             for f in created:

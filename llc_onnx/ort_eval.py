@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -24,9 +23,8 @@ import onnx
 import onnxruntime as ort
 
 from .calib.data import Dataset
-from .calib.losses import TaskLoss, accumulate
-from .errors import LLCError
-from .model_io import EXTERNAL_DATA_THRESHOLD, save_model
+from .calib.losses import LossTotals, TaskLoss
+from .errors import LLCError, first_line
 
 
 @dataclass
@@ -70,38 +68,36 @@ class Comparison:
     extra: dict = field(default_factory=dict)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].strip()
+@dataclass
+class OutputDiff:
+    """Max and mean of |candidate − reference| (float64) over every output element seen."""
+
+    max: float = 0.0
+    total: float = 0.0
+    numel: int = 0
+
+    def add(self, candidate: np.ndarray, reference: np.ndarray) -> None:
+        d = np.abs(np.asarray(candidate, np.float64) - np.asarray(reference, np.float64))
+        if d.size:
+            self.max = max(self.max, float(d.max()))
+        self.total += float(d.sum())
+        self.numel += d.size
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.numel if self.numel else 0.0
 
 
 def make_session(model: onnx.ModelProto | str, config: SessionConfig | int | None = None) -> ort.InferenceSession:
     """CPU :class:`onnxruntime.InferenceSession` for a model proto or path, made from ``config`` (a
     :class:`SessionConfig`; an int is a thread count with default options), with deterministic compute."""
+    from .targets.base import SessionSettings
+
     if config is None or isinstance(config, int):
         config = SessionConfig(threads=int(config or 0))
-    if config.settings is not None:
-        return config.settings.make_session(model, intra_op_num_threads=config.threads)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(config.threads)
-    so.use_deterministic_compute = True
-    for key, value in config.entries:
-        so.add_session_config_entry(key, value)
-    so.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    label = model if isinstance(model, str) else "model"
-    try:
-        if isinstance(model, (str, os.PathLike)):
-            return ort.InferenceSession(os.fspath(model), sess_options=so, providers=providers)
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            with tempfile.TemporaryDirectory() as d:
-                path = os.path.join(d, "model.onnx")
-                save_model(model, path)
-                return ort.InferenceSession(path, sess_options=so, providers=providers)
-        return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
-    except Exception as exc:
-        raise LLCError(f"{label}: ONNX Runtime cannot load the model ({_first_line(exc)}); "
-                       "check the opset (≤ 26) and the ops used") from None
+    settings = config.settings or SessionSettings(providers=(("CPUExecutionProvider", ()),),
+                                                  config=tuple(config.entries))
+    return settings.make_session(model, intra_op_num_threads=config.threads)
 
 
 def output_names(model: onnx.ModelProto | ort.InferenceSession) -> list[str]:
@@ -110,7 +106,7 @@ def output_names(model: onnx.ModelProto | ort.InferenceSession) -> list[str]:
     return [o.name for o in model.graph.output]
 
 
-def resolve_output(model: onnx.ModelProto, name: str | None, source: str = "model") -> str:
+def resolve_output(model: onnx.ModelProto | ort.InferenceSession, name: str | None, source: str = "model") -> str:
     """``name`` if it is a graph output of ``model`` (the first output when ``name`` is None), else an
     LLCError listing the available outputs."""
     outputs = output_names(model)
@@ -169,7 +165,7 @@ def _run(sess, feeds, output: str, source: str) -> np.ndarray:
     try:
         return sess.run([output], feeds)[0]
     except Exception as exc:
-        raise LLCError(f"{source}: ONNX Runtime failed on the data ({_first_line(exc)}); "
+        raise LLCError(f"{source}: ONNX Runtime failed on the data ({first_line(exc)}); "
                        "check the data shapes against the model") from None
 
 
@@ -187,21 +183,13 @@ def evaluate(model, dataset: Dataset, loss: TaskLoss, *, session: SessionConfig 
     counts), metrics and the number of samples; with ``samples`` also the per-unit loss sums
     (``Evaluation.samples``, with the data's groups) for paired standard errors."""
     sess, workers = _session(model, session)
-    resolve_output_names = output_names(sess)
-    if loss.output not in resolve_output_names:
-        listed = ", ".join(repr(o) for o in resolve_output_names)
-        raise LLCError(f"model: output '{loss.output}' is not a graph output; available outputs: {listed}; "
-                       "pick one with --output")
-    total, count, msums, n, secs = 0.0, 0, {}, 0, 0.0
+    resolve_output(sess, loss.output)
+    totals, secs = LossTotals(loss), 0.0
     unit_sums, unit_counts, unit_groups = [], [], []
-    for i, batch, out, seconds in _batch_outputs(sess, dataset, loss.output, workers, progress, "evaluate"):
+    for _, batch, out, seconds in _batch_outputs(sess, dataset, loss.output, workers, progress, "evaluate"):
         labels = loss.batch_labels(batch, dataset.source)
         secs += seconds
-        s, c = loss.loss_sum(out, labels)
-        total += s
-        count += c
-        accumulate(msums, loss.metrics(out, labels))
-        n += batch.size
+        totals.add(out, labels, batch.size)
         if samples:
             import torch
 
@@ -213,14 +201,14 @@ def evaluate(model, dataset: Dataset, loss: TaskLoss, *, session: SessionConfig 
                         unit_counts.append(uc)
                         if batch.groups is not None:
                             unit_groups.append(int(batch.groups[j]))
-    mean, metrics = loss.summarize(total, count, msums)
+    mean, metrics = totals.mean()
     per_unit = None
     if samples:
         from .calib.noise import LossSamples
 
         per_unit = LossSamples(np.asarray(unit_sums, dtype=np.float64), np.asarray(unit_counts, dtype=np.float64),
                                np.asarray(unit_groups, dtype=np.int64) if dataset.has_groups else None)
-    return Evaluation(loss=mean, metrics=metrics, n=n, seconds=secs, samples=per_unit)
+    return Evaluation(loss=mean, metrics=metrics, n=totals.n, seconds=secs, samples=per_unit)
 
 
 def compare_models(reference, candidate, dataset: Dataset, loss: TaskLoss, *,
@@ -230,37 +218,21 @@ def compare_models(reference, candidate, dataset: Dataset, loss: TaskLoss, *,
     (ref_sess, workers), (cand_sess, _) = _session(reference, session), _session(candidate, session)
     sessions = [ref_sess, cand_sess]
     for which, sess in zip(("reference", "candidate"), sessions):
-        names = output_names(sess)
-        if loss.output not in names:
-            listed = ", ".join(repr(o) for o in names)
-            raise LLCError(f"{which}: output '{loss.output}' is not a graph output; available outputs: {listed}; "
-                           "pick one with --output")
-    acc = [[0.0, 0, {}, 0.0], [0.0, 0, {}, 0.0]]
-    max_diff, abs_sum, numel, n = 0.0, 0.0, 0, 0
+        resolve_output(sess, loss.output, which)
+    totals, secs, diff = [LossTotals(loss), LossTotals(loss)], [0.0, 0.0], OutputDiff()
     ref_outs = _batch_outputs(ref_sess, dataset, loss.output, workers, progress, "compare")
     cand_outs = _batch_outputs(cand_sess, dataset, loss.output, workers, False, "compare")
     for (_, batch, ref_out, ref_s), (_, _, cand_out, cand_s) in zip(ref_outs, cand_outs):
         labels = loss.batch_labels(batch, dataset.source)
         outs = []
-        for out, secs, a in ((ref_out, ref_s, acc[0]), (cand_out, cand_s, acc[1])):
-            a[3] += secs
-            s, c = loss.loss_sum(out, labels)
-            a[0] += s
-            a[1] += c
-            accumulate(a[2], loss.metrics(out, labels))
+        for k, (out, seconds) in enumerate(((ref_out, ref_s), (cand_out, cand_s))):
+            secs[k] += seconds
+            totals[k].add(out, labels, batch.size)
             outs.append(out)
         if outs[0].shape != outs[1].shape:
             raise LLCError(f"candidate: output '{loss.output}' has shape {outs[1].shape}, the reference "
                            f"{outs[0].shape}; the models are not comparable")
-        d = np.abs(outs[1].astype(np.float64) - outs[0].astype(np.float64))
-        if d.size:
-            max_diff = max(max_diff, float(d.max()))
-        abs_sum += float(d.sum())
-        numel += d.size
-        n += batch.size
-    evals = []
-    for s, c, m, secs in acc:
-        mean, metrics = loss.summarize(s, c, m)
-        evals.append(Evaluation(loss=mean, metrics=metrics, n=n, seconds=secs))
-    return Comparison(reference=evals[0], candidate=evals[1], max_abs_diff=max_diff,
-                      mean_abs_diff=abs_sum / numel if numel else 0.0, n=n)
+        diff.add(outs[1], outs[0])
+    evals = [Evaluation(*t.mean(), n=t.n, seconds=s) for t, s in zip(totals, secs)]
+    return Comparison(reference=evals[0], candidate=evals[1], max_abs_diff=diff.max, mean_abs_diff=diff.mean,
+                      n=totals[0].n)

@@ -1,10 +1,11 @@
 """``--report DIR``: an optimize result as report.json, report.md and report.html (tables and PNG plots).
 
-The report is ``OptimizeResult.to_dict()``; this module only renders it. The HTML page has real tables (the
-splits and what each did, the plans measured on validation, the nodes) and four plots: the chosen level per
-node, predicted vs measured ΔL of every candidate, the solver's frontier (predicted cost against bytes over
-budgets, with the plans measured on validation and the chosen one marked), and the validation loss of those
-plans against their size.
+The report is ``OptimizeResult.to_dict()``; this module only renders it. The HTML page (one self-contained
+file: the plots are inline PNGs) opens with the verdict and the splits table (which data did what, both losses),
+then three plots — the bits (or rank) chosen per node, predicted vs measured ΔL of every candidate, and the
+solver's frontier (predicted cost against bytes over budgets, with the plans measured on validation and the
+chosen one marked) — and the tables: plans measured on validation, levels, nodes, end-to-end latency (when
+measured) and time per stage. tests/test_report_browser.py opens it in headless Chromium.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import html
 import io
 import json
 import os
+import re
 
 import matplotlib
 
@@ -33,14 +35,34 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+#: plot captions, by file
+CAPTIONS = {
+    "levels.png": "Bits per weight chosen for each node (32 = left in float; low-rank: the rank kept).",
+    "pred_vs_measured.png": "Every candidate's predicted loss change against the change measured with only that "
+                            "node changed (x: outside the first-order neighbourhood; the dashed line is equality).",
+    "frontier.png": "The solver's frontier over byte budgets (predicted cost, left axis) and the plans measured "
+                    "jointly on the validation split (loss change, right axis); the chosen plan in red, the "
+                    "tolerance dashed.",
+}
+_KIND_COLORS = {"float": "#9a9a9a", "qdq": "#3b7dd8", "mnb": "#2a9d8f", "w8a8": "#e07b39", "rank": "#8e5ec9",
+                "int": "#3b7dd8", "plugin": "#c9a227"}
+
+
 def _level_rank(level: str) -> float:
+    """Bits per stored weight code of a level name (``int4``, ``qdq-int4-b32``, ``mnb-int8-b32-acc4``,
+    ``w8a8-int8c7-auint8``; 32 for float), or the rank of ``rank 12``; NaN when neither."""
     if level in ("float", "full"):
         return 32.0
-    if level.startswith("int"):
-        return float(level[3:])
     if level.startswith("rank"):
         return float(level.split()[1])
-    return float("nan")
+    m = re.search(r"int(\d+)", level)
+    return float(m.group(1)) if m else float("nan")
+
+
+def _level_kind(level: str) -> str:
+    if level in ("float", "full"):
+        return "float"
+    return level.split("-")[0] if "-" in level else ("rank" if level.startswith("rank") else "int")
 
 
 def _last(report: dict) -> dict:
@@ -50,10 +72,21 @@ def _last(report: dict) -> dict:
 def plot_levels(report: dict) -> bytes:
     st = _last(report)
     nodes = st["nodes"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(nodes)), 3.2))
-    ax.bar(range(len(nodes)), [_level_rank(n["level"]) for n in nodes], color="#3b7dd8")
-    ax.set_xticks(range(len(nodes)), [n["node"] for n in nodes], rotation=90, fontsize=6)
-    ax.set_ylabel("bits (32 = float)" if st["method"] == "quant" else "rank")
+    fig, ax = plt.subplots(figsize=(max(5.2, 0.22 * len(nodes)), 3.4))
+    kinds = [_level_kind(n["level"]) for n in nodes]
+    ax.bar(range(len(nodes)), [_level_rank(n["level"]) for n in nodes],
+           color=[_KIND_COLORS.get(k, "#3b7dd8") for k in kinds])
+    ax.set_xticks(range(len(nodes)), [n["node"] for n in nodes], rotation=90, fontsize=8 if len(nodes) <= 30 else 6)
+    if st["method"] == "quant":
+        ax.set_ylabel("bits per weight (32 = float)")
+        ax.set_yscale("log", base=2)
+        ax.set_yticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "float"])
+        ax.set_ylim(1.5, 40)
+    else:
+        ax.set_ylabel("rank")
+    for kind in dict.fromkeys(kinds):
+        ax.bar([0], [0], color=_KIND_COLORS.get(kind, "#3b7dd8"), label=kind)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="format", title_fontsize=7)
     ax.set_title(f"{st['method']}: chosen level per node")
     return _png(fig)
 
@@ -76,10 +109,12 @@ def plot_pred_vs_measured(report: dict) -> bytes:
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xscale("symlog", linthresh=1e-5)
     ax.set_yscale("symlog", linthresh=1e-5)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    ax.tick_params(axis="y", labelsize=7)
     ax.set_xlabel("predicted ΔL (first order)")
     ax.set_ylabel("measured ΔL (calibration, one node)")
     if lim:
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("predicted vs measured, per node and level")
     return _png(fig)
 
@@ -101,8 +136,7 @@ def plot_frontier(report: dict) -> bytes:
     if chosen:
         ax2.scatter([chosen[0]["bytes"] / 1e6], [chosen[0]["val_loss"] - ref], c="red", s=40, zorder=3,
                     label="chosen")
-    ax2.axhline(report["tolerance"] if report["objective"] == "task" else report["tolerance"], color="k", ls="--",
-                lw=0.8)
+    ax2.axhline(report["tolerance"], color="k", ls="--", lw=0.8, label=f"tolerance {report['tolerance']:g}")
     ax.set_xlabel("weight MB (compressible nodes)")
     ax.set_ylabel("predicted Σ cost (calibration)")
     ax2.set_ylabel("validation ΔL (joint)")
@@ -115,7 +149,8 @@ def plot_frontier(report: dict) -> bytes:
 
 def _splits_rows(report: dict) -> list[list]:
     rows = []
-    for name, sp in report["splits"].items():
+    order = ("calibration", "validation", "test")
+    for name, sp in sorted(report["splits"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
         mets = ", ".join(f"{k} {v:.4f} → {sp['compressed']['metrics'].get(k, float('nan')):.4f}"
                          for k, v in sp["reference"]["metrics"].items())
         rows.append([f"{name} ({sp['n']})", sp["role"], f"{sp['reference']['loss']:.6f}",
@@ -125,8 +160,7 @@ def _splits_rows(report: dict) -> list[list]:
 
 def _tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
     """(title, header, rows) of every table of the report, shared by the Markdown and HTML views."""
-    out = [("Splits: which data did what", ["split (n)", "role", "float loss", "compressed loss", "delta",
-                                            "metrics (float → compressed)"], _splits_rows(report))]
+    out = [_splits_table(report)]
     for st in report["stages"]:
         out.append((f"{st['method']}: plans measured jointly on the validation split",
                     ["plan", "bytes", "validation loss", "passed", "raised"],
@@ -148,8 +182,19 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
             out.append((f"{st['method']}: sweep (validation)", ["budget", "bytes", "validation loss"],
                         [[p["budget"], f"{p['bytes']:,}", f"{p['val_loss']:.6f}"] if p.get("bytes") is not None
                          else [p["budget"], "infeasible", p.get("note", "")] for p in st["sweep"]]))
+    lat = (report.get("target") or {}).get("latency")
+    if lat:
+        out.append((f"Latency on {report['target']['name']} (ms per run, fastest of interleaved rounds)",
+                     ["batch", "float", "compressed", "speed-up"],
+                     [[b, f"{r['float_ms']:.4g}", f"{r['compressed_ms']:.4g}", f"{r['speedup']:.2f}x"]
+                      for b, r in lat.items()]))
     out.append(("Time per stage (s)", ["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in report["seconds"].items()]))
     return out
+
+
+def _splits_table(report: dict) -> tuple[str, list[str], list[list]]:
+    return ("Splits: which data did what", ["split (n)", "role", "float loss", "compressed loss", "delta",
+                                            "metrics (float → compressed)"], _splits_rows(report))
 
 
 def _headline(report: dict) -> list[str]:
@@ -171,27 +216,46 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_NUMBER = re.compile(r"^[-+−]?[\d,]*\.?\d+(e[-+]?\d+)?( ?%|x)?$")
+
+
 def _html_table(title: str, header: list[str], rows: list[list]) -> str:
+    """A titled table; cells that are numbers are right-aligned (class ``num``)."""
     esc = html.escape
+
+    def cell(c) -> str:
+        text = str(c)
+        return f"<td class='num'>{esc(text)}</td>" if _NUMBER.match(text) else f"<td>{esc(text)}</td>"
+
     head = "".join(f"<th>{esc(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<h2>{esc(title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows)
+    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    return (f"<section id='{slug}'><h2>{esc(title)}</h2><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></section>")
 
 
 def html_page(report: dict, plots: dict[str, bytes]) -> str:
+    """The report as one self-contained HTML page (module doc)."""
     esc = html.escape
+    verdict = "VERIFIED" if report["verified"] else "NOT VERIFIED"
     status = "verified" if report["verified"] else "not-verified"
     heads = "".join(f"<li>{esc(h)}</li>" for h in _headline(report))
-    tables = "".join(_html_table(*t) for t in _tables(report))
-    imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(d).decode()}" alt="{esc(n)}">'
-                   f"<figcaption>{esc(n)}</figcaption></figure>" for n, d in plots.items())
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px}"
-             "table{border-collapse:collapse;margin:6px 0 18px;font-size:13px}"
+    first, *rest = _tables(report)
+    imgs = "".join(f"<figure><img src='data:image/png;base64,{base64.b64encode(d).decode()}' alt='{esc(n)}'>"
+                   f"<figcaption>{esc(CAPTIONS.get(n, n))}</figcaption></figure>" for n, d in plots.items())
+    style = ("body{font-family:sans-serif;max-width:1250px;margin:auto;padding:0 16px;color:#222}"
+             "h1{margin-bottom:4px}h2{font-size:18px;margin:22px 0 6px}ul{margin-top:4px;line-height:1.45}"
+             "table{border-collapse:collapse;margin:4px 0 10px;font-size:13px}"
              "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f0f0f0}"
-             ".verified{color:#176d17}.not-verified{color:#b01212}figure{display:inline-block;margin:8px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>llc-onnx report</title><style>{style}</style>"
-            f"</head><body><h1 class='{status}'>llc-onnx {esc(report['method'])}: "
-            f"{'VERIFIED' if report['verified'] else 'NOT VERIFIED'}</h1><ul>{heads}</ul>{imgs}{tables}</body></html>")
+             "td.num{text-align:right;font-variant-numeric:tabular-nums}tbody tr:nth-child(even){background:#fafafa}"
+             ".verified{color:#176d17}.not-verified{color:#b01212}"
+             ".plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}"
+             "figure{margin:0;max-width:600px}figure img{max-width:100%}"
+             "figcaption{font-size:12px;color:#555;margin-top:2px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>llc-onnx {esc(report['method'])}: {verdict}"
+            f"</title><style>{style}</style></head><body><h1 class='{status}'>llc-onnx {esc(report['method'])}: "
+            f"{verdict}</h1><ul>{heads}</ul>{_html_table(*first)}<h2>Plots</h2><div class='plots'>{imgs}</div>"
+            f"{''.join(_html_table(*t) for t in rest)}</body></html>")
 
 
 def check_report_dir(directory: str) -> None:

@@ -68,6 +68,7 @@ def check_against_ort(model, feeds, rtol=1e-5, atol=1e-5, outputs=None):
     g = TorchGraph(model)
     refs = ort_run(model, feeds)
     outs, _ = g.run(feeds)
+    assert list(outs) == g.output_names
     for i, (name, ref) in enumerate(zip(g.output_names, refs)):
         if outputs is None or i in outputs:
             assert_close(outs[name], ref, rtol, atol)

@@ -9,11 +9,11 @@ import weakref
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from _opcheck import assert_close, check_against_ort, ort_run
 from llc_onnx.errors import LLCError
 from llc_onnx.interpreter import TorchGraph
 
@@ -23,34 +23,6 @@ OPSET = 21
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
-
-
-def assert_close(out, ref, rtol=1e-5, tol=1e-5):
-    out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
-    ref = np.asarray(ref)
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    if ref.dtype.kind in "biu":
-        np.testing.assert_array_equal(out, ref)
-        return
-    scale = float(np.max(np.abs(ref))) if ref.size else 1.0
-    np.testing.assert_allclose(out, ref, rtol=rtol, atol=tol * max(scale, 1e-6))
-
-
-def check_against_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
-    g = TorchGraph(model)
-    refs = ort_run(model, feeds)
-    outs, _ = g.run(feeds)
-    assert list(outs) == g.output_names
-    for name, ref in zip(g.output_names, refs):
-        assert_close(outs[name], ref)
 
 
 def export(module: torch.nn.Module, args: tuple, names: list[str], dynamo: bool, dyn: dict[str, dict[int, str]]):

@@ -353,8 +353,8 @@ def test_infeasible_sweep_point_does_not_discard_the_model(tiny, tmp_path):
 
 
 def test_cet_cost_mode_uses_second_order_estimates(tiny, tmp_path):
-    """--cost cet: no measured ΔL; each candidate's second-order estimate equals g·δ + ½δᵀHδ from the
-    Hessian module, and the neighbourhood check is on the curvature term."""
+    """--cost cet: no measured ΔL; each candidate's second-order estimate is the CET prediction g·δ + ½Σλ(v·δ)² +
+    ½ρ‖δ⊥‖² from the node's eigenpairs, and the neighbourhood check is on the curvature term."""
     model, data = tiny
     rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"),
                                   "--cost", "cet", "--bits", "4,8,float", "--json", "--allow-loss-increase",
@@ -387,9 +387,66 @@ def test_llc_rounding_only_inside_the_neighbourhood(tiny, tmp_path):
         assert rc == 0, stderr
         return {(c["node"], c["level"]): c["rel_noise"] for c in one_json(stdout)["stages"][0]["candidates"]
                 if not c["reference"]}
-    nearest, gated0 = cands("--rounding", "nearest"), cands("--llc-radius", "0")
-    pure, gated_all = cands("--llc-radius", "1e9"), cands()
+    nearest = cands("--rounding", "nearest")
+    gated0 = cands("--rounding", "llc", "--llc-radius", "0")
+    pure, gated_all = cands("--rounding", "llc", "--llc-radius", "1e9"), cands("--rounding", "llc")
     assert gated0 == nearest
     assert any(pure[k] != nearest[k] for k in pure)  # LLC rounding does move weights
     for k, v in gated_all.items():  # default radius: each level is one of the two
         assert v == nearest[k] or v == pure[k]
+
+
+def test_auto_rounding_picks_one_rounding_per_level_outside_the_neighbourhood(tiny, tmp_path):
+    """--rounding auto (the default): LLC where nearest rounding's relative error is within --llc-radius; elsewhere
+    nearest and GPTQ are both measured and, per level, the one with the lower summed measured ΔL is kept — the
+    same one for every node of that level outside the neighbourhood. --rounding gptq uses GPTQ everywhere."""
+    model, data = tiny
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"), "--bits",
+                                  "2,4,8,float", "--json", "--allow-loss-increase", "--target", "qdq"])
+    assert rc == 0, stderr
+    st = one_json(stdout)["stages"][0]
+    per_level = st["settings"]["rounding_per_level"]
+    assert per_level and all(set(v["sums"]) == {"nearest", "gptq"} for v in per_level.values())
+    for level, v in per_level.items():
+        assert v["chosen"] == min(v["sums"], key=v["sums"].get)
+        rounds = {c["rounding"] for c in st["candidates"] if c["level"] == level and c["rel_noise"] > 0.05}
+        assert rounds <= {v["chosen"]}
+    inside = [c for c in st["candidates"] if not c["reference"] and c["rounding"] == "llc"]
+    assert inside and all(c["level"] == "qdq-int8" or c["level"] == "qdq-int16" for c in inside)
+    # one candidate per (node, level) reaches the solver
+    keys = [(c["node"], c["level"]) for c in st["candidates"]]
+    assert len(keys) == len(set(keys))
+    # every joint re-solve round reports the predicted sum next to the joint measurement
+    joint = st["settings"]["joint"]
+    assert joint and all({"bytes", "predicted", "joint", "se"} <= set(r) for r in joint)
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "g.onnx"), "--bits",
+                                  "2,4,float", "--json", "--allow-loss-increase", "--target", "qdq", "--rounding", "gptq"])
+    assert rc == 0, stderr
+    cands = one_json(stdout)["stages"][0]["candidates"]
+    assert {c["rounding"] for c in cands if not c["reference"]} == {"gptq"}
+
+
+def test_cet_rounding_and_cheap_cet_cost(tiny, tmp_path):
+    """--rounding cet reports codes changed and the short-axis projection per candidate; --cost cet gives every
+    candidate a CET estimate from the eigenpairs (no measurement); a cached run rebuilds identical bytes."""
+    model, data = tiny
+    cache = str(tmp_path / "cache")
+    args = ["optimize", model, "--data", data, "--bits", "4,8,float", "--json", "--allow-loss-increase", "--target",
+            "qdq", "--rounding", "cet", "--cet-k", "4", "--cache", cache]
+    rc, stdout, stderr = run_cli(args + ["-o", str(tmp_path / "a.onnx")])
+    assert rc == 0, stderr
+    st = one_json(stdout)["stages"][0]
+    cet = [c for c in st["candidates"] if not c["reference"]]
+    assert all(c["rounding"] == "cet" and c["info"]["projection_after"] <= c["info"]["projection_before"] + 1e-12
+               for c in cet)
+    rc, stdout, stderr = run_cli(args + ["-o", str(tmp_path / "b.onnx")])
+    assert rc == 0 and one_json(stdout)["stages"][0]["cache"]["hit"] is True
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "c.onnx"), "--bits",
+                                  "4,8,float", "--json", "--allow-loss-increase", "--target", "qdq", "--cost", "cet",
+                                  "--rounding", "nearest"])
+    assert rc == 0, stderr
+    r = one_json(stdout)
+    quantized = [c for c in r["stages"][0]["candidates"] if not c["reference"]]
+    assert all(c["measured"] is None and c["second_order"] is not None for c in quantized)
+    assert "curvature" in r["seconds"] and "candidates" in r["seconds"]

@@ -14,7 +14,8 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from llc_onnx.errors import LLCError
-from llc_onnx.passes.lowrank import LowRankPass, apply_lowrank, factor_params, svd_factors, useful_ranks
+from llc_onnx.passes.lowrank import LowRankPass, apply_lowrank, matrix_dims, svd_factors
+from llc_onnx.solvers.rank_search import factor_params, useful_ranks
 from llc_onnx.passes.qdq import apply_qdq
 
 
@@ -122,7 +123,7 @@ def test_full_rank_reproduces_original(case):
 def test_truncated_rank_equals_reconstructed_weight(case):
     rng = np.random.default_rng(1 + zlib.crc32(case.encode()) % 1000)
     model, w, feeds, node, kind, out_axis = CASES[case](rng)
-    ranks = useful_ranks(w.shape, kind)
+    ranks = useful_ranks(*matrix_dims(w.shape, kind))
     r = ranks[len(ranks) // 2]
     left, right = svd_factors(w, r, kind, out_axis)
     if kind == "conv":
@@ -136,8 +137,8 @@ def test_truncated_rank_equals_reconstructed_weight(case):
     assert rel_err(run(out, feeds)[0], want) < 1e-5
     assert rel_err(want, run(model, feeds)[0]) > 1e-3  # truncation really changed the weight
     # parameter count: weight replaced by r·(K+N)
-    assert n_params(out) == n_params(model) - w.size + factor_params(w.shape, kind, r)
-    assert factor_params(w.shape, kind, r) < w.size
+    assert n_params(out) == n_params(model) - w.size + factor_params(*matrix_dims(w.shape, kind), r)
+    assert factor_params(*matrix_dims(w.shape, kind), r) < w.size
 
 
 def test_conv_matrix_view_factors_match_rank_search_convention():
@@ -153,11 +154,15 @@ def test_conv_matrix_view_factors_match_rank_search_convention():
 
 
 def test_useful_ranks_formula():
-    assert useful_ranks((48, 20), "matmul") == [r for r in range(1, 21) if r * 68 < 960]
-    assert useful_ranks((20, 48), "gemm") == useful_ranks((48, 20), "matmul")
-    assert useful_ranks((10, 6, 3, 3), "conv") == [r for r in range(1, 11) if r * (54 + 10) < 540]
-    assert useful_ranks((4, 4), "matmul") == [1]
-    assert useful_ranks((2, 2), "matmul") == []
+    def ranks(shape, kind):
+        return useful_ranks(*matrix_dims(shape, kind))
+
+    assert ranks((48, 20), "matmul") == [r for r in range(1, 21) if r * 68 < 960]
+    assert ranks((20, 48), "gemm") == ranks((48, 20), "matmul")
+    assert matrix_dims((10, 6, 3, 3), "conv") == (54, 10)
+    assert ranks((10, 6, 3, 3), "conv") == [r for r in range(1, 11) if r * (54 + 10) < 540]
+    assert ranks((4, 4), "matmul") == [1]
+    assert ranks((2, 2), "matmul") == []
 
 
 def test_svd_factors_layouts():

@@ -175,8 +175,8 @@ def test_gemm_left_alone_when_not_expressible():
         import onnx_ir as ir
         p = MatMulNBitsPass({"gm": plan(w, 4, 32, 1)})
         res = p(ir.serde.deserialize_model(model))
-        assert not res.modified and p.written == []
-        assert p.skipped and p.skipped[0][0] == "gm" and why in p.skipped[0][1]
+        assert not res.modified and res.written == () and p.result is res
+        assert list(res.skipped) == ["gm"] and why in res.skipped["gm"]
 
 
 def test_bad_plans_raise():

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import LLCError
+from ..errors import LLCError, first_line
 
 LABELS = "labels"
 GROUPS = "groups"
@@ -244,8 +244,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                 raise ValueError("not an .npz archive")
             return {k: z[k] for k in z.files}
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LLCError(f"{path}: cannot read as .npz ({reason}); save the data with numpy.savez") from None
+        raise LLCError(f"{path}: cannot read as .npz ({first_line(exc)}); save the data with numpy.savez") from None
 
 
 def import_object(spec: str):
@@ -350,27 +349,13 @@ def _load_reader(spec, specs) -> Dataset:
     if not callable(getattr(obj, "get_next", None)):
         raise LLCError(f"{spec}: not a CalibrationDataReader (no get_next() method); "
                        "give an object with get_next() returning a dict of arrays, or None at the end")
-    batches = []
-    while True:
-        source = f"{spec}[batch {len(batches)}]"
-        try:
-            item = obj.get_next()
-        except Exception as exc:  # the user's reader failed: bad input, not a bug here
-            raise LLCError(f"{source}: get_next() raised {type(exc).__name__}: {_one_line(exc)}; fix the data "
-                           "reader") from None
-        if item is None:
-            break
-        if not isinstance(item, dict):
-            raise LLCError(f"{source}: get_next() returned {type(item).__name__}, expected a dict of arrays or None")
-        arrays = _as_arrays(item, source)
-        validate_arrays(arrays, specs, source)
-        batches.append(_to_batch(arrays))
-    if not batches:
-        raise LLCError(f"{spec}: the data reader returned no batches; get_next() must return dicts before None")
-    return Dataset(batches, spec, unit="batch")
+    return _load_iterable(iter(obj.get_next, None), specs, spec, "get_next() returned",
+                          "get_next() must return dicts before None", calls="get_next()")
 
 
-def _load_iterable(items, specs, source: str) -> Dataset:
+def _load_iterable(items, specs, source: str, got: str = "got",
+                   fix: str = "give at least one dict of arrays", calls: str = "iterating the data") -> Dataset:
+    """One batch per dict of ``items`` (a reader's ``get_next()`` until None, or any iterable), validated."""
     batches = []
     iterator = iter(items)
     for i in itertools.count():
@@ -380,15 +365,15 @@ def _load_iterable(items, specs, source: str) -> Dataset:
         except StopIteration:
             break
         except Exception as exc:  # the user's iterable failed
-            raise LLCError(f"{where}: iterating the data raised {type(exc).__name__}: {_one_line(exc)}; fix the "
-                           "data source") from None
+            raise LLCError(f"{where}: {calls} raised {type(exc).__name__}: {_one_line(exc)}; fix the data "
+                           "source") from None
         if not isinstance(item, dict):
-            raise LLCError(f"{where}: got {type(item).__name__}, expected a dict of arrays per batch")
+            raise LLCError(f"{where}: {got} {type(item).__name__}, expected a dict of arrays per batch")
         arrays = _as_arrays(item, where)
         validate_arrays(arrays, specs, where)
         batches.append(_to_batch(arrays))
     if not batches:
-        raise LLCError(f"{source}: no batches; give at least one dict of arrays")
+        raise LLCError(f"{source}: no batches; {fix}")
     return Dataset(batches, source, unit="batch")
 
 

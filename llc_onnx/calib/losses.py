@@ -110,6 +110,26 @@ def accumulate(total: dict[str, tuple[float, int]], part: dict[str, tuple[float,
     return total
 
 
+class LossTotals:
+    """A :class:`TaskLoss` summed over batches: Σ loss terms, Σ counts, Σ metric terms and the samples seen;
+    :meth:`mean` gives (Σ sums / Σ counts, metric means)."""
+
+    def __init__(self, loss: TaskLoss):
+        self.loss = loss
+        self.sum, self.count, self.n = 0.0, 0, 0
+        self.metric_sums: dict[str, tuple[float, int]] = {}
+
+    def add(self, output, labels, n_samples: int) -> None:
+        s, c = self.loss.loss_sum(output, labels)
+        self.sum += s
+        self.count += c
+        accumulate(self.metric_sums, self.loss.metrics(output, labels))
+        self.n += int(n_samples)
+
+    def mean(self) -> tuple[float, dict[str, float]]:
+        return self.loss.summarize(self.sum, self.count, self.metric_sums)
+
+
 class _ClassLoss(TaskLoss):
     def __init__(self, output: str, ignore_index: int = -100):
         super().__init__(output)

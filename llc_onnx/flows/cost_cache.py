@@ -35,7 +35,7 @@ from ..errors import LLCError
 from ..solvers.cost_model import Candidate
 from .context import FlowContext
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -47,6 +47,7 @@ class CachedCosts:
     grads: GradientPass  # fit-part gradients; only ``grad_w`` is set per node
     path: str
     seconds: float  # what measuring them took when the entry was made
+    arrays: dict = None  # other arrays stored with the entry (e.g. the CET curvature), by name
 
 
 def _hash_dataset(h, ds: Dataset) -> None:
@@ -104,7 +105,8 @@ def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
             raise ValueError("format or key mismatch")
         cands = [Candidate(**c) for c in meta["candidates"]]
         with np.load(npath, allow_pickle=False) as z:
-            grads = {n: np.asarray(z[f"g{i}"], dtype=np.float64) for i, n in enumerate(meta["nodes"])}
+            grads = {n: np.asarray(z[f"g{i}"]) for i, n in enumerate(meta["nodes"])}  # the dtype they were stored in
+            arrays = {k[2:]: np.asarray(z[k]) for k in z.files if k.startswith("x:")}
         if sorted(grads) != sorted(node_names):
             raise ValueError("nodes differ")
     except Exception as exc:  # noqa: BLE001 - any damage means: do not trust it
@@ -113,19 +115,21 @@ def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
                           x_rms=0.0, channel_gw=np.zeros(0)) for n, g in grads.items()}
     gp = GradientPass(loss=float(meta["fit_loss"]), n=int(meta["fit_n"]), nodes=nodes, seconds=0.0)
     return CachedCosts(cands, {k: float(v) for k, v in meta["ranges"].items()}, gp, jpath,
-                       float(meta.get("seconds", 0.0)))
+                       float(meta.get("seconds", 0.0)), arrays)
 
 
 def save(directory: str, key: str, candidates: list[Candidate], ranges: dict[str, float],
-         grads: GradientPass, seconds: float) -> str:
-    """Write the entry for ``key`` (npz of gradients first, then the JSON that makes the entry visible)."""
+         grads: GradientPass, seconds: float, arrays: dict | None = None) -> str:
+    """Write the entry for ``key`` (npz of gradients and ``arrays`` first, then the JSON that makes the entry
+    visible)."""
     ensure_directory(directory)
     jpath, npath = _paths(directory, key)
     names = list(grads.nodes)
 
     def write_npz(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, **{f"g{i}": grads.nodes[n].grad_w for i, n in enumerate(names)})
+            np.savez(f, **{f"g{i}": grads.nodes[n].grad_w for i, n in enumerate(names)},
+                     **{f"x:{k}": v for k, v in (arrays or {}).items()})
 
     meta = {"format": FORMAT, "key": key, "version": __version__, "nodes": names,
             "fit_loss": grads.loss, "fit_n": grads.n, "ranges": ranges, "seconds": seconds,

@@ -25,3 +25,4 @@ class MethodOutcome:
     search: list[dict] = field(default_factory=list)  # low-rank: the global search on calibration
     sweep: list[tuple[float, dict[str, int] | None, str | None]] = field(default_factory=list)  # (budget, plan, note)
     frontier: list[dict] = field(default_factory=list)  # the solver's predicted cost at a grid of byte budgets
+    notes: Callable[[dict[str, int]], list[str]] | None = None  # what the rewrite of a built plan noted

@@ -38,13 +38,13 @@ from ..calib.noise import constant
 from ..compressible import CompressibleNode
 from ..config import QuantConfig
 from ..errors import LLCError
-from ..quant import ActivationQuant, WeightQuantSpec, activation_scale, quantize_weight
+from ..quant import ActivationQuant, activation_scale
 from ..solvers import knapsack
 from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
-from ..solvers.hessian import quadratic_term
 from ..targets.base import Format, NodePlan, input_hook, output_hook
 from .context import FlowContext
 from .outcome import MethodOutcome
+from .roundings import Rounder, choose_per_level
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +61,10 @@ def candidate_settings(ctx: FlowContext) -> dict:
     re-solve the same candidates."""
     cfg, t = ctx.config.quant, ctx.config.target
     return {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
-            "rounding": cfg.rounding, "llc_radius": cfg.llc_radius, "activations": cfg.activations,
-            "cost": cfg.cost, "target": t.name, "calibration": t.calibration, "percentile": t.percentile,
-            "plugins": t.plugins}
-
-
-def spec_of(cfg: QuantConfig, fmt: Format, rounding: str | None = None) -> WeightQuantSpec:
-    """The quantizer spec of a format's stored codes with the configured scales and rounding."""
-    return WeightQuantSpec(bits=int(fmt.code_bits or fmt.bits), block_size=fmt.block_size, scale_method=cfg.scale,
-                           rounding=rounding or cfg.rounding, float_type=fmt.float_type)
-
-
-def quantize_node(w: np.ndarray, node: CompressibleNode, fmt: Format, cfg: QuantConfig, grad: np.ndarray):
-    """Quantize one node's weight in ``fmt``'s layout; LLC rounding only inside the neighbourhood (nearest
-    rounding's relative noise ≤ ``llc_radius``), nearest beyond it (measured out of sample, LLC rounding helps
-    at 8 bits in 7 of 9 nodes and loses at 4 bits in 7 of 9; see bench/RESULTS.md)."""
-    if cfg.rounding != "llc":
-        return quantize_weight(w, spec_of(cfg, fmt), node.out_axis, node.reduce_axis, grad=grad)
-    nearest = quantize_weight(w, spec_of(cfg, fmt, "nearest"), node.out_axis, node.reduce_axis)
-    rel = float(np.linalg.norm(nearest.dequant.astype(np.float64) - w)) / (float(np.linalg.norm(w)) or 1.0)
-    if rel > cfg.llc_radius:
-        return nearest
-    return quantize_weight(w, spec_of(cfg, fmt), node.out_axis, node.reduce_axis, grad=grad)
+            "rounding": cfg.rounding, "auto_roundings": list(cfg.auto_roundings), "llc_radius": cfg.llc_radius,
+            "gptq": [cfg.gptq_act_order, cfg.gptq_damp], "cet": [cfg.cet_k, cfg.cet_batches],
+            "activations": cfg.activations, "cost": cfg.cost, "target": t.name, "calibration": t.calibration,
+            "percentile": t.percentile, "plugins": t.plugins}
 
 
 @dataclass
@@ -140,16 +122,17 @@ def _hooks(formats: Formats, node: str, fmt: Format):
     return ({node: i} if i else None), ({node: o} if o else None)
 
 
-def measure_candidate(ctx: FlowContext, formats: Formats, grads: GradientPass, grads_m: GradientPass,
-                      node: CompressibleNode, fmt: Format) -> Candidate:
-    """One raw candidate: ``node`` quantized in ``fmt`` (rounding from the fit gradient ``grads``), its
-    predicted ΔL from the measure-part gradient ``grads_m`` and its measured ΔL on the measure part."""
+def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grads_m: GradientPass,
+                      node: CompressibleNode, fmt: Format, rounding: str) -> Candidate:
+    """One raw candidate: ``node`` quantized in ``fmt`` with ``rounding`` (``flows.roundings``; chosen from the
+    fit part), its predicted ΔL from the measure-part gradient ``grads_m`` (first order, and with ``--cost cet``
+    the CET second-order estimate instead of a measurement) and its measured ΔL on the measure part."""
     cfg = ctx.config.quant
     w = ctx.weight_array(node)
     if fmt.kind == "float":
         return Candidate(node.name, fmt.name, fmt.nbytes(node), 0.0, 0.0, 0.0, True, 0.0, reference=True)
-    stats, stats_m = grads.nodes[node.name], grads_m.nodes[node.name]
-    qw = quantize_node(w, node, fmt, cfg, stats.grad_w)
+    stats_m = grads_m.nodes[node.name]
+    qw, info = rounder.quantize(w, node, fmt, rounding)
     delta = qw.dequant.astype(np.float64) - w
     predicted = float((stats_m.grad_w * delta).sum()) + stats_m.act_pred.get(fmt.name, 0.0)
     rel = float(np.linalg.norm(delta)) / (float(np.linalg.norm(w)) or 1.0)
@@ -157,27 +140,37 @@ def measure_candidate(ctx: FlowContext, formats: Formats, grads: GradientPass, g
     if fmt.kind == "qdq" and fmt.bits == 2 and fmt.activations == "int8" and node.op_type == "MatMul":
         # passes.qdq stores these codes as INT4 (ORT 1.31 rejects INT2 MatMul + int8 activations)
         nbytes += -(-w.size // 4)
-    if cfg.cost == "cet":  # second-order estimate instead of a measurement (weight noise only)
-        q2 = quadratic_term(ctx.graph, ctx.measure_data, ctx.loss, node.name, delta)
-        return Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None, second_order=predicted + q2)
+    if cfg.cost == "cet":  # the CET estimate from the cached eigenpairs: no pass over data per candidate
+        from ..solvers.cet import cet_predict
+
+        second = float(cet_predict(rounder.ensure_curvature()[node.name], delta, grad=stats_m.grad_w).total[0])
+        return Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None,
+                         second_order=second + stats_m.act_pred.get(fmt.name, 0.0), rounding=rounding, info=info)
     weight_fns = {node.name: constant(torch.as_tensor(qw.dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
     input_fns, output_fns = _hooks(formats, node.name, fmt)
     measured, se = ctx.measure(weight_fns, input_fns, output_fns).delta(ctx.base())
-    return Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se)
+    return Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se, rounding=rounding,
+                     info=info)
 
 
-def build_candidates(ctx: FlowContext, formats: Formats, grads: GradientPass, grads_m: GradientPass
+def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads_m: GradientPass
                      ) -> list[Candidate]:
-    """Every node in every offered format (:func:`measure_candidate`), in node and offer order. The
-    measurements go through ``ctx.executor`` (one process, or shards across workers gathered in this same
-    order, so the result does not depend on how many workers measured it)."""
+    """Every node in every offered format with every rounding ``rounder.choices`` names
+    (:func:`measure_candidate`), in node, offer and rounding order. The measurements go through
+    ``ctx.executor`` (one process, or shards across workers gathered in this same order, so the result does not
+    depend on how many workers measured it)."""
     if ctx.config.quant.cost == "measured":
         ctx.base()
-    tasks = [(node, fmt) for node in ctx.nodes for fmt in formats.offers[node.name].formats]
-    with ctx.progress.task("measuring candidates", sum(f.kind != "float" for _, f in tasks)) as advance:
+    tasks = []
+    for node in ctx.nodes:
+        w = ctx.weight_array(node)
+        for fmt in formats.offers[node.name].formats:
+            for rounding in ([""] if fmt.kind == "float" else rounder.choices(w, node, fmt)):
+                tasks.append((node, fmt, rounding))
+    with ctx.progress.task("measuring candidates", sum(f.kind != "float" for _, f, _ in tasks)) as advance:
         def one(task):
-            node, fmt = task
-            cand = measure_candidate(ctx, formats, grads, grads_m, node, fmt)
+            node, fmt, rounding = task
+            cand = measure_candidate(ctx, formats, rounder, grads_m, node, fmt, rounding)
             if fmt.kind != "float":
                 advance(1)
             return cand
@@ -276,8 +269,9 @@ class Solver:
                 knapsack.pareto_sweep(costs, sizes, sorted({int(x) for x in np.linspace(lo, hi, 25)}))]
 
 
-def measure_costs(ctx: FlowContext, formats: Formats) -> tuple[GradientPass, list[Candidate]]:
-    """Stages 1–2: the gradient pass (with each format's activation-noise prediction) and the raw candidates."""
+def measure_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Candidate]]:
+    """Stages 1–2: the gradient pass (with each format's activation-noise prediction), what the roundings need
+    (Gram matrices, curvature) and the raw candidates."""
     act_cands = {}
     for (n, name), f in formats.by_level.items():
         i, _ = _hooks(formats, n, f)
@@ -285,17 +279,20 @@ def measure_costs(ctx: FlowContext, formats: Formats) -> tuple[GradientPass, lis
             act_cands.setdefault(n, {})[name] = i[n]
     with ctx.timer.stage("gradients"), ctx.progress.task("gradients", len(ctx.calib.batches)) as advance:
         grads, grads_m = ctx.gradients(act_cands, advance)
+    rounder = Rounder(ctx, grads)
+    if "curvature" in rounder.needs():
+        rounder.ensure_curvature()
     with ctx.timer.stage("candidates"):
-        cands = build_candidates(ctx, formats, grads, grads_m)
-    return grads, cands
+        cands = build_candidates(ctx, formats, rounder, grads_m)
+    return rounder, cands
 
 
-_MEASURE_STAGES = ("gradients", "candidates")
+_MEASURE_STAGES = ("gradients", "gram", "curvature", "candidates")
 
 
-def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[GradientPass, list[Candidate], dict]:
-    """:func:`measure_costs` through the cache directory: a hit returns the stored raw candidates; a miss
-    measures and stores. An unreadable entry is reported (a warning) and recomputed."""
+def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Candidate], dict]:
+    """:func:`measure_costs` through the cache directory: a hit returns the stored raw candidates (and the
+    curvature); a miss measures and stores. An unreadable entry is reported (a warning) and recomputed."""
     from . import cost_cache
 
     with ctx.timer.stage("cache"):
@@ -306,13 +303,69 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[GradientPass, list
             log.warning("%s; measuring again", exc)
             hit = None
         if hit is not None:
-            return hit.grads, hit.candidates, {"entry": hit.path, "hit": True, "seconds": hit.seconds}
+            rounder = Rounder(ctx, hit.grads)
+            rounder.load_curvature(hit.arrays)
+            return rounder, hit.candidates, {"entry": hit.path, "hit": True, "seconds": hit.seconds}
     before = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES)
-    grads, cands = measure_costs(ctx, formats)
+    rounder, cands = measure_costs(ctx, formats)
     seconds = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES) - before
     with ctx.timer.stage("cache"):
-        path = cost_cache.save(ctx.config.cache_dir, key, cands, {}, grads, seconds)
-    return grads, cands, {"entry": path, "hit": False, "seconds": seconds}
+        path = cost_cache.save(ctx.config.cache_dir, key, cands, {}, rounder.grads, seconds,
+                               rounder.curvature_arrays())
+    return rounder, cands, {"entry": path, "hit": False, "seconds": seconds}
+
+
+def joint_resolve(ctx: FlowContext, solver: "Solver", formats: Formats, rounder: Rounder, budget, gain_credit,
+                  lat_budget, memo: dict) -> tuple[dict[str, int], list[dict]]:
+    """Per-node costs are measured one node at a time; far from the first-order neighbourhood they stop adding
+    up. Measure the solver's plan with all its nodes compressed at once (interpreter, calibration measure part),
+    attribute the gap ``joint − Σ costs`` to the plan's compressed nodes in proportion to their |first-order
+    prediction| (each node's share of the plan's predicted effect), add it to those candidates' costs and
+    re-solve; at most ``quant.joint_rounds`` times, stopping when the plan repeats. Returns the final plan and
+    one row per round (bytes, predicted sum, joint measurement ± SE) for the report."""
+    rows, seen = [], set()
+    choice = solver.solve(budget, gain_credit, lat_budget)
+    for r in range(ctx.config.quant.joint_rounds + 1):
+        chosen = {n: solver.ladders[n][i] for n, i in choice.items()}
+        weight_fns, input_fns, output_fns = {}, {}, {}
+        for n, c in chosen.items():
+            fmt = formats.by_level[(n, c.level)]
+            if fmt.kind == "float":
+                continue
+            qw = _weight(ctx, rounder, n, c, fmt, memo, dequant=True)
+            weight_fns[n] = constant(torch.as_tensor(qw, dtype=ctx.graph.dtype, device=ctx.graph.device))
+            i, o = _hooks(formats, n, fmt)
+            input_fns.update(i or {})
+            output_fns.update(o or {})
+        predicted = sum(c.cost for c in chosen.values() if c.cost is not None)
+        joint, se = ctx.measure(weight_fns, input_fns, output_fns).delta(ctx.base()) if weight_fns else (0.0, 0.0)
+        rows.append({"round": r, "bytes": sum(c.nbytes for c in chosen.values()), "predicted": predicted,
+                     "joint": joint, "se": se})
+        seen.add(tuple(sorted(choice.items())))
+        gap = joint - predicted
+        movers = [c for c in chosen.values() if not c.reference]
+        if r == ctx.config.quant.joint_rounds or gap <= 0 or not movers:
+            break
+        weight = sum(abs(c.predicted) for c in movers) or float(len(movers))
+        for c in movers:  # the candidates are the table's own objects: the penalty stays for later solves
+            c.cost += gap * ((abs(c.predicted) / weight) if weight != len(movers) or any(c.predicted for c in movers)
+                             else 1.0 / len(movers))
+        new = solver.solve(budget, gain_credit, lat_budget)
+        if tuple(sorted(new.items())) in seen:
+            break
+        choice = new
+    return choice, rows
+
+
+def _weight(ctx, rounder, n, cand, fmt, memo, dequant=False):
+    """The codes (or dequantized weight) of node ``n`` at ``cand``'s level and rounding, computed once."""
+    key = (n, cand.level)
+    if key not in memo:
+        node = ctx.node(n)
+        qw, _ = rounder.quantize(ctx.weight_array(node), node, fmt, cand.rounding or "nearest")
+        # the passes read codes and scales only: codes in the smallest integer type
+        memo[key] = (replace(qw, q=qw.q.astype(np.int8 if qw.bits <= 8 else np.int16), dequant=None), qw.dequant)
+    return memo[key][1] if dequant else memo[key][0]
 
 
 def run(ctx: FlowContext) -> MethodOutcome:
@@ -321,9 +374,10 @@ def run(ctx: FlowContext) -> MethodOutcome:
     formats = offered_formats(ctx)
     cache = None
     if ctx.config.cache_dir:
-        grads, cands, cache = cached_costs(ctx, formats)
+        rounder, cands, cache = cached_costs(ctx, formats)
     else:
-        grads, cands = measure_costs(ctx, formats)
+        rounder, cands = measure_costs(ctx, formats)
+    cands, per_level = choose_per_level(cands, cfg.auto_roundings)
     table = classify_all(ctx, cands)
     latency, lat_info = None, None
     if ctx.config.target.latency_budget is not None:
@@ -331,33 +385,37 @@ def run(ctx: FlowContext) -> MethodOutcome:
 
         with ctx.timer.stage("latency"):
             latency, lat_info = latency_model(ctx, formats)
+    memo: dict = {}
     with ctx.timer.stage("solve"):
         solver = Solver(ctx, table, formats, latency)
         budget = budget_bytes(cfg, ctx)
         lat_budget = lat_info["budget_ms"] if lat_info else None
-        primary = solver.solve(budget, crit.gain_credit, lat_budget)
-        plans = [("solver", primary)]
-        if crit.gain_credit > 0:
-            plans.append(("solver, gains not credited", solver.solve(budget, 0.0, lat_budget)))
-        if lat_budget is None:
-            plans += solver.uniform_plans(cfg.levels())
+        first = solver.solve(budget, crit.gain_credit, lat_budget)
+        first_costs = plan_costs([solver.ladders[n][i] for n, i in first.items()], crit.gain_credit)
+        strict = solver.solve(budget, 0.0, lat_budget) if crit.gain_credit > 0 else None
         frontier = solver.frontier(crit.gain_credit)
+    with ctx.timer.stage("joint"):
+        primary, joint = joint_resolve(ctx, solver, formats, rounder, budget, crit.gain_credit, lat_budget, memo)
+    plans = [("solver", primary)]
+    if primary != first:
+        plans.append(("solver before joint re-solve", first))
+    if strict is not None:
+        plans.append(("solver, gains not credited", strict))
+    if lat_budget is None:
+        plans += solver.uniform_plans(cfg.levels())
     ladders = solver.ladders
-    memo: dict = {}
+    rewrite_notes: dict[tuple, list[str]] = {}
 
     def build(ch: dict[str, int]) -> onnx.ModelProto:
         plans_ = {}
         for n, i in ch.items():
             cand = ladders[n][i]
             fmt = formats.by_level[(n, cand.level)]
-            key = (n, cand.level)
-            if fmt.kind != "float" and key not in memo:
-                node = ctx.node(n)
-                qw = quantize_node(ctx.weight_array(node), node, fmt, cfg, grads.nodes[n].grad_w)
-                # the passes read codes and scales only: codes in the smallest integer type, no float copy
-                memo[key] = replace(qw, q=qw.q.astype(np.int8 if qw.bits <= 8 else np.int16), dequant=None)
-            plans_[n] = formats.plan(n, fmt, memo.get(key))
-        return ctx.target.rewrite(ctx.model, plans_).model
+            weight = None if fmt.kind == "float" else _weight(ctx, rounder, n, cand, fmt, memo)
+            plans_[n] = formats.plan(n, fmt, weight)
+        rw = ctx.target.rewrite(ctx.model, plans_)
+        rewrite_notes[tuple(sorted(ch.items()))] = [f"node '{n}': {note}" for n, note in rw.notes]
+        return rw.model
 
     sweep = []
     for frac in cfg.sweep:
@@ -368,7 +426,8 @@ def run(ctx: FlowContext) -> MethodOutcome:
     settings = {**candidate_settings(ctx), "budget_bytes": budget,
                 "objective": "lossless" if budget is None else "budget", "gain_credit": crit.gain_credit,
                 "max_node_cost": solver.bound, "refused": formats.refused(), "latency": lat_info,
-                "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()}}
-    return MethodOutcome("quant", table, ladders, plans, build, budget, settings,
-                         plan_costs([ladders[n][i] for n, i in primary.items()], crit.gain_credit), cache=cache,
-                         sweep=sweep, frontier=frontier)
+                "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()},
+                "rounding_per_level": per_level, "joint": joint}
+    return MethodOutcome("quant", table, ladders, plans, build, budget, settings, first_costs, cache=cache,
+                         sweep=sweep, frontier=frontier,
+                         notes=lambda ch: rewrite_notes.get(tuple(sorted(ch.items())), []))

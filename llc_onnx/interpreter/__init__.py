@@ -7,8 +7,8 @@
 """
 
 from . import ops  # noqa: F401  (registers the built-in ops)
-from .graph import Snapshots, Subgraph, TorchGraph, node_key, unsupported_nodes
+from .graph import Snapshots, Subgraph, TorchGraph, unsupported_nodes
 from .registry import ENTRY_POINT_GROUP, OpContext, load_plugins, lookup, register_op, register_ops, supported_ops
 
-__all__ = ["TorchGraph", "Subgraph", "Snapshots", "node_key", "unsupported_nodes", "register_op", "register_ops", "lookup",
+__all__ = ["TorchGraph", "Subgraph", "Snapshots", "unsupported_nodes", "register_op", "register_ops", "lookup",
            "supported_ops", "load_plugins", "OpContext", "ENTRY_POINT_GROUP"]

@@ -2,8 +2,8 @@
 
 Hooks let callers transform the weight or the activation input of a node (quantization noise, low-rank, ...)
 and capture node-local aliases of the (weight, activation) pair actually used by that node, whose gradients
-are the gradients *through that node only*. Nodes are keyed by ``node.name``, or ``f"{op_type}_{index}"``
-(index in ``graph.node``) when unnamed, the same rule as ``model_io.prepare_model``. Intermediate tensors are
+are the gradients *through that node only*. Nodes are keyed by the names ``model_io.node_names`` gives them
+(their own name, else ``<op_type>_<index>``): the names ``model_io.prepare_model`` writes. Intermediate tensors are
 freed after their last consumer has run; :meth:`TorchGraph.snapshot` keeps the live values before chosen nodes
 so that a perturbed run can resume there.
 """
@@ -22,20 +22,16 @@ import torch
 from onnx import numpy_helper
 
 from ..errors import LLCError
+from ..model_io import node_names
 from . import registry
 from .registry import OpContext, OpFn
 from .tensors import Tensor, attr_value, np_to_torch
 
-__all__ = ["TorchGraph", "Subgraph", "Snapshots", "node_key", "outer_names", "unsupported_nodes"]
+__all__ = ["TorchGraph", "Subgraph", "Snapshots", "outer_names", "unsupported_nodes"]
 
 # ops whose weight / activation operands the hooks address in a fixed way
 _CONV_LIKE = {"Conv", "ConvTranspose"}
 _MATMUL_LIKE = {"MatMul", "Gemm"}
-
-
-def node_key(node: onnx.NodeProto, index: int) -> str:
-    """Hook key of a node: its name, or ``<op_type>_<index>`` when unnamed."""
-    return node.name if node.name else f"{node.op_type}_{index}"
 
 
 def _domain_key(domain: str) -> str:
@@ -83,10 +79,10 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
 
     def check(graph: onnx.GraphProto, prefix: str) -> list[tuple[str, str, str]]:
         out = []
-        for i, proto in enumerate(graph.node):
+        for proto, name in zip(graph.node, node_names(graph)):
             domain = _domain_key(proto.domain)
             fn = registry.lookup(proto.op_type, domain, versions.get(domain, 21 if domain == "" else 1))
-            key = prefix + node_key(proto, i)
+            key = prefix + name
             if fn is None or (_has_subgraph(proto) and not getattr(fn, "handles_subgraphs", False)):
                 out.append((key, proto.op_type, proto.domain))
             elif _has_subgraph(proto):
@@ -105,9 +101,9 @@ class _Node:
     __slots__ = ("index", "key", "op", "domain", "inputs", "outputs", "attrs", "proto", "w_idx", "x_idx", "fn",
                  "n_explicit", "implicit")
 
-    def __init__(self, index: int, proto: onnx.NodeProto):
+    def __init__(self, index: int, proto: onnx.NodeProto, key: str):
         self.index = index
-        self.key = node_key(proto, index)
+        self.key = key
         self.op = proto.op_type
         self.domain = proto.domain or ""
         self.inputs = list(proto.input)
@@ -122,6 +118,27 @@ class _Node:
         self.w_idx: int | None = None
         self.x_idx: int | None = None
         self.fn: OpFn | None = None
+
+
+def _run_op(owner, n: _Node, xs: list, where: str):
+    """``n``'s op on ``xs``; an error other than an LLCError becomes one naming the node and the input shapes."""
+    try:
+        return n.fn(OpContext(owner, n), xs)
+    except LLCError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the node named
+        shapes = [tuple(x.shape) if x is not None else None for x in xs]
+        raise LLCError(f"node '{where}' (op {n.op}): failed on input shapes {shapes}: {type(e).__name__}: {e}") from e
+
+
+def _store(env: dict[str, Tensor], n: _Node, res) -> None:
+    """Put a node's result (one tensor, or one per output; unnamed outputs dropped) into ``env``."""
+    if isinstance(res, Tensor):
+        env[n.outputs[0]] = res
+        return
+    for o, r in zip(n.outputs, res):
+        if o:
+            env[o] = r
 
 
 class Subgraph:
@@ -145,8 +162,8 @@ class Subgraph:
             self.elem_types[init.name] = int(init.data_type)
         self._subgraphs: dict[tuple[int, str], Subgraph] = {}
         self.nodes = []
-        for i, p in enumerate(proto.node):
-            n = _Node(i, p)
+        for i, (p, key) in enumerate(zip(proto.node, node_names(proto))):
+            n = _Node(i, p, key)
             n.fn = registry.lookup(n.op, n.domain, self.domain_version(n.domain))
             if n.fn is None:
                 raise LLCError(f"node '{where}/{n.key}' (op {n.op}): not supported by the llc-onnx interpreter; "
@@ -175,20 +192,8 @@ class Subgraph:
             except KeyError as e:
                 raise LLCError(f"node '{self.where}/{n.key}' (op {n.op}): input {e} is not produced by any node") \
                     from None
-            try:
-                res = n.fn(OpContext(self, n), xs)
-            except LLCError:
-                raise
-            except Exception as e:  # noqa: BLE001 - re-raised with the node named
-                shapes = [tuple(x.shape) if x is not None else None for x in xs]
-                raise LLCError(f"node '{self.where}/{n.key}' (op {n.op}): failed on input shapes {shapes}: "
-                               f"{type(e).__name__}: {e}") from e
-            if isinstance(res, Tensor):
-                env[n.outputs[0]] = res
-            else:
-                for o, r in zip(n.outputs, res):
-                    if o:
-                        env[o] = r
+            res = _run_op(self, n, xs, f"{self.where}/{n.key}")
+            _store(env, n, res)
         try:
             return [env[o] for o in self.output_names]
         except KeyError as e:
@@ -262,8 +267,8 @@ class TorchGraph:
                 f"node '{key}' (op {op}{dom}): not supported by the llc-onnx interpreter{more}; see "
                 "'llc-onnx inspect' for the list, or register an implementation (llc_onnx.interpreter.register_op)"
             )
-        for i, proto in enumerate(graph.node):
-            n = _Node(i, proto)
+        for i, (proto, key) in enumerate(zip(graph.node, node_names(graph))):
+            n = _Node(i, proto, key)
             n.fn = registry.lookup(n.op, n.domain, self.domain_version(n.domain))
             self._nodes.append(n)
             self._by_key.setdefault(n.key, []).append(n)
@@ -474,24 +479,11 @@ class TorchGraph:
                     w, x = _alias(xs[wi], grad_on), _alias(xs[xi], grad_on)
                     xs[wi], xs[xi] = w, x
                     captured[key] = (w, x)
-            try:
-                res = n.fn(OpContext(self, n), xs)
-            except LLCError:
-                raise
-            except Exception as e:  # noqa: BLE001 - re-raised with the node named
-                shapes = [tuple(x.shape) if x is not None else None for x in xs]
-                raise LLCError(
-                    f"node '{n.key}' (op {n.op}): failed on input shapes {shapes}: {type(e).__name__}: {e}"
-                ) from e
+            res = _run_op(self, n, xs, n.key)
             del xs
             if key in output_fns:  # e.g. the output Q/DQ a W8A8 Conv is written with
                 res = output_fns[key](res) if isinstance(res, Tensor) else [output_fns[key](res[0]), *res[1:]]
-            if isinstance(res, Tensor):
-                env[n.outputs[0]] = res
-            else:
-                for o, r in zip(n.outputs, res):
-                    if o:
-                        env[o] = r
+            _store(env, n, res)
             for t in n.inputs:
                 if t and last_use.get(t) == pos and t in env and t not in keep:
                     del env[t]

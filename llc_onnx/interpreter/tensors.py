@@ -14,6 +14,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from ..axes import norm_axis  # noqa: F401 - the ops import it from here
 from ..errors import LLCError
 
 Tensor = torch.Tensor
@@ -72,11 +73,6 @@ def scalar(t: Tensor) -> Any:
 
 def is_float(t: Tensor) -> bool:
     return t.is_floating_point()
-
-
-def norm_axis(axis: int, rank: int) -> int:
-    """``axis`` in ``[0, rank)`` (negative axes count from the end)."""
-    return axis + rank if axis < 0 else axis
 
 
 def attr_value(attr: onnx.AttributeProto) -> Any:

@@ -15,8 +15,8 @@ Rewrites (``<node>`` named N, weight initializer named W):
 * Conv    (groups must be 1) → ``N_lr_a: T = Conv(X, W_lr_a[r, I, kh, kw])`` with the original kernel,
   strides, pads, dilations, auto_pad, then ``N_lr_b: Y = Conv(T, W_lr_b[O, r, 1, 1], bias)`` (1×1).
 
-The output tensor keeps its name; the float weight is removed when no other node uses it. The new
-nodes are ordinary MatMul/Gemm/Conv nodes with initializer weights, i.e. compressible nodes
+The output tensor keeps its name; the float weight is removed (by ``apply_passes``) when no other node
+uses it. The new nodes are ordinary MatMul/Gemm/Conv nodes with initializer weights, i.e. compressible nodes
 themselves: quantization (``passes/qdq``) can follow, addressing them as ``<node>_lr_a`` / ``<node>_lr_b``
 (reduce/out axes as for any MatMul/Gemm/Conv of that layout).
 """
@@ -33,7 +33,7 @@ import onnx_ir as ir
 from llc_onnx.errors import LLCError
 from llc_onnx.passes import common
 
-__all__ = ["LowRankPass", "apply_lowrank", "svd_factors", "useful_ranks", "factor_params"]
+__all__ = ["LowRankPass", "apply_lowrank", "svd_factors", "matrix_dims"]
 
 _CONV_COPY = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
@@ -45,7 +45,11 @@ def _kind(kind: str) -> str:
     return "conv" if k == "conv" else "matmul"
 
 
-def _kn(shape: tuple[int, ...], kind: str) -> tuple[int, int]:
+def matrix_dims(shape: tuple[int, ...], kind: str) -> tuple[int, int]:
+    """(K, N) of the matrix view of a weight of ``shape`` (``kind`` matmul/gemm: the 2-D shape as [K, N]; the
+    formulas using it are symmetric in K and N, so the Gemm transB layout does not matter; conv
+    W[O, I, kh, kw]: (I·kh·kw, O)). Parameter counts and useful ranks of that view:
+    ``solvers.rank_search.factor_params`` / ``useful_ranks``."""
     if _kind(kind) == "conv":
         if len(shape) < 3:
             raise LLCError(f"low-rank: conv weight shape {tuple(shape)} must be [O, I, k...]")
@@ -53,20 +57,6 @@ def _kn(shape: tuple[int, ...], kind: str) -> tuple[int, int]:
     if len(shape) != 2:
         raise LLCError(f"low-rank: matmul/gemm weight shape {tuple(shape)} must be 2-D")
     return int(shape[0]), int(shape[1])
-
-
-def factor_params(shape: tuple[int, ...], kind: str, r: int) -> int:
-    """Parameters of the two factors at rank r: r·(K + N) (Conv: r·(I·kh·kw + O))."""
-    k, n = _kn(tuple(shape), kind)
-    return r * (k + n)
-
-
-def useful_ranks(shape: tuple[int, ...], kind: str) -> list[int]:
-    """Ranks whose factors hold fewer parameters than the weight: r·(K+N) < K·N
-    (Conv W[O, I, kh, kw]: r·(I·kh·kw + O) < O·I·kh·kw). The formula is symmetric in K and N, so the
-    Gemm transB layout does not matter."""
-    k, n = _kn(tuple(shape), kind)
-    return [r for r in range(1, min(k, n) + 1) if r * (k + n) < k * n]
 
 
 def svd_factors(w: np.ndarray, r: int, kind: str = "matmul", out_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +68,7 @@ def svd_factors(w: np.ndarray, r: int, kind: str = "matmul", out_axis: int | Non
     L = sqrt(S_r)·V_rᵀ → [r, I, kh, kw] and R = U_r·sqrt(S_r) → [O, r, 1, 1].
     """
     w = np.asarray(w)
-    k, n = _kn(w.shape, kind)
+    k, n = matrix_dims(w.shape, kind)
     if not 1 <= r <= min(k, n):
         raise LLCError(f"low-rank: rank {r} is out of range [1, {min(k, n)}] for weight {tuple(w.shape)}")
     dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
@@ -100,25 +90,24 @@ def _attrs(node: ir.Node) -> dict[str, ir.Attr]:
     return {k: ir.Attr(a.name, a.type, a.value) for k, a in node.attributes.items()}
 
 
-class LowRankPass(ir.passes.InPlacePass):
-    """Replace each named MatMul/Gemm/Conv by two nodes computing X·L·R (see module doc)."""
+class LowRankPass(common.RewritePass):
+    """Replace each named MatMul/Gemm/Conv by two nodes computing X·L·R (see module doc). The result's
+    ``written`` lists the replaced nodes (now ``<node>_lr_a`` / ``<node>_lr_b``)."""
 
     def __init__(self, factors: Mapping[str, tuple[Any, Any]]):
         super().__init__()
         self.factors = dict(factors)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def check(self, model: ir.Model) -> list:
+        nodes = common.find_nodes(model.graph, self.factors, "low-rank factors")
+        return [(node, *self._check(node)) for node in nodes]
+
+    def rewrite(self, model: ir.Model, plans: list) -> common.RewriteResult:
         graph = model.graph
         names = common.Names(graph)
-        nodes = common.find_nodes(graph, self.factors, "low-rank factors")
-        plans = [(node, *self._check(node)) for node in nodes]  # validate all before rewriting
-        old = []
         for node, value, left, right in plans:
             self._rewrite(graph, names, node, value, left, right)
-            old.append(value)
-        for value in old:
-            common.drop_if_unused(graph, value)
-        return ir.passes.PassResult(model, modified=bool(plans))
+        return common.RewriteResult(model, modified=bool(plans), written=tuple(n.name for n, *_ in plans))
 
     def _check(self, node: ir.Node):
         where = f"node '{node.name}' (op {node.op_type})"
@@ -129,7 +118,7 @@ class LowRankPass(ir.passes.InPlacePass):
         except (TypeError, ValueError):
             raise LLCError(f"{where}: low-rank factors must be a pair (L, R) of arrays") from None
         if node.op_type == "Conv":
-            if common.attr_int(node, "group", 1) != 1:
+            if node.attributes.get_int("group", 1) != 1:
                 raise LLCError(f"{where}: low-rank factorisation of grouped Conv (group > 1) is not supported; leave this node out")
             o, sp = w.shape[0], w.shape[2:]
             if left.ndim == 2 and right.ndim == 2:  # matrix view: L [I·k, r], R [r, O]
@@ -145,7 +134,7 @@ class LowRankPass(ir.passes.InPlacePass):
                         f"expected [r, {', '.join(map(str, w.shape[1:]))}] and [{o}, r, {', '.join('1' * len(sp))}]"
                     )
         else:
-            if node.op_type == "Gemm" and common.attr_int(node, "transB", 0):
+            if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
                 k, n = w.shape[1], w.shape[0]
             else:
                 k, n = w.shape
@@ -178,11 +167,11 @@ class LowRankPass(ir.passes.InPlacePass):
             first = ir.node("MatMul", [x, a_val], outputs=[mid], name=names.fresh(f"{nname}_lr_a"))
             second = ir.node("MatMul", [mid, b_val], outputs=[new_out], name=names.fresh(f"{nname}_lr_b"))
         elif node.op_type == "Gemm":
-            trans_b = common.attr_int(node, "transB", 0)
+            trans_b = node.attributes.get_int("transB", 0)
             a_val = common.add_initializer(graph, a_name, ir.tensor(left, name=a_name))
             b_store = np.ascontiguousarray(right.T) if trans_b else right
             b_val = common.add_initializer(graph, b_name, ir.tensor(b_store, name=b_name))
-            if common.attr_int(node, "transA", 0):
+            if node.attributes.get_int("transA", 0):
                 first = ir.node("Gemm", [x, a_val], {"transA": 1}, outputs=[mid], name=names.fresh(f"{nname}_lr_a"))
             else:
                 first = ir.node("MatMul", [x, a_val], outputs=[mid], name=names.fresh(f"{nname}_lr_a"))
@@ -207,4 +196,4 @@ class LowRankPass(ir.passes.InPlacePass):
 
 def apply_lowrank(model: onnx.ModelProto, factors: Mapping[str, tuple[Any, Any]]) -> onnx.ModelProto:
     """Return a copy of ``model`` with :class:`LowRankPass` applied (``model`` is not modified)."""
-    return common.run_on_proto(model, lambda: LowRankPass(factors))
+    return common.apply_passes(model, [LowRankPass(factors)])

@@ -24,10 +24,11 @@ DQ+MatMul fusion, not an explicit MatMulNBits node). Measured on ONNX Runtime 1.
   2-bit weights with ``block_size = 16`` ORT has no int8 kernel and silently computes level 0.
 
 Gemm: ``transA = 0`` and ``alpha = 1`` are required (else the node is left alone and listed in
-``MatMulNBitsPass.skipped`` with the reason); ``transB`` is handled by the layout; a bias ``C`` of shape
+the result's ``skipped`` with the reason); ``transB`` is handled by the layout; a bias ``C`` of shape
 ``[N]`` or ``[1, N]`` becomes the ``bias`` input (``beta·C`` precomputed in C's float type when
 ``beta ≠ 1``); any other C shape leaves the node alone. MatMul: the weight must be the 2-D second input
-(``[K, N]``). The new node keeps the original node's name; the float weight is removed once unused.
+(``[K, N]``). The new node keeps the original node's name; the float weight is removed once unused
+(``apply_passes``).
 """
 
 from __future__ import annotations
@@ -105,19 +106,9 @@ def level4_input_fake_quant(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x + (deq - x).detach()
 
 
-def _attr_float(node: ir.Node, name: str, default: float) -> float:
-    a = node.attributes.get(name)
-    return default if a is None else float(a.as_float())
-
-
 def _check_plan(node: ir.Node, w: np.ndarray, plan: Any, reduce_axis: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     where = f"node '{node.name}'"
-    for attr in ("q", "scale", "axis", "block_size", "bits"):
-        if not hasattr(plan, attr):
-            raise LLCError(f"{where}: MatMulNBits plan has no attribute '{attr}'; pass a QuantizedWeight")
-    bits = int(plan.bits)
-    if bits not in BITS:
-        raise LLCError(f"{where}: MatMulNBits plan has bits={bits}; MatMulNBits stores 2, 4 or 8 bits")
+    q, bits = common.plan_codes(where, plan, "MatMulNBits plan", BITS)
     block = plan.block_size
     if not valid_block_size(block):
         raise LLCError(f"{where}: MatMulNBits plan has block_size={block}; ONNX Runtime needs a power of two "
@@ -126,13 +117,8 @@ def _check_plan(node: ir.Node, w: np.ndarray, plan: Any, reduce_axis: int) -> tu
     if int(plan.axis) % w.ndim != reduce_axis:
         raise LLCError(f"{where}: MatMulNBits plan is blocked along axis {plan.axis}, the reduction axis is "
                        f"{reduce_axis}; quantize blocked along the reduction axis")
-    q = np.asarray(plan.q)
     if q.shape != w.shape:
         raise LLCError(f"{where}: MatMulNBits plan q has shape {q.shape} but the weight is {w.shape}")
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    if q.size and (q.min() < lo or q.max() > hi):
-        raise LLCError(f"{where}: MatMulNBits plan q has values in [{q.min()}, {q.max()}], outside int{bits} "
-                       f"[{lo}, {hi}]")
     scale = np.asarray(plan.scale, dtype=np.float32)
     want = list(w.shape)
     want[reduce_axis] = -(-w.shape[reduce_axis] // block)
@@ -143,7 +129,7 @@ def _check_plan(node: ir.Node, w: np.ndarray, plan: Any, reduce_axis: int) -> tu
     return q, scale, bits, block
 
 
-class MatMulNBitsPass(ir.passes.InPlacePass):
+class MatMulNBitsPass(common.RewritePass):
     """Replace planned MatMul/Gemm nodes by ``com.microsoft::MatMulNBits``.
 
     ``weights``: node name -> QuantizedWeight-like (``q, scale, axis, block_size, bits``), blocked along
@@ -151,18 +137,21 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
     ``accuracy_level``: written on every node (an int 0..4), or a mapping node name -> level.
     ``bias_input``: a Gemm bias becomes MatMulNBits' ``bias`` input (True) or a following ``Add`` (False:
     some ORT CUDA builds reject the bias input).
-    After the call, ``skipped`` lists ``(node, reason)`` for planned Gemm nodes left alone (alpha ≠ 1,
-    transA = 1, a bias ORT's bias input cannot take); ``written`` lists the nodes replaced.
+    The result (:class:`~llc_onnx.passes.common.RewriteResult`) lists the nodes replaced (``written``) and the
+    planned Gemm nodes left alone with the reason (``skipped``: alpha ≠ 1, transA = 1, a bias ORT's bias input
+    cannot take); with ``unsupported="error"`` such a node is a failed precondition instead (for a target that
+    offered MatMulNBits only where it can be written).
     """
 
     def __init__(self, weights: Mapping[str, Any], *, accuracy_level: int | Mapping[str, int] = 4,
-                 bias_input: bool = True):
+                 bias_input: bool = True, unsupported: str = "skip"):
         super().__init__()
+        if unsupported not in ("skip", "error"):
+            raise LLCError(f"MatMulNBitsPass: unsupported='{unsupported}'; use 'skip' or 'error'")
+        self.unsupported = unsupported
         self.weights = dict(weights)
         self.accuracy_level = accuracy_level
         self.bias_input = bias_input
-        self.skipped: list[tuple[str, str]] = []
-        self.written: list[str] = []
 
     def _level(self, name: str) -> int:
         lvl = self.accuracy_level[name] if isinstance(self.accuracy_level, Mapping) else self.accuracy_level
@@ -170,12 +159,9 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
             raise LLCError(f"node '{name}': accuracy_level={lvl}; MatMulNBits takes 0..4 (4: int8 activations)")
         return int(lvl)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        self.skipped, self.written = [], []
-        names = common.Names(graph)
-        nodes = common.find_nodes(graph, self.weights, "MatMulNBits plan")
-        jobs = []
+    def check(self, model: ir.Model) -> tuple[list, dict[str, str]]:
+        nodes = common.find_nodes(model.graph, self.weights, "MatMulNBits plan")
+        jobs, skipped = [], {}
         for node in nodes:
             if node.op_type not in ("MatMul", "Gemm"):
                 raise LLCError(f"node '{node.name}' (op {node.op_type}): MatMulNBits replaces MatMul or Gemm only")
@@ -186,11 +172,11 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
             bias = None
             if node.op_type == "Gemm":
                 reason = None
-                if common.attr_int(node, "transA", 0) != 0:
+                if node.attributes.get_int("transA", 0) != 0:
                     reason = "Gemm with transA=1 (MatMulNBits takes A untransposed)"
-                elif _attr_float(node, "alpha", 1.0) != 1.0:
+                elif node.attributes.get_float("alpha", 1.0) != 1.0:
                     reason = "Gemm with alpha != 1 (MatMulNBits has no output scale)"
-                trans_b = common.attr_int(node, "transB", 0)
+                trans_b = node.attributes.get_int("transB", 0)
                 if reason is None and len(node.inputs) > 2 and node.inputs[2] is not None:
                     c = node.inputs[2]
                     n_out = w.shape[0] if trans_b else w.shape[1]
@@ -201,11 +187,14 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                         if cv.shape not in ((n_out,), (1, n_out)):
                             reason = f"Gemm bias C has shape {cv.shape}; the MatMulNBits bias is [N]"
                         else:
-                            beta = _attr_float(node, "beta", 1.0)
+                            beta = node.attributes.get_float("beta", 1.0)
                             bias = (cv.reshape(n_out) * cv.dtype.type(beta)).astype(cv.dtype) if beta != 1.0 \
                                 else cv.reshape(n_out)
+                if reason is not None and self.unsupported == "error":
+                    raise LLCError(f"node '{node.name}': cannot be written as MatMulNBits ({reason}); choose another "
+                                   "format for it")
                 if reason is not None:
-                    self.skipped.append((node.name, reason))
+                    skipped[node.name] = reason
                     continue
                 reduce_axis = 1 if trans_b else 0
             else:
@@ -213,15 +202,20 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                     raise LLCError(f"node '{node.name}': MatMul weight must be the second input")
                 reduce_axis = 0
             q, scale, bits, block = _check_plan(node, w, self.weights[node.name], reduce_axis)
-            jobs.append((node, value, w, q, scale, bits, block, reduce_axis, bias))
+            jobs.append((node, value, q, scale, bits, block, reduce_axis, bias, self._level(node.name)))
+        return jobs, skipped
 
+    def rewrite(self, model: ir.Model, checked: tuple[list, dict[str, str]]) -> common.RewriteResult:
+        jobs, skipped = checked
+        graph = model.graph
+        names = common.Names(graph)
         if jobs:
             version = model.opset_imports.get(MS_DOMAIN)
             if version is None:
                 model.opset_imports[MS_DOMAIN] = 1
                 model.graph.opset_imports[MS_DOMAIN] = 1
-        old_weights = []
-        for node, value, _w, q, scale, bits, block, reduce_axis, bias in jobs:
+        written = []
+        for node, value, q, scale, bits, block, reduce_axis, bias, level in jobs:
             q_nk = q.T if reduce_axis == 0 else q            # [N, K]
             s_nb = scale.T if reduce_axis == 0 else scale    # [N, nb]
             n, k = q_nk.shape
@@ -238,14 +232,13 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
             old_c = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
             if bias is not None:
                 c_shape = tuple(old_c.const_value.shape)
-                if _attr_float(node, "beta", 1.0) == 1.0 and len(c_shape) == 1:
+                if node.attributes.get_float("beta", 1.0) == 1.0 and len(c_shape) == 1:
                     bias_val = old_c
                 else:
                     c_name = names.fresh(f"{nname}_mnb_bias")
                     bias_val = common.add_initializer(graph, c_name, ir.tensor(np.ascontiguousarray(bias), name=c_name))
                 inputs += [None, None, bias_val]
-            attrs = {"K": int(k), "N": int(n), "bits": bits, "block_size": block,
-                     "accuracy_level": self._level(node.name)}
+            attrs = {"K": int(k), "N": int(n), "bits": bits, "block_size": block, "accuracy_level": level}
             add_bias = None
             if bias is not None and not self.bias_input:
                 add_bias = inputs.pop()
@@ -264,17 +257,11 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
             ir.convenience.replace_all_uses_with(out, new_out, replace_graph_outputs=True)
             graph.remove(node, safe=True)
             new_out.name = out.name
-            old_weights.append(value)
-            if old_c is not None and old_c.is_initializer():
-                old_weights.append(old_c)
-            self.written.append(nname)
-        for value in old_weights:
-            common.drop_if_unused(graph, value)
-        return ir.passes.PassResult(model, modified=bool(jobs))
+            written.append(nname)
+        return common.RewriteResult(model, modified=bool(jobs), written=tuple(written), skipped=skipped)
 
 
 def apply_matmulnbits(model: onnx.ModelProto, weights: Mapping[str, Any], *,
                       accuracy_level: int | Mapping[str, int] = 4, bias_input: bool = True) -> onnx.ModelProto:
     """Return a copy of ``model`` with :class:`MatMulNBitsPass` applied (``model`` is not modified)."""
-    return common.run_on_proto(
-        model, lambda: MatMulNBitsPass(weights, accuracy_level=accuracy_level, bias_input=bias_input))
+    return common.apply_passes(model, [MatMulNBitsPass(weights, accuracy_level=accuracy_level, bias_input=bias_input)])

@@ -9,7 +9,7 @@ For every node with a weight plan (an object with ``q, scale, axis, block_size, 
 * inserts ``DequantizeLinear(q, scale)`` named ``<node>_dq`` (attrs ``axis``, and ``block_size`` for
   blocked plans; no zero point — symmetric, zero point 0 — unless ``explicit_zero_point=True``,
   which adds an all-zero zero point of q's type) feeding that node's weight input,
-* removes the float initializer once no node uses it any more.
+* leaves the float initializer to ``apply_passes``' unused-value removal (``passes/common.py``).
 
 A blocked Conv plan in the matrix layout of ``llc_onnx.quant.weights`` (codes ``[O, C/g·kh·kw]``, blocks
 along axis 1 — the convolution's whole reduction; ONNX ``DequantizeLinear`` blocks along one axis only) is
@@ -40,13 +40,14 @@ parameter ... of operator (MatMulIntegerToFloat) ... is invalid": the QDQ fusion
 MatMulIntegerToFloat, which has no int2 kernel; ORT_ENABLE_BASIC or session.disable_quant_qdq=1 avoid
 it). For that combination the pass by default stores the 2-bit codes as INT4 (``<weight>_q2_as_int4``;
 identical values, so identical results; 4 bits per weight stored instead of 2), and lists the node in
-``QDQPass.fallbacks``; ``int2_int8_matmul="error"`` raises instead. The same holds when one side of the
+the result's ``int2_as_int4`` (:class:`QDQResult`); ``int2_int8_matmul="error"`` raises instead. The same holds when one side of the
 pair is already in the graph (plans applied in two calls): an existing INT2 weight DQ of a MatMul that
 gets an int8 activation plan has its codes rewritten to INT4. Gemm/Conv with INT2 + int8 run fine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -56,11 +57,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from llc_onnx.axes import norm_axis
 from llc_onnx.errors import LLCError
 from llc_onnx.passes import common
 from llc_onnx.quant.weights import is_matrix_layout
 
-__all__ = ["QDQPass", "apply_qdq", "WeightPlan", "ActivationPlan", "QTYPES"]
+__all__ = ["QDQPass", "QDQResult", "apply_qdq", "WeightPlan", "ActivationPlan", "QTYPES"]
 
 #: bits -> (ONNX data type, numpy storage type, (min, max)) of quantized weights.
 QTYPES: dict[int, tuple[ir.DataType, Any, tuple[int, int]]] = {
@@ -93,35 +95,19 @@ class ActivationPlan(Protocol):
 
 def _check_weight_plan(node: ir.Node, w: np.ndarray, plan: Any) -> tuple[np.ndarray, np.ndarray, int, int | None, int]:
     where = f"node '{node.name}'"
-    for attr in ("q", "scale", "axis", "block_size", "bits"):
-        if not hasattr(plan, attr):
-            raise LLCError(f"{where}: weight plan has no attribute '{attr}'; pass a QuantizedWeight")
-    bits = int(plan.bits)
-    if bits not in QTYPES:
-        raise LLCError(f"{where}: weight plan has bits={bits}; supported are 2, 4, 8 and 16")
-    q = np.asarray(plan.q)
+    q, bits = common.plan_codes(where, plan, "weight plan", sorted(QTYPES))
     block = None if plan.block_size is None else int(plan.block_size)
     matrix = block is not None and q.shape != w.shape and is_matrix_layout(w.shape, q.shape)
     if q.shape != w.shape and not matrix:
         raise LLCError(f"{where}: weight plan q has shape {q.shape} but the weight is {w.shape}; quantize this node's weight")
     shape = q.shape  # the shape the DequantizeLinear sees
-    if not np.issubdtype(q.dtype, np.integer):
-        if not np.array_equal(q, np.round(q)):
-            raise LLCError(f"{where}: weight plan q is not integer-valued; pass the integer codes")
-    lo, hi = QTYPES[bits][2]
-    if q.size and (q.min() < lo or q.max() > hi):
-        raise LLCError(f"{where}: weight plan q has values in [{q.min()}, {q.max()}], outside int{bits} [{lo}, {hi}]")
     scale = np.asarray(plan.scale, dtype=np.float64)
-    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-        raise LLCError(f"{where}: weight plan scale has non-positive or non-finite values; fix the quantizer")
     axis = int(plan.axis)
     if scale.ndim == 0:  # per tensor (no axis attribute written)
         if block is not None:
             raise LLCError(f"{where}: weight plan has a scalar scale but block_size={block}; give blocked scales")
         return q, scale, axis, None, bits
-    if not -len(shape) <= axis < len(shape):
-        raise LLCError(f"{where}: weight plan axis={axis} is out of range for weight rank {len(shape)}")
-    axis %= len(shape)
+    axis = norm_axis(axis, len(shape), "weight plan axis", where)
     if block is None:
         if scale.shape != (shape[axis],):
             raise LLCError(
@@ -164,13 +150,38 @@ def _plan_key(weight: str, q: np.ndarray, scale: np.ndarray, axis: int, block: i
     return (weight, bits, axis, block, scale.shape, h.hexdigest())
 
 
-class QDQPass(ir.passes.InPlacePass):
+@dataclasses.dataclass
+class QDQResult(common.RewriteResult):
+    """:class:`~llc_onnx.passes.common.RewriteResult` of :class:`QDQPass`. ``written``: nodes whose weight now
+    reads a DequantizeLinear; ``activations``: nodes given an activation Q/DQ pair; ``int2_as_int4``: MatMul
+    nodes whose 2-bit codes are stored as INT4 (the ORT 1.31 MatMulIntegerToFloat bug, module doc)."""
+
+    activations: tuple[str, ...] = ()
+    int2_as_int4: tuple[str, ...] = ()
+
+    def notes(self) -> list[tuple[str, str]]:
+        return [(n, "2-bit codes stored as INT4 (ORT 1.31 MatMulIntegerToFloat has no int2 kernel)")
+                for n in self.int2_as_int4]
+
+
+@dataclasses.dataclass
+class _Checked:
+    weights: list           # (node, input index, value, q, scale, axis, block, bits)
+    activations: list       # (node, bits, scale)
+    storage: dict[str, int]  # node -> bits its codes are stored with
+    int2_as_int4: list[str]
+    existing_int2: list[ir.Node]  # DQ nodes already in the graph whose INT2 codes become INT4
+
+
+class QDQPass(common.RewritePass):
     """Insert DequantizeLinear for planned weights and Q/DQ pairs for planned activations.
 
     ``weights``: node name -> QuantizedWeight-like (``q, scale, axis, block_size, bits``).
     ``activations``: node name -> ActivationQuant-like (``scale, bits``).
     ``explicit_zero_point``: also write an all-zero zero point on weight DQs (default: omitted,
-    which ONNX defines as 0).
+    which ONNX defines as 0). ``int2_int8_matmul``: ``"int4"`` stores the codes of an INT2 MatMul weight with
+    an int8 activation pair as INT4 (listed in ``result.int2_as_int4``), ``"error"`` refuses the plan.
+    Returns a :class:`QDQResult`.
     """
 
     def __init__(
@@ -185,26 +196,20 @@ class QDQPass(ir.passes.InPlacePass):
         if int2_int8_matmul not in ("int4", "error"):
             raise LLCError(f"QDQPass: int2_int8_matmul='{int2_int8_matmul}'; use 'int4' or 'error'")
         self.int2_int8_matmul = int2_int8_matmul
-        #: names of MatMul nodes whose INT2 codes were stored as INT4 (see module doc)
-        self.fallbacks: list[str] = []
         self.weights = dict(weights)
         self.activations = dict(activations or {})
         self.explicit_zero_point = explicit_zero_point
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def check(self, model: ir.Model) -> _Checked:
         graph = model.graph
-        self.fallbacks = []
         opset = common.default_opset(model)
         if (self.weights or self.activations) and opset < 21:
             raise LLCError(
                 f"model: default opset is {opset}; QDQ with int4/int16/blocked scales needs opset >= 21; "
                 "run model_io.prepare_model first"
             )
-        names = common.Names(graph)
         w_nodes = common.find_nodes(graph, self.weights, "weight plan")
         a_nodes = common.find_nodes(graph, self.activations, "activation plan")
-
-        # Validate everything before touching the graph.
         prepared = []
         for node in w_nodes:
             idx, value, w = common.weight_value(node)
@@ -227,6 +232,7 @@ class QDQPass(ir.passes.InPlacePass):
         # ORT 1.31.1 cannot run MatMul + INT2 weight DQ + int8 activation Q/DQ (see module doc). The
         # combination can also arise with a DQ already in the graph (plans applied in two calls).
         int8_act = {node.name for node, bits, _ in act_prepared if bits == 8}
+        fallbacks: list[str] = []
 
         def refuse(node: ir.Node) -> None:
             if self.int2_int8_matmul == "error":
@@ -235,7 +241,7 @@ class QDQPass(ir.passes.InPlacePass):
                     "ONNX Runtime 1.31 (MatMulIntegerToFloat has no int2 kernel); use int4 weights or "
                     "int16 activations for this node"
                 )
-            self.fallbacks.append(node.name)
+            fallbacks.append(node.name)
 
         storage: dict[str, int] = {}
         for node, *_, bits in prepared:
@@ -245,21 +251,24 @@ class QDQPass(ir.passes.InPlacePass):
             ):
                 refuse(node)
                 storage[node.name] = 4
-        existing_int2: list[ir.Node] = []  # DQ nodes already in the graph whose INT2 codes become INT4
+        existing_int2: list[ir.Node] = []
         for node, bits, _ in act_prepared:
             if bits == 8 and node.op_type == "MatMul" and node.name not in storage:
                 if _dq_input_dtype(node.inputs[1]) == ir.DataType.INT2:
                     refuse(node)
                     if node.inputs[1].producer() not in existing_int2:
                         existing_int2.append(node.inputs[1].producer())
-        uses_int2 = any(b == 2 for b in storage.values())
-        if uses_int2:
+        return _Checked(prepared, act_prepared, storage, fallbacks, existing_int2)
+
+    def rewrite(self, model: ir.Model, checked: _Checked) -> QDQResult:
+        graph = model.graph
+        prepared, act_prepared, storage = checked.weights, checked.activations, checked.storage
+        if any(b == 2 for b in storage.values()):
             common.set_default_opset(model, 25, 11)
         elif prepared or act_prepared:
             common.set_default_opset(model, 21, 10)
-
+        names = common.Names(graph)
         shared: dict[tuple, ir.Value] = {}
-        old_weights: list[ir.Value] = []
         for node, idx, value, q, scale, axis, block, bits in prepared:
             key = (*_plan_key(value.name, q, scale, axis, block, bits), storage[node.name])
             dq_out = shared.get(key)
@@ -269,13 +278,10 @@ class QDQPass(ir.passes.InPlacePass):
                 )
                 shared[key] = dq_out
             node.replace_input_with(idx, dq_out)
-            old_weights.append(value)
-        for value in old_weights:
-            common.drop_if_unused(graph, value)
 
         for node, bits, scale in act_prepared:
             self._insert_activation_qdq(graph, names, node, bits, scale)
-        for dq in existing_int2:  # codes (and a zero point, if any) of an existing DQ: INT2 -> INT4
+        for dq in checked.existing_int2:  # codes (and a zero point, if any) of an existing DQ: INT2 -> INT4
             for i in (0, 2):
                 old = dq.inputs[i] if len(dq.inputs) > i else None
                 if old is None or old.dtype != ir.DataType.INT2 or old.const_value is None:
@@ -284,9 +290,11 @@ class QDQPass(ir.passes.InPlacePass):
                 name = names.fresh(f"{old.name}_as_int4")
                 new = common.add_initializer(graph, name, ir.Tensor(codes, dtype=ir.DataType.INT4, name=name))
                 dq.replace_input_with(i, new)
-                common.drop_if_unused(graph, old)
 
-        return ir.passes.PassResult(model, modified=bool(prepared or act_prepared))
+        return QDQResult(model, modified=bool(prepared or act_prepared),
+                         written=tuple(n.name for n, *_ in prepared),
+                         activations=tuple(n.name for n, *_ in act_prepared),
+                         int2_as_int4=tuple(checked.int2_as_int4))
 
     def _insert_weight_dq(self, graph, names, node, value, q, scale, axis, block, bits, stored_bits) -> ir.Value:
         w_shape = tuple(value.const_value.shape)
@@ -364,9 +372,5 @@ def apply_qdq(
     int2_int8_matmul: str = "int4",
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with :class:`QDQPass` applied (``model`` is not modified)."""
-    return common.run_on_proto(
-        model,
-        lambda: QDQPass(
-            weights, activations, explicit_zero_point=explicit_zero_point, int2_int8_matmul=int2_int8_matmul
-        ),
-    )
+    return common.apply_passes(model, [QDQPass(
+        weights, activations, explicit_zero_point=explicit_zero_point, int2_int8_matmul=int2_int8_matmul)])

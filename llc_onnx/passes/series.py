@@ -37,11 +37,12 @@ inlines local functions) and any other runtime without the kernel still run it; 
 custom nodes (for a runtime that has the kernels; the llc-onnx interpreter runs both).
 
 Opset: ≥ 21 required; relabelled to 25 (IR 11) when 2-bit terms are written in the standard form (INT2
-DequantizeLinear). The float weight initializer is removed once unused. Nodes without a plan are untouched.
+DequantizeLinear). The float weight initializer is removed once unused (``apply_passes``). Nodes without a plan are untouched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,7 +58,7 @@ from llc_onnx.passes.qdq import QTYPES
 from llc_onnx.series.expansion import SERIES_BITS, SeriesWeight
 from llc_onnx.series.packing import StackedTerms, pack_nbits, stack_terms
 
-__all__ = ["SeriesPass", "apply_series", "DOMAIN", "FORMS", "series_matmul_function", "series_conv_function"]
+__all__ = ["SeriesPass", "SeriesResult", "apply_series", "DOMAIN", "FORMS", "series_matmul_function", "series_conv_function"]
 
 DOMAIN = "ai.llc_onnx"
 DOMAIN_VERSION = 1
@@ -65,11 +66,25 @@ FORMS = ("standard", "custom")
 _CONV_ATTRS = ("strides", "pads", "dilations", "auto_pad")
 
 
-class SeriesPass(ir.passes.InPlacePass):
+@dataclasses.dataclass
+class SeriesResult(common.RewriteResult):
+    """:class:`~llc_onnx.passes.common.RewriteResult` of :class:`SeriesPass`; ``transposed``: MatMul/Gemm nodes
+    whose 2-bit terms are written [N, T·K'] with a Transpose / transB=1 (the ORT 1.31 INT2 fusion bug, module
+    doc): correct and still 2 bits per code, but not fused into MatMulNBits."""
+
+    transposed: tuple[str, ...] = ()
+
+    def notes(self) -> list[tuple[str, str]]:
+        return [(n, "2-bit series terms written transposed (ORT 1.31 fuses INT2 [K, N] with N % 4 != 0 wrongly); "
+                    "runs unfused") for n in self.transposed]
+
+
+class SeriesPass(common.RewritePass):
     """Rewrite each named MatMul/Gemm/Conv to compute its :class:`SeriesWeight` (module doc).
 
     ``weights``: node name -> SeriesWeight of that node's weight (same shape and axes); a node's ``order``
-    may be lowered with ``orders`` (node -> τ) to write a truncated model without re-expanding."""
+    may be lowered with ``orders`` (node -> τ) to write a truncated model without re-expanding. Returns a
+    :class:`SeriesResult`."""
 
     def __init__(self, weights: Mapping[str, SeriesWeight], *, form: str = "standard", function: bool = True,
                  orders: Mapping[str, int] | None = None):
@@ -81,21 +96,24 @@ class SeriesPass(ir.passes.InPlacePass):
         self.function = bool(function)
         self.orders = dict(orders or {})
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+    def check(self, model: ir.Model) -> list:
         opset = common.default_opset(model)
         if self.weights and opset < 21:
             raise LLCError(f"model: default opset is {opset}; series terms need opset ≥ 21 (blocked "
                            "DequantizeLinear); run model_io.prepare_model first")
+        nodes = common.find_nodes(model.graph, self.weights, "series plan")
+        plans = [(node, *self._check(node)) for node in nodes]
+        if self.form == "standard" and opset > 25 and any(st.bits == 2 for *_, st in plans):
+            raise LLCError(f"model: default opset is {opset}; ONNX Runtime 1.31 runs INT2 only up to opset 25")
+        return plans
+
+    def rewrite(self, model: ir.Model, plans: list) -> SeriesResult:
+        graph = model.graph
         names = common.Names(graph)
-        nodes = common.find_nodes(graph, self.weights, "series plan")
-        plans = [(node, *self._check(node)) for node in nodes]  # validate everything before rewriting
         if not plans:
-            return ir.passes.PassResult(model, modified=False)
+            return SeriesResult(model, modified=False)
         if self.form == "standard":
             if any(st.bits == 2 for *_, st in plans):
-                if opset > 25:
-                    raise LLCError(f"model: default opset is {opset}; ONNX Runtime 1.31 runs INT2 only up to opset 25")
                 common.set_default_opset(model, 25, 11)
             else:
                 common.set_default_opset(model, 21, 10)
@@ -103,16 +121,14 @@ class SeriesPass(ir.passes.InPlacePass):
             model.opset_imports[DOMAIN] = DOMAIN_VERSION
             model.graph.opset_imports[DOMAIN] = DOMAIN_VERSION
         shared: dict[tuple, Any] = {}
-        old = []
+        transposed = []
         for node, idx, value, sw, st in plans:
             key = (value.name, id(sw), st.terms)
             if self.form == "standard":
-                self._standard(graph, names, node, idx, value, st, shared, key)
+                if self._standard(graph, names, node, idx, value, st, shared, key):
+                    transposed.append(node.name)
             else:
                 self._custom(graph, names, node, value, st, shared, key)
-            old.append(value)
-        for value in old:
-            common.drop_if_unused(graph, value)
         if self.form == "custom" and self.function:
             opset = common.default_opset(model)
             used = {n.op_type for n in graph if n.domain == DOMAIN}
@@ -120,7 +136,8 @@ class SeriesPass(ir.passes.InPlacePass):
                 if op in used and (DOMAIN, op, "") not in model.functions:
                     fn = ir.serde.deserialize_function(make(opset))
                     model.functions[fn.identifier()] = fn
-        return ir.passes.PassResult(model, modified=True)
+        return SeriesResult(model, modified=True, written=tuple(n.name for n, *_ in plans),
+                            transposed=tuple(transposed))
 
     # ------------------------------------------------------------------------------ checks
     def _check(self, node: ir.Node):
@@ -148,7 +165,8 @@ class SeriesPass(ir.passes.InPlacePass):
         return idx, value, sw, st
 
     # ------------------------------------------------------------------------------ standard form
-    def _standard(self, graph, names, node, idx, value, st: StackedTerms, shared, key) -> None:
+    def _standard(self, graph, names, node, idx, value, st: StackedTerms, shared, key) -> bool:
+        """Write the standard form; True when the weight is written transposed (2-bit, N % 4 != 0)."""
         n, t, kp = st.n, st.terms, st.k_pad
         fdtype = value.const_value.dtype
         base, nname = value.name, node.name
@@ -206,7 +224,7 @@ class SeriesPass(ir.passes.InPlacePass):
         if op == "Conv":
             if t > 1:
                 xt = ir.Value(name=names.fresh(f"{nname}_series_x"), type=x.type)
-                group = common.attr_int(node, "group", 1)
+                group = node.attributes.get_int("group", 1)
                 if group == 1:
                     tile = ir.node("Concat", [x] * t, {"axis": 1}, outputs=[xt], name=names.fresh(f"{nname}_series_tile"))
                 else:
@@ -217,10 +235,10 @@ class SeriesPass(ir.passes.InPlacePass):
                     tile = ir.node("Gather", [x, ind], {"axis": 1}, outputs=[xt], name=names.fresh(f"{nname}_series_tile"))
                 graph.insert_before(node, tile)
                 node.replace_input_with(0, xt)
-            return
+            return transposed
         axis = -1
         if op == "Gemm":
-            axis = 0 if common.attr_int(node, "transA", 0) else 1
+            axis = 0 if node.attributes.get_int("transA", 0) else 1
             node.attributes["transB"] = ir.AttrInt64("transB", 1 if transposed else 0)
         new = []
         cur = x
@@ -237,6 +255,7 @@ class SeriesPass(ir.passes.InPlacePass):
         if new:
             graph.insert_before(node, new)
             node.replace_input_with(0, cur)
+        return transposed
 
     # ------------------------------------------------------------------------------ custom form
     def _custom(self, graph, names, node, value, st: StackedTerms, shared, key) -> None:
@@ -258,7 +277,7 @@ class SeriesPass(ir.passes.InPlacePass):
         new: list[ir.Node] = []
         if node.op_type == "Conv":
             kshape = list(value.const_value.shape)
-            attrs["group"] = common.attr_int(node, "group", 1)
+            attrs["group"] = node.attributes.get_int("group", 1)
             attrs["kernel_shape"] = kshape[2:]
             for name in _CONV_ATTRS:
                 a = node.attributes.get(name)
@@ -272,12 +291,12 @@ class SeriesPass(ir.passes.InPlacePass):
                                name=names.fresh(f"{nname}_series")))
         else:  # Gemm: Y = α·A'·B' + β·C
             a_in = x
-            if common.attr_int(node, "transA", 0):
+            if node.attributes.get_int("transA", 0):
                 a_in = ir.Value(name=names.fresh(f"{nname}_series_at"), type=x.type)
                 new.append(ir.node("Transpose", [x], {"perm": [1, 0]}, outputs=[a_in],
                                    name=names.fresh(f"{nname}_series_transA")))
-            alpha = _attr_float(node, "alpha", 1.0)
-            beta = _attr_float(node, "beta", 1.0)
+            alpha = node.attributes.get_float("alpha", 1.0)
+            beta = node.attributes.get_float("beta", 1.0)
             c = node.inputs[2] if len(node.inputs) > 2 else None
             tail = alpha != 1.0 or c is not None
             y = ir.Value(name=names.fresh(f"{nname}_series_mm"), type=out.type) if tail else new_out
@@ -308,14 +327,9 @@ def _axes(node: ir.Node) -> tuple[int, int]:
     """(out_axis, reduce_axis) of the node's weight, as find_compressible gives them."""
     if node.op_type == "Conv":
         return (0, 1)
-    if node.op_type == "Gemm" and common.attr_int(node, "transB", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
         return (0, 1)
     return (1, 0)
-
-
-def _attr_float(node: ir.Node, name: str, default: float) -> float:
-    a = node.attributes.get(name)
-    return default if a is None else float(a.as_float())
 
 
 def _const(graph: ir.Graph, names: common.Names, preferred: str, arr: np.ndarray) -> ir.Value:
@@ -411,4 +425,4 @@ def series_conv_function(opset: int = 21) -> onnx.FunctionProto:
 def apply_series(model: onnx.ModelProto, weights: Mapping[str, SeriesWeight], *, form: str = "standard",
                  function: bool = True, orders: Mapping[str, int] | None = None) -> onnx.ModelProto:
     """Return a copy of ``model`` with :class:`SeriesPass` applied (``model`` is not modified)."""
-    return common.run_on_proto(model, lambda: SeriesPass(weights, form=form, function=function, orders=orders))
+    return common.apply_passes(model, [SeriesPass(weights, form=form, function=function, orders=orders)])

@@ -125,16 +125,17 @@ def quantized_tensors(model: onnx.ModelProto, node: str, dtype: str = "uint8") -
     return n.inputs[0].name, out.name
 
 
-class W8A8Pass(ir.passes.InPlacePass):
-    """Write static W8A8 plans (see module docstring). ``plans``: node name -> :class:`W8A8Plan`."""
+class W8A8Pass(common.RewritePass):
+    """Write static W8A8 plans (see module docstring). ``plans``: node name -> :class:`W8A8Plan`. The result's
+    ``written`` lists the planned nodes."""
 
     def __init__(self, plans: Mapping[str, W8A8Plan]):
         super().__init__()
         self.plans = dict(plans)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def check(self, model: ir.Model) -> tuple[dict[str, Any], list]:
         if not self.plans:
-            return ir.passes.PassResult(model, modified=False)
+            return {}, []
         graph = model.graph
         if common.default_opset(model) < 21:
             raise LLCError(f"model: default opset is {common.default_opset(model)}; static W8A8 needs opset >= 21; "
@@ -158,7 +159,7 @@ class W8A8Pass(ir.passes.InPlacePass):
                     raise LLCError(f"{where}: 7-bit weight codes in [{q.min()}, {q.max()}], outside [-64, 63]")
                 w = _Int8Codes(q=q, scale=np.asarray(w.scale), axis=int(w.axis), block_size=None, bits=8)
             weights[node.name] = w
-            if node.op_type == "Gemm" and common.attr_int(node, "transA", 0) != 0:
+            if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) != 0:
                 raise LLCError(f"{where}: Gemm with transA=1 has no W8A8 form; leave it in float")
             in_p = _act_params(f"{where} input", plan.input)
             out_p = None if plan.output is None else _act_params(f"{where} output", plan.output)
@@ -168,8 +169,27 @@ class W8A8Pass(ir.passes.InPlacePass):
                 if beta is not None and float(beta.as_float()) != 1.0 and len(node.inputs) > 2 \
                         and node.inputs[2] is not None:
                     raise LLCError(f"{where}: Gemm with beta != 1 cannot take an int32 bias; use int32_bias=False")
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            if int32_bias and node.op_type in ("Gemm", "Conv") and bias is not None:
+                if bias.const_value is None:
+                    raise LLCError(f"{where}: bias is not a constant; it cannot be stored as int32 "
+                                   "(use int32_bias=False)")
+                w_shape = common.weight_value(node)[2].shape
+                trans_b = node.attributes.get_int("transB", 0) if node.op_type == "Gemm" else 1
+                n_out = int(w_shape[0] if trans_b else w_shape[1])
+                if bias.const_value.size != n_out:
+                    raise LLCError(f"{where}: bias has {bias.const_value.size} values for {n_out} outputs; it "
+                                   "cannot be stored as int32 (use int32_bias=False)")
             checked.append((node, in_p, out_p, int32_bias))
+        # the weights' own preconditions (QDQPass), before anything is written
+        QDQPass(weights, explicit_zero_point=True).check(model)
+        return weights, checked
 
+    def rewrite(self, model: ir.Model, prepared: tuple[dict[str, Any], list]) -> common.RewriteResult:
+        weights, checked = prepared
+        if not checked:
+            return common.RewriteResult(model, modified=False)
+        graph = model.graph
         # weights: int8 per-channel DQ with an explicit zero point (one validated code path: QDQPass)
         QDQPass(weights, explicit_zero_point=True)(model)
         names = common.Names(graph)
@@ -228,24 +248,19 @@ class W8A8Pass(ir.passes.InPlacePass):
             if int32_bias and node.op_type in ("Gemm", "Conv"):
                 self._int32_bias(graph, names, node, in_p[0])
         common.set_default_opset(model, 21, 10)
-        return ir.passes.PassResult(model, modified=True)
+        return common.RewriteResult(model, modified=True, written=tuple(n.name for n, *_ in checked))
 
     def _int32_bias(self, graph: ir.Graph, names: common.Names, node: ir.Node, x_scale: float) -> None:
         w_dq = node.inputs[1].producer()
         w_scale = np.asarray(w_dq.inputs[1].const_value.numpy(), dtype=np.float64).reshape(-1)
-        trans_b = common.attr_int(node, "transB", 0) if node.op_type == "Gemm" else 1
+        trans_b = node.attributes.get_int("transB", 0) if node.op_type == "Gemm" else 1
         w_shape = node.inputs[1].shape
         n_out = int(w_shape[0] if (node.op_type == "Conv" or trans_b) else w_shape[1])
         if w_scale.size == 1:
             w_scale = np.full(n_out, w_scale[0])
         b_scale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
         old = node.inputs[2] if len(node.inputs) > 2 else None
-        if old is not None and old.const_value is None:
-            raise LLCError(f"node '{node.name}': bias is not a constant; it cannot be stored as int32")
         c = np.zeros(n_out, np.float64) if old is None else old.const_value.numpy().astype(np.float64).reshape(-1)
-        if c.size != n_out:
-            raise LLCError(f"node '{node.name}': bias has {c.size} values for {n_out} outputs; it cannot be stored "
-                           "as int32")
         q = np.clip(np.round(c / b_scale.astype(np.float64)), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
         stem = f"{node.name}_bias"
         q_name, s_name = names.fresh(f"{stem}_q32"), names.fresh(f"{stem}_scale")
@@ -258,10 +273,8 @@ class W8A8Pass(ir.passes.InPlacePass):
         if old is None:
             node.resize_inputs(3)
         node.replace_input_with(2, out)
-        if old is not None:
-            common.drop_if_unused(graph, old)
 
 
 def apply_w8a8(model: onnx.ModelProto, plans: Mapping[str, W8A8Plan]) -> onnx.ModelProto:
     """Return a copy of ``model`` with :class:`W8A8Pass` applied (``model`` is not modified)."""
-    return common.run_on_proto(model, lambda: W8A8Pass(plans))
+    return common.apply_passes(model, [W8A8Pass(plans)])

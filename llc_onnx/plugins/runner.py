@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from ..calib.data import Dataset
-from ..calib.losses import TaskLoss, accumulate
+from ..calib.losses import LossTotals, TaskLoss
 from ..errors import LLCError
 from ..interpreter import TorchGraph
 from .interpreter_ops import register_interpreter_ops
@@ -111,20 +111,15 @@ def run_model(model: onnx.ModelProto, dataset: Dataset, loss: TaskLoss, *, devic
     for _ in range(max(0, warmup)):
         forward(dataset.batches[0])
     _sync(dev)
-    total, count, msums, n, times = 0.0, 0, {}, 0, []
+    totals, times = LossTotals(loss), []
     for i, batch in enumerate(dataset.batches):
         labels = loss.batch_labels(batch, f"{dataset.source}[batch {i}]")
         t0 = time.perf_counter()
         y = forward(batch)
         _sync(dev)
         times.append(time.perf_counter() - t0)
-        out = y.detach().float().cpu().numpy()
-        s, c = loss.loss_sum(out, labels)
-        total += s
-        count += c
-        accumulate(msums, loss.metrics(out, labels))
-        n += batch.size
-    mean, metrics = loss.summarize(total, count, msums)
-    secs = float(sum(times))
+        totals.add(y.detach().float().cpu().numpy(), labels, batch.size)
+    mean, metrics = totals.mean()
+    n, secs = totals.n, float(sum(times))
     return DeviceRun(loss=mean, metrics=metrics, n=n, device=str(dev), latency_ms=1e3 * statistics.median(times),
                      throughput=n / secs if secs > 0 else float("inf"), seconds=secs, nodes=counts, kernels=kernels)

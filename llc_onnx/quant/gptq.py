@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from ..errors import LLCError
-from .weights import (QuantizedWeight, WeightQuantSpec, _check_spec, _Groups, _norm_axis, _scales, conv_matrix_shape,
-                      qrange)
+from .weights import (QuantizedWeight, WeightQuantSpec, _check_spec, _checked_weight, _Groups, _scales,
+                      conv_matrix_shape, qrange, scale_bytes)
 
 __all__ = ["GPTQMatrix", "gptq_matrix", "quantize_weight_gptq"]
 
@@ -181,17 +181,9 @@ def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec,
         raise LLCError(f"gptq: spec.rounding={spec.rounding!r} cannot be combined with GPTQ rounding; "
                        "use rounding='gptq' (or 'nearest')")
     _check_spec(replace(spec, rounding="nearest"))
-    w = np.asarray(w)
-    if w.ndim < 2 or not np.issubdtype(w.dtype, np.floating):
-        raise LLCError(f"gptq: expected a floating-point weight with at least 2 dimensions, "
-                       f"got dtype {w.dtype} shape {w.shape}")
-    out_axis = _norm_axis(out_axis, w.ndim, "out_axis")
-    reduce_axis = _norm_axis(reduce_axis, w.ndim, "reduce_axis")
+    w, out_axis, reduce_axis = _checked_weight(w, out_axis, reduce_axis, "gptq", min_ndim=2)
     if out_axis == reduce_axis:
         raise LLCError(f"gptq: out_axis and reduce_axis are both {out_axis}; pass the weight's two roles")
-    if not np.all(np.isfinite(w)):
-        raise LLCError(f"gptq: weight of shape {w.shape} contains NaN or Inf; "
-                       "fix the model's initializer before compressing")
     gram = np.asarray(gram, dtype=np.float64)
     n_out = w.shape[out_axis]
     k = w.size // max(n_out, 1)
@@ -232,6 +224,6 @@ def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec,
     dq_rows = lay.to_rows(q).astype(np.float32) * s_rows[:, None]
     dequant = np.ascontiguousarray(lay.from_rows(dq_rows)).astype(np.float32, copy=False)
     scale = np.ascontiguousarray(lay.scale_from_rows(s_rows)).astype(np.float32, copy=False)
-    nbytes = -(-int(spec.bits) * int(w.size) // 8) + 4 * int(scale.size)
+    nbytes = -(-int(spec.bits) * int(w.size) // 8) + scale_bytes(spec.float_type) * int(scale.size)
     return QuantizedWeight(q=q, scale=scale, axis=lay.axis, block_size=bs, bits=int(spec.bits),
                            dequant=dequant, nbytes=nbytes)

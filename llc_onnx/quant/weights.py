@@ -81,6 +81,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llc_onnx.axes import norm_axis
 from llc_onnx.errors import LLCError
 
 SCALE_METHODS = ("minmax", "mse", "aciq", "hqq")
@@ -178,13 +179,6 @@ def _check_spec(spec: WeightQuantSpec) -> None:
     if spec.rounding not in ROUNDINGS:
         raise LLCError(f"weight quant spec: rounding={spec.rounding!r} is unknown; "
                        f"use one of {', '.join(ROUNDINGS)}")
-
-
-def _norm_axis(axis: int, ndim: int, what: str) -> int:
-    if not -ndim <= axis < ndim:
-        raise LLCError(f"weight quant: {what}={axis} is out of range for a {ndim}-D weight; "
-                       "pass an axis of the weight")
-    return axis % ndim
 
 
 def _infer_out_axis(ndim: int, reduce_axis: int) -> int:
@@ -374,22 +368,29 @@ def _round(rows, grows, s, spec) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- API
+def _checked_weight(w, out_axis: int, reduce_axis: int, who: str, min_ndim: int) -> tuple[np.ndarray, int, int]:
+    """(w as an array, out_axis, reduce_axis in [0, ndim)) after checking that ``w`` is a finite float array with
+    at least ``min_ndim`` dimensions; errors start with ``who``."""
+    w = np.asarray(w)
+    if w.ndim < min_ndim or not np.issubdtype(w.dtype, np.floating):
+        raise LLCError(f"{who}: expected a floating-point weight with at least {min_ndim} dimension"
+                       f"{'s' if min_ndim > 1 else ''}, got dtype {w.dtype} shape {w.shape}")
+    out_axis = norm_axis(out_axis, w.ndim, "out_axis", who)
+    reduce_axis = norm_axis(reduce_axis, w.ndim, "reduce_axis", who)
+    if not np.all(np.isfinite(w)):
+        raise LLCError(f"{who}: weight of shape {w.shape} contains NaN or Inf; fix the model's initializer before "
+                       "compressing")
+    return w, out_axis, reduce_axis
+
+
 def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_axis: int,
                     grad: np.ndarray | None = None) -> QuantizedWeight:
     """Quantize ``w`` symmetrically per ``spec``; ``grad`` (same shape) is required for ``"llc"``.
     A blocked weight of rank ≥ 3 (Conv, ``out_axis=0, reduce_axis=1``) is blocked over its flattened
     reduction and returned in the matrix layout (module docstring)."""
     _check_spec(spec)
-    w = np.asarray(w)
-    if w.ndim < 1 or not np.issubdtype(w.dtype, np.floating):
-        raise LLCError(f"weight quant: expected a floating-point weight with at least 1 dimension, "
-                       f"got dtype {w.dtype} shape {w.shape}")
-    out_axis = _norm_axis(out_axis, w.ndim, "out_axis")
-    reduce_axis = _norm_axis(reduce_axis, w.ndim, "reduce_axis")
+    w, out_axis, reduce_axis = _checked_weight(w, out_axis, reduce_axis, "weight quant", min_ndim=1)
     w64 = w.astype(np.float64)
-    if not np.all(np.isfinite(w64)):
-        raise LLCError(f"weight quant: weight of shape {w.shape} contains NaN or Inf; "
-                       "fix the model's initializer before compressing")
     if spec.rounding == "llc":
         if grad is None:
             raise LLCError("weight quant: rounding='llc' needs the loss gradient of the weight (grad=...); "
@@ -432,10 +433,11 @@ def weight_nbytes(shape, spec: WeightQuantSpec, reduce_axis: int, out_axis: int 
     _check_spec(spec)
     shape = tuple(int(d) for d in shape)
     ndim = len(shape)
-    reduce_axis = _norm_axis(reduce_axis, ndim, "reduce_axis")
+    reduce_axis = norm_axis(reduce_axis, ndim, "reduce_axis", "weight quant")
     numel = math.prod(shape)
     if spec.block_size is None:
-        oa = _infer_out_axis(ndim, reduce_axis) if out_axis is None else _norm_axis(out_axis, ndim, "out_axis")
+        oa = (_infer_out_axis(ndim, reduce_axis) if out_axis is None
+              else norm_axis(out_axis, ndim, "out_axis", "weight quant"))
         n_scales = shape[oa]
     elif ndim >= 3:  # Conv: blocks over the flattened reduction (module docstring)
         o, r = conv_matrix_shape(shape)

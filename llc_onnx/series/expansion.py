@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llc_onnx.axes import norm_axis
 from llc_onnx.errors import LLCError
 from llc_onnx.quant import QuantizedWeight, WeightQuantSpec, quantize_weight
 
@@ -181,9 +182,8 @@ def _check_axes(shape: tuple[int, ...], out_axis: int, reduce_axis: int) -> tupl
     nd = len(shape)
     if nd < 2:
         raise LLCError(f"series expansion: weight of shape {shape} has rank {nd}; MatMul/Gemm/Conv weights have rank ≥ 2")
-    if not (-nd <= out_axis < nd and -nd <= reduce_axis < nd):
-        raise LLCError(f"series expansion: axes out={out_axis}, reduce={reduce_axis} are out of range for shape {shape}")
-    out_axis, reduce_axis = out_axis % nd, reduce_axis % nd
+    out_axis = norm_axis(out_axis, nd, "out_axis", "series expansion")
+    reduce_axis = norm_axis(reduce_axis, nd, "reduce_axis", "series expansion")
     if nd == 2 and out_axis == reduce_axis:
         raise LLCError(f"series expansion: out_axis and reduce_axis are both {out_axis}; give the two axes of the matrix")
     if nd > 2 and (out_axis, reduce_axis) != (0, 1):

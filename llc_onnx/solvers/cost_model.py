@@ -29,7 +29,7 @@ The grouped knapsack then minimises Σ cost under a size budget, or finds the sm
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 
@@ -46,6 +46,8 @@ class Candidate:
     reference: bool = False  # the unmodified level (float / full rank)
     se: float = 0.0  # paired standard error of ``measured``
     second_order: float | None = None  # p + ½ δᵀHδ (CET mode, instead of a measurement)
+    rounding: str = ""  # how the weight was rounded ("llc", "nearest", "gptq", "cet"; "" where it does not apply)
+    info: dict = field(default_factory=dict)  # e.g. CET rounding: codes changed, short-axis projection
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,6 +43,8 @@ def from_matrix(m: np.ndarray, node: CompressibleNode) -> np.ndarray:
 
 
 def factor_params(k: int, n: int, r: int) -> int:
+    """Parameters of the two factors L[K, r], R[r, N] of a rank-r M[K, N]: r·(K + N). For a weight's shape,
+    (K, N) is ``passes.lowrank.matrix_dims(shape, kind)``."""
     return r * (k + n)
 
 

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from llc_onnx.compressible import CompressibleNode
-from llc_onnx.errors import LLCError
+from llc_onnx.errors import LLCError, first_line
+from llc_onnx.model_io import EXTERNAL_DATA_THRESHOLD, save_model
+from llc_onnx.passes.common import apply_passes  # noqa: F401 - the targets' rewrite runner, exported here
 from llc_onnx.quant import WeightQuantSpec, weight_nbytes
 from llc_onnx.quant.weights import scale_bytes
 
@@ -219,21 +220,19 @@ class SessionSettings:
         if optimized_model_path:
             so.optimized_model_filepath = str(optimized_model_path)
         providers = [(name, dict(opts)) for name, opts in self.providers]
-        label = model if isinstance(model, str) else "model"
+        label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
         try:
             if isinstance(model, (str, os.PathLike)):
                 return ort.InferenceSession(os.fspath(model), sess_options=so, providers=providers)
-            if model.ByteSize() > 1_800_000_000:
+            if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:  # protobuf's 2 GB limit: through a file
                 with tempfile.TemporaryDirectory() as d:
-                    from llc_onnx.model_io import save_model
-
                     path = os.path.join(d, "model.onnx")
                     save_model(model, path)
                     return ort.InferenceSession(path, sess_options=so, providers=providers)
             return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
         except Exception as exc:  # noqa: BLE001 - one line, named
-            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-            raise LLCError(f"{label}: ONNX Runtime cannot load the model ({first}); check the opset and ops") from None
+            raise LLCError(f"{label}: ONNX Runtime cannot load the model ({first_line(exc)}); check the opset "
+                           "(≤ 26) and the ops used") from None
 
 
 def parse_levels(levels: Iterable[int | str]) -> list[int | str]:
@@ -394,14 +393,3 @@ def input_hook(plan: NodePlan) -> Callable | None:
         bs = int(fmt.block_size)
         return lambda x: level4_input_fake_quant(x, bs)
     return None
-
-
-def apply_passes(model: onnx.ModelProto, passes: Sequence[ir.passes.PassBase]) -> onnx.ModelProto:
-    """Run in-place onnx-ir passes on a copy of ``model``."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    ir_model = ir.serde.deserialize_model(copy)
-    for p in passes:
-        ir_model = p(ir_model).model
-    return ir.serde.serialize_model(ir_model)
-

@@ -51,7 +51,6 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 from llc_onnx.compressible import CompressibleNode
-from llc_onnx.errors import LLCError
 from llc_onnx.passes.matmulnbits import MatMulNBitsPass, valid_block_size
 from llc_onnx.passes.w8a8 import W8A8Pass, W8A8Plan
 from llc_onnx.targets.base import (
@@ -203,11 +202,7 @@ class OrtCpuTarget(Target):
               for n, p in plans.items() if p.format.kind == "w8a8"}
         mnb = {n: p.weight for n, p in plans.items() if p.format.kind == "matmulnbits"}
         levels = {n: int(plans[n].format.accuracy_level) for n in mnb}
-        mnb_pass = MatMulNBitsPass(mnb, accuracy_level=levels)
-        out = apply_passes(model, [W8A8Pass(w8), mnb_pass])
-        if mnb_pass.skipped:
-            node, why = mnb_pass.skipped[0]
-            raise LLCError(f"node '{node}': cannot be written as MatMulNBits ({why}); it should not have been offered")
+        out = apply_passes(model, [W8A8Pass(w8), MatMulNBitsPass(mnb, accuracy_level=levels, unsupported="error")])
         written = {n: p.format.name for n, p in plans.items() if p.format.kind != "float"}
         return Rewrite(model=out, written=written)
 

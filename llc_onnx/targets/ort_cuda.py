@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 from llc_onnx.compressible import CompressibleNode
-from llc_onnx.errors import LLCError
 from llc_onnx.passes.matmulnbits import MatMulNBitsPass
 from llc_onnx.targets.base import (
     FLOAT,
@@ -79,9 +78,5 @@ class OrtCudaTarget(Target):
     def rewrite(self, model: onnx.ModelProto, plans: Mapping[str, NodePlan]) -> Rewrite:
         self.check_plans(plans, ("float", "matmulnbits"))
         mnb = {n: p.weight for n, p in plans.items() if p.format.kind == "matmulnbits"}
-        mnb_pass = MatMulNBitsPass(mnb, accuracy_level=0, bias_input=False)
-        out = apply_passes(model, [mnb_pass])
-        if mnb_pass.skipped:
-            node, why = mnb_pass.skipped[0]
-            raise LLCError(f"node '{node}': cannot be written as MatMulNBits ({why}); it should not have been offered")
+        out = apply_passes(model, [MatMulNBitsPass(mnb, accuracy_level=0, bias_input=False, unsupported="error")])
         return Rewrite(model=out, written={n: p.format.name for n, p in plans.items() if p.format.kind != "float"})

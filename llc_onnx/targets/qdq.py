@@ -75,7 +75,6 @@ class QdqTarget(Target):
         acts = {n: p.input for n, p in plans.items() if p.format.kind == "qdq" and p.format.activations}
         qdq = QDQPass(weights, acts)
         out = apply_passes(model, [qdq])
-        notes = [(n, "2-bit codes stored as INT4 (ORT 1.31 MatMulIntegerToFloat has no int2 kernel)")
-                 for n in qdq.fallbacks]
+        notes = qdq.result.notes()
         return Rewrite(model=out, written={n: f.name for n, f in ((n, p.format) for n, p in plans.items())
                                            if f.kind != "float"}, notes=notes)

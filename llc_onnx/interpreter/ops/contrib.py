@@ -137,6 +137,18 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, add: Tensor | None) -> 
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def _attend(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, attn_bias: Tensor | None, past: int) -> Tensor:
+    """Attention and MultiHeadAttention on [B, N, S, H] heads: :func:`_sdpa` scaled by ``scale`` (1/√H), with the
+    additive mask of ``mask_index`` / ``unidirectional`` (``mask_filter_value``) plus ``attention_bias``."""
+    b, s, total = q.shape[0], q.shape[2], k.shape[2]
+    scale = ctx.a("scale", 1.0 / math.sqrt(q.shape[-1]))
+    add = _additive_mask(mask, b, s, total, past, ctx.a("mask_filter_value", -10000.0),
+                         bool(ctx.a("unidirectional", 0)), q.dtype, q.device)
+    if attn_bias is not None:
+        add = attn_bias if add is None else add + attn_bias
+    return _sdpa(q, k, v, scale, add)
+
+
 @register_ops("Attention", domain=MS)
 def _attention(ctx, xs):
     """ORT's fused self-attention: [Q | K | V] = input·weights + bias (split by ``qkv_hidden_sizes``),
@@ -160,14 +172,7 @@ def _attention(ctx, xs):
     if past is not None and past.numel():
         p = past.shape[3]
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    b, s = x.shape[0], x.shape[1]
-    total = k.shape[2]
-    scale = ctx.a("scale", 1.0 / math.sqrt(q.shape[-1]))
-    add = _additive_mask(mask, b, s, total, p, ctx.a("mask_filter_value", -10000.0), bool(ctx.a("unidirectional", 0)),
-                         q.dtype, q.device)
-    if attn_bias is not None:
-        add = attn_bias if add is None else add + attn_bias
-    out = _merge_heads(_sdpa(q, k, v, scale, add))
+    out = _merge_heads(_attend(ctx, q, k, v, mask, attn_bias, p))
     return [out, torch.stack([k, v])]
 
 
@@ -201,14 +206,7 @@ def _mha(ctx, xs):
     if past_k is not None and past_k.numel():
         p = past_k.shape[2]
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-    b, s = q.shape[0], q.shape[2]
-    total = k.shape[2]
-    scale = ctx.a("scale", 1.0 / math.sqrt(q.shape[-1]))
-    add = _additive_mask(mask, b, s, total, p, ctx.a("mask_filter_value", -10000.0), bool(ctx.a("unidirectional", 0)),
-                         q.dtype, q.device)
-    if attn_bias is not None:
-        add = attn_bias if add is None else add + attn_bias
-    return [_merge_heads(_sdpa(q, k, v, scale, add)), k, v]
+    return [_merge_heads(_attend(ctx, q, k, v, mask, attn_bias, p)), k, v]
 
 
 @register_ops("RotaryEmbedding", domain=MS)

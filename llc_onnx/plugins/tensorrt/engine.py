@@ -21,10 +21,10 @@ import numpy as np
 
 from ...atomic import write_bytes_atomic
 from ...calib.data import Dataset
-from ...calib.losses import TaskLoss, accumulate
+from ...calib.losses import LossTotals, TaskLoss
 from ...errors import LLCError
 from ...model_io import load_model, save_model
-from ...ort_eval import Evaluation, evaluate
+from ...ort_eval import Evaluation, OutputDiff, evaluate
 from .convert import to_tensorrt
 from .plugins import import_tensorrt, register_plugins
 
@@ -164,25 +164,15 @@ def compare_engine(onnx_path: str, plan_path: str, dataset: Dataset, loss: TaskL
     ort_sess = make_session(onnx_path)
     for _ in range(max(0, warmup)):
         sess.run(dataset.batches[0].inputs)
-    total, count, msums, n, times = 0.0, 0, {}, 0, []
-    max_diff, abs_sum, numel = 0.0, 0.0, 0
+    totals, times, diff = LossTotals(loss), [], OutputDiff()
     for i, batch in enumerate(dataset.batches):
         labels = loss.batch_labels(batch, f"{dataset.source}[batch {i}]")
         outs, secs = sess.run(batch.inputs)
         times.append(secs)
         y = outs[loss.output]
-        y_ref = ort_sess.run([loss.output], batch.inputs)[0]
-        d = np.abs(y.astype(np.float64) - y_ref.astype(np.float64))
-        max_diff = max(max_diff, float(d.max()) if d.size else 0.0)
-        abs_sum += float(d.sum())
-        numel += d.size
-        s, c = loss.loss_sum(y, labels)
-        total += s
-        count += c
-        accumulate(msums, loss.metrics(y, labels))
-        n += batch.size
-    mean, metrics = loss.summarize(total, count, msums)
-    eng = Evaluation(loss=mean, metrics=metrics, n=n, seconds=float(sum(times)))
-    return EngineComparison(reference=ref, engine=eng, max_abs_diff=max_diff,
-                            mean_abs_diff=abs_sum / numel if numel else 0.0, n=n,
+        diff.add(y, ort_sess.run([loss.output], batch.inputs)[0])
+        totals.add(y, labels, batch.size)
+    mean, metrics = totals.mean()
+    eng = Evaluation(loss=mean, metrics=metrics, n=totals.n, seconds=float(sum(times)))
+    return EngineComparison(reference=ref, engine=eng, max_abs_diff=diff.max, mean_abs_diff=diff.mean, n=totals.n,
                             latency_ms=1e3 * statistics.median(times))

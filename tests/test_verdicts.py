@@ -1,0 +1,140 @@
+"""The statistical procedure behind VERIFIED (issue 9): groups keep correlated samples on one side of every
+split and widen the standard error; the lossless objective cannot buy a catastrophic node with small gains;
+the fidelity objective needs no labels; the summary says when measurements are in-sample or the model is
+adapted to its calibration data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import llc_onnx
+from _models import mlp, mlp_forward, save_npz, teacher_labels, torch_threads, write_mlp_files
+from llc_onnx.calib.data import fit_measure_split, load_dataset, split_dataset
+from llc_onnx.calib.noise import LossSamples, paired_delta
+from llc_onnx.solvers.cost_model import Candidate, CostTable, undominated
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def grouped_data(tmp_path, n_groups=60, views=4, seed=0):
+    """model.onnx + data.npz whose samples come in groups of ``views`` near-copies (augmented views of one
+    'photo'): labels from a perturbed teacher, ``groups`` = the photo index."""
+    model, w = mlp(seed, 16, 32, 4)
+    rng = np.random.default_rng(seed + 7)
+    base = rng.normal(size=(n_groups, 16)).astype(np.float32)
+    x = np.repeat(base, views, axis=0) + 0.05 * rng.normal(size=(n_groups * views, 16)).astype(np.float32)
+    teacher = {k: v + 0.3 * rng.normal(size=v.shape).astype(np.float32) * np.abs(v).mean() for k, v in w.items()}
+    y = teacher_labels(mlp_forward(teacher, x), seed=seed + 1, flip=0.1)
+    groups = np.repeat(np.arange(n_groups), views)
+    import onnx
+
+    onnx.save_model(model, str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "data.npz", x=x, labels=y, groups=groups)
+    return str(tmp_path / "model.onnx"), str(tmp_path / "data.npz"), model, groups
+
+
+def test_splits_keep_groups_whole(tmp_path):
+    _, data, model, groups = grouped_data(tmp_path)
+    ds = load_dataset(data, model, batch_size=32)
+    rest, test = split_dataset(ds, 0.5, 0)
+    calib, val = split_dataset(rest, 0.25, 1)
+    fit, meas = fit_measure_split(calib, None, 0)
+    parts = [test, val, fit, meas]
+    sets = [set(np.concatenate([b.groups for b in p.batches]).tolist()) for p in parts]
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            assert not sets[i] & sets[j]  # no group on two sides of any split
+    assert sum(p.n_samples for p in parts) == ds.n_samples
+    assert all(p.n_samples % 4 == 0 for p in parts)  # whole groups of 4 views
+
+
+def test_clustered_standard_error_is_wider_for_correlated_units():
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(50), 4)
+    e = np.repeat(rng.normal(size=50), 4) + 0.01 * rng.normal(size=200)  # 4 near-identical copies per group
+    n = 200.0
+    d0, se_iid = paired_delta(e, n)
+    d1, se_cl = paired_delta(e, n, g)
+    assert d0 == pytest.approx(d1)
+    assert se_cl > 1.7 * se_iid  # ~sqrt(4) wider: the copies carry no new information
+    # independent units: the clustered SE is the iid one
+    assert paired_delta(e, n, np.arange(200))[1] == pytest.approx(se_iid)
+    s = LossSamples(np.ones(200) + e, np.ones(200), g)
+    assert s.delta(LossSamples(np.ones(200), np.ones(200), g))[1] == pytest.approx(se_cl)
+
+
+def test_optimize_with_groups_reports_group_aware_splits(tmp_path):
+    model, data, _, _ = grouped_data(tmp_path)
+    res = llc_onnx.optimize(model, data, llc_onnx.OptimizeConfig(target=llc_onnx.TargetConfig(name="qdq"),
+                                                                  quant=llc_onnx.QuantConfig(bits=(8, "float"))))
+    s = res.splits
+    assert s["test"].n % 4 == 0 and s["validation"].n % 4 == 0 and s["calibration"].n % 4 == 0
+    assert s["calibration"].extra["fit"] % 4 == 0
+
+
+def test_lossless_does_not_buy_a_catastrophic_node_with_small_gains():
+    """Nine nodes whose cheap level 'gains' −0.1 each (fitted noise) and one node whose cheap level costs
+    +0.6: with the papers' plain sum the gains pay for it; gain credit ½ and the per-node bound refuse it."""
+    cands = []
+    for i in range(9):
+        cands += [Candidate(f"n{i}", "int8", 10, -0.1, -0.1, 0.01, True, -0.1, se=0.05),
+                  Candidate(f"n{i}", "float", 40, 0, 0, 0, True, 0.0, reference=True)]
+    cands += [Candidate("out", "int2", 5, 1.0, 0.6, 0.4, False, 0.6),
+              Candidate("out", "int8", 10, 0.0, 0.001, 0.01, True, 0.001),
+              Candidate("out", "float", 40, 0, 0, 0, True, 0.0, reference=True)]
+    table = CostTable.from_candidates(cands)
+    from llc_onnx.solvers import knapsack
+
+    def lossless(gain_credit, bound):
+        nodes, kept, costs, sizes = table.solver_inputs(gain_credit, bound)
+        pick = knapsack.solve_lossless(costs, sizes)
+        return {n: kept[i][j].level for i, (n, j) in enumerate(zip(nodes, pick))}
+
+    assert lossless(1.0, None)["out"] == "int2"  # the plain sum: 9 × 0.1 of "gains" pay for +0.6
+    assert lossless(0.5, None)["out"] == "int8"  # gains count half: 0.45 < 0.6
+    assert lossless(1.0, 0.1)["out"] == "int8"  # a single node may not cost more than the bound
+
+
+def test_dominated_levels_are_not_offered():
+    c = [Candidate("n", "int4", 300, 0, 0.1, 0.1, True, 0.1), Candidate("n", "int8", 250, 0, 0.01, 0.01, True, 0.01),
+         Candidate("n", "float", 1000, 0, 0, 0, True, 0.0, reference=True)]
+    order = {"int4": 4, "int8": 8, "float": 99}
+    kept = undominated(c, lambda x: order[x.level])
+    assert [x.level for x in kept] == ["int8", "float"]  # int4 takes more bytes than int8: never offered
+
+
+def test_fidelity_objective_needs_no_labels(tmp_path):
+    model, data = write_mlp_files(tmp_path, n=600)
+    with np.load(data) as z:
+        np.savez(tmp_path / "unlabelled.npz", x=z["x"])
+    res = llc_onnx.optimize(model, str(tmp_path / "unlabelled.npz"),
+                            llc_onnx.OptimizeConfig(target=llc_onnx.TargetConfig(name="qdq"),
+                                                    quant=llc_onnx.QuantConfig(bits=(4, 8, "float"))))
+    assert res.objective == "fidelity" and res.loss == "fidelity" and res.tolerance == 0.01
+    t = res.splits["test"]
+    assert t.reference.loss == pytest.approx(0.0, abs=1e-12)  # the float model is its own teacher
+    assert res.verified == (t.compressed.loss <= 0.01)
+    assert "agree" in t.compressed.metrics and 0 <= t.compressed.metrics["agree"] <= 1
+    # with labels, --objective fidelity still reports the labelled loss on the test split
+    res2 = llc_onnx.optimize(model, data, llc_onnx.OptimizeConfig(
+        target=llc_onnx.TargetConfig(name="qdq"), quant=llc_onnx.QuantConfig(bits=(8, "float")),
+        criterion=llc_onnx.CriterionConfig(objective="fidelity")))
+    assert res2.objective == "fidelity" and res2.splits["test"].extra["task_loss"]["name"] == "ce"
+
+
+def test_in_sample_and_adapted_notes(tmp_path, capsys):
+    """One calibration batch: fit and measure coincide and the summary says so on the console; the LLC rounding
+    fitted on those very samples lowers their loss by more than its standard error allows, and the summary flags
+    the model as adapted to its calibration data."""
+    from llc_onnx.cli import main
+
+    model, data = write_mlp_files(tmp_path, n=120)
+    rc = main(["optimize", model, "--data", data, "-o", str(tmp_path / "o.onnx"), "--batch-size", "512",
+               "--target", "qdq", "--bits", "8,float", "--allow-loss-increase"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "fit and measure parts coincide" in out and "adapted to the calibration data" in out
