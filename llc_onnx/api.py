@@ -15,6 +15,7 @@ verdict on the test split (``verify.verdict``). It writes ``out`` only when the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -65,11 +66,20 @@ def _check_output_path(out: str, source: str) -> None:
         raise LLCError(f"-o {out}: directory '{directory}' does not exist; create it first")
 
 
-def _set_threads(threads: int) -> None:
-    if threads:
-        import torch
+@contextlib.contextmanager
+def _torch_one_thread():
+    """torch (the interpreter's measurements and gradients, the losses) on one thread inside the block: its
+    reductions (the batch sums of weight gradients, loss sums) are split by thread count and round
+    differently with 1 or 2 threads, which can move a rounding decision; on one thread the result does not
+    depend on the machine or on ``device.threads``, which drives ONNX Runtime only."""
+    import torch
 
-        torch.set_num_threads(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run_method(ctx, stage: str):
@@ -125,7 +135,15 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
     """Compress ``model`` on ``data`` under ``config`` and give the verdict on the test split (module doc).
     ``held``: explicit test data (else ``config.data.holdout`` of ``data``); ``val``: explicit validation data
     (else ``config.data.val_fraction`` of the calibration data); ``out``: where to write the model when it is
-    verified. Raises :class:`~llc_onnx.errors.LLCError` on bad input, before any output is written."""
+    verified. Raises :class:`~llc_onnx.errors.LLCError` on bad input, before any output is written. torch runs
+    on one thread meanwhile (:func:`_torch_one_thread`): the same inputs give the same bytes whatever
+    ``config.device.threads`` (ONNX Runtime's intra-op threads) is."""
+    with _torch_one_thread():
+        return _optimize(model, data, config, held=held, val=val, out=out, progress=progress)
+
+
+def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, val=None, out: str | None = None,
+              progress: Progress | None = None) -> OptimizeResult:
     from .flows.context import create_context, derive_context
     from .verify import verdict
 
@@ -145,7 +163,6 @@ def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, va
         from .flows.cost_cache import ensure_directory
 
         ensure_directory(config.cache_dir)
-    _set_threads(config.device.threads)
     ctx = create_context(proto, data, config, source=source, held=held, val=val, progress=progress)
     del proto  # the run reads ctx.model (a prepared copy): do not hold a large model twice
     tolerance = config.criterion.verdict_tolerance(ctx.objective)

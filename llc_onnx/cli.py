@@ -6,15 +6,22 @@ The ``optimize`` options are generated from :class:`~llc_onnx.config.OptimizeCon
 base configuration and flags override it; ``--print-config`` prints the effective configuration.
 
 Exit codes: 0 success / verified / candidate no worse, 1 not verified (``optimize``) / candidate worse
-(``compare``), 2 bad input, 3 internal error (a bug), 130 interrupted.
+(``compare``), 2 bad input, 3 internal error (a bug), 130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM.
+
+SIGINT and SIGTERM raise :class:`Interrupted` (a ``KeyboardInterrupt``) wherever the program is, so every
+atomic writer's cleanup runs (``model_io.save_model``, ``atomic.write_atomic``): an interrupted ``optimize``
+leaves no output file and no temporary file; a second signal during that cleanup is ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 from . import __version__
@@ -46,6 +53,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM received (``signum``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum, frame):
+    for s in _STOP_SIGNALS:  # a second signal must not cut the cleanup this one starts
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGINT/SIGTERM raise :class:`Interrupted` inside the block (main thread only); handlers restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+    for s in _STOP_SIGNALS:
+        signal.signal(s, _interrupt)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _identity(path: str | None):
+    """What is at ``path`` now (to tell whether a run replaced it)."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class _WarningsToStderr(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from .report import print_line
@@ -64,13 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     handler = _WarningsToStderr(logging.WARNING)
     logger.addHandler(handler)
     try:
-        return int(args._run(args))
+        with _signals_interrupt():
+            return int(args._run(args))
     except LLCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        out = getattr(args, "_out", None)
+        if out is not None and _identity(out) not in (None, getattr(args, "_out_before", None)):
+            print(f"error: interrupted ({signal.Signals(signum).name}) after {out} was written; the report and "
+                  "summary were not", file=sys.stderr)
+        else:
+            print(f"error: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+        return 128 + int(signum)
     except Exception as exc:  # a bug, not bad input: never confused with "not verified" (1) or bad input (2)
         print(f"error: internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); "
               "please report it with the command line", file=sys.stderr)
@@ -122,7 +178,9 @@ def _compare_args(p):
     p.add_argument("--tolerance", type=float, default=0.0,
                    help="candidate passes when its loss ≤ reference loss + tolerance (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch for a single .npz (default 64)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = ORT default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="batches run at once, each on one ONNX Runtime thread (0 = one per CPU; the numbers do not "
+                        "depend on it)")
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
                    help="time both models in the same session settings at batch 1 and the data's batch (default on)")
     p.add_argument("--rounds", type=int, default=31, help="interleaved timing rounds per batch (default 31)")
@@ -379,6 +437,7 @@ def cmd_optimize(args) -> int:
     out = args.out or os.path.splitext(args.model)[0] + ".llc.onnx"
     if args.report:
         check_report_dir(args.report)
+    args._out, args._out_before = out, _identity(out)
     result = api.optimize(args.model, args.data, config, held=args.held, val=args.val, out=out,
                           progress=_progress(args))
     report = result.to_dict()

@@ -1,7 +1,8 @@
 """Which nodes of a model can be compressed, and why the others cannot.
 
 A node is compressible when it is a ``MatMul``, ``Gemm`` or ``Conv`` in the main graph whose weight is a
-float initializer (FLOAT, FLOAT16, BFLOAT16, DOUBLE) in the layout below:
+float initializer (FLOAT, FLOAT16, BFLOAT16: the types DequantizeLinear and MatMulNBits produce; a DOUBLE
+weight is skipped) in the layout below:
 
 =========  ======================  ==========  =============
 op         weight                  out_axis    reduce_axis
@@ -30,7 +31,7 @@ from onnx import TensorProto
 
 from .model_io import default_opset, initializer_bytes, intake_view, node_names, tensor_nbytes
 
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 CANDIDATE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
@@ -90,6 +91,9 @@ def find_compressible(model: onnx.ModelProto) -> tuple[list[CompressibleNode], l
             return f"weight '{w}' comes from a Constant node, not an initializer; fold it into an initializer"
         if w not in inits:
             return f"weight '{w}' is a graph input/activation"
+        if inits[w].data_type == TensorProto.DOUBLE:
+            return (f"weight '{w}' is DOUBLE; quantized weights dequantize to float32/float16/bfloat16 only: "
+                    "convert the model to float32")
         if inits[w].data_type not in FLOAT_TYPES:
             return f"weight '{w}' is not float ({_dtype_name(inits[w].data_type)})"
         return None

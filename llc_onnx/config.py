@@ -359,8 +359,9 @@ class DeviceConfig:
     """Where the measurements run."""
 
     device: str = opt("cpu", "--device", "device of gradients and measurements: cpu (default) or cuda")
-    threads: int = opt(0, "--threads", "CPU threads for torch and ONNX Runtime, per worker (default 0: their "
-                       "defaults; with several workers CPUs / workers each)")
+    threads: int = opt(0, "--threads", "ONNX Runtime batches run at once, one thread each (default 0: one per "
+                       "CPU; with several workers CPUs / workers each); the interpreter runs on one thread: the "
+                       "output does not depend on it")
     workers: int = opt(1, "--workers", "processes measuring candidates in parallel (torch.distributed: gloo on CPU, "
                        "NCCL with one GPU each on cuda); same bytes for any number at the same --threads (default 1)")
 

@@ -7,7 +7,9 @@
   constant weights folded into initializers (:func:`fold_constant_weights`), ``-1`` dims read as dynamic
   and inferred shapes.
 * :func:`save_model` writes atomically (temp file in the destination directory + ``os.replace``) and
-  switches to external data above :data:`EXTERNAL_DATA_THRESHOLD` bytes.
+  switches to external data above :data:`EXTERNAL_DATA_THRESHOLD` bytes, in a content-named data file, so
+  that the ``.onnx``/``.data`` pair is never mismatched (see its docstring for what a reader sees when).
+* :func:`sort_nodes` puts out-of-order nodes in order (ORT runs such graphs; ``load_model`` sorts them).
 * :func:`tensor_nbytes` / :func:`initializer_bytes` count storage at the element bit width (INT4 = 1/2
   byte per element, INT2 = 1/4, ...), which is how compressed sizes are reported.
 """
@@ -79,14 +81,40 @@ def load_model(path) -> onnx.ModelProto:
     try:
         # The checker reads the file itself, which works for models with external data / > 2 GB.
         onnx.checker.check_model(p)
+        unsorted = None
     except Exception as exc:
-        raise LLCError(f"{p}: not a valid ONNX model (checker: {first_line(exc)}); {_FIX_EXPORT}") from None
+        unsorted = LLCError(f"{p}: not a valid ONNX model (checker: {first_line(exc)}); {_FIX_EXPORT}")
+        if "topologically sorted" not in str(exc):
+            raise unsorted from None
     model = onnx.load_model(p, load_external_data=False)
     try:
         onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(p)))
     except Exception as exc:
         raise LLCError(f"{p}: cannot read external data ({first_line(exc)}); {_FIX_EXPORT}") from None
+    _check_tensor_sizes(model, p)
+    if unsorted is not None:
+        _check_sorted(model, p, unsorted)
     return model
+
+
+def _check_sorted(model: onnx.ModelProto, p: str, checker_error: LLCError) -> None:
+    """ONNX Runtime runs graphs whose nodes are listed out of order (ORT's own float16 converter writes them): put
+    them in order (in place), then check again; a tensor nothing produces stays the checker's error."""
+    try:
+        sort_nodes(model, p)
+    except LLCError:
+        raise checker_error from None
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                save_model(model, os.path.join(d, "sorted.onnx"))
+                onnx.checker.check_model(os.path.join(d, "sorted.onnx"))
+    except LLCError:
+        raise
+    except Exception as exc2:
+        raise LLCError(f"{p}: not a valid ONNX model (checker: {first_line(exc2)}); {_FIX_EXPORT}") from None
 
 
 def _check_external_files(model: onnx.ModelProto, p: str) -> None:
@@ -98,6 +126,108 @@ def _check_external_files(model: onnx.ModelProto, p: str) -> None:
                 f"{p}: external data file '{loc}' for tensor '{tensor.name}' not found next to the model; "
                 "copy the .data file into the model's directory"
             )
+
+
+def sort_nodes(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+    """Order the nodes of the main graph and of every subgraph topologically, in place (Kahn's algorithm,
+    keeping the file's order among nodes that are ready together); returns ``model``. A node reading a tensor
+    nothing produces (not a graph input, initializer or outer-scope value) or a cycle is an LLCError."""
+    def sort(graph: onnx.GraphProto, outer: set[str]) -> None:
+        known = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
+            {t.name for t in graph.sparse_initializer}
+        nodes = list(graph.node)
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        for n in nodes:  # subgraphs see every name of this scope
+            for a in n.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                          list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                    sort(g, known | set(producer))
+        needs: list[set[int]] = []
+        for n in nodes:
+            deps = set()
+            for name in list(n.input) + _implicit_inputs(n):
+                if not name or name in known:
+                    continue
+                if name not in producer:
+                    raise LLCError(f"{source}: node '{n.name or n.op_type}' reads '{name}', which no node, input or "
+                                   f"initializer provides; {_FIX_EXPORT}")
+                deps.add(producer[name])
+            needs.append(deps)
+        users: dict[int, list[int]] = {}
+        for i, deps in enumerate(needs):
+            for d in deps:
+                users.setdefault(d, []).append(i)
+        import heapq
+
+        waiting = [len(d) for d in needs]
+        ready = [i for i, w in enumerate(waiting) if w == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(i)
+            for u in users.get(i, ()):
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    heapq.heappush(ready, u)
+        if len(order) < len(nodes):
+            stuck = next(nodes[i] for i, w in enumerate(waiting) if w > 0)
+            raise LLCError(f"{source}: the graph has a cycle through node '{stuck.name or stuck.op_type}'; "
+                           f"{_FIX_EXPORT}")
+        if order != list(range(len(nodes))):
+            del graph.node[:]
+            graph.node.extend(nodes[i] for i in order)
+
+    sort(model.graph, set())
+    return model
+
+
+def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs read from the enclosing scope (not produced or declared inside them)."""
+    out = []
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                  list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+            inner = {i.name for i in g.input} | {t.name for t in g.initializer} | \
+                {o for n in g.node for o in n.output}
+            for n in g.node:
+                out += [name for name in list(n.input) + _implicit_inputs(n) if name and name not in inner]
+    return out
+
+
+# typed-data field of each element type whose entries are one per element
+_TYPED_FIELD = {TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data", TensorProto.INT64: "int64_data",
+                TensorProto.UINT64: "uint64_data", TensorProto.UINT32: "uint64_data",
+                **{t: "int32_data" for t in (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
+                                             TensorProto.UINT16, TensorProto.UINT8, TensorProto.BOOL,
+                                             TensorProto.FLOAT16, TensorProto.BFLOAT16)}}
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
+    """Every tensor holds as much data as its dims and type say (the checker does not look: a truncated
+    ``.data`` file or a wrong ``length`` would otherwise surface later as a numpy error)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise LLCError(f"{source}: tensor '{t.name}' has negative dims {list(t.dims)}; {_FIX_EXPORT}")
+        numel = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        bits = _BITS.get(t.data_type)
+        if t.data_type == TensorProto.STRING or t.data_type == TensorProto.UNDEFINED:
+            continue
+        if bits is None:
+            raise LLCError(f"{source}: tensor '{t.name}' has element type {t.data_type}, which ONNX does not define; "
+                           f"{_FIX_EXPORT}")
+        if t.HasField("raw_data"):
+            have, want, unit = len(t.raw_data), (numel * bits + 7) // 8, "bytes"
+        elif t.data_type in _TYPED_FIELD:
+            have, want, unit = len(getattr(t, _TYPED_FIELD[t.data_type])), numel, "values"
+        else:
+            continue
+        if have != want:
+            name = TensorProto.DataType.Name(t.data_type)
+            raise LLCError(f"{source}: tensor '{t.name}' holds {have} {unit} of data, its dims {list(t.dims)} of "
+                           f"{name} need {want}; {_FIX_EXPORT}")
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -459,34 +589,70 @@ def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_model(model: onnx.ModelProto, path) -> None:
-    """Write ``model`` to ``path`` atomically: the file is written next to ``path`` under a temporary
-    name and moved into place with ``os.replace``; on failure the temporary files are removed and the
-    destination is untouched. Models larger than :data:`EXTERNAL_DATA_THRESHOLD` bytes are written with
-    external data in ``<name>.data`` next to the model (``model`` itself is not modified)."""
+    """Write ``model`` to ``path`` atomically (``model`` itself is not modified).
+
+    A model up to :data:`EXTERNAL_DATA_THRESHOLD` bytes is one file: written under a temporary name in a
+    temporary directory beside ``path``, flushed to disk, and moved onto ``path`` with ``os.replace``.
+
+    A larger model is a pair: the model file and one external data file named by its content,
+    ``<name>.<first 16 hex digits of its SHA-256>.data`` (:func:`external_data_name`; tensors of ≥ 1 KiB,
+    each at a 4 KiB-aligned offset). Order of the steps, and what a reader of ``path`` sees meanwhile:
+
+    1. the data and the model are written into the temporary directory and flushed: ``path`` is still the
+       previous model (or absent), with its own data files, untouched;
+    2. the data file is moved to its content name beside ``path``: nothing refers to it yet (a file already
+       there under that name has the same bytes);
+    3. ``os.replace`` of the model onto ``path`` — the commit: from here ``path`` is the new model, whose data
+       file is complete on disk;
+    4. the data files the previous model referred to (those named after ``path``) and what killed writes of
+       ``path`` left (``<name>.<16 hex>.data`` not referred to, ``.<name>.*.tmp`` directories) are deleted: a reader that parsed the previous model
+       before step 3 finds its data file either intact or gone (an error), never another model's data.
+
+    So at no instant does ``path`` name a model whose data file is missing, partial or another model's, and a
+    run killed at any point leaves ``path`` as it was or complete (a kill at step 2 or 4 may leave one orphan
+    data file, which the next write removes). On an exception (KeyboardInterrupt included: the CLI turns
+    SIGINT/SIGTERM into one) before the commit, every file this call created is removed."""
     p = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(p)
     base = os.path.basename(p)
     if not os.path.isdir(directory):
         raise LLCError(f"{path}: directory '{directory}' does not exist; create it first")
+    previous = _external_locations(p) if os.path.isfile(p) else set()
+    created: list[str] = []  # final paths this call created before the commit (removed on failure)
     tmpdir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    committed = False
     try:
         tmp_model = os.path.join(tmpdir, base)
+        data_name = None
         if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            m = onnx.ModelProto()
-            m.CopyFrom(model)  # save_model(save_as_external_data=True) rewrites tensors in place
-            data_name = base + ".data"
-            onnx.save_model(m, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            if os.path.exists(os.path.join(tmpdir, data_name)):  # absent when every tensor is small
-                os.replace(os.path.join(tmpdir, data_name), os.path.join(directory, data_name))
+            tmp_data = os.path.join(tmpdir, "data")
+            shell, digest = _write_external(model, tmp_data, base)
+            data_name = external_data_name(base, digest) if digest else None
+            if data_name is not None:
+                _set_location(shell, data_name)
+            _write_file(tmp_model, shell.SerializeToString())
+            if data_name is not None:
+                final = os.path.join(directory, data_name)
+                if not os.path.exists(final):
+                    created.append(final)
+                os.replace(tmp_data, final)
         else:
-            onnx.save_model(model, tmp_model)
+            _write_file(tmp_model, model.SerializeToString())
         os.replace(tmp_model, p)
+        committed = True
+        _fsync_directory(directory)
+        _remove_stale_data(directory, base, previous, data_name, tmpdir)
     except LLCError:
         raise
     except Exception as exc:
         raise LLCError(f"{path}: cannot write the model ({first_line(exc)}); check disk space and permissions") from None
     finally:
+        if not committed:
+            for f in created:
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -521,6 +687,138 @@ def write_for_session(model: onnx.ModelProto, directory: str, name: str = "model
     path = os.path.join(directory, name)
     onnx.save_model(m, path)
     return path
+
+
+_ALIGN = 4096
+_EXTERNAL_MIN = 1024  # tensors of at least this many bytes go to the data file
+
+
+def external_data_name(model_name: str, digest: str) -> str:
+    """The data file of model ``model_name`` whose content has SHA-256 ``digest`` (hex)."""
+    return f"{model_name}.{digest[:16]}.data"
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _copy_message_fields(src, dst, skip: set[str]) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _write_external(model: onnx.ModelProto, data_path: str, base: str) -> tuple[onnx.ModelProto, str | None]:
+    """(shell, SHA-256 hex of the data file or None when no tensor went there): the main graph's initializers
+    of ≥ 1 KiB (``raw_data``) are written to ``data_path`` at 4 KiB-aligned offsets, and ``shell`` is the model
+    with those tensors pointing there (location to be set). Only one tensor's bytes are copied at a time: the
+    shell is built field by field, never as a copy of the whole model."""
+    import hashlib
+
+    shell = onnx.ModelProto()
+    _copy_message_fields(model, shell, {"graph"})
+    _copy_message_fields(model.graph, shell.graph, {"initializer"})
+    digest = hashlib.sha256()
+    offset = 0
+    moved = 0
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            out = shell.graph.initializer.add()
+            if not t.HasField("raw_data") or t.data_location == TensorProto.EXTERNAL or \
+                    len(t.raw_data) < _EXTERNAL_MIN:
+                out.CopyFrom(t)
+                continue
+            _copy_message_fields(t, out, {"raw_data"})
+            raw = t.raw_data
+            pad = -offset % _ALIGN
+            if pad:
+                f.write(b"\0" * pad)
+                digest.update(b"\0" * pad)
+                offset += pad
+            f.write(raw)
+            digest.update(raw)
+            del out.external_data[:]
+            for key, value in (("location", "?"), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = out.external_data.add()
+                entry.key, entry.value = key, value
+            out.data_location = TensorProto.EXTERNAL
+            offset += len(raw)
+            moved += 1
+            del raw
+        f.flush()
+        os.fsync(f.fileno())
+    if shell.ByteSize() >= 2**31 - 1:  # protobuf cannot serialize it
+        raise LLCError(f"{base}: the model is larger than 2 GB without its initializers (large Constant nodes or "
+                       "subgraph tensors); store those weights as initializers")
+    return shell, (digest.hexdigest() if moved else None)
+
+
+def _set_location(shell: onnx.ModelProto, location: str) -> None:
+    for t in shell.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location" and e.value == "?":
+                    e.value = location
+
+
+def _external_locations(path: str) -> set[str]:
+    """Data files (plain names beside the model) the model at ``path`` refers to; empty when unreadable or
+    large (a model with external data is small without it)."""
+    try:
+        if os.path.getsize(path) > 64 << 20:
+            return set()
+        m = onnx.load_model(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - whatever was there is about to be replaced
+        return set()
+    return {e.value for t in _external_tensors(m) for e in t.external_data
+            if e.key == "location" and e.value and os.path.basename(e.value) == e.value}
+
+
+def _remove_stale_data(directory: str, base: str, previous: set[str], keep: str | None, own_tmp: str) -> None:
+    """After the commit: delete the previous model's data files named after it, and what killed writes of this
+    path left: content-named data files nothing refers to and their temporary directories (one writer per
+    output path is assumed)."""
+    import re
+
+    pattern = re.compile(re.escape(base) + r"\.[0-9a-f]{16}\.data")
+    tmp_pattern = re.compile(re.escape(f".{base}.") + r"[a-z0-9_]{8}\.tmp")
+    stale = {n for n in previous if n.startswith(base + ".")}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    stale |= {n for n in names if pattern.fullmatch(n)}
+    for name in stale - {keep}:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+    for name in names:
+        if tmp_pattern.fullmatch(name) and name != os.path.basename(own_tmp):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def tensor_bits(elem_type: int) -> int:

@@ -3,10 +3,17 @@
 Every session is made from a :class:`SessionConfig`: the thread count and the session-config entries of the
 deployment target whose verdict is being taken (the session README tells users to run), so the model that is
 verified is numerically the model the user runs.
+
+Threads: :func:`evaluate` and :func:`compare_models` run each batch on one ONNX Runtime thread and up to
+``SessionConfig.threads`` batches at once (0: one per CPU), summing in batch order. Some ORT kernels round
+differently with more intra-op threads (the MatMulNBits that ORT fuses from a blocked DequantizeLinear + MatMul
+moves outputs by ~4e-6 with 2 threads at 8–64 rows, measured here), so a loss would otherwise depend on the
+thread count, and with it a plan choice or the bytes of the output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -26,7 +33,7 @@ class Evaluation:
     loss: float
     metrics: dict[str, float]
     n: int                    # samples evaluated
-    seconds: float = 0.0      # wall time spent in ONNX Runtime
+    seconds: float = 0.0      # time spent in ONNX Runtime, summed over batches
     samples: "LossSamples | None" = None  # per-unit loss sums (with groups) when asked for: paired SEs
 
 
@@ -135,9 +142,43 @@ def resolve_output(model: onnx.ModelProto | ort.InferenceSession, name: str | No
 
 
 def _session(model, config):
+    """(session, batches run at once): a session on one intra-op thread (see the module doc), or ``model``
+    itself when it is already a session (then one batch at a time)."""
     if isinstance(model, ort.InferenceSession):
-        return model
-    return make_session(model, config)
+        return model, 1
+    if config is None or isinstance(config, int):
+        config = SessionConfig(threads=int(config or 0))
+    workers = config.threads or os.cpu_count() or 1
+    return make_session(model, dataclasses.replace(config, threads=1)), workers
+
+
+def _batch_outputs(sess, dataset: Dataset, output: str, workers: int, progress: bool, description: str):
+    """Yield ``(i, batch, output array, seconds)`` in batch order, running up to ``workers`` batches at once."""
+    batches = _track(dataset.batches, len(dataset.batches), description, progress)
+
+    def one(item):
+        i, batch = item
+        t0 = time.perf_counter()
+        out = _run(sess, batch.inputs, output, f"{dataset.source}[batch {i}]")
+        return i, batch, out, time.perf_counter() - t0
+
+    if workers <= 1 or len(dataset.batches) <= 1:
+        yield from map(one, enumerate(batches))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        pending: deque = deque()
+        for item in enumerate(batches):
+            pending.append(pool.submit(one, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run(sess, feeds, output: str, source: str) -> np.ndarray:
@@ -161,16 +202,13 @@ def evaluate(model, dataset: Dataset, loss: TaskLoss, *, session: SessionConfig 
     """Run ``model`` (proto, path or session) on every batch and return the mean loss (Σ sums / Σ
     counts), metrics and the number of samples; with ``samples`` also the per-unit loss sums
     (``Evaluation.samples``, with the data's groups) for paired standard errors."""
-    sess = _session(model, session)
+    sess, workers = _session(model, session)
     resolve_output(sess, loss.output)
     totals, secs = LossTotals(loss), 0.0
     unit_sums, unit_counts, unit_groups = [], [], []
-    for i, batch in enumerate(_track(dataset.batches, len(dataset.batches), "evaluate", progress)):
-        src = f"{dataset.source}[batch {i}]"
+    for _, batch, out, seconds in _batch_outputs(sess, dataset, loss.output, workers, progress, "evaluate"):
         labels = loss.batch_labels(batch, dataset.source)
-        t0 = time.perf_counter()
-        out = _run(sess, batch.inputs, loss.output, src)
-        secs += time.perf_counter() - t0
+        secs += seconds
         totals.add(out, labels, batch.size)
         if samples:
             import torch
@@ -202,18 +240,18 @@ def compare_models(reference, candidate, dataset: Dataset, loss: TaskLoss, *,
                    session: SessionConfig | int | None = None, progress: bool = False) -> Comparison:
     """Run both models batch by batch; accumulate loss/metrics of each and the max / mean absolute
     difference of the loss output (``loss.output``) between them."""
-    sessions = [_session(reference, session), _session(candidate, session)]
+    (ref_sess, workers), (cand_sess, _) = _session(reference, session), _session(candidate, session)
+    sessions = [ref_sess, cand_sess]
     for which, sess in zip(("reference", "candidate"), sessions):
         resolve_output(sess, loss.output, which)
     totals, secs, diff = [LossTotals(loss), LossTotals(loss)], [0.0, 0.0], OutputDiff()
-    for i, batch in enumerate(_track(dataset.batches, len(dataset.batches), "compare", progress)):
-        src = f"{dataset.source}[batch {i}]"
+    ref_outs = _batch_outputs(ref_sess, dataset, loss.output, workers, progress, "compare")
+    cand_outs = _batch_outputs(cand_sess, dataset, loss.output, workers, False, "compare")
+    for (_, batch, ref_out, ref_s), (_, _, cand_out, cand_s) in zip(ref_outs, cand_outs):
         labels = loss.batch_labels(batch, dataset.source)
         outs = []
-        for k, sess in enumerate(sessions):
-            t0 = time.perf_counter()
-            out = _run(sess, batch.inputs, loss.output, src)
-            secs[k] += time.perf_counter() - t0
+        for k, (out, seconds) in enumerate(((ref_out, ref_s), (cand_out, cand_s))):
+            secs[k] += seconds
             totals[k].add(out, labels, batch.size)
             outs.append(out)
         if outs[0].shape != outs[1].shape:

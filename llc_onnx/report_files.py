@@ -11,6 +11,7 @@ measured) and time per stage. tests/test_report_browser.py opens it in headless 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -266,19 +267,27 @@ def check_report_dir(directory: str) -> None:
 def write_report(report: dict, directory: str) -> list[str]:
     """Write report.json, report.md, report.html and the plot PNGs into ``directory``; return the paths."""
     check_report_dir(directory)
+    created_dir = not os.path.exists(directory)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise LLCError(f"--report {directory}: cannot create the directory ({exc.strerror}); choose another") from None
-    plots = {"levels.png": plot_levels(report), "pred_vs_measured.png": plot_pred_vs_measured(report),
-             "frontier.png": plot_frontier(report)}
-    paths = []
-    for name, data in plots.items():
-        write_bytes_atomic(os.path.join(directory, name), data)
-        paths.append(os.path.join(directory, name))
-    write_bytes_atomic(os.path.join(directory, "report.json"),
-                       json.dumps(to_jsonable(report), indent=2, sort_keys=True, allow_nan=False).encode())
-    write_bytes_atomic(os.path.join(directory, "report.md"), markdown(report).encode())
-    write_bytes_atomic(os.path.join(directory, "report.html"), html_page(report, plots).encode())
-    paths += [os.path.join(directory, p) for p in ("report.json", "report.md", "report.html")]
+    paths: list[str] = []
+    try:  # all files or none: an exception (an interrupt included) removes what this call wrote
+        plots = {"levels.png": plot_levels(report), "pred_vs_measured.png": plot_pred_vs_measured(report),
+                 "frontier.png": plot_frontier(report)}
+        files = [*plots.items(),
+                 ("report.json", json.dumps(to_jsonable(report), indent=2, sort_keys=True, allow_nan=False).encode()),
+                 ("report.md", markdown(report).encode()), ("report.html", html_page(report, plots).encode())]
+        for name, data in files:
+            paths.append(os.path.join(directory, name))  # before the write: an interrupt right after it is covered
+            write_bytes_atomic(paths[-1], data)
+    except BaseException:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if created_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
     return paths

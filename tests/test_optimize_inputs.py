@@ -1,5 +1,6 @@
 """optimize on inputs the main flow tests don't cover: grouped convolutions under low-rank, a language model
-without a labels array, non-float32 weights, out-of-range options, and the fit/measure split."""
+without a labels array, out-of-range options, and the fit/measure split (float16/bfloat16 weights:
+test_half_precision.py)."""
 
 from __future__ import annotations
 
@@ -85,21 +86,6 @@ def test_language_model_without_labels_uses_input_ids(tmp_path, capsys):
     r = optimize_json(capsys, model, data, tmp_path / "o.onnx", "--batch-size", "8", "--bits", "8,float")
     assert r["splits"]["calibration"]["reference"]["loss"] > 0 and "ppl" in r["splits"]["test"]["reference"]["metrics"]
     assert r["stages"][0]["measurement"]["in_sample"] is False and r["objective"] == "task"
-
-
-def test_float16_weights_are_refused_with_one_line(tmp_path, capsys):
-    rng = np.random.default_rng(2)
-    w = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float16), "W")
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 3])], [w])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    onnx.save(m, tmp_path / "h.onnx")
-    x = rng.normal(size=(16, 4)).astype(np.float16)
-    data = save_npz(tmp_path / "h.npz", np.zeros(16, dtype=np.int64), x=x)
-    rc, out, err = run(["optimize", str(tmp_path / "h.onnx"), "--data", data, "-o", str(tmp_path / "o.onnx")], capsys)
-    assert rc == 2 and not (tmp_path / "o.onnx").exists()
-    assert err.count("\n") == 1 and "node 'mm' has a FLOAT16 weight 'W'" in err and "float32" in err
 
 
 @pytest.mark.parametrize("flag, value, needle", [

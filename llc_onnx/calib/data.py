@@ -38,6 +38,7 @@ when it is read again. Labels are not required here; the loss checks them (:mod:
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import re
 import shutil
@@ -388,6 +389,9 @@ def _load_npz(path: str, specs, batch_size: int) -> Dataset:
     validate_arrays(arrays, specs, path, check_batch_dim=False)
     n = int(next(iter(arrays.values())).shape[0])
     static = _static_batch(specs)
+    if static is not None and static < 1:
+        raise LLCError(f"{path}: the model's inputs have a fixed batch dim of {static}; export the model with a "
+                       "dynamic (or positive) batch dim")
     if static is not None:
         batch_size = static
         usable = (n // static) * static
@@ -437,6 +441,21 @@ class _Spill:
         return _file_batch(path, arrays, self.dir)
 
 
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _as_arrays(item: dict, source: str) -> dict[str, np.ndarray]:
+    """A batch dict's values as numpy arrays (a value numpy cannot make one array of is bad input)."""
+    arrays = {}
+    for k, v in item.items():
+        try:
+            arrays[str(k)] = np.asarray(v)
+        except Exception as exc:  # e.g. ragged nested lists
+            raise LLCError(f"{source}: value of '{k}' is not an array ({_one_line(exc)}); give numpy arrays") from None
+    return arrays
+
+
 def _load_reader(spec, specs) -> Dataset:
     obj = import_object(spec) if isinstance(spec, str) else spec
     spec = spec if isinstance(spec, str) else type(obj).__name__
@@ -450,19 +469,27 @@ def _load_reader(spec, specs) -> Dataset:
         raise LLCError(f"{spec}: not a CalibrationDataReader (no get_next() method); "
                        "give an object with get_next() returning a dict of arrays, or None at the end")
     return _load_iterable(iter(obj.get_next, None), specs, spec, "get_next() returned",
-                          "get_next() must return dicts before None")
+                          "get_next() must return dicts before None", calls="get_next()")
 
 
 def _load_iterable(items, specs, source: str, got: str = "got",
-                   fix: str = "give at least one dict of arrays") -> Dataset:
+                   fix: str = "give at least one dict of arrays", calls: str = "iterating the data") -> Dataset:
     """One batch per dict of ``items`` (a reader's ``get_next()`` until None, or any iterable), validated. A
     list/tuple of dicts stays in memory; any other iterable (a reader, a generator) is streamed to disk."""
     batches, spill = [], None if isinstance(items, (list, tuple)) else _Spill()
-    for i, item in enumerate(items):
+    iterator = iter(items)
+    for i in itertools.count():
         where = f"{source}[batch {i}]"
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        except Exception as exc:  # the user's iterable failed
+            raise LLCError(f"{where}: {calls} raised {type(exc).__name__}: {_one_line(exc)}; fix the data "
+                           "source") from None
         if not isinstance(item, dict):
             raise LLCError(f"{where}: {got} {type(item).__name__}, expected a dict of arrays per batch")
-        arrays = {str(k): np.asarray(v) for k, v in item.items()}
+        arrays = _as_arrays(item, where)
         validate_arrays(arrays, specs, where)
         batches.append(_to_batch(arrays) if spill is None else spill.add(i, arrays))
     if not batches:

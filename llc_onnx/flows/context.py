@@ -17,6 +17,13 @@ The statistical roles of the data (the contract every flow follows)
 
 Every split keeps whole groups (``calib.data``), so correlated samples never sit on both sides of a split.
 
+Float types: a float16 or bfloat16 model is measured in the interpreter in float32 (its weights are exact
+there); each format stores its scales in the weight's type (``targets.base.Format.float_type``; scales are
+rounded to it before the codes are chosen, ``quant.weights``), the rewrite keeps the model's type, sizes count
+the model's own bytes (2 per float16 parameter: :meth:`FlowContext.float_bytes`), and the verdict runs the
+written model in ONNX Runtime in its type. ONNX Runtime's CPU provider has no bfloat16 kernels: a bfloat16
+model is refused on CPU targets before any work.
+
 Objectives: ``task`` uses the labelled loss; ``fidelity`` replaces every split's labels by the float model's
 own outputs (``calib.losses.teacher_dataset``) and uses KL to them, so unlabelled data works.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -159,11 +167,12 @@ class FlowContext:
         return w
 
     def float_bytes(self) -> int:
-        """Float32 bytes of the compressible nodes' weights (a shared weight counted once per node); for a
-        later stage (``derive_context``) those of the original model, so budgets and reductions stay relative
-        to what the user gave."""
+        """Bytes of the compressible nodes' weights in the model's own float types (4 per parameter for
+        float32, 2 for float16/bfloat16; a shared weight counted once per node); for a later stage
+        (``derive_context``) those of the original model, so budgets and reductions stay relative to what the
+        user gave."""
         if self._float_bytes is None:
-            self._float_bytes = sum(4 * self.graph.params[n.weight].numel() for n in self.nodes)
+            self._float_bytes = sum(float_itemsize(self.model, n) * math.prod(n.weight_shape) for n in self.nodes)
         return self._float_bytes
 
     @property
@@ -245,15 +254,29 @@ def _units(ds: Dataset) -> int:
     return len(ds.batches)
 
 
-def _require_float32(model: onnx.ModelProto, nodes: list[CompressibleNode], source: str) -> None:
-    """Sizes, scales and measurements assume float32 weights; say so instead of writing a model whose
-    weights differ from the ones measured."""
+_ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2}
+
+
+def float_itemsize(model: onnx.ModelProto, node: CompressibleNode) -> int:
+    """Bytes per parameter of ``node``'s weight in ``model`` (4 float32, 2 float16/bfloat16)."""
+    for t in model.graph.initializer:
+        if t.name == node.weight:
+            return _ITEMSIZE.get(t.data_type, 4)
+    return 4
+
+
+def _require_runnable_type(model: onnx.ModelProto, nodes: list[CompressibleNode], settings, source: str) -> None:
+    """A bfloat16 model cannot be verified on ONNX Runtime's CPU provider (it has no bfloat16 MatMul, Gemm,
+    Conv or elementwise kernels): say so before any work."""
+    if settings.providers[0][0] != "CPUExecutionProvider":
+        return
     types = {t.name: t.data_type for t in model.graph.initializer}
-    for n in nodes:
-        if types.get(n.weight, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
-            dtype = onnx.TensorProto.DataType.Name(types[n.weight])
-            raise LLCError(f"{source}: node '{n.name}' has a {dtype} weight '{n.weight}'; llc-onnx compresses float32 "
-                           "models: re-export or convert it to float32 first")
+    bf16 = [n for n in nodes if types.get(n.weight) == onnx.TensorProto.BFLOAT16]
+    if bf16:
+        raise LLCError(f"{source}: node '{bf16[0].name}' has a BFLOAT16 weight and ONNX Runtime's CPU provider has "
+                       "no bfloat16 MatMul/Gemm/Conv kernels, so neither the model nor its compressed form can be "
+                       "verified on CPU; use a GPU target (--target ort-cuda) or convert the model to float16 or "
+                       "float32")
 
 
 def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *, source: str = "model", held=None,
@@ -278,27 +301,29 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
         if not found:
             raise LLCError(f"{source}: no compressible node (MatMul/Gemm/Conv with a constant weight); "
                            "nothing to compress")
-        _require_float32(prepared, found, source)
         task = task_loss_for(prepared, config, source)
-        calib, val_ds, test, split_notes = _splits(data, prepared, config, held, val)
-        notes += split_notes
-        objective = config.criterion.objective
-        if objective == "auto":
-            labelled = calib.has_labels or task.name == "lm"
-            objective = "task" if labelled else "fidelity"
         target = _target(config)
+        runtime_notes = []
         if session is None:
             settings = target.session()
             if not settings.available():
                 fallback = getattr(target, "reference_session", None)
                 settings = fallback() if fallback else _cpu_fallback(settings)
-                notes.append(f"the {config.target.name} runtime is not installed here: the verdict ran in "
-                             f"{settings.description}")
+                runtime_notes.append(f"the {config.target.name} runtime is not installed here: the verdict ran in "
+                                     f"{settings.description}")
             session = SessionConfig.of_target(settings, config.device.threads)
+        if session.settings is not None:
+            _require_runnable_type(prepared, found, session.settings, source)
+        calib, val_ds, test, split_notes = _splits(data, prepared, config, held, val)
+        notes += split_notes + runtime_notes
+        objective = config.criterion.objective
+        if objective == "auto":
+            labelled = calib.has_labels or task.name == "lm"
+            objective = "task" if labelled else "fidelity"
         fit, meas = fit_measure_split(calib, config.data.measure_samples, config.data.seed)
         loss, task_loss, task_test = task, None, None
         if objective == "fidelity":
-            ref = make_session(prepared, session)
+            ref = make_session(prepared, dataclasses.replace(session, threads=1))  # numbers independent of threads
 
             def run_float(inputs):
                 return ref.run([task.output], inputs)[0]

@@ -32,7 +32,7 @@ from ..passes.lowrank import apply_lowrank
 from ..solvers import knapsack
 from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
 from ..solvers.rank_search import NodeSVD, from_matrix, matrix_view, useful_ranks
-from .context import FlowContext
+from .context import FlowContext, float_itemsize
 from .outcome import MethodOutcome
 
 FULL = "full"
@@ -87,12 +87,12 @@ class _Ranks:
         level = f"rank {row.rank}"
         self.spec[(name, level)] = (row.rank, row.alpha)
         measured, se = _measure(self.ctx, {name: self.hook(name, level)})
-        cand = Candidate(name, level, 4 * row.params, row.predicted, measured, row.rel_error, True, None, se=se)
+        cand = Candidate(name, level, float_itemsize(self.ctx.model, self.ctx.node(name)) * row.params, row.predicted, measured, row.rel_error, True, None, se=se)
         return classify(cand, crit.error_max, self.ctx.base().mean, crit.relative, crit.outside, crit.margin_z)
 
 
 def _reference(ctx: FlowContext, name: str) -> Candidate:
-    return Candidate(name, FULL, 4 * ctx.weight_array(ctx.node(name)).size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
+    return Candidate(name, FULL, float_itemsize(ctx.model, ctx.node(name)) * ctx.weight_array(ctx.node(name)).size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
 
 
 def _measure(ctx: FlowContext, fns) -> tuple[float, float]:

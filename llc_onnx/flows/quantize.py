@@ -166,7 +166,7 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
     cfg = ctx.config.quant
     w = ctx.weight_array(node)
     if fmt.kind == "float":
-        return Candidate(node.name, fmt.name, 4 * w.size, 0.0, 0.0, 0.0, True, 0.0, reference=True)
+        return Candidate(node.name, fmt.name, fmt.nbytes(node), 0.0, 0.0, 0.0, True, 0.0, reference=True)
     stats_m = grads_m.nodes[node.name]
     from .series import values
 
@@ -298,7 +298,7 @@ class Solver:
                 ok = [i for i, c in enumerate(ladder)
                       if c.reference or (self.formats.by_level[(n, c.level)].kind != "series" and
                                          format_bits(self.formats.by_level[(n, c.level)]) >= bits)]
-                choice[n] = ok[0]
+                choice[n] = ok[0] if ok else len(ladder) - 1  # none that wide (float not asked for): its widest
             key = tuple(sorted(choice.items()))
             if all(self.ladders[n][i].reference for n, i in choice.items()):
                 continue  # nothing offered at ≥ this level: the float model, which back-off reaches anyway

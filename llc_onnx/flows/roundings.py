@@ -46,7 +46,7 @@ class Rounder:
     # -- what is measured ------------------------------------------------------------------------
     def spec(self, fmt, rounding: str = "nearest") -> WeightQuantSpec:
         return WeightQuantSpec(bits=int(fmt.code_bits or fmt.bits), block_size=fmt.block_size,
-                               scale_method=self.cfg.scale, rounding=rounding)
+                               scale_method=self.cfg.scale, rounding=rounding, float_type=fmt.float_type)
 
     def inside(self, w: np.ndarray, node, fmt) -> bool:
         """Nearest rounding's relative error ≤ ``llc_radius``: the first-order neighbourhood."""

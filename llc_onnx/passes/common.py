@@ -35,6 +35,7 @@ from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -48,6 +49,7 @@ WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 _FLOAT_DTYPES = {
     ir.DataType.FLOAT: np.float32,
     ir.DataType.FLOAT16: np.float16,
+    ir.DataType.BFLOAT16: ml_dtypes.bfloat16,
     ir.DataType.DOUBLE: np.float64,
 }
 

@@ -41,7 +41,7 @@ import torch
 
 from ..errors import LLCError
 from .weights import (QuantizedWeight, WeightQuantSpec, _check_spec, _checked_weight, _Groups, _scales,
-                      conv_matrix_shape, qrange)
+                      conv_matrix_shape, qrange, scale_bytes)
 
 __all__ = ["GPTQMatrix", "gptq_matrix", "quantize_weight_gptq"]
 
@@ -224,6 +224,6 @@ def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec,
     dq_rows = lay.to_rows(q).astype(np.float32) * s_rows[:, None]
     dequant = np.ascontiguousarray(lay.from_rows(dq_rows)).astype(np.float32, copy=False)
     scale = np.ascontiguousarray(lay.scale_from_rows(s_rows)).astype(np.float32, copy=False)
-    nbytes = -(-int(spec.bits) * int(w.size) // 8) + 4 * int(scale.size)
+    nbytes = -(-int(spec.bits) * int(w.size) // 8) + scale_bytes(spec.float_type) * int(scale.size)
     return QuantizedWeight(q=q, scale=scale, axis=lay.axis, block_size=bs, bits=int(spec.bits),
                            dequant=dequant, nbytes=nbytes)

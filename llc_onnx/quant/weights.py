@@ -28,8 +28,11 @@ have zero gradient and never change any statistic except the ACIQ mean, which is
 Integers are b-bit signed, zero point 0: ``q ∈ [qmin, qmax] = [-2^(b-1), 2^(b-1)-1]``.  The scale is
 chosen for the symmetric range ``[-qmax, qmax]`` (``scale = clip / qmax``), so ``qmin`` is only reached
 by weights beyond the clipping threshold; nothing is ever produced outside ``[qmin, qmax]``.
-Scales are rounded to float32 *before* rounding the weights, so the decisions are made against the
-exact scale the graph will use, and ``dequant = float32(q) * scale`` is what DequantizeLinear computes.
+Scales are rounded to their stored type (``spec.float_type``: float32, or the float16 / bfloat16 of a
+half-precision model, whose DequantizeLinear / MatMulNBits scales have the weight's type) *before* rounding
+the weights, so the decisions are made against the exact scale the graph will use, and
+``dequant = float32(q) * scale`` is what DequantizeLinear computes (in float32; a float16 DequantizeLinear
+also rounds its output to float16, ≤ half an fp16 ulp per weight, which MatMulNBits does not).
 
 Scale methods
 -------------
@@ -89,6 +92,8 @@ ACIQ_LAPLACE = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
 MSE_RATIOS = np.linspace(0.3, 1.0, 100)
 
 _F32_TINY = float(np.finfo(np.float32).tiny)
+#: stored scale types: name -> numpy type (bfloat16 from ml_dtypes) and bytes per scale
+FLOAT_TYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class WeightQuantSpec:
     block_size: int | None    # None => per output channel; else blocked along reduce_axis
     scale_method: str = "minmax"   # "minmax" | "mse" | "aciq"
     rounding: str = "nearest"      # "nearest" | "up" | "down" | "llc"
+    float_type: str = "float32"    # type the scales are stored in (the model's float type): FLOAT_TYPES
 
 
 @dataclass
@@ -113,7 +119,7 @@ class QuantizedWeight:
     block_size: int | None
     bits: int
     dequant: np.ndarray       # float32, q * scale broadcast, in w.shape
-    nbytes: int               # ceil(bits * numel / 8) + 4 * scale.size
+    nbytes: int               # ceil(bits * numel / 8) + scale bytes (4, or 2 for float16/bfloat16) * scale.size
 
 
 def conv_matrix_shape(shape) -> tuple[int, int]:
@@ -167,6 +173,9 @@ def _check_spec(spec: WeightQuantSpec) -> None:
     if spec.scale_method not in SCALE_METHODS:
         raise LLCError(f"weight quant spec: scale_method={spec.scale_method!r} is unknown; "
                        f"use one of {', '.join(SCALE_METHODS)}")
+    if spec.float_type not in FLOAT_TYPES:
+        raise LLCError(f"weight quant spec: float_type={spec.float_type!r} is unknown; use one of "
+                       f"{', '.join(FLOAT_TYPES)}")
     if spec.rounding not in ROUNDINGS:
         raise LLCError(f"weight quant spec: rounding={spec.rounding!r} is unknown; "
                        f"use one of {', '.join(ROUNDINGS)}")
@@ -237,10 +246,31 @@ class _Groups:
 
 
 # ------------------------------------------------------------------------------------- scales
-def _to_f32_scale(s64: np.ndarray) -> np.ndarray:
-    """Float32 scales, strictly positive (all-zero groups get 1.0: their q is 0 anyway)."""
+def float_type_of(name: str):
+    """The numpy type of a stored float type name (``FLOAT_TYPES``)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name).type
+
+
+def scale_bytes(float_type: str) -> int:
+    """Bytes of one stored scale."""
+    return 4 if float_type == "float32" else 2
+
+
+def _to_f32_scale(s64: np.ndarray, float_type: str = "float32") -> np.ndarray:
+    """Scales as float32 holding values of the stored type ``float_type``, strictly positive (all-zero
+    groups get 1.0: their q is 0 anyway; a scale below the type's smallest positive value gets that value)."""
     s32 = s64.astype(np.float32)
     s32 = np.where(s64 > 0, np.maximum(s32, np.float32(_F32_TINY)), np.float32(1.0))
+    if float_type != "float32":
+        t = float_type_of(float_type)
+        import ml_dtypes
+
+        tiny = np.float32(float(ml_dtypes.finfo(t).smallest_subnormal))
+        s32 = np.maximum(s32, tiny).astype(t).astype(np.float32)
     return s32.astype(np.float32)
 
 
@@ -255,11 +285,12 @@ def _scales(rows: np.ndarray, mask: np.ndarray | None, spec: WeightQuantSpec) ->
     method = spec.scale_method
     if method == "aciq" and bits not in ACIQ_LAPLACE:
         method = "minmax"
+    ft = spec.float_type
     if method == "minmax":
-        return _to_f32_scale(absmax / qmax)
+        return _to_f32_scale(absmax / qmax, ft)
     if method == "hqq":  # data-free half-quadratic search (llc_onnx.quant.hqq)
         from .hqq import hqq_scales
-        return hqq_scales(rows, bits)
+        return _to_f32_scale(hqq_scales(rows, bits).astype(np.float64), ft)
     if method == "aciq":
         if mask is None:
             n = np.full(rows.shape[0], rows.shape[1], dtype=np.float64)
@@ -272,13 +303,13 @@ def _scales(rows: np.ndarray, mask: np.ndarray | None, spec: WeightQuantSpec) ->
         b_lap = dev / np.maximum(n, 1)
         alpha = ACIQ_LAPLACE[bits] * b_lap
         clip = np.where(alpha > 0, np.minimum(alpha, absmax), absmax)
-        return _to_f32_scale(clip / qmax)
+        return _to_f32_scale(clip / qmax, ft)
     # mse: grid search over clipping ratios, one pass over the weight per ratio
     best_err = np.full(rows.shape[0], np.inf)
-    best = _to_f32_scale(absmax / qmax)
+    best = _to_f32_scale(absmax / qmax, ft)
     buf = np.empty_like(rows)
     for r in MSE_RATIOS[::-1]:            # ratio 1.0 first: ties keep the larger (unclipped) scale
-        s32 = _to_f32_scale(r * absmax / qmax)
+        s32 = _to_f32_scale(r * absmax / qmax, ft)
         s = s32.astype(np.float64)[:, None]
         np.divide(rows, s, out=buf)       # in place: one buffer, a few passes per ratio
         np.rint(buf, out=buf)
@@ -388,7 +419,7 @@ def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_
     q = np.ascontiguousarray(lay.from_rows(q_rows)).astype(np.int32)
     dequant = np.ascontiguousarray(lay.from_rows(dq_rows).reshape(shape)).astype(np.float32, copy=False)
     scale = np.ascontiguousarray(lay.scale_from_rows(s32)).astype(np.float32, copy=False)
-    nbytes = -(-int(spec.bits) * int(w.size) // 8) + 4 * int(scale.size)
+    nbytes = -(-int(spec.bits) * int(w.size) // 8) + scale_bytes(spec.float_type) * int(scale.size)
     return QuantizedWeight(q=q, scale=scale, axis=lay.axis, block_size=bs, bits=int(spec.bits),
                            dequant=dequant, nbytes=nbytes)
 
@@ -414,4 +445,4 @@ def weight_nbytes(shape, spec: WeightQuantSpec, reduce_axis: int, out_axis: int 
     else:
         n_scales = numel // shape[reduce_axis] * -(-shape[reduce_axis] // int(spec.block_size)) \
             if shape[reduce_axis] else 0
-    return -(-int(spec.bits) * numel // 8) + 4 * n_scales
+    return -(-int(spec.bits) * numel // 8) + scale_bytes(spec.float_type) * n_scales

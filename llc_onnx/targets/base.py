@@ -27,6 +27,7 @@ from llc_onnx.compressible import CompressibleNode
 from llc_onnx.errors import LLCError, first_line
 from llc_onnx.passes.common import apply_passes  # noqa: F401 - the targets' rewrite runner, exported here
 from llc_onnx.quant import WeightQuantSpec, weight_nbytes
+from llc_onnx.quant.weights import scale_bytes
 
 __all__ = [
     "apply_passes",
@@ -59,8 +60,10 @@ class Format:
     None = ``bits``. ``block_size``: blocked along the reduction axis (None: per output channel).
     ``activations``: ``"uint8"`` / ``"int8"`` calibrated per-tensor activations (W8A8),
     ``"int8-block"`` the dynamic per-block int8 activations of MatMulNBits at accuracy level 4, or None.
-    ``output``: W8A8 also quantizes the node's output (Conv → QLinearConv). ``terms``: the number of basis
-    terms T of a ``series`` format (bits per term ``bits``, the terms' block ``block_size``).
+    ``output``: W8A8 also quantizes the node's output (Conv → QLinearConv). ``float_type``: the node's float
+    type (``"float32"``, ``"float16"``, ``"bfloat16"``: the weight's), in which the float weight and the scales
+    are stored (:meth:`Target.offers` sets it from the model). ``terms``: the number of basis terms T of a
+    ``series`` format (bits per term ``bits``, the terms' block ``block_size``).
     """
 
     kind: str
@@ -72,6 +75,7 @@ class Format:
     output: bool = False
     plugin: str | None = None
     terms: int | None = None
+    float_type: str = "float32"
 
     def __post_init__(self):
         if self.kind not in FORMAT_KINDS:
@@ -111,13 +115,16 @@ class Format:
         """The quantizer spec whose codes this format stores (None for float)."""
         if self.kind == "float":
             return None
-        return WeightQuantSpec(int(self.code_bits or self.bits), self.block_size, scale_method, rounding)
+        return WeightQuantSpec(int(self.code_bits or self.bits), self.block_size, scale_method, rounding,
+                               self.float_type)
 
-    def nbytes(self, node: CompressibleNode, float_bytes: int = 4) -> int:
-        """Bytes this format stores for the node's weight (codes, scales, zero points, padding)."""
+    def nbytes(self, node: CompressibleNode) -> int:
+        """Bytes this format stores for the node's weight (codes, scales, zero points, padding); floats and
+        scales at ``float_type``'s size (4 bytes, 2 for float16/bfloat16)."""
         numel = math.prod(node.weight_shape)
+        fb = scale_bytes(self.float_type)
         if self.kind == "float":
-            return float_bytes * numel
+            return fb * numel
         if self.kind == "series":  # T terms stacked along K, each padded to whole blocks (series.packing)
             from llc_onnx.series.packing import stacked_block
 
@@ -125,13 +132,13 @@ class Format:
             n = numel // k
             block = stacked_block(k, self.block_size)
             nb = -(-k // block)
-            return -(-int(self.bits) * n * self.terms * nb * block // 8) + 4 * n * self.terms * nb
+            return -(-int(self.bits) * n * self.terms * nb * block // 8) + fb * n * self.terms * nb
         if self.kind == "matmulnbits":
             k = node.weight_shape[node.reduce_axis]
             n = numel // k
             nb = -(-k // self.block_size)
-            return n * nb * self.block_size * self.bits // 8 + 4 * n * nb
-        spec = WeightQuantSpec(int(self.bits), self.block_size)
+            return n * nb * self.block_size * self.bits // 8 + fb * n * nb
+        spec = WeightQuantSpec(int(self.bits), self.block_size, float_type=self.float_type)
         size = weight_nbytes(node.weight_shape, spec, node.reduce_axis, node.out_axis)
         if self.kind == "w8a8":
             size += node.weight_shape[node.out_axis]         # explicit int8 zero points
@@ -139,6 +146,9 @@ class Format:
 
 
 FLOAT = Format("float")
+#: ONNX element type -> float type name of a compressible weight
+FLOAT_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                    onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,19 @@ class Offer:
 
     def names(self) -> list[str]:
         return [f.name for f in self.formats]
+
+    def in_float_type(self, float_type: str) -> "Offer":
+        """This offer for a node whose float type is ``float_type``: every format stores its float weight and
+        scales in it, and 16-bit codes are refused for a 16-bit float weight (no smaller than it)."""
+        if float_type == "float32":
+            return self
+        import dataclasses
+
+        kept = tuple(dataclasses.replace(f, float_type=float_type) for f in self.formats
+                     if f.kind == "float" or f.bits != 16)
+        refused = (("int16", f"16-bit codes take as many bytes as the {float_type} weight"),) \
+            if len(kept) < len(self.formats) else ()
+        return Offer(self.node, kept, self.refused + refused)
 
 
 @dataclass(frozen=True)
@@ -275,6 +298,11 @@ class GraphContext:
         users = self.consumers.get(tensor, [])
         return users[0] if len(users) == 1 and tensor not in self.graph_outputs else None
 
+    def float_type(self, node: CompressibleNode) -> str:
+        """The node's float type: its weight's (``"float32"``, ``"float16"`` or ``"bfloat16"``)."""
+        init = self.inits.get(node.weight)
+        return FLOAT_TYPE_NAMES.get(init.data_type, "float32") if init is not None else "float32"
+
     def const(self, name: str) -> np.ndarray | None:
         t = self.inits.get(name)
         return None if t is None else onnx.numpy_helper.to_array(t)
@@ -309,7 +337,8 @@ class Target(ABC):
         """:meth:`offer` for every node (one :class:`GraphContext`)."""
         ctx = GraphContext(model)
         lv = parse_levels(levels)
-        return {n.name: self.offer(n, ctx, levels=lv, block_size=block_size) for n in nodes}
+        return {n.name: self.offer(n, ctx, levels=lv, block_size=block_size).in_float_type(ctx.float_type(n))
+                for n in nodes}
 
     def offer_series(self, node: CompressibleNode, context: GraphContext, *, bits: Sequence[int] = (2, 4, 8),
                      terms: Sequence[int] = (1, 2, 3, 4), block_size: int = 32) -> Offer:
@@ -324,6 +353,9 @@ class Target(ABC):
         """:meth:`offer_series` for every node (one :class:`GraphContext`)."""
         ctx = GraphContext(model)
         return {n.name: self.offer_series(n, ctx, bits=tuple(bits), terms=tuple(terms), block_size=block_size)
+                if ctx.float_type(n) == "float32" else
+                Offer(n.name, (FLOAT,), (("series", f"series terms are written for float32 weights; this one is "
+                                                    f"{ctx.float_type(n)}"),))
                 for n in nodes}
 
     def tensors_to_calibrate(self, model: onnx.ModelProto, node: str, fmt: Format) -> tuple[str | None, str | None]:

@@ -51,6 +51,10 @@ int8 range (tests/test_pass_qdq.py::test_int8_matmul_saturation_canary); 7-bit c
 moves outputs by ~0.5 % relative (tests/test_pass_matmulnbits.py); written on the node, it does not depend
 on the session, and :func:`llc_onnx.targets.base.input_hook` reproduces it in the interpreter.
 
+Float types: a float16 model keeps float16 (MatMulNBits takes float16 A and float16 scales; measured here);
+W8A8 is refused for it (ORT's integer kernels take float32 activations), and so is 16-bit (no smaller than the
+float16 weight). ORT's CPU provider has no bfloat16 kernels at all: every level of a bfloat16 node is refused.
+
 Session of the verdict: a default ``InferenceSession(path, providers=["CPUExecutionProvider"])`` — what a
 user writes — with graph optimizations on (they do the integer fusions).
 """
@@ -88,6 +92,8 @@ NO_INT16 = ("ORT CPU has no int16 GEMM/Conv kernel: an INT16 DequantizeLinear be
             "runs slower than FP32")
 NO_LOWBIT_CONV = ("ORT CPU runs Conv in integers only as QLinearConv (8-bit weights and activations); a weight-only "
                   "DequantizeLinear before Conv is not fused (measured slower than FP32)")
+NO_BF16 = ("ORT's CPU provider has no bfloat16 MatMul/Gemm/Conv/MatMulNBits kernels (a bfloat16 model runs on GPU "
+           "providers)")
 TWO_BIT_BLOCK16 = ("2-bit MatMulNBits has no int8 kernel for block 16: ORT computes it in float, 20-30x slower "
                    "than FP32 at batch 1; use a block of 32 or more")
 
@@ -178,6 +184,8 @@ class OrtCpuTarget(Target):
         formats: list[Format] = [FLOAT]
         refused: list[tuple[str, str]] = []
         op = node.op_type
+        if context.float_type(node) == "bfloat16":
+            return Offer(node.name, (FLOAT,), tuple((f"int{lv}", NO_BF16) for lv in levels if lv != "float"))
         for lv in levels:
             if lv == "float":
                 continue
