@@ -528,3 +528,47 @@ def test_newer_opsets_are_kept(opset, bits, block):
     assert {o.domain: o.version for o in qm.opset_import}[""] == (max(opset, 25) if bits == 2 else opset)
     feeds = feeds_for(rng, shapes)
     assert rel_err(run(qm, feeds)[0], run(replace_init(model, "w", plan.dequant), feeds)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["matmul", "gemm"])
+@pytest.mark.parametrize("n", [6, 8, 10])
+def test_int2_blocked_weight_with_n_not_multiple_of_4_runs_right_in_the_fused_session(op, n):
+    """ORT 1.31 fuses DQ(INT2 [K, N] blocked along K) + MatMul/Gemm into a MatMulNBits that is wrong when
+    N % 4 != 0 (the canary below); the pass stores such weights transposed so the default session is exact."""
+    rng = np.random.default_rng(30 + n)
+    model, w, shapes = matmul_model(rng, 64, n) if op == "matmul" else gemm_model(rng, 64, n, False)
+    name = "mm" if op == "matmul" else next(nd.name for nd in model.graph.node if nd.op_type == "Gemm")
+    plan = ref_quant(w, 2, 1, 0, 32)
+    ir_model = ir.serde.deserialize_model(model)
+    result = QDQPass({name: plan})(ir_model)
+    qm = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(qm, full_check=True)
+    feeds = feeds_for(rng, shapes)
+    out = run(qm, feeds)[0]  # default session: graph optimizations (the fusion) on
+    exact = ort.InferenceSession(qm.SerializeToString(), _no_opt(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert rel_err(out, exact) < 1e-5
+    assert (name in result.int2_transposed) == (n % 4 != 0)
+    assert any("transposed" in why for _, why in result.notes()) == (n % 4 != 0)
+
+
+def _no_opt():
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
+
+
+def test_canary_ort_int2_blocked_fusion_is_still_wrong_for_n_not_multiple_of_4():
+    """When this fails, ONNX Runtime fixed the INT2 MatMulNBits fusion and the transposed storage can go."""
+    rng = np.random.default_rng(3)
+    k, n = 64, 10
+    q = rng.integers(-2, 2, size=(k, n)).astype(np.int8)
+    s = (rng.random((k // 32, n)) + 0.5).astype(np.float32)
+    qt = oh.make_tensor("q", TP.INT2, [k, n], q.flatten().tolist())
+    nodes = [oh.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=32),
+             oh.make_node("MatMul", ["x", "w"], ["y"])]
+    g = oh.make_graph(nodes, "g", [vi("x", [4, k])], [vi("y", [4, n])], [qt, nh.from_array(s, "s")])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 25)], ir_version=11)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    ref = x @ (q.astype(np.float32) * np.repeat(s, 32, axis=0))
+    fused = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert rel_err(fused, ref) > 0.1

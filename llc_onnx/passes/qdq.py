@@ -154,14 +154,20 @@ def _plan_key(weight: str, q: np.ndarray, scale: np.ndarray, axis: int, block: i
 class QDQResult(common.RewriteResult):
     """:class:`~llc_onnx.passes.common.RewriteResult` of :class:`QDQPass`. ``written``: nodes whose weight now
     reads a DequantizeLinear; ``activations``: nodes given an activation Q/DQ pair; ``int2_as_int4``: MatMul
-    nodes whose 2-bit codes are stored as INT4 (the ORT 1.31 MatMulIntegerToFloat bug, module doc)."""
+    nodes whose 2-bit codes are stored as INT4 (the ORT 1.31 MatMulIntegerToFloat bug, module doc);
+    ``int2_transposed``: nodes whose blocked 2-bit [K, N] weight (N % 4 != 0) is stored as [N, K] followed by a
+    Transpose (ORT 1.31 fuses DequantizeLinear(INT2 [K, N]) + MatMul/Gemm into a MatMulNBits that computes
+    wrong outputs when N % 4 != 0; the transposed form is not fused and exact: tests/test_pass_qdq.py)."""
 
     activations: tuple[str, ...] = ()
     int2_as_int4: tuple[str, ...] = ()
+    int2_transposed: tuple[str, ...] = ()
 
     def notes(self) -> list[tuple[str, str]]:
         return [(n, "2-bit codes stored as INT4 (ORT 1.31 MatMulIntegerToFloat has no int2 kernel)")
-                for n in self.int2_as_int4]
+                for n in self.int2_as_int4] + \
+               [(n, "2-bit blocked weight stored transposed [N, K] + Transpose (ORT 1.31 fuses INT2 [K, N] with "
+                    "N % 4 != 0 into a wrong MatMulNBits); runs unfused") for n in self.int2_transposed]
 
 
 @dataclasses.dataclass
@@ -269,6 +275,7 @@ class QDQPass(common.RewritePass):
             common.set_default_opset(model, 21, 10)
         names = common.Names(graph)
         shared: dict[tuple, ir.Value] = {}
+        self._transposed: list[str] = []
         for node, idx, value, q, scale, axis, block, bits in prepared:
             key = (*_plan_key(value.name, q, scale, axis, block, bits), storage[node.name])
             dq_out = shared.get(key)
@@ -294,7 +301,7 @@ class QDQPass(common.RewritePass):
         return QDQResult(model, modified=bool(prepared or act_prepared),
                          written=tuple(n.name for n, *_ in prepared),
                          activations=tuple(n.name for n, *_ in act_prepared),
-                         int2_as_int4=tuple(checked.int2_as_int4))
+                         int2_as_int4=tuple(checked.int2_as_int4), int2_transposed=tuple(self._transposed))
 
     def _insert_weight_dq(self, graph, names, node, value, q, scale, axis, block, bits, stored_bits) -> ir.Value:
         w_shape = tuple(value.const_value.shape)
@@ -302,6 +309,13 @@ class QDQPass(common.RewritePass):
         dtype, np_type, _ = QTYPES[stored_bits]
         fdtype = value.const_value.dtype
         base, nname = value.name, node.name
+        # ORT 1.31 fuses DQ(INT2 [K, N], blocked along K) + MatMul/Gemm into a MatMulNBits that is wrong when
+        # N % 4 != 0: store [N, K] blocked along axis 1 and transpose after the DequantizeLinear (not fused, exact)
+        transpose = (stored_bits == 2 and block is not None and not matrix and q.ndim == 2 and axis == 0
+                     and q.shape[1] % 4 != 0)
+        if transpose:
+            q, scale, axis = np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T), 1
+            self._transposed.append(nname)
         tag = f"q{bits}" if stored_bits == bits else f"q{bits}_as_int{stored_bits}"
         q_name = names.fresh(f"{base}_{tag}", f"{base}_{nname}_{tag}")
         s_name = names.fresh(f"{base}_scale", f"{base}_{nname}_scale")
@@ -327,6 +341,12 @@ class QDQPass(common.RewritePass):
             "DequantizeLinear", inputs, attrs, outputs=[out], name=names.fresh(f"{nname}_dq")
         )
         graph.insert_before(node, dq)
+        if transpose:
+            t_out = ir.Value(name=names.fresh(f"{base}_dequant_t", f"{base}_{nname}_dequant_t"),
+                             shape=ir.Shape(w_shape), type=ir.TensorType(fdtype))
+            graph.insert_before(node, ir.node("Transpose", [out], {"perm": [1, 0]}, outputs=[t_out],
+                                              name=names.fresh(f"{nname}_dq_transpose")))
+            return t_out
         if not matrix:
             return out
         shape_name = names.fresh(f"{base}_shape", f"{base}_{nname}_shape")
