@@ -218,12 +218,20 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
         for k, v in st.seconds.items():
             seconds[f"{st.method}: {k}"] = v
     target = {"name": config.target.name, "session": first.session.description}
-    if config.target.measure_latency and first.session.settings is not None and first.session.settings.available():
+    unchanged = any(n.startswith("nothing was compressed") for n in notes)  # the float model: nothing to time
+    if (config.target.measure_latency and not unchanged and first.session.settings is not None
+            and first.session.settings.available()):
         from .flows.latency import end_to_end
 
         with first.timer.stage("latency"):
             levels = {n.node: n.level for n in stages[-1].nodes} if len(stages) == 1 else None
             target["latency"] = end_to_end(ctx, first.model, current, levels)
+        slower = {b: r["speedup"] for b, r in target["latency"].items() if r.get("speedup") and r["speedup"] < 1}
+        if slower:
+            notes.append("the compressed model ran slower than the float model here ("
+                         + ", ".join(f"{v:.2f}x at batch {b}" for b, v in slower.items())
+                         + "): smaller, not faster; --latency-budget 1.0 bounds the predicted latency by the float "
+                           "model's (choices then depend on timings on this machine)")
         seconds["latency"] = first.timer.seconds["latency"]
     result = OptimizeResult(current, source, config, first.objective, first.loss.name, tolerance, final.verified,
                             splits, stages, target, first.skipped, notes, seconds)

@@ -376,7 +376,7 @@ def _optimize_args(p):
         if _field_kind(f) == "bool":
             p.add_argument(f.flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(f.flag, metavar=f.metavar, **kw)
+            p.add_argument(f.flag, metavar=f.metavar or f.flag.lstrip("-").replace("-", "_").upper(), **kw)
 
 
 def _parse_value(f, raw):

@@ -109,3 +109,22 @@ def test_prediction_agrees_with_measured_plans(setup):
 def test_timing_stats():
     t = Timing.of([3.0, 1.0, 2.0, 10.0])
     assert (t.min_ms, t.median_ms, t.max_ms, t.rounds) == (1.0, 2.5, 10.0, 4)
+
+
+
+def test_latency_budget_of_one_keeps_the_float_plan_feasible():
+    """At --latency-budget 1.0 the float plan (every latency change 0) meets the budget exactly, so the solve must
+    find a plan. It once refused the bundled example as infeasible: its latency grid rounded each node's change
+    up (the flow now hands the knapsack whole 10-µs steps, on which the grid is exact)."""
+    import os
+
+    import llc_onnx
+    from llc_onnx.config import CriterionConfig, OptimizeConfig, TargetConfig
+
+    ex = os.path.join(os.path.dirname(__file__), "..", "examples")
+    cfg = OptimizeConfig(target=TargetConfig(latency_budget=1.0, measure_latency=False),
+                         criterion=CriterionConfig(objective="fidelity", allow_loss_increase=True))
+    res = llc_onnx.optimize(os.path.join(ex, "fashion_cnn.onnx"), os.path.join(ex, "fashion_data.npz"), cfg)
+    lat = res.stages[0].settings["latency"]
+    assert lat["budget_ms"] == 0.0 and lat["budget_fraction"] == 1.0
+    assert res.test.compressed.n == 1000

@@ -29,6 +29,7 @@ Stages (each timed):
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -245,6 +246,10 @@ def max_node_cost(ctx: FlowContext) -> float | None:
     return crit.max_node_cost * abs(ctx.calib_fp.loss)
 
 
+#: resolution of the latency constraint: 100 steps per ms (10 µs)
+LATENCY_STEPS_PER_MS = 100
+
+
 class Solver:
     """The knapsack over one cost table: lossless, byte budget and/or latency budget (see the module doc)."""
 
@@ -271,16 +276,22 @@ class Solver:
         """Ladder index per node: the knapsack under ``budget`` bytes and/or ``latency_budget`` ms of predicted
         latency change, or the smallest plan whose solver cost ≤ the tolerance (lossless)."""
         nodes, kept, costs, sizes = self.table.solver_inputs(gain_credit, self.bound, self.fidelity)
-        if budget is None and latency_budget is None:
+        lossless = budget is None and (latency_budget is None or self.ctx.config.quant.lossless)
+        if lossless:
             costs = [[c - self.tol / len(costs) for c in g] for g in costs]
         try:
             if latency_budget is None:
                 pick = knapsack.solve_lossless(costs, sizes) if budget is None else \
                     knapsack.solve_budget(costs, sizes, budget)
             else:
-                lat = [[self.latency(n, c.level) for c in k] for n, k in zip(nodes, kept)]
-                pick = knapsack.solve_constrained(costs, sizes, lat, byte_budget=budget, latency_budget=latency_budget,
-                                                  lossless=budget is None and self.ctx.config.quant.lossless).choice
+                # latencies in whole steps of 1/LATENCY_STEPS_PER_MS ms (far below timing noise): integers, so the
+                # knapsack's latency grid is exact and the float plan (every change 0) is feasible at a budget ≥ 0
+                lat = [[round(self.latency(n, c.level) * LATENCY_STEPS_PER_MS) for c in k] for n, k in zip(nodes, kept)]
+                span = sum(max(g) - min(g) for g in lat)
+                pick = knapsack.solve_constrained(
+                    costs, sizes, lat, byte_budget=budget,
+                    latency_budget=math.floor(latency_budget * LATENCY_STEPS_PER_MS + 1e-9),
+                    lossless=lossless, units=int(min(max(20000, span), 200000))).choice
         except ValueError as exc:
             what = "latency budget" if latency_budget is not None else "lossless solve" if budget is None else \
                 "size budget"
