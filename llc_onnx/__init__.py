@@ -31,7 +31,7 @@ from .errors import LLCError  # noqa: E402
 
 
 def __getattr__(name):  # the pipeline imports torch and onnxruntime: load it on first use
-    if name in ("optimize", "inspect", "compare", "expand", "CompareResult"):
+    if name in ("optimize", "inspect", "compare", "expand", "check", "run", "engine", "CompareResult"):
         from . import api
 
         return getattr(api, name)
@@ -46,6 +46,6 @@ def __getattr__(name):  # the pipeline imports torch and onnxruntime: load it on
     raise AttributeError(f"module 'llc_onnx' has no attribute {name!r}")
 
 
-__all__ = ["optimize", "inspect", "compare", "expand", "CompareResult", "OptimizeConfig", "DataConfig",
+__all__ = ["optimize", "inspect", "compare", "expand", "check", "run", "engine", "CompareResult", "OptimizeConfig", "DataConfig",
            "CriterionConfig", "QuantConfig", "LowRankConfig", "SeriesConfig", "TargetConfig", "DeviceConfig",
            "OptimizeResult", "NotVerifiedError", "ConfigError", "LLCError", "Dataset", "load_config", "to_toml", "__version__"]
