@@ -135,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         logger.removeHandler(handler)
 
 
+def _show(args, res, printer) -> None:
+    """``res`` as one JSON object with ``--json``, else as ``printer``'s tables."""
+    from .report import emit_json
+
+    if args.json:
+        emit_json(res.to_dict())
+    else:
+        printer(res)
+
+
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
 
@@ -241,16 +251,13 @@ def cmd_expand(args) -> int:
     norms per node; with --data the written model is compared with the input in ONNX Runtime (exit code 1
     when its loss is higher, as compare)."""
     from . import api
-    from .report import emit_json, print_expand
+    from .report import print_expand
 
     out = args.out or os.path.splitext(args.model)[0] + ".series.onnx"
     res = api.expand(args.model, bits=args.bits, terms=args.terms, order=args.order, block_size=args.block_size,
                      scale=args.scale, form=args.form, data=args.data, loss=args.loss, output=args.output,
                      tolerance=args.tolerance, batch_size=args.batch_size, threads=args.threads, out=out)
-    if args.json:
-        emit_json(res.to_dict())
-    else:
-        print_expand(res)
+    _show(args, res, print_expand)
     return 0 if res.verified is not False else 1
 
 
@@ -271,13 +278,10 @@ def cmd_check(args) -> int:
     MatMul/Gemm/Conv/MatMulNBits in (read from its optimized graph), and a violation for each quantized node
     that runs in float. Exit code 1 when there are violations, 0 otherwise."""
     from . import api
-    from .report import emit_json, print_check
+    from .report import print_check
 
     res = api.check(args.model, target=args.target, threads=args.threads)
-    if args.json:
-        emit_json(res.to_dict())
-    else:
-        print_check(res)
+    _show(args, res, print_check)
     return 0 if res.passed else 1
 
 
@@ -306,14 +310,11 @@ def cmd_run(args) -> int:
     run the Triton kernels; on CPU, their torch reference (the numbers, not ONNX Runtime's speed). Reports
     loss, metrics, median latency per batch and throughput."""
     from . import api
-    from .report import emit_json, print_run
+    from .report import print_run
 
     res = api.run(args.model, args.data, device=args.device, loss=args.loss, output=args.output,
                   batch_size=args.batch_size, warmup=args.warmup)
-    if args.json:
-        emit_json(res.to_dict())
-    else:
-        print_run(res)
+    _show(args, res, print_run)
     return 0
 
 
@@ -334,14 +335,11 @@ def cmd_engine(args) -> int:
     TensorRT ≥ 10.8 with tensorrt.plugin, triton and a CUDA GPU; without them one error line says what to
     install (exit code 2)."""
     from . import api
-    from .report import emit_json, print_engine
+    from .report import print_engine
 
     res = api.engine(args.model, args.out, data=args.data, loss=args.loss, output=args.output,
                      batch_size=args.batch_size, int4=args.int4)
-    if args.json:
-        emit_json(res.to_dict())
-    else:
-        print_engine(res)
+    _show(args, res, print_engine)
     return 0
 
 

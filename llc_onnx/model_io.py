@@ -588,6 +588,20 @@ def fold_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def save_with_metadata(model: onnx.ModelProto, path, metadata: dict[str, str]) -> str:
+    """:func:`save_model` of a copy of ``model`` whose ``llc_onnx.*`` metadata is replaced by ``metadata`` (the
+    model's other metadata kept; ``model`` is not modified). Returns the path written."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [p for p in out.metadata_props if not p.key.startswith("llc_onnx.")]
+    del out.metadata_props[:]
+    out.metadata_props.extend(keep)
+    for k, v in metadata.items():
+        out.metadata_props.add(key=k, value=v)
+    save_model(out, path)
+    return os.fspath(path)
+
+
 def save_model(model: onnx.ModelProto, path) -> None:
     """Write ``model`` to ``path`` atomically (``model`` itself is not modified).
 

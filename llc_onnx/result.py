@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -178,21 +177,13 @@ class OptimizeResult:
         """Write the compressed model (atomically, with ``llc_onnx.*`` metadata) to ``path``. A model that is
         not verified is refused (:class:`NotVerifiedError`) unless ``force``; it is then marked
         ``llc_onnx.verified=false``."""
-        from .model_io import save_model
+        from .model_io import save_with_metadata
 
         if not self.verified and not force:
             raise NotVerifiedError(f"{path}: not written: the model is NOT VERIFIED on the test split "
                                    f"({self.test.compressed.loss:.6g} vs float {self.test.reference.loss:.6g}); "
                                    "pass force=True (--allow-loss-increase) to write it marked as not verified")
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        keep = [p for p in model.metadata_props if not p.key.startswith("llc_onnx.")]
-        del model.metadata_props[:]
-        model.metadata_props.extend(keep)
-        for k, v in self.metadata().items():
-            model.metadata_props.add(key=k, value=v)
-        save_model(model, path)
-        self.output = os.fspath(path)
+        self.output = save_with_metadata(self.model, path, self.metadata())
         return self.output
 
     def save_json(self, path: str) -> None:

@@ -122,17 +122,9 @@ class ExpandResult:
     def save(self, path: str) -> str:
         """Write the model (atomically) with ``llc_onnx.*`` metadata saying how it was made and whether it was
         checked."""
-        from ..model_io import save_model
+        from ..model_io import save_with_metadata
 
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
-        keep = [p for p in model.metadata_props if not p.key.startswith("llc_onnx.")]
-        del model.metadata_props[:]
-        model.metadata_props.extend(keep)
-        for k, v in self.metadata().items():
-            model.metadata_props.add(key=k, value=v)
-        save_model(model, path)
-        self.output = str(path)
+        self.output = save_with_metadata(self.model, path, self.metadata())
         return self.output
 
     def to_dict(self) -> dict:
