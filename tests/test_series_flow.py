@@ -356,3 +356,28 @@ def test_expand_order_and_data_verdict(tmp_path):
     assert rc == 2 and err.startswith("error: --order 3:")
     rc, _, err = run_cli(["expand", mpath, "--bits", "3"])
     assert rc == 2 and err.startswith("error: --bits 3:")
+
+
+def test_solver_keeps_to_its_ladders_when_a_joint_re_solve_re_prices_a_level_over_the_bound():
+    """A joint re-solve raises candidates' costs in place. When a finer series level goes over the lossless
+    bound, the coarser level it dominated becomes undominated in the cost table — but it is not on the ladder
+    (back-off and plans index the ladders), so the solver must not pick it (it raised ValueError on
+    EfficientNet-Lite0 with --method series)."""
+    from types import SimpleNamespace
+
+    from llc_onnx.config import OptimizeConfig
+    from llc_onnx.flows.quantize import Formats, Solver
+    from llc_onnx.solvers.cost_model import Candidate, CostTable
+    from llc_onnx.targets.base import FLOAT, Format
+
+    fine, coarse = Format("series", 4, 32, terms=2), Format("series", 4, 32, terms=1)
+    by_level = {("a", FLOAT.name): FLOAT, ("a", fine.name): fine, ("a", coarse.name): coarse}
+    ref = Candidate("a", FLOAT.name, 400, 0.0, 0.0, 0.0, True, 0.0, reference=True)
+    a = Candidate("a", fine.name, 100, -1e-4, -1e-4, 0.01, True, -1e-4)
+    b = Candidate("a", coarse.name, 150, -2e-4, -2e-4, 0.08, True, -2e-4)  # dominated by a: coarser, larger
+    ctx = SimpleNamespace(config=OptimizeConfig(), objective="task", calib_fp=SimpleNamespace(loss=1.0))
+    solver = Solver(ctx, CostTable.from_candidates([ref, a, b]), Formats(by_level, {}, {}))
+    assert [c.level for c in solver.ladders["a"]] == [fine.name, FLOAT.name]
+    assert solver.ladders["a"][solver.solve(None, 0.5)["a"]] is a
+    a.cost += 1.0  # re-priced by a joint measurement: now over the bound (0.01 × the float loss)
+    assert solver.ladders["a"][solver.solve(None, 0.5)["a"]] is ref

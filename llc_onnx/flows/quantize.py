@@ -276,6 +276,14 @@ class Solver:
         """Ladder index per node: the knapsack under ``budget`` bytes and/or ``latency_budget`` ms of predicted
         latency change, or the smallest plan whose solver cost ≤ the tolerance (lossless)."""
         nodes, kept, costs, sizes = self.table.solver_inputs(gain_credit, self.bound, self.fidelity)
+        # only the ladders' candidates: a joint re-solve re-prices candidates in place, and a level that was
+        # dominated (or over the bound) when the ladders were built can become undominated; back-off and the
+        # plans index the ladders, so such a level stays out
+        for i, n in enumerate(nodes):
+            on = {id(c) for c in self.ladders[n]}
+            keep = [j for j, c in enumerate(kept[i]) if id(c) in on]
+            if len(keep) < len(kept[i]):
+                kept[i], costs[i], sizes[i] = ([seq[j] for j in keep] for seq in (kept[i], costs[i], sizes[i]))
         lossless = budget is None and (latency_budget is None or self.ctx.config.quant.lossless)
         if lossless:
             costs = [[c - self.tol / len(costs) for c in g] for g in costs]
