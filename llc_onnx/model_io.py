@@ -59,6 +59,15 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def proto_size(message) -> int:
+    """``message.ByteSize()``, or 2**31 when protobuf refuses to size it (its upb backend raises EncodeError for a
+    message over 2 GB instead of returning the size): any such message is larger than every threshold here."""
+    try:
+        return message.ByteSize()
+    except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError
+        return 2**31
+
+
 def load_model(path) -> onnx.ModelProto:
     """Read ``path`` (with external data next to it), run ``onnx.checker`` on the file and return the
     model. Raises :class:`LLCError` for a missing, empty, truncated or non-ONNX file, missing external
@@ -105,7 +114,7 @@ def _check_sorted(model: onnx.ModelProto, p: str, checker_error: LLCError) -> No
     except LLCError:
         raise checker_error from None
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if proto_size(model) < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
         else:
             with tempfile.TemporaryDirectory() as d:
@@ -336,7 +345,7 @@ class _WeightsMoved(Exception):
 
 def _prepare(model: onnx.ModelProto, current: int, opset: int, heavy: dict[str, TensorProto]) -> onnx.ModelProto:
     m = _intake_steps(_copy(model, skip_data=heavy), heavy)
-    large = m.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    large = proto_size(m) > EXTERNAL_DATA_THRESHOLD
     detached = _DetachedWeights(m, large)
     target = max(current, opset)
     if current == 0:
@@ -638,7 +647,7 @@ def save_model(model: onnx.ModelProto, path) -> None:
     try:
         tmp_model = os.path.join(tmpdir, base)
         data_name = None
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if proto_size(model) > EXTERNAL_DATA_THRESHOLD:
             tmp_data = os.path.join(tmpdir, "data")
             shell, digest = _write_external(model, tmp_data, base)
             data_name = external_data_name(base, digest) if digest else None
@@ -784,7 +793,7 @@ def _write_external(model: onnx.ModelProto, data_path: str, base: str) -> tuple[
             del raw
         f.flush()
         os.fsync(f.fileno())
-    if shell.ByteSize() >= 2**31 - 1:  # protobuf cannot serialize it
+    if proto_size(shell) >= 2**31 - 1:  # protobuf cannot serialize it
         raise LLCError(f"{base}: the model is larger than 2 GB without its initializers (large Constant nodes or "
                        "subgraph tensors); store those weights as initializers")
     return shell, (digest.hexdigest() if moved else None)

@@ -100,9 +100,9 @@ def inference_session(model: onnx.ModelProto | str | os.PathLike, sess_options, 
     :data:`SESSION_FILE_BYTES`) written to a temporary directory first, removed once the session is made."""
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), sess_options=sess_options, providers=providers)
-    if model.ByteSize() > SESSION_FILE_BYTES:
-        from .model_io import write_for_session
+    from .model_io import proto_size, write_for_session
 
+    if proto_size(model) > SESSION_FILE_BYTES:
         with tempfile.TemporaryDirectory(prefix="llc-session-") as d:
             return ort.InferenceSession(write_for_session(model, d), sess_options=sess_options, providers=providers)
     return ort.InferenceSession(model.SerializeToString(), sess_options=sess_options, providers=providers)
