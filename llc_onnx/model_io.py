@@ -101,9 +101,22 @@ def load_model(path) -> onnx.ModelProto:
     except Exception as exc:
         raise LLCError(f"{p}: cannot read external data ({first_line(exc)}); {_FIX_EXPORT}") from None
     _check_tensor_sizes(model, p)
+    _check_function_ids(model, p)
     if unsorted is not None:
         _check_sorted(model, p, unsorted)
     return model
+
+
+def _check_function_ids(model: onnx.ModelProto, p: str) -> None:
+    """Two local functions with one id (domain, name, overload) pass ``onnx.checker`` but break inlining and
+    ONNX Runtime: bad input, said here."""
+    seen = set()
+    for f in model.functions:
+        key = (f.domain, f.name, f.overload)
+        if key in seen:
+            raise LLCError(f"{p}: not a valid ONNX model (two local functions with the id "
+                           f"'{f.domain}::{f.name}'); {_FIX_EXPORT}")
+        seen.add(key)
 
 
 def _check_sorted(model: onnx.ModelProto, p: str, checker_error: LLCError) -> None:
@@ -143,7 +156,7 @@ def sort_nodes(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto
     nothing produces (not a graph input, initializer or outer-scope value) or a cycle is an LLCError."""
     def sort(graph: onnx.GraphProto, outer: set[str]) -> None:
         known = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
-            {t.name for t in graph.sparse_initializer}
+            {t.values.name for t in graph.sparse_initializer}
         nodes = list(graph.node)
         producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
         for n in nodes:  # subgraphs see every name of this scope

@@ -466,7 +466,7 @@ def arrays_for(draw, arrays: dict) -> dict:
                 out = {}
             elif kind == "ragged" and "labels" in out and len(out["labels"]) > 1:
                 out["labels"] = out["labels"][:-1]
-        except (ValueError, TypeError, IndexError):
+        except (ValueError, TypeError, IndexError, OverflowError):
             pass
     return out
 

@@ -295,3 +295,49 @@ def test_old_pytorch_export_without_constant_folding():
     x = np.random.default_rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_ort(p, {"x": x})[0], _ort(m, {"x": x})[0], rtol=1e-6, atol=1e-6)
     assert [c["name"] for c in inspect_model(m)["compressible"]] == [n.name for n in nodes]
+
+
+def _save_raw(model, path) -> str:
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return str(path)
+
+
+def test_out_of_order_graph_with_a_sparse_initializer_is_sorted(tmp_path):
+    """Found by the long fuzz run: sorting read ``.name`` of a SparseTensorProto (its name is ``values.name``)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llc_onnx.model_io import load_model
+
+    values = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "S")
+    sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(np.array([0, 3], np.int64), "S_idx"), [4])
+    nodes = [helper.make_node("Add", ["h", "S"], ["y"], name="add"), helper.make_node("Relu", ["x"], ["h"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    loaded = load_model(_save_raw(model, tmp_path / "m.onnx"))
+    assert [n.name for n in loaded.graph.node] == ["relu", "add"]
+
+
+def test_two_local_functions_with_one_id_are_bad_input(tmp_path, capsys):
+    """Found by the long fuzz run: some such models pass onnx.checker, then inlining raised (exit 3); whichever
+    check catches it, the answer is one error line and exit 2."""
+    from onnx import TensorProto, helper
+
+    from llc_onnx.cli import main
+
+    fn = helper.make_function("local", "f", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                              [helper.make_opsetid("", 21)])
+    bare = helper.make_function("local", "f", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])], [])
+    for called in (True, False):  # unused duplicates without opset imports at IR 7 pass onnx.checker (the fuzz case)
+        node = helper.make_node("f", ["x"], ["y"], domain="local", name="call") if called else \
+            helper.make_node("Relu", ["x"], ["y"], name="relu")
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+        opsets = [helper.make_opsetid("", 21 if called else 13)] + ([helper.make_opsetid("local", 1)] if called else [])
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=10 if called else 7,
+                                  functions=[fn, fn] if called else [bare, bare])
+        path = _save_raw(model, tmp_path / f"m{called}.onnx")
+        assert main(["inspect", path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "local::f" in err[0]
