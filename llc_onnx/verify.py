@@ -119,8 +119,15 @@ def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dic
     session; Evaluations with per-unit ``samples`` when ``margin_z`` > 0), back off from the first when none
     passes, keep the best (module doc)."""
     trials: list[Trial] = []
-    models: dict[int, tuple[onnx.ModelProto, Evaluation]] = {}
+    kept: list = [None, None, None]  # the best trial so far, its model and evaluation: one model held at a time
     seen: set[tuple] = set()
+
+    def better(t: Trial, cur: Trial | None) -> bool:
+        """The order of the final choice: passed before not passed; among passed the fewest bytes, then the
+        lowest validation loss; among failed the lowest validation loss; the earlier trial on ties."""
+        if cur is None or t.passed != cur.passed:
+            return cur is None or t.passed
+        return (t.nbytes, t.val_loss) < (cur.nbytes, cur.val_loss) if t.passed else t.val_loss < cur.val_loss
 
     def run(name: str, choice: dict[str, int], raised=(), z: float = 0.0) -> Trial:
         model = build(choice)
@@ -132,7 +139,9 @@ def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dic
         t = Trial(name, dict(choice), plan_bytes(ladders, choice), ev.loss, delta + z * se <= tolerance,
                   list(raised), delta, se)
         trials.append(t)
-        models[id(t)] = (model, ev)
+        if better(t, kept[0]):
+            kept[:] = [t, model, ev]  # the previous best's model is released (SmolLM2: ~0.5 GB per plan)
+        del model
         if progress:
             progress(1)
         return t
@@ -160,9 +169,7 @@ def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dic
                 break
             if run(f"back-off round {r}", choice, raised).passed:
                 break
-    passed = [t for t in trials if t.passed]
-    best = min(passed, key=lambda t: (t.nbytes, t.val_loss)) if passed else min(trials, key=lambda t: t.val_loss)
-    model, ev = models[id(best)]
+    best, model, ev = kept
     return Selection(model, dict(best.choice), best, trials, ev, first_passed)
 
 
