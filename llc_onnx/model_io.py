@@ -694,39 +694,21 @@ def save_model(model: onnx.ModelProto, path) -> None:
 
 def write_for_session(model: onnx.ModelProto, directory: str, name: str = "model.onnx") -> str:
     """Write ``model`` into ``directory`` the way ONNX Runtime loads a large model with the least memory:
-    ``name`` with every main-graph initializer > 1 KB as external data in ``name + ".data"``, written tensor by
-    tensor (no serialized copy of the whole model in memory; offsets aligned to 4 KiB). Returns the model path.
-    ``model`` is not modified."""
-    from onnx import numpy_helper
-
-    heavy = {t.name: t for t in model.graph.initializer
-             if t.ByteSize() > 1024 and t.data_type != TensorProto.STRING
-             and not (t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL)}
-    m = _copy(model, skip_data=heavy)
+    ``name`` with every main-graph initializer ≥ 1 KiB as external data in ``name + ".data"``, written tensor by
+    tensor (:func:`_write_external`: no serialized copy of the whole model in memory; offsets aligned to 4 KiB;
+    a temporary file, so no hash and no fsync). Returns the model path. ``model`` is not modified."""
     data_name = name + ".data"
-    offset = 0
-    with open(os.path.join(directory, data_name), "wb") as f:
-        for t in m.graph.initializer:
-            src = heavy.get(t.name)
-            if src is None:
-                continue
-            raw = src.raw_data if src.HasField("raw_data") else numpy_helper.to_array(src).tobytes()
-            pad = -offset % 4096
-            f.write(b"\0" * pad)
-            offset += pad
-            f.write(raw)
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                t.external_data.add(key=key, value=value)
-            offset += len(raw)
-            del raw
+    shell, _ = _write_external(model, os.path.join(directory, data_name), name, durable=False)
+    _set_location(shell, data_name)
     path = os.path.join(directory, name)
-    onnx.save_model(m, path)
+    with open(path, "wb") as f:
+        f.write(shell.SerializeToString())
     return path
 
 
 _ALIGN = 4096
 _EXTERNAL_MIN = 1024  # tensors of at least this many bytes go to the data file
+_DATA_FIELDS = {"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"}
 
 
 def external_data_name(model_name: str, digest: str) -> str:
@@ -767,12 +749,16 @@ def _copy_message_fields(src, dst, skip: set[str]) -> None:
             setattr(dst, fd.name, value)
 
 
-def _write_external(model: onnx.ModelProto, data_path: str, base: str) -> tuple[onnx.ModelProto, str | None]:
+def _write_external(model: onnx.ModelProto, data_path: str, base: str, *, durable: bool = True
+                    ) -> tuple[onnx.ModelProto, str | None]:
     """(shell, SHA-256 hex of the data file or None when no tensor went there): the main graph's initializers
-    of ≥ 1 KiB (``raw_data``) are written to ``data_path`` at 4 KiB-aligned offsets, and ``shell`` is the model
-    with those tensors pointing there (location to be set). Only one tensor's bytes are copied at a time: the
-    shell is built field by field, never as a copy of the whole model."""
+    of ≥ 1 KiB (``raw_data``, or typed data as its raw bytes; not strings) are written to ``data_path`` at
+    4 KiB-aligned offsets, and ``shell`` is the model with those tensors pointing there (location to be set).
+    Only one tensor's bytes are copied at a time: the shell is built field by field, never as a copy of the
+    whole model. ``durable=False`` (a temporary file for ONNX Runtime) skips the hash and the fsync."""
     import hashlib
+
+    from onnx import numpy_helper
 
     shell = onnx.ModelProto()
     _copy_message_fields(model, shell, {"graph"})
@@ -783,19 +769,21 @@ def _write_external(model: onnx.ModelProto, data_path: str, base: str) -> tuple[
     with open(data_path, "wb") as f:
         for t in model.graph.initializer:
             out = shell.graph.initializer.add()
-            if not t.HasField("raw_data") or t.data_location == TensorProto.EXTERNAL or \
-                    len(t.raw_data) < _EXTERNAL_MIN:
+            size = len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+            if t.data_location == TensorProto.EXTERNAL or t.data_type == TensorProto.STRING or size < _EXTERNAL_MIN:
                 out.CopyFrom(t)
                 continue
-            _copy_message_fields(t, out, {"raw_data"})
-            raw = t.raw_data
+            _copy_message_fields(t, out, _DATA_FIELDS)
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
             pad = -offset % _ALIGN
             if pad:
                 f.write(b"\0" * pad)
-                digest.update(b"\0" * pad)
                 offset += pad
+                if durable:
+                    digest.update(b"\0" * pad)
             f.write(raw)
-            digest.update(raw)
+            if durable:
+                digest.update(raw)
             del out.external_data[:]
             for key, value in (("location", "?"), ("offset", str(offset)), ("length", str(len(raw)))):
                 entry = out.external_data.add()
@@ -804,8 +792,9 @@ def _write_external(model: onnx.ModelProto, data_path: str, base: str) -> tuple[
             offset += len(raw)
             moved += 1
             del raw
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     if proto_size(shell) >= 2**31 - 1:  # protobuf cannot serialize it
         raise LLCError(f"{base}: the model is larger than 2 GB without its initializers (large Constant nodes or "
                        "subgraph tensors); store those weights as initializers")
