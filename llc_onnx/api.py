@@ -199,7 +199,8 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
         notes.append(f"adapted to the calibration data: the compressed calibration loss is {-d:.4g} below float "
                      f"(> 2 standard errors, {se:.2g}); the gain may not carry over to other data — the test split "
                      "and --objective fidelity say more")
-    if stages[-1].compressed_bytes >= stages[0].reference_bytes:
+    unchanged = stages[-1].compressed_bytes >= stages[0].reference_bytes  # the float model: nothing to time
+    if unchanged:
         notes.append("nothing was compressed: no candidate's measured loss change fits the criterion; try a "
                      "budget, a smaller margin_z, or other levels")
     splits = {
@@ -218,7 +219,6 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
         for k, v in st.seconds.items():
             seconds[f"{st.method}: {k}"] = v
     target = {"name": config.target.name, "session": first.session.description}
-    unchanged = any(n.startswith("nothing was compressed") for n in notes)  # the float model: nothing to time
     if (config.target.measure_latency and not unchanged and first.session.settings is not None
             and first.session.settings.available()):
         from .flows.latency import end_to_end
