@@ -123,3 +123,27 @@ def train_classifier(model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch:
         log(f"  epoch {ep + 1}/{epochs}: train CE {tot / n:.4f}  ({time.perf_counter() - t0:.0f} s)")
     model.eval()
     return time.perf_counter() - t0
+
+
+def package_versions(packages) -> dict:
+    """Installed version of each package name (None where it is not installed): recorded with prepared data."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in packages:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def sha256_file(path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()

