@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from llc_onnx.calib.data import Dataset, load_dataset, split_dataset
+from llc_onnx.calib.data import Dataset, load_dataset, sample_subset, split_dataset
 from llc_onnx.calib.gradients import collect_gradients
 from llc_onnx.calib.losses import make_loss
 from llc_onnx.calib.noise import constant, measure
@@ -69,6 +69,10 @@ def main(argv=None) -> int:
     ap.add_argument("--k-negative", type=int, default=4)
     ap.add_argument("--ks", default="4,8,16,32", help="k values for the trade-off table ('' to skip)")
     ap.add_argument("--max-batches", type=int, default=None, help="curvature on the first N fit batches")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="curvature on a seeded sub-sample of N fit samples (calib.data.sample_subset, as optimize's "
+                         "--cet-samples)")
+    ap.add_argument("--iters", type=int, default=None, help="Lanczos steps (default: solvers.cet.default_steps)")
     ap.add_argument("--roundings", default=",".join(ROUNDINGS), help="subset of " + ",".join(ROUNDINGS))
     ap.add_argument("--no-exact", action="store_true", help="skip the exact second order (one HVP pass each)")
     ap.add_argument("--measure-batches", type=int, default=None, help="measure on the first N measure batches")
@@ -94,9 +98,11 @@ def main(argv=None) -> int:
     g_meas = collect_gradients(graph, meas, loss, nodes, magnitudes=False)
     out["t_gradients"] = time.perf_counter() - t0
 
+    cfit = fit if args.samples is None else sample_subset(fit, args.samples)
+    out["n_curvature"] = cfit.n_samples
     t0 = time.perf_counter()
-    curv = node_curvature(graph, fit, loss, nodes, k=args.k, k_negative=args.k_negative,
-                          max_batches=args.max_batches)
+    curv = node_curvature(graph, cfit, loss, nodes, k=args.k, k_negative=args.k_negative,
+                          max_batches=args.max_batches, iters=args.iters)
     out["t_curvature"] = time.perf_counter() - t0
     out["curvature"] = {n: {"n": c.n, "eigenvalues": c.eigenvalues.tolist(), "max_residual": float(c.residuals.max()),
                             "trace": c.trace, "trace_se": c.trace_se, "rho": c.remainder, "steps": c.steps}
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     trade = []
     for k in [int(x) for x in args.ks.split(",") if x]:
         t0 = time.perf_counter()
-        ck = node_curvature(graph, fit, loss, nodes, k=k, k_negative=args.k_negative, max_batches=args.max_batches)
+        ck = node_curvature(graph, cfit, loss, nodes, k=k, k_negative=args.k_negative, max_batches=args.max_batches)
         tk = time.perf_counter() - t0
         bits = bits_list[0]
         per_node, fns = [], {}

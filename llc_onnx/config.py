@@ -224,7 +224,10 @@ class QuantConfig:
                                "energy (default on)")
     gptq_damp: float = opt(0.01, "--gptq-damp", "GPTQ: dampening λ = damp · mean diag(XᵀX) (default 0.01)")
     cet_k: int = opt(8, "--cet-k", "CET: short-axis eigenpairs per node (Lanczos; default 8)")
-    cet_batches: int = opt(2, "--cet-batches", "CET: calibration fit batches of the curvature pass (default 2)")
+    cet_samples: int = opt(128, "--cet-samples", "CET: calibration fit samples of the curvature pass (a seeded "
+                           "sub-sample; default 128)")
+    cet_steps: int | None = opt(None, "--cet-steps", "CET: Lanczos steps, one pass over the curvature samples "
+                                "each (default k + 8)")
     joint_rounds: int = opt(2, "--joint-rounds",
                             "re-solves after measuring the solver's plan jointly on the calibration measure part, "
                             "its gap to the predicted sum attributed to the nodes (default 2; 0: off)")
@@ -252,9 +255,11 @@ class QuantConfig:
             _choice("quant.auto_roundings", r, ("nearest", "gptq", "cet"))
         _check(bool(self.auto_roundings), "quant.auto_roundings", self.auto_roundings, "give at least one rounding")
         _check(_finite(self.gptq_damp) and self.gptq_damp > 0, "quant.gptq_damp", self.gptq_damp, "must be > 0")
-        for name in ("cet_k", "cet_batches"):
+        for name in ("cet_k", "cet_samples"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"quant.{name}", v, "must be an integer ≥ 1")
+        _check(self.cet_steps is None or (isinstance(self.cet_steps, int) and self.cet_steps >= self.cet_k),
+               "quant.cet_steps", self.cet_steps, f"must be an integer ≥ quant.cet_k ({self.cet_k})")
         _check(isinstance(self.joint_rounds, int) and self.joint_rounds >= 0, "quant.joint_rounds",
                self.joint_rounds, "must be an integer ≥ 0")
         _choice("quant.cost", self.cost, ("measured", "cet"))

@@ -152,3 +152,32 @@ def test_static_batch_dim_and_load_split(tmp_path):
     assert str(e.value) == (f"{q}[batch 0]: array 'x' has shape (3, 3, 4), model input expects [4, 3, 4] "
                             "(dim 0 must be 4); fix the data")
     assert isinstance(Dataset([], "s").n_samples, int)
+
+
+def test_sample_subset_takes_whole_seeded_batches_and_cuts_the_last(tmp_path):
+    """The CET curvature's sub-sample: whole batches in a seeded random order, the last cut to the count, kept
+    in source order; the samples are real rows of the data; a static batch dim is never cut."""
+    from llc_onnx.calib.data import sample_subset
+
+    p = tmp_path / "d.npz"
+    arrays = _arrays(10)
+    np.savez(p, **arrays)
+    ds = load_dataset(str(p), two_input_model(), batch_size=4)  # batches [0:4], [4:8], [8:10]
+    sub = sample_subset(ds, 5, seed=3)
+    order = np.random.default_rng(3).permutation(3).tolist()
+    first, second = order[0], order[1]
+    sizes = {0: 4, 1: 4, 2: 2}
+    assert sub.n_samples == 5 and len(sub.batches) == 2
+    # the second chosen batch is cut to what is left; both appear in source order
+    expect = {first: sizes[first], second: 5 - sizes[first]}
+    starts = {0: 0, 1: 4, 2: 8}
+    for b, i in zip(sub.batches, sorted(expect)):
+        assert b.size == expect[i]
+        np.testing.assert_array_equal(b.inputs["x"], arrays["x"][starts[i]:starts[i] + expect[i]])
+        np.testing.assert_array_equal(b.labels, arrays["labels"][starts[i]:starts[i] + expect[i]])
+    assert sample_subset(ds, 5, seed=3).batches[0].inputs["x"].tobytes() == sub.batches[0].inputs["x"].tobytes()
+    assert sample_subset(ds, 10) is ds and sample_subset(ds, 100) is ds
+    fixed = load_dataset(str(p), two_input_model(batch=4), batch_size=64)  # static batch 4: never cut
+    assert all(b.size == 4 for b in sample_subset(fixed, 5).batches) and sample_subset(fixed, 5).n_samples == 8
+    with pytest.raises(LLCError, match="at least 1"):
+        sample_subset(ds, 0)

@@ -363,6 +363,9 @@ def test_cet_cost_mode_uses_second_order_estimates(tiny, tmp_path):
     r = one_json(stdout)
     st = r["stages"][0]
     assert st["settings"]["cost"] == "cet"
+    # the curvature pass: a sub-sample of the fit part, k + 8 Lanczos steps (defaults)
+    cv = st["settings"]["curvature"]
+    assert cv["k"] == 8 and cv["steps"] == 16 and 1 <= cv["samples"] <= 128 and cv["seconds"] > 0
     quantized = [c for c in st["candidates"] if not c["reference"]]
     assert quantized and all(c["measured"] is None and c["second_order"] is not None for c in quantized)
     for c in quantized:

@@ -99,6 +99,8 @@ def test_language_model_without_labels_uses_input_ids(tmp_path, capsys):
     ("--bits", "3", "--bits 3: levels are 2, 4, 8, 16 and float"),
     ("--seed", "x", "--seed x: expected an integer"),
     ("--objective", "kl", "--objective kl: choose one of auto, task, fidelity"),
+    ("--cet-samples", "0", "--cet-samples 0: must be an integer ≥ 1"),
+    ("--cet-steps", "4", "--cet-steps 4: must be an integer ≥ quant.cet_k (8)"),
 ])
 def test_out_of_range_options_are_one_line_errors(tmp_path, capsys, flag, value, needle):
     model, data = grouped_cnn(tmp_path)

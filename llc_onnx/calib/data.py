@@ -637,6 +637,31 @@ def fit_measure_split(calib: Dataset, measure_samples: int | None = None, seed: 
     return fit, measure
 
 
+def sample_subset(ds: Dataset, n_samples: int, seed: int = 0) -> Dataset:
+    """At most ``n_samples`` samples of ``ds`` for a pass that needs only a sub-sample (the CET curvature):
+    whole batches in a seeded random order until they hold ``n_samples``, the last one cut to fit (not cut for a
+    model with a static batch dimension), kept in source order. ``ds`` itself when it holds no more than that."""
+    if n_samples < 1:
+        raise LLCError(f"{ds.source}: a sub-sample of {n_samples} samples; use at least 1")
+    if ds.n_samples <= n_samples:
+        return ds
+    order = np.random.default_rng(seed).permutation(len(ds.batches))
+    chosen: dict[int, Batch | FileBatch] = {}
+    count = 0
+    for i in order:
+        if count >= n_samples:
+            break
+        b = ds.batches[i]
+        take = min(b.size, n_samples - count)
+        if take < b.size and not ds.fixed_batch:
+            b = _to_batch({k: v[:take] for k, v in _batch_arrays(b).items()})
+        chosen[int(i)] = b
+        count += b.size
+    keep = sorted(chosen)
+    return Dataset([chosen[i] for i in keep], f"{ds.source} (sub-sample: {count} samples)",
+                   indices=np.arange(len(keep)), unit="batch")
+
+
 def load_split(calib_spec: str, held_spec: str, model: onnx.ModelProto, batch_size: int = 64) -> tuple[Dataset, Dataset]:
     """Load explicit calibration and held-out data (two specs) as ``(calibration, held_out)``."""
     return load_dataset(calib_spec, model, batch_size), load_dataset(held_spec, model, batch_size)

@@ -71,7 +71,7 @@ def candidate_settings(ctx: FlowContext) -> dict:
     cfg, t = ctx.config.quant, ctx.config.target
     out = {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
             "rounding": cfg.rounding, "auto_roundings": list(cfg.auto_roundings), "llc_radius": cfg.llc_radius,
-            "gptq": [cfg.gptq_act_order, cfg.gptq_damp], "cet": [cfg.cet_k, cfg.cet_batches],
+            "gptq": [cfg.gptq_act_order, cfg.gptq_damp], "cet": [cfg.cet_k, cfg.cet_samples, cfg.cet_steps],
             "activations": cfg.activations, "cost": cfg.cost, "target": t.name, "calibration": t.calibration,
             "percentile": t.percentile, "plugins": t.plugins}
     if "series" in families(ctx):  # only then, so that quantization-only cache keys stay as they were
@@ -522,7 +522,7 @@ def run(ctx: FlowContext) -> MethodOutcome:
                 "objective": "lossless" if budget is None else "budget", "gain_credit": crit.gain_credit,
                 "max_node_cost": solver.bound, "refused": formats.refused(), "latency": lat_info,
                 "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()},
-                "rounding_per_level": per_level, "joint": joint}
+                "rounding_per_level": per_level, "joint": joint, "curvature": rounder.curvature_info}
     return MethodOutcome("+".join(families(ctx)), table, ladders, plans, build, budget, settings, first_costs,
                          cache=cache, sweep=sweep, frontier=frontier,
                          notes=lambda ch: rewrite_notes.get(tuple(sorted(ch.items())), []))

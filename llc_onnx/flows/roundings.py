@@ -24,6 +24,8 @@ them; the curvature is kept with the cost cache (``flows.cost_cache``) so a cach
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import replace
 
 import numpy as np
@@ -42,6 +44,7 @@ class Rounder:
         self.cfg = ctx.config.quant
         self._grams = None
         self.curvature = None  # node -> solvers.cet.NodeCurvature, when computed or loaded from the cache
+        self.curvature_info: dict | None = None  # samples, steps, k, seconds of the curvature pass (report)
 
     # -- what is measured ------------------------------------------------------------------------
     def spec(self, fmt, rounding: str = "nearest") -> WeightQuantSpec:
@@ -82,14 +85,20 @@ class Rounder:
         return self._grams
 
     def ensure_curvature(self):
+        """The CET curvature of every node (``solvers.cet.node_curvature``) on a seeded sub-sample of the fit
+        part (``--cet-samples``) with ``--cet-steps`` Lanczos steps; computed once, or read from the cache."""
         if self.curvature is None:
-            from ..solvers.cet import node_curvature
+            from ..calib.data import sample_subset
+            from ..solvers.cet import default_steps, node_curvature
 
             ctx, cfg = self.ctx, self.cfg
-            with ctx.timer.stage("curvature"), ctx.progress.task("curvature (Lanczos)", 1) as adv:
-                self.curvature = node_curvature(ctx.graph, ctx.fit_data, ctx.loss, ctx.nodes, k=cfg.cet_k,
-                                                max_batches=cfg.cet_batches, seed=ctx.config.data.seed)
-                adv(1)
+            data = sample_subset(ctx.fit_data, cfg.cet_samples, ctx.config.data.seed)
+            steps = cfg.cet_steps or default_steps(cfg.cet_k)
+            with ctx.timer.stage("curvature"), ctx.progress.task("curvature (Lanczos)", steps + 1) as adv:
+                self.curvature = node_curvature(ctx.graph, data, ctx.loss, ctx.nodes, k=cfg.cet_k, iters=steps,
+                                                seed=ctx.config.data.seed, progress=adv)
+            self.curvature_info = {"samples": data.n_samples, "steps": steps, "k": cfg.cet_k,
+                                   "seconds": round(ctx.timer.seconds.get("curvature", 0.0), 3)}
         return self.curvature
 
     def curvature_arrays(self) -> dict[str, np.ndarray]:
@@ -98,6 +107,8 @@ class Rounder:
         for i, n in enumerate(self.ctx.nodes):
             if self.curvature and n.name in self.curvature:
                 out.update(self.curvature[n.name].to_arrays(f"cet{i}_"))
+        if out and self.curvature_info:
+            out["cetinfo"] = np.array(json.dumps(self.curvature_info))
         return out
 
     def load_curvature(self, arrays: dict | None) -> None:
@@ -106,6 +117,8 @@ class Rounder:
         if arrays and any(k.startswith("cet") for k in arrays):
             self.curvature = {n.name: NodeCurvature.from_arrays(arrays, f"cet{i}_")
                               for i, n in enumerate(self.ctx.nodes) if f"cet{i}_meta" in arrays}
+            if "cetinfo" in arrays:
+                self.curvature_info = {**json.loads(str(arrays["cetinfo"])), "cached": True}
 
     # -- quantizing ------------------------------------------------------------------------------
     def quantize(self, w: np.ndarray, node, fmt, rounding: str):

@@ -24,6 +24,11 @@ How it is computed (:func:`node_curvature`)
   of the spectrum, which dominates the variance of plain Hutchinson, is counted exactly). One more pass for
   all probes of all nodes; none when the Krylov space is exhausted (then the trace is exact).
 
+``optimize`` runs it on a seeded sub-sample of the fit part (``--cet-samples``, 128: ``calib.data.sample_subset``)
+with k + 8 Lanczos steps (:func:`default_steps`): curvature needs far fewer samples than a loss measurement
+needs to resolve small ΔL (on the Fashion-MNIST CNN the candidates' ranking from 128 samples: Spearman 0.84
+against measured test-split ΔL; from 500: 0.88, at 6× the time; ``bench.exp_cet --samples``).
+
 :func:`cet_predict` evaluates the model for many errors at once (one matrix product per node, no backward
 pass): the cheap ``--cost cet``. :class:`NodeCurvature` is serialisable (:func:`save_curvature`, or
 ``to_arrays`` / ``from_arrays`` inside another npz) so it can be cached next to the gradient statistics.
@@ -46,7 +51,7 @@ from ..errors import LLCError
 from ..interpreter import TorchGraph
 from .hessian import FirstDerivatives, HessianError, _names, _rademacher, _shapes, block_hvp, node_lanczos, node_seed
 
-__all__ = ["NodeCurvature", "CETPrediction", "node_curvature", "cet_predict", "save_curvature",
+__all__ = ["NodeCurvature", "CETPrediction", "node_curvature", "default_steps", "cet_predict", "save_curvature",
            "load_curvature"]
 
 FORMAT = 1
@@ -112,6 +117,13 @@ class NodeCurvature:
 
 def _default_iters(k: int, k_negative: int) -> int:
     return max(2 * (k + k_negative), k + k_negative + 16)
+
+
+def default_steps(k: int) -> int:
+    """Lanczos steps of ``optimize``'s curvature pass (``--cet-steps``' default): k + 8. Measured on the
+    Fashion-MNIST CNN (``bench.exp_cet``, 128 samples): 16 steps for k = 8 rank the candidates' measured ΔL
+    as well as 28 (Spearman 0.84 vs 0.83) and CET rounding beats nearest on the same nodes, at 0.7× the time."""
+    return int(k) + 8
 
 
 def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, k: int = 8,
