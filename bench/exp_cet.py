@@ -3,6 +3,7 @@
     python -m bench.exp_cet [--model examples/fashion_cnn.onnx --data examples/fashion_data.npz]
                             [--bits 4,2] [--k 8] [--ks 4,8,16,32] [--max-batches N] [--json out.json]
     python -m bench.exp_cet --fmnist          # the bench ResNet (python -m bench.prepare_fmnist first)
+    python -m bench.exp_cet --bench effnet --curvature fisher --samples 128   # any bench model; one-pass curvature
 
 Data: the labelled data is split half/half (seeded) into a *fit* half — gradients and the per-node curvature
 (``solvers.cet.node_curvature``) that choose roundings — and a *measure* half on which every number is
@@ -31,7 +32,7 @@ from llc_onnx.interpreter import TorchGraph
 from llc_onnx.model_io import load_model, prepare_model
 from llc_onnx.quant import WeightQuantSpec, quantize_weight
 from llc_onnx.quant.cet import cet_round
-from llc_onnx.solvers.cet import cet_predict, node_curvature
+from llc_onnx.solvers.cet import cet_predict, fisher_curvature, node_curvature
 from llc_onnx.solvers.hessian import quadratic_term
 
 ROUNDINGS = ("nearest", "llc", "cet", "cet+g")
@@ -42,6 +43,15 @@ def _spec(bits: int, block: int, rounding: str = "nearest") -> WeightQuantSpec:
 
 
 def _load(args):
+    if args.bench:
+        from bench.models import MODELS
+
+        m = MODELS[args.bench]
+        model = prepare_model(load_model(str(m.model_path())))
+        fit = load_dataset(str(m.calib_path()), model, batch_size=args.batch)
+        test = load_dataset(str(m.held_path()), model, batch_size=args.batch)
+        fit.source, test.source = f"{args.bench} calibration", f"{args.bench} test split"
+        return model, fit, test
     if args.fmnist:
         from bench.datasets import cache_dir
         d = cache_dir() / "fmnist"
@@ -62,6 +72,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="examples/fashion_cnn.onnx")
     ap.add_argument("--data", default="examples/fashion_data.npz")
     ap.add_argument("--fmnist", action="store_true", help="the bench Fashion-MNIST ResNet instead")
+    ap.add_argument("--bench", default=None, help="a bench model (bench.models: effnet, ...): fit = its calibration "
+                    "file, measure = its test split")
+    ap.add_argument("--curvature", default="lanczos", choices=("lanczos", "fisher"),
+                    help="the CET curvature model (solvers.cet.node_curvature or fisher_curvature)")
+    ap.add_argument("--loss", default="ce")
+    ap.add_argument("--predict-apart", action="store_true",
+                    help="predict with a curvature from the other half of the fit data (rounding: the first half)")
     ap.add_argument("--bits", default="4,2")
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--batch", type=int, default=100)
@@ -85,12 +102,12 @@ def main(argv=None) -> int:
         meas = Dataset(meas.batches[: args.measure_batches], source=f"{meas.source}[:{args.measure_batches} batches]")
     nodes, _ = find_compressible(model)
     graph = TorchGraph(model, dtype=torch.float32)
-    loss = make_loss("ce", model.graph.output[0].name)
+    loss = make_loss(args.loss, model.graph.output[0].name)
     bits_list = [int(b) for b in args.bits.split(",")]
     roundings = [r for r in args.roundings.split(",") if r]
     if set(roundings) - set(ROUNDINGS):
         raise SystemExit(f"--roundings: choose from {ROUNDINGS}")
-    out: dict = {"fit": fit.source, "measure": meas.source, "n_fit": fit.n_samples, "n_measure": meas.n_samples,
+    out: dict = {"curvature_model": args.curvature, "fit": fit.source, "measure": meas.source, "n_fit": fit.n_samples, "n_measure": meas.n_samples,
                  "nodes": [n.name for n in nodes], "k": args.k, "k_negative": args.k_negative}
 
     t0 = time.perf_counter()
@@ -98,12 +115,25 @@ def main(argv=None) -> int:
     g_meas = collect_gradients(graph, meas, loss, nodes, magnitudes=False)
     out["t_gradients"] = time.perf_counter() - t0
 
+    pred_part = None
+    if args.predict_apart:  # the prediction's curvature from other fit samples than the rounding's (as optimize)
+        half = len(fit.batches) // 2
+        fit, pred_part = (Dataset(fit.batches[:half], source=f"{fit.source} (first half)"),
+                          Dataset(fit.batches[half:], source=f"{fit.source} (second half)"))
     cfit = fit if args.samples is None else sample_subset(fit, args.samples)
     out["n_curvature"] = cfit.n_samples
     t0 = time.perf_counter()
-    curv = node_curvature(graph, cfit, loss, nodes, k=args.k, k_negative=args.k_negative,
-                          max_batches=args.max_batches, iters=args.iters)
+    if args.curvature == "fisher":
+        curv = fisher_curvature(model, graph, cfit, loss, nodes, k=args.k)
+    else:
+        curv = node_curvature(graph, cfit, loss, nodes, k=args.k, k_negative=args.k_negative,
+                              max_batches=args.max_batches, iters=args.iters)
     out["t_curvature"] = time.perf_counter() - t0
+    pcurv = curv
+    if pred_part is not None:
+        psub = pred_part if args.samples is None else sample_subset(pred_part, args.samples, seed=1)
+        pcurv = (fisher_curvature(model, graph, psub, loss, nodes, k=args.k) if args.curvature == "fisher" else
+                 node_curvature(graph, psub, loss, nodes, k=args.k, k_negative=args.k_negative, iters=args.iters))
     out["curvature"] = {n: {"n": c.n, "eigenvalues": c.eigenvalues.tolist(), "max_residual": float(c.residuals.max()),
                             "trace": c.trace, "trace_se": c.trace_se, "rho": c.remainder, "steps": c.steps}
                         for n, c in curv.items()}
@@ -135,7 +165,7 @@ def main(argv=None) -> int:
                                                         node.reduce_axis, grad=gf)
             deltas = {k: v.dequant.astype(np.float64) - w for k, v in weights.items()}
             t0 = time.perf_counter()
-            cheap = cet_predict(curv[node.name], list(deltas.values()), grad=gm)
+            cheap = cet_predict(pcurv[node.name], list(deltas.values()), grad=gm)
             t_cheap += time.perf_counter() - t0
             for i, rounding in enumerate(roundings):
                 d = deltas[rounding]
@@ -185,7 +215,8 @@ def main(argv=None) -> int:
     trade = []
     for k in [int(x) for x in args.ks.split(",") if x]:
         t0 = time.perf_counter()
-        ck = node_curvature(graph, cfit, loss, nodes, k=k, k_negative=args.k_negative, max_batches=args.max_batches)
+        ck = (fisher_curvature(model, graph, cfit, loss, nodes, k=k) if args.curvature == "fisher" else
+              node_curvature(graph, cfit, loss, nodes, k=k, k_negative=args.k_negative, max_batches=args.max_batches))
         tk = time.perf_counter() - t0
         bits = bits_list[0]
         per_node, fns = [], {}

@@ -223,11 +223,16 @@ class QuantConfig:
     gptq_act_order: bool = opt(True, "--gptq-act-order", "GPTQ: quantize columns in order of decreasing input "
                                "energy (default on)")
     gptq_damp: float = opt(0.01, "--gptq-damp", "GPTQ: dampening λ = damp · mean diag(XᵀX) (default 0.01)")
-    cet_k: int = opt(8, "--cet-k", "CET: short-axis eigenpairs per node (Lanczos; default 8)")
+    cet_k: int | None = opt(None, "--cet-k", "CET: short-axis eigenpairs per node (default 32 with the Fisher "
+                            "curvature, 8 with Lanczos)")
+    cet_curvature: Literal["fisher", "lanczos"] = opt(
+        "fisher", "--cet-curvature", "CET: the curvature model of each node — fisher (default: the sampled "
+        "Gauss-Newton block from per-sample gradients, one pass) or lanczos (H_ii itself, negative axes too; "
+        "--cet-steps passes of one second backward per node)")
     cet_samples: int = opt(128, "--cet-samples", "CET: calibration fit samples of the curvature pass (a seeded "
                            "sub-sample; default 128)")
     cet_steps: int | None = opt(None, "--cet-steps", "CET: Lanczos steps, one pass over the curvature samples "
-                                "each (default k + 8)")
+                                "each (default k + 8; --cet-curvature lanczos)")
     joint_rounds: int = opt(2, "--joint-rounds",
                             "re-solves after measuring the solver's plan jointly on the calibration measure part, "
                             "its gap to the predicted sum attributed to the nodes (default 2; 0: off)")
@@ -257,9 +262,12 @@ class QuantConfig:
         _check(_finite(self.gptq_damp) and self.gptq_damp > 0, "quant.gptq_damp", self.gptq_damp, "must be > 0")
         for name in ("cet_k", "cet_samples"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, f"quant.{name}", v, "must be an integer ≥ 1")
-        _check(self.cet_steps is None or (isinstance(self.cet_steps, int) and self.cet_steps >= self.cet_k),
-               "quant.cet_steps", self.cet_steps, f"must be an integer ≥ quant.cet_k ({self.cet_k})")
+            _check((v is None and name == "cet_k") or (isinstance(v, int) and v >= 1), f"quant.{name}", v,
+                   "must be an integer ≥ 1")
+        _choice("quant.cet_curvature", self.cet_curvature, ("fisher", "lanczos"))
+        k = self.cet_k or 8
+        _check(self.cet_steps is None or (isinstance(self.cet_steps, int) and self.cet_steps >= k),
+               "quant.cet_steps", self.cet_steps, f"must be an integer ≥ quant.cet_k ({k})")
         _check(isinstance(self.joint_rounds, int) and self.joint_rounds >= 0, "quant.joint_rounds",
                self.joint_rounds, "must be an integer ≥ 0")
         _choice("quant.cost", self.cost, ("measured", "cet"))

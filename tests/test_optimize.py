@@ -363,9 +363,13 @@ def test_cet_cost_mode_uses_second_order_estimates(tiny, tmp_path):
     r = one_json(stdout)
     st = r["stages"][0]
     assert st["settings"]["cost"] == "cet"
-    # the curvature pass: a sub-sample of the fit part, k + 8 Lanczos steps (defaults)
+    # the curvature pass (defaults): the sampled Fisher of a sub-sample of the measure part (the prediction is
+    # out of sample for anything fitted on the fit part), one pass; no rounding curvature (no CET rounding)
     cv = st["settings"]["curvature"]
-    assert cv["k"] == 8 and cv["steps"] == 16 and 1 <= cv["samples"] <= 128 and cv["seconds"] > 0
+    assert set(cv) == {"prediction"}
+    p = cv["prediction"]
+    assert p["source"] == "fisher" and p["part"] == "measure" and p["k"] == 32 and p["passes"] == 1
+    assert 1 <= p["samples"] <= min(128, r["stages"][0]["measurement"]["measure_samples"]) and p["seconds"] > 0
     quantized = [c for c in st["candidates"] if not c["reference"]]
     assert quantized and all(c["measured"] is None and c["second_order"] is not None for c in quantized)
     for c in quantized:
@@ -453,3 +457,27 @@ def test_cet_rounding_and_cheap_cet_cost(tiny, tmp_path):
     quantized = [c for c in r["stages"][0]["candidates"] if not c["reference"]]
     assert all(c["measured"] is None and c["second_order"] is not None for c in quantized)
     assert "curvature" in r["seconds"] and "candidates" in r["seconds"]
+
+
+@pytest.mark.parametrize("curvature", ["fisher", "lanczos"])
+def test_cet_rounding_with_cet_cost_predicts_out_of_sample(tiny, tmp_path, curvature):
+    """CET rounding reads the fit part's curvature, --cost cet predicts with the measure part's: two passes on
+    disjoint parts, both in the report and in the cache (a hit rebuilds the same bytes without either)."""
+    model, data = tiny
+    cache = str(tmp_path / "cache")
+    args = ["optimize", model, "--data", data, "--bits", "4,8,float", "--json", "--allow-loss-increase", "--target",
+            "qdq", "--rounding", "cet", "--cost", "cet", "--cet-curvature", curvature, "--cache", cache]
+    rc, stdout, stderr = run_cli(args + ["-o", str(tmp_path / "a.onnx")])
+    assert rc == 0, stderr
+    r = one_json(stdout)
+    cv = r["stages"][0]["settings"]["curvature"]
+    src = "fisher" if curvature == "fisher" else "lanczos"
+    assert cv["rounding"]["part"] == "fit" and cv["prediction"]["part"] == "measure"
+    assert cv["rounding"]["source"] == cv["prediction"]["source"] == src
+    assert cv["rounding"]["k"] == (32 if curvature == "fisher" else 8)
+    assert cv["rounding"]["passes"] == (1 if curvature == "fisher" else 16)
+    rc, stdout, stderr = run_cli(args + ["-o", str(tmp_path / "b.onnx")])
+    r2 = one_json(stdout)
+    assert rc == 0 and r2["stages"][0]["cache"]["hit"] is True and "curvature" not in r2["seconds"]
+    assert r2["stages"][0]["settings"]["curvature"]["cached"] is True
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

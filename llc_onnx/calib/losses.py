@@ -71,6 +71,14 @@ class TaskLoss:
         """name -> (sum, count) for each metric of the batch."""
         return {}
 
+    def fisher_terms(self, output: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, int] | None:
+        """(sum, count) of the loss with labels drawn from the model's own output distribution (the same
+        positions and count as :meth:`terms`), whose per-sample gradients' outer products average to the loss's
+        Gauss-Newton matrix (``calib.fisher``); None where the loss has no such form (the data's labels are
+        used then: the empirical Fisher)."""
+        return None
+
     def unit_terms(self, output: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
         """(sum, count) of each *unit* of one sample, the pieces whose paired differences give a standard
         error (``calib.noise``). Default: the sample is one unit."""
@@ -205,6 +213,14 @@ def looks_like_probability(output, axis: int = 1) -> bool:
     return bool(np.all(np.abs(o.sum(axis=axis) - 1.0) <= PROBABILITY_TOL))
 
 
+def _sampled_nll(logp: torch.Tensor, valid: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """−Σ log p(ŷ) over the valid rows of ``logp`` [rows, classes], ŷ drawn from p (detached) per row."""
+    probs = logp.detach().exp().to("cpu", torch.float64)
+    y = torch.multinomial(probs, 1, generator=generator)[:, 0].to(logp.device)
+    picked = logp.gather(1, y[:, None])[:, 0]
+    return -(picked * valid.to(picked.dtype)).sum(), int(valid.sum())
+
+
 class CrossEntropyLoss(_ClassLoss):
     """``probabilities``: True when the output is a probability (a Softmax feeds it), False for logits, None
     to decide on the first batch (module docstring); ``source`` says why, for :attr:`note`."""
@@ -254,6 +270,14 @@ class CrossEntropyLoss(_ClassLoss):
                                                   ignore_index=self.ignore_index)
         return s, int((labels != self.ignore_index).sum())
 
+    def fisher_terms(self, output, labels, generator):
+        self.terms(output.detach(), labels)  # the same checks (and the logits/probabilities decision)
+        output, labels = _as_tensor(output), _as_tensor(labels)
+        logp = (torch.log(output.double().clamp_min(_TINY)) if self.probabilities
+                else torch.log_softmax(output.double(), dim=1))
+        rows = logp.movedim(1, -1).reshape(-1, logp.shape[1])
+        return _sampled_nll(rows, labels.reshape(-1) != self.ignore_index, generator)
+
     def metrics(self, output, labels):
         _need_labels(labels, self)
         output, labels = _as_numpy(output), _as_numpy(labels)
@@ -295,6 +319,10 @@ class NextTokenLoss(_ClassLoss):
         logits, target = self._shifted(output, labels)
         s = torch.nn.functional.cross_entropy(logits, target, reduction="sum", ignore_index=self.ignore_index)
         return s, int((target != self.ignore_index).sum())
+
+    def fisher_terms(self, output, labels, generator):
+        logits, target = self._shifted(output, labels)
+        return _sampled_nll(torch.log_softmax(logits, dim=-1), target != self.ignore_index, generator)
 
     def unit_terms(self, output, labels):
         """A sequence's loss in spans of ``unit_tokens`` predicted tokens: with one long sequence per sample
@@ -420,6 +448,17 @@ class FidelityLoss(TaskLoss):
         _need_labels(labels, self)
         p = self.pointwise(output, labels)
         return p.sum(), int(p.numel())
+
+    def fisher_terms(self, output, labels, generator):
+        """KL's Gauss-Newton matrix at the float point is the Fisher of the model's own distribution: the
+        sampled negative log-likelihood over the class axis, one draw per position."""
+        if self.mode != "kl":
+            return None
+        _need_labels(labels, self)
+        self._check(_as_tensor(output), _as_tensor(labels))
+        logp = self._logp(_as_tensor(output))
+        rows = logp.movedim(self.axis, -1).reshape(-1, logp.shape[self.axis])
+        return _sampled_nll(rows, torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device), generator)
 
     def unit_terms(self, output, labels):
         p = self.pointwise(output, labels).reshape(-1)

@@ -71,7 +71,8 @@ def candidate_settings(ctx: FlowContext) -> dict:
     cfg, t = ctx.config.quant, ctx.config.target
     out = {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
             "rounding": cfg.rounding, "auto_roundings": list(cfg.auto_roundings), "llc_radius": cfg.llc_radius,
-            "gptq": [cfg.gptq_act_order, cfg.gptq_damp], "cet": [cfg.cet_k, cfg.cet_samples, cfg.cet_steps],
+            "gptq": [cfg.gptq_act_order, cfg.gptq_damp],
+            "cet": [cfg.cet_curvature, cfg.cet_k, cfg.cet_samples, cfg.cet_steps],
             "activations": cfg.activations, "cost": cfg.cost, "target": t.name, "calibration": t.calibration,
             "percentile": t.percentile, "plugins": t.plugins}
     if "series" in families(ctx):  # only then, so that quantization-only cache keys stay as they were
@@ -183,7 +184,7 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
     if cfg.cost == "cet":  # the CET estimate from the cached eigenpairs: no pass over data per candidate
         from ..solvers.cet import cet_predict
 
-        second = float(cet_predict(rounder.ensure_curvature()[node.name], delta, grad=stats_m.grad_w).total[0])
+        second = float(cet_predict(rounder.prediction_curvature()[node.name], delta, grad=stats_m.grad_w).total[0])
         return Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None,
                          second_order=second + stats_m.act_pred.get(fmt.name, 0.0), rounding=rounding, info=info)
     weight_fns = {node.name: constant(torch.as_tensor(dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
@@ -366,6 +367,8 @@ def measure_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Can
     rounder = Rounder(ctx, grads)
     if "curvature" in rounder.needs():
         rounder.ensure_curvature()
+    if "prediction curvature" in rounder.needs():
+        rounder.prediction_curvature()
     with ctx.timer.stage("candidates"):
         cands = build_candidates(ctx, formats, rounder, grads_m)
     return rounder, cands

@@ -44,7 +44,8 @@ class Rounder:
         self.cfg = ctx.config.quant
         self._grams = None
         self.curvature = None  # node -> solvers.cet.NodeCurvature, when computed or loaded from the cache
-        self.curvature_info: dict | None = None  # samples, steps, k, seconds of the curvature pass (report)
+        self.pred_curvature = None  # the same from the measure part (``--cost cet``'s prediction)
+        self.curvature_info: dict | None = None  # source, part, samples, passes, k, seconds of each pass (report)
 
     # -- what is measured ------------------------------------------------------------------------
     def spec(self, fmt, rounding: str = "nearest") -> WeightQuantSpec:
@@ -67,11 +68,14 @@ class Rounder:
         return [r]
 
     def needs(self) -> set[str]:
-        """Which expensive inputs the configured roundings and cost need: "gram", "curvature"."""
+        """Which expensive inputs the configured roundings and cost need: "gram", "curvature" (CET rounding's,
+        from the fit part), "prediction curvature" (``--cost cet``'s, from the measure part)."""
         used = {self.cfg.rounding} | (set(self.cfg.auto_roundings) if self.cfg.rounding == "auto" else set())
         out = {"gram"} if "gptq" in used else set()
-        if "cet" in used or self.cfg.cost == "cet":
+        if "cet" in used:
             out.add("curvature")
+        if self.cfg.cost == "cet":
+            out.add("prediction curvature")
         return out
 
     # -- the expensive inputs --------------------------------------------------------------------
@@ -84,29 +88,66 @@ class Rounder:
                 self._grams = collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes, progress=adv)
         return self._grams
 
-    def ensure_curvature(self):
-        """The CET curvature of every node (``solvers.cet.node_curvature``) on a seeded sub-sample of the fit
-        part (``--cet-samples``) with ``--cet-steps`` Lanczos steps; computed once, or read from the cache."""
-        if self.curvature is None:
-            from ..calib.data import sample_subset
-            from ..solvers.cet import default_steps, node_curvature
+    def _curvature(self, part: str):
+        """The CET curvature of every node on a seeded sub-sample (``--cet-samples``) of the calibration ``part``
+        ("fit" or "measure"): ``solvers.cet.fisher_curvature`` (one pass) or ``node_curvature`` (Lanczos,
+        ``--cet-steps`` passes), per ``--cet-curvature``; and what the report says about it."""
+        from ..calib.data import sample_subset
+        from ..solvers.cet import default_steps, fisher_curvature, node_curvature
 
-            ctx, cfg = self.ctx, self.cfg
-            data = sample_subset(ctx.fit_data, cfg.cet_samples, ctx.config.data.seed)
-            steps = cfg.cet_steps or default_steps(cfg.cet_k)
-            with ctx.timer.stage("curvature"), ctx.progress.task("curvature (Lanczos)", steps + 1) as adv:
-                self.curvature = node_curvature(ctx.graph, data, ctx.loss, ctx.nodes, k=cfg.cet_k, iters=steps,
-                                                seed=ctx.config.data.seed, progress=adv)
-            self.curvature_info = {"samples": data.n_samples, "steps": steps, "k": cfg.cet_k,
-                                   "seconds": round(ctx.timer.seconds.get("curvature", 0.0), 3)}
+        ctx, cfg = self.ctx, self.cfg
+        data = sample_subset(ctx.fit_data if part == "fit" else ctx.measure_data, cfg.cet_samples,
+                             ctx.config.data.seed)
+        seed, k = ctx.config.data.seed, self.cet_k()
+        before = ctx.timer.seconds.get("curvature", 0.0)
+        if cfg.cet_curvature == "fisher":
+            passes = 1
+            with ctx.timer.stage("curvature"), ctx.progress.task(f"curvature (sampled Fisher, {part} part)", 1) as adv:
+                curv = fisher_curvature(ctx.model, ctx.graph, data, ctx.loss, ctx.nodes, k=k, seed=seed)
+                adv(1)
+        else:
+            passes = cfg.cet_steps or default_steps(k)
+            with ctx.timer.stage("curvature"), ctx.progress.task(f"curvature (Lanczos, {part} part)",
+                                                                 passes + 1) as adv:
+                curv = node_curvature(ctx.graph, data, ctx.loss, ctx.nodes, k=k, iters=passes, seed=seed,
+                                      progress=adv)
+        source = next(iter(curv.values())).source if curv else cfg.cet_curvature
+        info = {"source": source, "part": part, "samples": data.n_samples, "passes": passes, "k": k,
+                "seconds": round(ctx.timer.seconds.get("curvature", 0.0) - before, 3)}
+        return curv, info
+
+    def cet_k(self) -> int:
+        """Eigenpairs per node: ``--cet-k``, or 32 for the Fisher curvature (its eigenpairs are free) and 8 for
+        Lanczos (each costs passes)."""
+        return self.cfg.cet_k or (32 if self.cfg.cet_curvature == "fisher" else 8)
+
+    def ensure_curvature(self):
+        """The curvature CET rounding reads: from the fit part (the part the roundings are chosen on)."""
+        if self.curvature is None:
+            self.curvature, info = self._curvature("fit")
+            self.curvature_info = {**(self.curvature_info or {}), "rounding": info}
         return self.curvature
 
+    def prediction_curvature(self):
+        """The curvature ``--cost cet`` predicts with: from the measure part, so that a rounding fitted to the fit
+        part's curvature (CET) is predicted out of sample, as the first-order term uses the measure part's
+        gradient. The fit part's own when the two parts coincide (one batch of data)."""
+        if self.pred_curvature is None:
+            if self.ctx.in_sample:
+                self.pred_curvature = self.ensure_curvature()
+                self.curvature_info = {**(self.curvature_info or {}), "prediction": "the rounding's (in sample)"}
+            else:
+                self.pred_curvature, info = self._curvature("measure")
+                self.curvature_info = {**(self.curvature_info or {}), "prediction": info}
+        return self.pred_curvature
+
     def curvature_arrays(self) -> dict[str, np.ndarray]:
-        """The curvature as plain arrays for the cost cache (empty when none was computed)."""
+        """The curvatures as plain arrays for the cost cache (empty when none was computed)."""
         out = {}
-        for i, n in enumerate(self.ctx.nodes):
-            if self.curvature and n.name in self.curvature:
-                out.update(self.curvature[n.name].to_arrays(f"cet{i}_"))
+        for prefix, curv in (("cet", self.curvature), ("cetp", self.pred_curvature)):
+            for i, n in enumerate(self.ctx.nodes):
+                if curv and n.name in curv:
+                    out.update(curv[n.name].to_arrays(f"{prefix}{i}_"))
         if out and self.curvature_info:
             out["cetinfo"] = np.array(json.dumps(self.curvature_info))
         return out
@@ -114,11 +155,17 @@ class Rounder:
     def load_curvature(self, arrays: dict | None) -> None:
         from ..solvers.cet import NodeCurvature
 
-        if arrays and any(k.startswith("cet") for k in arrays):
-            self.curvature = {n.name: NodeCurvature.from_arrays(arrays, f"cet{i}_")
-                              for i, n in enumerate(self.ctx.nodes) if f"cet{i}_meta" in arrays}
-            if "cetinfo" in arrays:
-                self.curvature_info = {**json.loads(str(arrays["cetinfo"])), "cached": True}
+        if not arrays:
+            return
+        for prefix, attr in (("cet", "curvature"), ("cetp", "pred_curvature")):
+            got = {n.name: NodeCurvature.from_arrays(arrays, f"{prefix}{i}_")
+                   for i, n in enumerate(self.ctx.nodes) if f"{prefix}{i}_meta" in arrays}
+            if got:
+                setattr(self, attr, got)
+        if self.pred_curvature is None and self.curvature is not None and self.ctx.in_sample:
+            self.pred_curvature = self.curvature
+        if "cetinfo" in arrays:
+            self.curvature_info = {**json.loads(str(arrays["cetinfo"])), "cached": True}
 
     # -- quantizing ------------------------------------------------------------------------------
     def quantize(self, w: np.ndarray, node, fmt, rounding: str):

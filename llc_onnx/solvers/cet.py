@@ -51,8 +51,8 @@ from ..errors import LLCError
 from ..interpreter import TorchGraph
 from .hessian import FirstDerivatives, HessianError, _names, _rademacher, _shapes, block_hvp, node_lanczos, node_seed
 
-__all__ = ["NodeCurvature", "CETPrediction", "node_curvature", "default_steps", "cet_predict", "save_curvature",
-           "load_curvature"]
+__all__ = ["NodeCurvature", "CETPrediction", "node_curvature", "fisher_curvature", "default_steps", "cet_predict",
+           "save_curvature", "load_curvature"]
 
 FORMAT = 1
 
@@ -77,6 +77,8 @@ class NodeCurvature:
     trace_se: float
     steps: int
     probes: int
+    source: str = "lanczos"  # "lanczos": H_ii itself; "fisher": the sampled Gauss-Newton block (fisher_curvature);
+    #                          "empirical fisher": the same from the data's labels (a loss without fisher_terms)
 
     @property
     def n(self) -> int:
@@ -95,7 +97,7 @@ class NodeCurvature:
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """Plain arrays (no pickling) that :meth:`from_arrays` reads back, keys prefixed by ``prefix``."""
         meta = {"format": FORMAT, "node": self.node, "shape": list(self.shape), "trace": self.trace,
-                "trace_se": self.trace_se, "steps": self.steps, "probes": self.probes}
+                "trace_se": self.trace_se, "steps": self.steps, "probes": self.probes, "source": self.source}
         return {prefix + "meta": np.array(json.dumps(meta)),
                 prefix + "eigenvalues": np.asarray(self.eigenvalues, dtype=np.float64),
                 prefix + "eigenvectors": np.asarray(self.eigenvectors, dtype=np.float32),
@@ -112,7 +114,8 @@ class NodeCurvature:
         if vecs.shape != (vals.size, math.prod(shape)):
             raise ValueError(f"eigenvectors of shape {vecs.shape} for {vals.size} values and {shape}")
         return cls(meta["node"], shape, vals, vecs, np.asarray(arrays[prefix + "residuals"], dtype=np.float64),
-                   float(meta["trace"]), float(meta["trace_se"]), int(meta["steps"]), int(meta["probes"]))
+                   float(meta["trace"]), float(meta["trace_se"]), int(meta["steps"]), int(meta["probes"]),
+                   str(meta.get("source", "lanczos")))
 
 
 def _default_iters(k: int, k_negative: int) -> int:
@@ -190,6 +193,65 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
                                    trace, se, res.steps, 0 if res.exhausted else len(est))
         del runs, probe_vecs, hv, kept
     return {n: out[n] for n in names}
+
+
+def fisher_curvature(model, graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, k: int = 8,
+                     seed: int = 0, max_bytes: int | None = 1 << 30, progress=None) -> dict[str, NodeCurvature]:
+    """The CET model of every node from its sampled Gauss-Newton block F_ii = GᵀG / N (``calib.fisher``: G the
+    [S, n] per-sample gradients with model-drawn labels, one forward and backward per batch for a group of nodes)
+    instead of Lanczos on H_ii: the top-``k`` eigenpairs are exact for F_ii (from the S×S matrix GGᵀ, or GᵀG when
+    n ≤ S; residuals 0), the trace ‖G‖²_F / N is exact (``trace_se`` 0), so ρ spreads the rest of F_ii's trace.
+    F_ii is positive semi-definite: no negative axes. Cost: one pass over ``dataset`` per group of nodes whose
+    S·n float32 gradients fit ``max_bytes`` (a node larger than that runs alone), against ``steps`` passes of
+    one second backward per node for :func:`node_curvature`.
+
+    Measured on the Fashion-MNIST CNN (128 samples; ``bench.exp_cet --curvature fisher``): it ranks the
+    candidates' measured ΔL as well as Lanczos on H_ii (module doc) at a small fraction of the time."""
+    from ..calib.fisher import sample_gradients
+
+    node_list = [n for n in nodes]
+    if not 1 <= int(k):
+        raise HessianError(f"fisher_curvature: k={k}; use k >= 1 (e.g. 4..32)")
+    samples = dataset.n_samples
+    groups: list[list] = [[]]
+    used = 0
+    for n in node_list:
+        need = samples * int(np.prod(n.weight_shape)) * 4
+        if groups[-1] and max_bytes is not None and used + need > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += need
+    out: dict[str, NodeCurvature] = {}
+    for group in groups:
+        grads = sample_gradients(model, graph, dataset, loss, group, seed=seed)
+        for n in group:
+            sg = grads.pop(n.name)
+            out[n.name] = _fisher_node(sg, int(k))
+            del sg
+        if progress:
+            progress(1)
+    return {n.name: out[n.name] for n in node_list}
+
+
+def _fisher_node(sg, k: int) -> NodeCurvature:
+    G = sg.rows.astype(np.float64)
+    s, n = G.shape
+    N = float(sg.count)
+    if n <= s:
+        lam, vecs = np.linalg.eigh(G.T @ G)                 # ascending; vectors in columns [n, n]
+        lam, V = lam[::-1][:k], vecs[:, ::-1][:, :k].T
+    else:
+        mu, U = np.linalg.eigh(G @ G.T)                     # S×S: σ² and left singular vectors
+        mu, U = mu[::-1][:k], U[:, ::-1][:, :k]
+        keep = mu > mu.max(initial=0.0) * 1e-12
+        mu, U = mu[keep], U[:, keep]
+        V = (U.T @ G) / np.sqrt(mu)[:, None]                # right singular vectors, orthonormal rows
+        lam = mu
+    lam = np.maximum(lam, 0.0) / N
+    trace = float((G * G).sum()) / N
+    return NodeCurvature(sg.node, tuple(sg.shape), lam.astype(np.float64), V.astype(np.float32),
+                         np.zeros(lam.size), trace, 0.0, 0, 0, "fisher" if sg.sampled else "empirical fisher")
 
 
 def _deflated_probes(res, shape, probes: int, seed: int, name: str) -> list[torch.Tensor]:

@@ -1,0 +1,152 @@
+"""Per-sample weight gradients of compressible nodes in one pass: the sampled Fisher of each node's block.
+
+For a node computing y = W·x at P positions per sample (tokens, or output pixels of a Conv), the gradient of
+sample s's summed loss ℓ_s w.r.t. W is a sum of outer products of the node's output gradient and its input
+rows (the "per-example gradient trick"):
+
+    ∇_W ℓ_s = Σ_p (∂ℓ_s/∂y_{s,p}) x_{s,p}ᵀ            ([outputs, reduction] of the node's weight),
+
+so one forward and one backward of a batch give every sample's gradient for every node at once — no pass per
+node. The node's output gradient is read through a zero tensor added to the output (``output_fns``), its input
+rows through ``input_fns`` in the node's reduction view (``calib.gram.input_rows``).
+
+With labels drawn from the model's own predictive distribution (``TaskLoss.fisher_terms``: ŷ ~ softmax of the
+output, per position), E_ŷ[∇ℓ_s ∇ℓ_sᵀ] is the generalised Gauss-Newton matrix of the loss, so
+
+    F_ii = (1/N) Σ_s g_s g_sᵀ,       g_s = ∇_{W_i} ℓ_s(ŷ_s),   N = the loss's term count,
+
+is an unbiased estimate of the Gauss-Newton approximation of the block H_ii of the mean loss (PSD: no
+negative curvature). A loss without ``fisher_terms`` (mse, user losses) uses the data's labels: the empirical
+Fisher, which is said in the result. Contract: a sample's loss depends only on that sample (no batch
+statistics), and the node's activation rows are sample-major (leading axis the batch); a node whose rows do
+not split evenly over the batch is an LLCError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from ..compressible import CompressibleNode
+from ..errors import LLCError
+from ..interpreter import TorchGraph
+from ..model_io import node_names
+from .data import Dataset
+from .gradients import _feeds, _labels
+from .gram import ReductionView, input_rows, reduction_view
+from .losses import TaskLoss
+
+__all__ = ["SampleGradients", "sample_gradients"]
+
+
+@dataclass
+class SampleGradients:
+    """Per-sample gradients of one node: ``rows`` [S, n] float32 (sample s's ∇_W ℓ_s, flattened in the weight's
+    ONNX layout), ``count`` N the loss terms they came from (F = rowsᵀ rows / N), ``sampled`` whether the labels
+    were drawn from the model (Gauss-Newton) or are the data's (empirical Fisher)."""
+
+    node: str
+    shape: tuple[int, ...]
+    rows: np.ndarray
+    count: int
+    sampled: bool
+
+
+def _gemm_alpha(model: onnx.ModelProto, node: CompressibleNode) -> float:
+    proto = dict(zip(node_names(model.graph), model.graph.node))[node.name]
+    for a in proto.attribute:
+        if a.name == "alpha":
+            return float(onnx.helper.get_attribute_value(a))
+    return 1.0
+
+
+def _per_sample(node: CompressibleNode, view: ReductionView, x: torch.Tensor, dy: torch.Tensor, batch: int,
+                alpha: float) -> torch.Tensor:
+    """[B, n] per-sample weight gradients in the weight's ONNX layout from the input ``x`` and output gradient
+    ``dy`` of one batch (float64)."""
+    rows = input_rows(x, view).to(torch.float64)
+    if view.op == "Conv":
+        g = view.group
+        spatial = list(range(2, dy.dim()))
+        d = dy.permute(0, *spatial, 1).to(torch.float64)          # [B, L..., O]
+        if rows.shape[0] % batch or d.numel() % (batch * g):
+            raise LLCError(f"node '{node.name}': {rows.shape[0]} input rows do not split over a batch of {batch}")
+        xr = rows.reshape(batch, -1, g, view.k)                    # [B, P, g, K]
+        dr = d.reshape(batch, -1, g, d.shape[-1] // g)             # [B, P, g, O/g]
+        pg = torch.einsum("bpgo,bpgk->bgok", dr, xr)               # [B, g, O/g, K] = [B, O, K] group-major
+        return pg.reshape(batch, -1)
+    if rows.dim() != 2 or rows.shape[0] % batch:
+        raise LLCError(f"node '{node.name}': {rows.shape[0]} input rows do not split over a batch of {batch}; "
+                       "the Fisher curvature needs sample-major rows (use --cet-curvature lanczos)")
+    d = dy.reshape(-1, dy.shape[-1]).to(torch.float64)
+    if d.shape[0] != rows.shape[0]:
+        raise LLCError(f"node '{node.name}': output rows {d.shape[0]} differ from input rows {rows.shape[0]}; "
+                       "use --cet-curvature lanczos")
+    xr = rows.reshape(batch, -1, rows.shape[-1])                   # [B, P, K]
+    dr = d.reshape(batch, -1, d.shape[-1])                         # [B, P, O]
+    if node.out_axis == 0:                                         # weight [O, K] (Gemm transB=1)
+        pg = torch.einsum("bpo,bpk->bok", dr, xr)
+    else:                                                          # weight [K, O]
+        pg = torch.einsum("bpk,bpo->bko", xr, dr)
+    return (alpha * pg).reshape(batch, -1)
+
+
+def sample_gradients(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
+                     nodes: Sequence[CompressibleNode], *, seed: int = 0,
+                     progress: Callable[[int], None] | None = None) -> dict[str, SampleGradients]:
+    """Every sample's ∇_W ℓ_s for each node of ``nodes`` over ``dataset`` (module doc): one forward and one
+    backward per batch for all the nodes. Memory: S · Σ n_i float32 for the result plus one batch's
+    activations (the caller groups nodes to bound it). Deterministic for a fixed ``seed``."""
+    views = {n.name: reduction_view(model, n) for n in nodes}
+    alphas = {n.name: (_gemm_alpha(model, n) if n.op_type == "Gemm" else 1.0) for n in nodes}
+    parts: dict[str, list[np.ndarray]] = {n.name: [] for n in nodes}
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    count, sampled = 0, True
+    for batch in dataset.batches:
+        zs: dict[str, torch.Tensor] = {}
+        xs: dict[str, torch.Tensor] = {}
+
+        def out_fn(name):
+            def f(y):
+                zs[name] = torch.zeros_like(y, requires_grad=True)
+                return y + zs[name]
+            return f
+
+        def in_fn(name):
+            def f(x):
+                xs[name] = x.detach()
+                return x
+            return f
+
+        with torch.enable_grad():
+            outs, _ = graph.run(_feeds(graph, batch, False), output_fns={n.name: out_fn(n.name) for n in nodes},
+                                input_fns={n.name: in_fn(n.name) for n in nodes}, outputs=[loss.output])
+            out = outs[loss.output]
+            labels = _labels(batch, loss, graph.device)
+            terms = loss.fisher_terms(out, labels, gen)
+            if terms is None:
+                sampled = False
+                terms = loss.terms(out, labels)
+            s, c = terms
+            want = [n.name for n in nodes if n.name in zs]
+            grads = dict(zip(want, torch.autograd.grad(s, [zs[n] for n in want], allow_unused=True)))
+        count += int(c)
+        size = batch.size
+        for n in nodes:
+            g = grads.get(n.name)
+            if g is None:  # the loss does not depend on this node's output: zero curvature
+                parts[n.name].append(np.zeros((size, int(np.prod(n.weight_shape))), np.float32))
+                continue
+            pg = _per_sample(n, views[n.name], xs[n.name], g, size, alphas[n.name])
+            parts[n.name].append(pg.to(torch.float32).cpu().numpy())
+        del zs, xs, grads
+        if progress:
+            progress(1)
+    if count == 0:
+        raise LLCError("the curvature pass produced no loss terms (all labels ignored?); it needs labelled samples")
+    return {n.name: SampleGradients(n.name, tuple(n.weight_shape), np.concatenate(parts[n.name]), count, sampled)
+            for n in nodes}
