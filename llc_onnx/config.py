@@ -237,6 +237,8 @@ class QuantConfig:
                             "re-solves after measuring the solver's plan jointly on the calibration measure part, "
                             "its gap to the predicted sum attributed to the nodes (default 2; 0: off)")
     activations: bool = opt(False, "--activations", "also quantize node inputs (per-tensor 8/16-bit)")
+    compare_cet: bool = opt(False, "--compare-cet", "also give every measured candidate its CET prediction (one "
+                            "curvature pass; the report plots it against the measurement; choices unchanged)")
     cost: Literal["measured", "cet"] = opt("measured", "--cost",
                                            "per-candidate cost: measured loss change (default) or CET second order")
     budget: float | None = opt(None, "--budget", "byte budget as a fraction of float weight bytes")

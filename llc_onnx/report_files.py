@@ -2,8 +2,8 @@
 
 The report is ``OptimizeResult.to_dict()``; this module only renders it. The HTML page (one self-contained
 file: the plots are inline PNGs) opens with the verdict and the splits table (which data did what, both losses),
-then three plots — the bits (or rank) chosen per node, predicted vs measured ΔL of every candidate, and the
-solver's frontier (predicted cost against bytes over budgets, with the plans measured on validation and the
+then the plots — the bits (or rank) chosen per node, predicted vs measured ΔL of every candidate (and with
+``--compare-cet`` the CET second-order prediction vs measured, next to it), and the solver's frontier (predicted cost against bytes over budgets, with the plans measured on validation and the
 chosen one marked) — and the tables: plans measured on validation, levels, nodes, end-to-end latency (when
 measured) and time per stage. tests/test_report_browser.py opens it in headless Chromium.
 """
@@ -40,6 +40,9 @@ CAPTIONS = {
     "levels.png": "Bits per weight chosen for each node (32 = left in float; low-rank: the rank kept).",
     "pred_vs_measured.png": "Every candidate's predicted loss change against the change measured with only that "
                             "node changed (x: outside the first-order neighbourhood; the dashed line is equality).",
+    "cet_vs_measured.png": "The same candidates' CET second-order prediction (g·δ + ½Σλ(v·δ)² + ½ρ‖δ⊥‖², from the "
+                           "measure part's curvature; --compare-cet) against the measured change; Spearman ρ of "
+                           "each predictor with the measurement in the title.",
     "frontier.png": "The solver's frontier over byte budgets (predicted cost, left axis) and the plans measured "
                     "jointly on the validation split (loss change, right axis); the chosen plan in red, the "
                     "tolerance dashed.",
@@ -116,6 +119,41 @@ def plot_pred_vs_measured(report: dict) -> bytes:
     if lim:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("predicted vs measured, per node and level")
+    return _png(fig)
+
+
+def _spearman(a, b) -> float:
+    import numpy as np
+
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def plot_cet_vs_measured(report: dict) -> bytes | None:
+    """CET-predicted vs measured ΔL next to the first-order plot (None when no candidate has both)."""
+    cands = [c for c in _last(report)["candidates"]
+             if not c["reference"] and c["measured"] is not None and c.get("second_order") is not None]
+    if not cands:
+        return None
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for lv in sorted({c["level"] for c in cands}, key=_level_rank):
+        pts = [c for c in cands if c["level"] == lv]
+        ax.scatter([c["second_order"] for c in pts], [c["measured"] for c in pts], s=14, label=lv)
+    lo = min(min(c["second_order"], c["measured"]) for c in cands)
+    hi = max(max(c["second_order"], c["measured"]) for c in cands)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xscale("symlog", linthresh=1e-5)
+    ax.set_yscale("symlog", linthresh=1e-5)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("CET-predicted ΔL (second order)")
+    ax.set_ylabel("measured ΔL (calibration, one node)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    meas = [c["measured"] for c in cands]
+    ax.set_title(f"CET vs measured: Spearman {_spearman([c['second_order'] for c in cands], meas):.2f} "
+                 f"(first order {_spearman([c['predicted'] for c in cands], meas):.2f})", fontsize=9)
     return _png(fig)
 
 
@@ -275,7 +313,8 @@ def write_report(report: dict, directory: str) -> list[str]:
     paths: list[str] = []
     try:  # all files or none: an exception (an interrupt included) removes what this call wrote
         plots = {"levels.png": plot_levels(report), "pred_vs_measured.png": plot_pred_vs_measured(report),
-                 "frontier.png": plot_frontier(report)}
+                 "cet_vs_measured.png": plot_cet_vs_measured(report), "frontier.png": plot_frontier(report)}
+        plots = {k: v for k, v in plots.items() if v is not None}
         files = [*plots.items(),
                  ("report.json", json.dumps(to_jsonable(report), indent=2, sort_keys=True, allow_nan=False).encode()),
                  ("report.md", markdown(report).encode()), ("report.html", html_page(report, plots).encode())]

@@ -481,3 +481,22 @@ def test_cet_rounding_with_cet_cost_predicts_out_of_sample(tiny, tmp_path, curva
     assert rc == 0 and r2["stages"][0]["cache"]["hit"] is True and "curvature" not in r2["seconds"]
     assert r2["stages"][0]["settings"]["curvature"]["cached"] is True
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_compare_cet_reports_the_prediction_next_to_the_measurement_without_changing_the_choice(tiny, tmp_path):
+    model, data = tiny
+    base = ["optimize", model, "--data", data, "--bits", "4,8,float", "--json", "--allow-loss-increase", "--target",
+            "qdq"]
+    rc, stdout, stderr = run_cli(base + ["-o", str(tmp_path / "a.onnx")])
+    assert rc == 0, stderr
+    rep = tmp_path / "rep"
+    rc, stdout, stderr = run_cli(base + ["-o", str(tmp_path / "b.onnx"), "--compare-cet", "--report", str(rep)])
+    assert rc == 0, stderr
+    st = one_json(stdout)["stages"][0]
+    quantized = [c for c in st["candidates"] if not c["reference"]]
+    assert quantized and all(c["measured"] is not None and c["second_order"] is not None for c in quantized)
+    # the CET term adds curvature to the first-order prediction: ½δᵀFδ ≥ 0 for the PSD Fisher model
+    assert all(c["second_order"] >= c["predicted"] - 1e-12 for c in quantized)
+    assert st["settings"]["curvature"]["prediction"]["part"] == "measure"
+    assert (rep / "cet_vs_measured.png").stat().st_size > 1000 and "cet_vs_measured.png" in (rep / "report.html").read_text()
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

@@ -72,7 +72,7 @@ def candidate_settings(ctx: FlowContext) -> dict:
     out = {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
             "rounding": cfg.rounding, "auto_roundings": list(cfg.auto_roundings), "llc_radius": cfg.llc_radius,
             "gptq": [cfg.gptq_act_order, cfg.gptq_damp],
-            "cet": [cfg.cet_curvature, cfg.cet_k, cfg.cet_samples, cfg.cet_steps],
+            "cet": [cfg.cet_curvature, cfg.cet_k, cfg.cet_samples, cfg.cet_steps, cfg.compare_cet],
             "activations": cfg.activations, "cost": cfg.cost, "target": t.name, "calibration": t.calibration,
             "percentile": t.percentile, "plugins": t.plugins}
     if "series" in families(ctx):  # only then, so that quantization-only cache keys stay as they were
@@ -190,8 +190,14 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
     weight_fns = {node.name: constant(torch.as_tensor(dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
     input_fns, output_fns = _hooks(formats, node.name, fmt)
     measured, se = ctx.measure(weight_fns, input_fns, output_fns).delta(ctx.base())
+    second = None
+    if cfg.compare_cet:  # reported and plotted next to the measurement; the measurement decides
+        from ..solvers.cet import cet_predict
+
+        second = float(cet_predict(rounder.prediction_curvature()[node.name], delta, grad=stats_m.grad_w).total[0]) \
+            + stats_m.act_pred.get(fmt.name, 0.0)
     return Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se, rounding=rounding,
-                     info=info)
+                     info=info, second_order=second)
 
 
 def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads_m: GradientPass

@@ -74,7 +74,7 @@ class Rounder:
         out = {"gram"} if "gptq" in used else set()
         if "cet" in used:
             out.add("curvature")
-        if self.cfg.cost == "cet":
+        if self.cfg.cost == "cet" or self.cfg.compare_cet:
             out.add("prediction curvature")
         return out
 
