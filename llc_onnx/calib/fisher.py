@@ -67,12 +67,12 @@ def _gemm_alpha(model: onnx.ModelProto, node: CompressibleNode) -> float:
 def _per_sample(node: CompressibleNode, view: ReductionView, x: torch.Tensor, dy: torch.Tensor, batch: int,
                 alpha: float) -> torch.Tensor:
     """[B, n] per-sample weight gradients in the weight's ONNX layout from the input ``x`` and output gradient
-    ``dy`` of one batch (float64)."""
-    rows = input_rows(x, view).to(torch.float64)
+    ``dy`` of one batch (in the graph's float type: the unfolded rows of a large Conv are the memory peak)."""
+    rows = input_rows(x, view)
     if view.op == "Conv":
         g = view.group
         spatial = list(range(2, dy.dim()))
-        d = dy.permute(0, *spatial, 1).to(torch.float64)          # [B, L..., O]
+        d = dy.permute(0, *spatial, 1).to(rows.dtype)             # [B, L..., O]
         if rows.shape[0] % batch or d.numel() % (batch * g):
             raise LLCError(f"node '{node.name}': {rows.shape[0]} input rows do not split over a batch of {batch}")
         xr = rows.reshape(batch, -1, g, view.k)                    # [B, P, g, K]
@@ -82,7 +82,7 @@ def _per_sample(node: CompressibleNode, view: ReductionView, x: torch.Tensor, dy
     if rows.dim() != 2 or rows.shape[0] % batch:
         raise LLCError(f"node '{node.name}': {rows.shape[0]} input rows do not split over a batch of {batch}; "
                        "the Fisher curvature needs sample-major rows (use --cet-curvature lanczos)")
-    d = dy.reshape(-1, dy.shape[-1]).to(torch.float64)
+    d = dy.reshape(-1, dy.shape[-1]).to(rows.dtype)
     if d.shape[0] != rows.shape[0]:
         raise LLCError(f"node '{node.name}': output rows {d.shape[0]} differ from input rows {rows.shape[0]}; "
                        "use --cet-curvature lanczos")
