@@ -368,8 +368,10 @@ def test_cet_cost_mode_uses_second_order_estimates(tiny, tmp_path):
     cv = st["settings"]["curvature"]
     assert set(cv) == {"prediction"}
     p = cv["prediction"]
-    assert p["source"] == "fisher" and p["part"] == "measure" and p["k"] == 32 and p["passes"] == 1
-    assert 1 <= p["samples"] <= min(128, r["stages"][0]["measurement"]["measure_samples"]) and p["seconds"] > 0
+    assert p["source"] == "fisher" and p["part"] == "calibration" and p["k"] == 32 and p["passes"] == 1
+    m = r["stages"][0]["measurement"]
+    assert m["measure_samples"] < p["samples"] <= min(128, m["fit_samples"] + m["measure_samples"])
+    assert p["seconds"] > 0
     quantized = [c for c in st["candidates"] if not c["reference"]]
     assert quantized and all(c["measured"] is None and c["second_order"] is not None for c in quantized)
     for c in quantized:
@@ -461,8 +463,9 @@ def test_cet_rounding_and_cheap_cet_cost(tiny, tmp_path):
 
 @pytest.mark.parametrize("curvature", ["fisher", "lanczos"])
 def test_cet_rounding_with_cet_cost_predicts_out_of_sample(tiny, tmp_path, curvature):
-    """CET rounding reads the fit part's curvature, --cost cet predicts with the measure part's: two passes on
-    disjoint parts, both in the report and in the cache (a hit rebuilds the same bytes without either)."""
+    """CET rounding reads the fit part's curvature, --cost cet then predicts with the measure part's (out of
+    sample): two passes on disjoint parts, both in the report and in the cache (a hit rebuilds the same bytes
+    without either)."""
     model, data = tiny
     cache = str(tmp_path / "cache")
     args = ["optimize", model, "--data", data, "--bits", "4,8,float", "--json", "--allow-loss-increase", "--target",
@@ -497,6 +500,6 @@ def test_compare_cet_reports_the_prediction_next_to_the_measurement_without_chan
     assert quantized and all(c["measured"] is not None and c["second_order"] is not None for c in quantized)
     # the CET term adds curvature to the first-order prediction: ½δᵀFδ ≥ 0 for the PSD Fisher model
     assert all(c["second_order"] >= c["predicted"] - 1e-12 for c in quantized)
-    assert st["settings"]["curvature"]["prediction"]["part"] == "measure"
+    assert st["settings"]["curvature"]["prediction"]["part"] == "calibration"  # no rounding fitted to a curvature
     assert (rep / "cet_vs_measured.png").stat().st_size > 1000 and "cet_vs_measured.png" in (rep / "report.html").read_text()
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

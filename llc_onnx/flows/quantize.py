@@ -48,7 +48,7 @@ from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
 from ..targets.base import Format, NodePlan, input_hook, output_hook
 from .context import FlowContext
 from .outcome import MethodOutcome
-from .roundings import Rounder, choose_per_level
+from .roundings import CET_MODEL_VERSION, Rounder, choose_per_level
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def candidate_settings(ctx: FlowContext) -> dict:
     out = {"bits": sorted(cfg.levels()), "block_size": cfg.block_size, "scale_method": cfg.scale,
             "rounding": cfg.rounding, "auto_roundings": list(cfg.auto_roundings), "llc_radius": cfg.llc_radius,
             "gptq": [cfg.gptq_act_order, cfg.gptq_damp],
-            "cet": [cfg.cet_curvature, cfg.cet_k, cfg.cet_samples, cfg.cet_steps, cfg.compare_cet],
+            "cet": [CET_MODEL_VERSION, cfg.cet_curvature, cfg.cet_k, cfg.cet_samples, cfg.cet_steps, cfg.compare_cet],
             "activations": cfg.activations, "cost": cfg.cost, "target": t.name, "calibration": t.calibration,
             "percentile": t.percentile, "plugins": t.plugins}
     if "series" in families(ctx):  # only then, so that quantization-only cache keys stay as they were

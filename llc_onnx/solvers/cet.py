@@ -237,22 +237,24 @@ def fisher_curvature(model, graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
 
 
 def _fisher_node(sg, k: int) -> NodeCurvature:
-    G = sg.rows.astype(np.float64)
+    """The top-``k`` eigenpairs and trace of GᵀG/N for one node (torch linear algebra: it keeps to the thread
+    count the caller set, where numpy's BLAS threads spin against a busy core)."""
+    G = torch.from_numpy(np.ascontiguousarray(sg.rows)).to(torch.float64)
     s, n = G.shape
     N = float(sg.count)
     if n <= s:
-        lam, vecs = np.linalg.eigh(G.T @ G)                 # ascending; vectors in columns [n, n]
-        lam, V = lam[::-1][:k], vecs[:, ::-1][:, :k].T
+        lam, vecs = torch.linalg.eigh(G.T @ G)              # ascending; vectors in columns [n, n]
+        lam, V = lam.flip(0)[:k], vecs.flip(1)[:, :k].T
     else:
-        mu, U = np.linalg.eigh(G @ G.T)                     # S×S: σ² and left singular vectors
-        mu, U = mu[::-1][:k], U[:, ::-1][:, :k]
-        keep = mu > mu.max(initial=0.0) * 1e-12
+        mu, U = torch.linalg.eigh(G @ G.T)                  # S×S: σ² and left singular vectors
+        mu, U = mu.flip(0)[:k], U.flip(1)[:, :k]
+        keep = mu > (mu.max() if mu.numel() else 0.0) * 1e-12
         mu, U = mu[keep], U[:, keep]
-        V = (U.T @ G) / np.sqrt(mu)[:, None]                # right singular vectors, orthonormal rows
+        V = (U.T @ G) / mu.sqrt()[:, None]                  # right singular vectors, orthonormal rows
         lam = mu
-    lam = np.maximum(lam, 0.0) / N
+    lam = lam.clamp_min(0.0).numpy() / N
     trace = float((G * G).sum()) / N
-    return NodeCurvature(sg.node, tuple(sg.shape), lam.astype(np.float64), V.astype(np.float32),
+    return NodeCurvature(sg.node, tuple(sg.shape), lam.astype(np.float64), V.numpy().astype(np.float32),
                          np.zeros(lam.size), trace, 0.0, 0, 0, "fisher" if sg.sampled else "empirical fisher")
 
 
