@@ -224,15 +224,16 @@ class QuantConfig:
                                "energy (default on)")
     gptq_damp: float = opt(0.01, "--gptq-damp", "GPTQ: dampening λ = damp · mean diag(XᵀX) (default 0.01)")
     cet_k: int | None = opt(None, "--cet-k", "CET: short-axis eigenpairs per node (default 32 with the Fisher "
-                            "curvature, 8 with Lanczos)")
+                            "curvature, 8 with Lanczos)", metavar="K")
     cet_curvature: Literal["fisher", "lanczos"] = opt(
         "fisher", "--cet-curvature", "CET: the curvature model of each node — fisher (default: the sampled "
         "Gauss-Newton block from per-sample gradients, one pass) or lanczos (H_ii itself, negative axes too; "
-        "--cet-steps passes of one second backward per node)")
-    cet_samples: int = opt(128, "--cet-samples", "CET: calibration fit samples of the curvature pass (a seeded "
-                           "sub-sample; default 128)")
+        "--cet-steps passes of one second backward per node)", metavar="fisher|lanczos")
+    cet_samples: int = opt(128, "--cet-samples", "CET: samples of each curvature pass, a seeded sub-sample of the "
+                           "calibration part it reads (rounding: fit part; --cost cet: the whole calibration split, "
+                           "or the measure part when CET rounding is used; default 128)", metavar="N")
     cet_steps: int | None = opt(None, "--cet-steps", "CET: Lanczos steps, one pass over the curvature samples "
-                                "each (default k + 8; --cet-curvature lanczos)")
+                                "each (default k + 8; --cet-curvature lanczos)", metavar="N")
     joint_rounds: int = opt(2, "--joint-rounds",
                             "re-solves after measuring the solver's plan jointly on the calibration measure part, "
                             "its gap to the predicted sum attributed to the nodes (default 2; 0: off)")
