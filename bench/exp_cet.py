@@ -32,6 +32,7 @@ from llc_onnx.interpreter import TorchGraph
 from llc_onnx.model_io import load_model, prepare_model
 from llc_onnx.quant import WeightQuantSpec, quantize_weight
 from llc_onnx.quant.cet import cet_round
+from llc_onnx.report_files import spearman
 from llc_onnx.solvers.cet import cet_predict, fisher_curvature, node_curvature
 from llc_onnx.solvers.hessian import quadratic_term
 
@@ -240,11 +241,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def markdown(out: dict) -> str:
     """The per-node table (measured ΔL on the measure split, nearest vs CET rounding, per bit-width), how many
     nodes CET wins, the whole model, and how well the CET prediction ranks the measurements."""
@@ -275,10 +271,10 @@ def markdown(out: dict) -> str:
                      f"model (every node at int{b}): nearest {whole.get('nearest', float('nan')):+.4f}, CET "
                      f"{whole.get('cet', float('nan')):+.4f}.")
     near = [r for r in rows if r["rounding"] == "nearest"]
-    lines.append(f"- CET prediction vs measured ΔL, Spearman: {_spearman([r['cet'] for r in rows], [r['measured'] for r in rows]):.3f} "
-                 f"over all {len(rows)} candidates, {_spearman([r['cet'] for r in near], [r['measured'] for r in near]):.3f} "
+    lines.append(f"- CET prediction vs measured ΔL, Spearman: {spearman([r['cet'] for r in rows], [r['measured'] for r in rows]):.3f} "
+                 f"over all {len(rows)} candidates, {spearman([r['cet'] for r in near], [r['measured'] for r in near]):.3f} "
                  f"over the nearest-rounded ones (first order alone: "
-                 f"{_spearman([r['first'] for r in rows], [r['measured'] for r in rows]):.3f}).")
+                 f"{spearman([r['first'] for r in rows], [r['measured'] for r in rows]):.3f}).")
     t = out["timing"]
     lines.append(f"- curvature ({out.get('curvature_model', 'lanczos')}, k = {out['k']}, "
                  f"{out.get('n_curvature', out['n_fit'])} samples): {t['curvature']:.1f} s; CET rounding of all "

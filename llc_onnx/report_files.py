@@ -19,6 +19,7 @@ import os
 import re
 
 import matplotlib
+import numpy as np
 
 from .atomic import write_bytes_atomic
 from .errors import LLCError
@@ -106,25 +107,28 @@ def plot_pred_vs_measured(report: dict) -> bytes:
                 ax.scatter([c["predicted"] for c in pts], [c["measured"] for c in pts], marker=marker, s=14,
                            label=f"{lv}{'' if inside else ' (outside)'}")
     lim = [c for c in cands if c["measured"] is not None]
-    if lim:
-        lo = min(min(c["predicted"], c["measured"]) for c in lim)
-        hi = max(max(c["predicted"], c["measured"]) for c in lim)
+    _vs_measured_axes(ax, [(c["predicted"], c["measured"]) for c in lim], "predicted ΔL (first order)")
+    ax.set_title("predicted vs measured, per node and level")
+    return _png(fig)
+
+
+def _vs_measured_axes(ax, pairs: list[tuple[float, float]], xlabel: str) -> None:
+    """The equality line, symlog axes, labels and legend of a prediction-vs-measurement scatter."""
+    if pairs:
+        lo, hi = min(min(p) for p in pairs), max(max(p) for p in pairs)
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xscale("symlog", linthresh=1e-5)
     ax.set_yscale("symlog", linthresh=1e-5)
     ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_xlabel("predicted ΔL (first order)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("measured ΔL (calibration, one node)")
-    if lim:
+    if pairs:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("predicted vs measured, per node and level")
-    return _png(fig)
 
 
-def _spearman(a, b) -> float:
-    import numpy as np
-
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two sequences (ties broken by order; NaN below 3 values)."""
     if len(a) < 3:
         return float("nan")
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
@@ -141,19 +145,10 @@ def plot_cet_vs_measured(report: dict) -> bytes | None:
     for lv in sorted({c["level"] for c in cands}, key=_level_rank):
         pts = [c for c in cands if c["level"] == lv]
         ax.scatter([c["second_order"] for c in pts], [c["measured"] for c in pts], s=14, label=lv)
-    lo = min(min(c["second_order"], c["measured"]) for c in cands)
-    hi = max(max(c["second_order"], c["measured"]) for c in cands)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set_xscale("symlog", linthresh=1e-5)
-    ax.set_yscale("symlog", linthresh=1e-5)
-    ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-    ax.tick_params(axis="y", labelsize=7)
-    ax.set_xlabel("CET-predicted ΔL (second order)")
-    ax.set_ylabel("measured ΔL (calibration, one node)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _vs_measured_axes(ax, [(c["second_order"], c["measured"]) for c in cands], "CET-predicted ΔL (second order)")
     meas = [c["measured"] for c in cands]
-    ax.set_title(f"CET vs measured: Spearman {_spearman([c['second_order'] for c in cands], meas):.2f} "
-                 f"(first order {_spearman([c['predicted'] for c in cands], meas):.2f})", fontsize=9)
+    ax.set_title(f"CET vs measured: Spearman {spearman([c['second_order'] for c in cands], meas):.2f} "
+                 f"(first order {spearman([c['predicted'] for c in cands], meas):.2f})", fontsize=9)
     return _png(fig)
 
 

@@ -181,21 +181,20 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
     if fmt.kind == "qdq" and fmt.bits == 2 and fmt.activations == "int8" and node.op_type == "MatMul":
         # passes.qdq stores these codes as INT4 (ORT 1.31 rejects INT2 MatMul + int8 activations)
         nbytes += -(-w.size // 4)
-    if cfg.cost == "cet":  # the CET estimate from the cached eigenpairs: no pass over data per candidate
+    def cet_estimate() -> float:  # from the cached eigenpairs: no pass over data per candidate
         from ..solvers.cet import cet_predict
 
-        second = float(cet_predict(rounder.prediction_curvature()[node.name], delta, grad=stats_m.grad_w).total[0])
-        return Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None,
-                         second_order=second + stats_m.act_pred.get(fmt.name, 0.0), rounding=rounding, info=info)
+        curv = rounder.prediction_curvature()[node.name]
+        return float(cet_predict(curv, delta, grad=stats_m.grad_w).total[0]) + stats_m.act_pred.get(fmt.name, 0.0)
+
+    if cfg.cost == "cet":
+        return Candidate(node.name, fmt.name, nbytes, predicted, None, rel, True, None, second_order=cet_estimate(),
+                         rounding=rounding, info=info)
     weight_fns = {node.name: constant(torch.as_tensor(dequant, dtype=ctx.graph.dtype, device=ctx.graph.device))}
     input_fns, output_fns = _hooks(formats, node.name, fmt)
     measured, se = ctx.measure(weight_fns, input_fns, output_fns).delta(ctx.base())
-    second = None
-    if cfg.compare_cet:  # reported and plotted next to the measurement; the measurement decides
-        from ..solvers.cet import cet_predict
-
-        second = float(cet_predict(rounder.prediction_curvature()[node.name], delta, grad=stats_m.grad_w).total[0]) \
-            + stats_m.act_pred.get(fmt.name, 0.0)
+    # --compare-cet: reported and plotted next to the measurement; the measurement decides
+    second = cet_estimate() if cfg.compare_cet else None
     return Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se, rounding=rounding,
                      info=info, second_order=second)
 

@@ -48,7 +48,7 @@ class Rounder:
         self.cfg = ctx.config.quant
         self._grams = None
         self.curvature = None  # node -> solvers.cet.NodeCurvature, when computed or loaded from the cache
-        self.pred_curvature = None  # the same from the measure part (``--cost cet``'s prediction)
+        self.pred_curvature = None  # the one ``--cost cet`` / ``--compare-cet`` predict with (prediction_curvature)
         self.curvature_info: dict | None = None  # source, part, samples, passes, k, seconds of each pass (report)
 
     # -- what is measured ------------------------------------------------------------------------
@@ -73,7 +73,7 @@ class Rounder:
 
     def needs(self) -> set[str]:
         """Which expensive inputs the configured roundings and cost need: "gram", "curvature" (CET rounding's,
-        from the fit part), "prediction curvature" (``--cost cet``'s, from the measure part)."""
+        from the fit part), "prediction curvature" (``--cost cet``'s and ``--compare-cet``'s: :meth:`prediction_curvature`)."""
         used = {self.cfg.rounding} | (set(self.cfg.auto_roundings) if self.cfg.rounding == "auto" else set())
         out = {"gram"} if "gptq" in used else set()
         if "cet" in used:
@@ -94,7 +94,7 @@ class Rounder:
 
     def _curvature(self, part: str):
         """The CET curvature of every node on a seeded sub-sample (``--cet-samples``) of the calibration ``part``
-        ("fit" or "measure"): ``solvers.cet.fisher_curvature`` (one pass) or ``node_curvature`` (Lanczos,
+        ("fit", "measure" or "calibration", the two together): ``solvers.cet.fisher_curvature`` (one pass) or ``node_curvature`` (Lanczos,
         ``--cet-steps`` passes), per ``--cet-curvature``; and what the report says about it."""
         from ..calib.data import sample_subset
         from ..solvers.cet import default_steps, fisher_curvature, node_curvature
@@ -151,7 +151,8 @@ class Rounder:
     def curvature_arrays(self) -> dict[str, np.ndarray]:
         """The curvatures as plain arrays for the cost cache (empty when none was computed)."""
         out = {}
-        for prefix, curv in (("cet", self.curvature), ("cetp", self.pred_curvature)):
+        pred = None if self.pred_curvature is self.curvature else self.pred_curvature  # in sample: stored once
+        for prefix, curv in (("cet", self.curvature), ("cetp", pred)):
             for i, n in enumerate(self.ctx.nodes):
                 if curv and n.name in curv:
                     out.update(curv[n.name].to_arrays(f"{prefix}{i}_"))

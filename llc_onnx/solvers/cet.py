@@ -120,6 +120,21 @@ class NodeCurvature:
                    str(meta.get("source", "lanczos")))
 
 
+def _byte_groups(items: list, nbytes, cap: int | None) -> list[list]:
+    """``items`` in order, cut into consecutive groups whose ``nbytes(item)`` sum stays within ``cap`` (an item
+    larger than the cap forms a group of its own; no cap: one group)."""
+    groups: list[list] = [[]]
+    used = 0
+    for item in items:
+        need = nbytes(item)
+        if groups[-1] and cap is not None and used + need > cap:
+            groups.append([])
+            used = 0
+        groups[-1].append(item)
+        used += need
+    return groups
+
+
 def _default_iters(k: int, k_negative: int) -> int:
     return max(2 * (k + k_negative), k + k_negative + 16)
 
@@ -159,16 +174,8 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
         raise HessianError(f"node_curvature: iters={iters} < k={k}; Lanczos needs at least k steps "
                            "(use about 2(k + k_negative))")
     shapes = dict(zip(names, _shapes(graph, dataset, loss, names, max_batches)))
-    groups: list[list[str]] = [[]]
-    used = 0
-    for n in names:
-        size = math.prod(shapes[n])
-        need = min(iters, size) * size * 8
-        if groups[-1] and max_basis_bytes is not None and used + need > max_basis_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(n)
-        used += need
+    groups = _byte_groups(names, lambda n: min(iters, math.prod(shapes[n])) * math.prod(shapes[n]) * 8,
+                          max_basis_bytes)
     out: dict[str, NodeCurvature] = {}
     for group in groups:
         kept = FirstDerivatives(graph, dataset, loss, group, max_batches) if keep_graphs else None
@@ -211,19 +218,11 @@ def fisher_curvature(model, graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
     candidates' measured ΔL as well as Lanczos on H_ii (module doc) at a small fraction of the time."""
     from ..calib.fisher import sample_gradients
 
-    node_list = [n for n in nodes]
+    node_list = list(nodes)
     if not 1 <= int(k):
         raise HessianError(f"fisher_curvature: k={k}; use k >= 1 (e.g. 4..32)")
     samples = dataset.n_samples
-    groups: list[list] = [[]]
-    used = 0
-    for n in node_list:
-        need = samples * int(np.prod(n.weight_shape)) * 4
-        if groups[-1] and max_bytes is not None and used + need > max_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(n)
-        used += need
+    groups = _byte_groups(node_list, lambda n: samples * math.prod(n.weight_shape) * 4, max_bytes)
     out: dict[str, NodeCurvature] = {}
     for group in groups:
         grads = sample_gradients(model, graph, dataset, loss, group, seed=seed)
