@@ -114,6 +114,25 @@ def llc_method(extra: list[str], *, cache: str | None = None, check: Callable | 
     return fn
 
 
+def llc_at_row_size(of: str, extra: list[str], *, cache: str | None = None):
+    """``llc_method(extra + ["--budget", r])`` where r is row ``of``'s measured weight bytes / FP32 bytes (this
+    run's row, else the previous run's): llc-onnx at exactly a baseline's size (issue 15: "at ORT INT4
+    block-32's size")."""
+    def fn(b: Bench, row: dict) -> Path | None:
+        from bench.run import previous_row
+
+        ref = b.rows.get(of)
+        if ref is None or ref.get("status") != "ok" or not ref.get("bytes"):
+            ref = previous_row(b.m.name, of, b.quick)
+        if ref is None or not ref.get("bytes"):
+            raise B.NotApplicable(f"needs the {of} row (its weight bytes are the budget)")
+        ratio = int(ref["bytes"]) / b.fp_bytes
+        budget = f"{ratio:.6f}"
+        row.setdefault("notes", []).append(f"budget {budget} = {of}'s {int(ref['bytes']):,} B / FP32 {b.fp_bytes:,} B")
+        return llc_method(list(extra) + ["--budget", budget], cache=cache)(b, row)
+    return fn
+
+
 def check_tensorrt(b: Bench, row: dict, path: Path) -> None:
     """Issue 12's done-when: ``llc_onnx.targets.check_tensorrt`` on the written model; violations listed."""
     from llc_onnx.model_io import load_model
@@ -327,6 +346,8 @@ def _methods() -> list[Method]:
                   latency=True),
            Method("llc_cpu_b25", "llc ort-cpu budget 0.25", "llc", llc_method(cpu + ["--budget", "0.25"], cache="cpu"),
                   issue="12", latency=True),
+           Method("llc_cpu_at_ortw4", "llc ort-cpu at ORT 4-bit b32's size", "llc",
+                  llc_at_row_size("ort_w4_default_b32", cpu, cache="cpu"), issue="15", latency=True),
            Method("llc_cpu_lat50", "llc ort-cpu latency budget 0.5", "llc",
                   llc_method(cpu + ["--latency-budget", "0.5"], cache="cpu"), issue="12", latency=True),
            Method("llc_cpu_fid_lossless", "llc ort-cpu lossless, fidelity objective", "llc",
