@@ -186,6 +186,10 @@ def ort_weight_only(model_path: str, out_path: str, algo: str = "default", block
                            f"{' '.join(str(exc).split())[:200]}") from None
     out = q.model.model if hasattr(q.model, "model") else q.model
     covered = [n.name for n in out.graph.node if n.op_type == "MatMulNBits"]
+    if covered and not any(o.domain == "com.microsoft" for o in out.opset_import):
+        # 1.31's RTN quantizer writes MatMulNBits without importing its domain (a model onnx.checker refuses;
+        # ONNX Runtime itself loads it): add the import, as its other quantizers do
+        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     if accuracy_level is not None:
         for n in out.graph.node:
             if n.op_type == "MatMulNBits":

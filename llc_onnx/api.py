@@ -177,18 +177,23 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
         elif i:
             ctx = derive_context(ctx, current)
         outcome = _run_method(ctx, method)
+        if i == len(config.stages) - 1:
+            ctx.release_interpreter()  # the last stage's measurements are done: validation and test run in ORT
         stage, current, val_c = _stage(ctx, outcome, tolerance)
         stages.append(stage)
+    from .ort_eval import SessionInput, evaluate
+
+    # the final and the float model as ONNX Runtime reads them: a large one written to files once for every
+    # session below
+    cur_in, ref_in = SessionInput(current), SessionInput(first.model)
     with first.timer.stage("calibration check"):
-        calib_c = first.evaluate(current, first.calib, samples=True)
+        calib_c = first.evaluate(cur_in.source, first.calib, samples=True)
     with first.timer.stage("test"):  # the test split, once: nothing below chooses anything
-        final = verdict(current, first.model, first.test, first.evaluate, tolerance)
+        final = verdict(cur_in.source, ref_in.source, first.test, first.evaluate, tolerance)
         task_extra = {}
         if first.task_loss is not None and first.task_test is not None:
-            from .ort_eval import evaluate
-
-            ref_t = evaluate(first.model, first.task_test, first.task_loss, session=first.session)
-            cmp_t = evaluate(current, first.task_test, first.task_loss, session=first.session)
+            ref_t = evaluate(ref_in.source, first.task_test, first.task_loss, session=first.session)
+            cmp_t = evaluate(cur_in.source, first.task_test, first.task_loss, session=first.session)
             task_extra = {"task_loss": {"name": first.task_loss.name, "reference": ref_t.loss,
                                         "compressed": cmp_t.loss, "reference_metrics": ref_t.metrics,
                                         "compressed_metrics": cmp_t.metrics}}
@@ -225,7 +230,7 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
 
         with first.timer.stage("latency"):
             levels = {n.node: n.level for n in stages[-1].nodes} if len(stages) == 1 else None
-            target["latency"] = end_to_end(ctx, first.model, current, levels)
+            target["latency"] = end_to_end(ctx, ref_in.source, cur_in.source, levels)
         slower = {b: r["speedup"] for b, r in target["latency"].items() if r.get("speedup") and r["speedup"] < 1}
         if slower:
             notes.append("the compressed model ran slower than the float model here ("
@@ -233,6 +238,8 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
                          + "): smaller, not faster; --latency-budget 1.0 bounds the predicted latency by the float "
                            "model's (choices then depend on timings on this machine)")
         seconds["latency"] = first.timer.seconds["latency"]
+    cur_in.close()
+    ref_in.close()
     result = OptimizeResult(current, source, config, first.objective, first.loss.name, tolerance, final.verified,
                             splits, stages, target, first.skipped, notes, seconds)
     if out is not None and (result.verified or config.criterion.allow_loss_increase):

@@ -108,6 +108,41 @@ def inference_session(model: onnx.ModelProto | str | os.PathLike, sess_options, 
     return ort.InferenceSession(model.SerializeToString(), sess_options=sess_options, providers=providers)
 
 
+class SessionInput:
+    """A model as ONNX Runtime will read it, so that a large proto need not stay alive while sessions run:
+    ``source`` is the proto itself when it is small, else the path of its files (``model_io.write_for_session``,
+    written once into a temporary directory, removed by :meth:`close` or when this object is collected). The
+    caller drops its own reference to a large proto after making this; every session made from ``source`` gives
+    the same outputs as one made from the proto (the files are what :func:`inference_session` would write)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.source: onnx.ModelProto | str = model
+        self._finalizer = None
+        from .model_io import proto_size, write_for_session
+
+        if proto_size(model) > SESSION_FILE_BYTES:
+            import shutil
+            import weakref
+
+            d = tempfile.mkdtemp(prefix="llc-session-")
+            self._finalizer = weakref.finalize(self, shutil.rmtree, d, True)
+            try:
+                self.source = write_for_session(model, d)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "SessionInput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def make_session(model: onnx.ModelProto | str, config: SessionConfig | int | None = None) -> ort.InferenceSession:
     """CPU :class:`onnxruntime.InferenceSession` for a model proto or path, made from ``config`` (a
     :class:`SessionConfig`; an int is a thread count with default options), with deterministic compute."""

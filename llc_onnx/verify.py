@@ -33,7 +33,7 @@ from typing import Callable
 import onnx
 
 from .calib.data import Dataset
-from .ort_eval import Evaluation
+from .ort_eval import Evaluation, SessionInput
 from .progress import Advance
 from .solvers.cost_model import Candidate
 
@@ -112,14 +112,16 @@ def _raise_nodes(ladders, choice, k: int, max_bytes: int | None) -> list[str]:
 
 
 def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dict[str, list[Candidate]],
-                plans: list[tuple[str, dict[str, int]]], evaluate: Callable[[onnx.ModelProto], Evaluation],
+                plans: list[tuple[str, dict[str, int]]], evaluate: Callable[[onnx.ModelProto | str], Evaluation],
                 reference: Evaluation, tolerance: float = 0.0, max_rounds: int = 8,
                 max_bytes: int | None = None, progress: Advance | None = None, margin_z: float = 0.0) -> Selection:
     """Measure ``plans`` (the first is the solver's) jointly with ``evaluate`` (validation split, target
     session; Evaluations with per-unit ``samples`` when ``margin_z`` > 0), back off from the first when none
     passes, keep the best (module doc)."""
     trials: list[Trial] = []
-    kept: list = [None, None, None]  # the best trial so far, its model and evaluation: one model held at a time
+    # the best trial so far and its evaluation; its model is built again at the end (builds are deterministic
+    # and reuse the quantized codes): no plan's model is held while the next one is built and measured
+    kept: list = [None, None]
     seen: set[tuple] = set()
 
     def better(t: Trial, cur: Trial | None) -> bool:
@@ -130,8 +132,9 @@ def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dic
         return (t.nbytes, t.val_loss) < (cur.nbytes, cur.val_loss) if t.passed else t.val_loss < cur.val_loss
 
     def run(name: str, choice: dict[str, int], raised=(), z: float = 0.0) -> Trial:
-        model = build(choice)
-        ev = evaluate(model)
+        # a large model reaches ONNX Runtime as files, and its proto is dropped before the session is made
+        with SessionInput(build(choice)) as src:
+            ev = evaluate(src.source)
         if ev.samples is not None and reference.samples is not None:
             delta, se = ev.samples.delta(reference.samples)
         else:
@@ -140,8 +143,7 @@ def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dic
                   list(raised), delta, se)
         trials.append(t)
         if better(t, kept[0]):
-            kept[:] = [t, model, ev]  # the previous best's model is released (SmolLM2: ~0.5 GB per plan)
-        del model
+            kept[:] = [t, ev]
         if progress:
             progress(1)
         return t
@@ -169,8 +171,8 @@ def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dic
                 break
             if run(f"back-off round {r}", choice, raised).passed:
                 break
-    best, model, ev = kept
-    return Selection(model, dict(best.choice), best, trials, ev, first_passed)
+    best, ev = kept
+    return Selection(build(dict(best.choice)), dict(best.choice), best, trials, ev, first_passed)
 
 
 def verdict(model: onnx.ModelProto, reference_model: onnx.ModelProto, test: Dataset,

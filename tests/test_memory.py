@@ -46,3 +46,48 @@ def test_a_run_with_spilled_gradients_writes_the_same_bytes(tmp_path, monkeypatc
         spilled = llc_onnx.optimize(model, data, cfg)
     assert spilled.model.SerializeToString() == plain.model.SerializeToString()
     assert [c.to_dict() for c in spilled.stages[0].candidates] == [c.to_dict() for c in plain.stages[0].candidates]
+
+
+def test_a_run_with_spilled_gram_matrices_writes_the_same_bytes(tmp_path, monkeypatch):
+    """GPTQ's input Gram matrices in files mapped back read-only (as on a large model) give the same codes."""
+    from llc_onnx.flows import roundings
+
+    model, data = write_mlp_files(tmp_path, n=320)
+    cfg = OptimizeConfig(quant=QuantConfig(bits=(2, 4, "float"), rounding="gptq"), device=DeviceConfig(threads=1),
+                         criterion=CriterionConfig(allow_loss_increase=True))
+    made = []
+    real = roundings._spilled_grams
+    monkeypatch.setattr(roundings, "_spilled_grams", lambda g: made.append(real(g)) or made[-1])
+    with torch_threads(1):
+        plain = llc_onnx.optimize(model, data, cfg)
+        monkeypatch.setattr(context, "SPILL_BYTES", 0)
+        spilled = llc_onnx.optimize(model, data, cfg)
+    assert [isinstance(g, roundings._GramDict) for g in made] == [False, True]
+    assert all(isinstance(g.gram, np.memmap) for g in made[1].values())
+    assert spilled.model.SerializeToString() == plain.model.SerializeToString()
+    assert [c.to_dict() for c in spilled.stages[0].candidates] == [c.to_dict() for c in plain.stages[0].candidates]
+
+
+def test_released_interpreter_weights_are_read_again_from_the_model(tmp_path):
+    """After the last measurement the interpreter's copy of the weights is dropped; a later weight or run reads
+    them from the model, with the same values and outputs."""
+    import torch
+
+    from llc_onnx.calib.data import load_dataset
+    from llc_onnx.flows.context import create_context
+    from llc_onnx.model_io import load_model
+
+    model, data = write_mlp_files(tmp_path, n=64)
+    with torch_threads(1):
+        ctx = create_context(model, data, OptimizeConfig(device=DeviceConfig(threads=1)))
+        x = torch.from_numpy(load_dataset(data, load_model(model)).batches[0].inputs["x"])
+        before = ctx.graph.run({"x": x})[0]["logits"].detach().clone()
+        weights = {n.name: ctx.weight_array(n).copy() for n in ctx.nodes}
+        ctx.release_interpreter()
+        assert ctx.graph.params_released and ctx._snapshots is None
+        for n in ctx.nodes:  # read from the proto, not by making every tensor again
+            np.testing.assert_array_equal(ctx.weight_array(n), weights[n.name])
+            assert ctx.weight_array(n).dtype == np.float64
+        assert ctx.graph.params_released
+        np.testing.assert_array_equal(ctx.graph.run({"x": x})[0]["logits"].detach(), before)
+        assert not ctx.graph.params_released

@@ -69,7 +69,9 @@ def test_stops_when_the_solvers_plan_passes(setup):
     calls = []
     build = make_build(model, w, ladders, [2.0, 1.0], calls)
     sel = select_plan(build, ladders, [("solver", {"fc1": 2, "fc2": 2})], ev, ref)
-    assert len(sel.trials) == 1 == len(calls) and sel.first_plan_passed and sel.trial.name == "solver"
+    # one build per trial, and the chosen plan's once more at the end (no plan's model is held meanwhile)
+    assert len(sel.trials) == 1 and calls == [{"fc1": 2, "fc2": 2}] * 2
+    assert sel.first_plan_passed and sel.trial.name == "solver"
     assert sel.val.loss == pytest.approx(ref.loss, abs=1e-7)
     # a noisy plan within the tolerance is also accepted as is
     noisy = ev(build({"fc1": 1, "fc2": 1})).loss
@@ -87,6 +89,7 @@ def test_raises_largest_measured_contribution_first_and_keeps_the_passing_plan(s
     build = make_build(model, w, ladders, [1.5, 1.0, 0.5], calls)
     sel = select_plan(build, ladders, [("solver", {"fc1": 0, "fc2": 0})], ev, ref, max_rounds=8)
     # k = ceil(2 movable / 8 rounds) = 1 node per round, the largest current contribution first
+    assert len(calls) == len(sel.trials) + 1 and calls[-1] == sel.choice  # the chosen plan built once more
     raised = [t.raised for t in sel.trials[1:]]
     assert raised == [["fc1"], ["fc2"], ["fc2"], ["fc1"], ["fc2"], ["fc1"]][:len(raised)]
     for t, ch in zip(sel.trials, calls):

@@ -143,6 +143,18 @@ class FlowContext:
         return _spilled(collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress)), \
             measure_pass
 
+    def release_interpreter(self) -> None:
+        """After the last measurement: drop the interpreter's copy of the weights and the snapshots of the
+        unmodified run (validation, test and latency run in ONNX Runtime). A later use of the interpreter (e.g.
+        a GPTQ rounding first needed by a back-off round of a cached run) reads the weights from the model
+        again."""
+        from ..memory import release
+
+        self.graph.release_params(self.model)
+        self._snapshots = None  # (the base losses stay: a later measurement then runs from the inputs)
+        self._weights.clear()
+        release()
+
     # -- ONNX Runtime ------------------------------------------------------------------------------
     def evaluate(self, model: onnx.ModelProto, data: Dataset, samples: bool = False) -> Evaluation:
         """``model`` on ``data`` in the verdict's session (the deployment target's)."""
@@ -160,7 +172,10 @@ class FlowContext:
         are measured one after the other): a float64 copy of every weight would double the model's memory."""
         w = self._weights.pop(node.weight, None)
         if w is None:
-            w = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
+            if self.graph.params_released:  # this one weight from the model, not every weight again
+                w = _initializer_array(self.model, node.weight).astype(np.float64)
+            else:
+                w = self.graph.params[node.weight].detach().to(torch.float64).cpu().numpy()
         self._weights[node.weight] = w  # most recent last
         while len(self._weights) > 2:
             self._weights.pop(next(iter(self._weights)))
@@ -184,6 +199,15 @@ class FlowContext:
         return {"fit": self.fit_data.source, "measure": self.measure_data.source,
                 "fit_samples": self.fit_data.n_samples, "measure_samples": self.measure_data.n_samples,
                 "in_sample": self.in_sample}
+
+
+def _initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(f"initializer {name!r}")
 
 
 def _spilled(gp: GradientPass) -> GradientPass:

@@ -452,7 +452,7 @@ def joint_resolve(ctx: FlowContext, solver: "Solver", formats: Formats, rounder:
 def _weight(ctx, formats, rounder, n, cand, fmt, memo, dequant=False):
     """The codes (or dequantized weight) of node ``n`` at ``cand``'s level and rounding, computed once."""
     key = (n, cand.level)
-    if key not in memo:
+    if key not in memo or (dequant and memo[key][1] is None):
         node = ctx.node(n)
         qw, _ = stored_weight(ctx, formats, rounder, ctx.weight_array(node), node, fmt, cand.rounding or "nearest")
         # the passes read codes and scales only: codes in the smallest integer type
@@ -494,6 +494,8 @@ def run(ctx: FlowContext) -> MethodOutcome:
         frontier = solver.frontier(crit.gain_credit)
     with ctx.timer.stage("joint"):
         primary, joint = joint_resolve(ctx, solver, formats, rounder, budget, crit.gain_credit, lat_budget, memo)
+    for key, (codes, _) in memo.items():  # the builds below read codes and scales: drop the float weights
+        memo[key] = (codes, None)
     plans = [("solver", primary)]
     if primary != first:
         plans.append(("solver before joint re-solve", first))

@@ -89,7 +89,8 @@ class Rounder:
 
             ctx = self.ctx
             with ctx.timer.stage("gram"), ctx.progress.task("input Gram matrices", len(ctx.fit_data.batches)) as adv:
-                self._grams = collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes, progress=adv)
+                self._grams = _spilled_grams(collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes,
+                                                           progress=adv))
         return self._grams
 
     def _curvature(self, part: str):
@@ -215,3 +216,29 @@ def choose_per_level(cands: list[Candidate], outside_roundings: tuple[str, ...])
               for lv, s in sums.items()}
     kept = [c for c in cands if len(by_key[(c.node, c.level)]) == 1 or c.rounding == choice.get(c.level)]
     return [replace(c) for c in kept], {lv: {"sums": sums[lv], "chosen": choice[lv]} for lv in sums}
+
+
+def _spilled_grams(grams: dict) -> dict:
+    """``grams`` with their matrices in files mapped back read-only (``memory.Spill``; the same float64 values)
+    when they are large: the candidate stage reads one node's at a time (SmolLM2: 0.8 GB of K×K matrices), and
+    the executors drop the touched pages after each task. Nodes sharing one result share one file."""
+    from .context import SPILL_BYTES
+
+    unique = {id(g): g for g in grams.values()}
+    if sum(g.gram.nbytes for g in unique.values()) < SPILL_BYTES:
+        return grams
+    from ..memory import Spill, release
+
+    spill = Spill()
+    for g in unique.values():
+        g.gram = spill.put(g.gram)
+    release()
+    return _GramDict(grams, spill)
+
+
+class _GramDict(dict):
+    """The node → InputGram mapping, keeping the files of its spilled matrices alive as long as it lives."""
+
+    def __init__(self, grams: dict, spill):
+        super().__init__(grams)
+        self.spill = spill

@@ -233,7 +233,8 @@ class TorchGraph:
             if imp.domain in ("", "ai.onnx"):
                 self.opset = int(imp.version)
 
-        self.params: dict[str, Tensor] = {}
+        self._params: dict[str, Tensor] | None = {}
+        self._source: onnx.ModelProto | None = None  # where released params are read again (release_params)
         self.consts: dict[str, Tensor] = {}  # integer/bool initializers and Constant outputs
         # ONNX element type of initializers and Constant outputs (torch widens INT4/UINT16/...; ops such as
         # QuantizeLinear need the ONNX type of a zero point)
@@ -299,6 +300,32 @@ class TorchGraph:
         return self._domains.get(d, 1)
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The float initializers as tensors (read from the model again when :meth:`release_params` dropped them)."""
+        if self._params is None:
+            self._params = {}
+            for init in self._source.graph.initializer:
+                if init.name not in self.consts:  # as in __init__: the floating-point ones
+                    t = np_to_torch(numpy_helper.to_array(init), self.dtype, self.device)
+                    if t.is_floating_point():
+                        self._params[init.name] = t
+        return self._params
+
+    @params.setter
+    def params(self, value: dict[str, Tensor]) -> None:
+        self._params = value
+
+    def release_params(self, source: onnx.ModelProto) -> None:
+        """Drop the float initializers' tensors (a copy of every weight of the model) when no more runs are
+        planned; if a run or :attr:`params` needs them later they are read again from ``source``, the model
+        this graph was made from (held by the caller anyway; not copied)."""
+        self._params, self._source = None, source
+
+    @property
+    def params_released(self) -> bool:
+        return self._params is None
+
     def _is_init(self, name: str) -> bool:
         return name in self.params or name in self.consts
 
