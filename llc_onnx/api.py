@@ -26,6 +26,7 @@ import onnx
 
 from .config import OptimizeConfig
 from .errors import LLCError
+from .memory import release
 from .progress import Progress, Silent, StageTimer
 from .result import NodeDecision, OptimizeResult, SplitResult, StageResult
 
@@ -115,6 +116,7 @@ def _stage(ctx, outcome, tolerance: float):
         sel = select_plan(outcome.build, outcome.ladders, outcome.plans,
                           lambda m: ctx.evaluate(m, ctx.val, samples=True), ctx.val_fp, tolerance, crit.max_rounds,
                           outcome.max_bytes, advance, crit.margin_z)
+        release()  # the plans' models and sessions are gone: give their memory back before the next stage
     sweep = []
     if outcome.sweep:
         with ctx.timer.stage("sweep"):
@@ -186,6 +188,7 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
     # the final and the float model as ONNX Runtime reads them: a large one written to files once for every
     # session below
     cur_in, ref_in = SessionInput(current), SessionInput(first.model)
+    release()
     with first.timer.stage("calibration check"):
         calib_c = first.evaluate(cur_in.source, first.calib, samples=True)
     with first.timer.stage("test"):  # the test split, once: nothing below chooses anything
