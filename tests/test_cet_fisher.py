@@ -1,8 +1,8 @@
 """The one-pass CET curvature (calib.fisher, solvers.cet.fisher_curvature) against autograd and closed forms.
 
-A small model with every weight layout the per-sample trick handles — a grouped, strided, padded Conv, a
-depthwise Conv, a MatMul over tokens ([B, T, K] rows), Gemm with transB=1 and alpha, Gemm with transB=0 —
-checked sample by sample against autograd on that sample alone, then the sampled labels against the closed-form
+A small model with every weight layout the per-sample trick handles — a grouped, strided, padded Conv, two
+depthwise Convs (one strided and dilated with channel multiplier 2), a MatMul over tokens ([B, T, K] rows),
+Gemm with transB=1 and alpha, Gemm with transB=0 — checked sample by sample against autograd on that sample alone, then the sampled labels against the closed-form
 Gauss-Newton matrix of a softmax layer, then the eigenpairs against a dense eigendecomposition.
 """
 
@@ -26,7 +26,7 @@ def _model():
     rng = np.random.default_rng(0)
     w = {"Wa": rng.normal(0, 0.5, (4, 1, 3, 3)), "Wb": rng.normal(0, 0.5, (4, 1, 3, 3)),
          "Wm": rng.normal(0, 0.4, (9, 5)), "Wg": rng.normal(0, 0.5, (3, 5)), "Wh": rng.normal(0, 0.6, (3, 2)),
-         "ba": rng.normal(0, 0.1, 4), "shape": np.array([0, 4, 9])}
+         "Wd": rng.normal(0, 0.5, (8, 1, 3, 3)), "ba": rng.normal(0, 0.1, 4), "shape": np.array([0, 4, 9])}
     inits = [numpy_helper.from_array(v.astype(np.int64 if k == "shape" else np.float32), k) for k, v in w.items()]
     nodes = [
         helper.make_node("Conv", ["x", "Wa", "ba"], ["a"], group=2, strides=[2, 2], pads=[1, 1, 1, 1], name="conv"),
@@ -39,7 +39,14 @@ def _model():
         helper.make_node("ReduceMean", ["mt"], ["pooled"], axes=[1], keepdims=0),
         helper.make_node("Gemm", ["pooled", "Wg"], ["g"], transB=1, alpha=0.7, name="gemm_t"),
         helper.make_node("Tanh", ["g"], ["gt"]),
-        helper.make_node("Gemm", ["gt", "Wh"], ["y"], name="gemm"),
+        helper.make_node("Gemm", ["gt", "Wh"], ["yg"], name="gemm"),
+        # depthwise with channel multiplier 2, stride 2, dilation 2 (the grouped-convolution path)
+        helper.make_node("Conv", ["at", "Wd"], ["d"], group=4, strides=[2, 2], dilations=[2, 2], pads=[2, 2, 2, 2],
+                         name="depthwise_m2"),
+        helper.make_node("Flatten", ["d"], ["df"]),
+        helper.make_node("Tanh", ["df"], ["dt"]),
+        helper.make_node("ReduceMean", ["dt"], ["dm"], axes=[1], keepdims=1),
+        helper.make_node("Add", ["yg", "dm"], ["y"]),
     ]
     graph = helper.make_graph(nodes, "fisher", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 2, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 2])], inits)
@@ -75,7 +82,7 @@ def _one_sample_grad(graph, loss, node, x, y) -> np.ndarray:
 def test_per_sample_gradients_equal_autograd_on_each_sample_for_every_layout():
     model = _model()
     nodes, _ = find_compressible(model)
-    assert [n.name for n in nodes] == ["conv", "depthwise", "matmul", "gemm_t", "gemm"]
+    assert [n.name for n in nodes] == ["conv", "depthwise", "matmul", "gemm_t", "gemm", "depthwise_m2"]
     graph = TorchGraph(model, dtype=torch.float64)
     loss = make_loss("mse", "y")           # no fisher_terms: the data's labels (empirical Fisher)
     ds = _data("mse")
