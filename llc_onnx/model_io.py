@@ -380,6 +380,15 @@ def _prepare(model: onnx.ModelProto, current: int, opset: int, heavy: dict[str, 
     return _restore_weights(detached.restore(m), heavy)
 
 
+def infer_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes(model, **kwargs)`` run on a copy without the float weights' data
+    (:func:`_heavy_weights`: name, type and dims kept; no shape computation reads them). For the inferred
+    ``value_info`` / input / output types and shapes only: the result's weights have no data. Shape inference
+    serializes and parses its argument (SmolLM2: ~2 GB of copies with the weights, a few MB without)."""
+    heavy = _heavy_weights(model)
+    return onnx.shape_inference.infer_shapes(_copy(model, skip_data=heavy) if heavy else model, **kwargs)
+
+
 # Float types whose large initializers are weights: no shape computation reads their values
 _WEIGHT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 

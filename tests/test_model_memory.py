@@ -86,3 +86,22 @@ def test_large_protos_reach_onnx_runtime_as_files_with_the_same_outputs(tmp_path
     monkeypatch.setattr(ort_eval, "SESSION_FILE_BYTES", 1024)  # this small model now goes through files
     sess = ort_eval.make_session(model)
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ref)
+
+
+def test_shape_inference_without_the_weights_gives_the_same_shapes():
+    """``model_io.infer_shapes`` infers on a copy without the float weights' data: the same value_info, inputs
+    and outputs as onnx's own inference on the whole model (a Reshape reading a small int64 constant included),
+    and the input untouched."""
+    m = model_io.prepare_model(_weights_model(), opset=21)
+    before = _bytes(m)
+    full = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    light = model_io.infer_shapes(m, data_prop=True)
+    for part in ("value_info", "input", "output"):
+        assert [_bytes_vi(v) for v in getattr(light.graph, part)] == [_bytes_vi(v) for v in getattr(full.graph, part)]
+    data = {t.name: bool(t.raw_data or t.float_data or t.int64_data) for t in light.graph.initializer}
+    assert data == {"W1": False, "W2": False, "b": True, "shape": True}  # weights > 1 KiB left out
+    assert _bytes(m) == before
+
+
+def _bytes_vi(v):
+    return v.SerializeToString(deterministic=True)

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from ..errors import LLCError
+from ..model_io import infer_shapes
 
 MS_DOMAIN = "com.microsoft"
 SERIES_DOMAIN = "llc_onnx"
@@ -39,7 +40,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Known tensor ranks (graph inputs/outputs, value_info, after shape inference on a copy)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
     except Exception:  # noqa: BLE001 - ranks are a convenience; without them only axis=-1 matches
         inferred = model
     g = inferred.graph

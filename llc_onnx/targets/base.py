@@ -25,6 +25,7 @@ import onnx
 
 from llc_onnx.compressible import CompressibleNode
 from llc_onnx.errors import LLCError, first_line
+from llc_onnx.model_io import infer_shapes
 from llc_onnx.passes.common import apply_passes  # noqa: F401 - the targets' rewrite runner, exported here
 from llc_onnx.quant import WeightQuantSpec, weight_nbytes
 from llc_onnx.quant.weights import scale_bytes
@@ -279,7 +280,7 @@ class GraphContext:
         self.graph_outputs = {o.name for o in g.output}
         self.inits = {t.name: t for t in g.initializer}
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
+            inferred = infer_shapes(model)
             vis = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
         except Exception:  # noqa: BLE001 - ranks are a hint only
             vis = list(g.input) + list(g.output)

@@ -44,12 +44,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
+
 from onnx import helper, numpy_helper
 
 from llc_onnx.atomic import write_bytes_atomic
 from llc_onnx.calib.activation_ranges import qparams
 from llc_onnx.compressible import CompressibleNode, find_compressible
 from llc_onnx.errors import LLCError
+from llc_onnx.model_io import infer_shapes
 from llc_onnx.targets.base import FLOAT, Format, GraphContext, NodePlan, Target
 from llc_onnx.targets.plans import quantize_for
 
@@ -280,7 +282,7 @@ def unit_model(model: onnx.ModelProto, node: str, input_shape: Sequence[int], *,
                           [helper.make_tensor_value_info(nodes[-1].output[0], elem, None)], [_copy(t) for t in inits])
     m = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
-        inferred = onnx.shape_inference.infer_shapes(m)
+        inferred = infer_shapes(m)
         out = next(v for v in inferred.graph.value_info if v.name == nodes[-1].output[0])
         m.graph.output[0].CopyFrom(out)
     except (StopIteration, Exception):  # noqa: BLE001 - an output without a shape still runs
@@ -301,7 +303,7 @@ def _capture(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: I
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
     wanted = list(dict.fromkeys(tensors))
     try:
-        vis = onnx.shape_inference.infer_shapes(model).graph.value_info
+        vis = infer_shapes(model).graph.value_info
         types = {v.name: v.type.tensor_type.elem_type for v in vis}
     except Exception:  # noqa: BLE001 - float is the usual activation type
         types = {}

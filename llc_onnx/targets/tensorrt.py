@@ -37,10 +37,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
 from onnx import TensorProto, numpy_helper
 
 from llc_onnx.compressible import CompressibleNode
 from llc_onnx.errors import LLCError
+from llc_onnx.model_io import infer_shapes
 from llc_onnx.passes.qdq import QDQPass
 from llc_onnx.passes.w8a8 import W8A8Pass, W8A8Plan
 from llc_onnx.targets.base import (
@@ -130,7 +132,7 @@ def check_tensorrt(model: onnx.ModelProto) -> list[Violation]:
         out.append(Violation("<model>", "opset", f"default opset {opset} is outside {OPSET_RANGE[0]}.."
                              f"{OPSET_RANGE[1]}, what TensorRT 10.15 imports; convert the model's opset"))
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
         shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
                   for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
                   if v.type.tensor_type.HasField("shape")}

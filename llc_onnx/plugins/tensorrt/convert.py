@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import LLCError
+from ...model_io import infer_shapes
 from ..layout import n_blocks, per_channel_scales, unpack_codes
 from ..series import MS_DOMAIN, SERIES_DOMAIN, SERIES_OP, fuse_series
 
@@ -57,7 +58,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     try:
-        g = onnx.shape_inference.infer_shapes(model).graph
+        g = infer_shapes(model).graph
     except Exception:  # noqa: BLE001 - without inference only declared types are known
         g = model.graph
     out = {i.name: i.data_type for i in g.initializer}
