@@ -2,6 +2,7 @@
 their pages leave the process's memory between tasks."""
 
 import numpy as np
+import pytest
 
 import llc_onnx
 from _models import torch_threads, write_mlp_files
@@ -91,3 +92,16 @@ def test_released_interpreter_weights_are_read_again_from_the_model(tmp_path):
         assert ctx.graph.params_released
         np.testing.assert_array_equal(ctx.graph.run({"x": x})[0]["logits"].detach(), before)
         assert not ctx.graph.params_released
+
+
+def test_chunked_delta_sums_equal_the_whole_array_sums(monkeypatch):
+    from llc_onnx.flows import quantize
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(300, 70))
+    q = (w + rng.normal(scale=0.01, size=w.shape)).astype(np.float32)
+    g = rng.normal(size=w.shape).astype(np.float32)
+    d = q.astype(np.float64) - w
+    monkeypatch.setattr(quantize, "DELTA_CHUNK", 1000)  # 21 chunks, the last one short
+    gd, dd = quantize._delta_sums(g, q, w)
+    assert gd == pytest.approx(float((g * d).sum()), rel=1e-12) and dd == pytest.approx(float((d * d).sum()), rel=1e-12)

@@ -174,9 +174,9 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
 
     qw, info = stored_weight(ctx, formats, rounder, w, node, fmt, rounding)
     dequant = values(qw)
-    delta = dequant.astype(np.float64) - w
-    predicted = float((stats_m.grad_w * delta).sum()) + stats_m.act_pred.get(fmt.name, 0.0)
-    rel = float(np.linalg.norm(delta)) / (float(np.linalg.norm(w)) or 1.0)
+    g_delta, delta_sq = _delta_sums(stats_m.grad_w, dequant, w)
+    predicted = g_delta + stats_m.act_pred.get(fmt.name, 0.0)
+    rel = float(np.sqrt(delta_sq)) / (float(np.linalg.norm(w)) or 1.0)
     nbytes = int(fmt.nbytes(node))
     if fmt.kind == "qdq" and fmt.bits == 2 and fmt.activations == "int8" and node.op_type == "MatMul":
         # passes.qdq stores these codes as INT4 (ORT 1.31 rejects INT2 MatMul + int8 activations)
@@ -185,6 +185,7 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
         from ..solvers.cet import cet_predict
 
         curv = rounder.prediction_curvature()[node.name]
+        delta = dequant.astype(np.float64) - w
         return float(cet_predict(curv, delta, grad=stats_m.grad_w).total[0]) + stats_m.act_pred.get(fmt.name, 0.0)
 
     if cfg.cost == "cet":
@@ -197,6 +198,23 @@ def measure_candidate(ctx: FlowContext, formats: Formats, rounder: Rounder, grad
     second = cet_estimate() if cfg.compare_cet else None
     return Candidate(node.name, fmt.name, nbytes, predicted, measured, rel, True, None, se=se, rounding=rounding,
                      info=info, second_order=second)
+
+
+#: elements per chunk of :func:`_delta_sums` (bounds its float64 temporaries to a few MB)
+DELTA_CHUNK = 1 << 19
+
+
+def _delta_sums(grad: np.ndarray, dequant: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(Σ g·δ, Σ δ²) of the weight error δ = dequant − w (float64), over fixed chunks of the flattened arrays: a
+    large node (SmolLM2's lm_head: 28 M weights) then needs no weight-sized float64 copies of δ and g·δ. The
+    chunks depend on the size only, so the sums are the same on every run."""
+    g, q, x = grad.reshape(-1), dequant.reshape(-1), w.reshape(-1)
+    g_delta = delta_sq = 0.0
+    for i in range(0, x.size, DELTA_CHUNK):
+        d = q[i:i + DELTA_CHUNK].astype(np.float64) - x[i:i + DELTA_CHUNK]
+        g_delta += float((g[i:i + DELTA_CHUNK] * d).sum())  # numpy's pairwise sums, not BLAS: the same
+        delta_sq += float((d * d).sum())                    # result whatever the thread count
+    return g_delta, delta_sq
 
 
 def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads_m: GradientPass
