@@ -161,3 +161,16 @@ def test_worker_settings_are_checked():
         parallel.rank_config(dataclasses.replace(cfg, device=DeviceConfig(workers=3)), 0, 2, 0)
     with pytest.raises(ConfigError, match="device.device"):
         parallel.rank_config(dataclasses.replace(cfg, device=DeviceConfig(device="cuda:1", workers=2)), 0, 2, 0)
+
+
+def test_two_workers_share_the_gram_pass_and_write_the_same_bytes(tmp_path):
+    """GPTQ's input Gram matrices are collected node-sharded across the ranks (each node's matrix summed as in
+    one pass): the same codes and bytes as one worker."""
+    model, data = write_mlp_files(tmp_path, n=400, hidden=48)
+    outs = {}
+    for w in (1, 2):
+        out = tmp_path / f"g{w}.onnx"
+        res = llc_onnx.optimize(model, data, _config(w, bits=(2, 4, "float"), rounding="gptq", budget=0.2), out=str(out))
+        assert "gram" in res.seconds
+        outs[w] = out.read_bytes()
+    assert outs[1] == outs[2]

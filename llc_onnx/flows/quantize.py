@@ -392,6 +392,8 @@ def measure_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Can
         rounder.ensure_curvature()
     if "prediction curvature" in rounder.needs():
         rounder.prediction_curvature()
+    if "gram" in rounder.needs() and getattr(ctx.executor, "size", 1) > 1:
+        rounder.grams(sharded=True)  # before the map: shared across the ranks, not repeated by each inside a task
     with ctx.timer.stage("candidates"):
         cands = build_candidates(ctx, formats, rounder, grads_m)
     return rounder, cands

@@ -83,14 +83,27 @@ class Rounder:
         return out
 
     # -- the expensive inputs --------------------------------------------------------------------
-    def grams(self):
+    def grams(self, sharded: bool = False):
+        """The input Gram matrices of every node (``calib.gram``), computed once. ``sharded``: across the
+        workers' ranks (``ctx.executor``; every rank must call it at the same point, outside a task): rank r
+        collects the nodes r, r + N, ... in its own forward passes and all ranks gather them — each node's
+        matrix is summed exactly as in one pass, so the values, and the output bytes, do not depend on N."""
         if self._grams is None:
             from ..calib.gram import collect_grams
 
             ctx = self.ctx
+            size = getattr(ctx.executor, "size", 1) if sharded else 1
             with ctx.timer.stage("gram"), ctx.progress.task("input Gram matrices", len(ctx.fit_data.batches)) as adv:
-                self._grams = _spilled_grams(collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes,
-                                                           progress=adv))
+                if size > 1:
+                    names = [n.name for n in ctx.nodes]
+                    parts = ctx.executor.map(lambda group: collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes,
+                                                                         names=group),
+                                             [names[r::size] for r in range(size)])
+                    merged = {k: v for part in parts for k, v in part.items()}
+                    grams = {n: merged[n] for n in names}
+                else:
+                    grams = collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes, progress=adv)
+                self._grams = _spilled_grams(grams)
         return self._grams
 
     def _curvature(self, part: str):
