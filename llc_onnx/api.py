@@ -177,7 +177,9 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
             # measurements, and any cache entry, are the original model's), with a fresh stage timer
             ctx = dataclasses.replace(ctx, timer=StageTimer())
         elif i:
-            ctx = derive_context(ctx, current)
+            done, ctx = ctx, derive_context(ctx, current)
+            done.release_interpreter()  # the previous stage measures nothing more (its model's weights, 0.65 GB
+            #                             on SmolLM2, would otherwise stay through every later stage)
         outcome = _run_method(ctx, method)
         if i == len(config.stages) - 1:
             ctx.release_interpreter()  # the last stage's measurements are done: validation and test run in ORT
