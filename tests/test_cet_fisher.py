@@ -2,8 +2,9 @@
 
 A small model with every weight layout the per-sample trick handles — a grouped, strided, padded Conv, two
 depthwise Convs (one strided and dilated with channel multiplier 2), a MatMul over tokens ([B, T, K] rows),
-Gemm with transB=1 and alpha, Gemm with transB=0 — checked sample by sample against autograd on that sample alone, then the sampled labels against the closed-form
-Gauss-Newton matrix of a softmax layer, then the eigenpairs against a dense eigendecomposition.
+Gemm with transB=1 and alpha, Gemm with transB=0 — checked sample by sample against autograd on that sample
+alone, then the sampled labels against the closed-form Gauss-Newton matrix of a softmax layer, then the
+eigenpairs against a dense eigendecomposition.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def test_two_workers_share_the_gram_pass_and_write_the_same_bytes(tmp_path):
     outs = {}
     for w in (1, 2):
         out = tmp_path / f"g{w}.onnx"
-        res = llc_onnx.optimize(model, data, _config(w, bits=(2, 4, "float"), rounding="gptq", budget=0.2), out=str(out))
+        cfg = _config(w, bits=(2, 4, "float"), rounding="gptq", budget=0.2)
+        res = llc_onnx.optimize(model, data, cfg, out=str(out))
         assert "gram" in res.seconds
         outs[w] = out.read_bytes()
     assert outs[1] == outs[2]

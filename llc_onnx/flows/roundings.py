@@ -73,7 +73,8 @@ class Rounder:
 
     def needs(self) -> set[str]:
         """Which expensive inputs the configured roundings and cost need: "gram", "curvature" (CET rounding's,
-        from the fit part), "prediction curvature" (``--cost cet``'s and ``--compare-cet``'s: :meth:`prediction_curvature`)."""
+        from the fit part), "prediction curvature" (``--cost cet``'s and ``--compare-cet``'s:
+        :meth:`prediction_curvature`)."""
         used = {self.cfg.rounding} | (set(self.cfg.auto_roundings) if self.cfg.rounding == "auto" else set())
         out = {"gram"} if "gptq" in used else set()
         if "cet" in used:
@@ -108,7 +109,8 @@ class Rounder:
 
     def _curvature(self, part: str):
         """The CET curvature of every node on a seeded sub-sample (``--cet-samples``) of the calibration ``part``
-        ("fit", "measure" or "calibration", the two together): ``solvers.cet.fisher_curvature`` (one pass) or ``node_curvature`` (Lanczos,
+        ("fit", "measure" or "calibration", the two together): ``solvers.cet.fisher_curvature`` (one pass) or
+        ``node_curvature`` (Lanczos,
         ``--cet-steps`` passes), per ``--cet-curvature``; and what the report says about it."""
         from ..calib.data import sample_subset
         from ..solvers.cet import default_steps, fisher_curvature, node_curvature

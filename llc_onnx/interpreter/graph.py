@@ -244,13 +244,11 @@ class TorchGraph:
                 for a in proto.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         self.elem_types[proto.output[0]] = int(a.t.data_type)
-        for init in graph.initializer:
-            arr = numpy_helper.to_array(init)
-            t = np_to_torch(arr, dtype, self.device)
+        for name, t in self._initializers(graph):
             if t.is_floating_point():
-                self.params[init.name] = t
+                self.params[name] = t
             else:
-                self.consts[init.name] = t
+                self.consts[name] = t
         init_names = set(self.params) | set(self.consts)
         self.input_names: list[str] = [i.name for i in graph.input if i.name not in init_names]
         self.output_names: list[str] = [o.name for o in graph.output]
@@ -304,13 +302,13 @@ class TorchGraph:
     def params(self) -> dict[str, Tensor]:
         """The float initializers as tensors (read from the model again when :meth:`release_params` dropped them)."""
         if self._params is None:
-            self._params = {}
-            for init in self._source.graph.initializer:
-                if init.name not in self.consts:  # as in __init__: the floating-point ones
-                    t = np_to_torch(numpy_helper.to_array(init), self.dtype, self.device)
-                    if t.is_floating_point():
-                        self._params[init.name] = t
+            self._params = {name: t for name, t in self._initializers(self._source.graph) if t.is_floating_point()}
         return self._params
+
+    def _initializers(self, graph: onnx.GraphProto):
+        """(name, tensor) of every initializer: floats in the interpreter's dtype, integers as themselves."""
+        for init in graph.initializer:
+            yield init.name, np_to_torch(numpy_helper.to_array(init), self.dtype, self.device)
 
     @params.setter
     def params(self, value: dict[str, Tensor]) -> None:
