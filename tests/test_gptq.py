@@ -163,6 +163,37 @@ def test_conv_weight_with_the_unfold_gram(group, bits, block):
     assert np.linalg.norm(y - _conv(x, gs.dequant, group)) < 0.9 * e_rtn
 
 
+@pytest.mark.parametrize("group,c_in,block,act_order,static", [
+    (8, 8, 32, True, False),     # depthwise, channel multiplier 2: one scale group per part, parts batched
+    (2, 8, 4, False, False),     # blocked, no reordering: the groups come up at the same steps, batched
+    (2, 8, 4, False, True),      # blocked, fixed scales, batched
+    (2, 8, 4, True, True),       # blocked, fixed scales, act_order: one part at a time
+    (2, 8, 4, True, False),      # blocked with act_order: each part reorders its own way, one part at a time
+])
+def test_grouped_conv_parts_equal_one_matrix_each(group, c_in, block, act_order, static):
+    """A grouped Conv's parts (batched where their scales come up at the same steps) give what GPTQ gives
+    each part alone as a matrix."""
+    rng = np.random.default_rng(11)
+    c_out = 2 * group
+    x = torch.nn.functional.avg_pool2d(torch.as_tensor(rng.normal(size=(6, c_in, 9, 9))), 3, stride=1) * 3
+    w = (rng.normal(size=(c_out, c_in // group, 3, 3)) * 0.1).astype(np.float32)
+    view = ReductionView("Conv", k=c_in // group * 9, kernel=(3, 3), strides=(1, 1), dilations=(1, 1),
+                         pads=(1, 1, 1, 1), group=group)
+    rows = input_rows(x, view).numpy()
+    gram = np.einsum("rgk,rgl->gkl", rows, rows)
+    spec = WeightQuantSpec(4, block)
+    got = quantize_weight_gptq(w, gram, spec, out_axis=0, reduce_axis=1, act_order=act_order,
+                               static_groups=static)
+    k = c_in // group * 9
+    mat = w.reshape(c_out, k).astype(np.float64)
+    cols = np.arange(k) // block
+    part = c_out // group
+    for p in range(group):
+        one = gptq_matrix(mat[p * part:(p + 1) * part], gram[p], cols, spec, act_order=act_order,
+                          static_groups=static)
+        np.testing.assert_array_equal(got.q.reshape(c_out, k)[p * part:(p + 1) * part], one.q)
+
+
 def test_bad_inputs_are_one_line_errors():
     w = np.ones((8, 4), dtype=np.float32)
     with pytest.raises(LLCError, match=r"Gram matrix of shape \(4, 4\).*expected \[8, 8\]"):

@@ -56,22 +56,29 @@ class GPTQMatrix:
     proxy_loss: float    # Σ_steps (w_j − ŵ_j)² / (2 [H_F⁻¹]_jj) = ½ Σ_rows (w − ŵ)ᵀ (gram + λI) (w − ŵ)
 
 
-def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """U with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H), raised ×10 (up to 8 times) until H + λI is PD."""
-    k = h.shape[0]
-    mean_diag = float(torch.diagonal(h).mean()) if k else 0.0
-    lam = damp * mean_diag if mean_diag > 0 else 1.0
+def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the P matrices h [P, K, K]: U with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H), raised ×10 (up
+    to 8 times) until H + λI is PD. Returns U [P, K, K] and λ [P]."""
+    n_parts, k = h.shape[0], h.shape[-1]
+    mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1) if k else torch.zeros(n_parts, dtype=h.dtype)
+    lam = torch.where(mean_diag > 0, damp * mean_diag, torch.ones_like(mean_diag))
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    u = torch.zeros_like(h)
+    todo = torch.arange(n_parts)
     for _ in range(9):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return u, lam
-        lam = lam * 10 if lam > 0 else 1e-8
+        chol, info = torch.linalg.cholesky_ex(h[todo] + lam[todo, None, None] * eye)
+        ok = info == 0
+        if bool(ok.any()):
+            up, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol[ok]), upper=True)
+            done = torch.zeros_like(ok)
+            done[ok] = info2 == 0
+            u[todo[done]] = up[info2 == 0]
+            todo = todo[~done]
+        if not todo.numel():
+            return u, lam
+        lam[todo] = torch.where(lam[todo] > 0, lam[todo] * 10, torch.full_like(lam[todo], 1e-8))
     raise LLCError("gptq: the dampened Gram matrix is not positive definite even with λ = "
-                   f"{lam:.3g}; check the calibration inputs for NaN/Inf or use rounding='nearest'")
+                   f"{float(lam[todo].max()):.3g}; check the calibration inputs for NaN/Inf or use rounding='nearest'")
 
 
 def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec: WeightQuantSpec, *,
@@ -82,64 +89,83 @@ def gptq_matrix(w: np.ndarray, gram: np.ndarray, column_groups: np.ndarray, spec
     ``column_groups`` [K]: integer id (0..G-1) of the scale group of each column — every row has its own scale
     per group (per channel: all zeros; blocked: the block index). ``spec`` gives bits and ``scale_method``
     (its ``block_size``/``rounding`` are not read here). See the module docstring for the algorithm."""
-    w = np.asarray(w, dtype=np.float64)
-    n_rows, k = w.shape
-    groups = np.asarray(column_groups, dtype=np.int64)
+    q, scales, lam, proxy = _gptq_parts(np.asarray(w, dtype=np.float64)[None], np.asarray(gram)[None],
+                                        column_groups, spec, damp, act_order, static_groups, lazy_block)
+    return GPTQMatrix(q=q[0], scale=scales[0], damp=float(lam[0]), proxy_loss=float(proxy[0]))
+
+
+def _batchable(grams: np.ndarray, groups: np.ndarray, act_order: bool) -> bool:
+    """Whether P weight parts can run as one batch: every step of every part reads the same scale group (one
+    group, or no reordering), so a lazily computed scale is also taken at the same step."""
+    return grams.shape[0] == 1 or not act_order or int(groups.max(initial=0)) == 0
+
+
+def _gptq_parts(w: np.ndarray, gram: np.ndarray, groups: np.ndarray, spec: WeightQuantSpec, damp: float,
+                act_order: bool, static_groups: bool, lazy_block: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ on P independent parts at once: ``w`` [P, N, K] against ``gram`` [P, K, K] (a grouped Conv's groups;
+    P = 1 for one matrix), every step batched over the parts (:func:`_batchable` must hold). Returns codes
+    [P, N, K] (int32, original column order), scales [P, N, G] (float32), λ [P] and the proxy loss [P]."""
+    n_parts, n_rows, k = w.shape
+    groups = np.asarray(groups, dtype=np.int64)
     n_groups = int(groups.max()) + 1 if k else 0
     qmin, qmax = qrange(int(spec.bits))
     h = torch.from_numpy(np.array(gram, dtype=np.float64))
-    h = (h + h.T) / 2
-    dead = torch.diagonal(h) <= 0
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    h[dead, dead] = 1.0
-    order = (np.argsort(-np.diagonal(h.numpy()), kind="stable") if act_order else np.arange(k)).astype(np.int64)
-    scales = np.zeros((n_rows, n_groups), dtype=np.float32)
+    h = (h + h.transpose(1, 2)) / 2
+    dead = torch.diagonal(h, dim1=1, dim2=2) <= 0                      # [P, K]
+    h = h.masked_fill(dead[:, :, None] | dead[:, None, :], 0.0)
+    h = h + torch.diag_embed(dead.to(h.dtype))
+    diag = torch.diagonal(h, dim1=1, dim2=2).numpy()
+    order = (np.argsort(-diag, axis=1, kind="stable") if act_order else np.tile(np.arange(k), (n_parts, 1))
+             ).astype(np.int64)                                         # [P, K] processing order of each part
+    scales = np.zeros((n_parts, n_rows, n_groups), dtype=np.float32)
     ready = np.zeros(n_groups, dtype=bool)
     if static_groups:
         for g in range(n_groups):
-            scales[:, g] = _scales(w[:, groups == g], None, spec)
+            scales[:, :, g] = _scales(w[:, :, groups == g].reshape(n_parts * n_rows, -1), None,
+                                      spec).reshape(n_parts, n_rows)
         ready[:] = True
     perm = torch.from_numpy(order)
-    wt = torch.from_numpy(w)[:, perm]                            # a copy (advanced indexing), permuted
-    h = h[perm][:, perm]
-    g_perm = groups[order]
+    wt = torch.gather(torch.from_numpy(w), 2, perm[:, None, :].expand(n_parts, n_rows, k)).clone()
+    h = torch.gather(h, 1, perm[:, :, None].expand(n_parts, k, k))
+    h = torch.gather(h, 2, perm[:, None, :].expand(n_parts, k, k))
+    g_perm = groups[order[0]]                                           # the same in every part (_batchable)
     members = [np.flatnonzero(g_perm == g) for g in range(n_groups)]   # processing positions of each group
     u, lam = _upper_cholesky_of_inverse(h, damp)
-    q_out = torch.zeros((n_rows, k), dtype=torch.int32, device="cpu")   # the algorithm runs on the CPU
-    proxy = 0.0
+    q_out = torch.zeros((n_parts, n_rows, k), dtype=torch.int32)       # the algorithm runs on the CPU
+    proxy = torch.zeros(n_parts, dtype=torch.float64)
     lazy_block = max(1, int(lazy_block))
     for i1 in range(0, k, lazy_block):
         i2 = min(i1 + lazy_block, k)
-        w1 = wt[:, i1:i2].clone()
-        err1 = torch.zeros((n_rows, i2 - i1), dtype=torch.float64, device="cpu")
+        w1 = wt[:, :, i1:i2].clone()
+        err1 = torch.zeros((n_parts, n_rows, i2 - i1), dtype=torch.float64)
         for i in range(i2 - i1):
             j = i1 + i
             g = int(g_perm[j])
             if not ready[g]:
                 cols = members[g]                       # all ≥ j: none of them is rounded yet
                 inside, beyond = cols[cols < i2], cols[cols >= i2]
-                vals = torch.empty((n_rows, cols.size), dtype=torch.float64, device="cpu")
-                vals[:, : inside.size] = w1[:, inside - i1]
+                vals = torch.empty((n_parts, n_rows, cols.size), dtype=torch.float64)
+                vals[:, :, : inside.size] = w1[:, :, inside - i1]
                 if beyond.size:
                     bt = torch.from_numpy(beyond)
-                    vals[:, inside.size:] = wt[:, bt] - err1[:, :i] @ u[i1:j, bt]
-                scales[:, g] = _scales(vals.numpy(), None, spec)
+                    vals[:, :, inside.size:] = wt[:, :, bt] - err1[:, :, :i] @ u[:, i1:j][:, :, bt]
+                scales[:, :, g] = _scales(vals.reshape(n_parts * n_rows, -1).numpy(), None,
+                                          spec).reshape(n_parts, n_rows)
                 ready[g] = True
-            s = torch.from_numpy(scales[:, g].astype(np.float64))
-            col = w1[:, i]
+            s = torch.from_numpy(scales[:, :, g].astype(np.float64))        # [P, N]
+            col = w1[:, :, i]
             q = torch.clamp(torch.round(col / s), qmin, qmax)   # torch.round: half to even, like np.rint
-            q_out[:, j] = q.to(torch.int32)
-            d = u[j, j]
-            e = (col - q * s) / d
-            proxy += float((e * e).sum()) / 2
-            w1[:, i:].addr_(e, u[j, j:i2], alpha=-1.0)
-            err1[:, i] = e
+            q_out[:, :, j] = q.to(torch.int32)
+            e = (col - q * s) / u[:, j, j, None]
+            proxy += (e * e).sum(1) / 2
+            w1[:, :, i:] -= e[:, :, None] * u[:, None, j, j:i2]
+            err1[:, :, i] = e
         if i2 < k:
-            wt[:, i2:] -= err1 @ u[i1:i2, i2:]
-    inv = np.argsort(order, kind="stable")
-    q_np = q_out.numpy()[:, inv]
-    return GPTQMatrix(q=q_np, scale=scales, damp=float(lam), proxy_loss=proxy)
+            wt[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
+    inv = torch.from_numpy(np.argsort(order, axis=1, kind="stable"))
+    q_np = torch.gather(q_out, 2, inv[:, None, :].expand(n_parts, n_rows, k)).numpy()
+    return q_np, scales, lam.numpy(), proxy.numpy()
 
 
 def _column_groups(shape: tuple[int, ...], block_size: int | None, out_axis: int, reduce_axis: int) -> np.ndarray:
@@ -208,12 +234,16 @@ def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec,
     part = n_out // n_parts
     q_mat = np.empty((n_out, k), dtype=np.int32)
     s_mat = np.empty((n_out, k), dtype=np.float32)           # the scale of every element
-    for p in range(n_parts):
-        sl = slice(p * part, (p + 1) * part)
-        res = gptq_matrix(mat[sl], grams[p], col_groups, spec, damp=damp, act_order=act_order,
-                          static_groups=static_groups, lazy_block=lazy_block)
-        q_mat[sl] = res.q
-        s_mat[sl] = res.scale[:, col_groups]
+    parts = mat.reshape(n_parts, part, k)
+    # a grouped Conv's parts in one batch where their scales come up at the same steps (a depthwise Conv has
+    # one part per channel: thousands of tiny problems), else one part after the other
+    batches = [slice(0, n_parts)] if _batchable(grams, col_groups, act_order) else \
+        [slice(p, p + 1) for p in range(n_parts)]
+    for sl in batches:
+        q, sc, _, _ = _gptq_parts(parts[sl], grams[sl], col_groups, spec, damp, act_order, static_groups, lazy_block)
+        rows = slice(sl.start * part, sl.stop * part)
+        q_mat[rows] = q.reshape(-1, k)
+        s_mat[rows] = sc.reshape(-1, sc.shape[-1])[:, col_groups]
     del mat
     moved = (n_out,) + tuple(d for i, d in enumerate(w.shape) if i != out_axis)
     back = lambda a: np.ascontiguousarray(np.moveaxis(a.reshape(moved), 0, out_axis))   # noqa: E731
