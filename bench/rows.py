@@ -368,6 +368,8 @@ def _methods() -> list[Method]:
         qb = ["--target", "qdq", "--budget", str(bud)]
         ms += [Method(f"llc_qdq_{k}", f"llc qdq budget {bud:g}", "llc", llc_method(qb, cache="qdq"), target="qdq",
                       issue="9/14"),
+               Method(f"llc_qdq_fid_{k}", f"llc qdq budget {bud:g}, fidelity objective", "llc",
+                      llc_method(qb + ["--objective", "fidelity"], cache="qdq_fid"), target="qdq", issue="9/15"),
                Method(f"hawq_{k}", f"HAWQ-V2 budget {bud:g}", "alloc", alloc_method("hawq", bud), target="qdq",
                       issue="9/14"),
                Method(f"autoquant_{k}", f"AutoQuantize (ModelOpt score) budget {bud:g}", "alloc",
