@@ -212,7 +212,8 @@ class QuantConfig:
         "mse", "--scale", "weight scales: mse (default), minmax, aciq, hqq (half-quadratic, data-free)")
     rounding: Literal["auto", "llc", "nearest", "gptq", "cet", "up", "down"] = opt(
         "auto", "--rounding", "auto (default): LLC sign-directed rounding inside the first-order neighbourhood, "
-        "elsewhere the best of quant.auto_roundings per level, measured on the calibration split; or one of "
+        "elsewhere per level GPTQ unless another of quant.auto_roundings measures better by > 2 standard errors on "
+        "the calibration split; or one of "
         "llc, nearest, gptq (error feedback over the input Gram), cet (error off the Hessian's short axes)")
     auto_roundings: tuple = opt(("nearest", "gptq"), "--auto-roundings",
                                 "the roundings --rounding auto measures outside the neighbourhood "
