@@ -264,7 +264,8 @@ def standing(results: list[dict]) -> list[str]:
             others = [lab for lab in cands if lab != "llc-onnx"]
             out.append(f"| {name} | budget {bud:g} (qdq) | {_desc(cands['llc-onnx'], fl)} | "
                        + "; ".join(f"{lab}: {_desc(cands[lab], fl)}" for lab in others) + f" | {_best(cands)} |")
-        # 3. ONNX Runtime's weight-only quantizers vs the llc row nearest in size at or below theirs (issues 9, 15)
+        # 3. ONNX Runtime's weight-only quantizers vs the llc rows at its size (within 5 % below it; else the one
+        #    nearest in size below) (issues 9, 15)
         llc_rows = [r for r in res["rows"] if r["family"] == "llc" and r.get("status") == "ok"
                     and r.get("test_loss") is not None]
         for key, o in rows.items():
@@ -274,10 +275,11 @@ def standing(results: list[dict]) -> list[str]:
             if not near:
                 out.append(f"| {name} | {o['label']} | no llc row at ≤ its size | {_desc(o, fl)} | – |")
                 continue
-            n_ = max(near, key=lambda r: r["ratio"])
-            better = "llc-onnx" if n_["test_loss"] < o["test_loss"] else "ONNX Runtime"
-            out.append(f"| {name} | {o['label']} vs {n_['label']} | {_desc(n_, fl)} | {_desc(o, fl)} | **{better}** "
-                       f"lower test loss by {abs(n_['test_loss'] - o['test_loss']):.4f} |")
+            close = [r for r in near if r["ratio"] >= o["ratio"] * 0.95] or [max(near, key=lambda r: r["ratio"])]
+            for n_ in close:
+                better = "llc-onnx" if n_["test_loss"] < o["test_loss"] else "ONNX Runtime"
+                out.append(f"| {name} | {o['label']} vs {n_['label']} | {_desc(n_, fl)} | {_desc(o, fl)} | "
+                           f"**{better}** lower test loss by {abs(n_['test_loss'] - o['test_loss']):.4f} |")
         # 4. fidelity vs task objective (issue 9)
         for t in ("cpu", "qdq"):
             a, f = rows.get(f"llc_{t}_lossless"), rows.get(f"llc_{t}_fid_lossless")
