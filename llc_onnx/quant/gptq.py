@@ -60,11 +60,12 @@ def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> tuple[torch.Tens
     """For each of the P matrices h [P, K, K]: U with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H), raised ×10 (up
     to 8 times) until H + λI is PD. Returns U [P, K, K] and λ [P]."""
     n_parts, k = h.shape[0], h.shape[-1]
-    mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1) if k else torch.zeros(n_parts, dtype=h.dtype)
+    mean_diag = (torch.diagonal(h, dim1=-2, dim2=-1).mean(-1) if k else
+                 torch.zeros(n_parts, dtype=h.dtype, device=h.device))
     lam = torch.where(mean_diag > 0, damp * mean_diag, torch.ones_like(mean_diag))
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
     u = torch.zeros_like(h)
-    todo = torch.arange(n_parts)
+    todo = torch.arange(n_parts, device=h.device)
     for _ in range(9):
         chol, info = torch.linalg.cholesky_ex(h[todo] + lam[todo, None, None] * eye)
         ok = info == 0
@@ -132,20 +133,20 @@ def _gptq_parts(w: np.ndarray, gram: np.ndarray, groups: np.ndarray, spec: Weigh
     g_perm = groups[order[0]]                                           # the same in every part (_batchable)
     members = [np.flatnonzero(g_perm == g) for g in range(n_groups)]   # processing positions of each group
     u, lam = _upper_cholesky_of_inverse(h, damp)
-    q_out = torch.zeros((n_parts, n_rows, k), dtype=torch.int32)       # the algorithm runs on the CPU
-    proxy = torch.zeros(n_parts, dtype=torch.float64)
+    q_out = torch.zeros((n_parts, n_rows, k), dtype=torch.int32, device="cpu")   # the algorithm runs on the CPU
+    proxy = torch.zeros(n_parts, dtype=torch.float64, device="cpu")
     lazy_block = max(1, int(lazy_block))
     for i1 in range(0, k, lazy_block):
         i2 = min(i1 + lazy_block, k)
         w1 = wt[:, :, i1:i2].clone()
-        err1 = torch.zeros((n_parts, n_rows, i2 - i1), dtype=torch.float64)
+        err1 = torch.zeros((n_parts, n_rows, i2 - i1), dtype=torch.float64, device="cpu")
         for i in range(i2 - i1):
             j = i1 + i
             g = int(g_perm[j])
             if not ready[g]:
                 cols = members[g]                       # all ≥ j: none of them is rounded yet
                 inside, beyond = cols[cols < i2], cols[cols >= i2]
-                vals = torch.empty((n_parts, n_rows, cols.size), dtype=torch.float64)
+                vals = torch.empty((n_parts, n_rows, cols.size), dtype=torch.float64, device="cpu")
                 vals[:, :, : inside.size] = w1[:, :, inside - i1]
                 if beyond.size:
                     bt = torch.from_numpy(beyond)
