@@ -18,9 +18,9 @@ relative error ‖δ‖/‖W‖ ≤ ``llc_radius`` (inside the neighbourhood), a
 (:func:`choose_per_level`) — one choice per level, not per node, so a rounding is not picked for a node by the
 noise of that node's own measurement. The choice starts from a prior, the first measured rounding of
 :data:`PRIOR` (GPTQ: measured on the test split at uniform int4 it beats nearest rounding on every bench model —
-Fashion-MNIST 0.2388 / 0.2621, EfficientNet-Lite0 1.718 / 5.900, MiniLM's KL to float 0.0042 / 0.0136), and
-another rounding replaces it only when its summed ΔL is lower by more than ``z`` = :data:`CHOICE_Z` standard
-errors of the difference (√(SE_a² + SE_b²), the sums' SEs from the per-node paired SEs; conservative, the two
+Fashion-MNIST 0.2506 / 0.2723, EfficientNet-Lite0 1.718 / 5.900 in bench/RESULTS.md; MiniLM's summed KL to float
+0.0042 / 0.0136), and another rounding replaces it only when its summed ΔL is lower by more than ``z`` =
+:data:`CHOICE_Z` standard errors of the difference (√(SE_a² + SE_b²), the sums' SEs from the per-node paired SEs; conservative, the two
 are measured on the same samples). Seen without that rule: on MiniLM's task loss nearest "won" int4 by 0.8 SE,
 on EfficientNet-Lite0 by 0.3 SE, and both budget plans then carried nearest-rounded int4 nodes.
 
