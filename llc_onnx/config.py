@@ -99,6 +99,14 @@ def _ints(text: str) -> tuple[int, ...]:
         raise ValueError("expected comma-separated integers, e.g. 1,2,3") from None
 
 
+def _block_sizes(text: str) -> int | tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError("expected a block size or comma-separated block sizes, e.g. 32 or 32,128") from None
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -207,7 +215,10 @@ class QuantConfig:
 
     bits: tuple = opt((2, 4, 8, 16, FLOAT), "--bits", "quantization levels per node (default 2,4,8,16,float)",
                       parse=_levels)
-    block_size: int = opt(32, "--block-size", "block along the reduction axis for 2/4-bit (default 32)")
+    block_size: int | tuple = opt(32, "--block-size",
+                                  "block along the reduction axis for 2/4-bit (default 32); several, e.g. 32,128: "
+                                  "each 2/4-bit level is offered at every block size and the knapsack picks one "
+                                  "per node", parse=_block_sizes)
     scale: Literal["mse", "minmax", "aciq", "hqq"] = opt(
         "mse", "--scale", "weight scales: mse (default), minmax, aciq, hqq (half-quadratic, data-free)")
     rounding: Literal["auto", "llc", "nearest", "gptq", "cet", "up", "down"] = opt(
@@ -255,8 +266,11 @@ class QuantConfig:
             _check(b == FLOAT or b in (2, 4, 8, 16), "quant.bits", self.bits,
                    "levels are 2, 4, 8, 16 and float (e.g. 4,8,float)")
         _check(len(self.bits) > 0, "quant.bits", self.bits, "give at least one level")
-        _check(isinstance(self.block_size, int) and self.block_size >= 1, "quant.block_size", self.block_size,
-               "must be an integer ≥ 1")
+        sizes = (self.block_size,) if isinstance(self.block_size, int) else tuple(self.block_size)
+        _check(len(sizes) > 0 and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes),
+               "quant.block_size", self.block_size, "must be an integer ≥ 1 or a list of them (e.g. 32,128)")
+        sizes = tuple(sorted(set(sizes)))
+        object.__setattr__(self, "block_size", sizes[0] if len(sizes) == 1 else sizes)
         _choice("quant.scale", self.scale, ("mse", "minmax", "aciq", "hqq"))
         _choice("quant.rounding", self.rounding, ("auto", "llc", "nearest", "gptq", "cet", "up", "down"))
         object.__setattr__(self, "auto_roundings", tuple(self.auto_roundings))

@@ -44,6 +44,7 @@ __all__ = [
     "SessionSettings",
     "Target",
     "GraphContext",
+    "merge_offers",
     "parse_levels",
 ]
 
@@ -176,6 +177,20 @@ class Offer:
         refused = (("int16", f"16-bit codes take as many bytes as the {float_type} weight"),) \
             if len(kept) < len(self.formats) else ()
         return Offer(self.node, kept, self.refused + refused)
+
+
+def merge_offers(offers: Sequence[Offer], block_sizes: Sequence[int]) -> Offer:
+    """One node's offers at several block sizes as one: every distinct format once (float first, then in the
+    order of ``block_sizes``); a refusal given at every block size once, one given at some only with its
+    block size named (e.g. 2-bit at block 16 on ORT CPU while block 32 is offered)."""
+    if len(offers) == 1:
+        return offers[0]
+    formats = tuple(dict.fromkeys(f for o in offers for f in o.formats))
+    everywhere = set.intersection(*(set(o.refused) for o in offers))
+    refused = list(dict.fromkeys(r for r in offers[0].refused if r in everywhere))
+    for o, b in zip(offers, block_sizes):
+        refused += [(f"{label} b{b}", why) for label, why in o.refused if (label, why) not in everywhere]
+    return Offer(offers[0].node, formats, tuple(dict.fromkeys(refused)))
 
 
 @dataclass(frozen=True)
@@ -334,12 +349,14 @@ class Target(ABC):
 
     # ------------------------------------------------------------------ shared helpers
     def offers(self, model: onnx.ModelProto, nodes: Iterable[CompressibleNode], *,
-               levels: Sequence[int | str] = LEVELS, block_size: int = 32) -> dict[str, Offer]:
-        """:meth:`offer` for every node (one :class:`GraphContext`)."""
+               levels: Sequence[int | str] = LEVELS, block_size: int | Sequence[int] = 32) -> dict[str, Offer]:
+        """:meth:`offer` for every node (one :class:`GraphContext`). Several ``block_size`` values: the union of
+        the offers at each (:func:`merge_offers`), so a blocked level appears once per block size."""
         ctx = GraphContext(model)
         lv = parse_levels(levels)
-        return {n.name: self.offer(n, ctx, levels=lv, block_size=block_size).in_float_type(ctx.float_type(n))
-                for n in nodes}
+        sizes = (block_size,) if isinstance(block_size, int) else tuple(block_size)
+        return {n.name: merge_offers([self.offer(n, ctx, levels=lv, block_size=b) for b in sizes], sizes)
+                .in_float_type(ctx.float_type(n)) for n in nodes}
 
     def offer_series(self, node: CompressibleNode, context: GraphContext, *, bits: Sequence[int] = (2, 4, 8),
                      terms: Sequence[int] = (1, 2, 3, 4), block_size: int = 32) -> Offer:
