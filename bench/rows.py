@@ -333,6 +333,10 @@ def _init(model, name: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ registry
+#: every blocked level offered at blocks 32 and 128, one chosen per node (issue 15's sizes between ORT b32 and b128)
+MIXB = ["--block-size", "32,128"]
+
+
 def _methods() -> list[Method]:
     ms = [Method("fp32", "FP32", "fp32", fp32, latency=True),
           Method("ort_int8", "ORT INT8 QDQ (quantize_static)", "ort", ort_int8, issue="12", latency=True)]
@@ -355,6 +359,14 @@ def _methods() -> list[Method]:
            Method("llc_cpu_fid_at_ortw4", "llc ort-cpu at ORT 4-bit b32's size, fidelity objective", "llc",
                   llc_at_row_size("ort_w4_default_b32", cpu + ["--objective", "fidelity"], cache="cpu_fid"),
                   issue="15", latency=True),
+           Method("llc_cpu_mixb_at_ortw4b128", "llc ort-cpu blocks 32,128 at ORT 4-bit b128's size", "llc",
+                  llc_at_row_size("ort_w4_default_b128", cpu + MIXB, cache="cpu_mixb"), issue="15", latency=True),
+           Method("llc_cpu_mixb_at_ortw4", "llc ort-cpu blocks 32,128 at ORT 4-bit b32's size", "llc",
+                  llc_at_row_size("ort_w4_default_b32", cpu + MIXB, cache="cpu_mixb"), issue="15", latency=True),
+           Method("llc_cpu_mixb_b20", "llc ort-cpu blocks 32,128 budget 0.2", "llc",
+                  llc_method(cpu + MIXB + ["--budget", "0.2"], cache="cpu_mixb"), issue="15", latency=True),
+           Method("llc_cpu_mixb_b125", "llc ort-cpu blocks 32,128 budget 0.125", "llc",
+                  llc_method(cpu + MIXB + ["--budget", "0.125"], cache="cpu_mixb"), issue="15", latency=True),
            Method("llc_trt_lossless", "llc tensorrt lossless", "llc",
                   llc_method(["--target", "tensorrt"], cache="trt", check=check_tensorrt), target="tensorrt",
                   issue="12"),
