@@ -15,7 +15,8 @@ bench.prepare_smollm2`` first; its FP32 weights are a de-quantized Q4_1 GGUF (as
 Measured here (1 thread, shared 2-core box): SmolLM2 ``--whole --bits 4`` (block 32, 0.156× FP32; fit 12 / measure
 4 calibration sequences; held-out 16 sequences, FP32 3.7536): nearest+mse 4.109, nearest+hqq 4.176, GPTQ+mse
 act-order 3.838 (ORT 1.31's best at this size: 4.046). Bundled example ``--whole``: held-out 0.3594 FP32; 4-bit
-nearest 0.3681, GPTQ 0.3595; 2-bit nearest 0.5601, GPTQ 0.4009.
+nearest 0.3681, GPTQ 0.3595; 2-bit nearest 0.5601, GPTQ 0.4009 (as first run; at commit 4da0be8, with the
+context of the current flows: 4-bit nearest 0.3702, GPTQ 0.3618).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 
 from bench.datasets import cache_dir
 from llc_onnx.calib.gram import collect_grams
-from llc_onnx.calib.losses import make_loss
 from llc_onnx.calib.noise import constant, measure
 from llc_onnx.flows.context import create_context
 from llc_onnx.quant import WeightQuantSpec, quantize_weight
@@ -50,13 +50,19 @@ SMOLLM2_NODES = ("/m/model/layers.14/mlp/down_proj/MatMul", "/m/model/layers.15/
 
 
 def _context(model: str, measure_samples: int | None):
+    from llc_onnx.config import CriterionConfig, DataConfig, OptimizeConfig, TargetConfig
+
+    def config(batch_size, samples, loss):
+        return OptimizeConfig(data=DataConfig(batch_size=batch_size, measure_samples=samples),
+                              criterion=CriterionConfig(loss=loss),
+                              target=TargetConfig(name="qdq", measure_latency=False))
+
     if model == "example":
         return create_context(str(REPO / "examples/fashion_cnn.onnx"), str(REPO / "examples/fashion_data.npz"),
-                              batch_size=100, measure_samples=measure_samples or 500,
-                              loss_factory=lambda m: make_loss("ce", m.graph.output[0].name))
+                              config(100, measure_samples or 500, "ce"))
     d = cache_dir() / "smollm2"
-    return create_context(str(d / "smollm2.onnx"), str(d / "calib.npz"), held=str(d / "held.npz"), batch_size=1,
-                          measure_samples=measure_samples or 4, loss_factory=lambda m: make_loss("lm", "logits"))
+    return create_context(str(d / "smollm2.onnx"), str(d / "calib.npz"), config(1, measure_samples or 4, "lm"),
+                          held=str(d / "held.npz"))
 
 
 def _quadratic(delta_mat: np.ndarray, gram: np.ndarray, group: int) -> float:
@@ -131,8 +137,9 @@ def _whole(ctx, args, t0) -> int:
     grams = collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes) if any(
         METHODS[m][0] == "gptq" for m in labels) else {}
     base = ctx.base()
-    print(f"setup {time.perf_counter() - t0:.0f} s; float: measure part {base.mean:.4f}, held-out (ORT) "
-          f"{ctx.held_fp.loss:.4f}\n", flush=True)
+    held_fp = measure(ctx.graph, ctx.test, ctx.loss).mean
+    print(f"setup {time.perf_counter() - t0:.0f} s; float: measure part {base.mean:.4f}, held-out (interpreter) "
+          f"{held_fp:.4f}\n", flush=True)
     print("| bits | method | weight bytes / FP32 | measure-part loss | held-out loss | quantize s |")
     print("|---|---|---|---|---|---|")
     for bits in (int(b) for b in args.bits.split(",")):
@@ -147,7 +154,7 @@ def _whole(ctx, args, t0) -> int:
                 nbytes += qw.nbytes
             secs = time.perf_counter() - t
             m = ctx.measure(fns).mean
-            h = measure(ctx.graph, ctx.held, ctx.loss, fns).mean
+            h = measure(ctx.graph, ctx.test, ctx.loss, fns).mean
             print(f"| {bits} | {label} | {nbytes / ctx.float_bytes():.4f} | {m:.4f} | {h:.4f} | {secs:.0f} |",
                   flush=True)
             del fns
