@@ -81,7 +81,8 @@ def summarize(d: dict) -> dict:
                        "first_plan_passed": st["first_plan_passed"], "backoff_rounds": st["backoff_rounds"],
                        "plans": st["plans"], "cache": st.get("cache"), "bytes": st["bytes"],
                        "refused": (st.get("settings") or {}).get("refused"),
-                       "latency": (st.get("settings") or {}).get("latency")})
+                       "latency": (st.get("settings") or {}).get("latency"),
+                       "joint": (st.get("settings") or {}).get("joint")})
     out["stages"] = stages
     return out
 
