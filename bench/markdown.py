@@ -9,7 +9,6 @@ import math
 import os
 from pathlib import Path
 
-from bench import latency as L
 from bench.rows import BUDGETS
 
 HAND_MARKER = "<!-- hand-run benchmarks: everything below this line is kept by bench.run -->"
