@@ -208,3 +208,25 @@ def test_bad_inputs_are_one_line_errors():
         quantize_weight_gptq(w, np.eye(8), WeightQuantSpec(4, 32, "nope"), 1, 0)
     ok = quantize_weight_gptq(w, np.eye(8), WeightQuantSpec(4, 32, rounding="gptq"), 1, 0)
     assert np.array_equal(ok.dequant, w)                          # ones are exactly on the grid
+
+
+@pytest.mark.parametrize("act_order,static,method,block", [(True, False, "mse", 32), (False, True, "minmax", 32),
+                                                           (True, False, "hqq", None), (False, False, "mse", 16)])
+def test_row_chunks_give_the_same_codes(monkeypatch, act_order, static, method, block):
+    """Rows are rounded in chunks (a large weight then needs chunk-sized working copies): each row's GPTQ reads
+    only H, so codes, scales and the proxy loss do not depend on the chunk size (here 3 rows and a partial last
+    chunk vs all 40 rows at once)."""
+    from llc_onnx.quant import gptq as G
+
+    k, n_out = 72, 40
+    x = _inputs(300, k, seed=3)
+    w = np.random.default_rng(5).normal(size=(n_out, k)) * 0.05
+    h = x.T @ x
+    groups = (np.arange(k) // block) if block else np.zeros(k, dtype=np.int64)
+    spec = WeightQuantSpec(4, block, method)
+    whole = G.gptq_matrix(w, h, groups, spec, act_order=act_order, static_groups=static)
+    monkeypatch.setattr(G, "GPTQ_CHUNK_ELEMENTS", 3 * k)
+    chunked = G.gptq_matrix(w, h, groups, spec, act_order=act_order, static_groups=static)
+    np.testing.assert_array_equal(whole.q, chunked.q)
+    np.testing.assert_array_equal(whole.scale, chunked.scale)
+    assert whole.proxy_loss == pytest.approx(chunked.proxy_loss, rel=1e-12)

@@ -357,3 +357,26 @@ def test_dominated_levels():
     assert dominated_levels({"float": 100, "int8": 104, "int4": 68}) == {"int8"}
     assert dominated_levels({16: 60, 8: 60, 4: 70, 2: 40}) == {8, 4}
     assert dominated_levels({}) == set()
+
+
+@pytest.mark.parametrize("scale", ["minmax", "mse", "aciq", "hqq"])
+@pytest.mark.parametrize("rounding", ["nearest", "llc", "up"])
+@pytest.mark.parametrize("shape, out_axis, reduce_axis, block", [
+    ((40, 24), 1, 0, 16), ((24, 40), 0, 1, None), ((6, 3, 3, 3), 0, 1, 8), ((6, 3, 3, 3), 0, 1, None)])
+def test_row_chunks_change_nothing(monkeypatch, scale, rounding, shape, out_axis, reduce_axis, block):
+    """Rows (channels / blocks) are quantized in chunks to bound the temporaries of a large weight: every
+    decision is one row's, so codes, scales and dequantized values are the same with any chunk size."""
+    from llc_onnx.quant import weights as Wm
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_t(3, size=shape)
+    g = rng.standard_normal(shape)
+    spec = WeightQuantSpec(4, block, scale, rounding)
+    one = quantize_weight(w, spec, out_axis, reduce_axis, grad=g)
+    monkeypatch.setattr(Wm, "ROW_CHUNK_ELEMENTS", 20)   # a few rows per chunk, and a last partial chunk
+    chunked = quantize_weight(w, spec, out_axis, reduce_axis, grad=g)
+    assert one.q.dtype == chunked.q.dtype == np.int32
+    np.testing.assert_array_equal(one.q, chunked.q)
+    np.testing.assert_array_equal(one.scale, chunked.scale)
+    np.testing.assert_array_equal(one.dequant, chunked.dequant)
+    assert one.nbytes == chunked.nbytes

@@ -45,6 +45,9 @@ from .weights import (QuantizedWeight, WeightQuantSpec, _check_spec, _checked_we
 
 __all__ = ["GPTQMatrix", "gptq_matrix", "quantize_weight_gptq"]
 
+#: rows × K elements per chunk of rows in :func:`_gptq_parts` (a few MB of float64 working copies per chunk)
+GPTQ_CHUNK_ELEMENTS = 1 << 20
+
 
 @dataclass(frozen=True)
 class GPTQMatrix:
@@ -110,7 +113,6 @@ def _gptq_parts(w: np.ndarray, gram: np.ndarray, groups: np.ndarray, spec: Weigh
     n_parts, n_rows, k = w.shape
     groups = np.asarray(groups, dtype=np.int64)
     n_groups = int(groups.max()) + 1 if k else 0
-    qmin, qmax = qrange(int(spec.bits))
     h = torch.from_numpy(np.array(gram, dtype=np.float64))
     h = (h + h.transpose(1, 2)) / 2
     dead = torch.diagonal(h, dim1=1, dim2=2) <= 0                      # [P, K]
@@ -119,6 +121,36 @@ def _gptq_parts(w: np.ndarray, gram: np.ndarray, groups: np.ndarray, spec: Weigh
     diag = torch.diagonal(h, dim1=1, dim2=2).numpy()
     order = (np.argsort(-diag, axis=1, kind="stable") if act_order else np.tile(np.arange(k), (n_parts, 1))
              ).astype(np.int64)                                         # [P, K] processing order of each part
+    perm = torch.from_numpy(order)
+    h = torch.gather(h, 1, perm[:, :, None].expand(n_parts, k, k))
+    h = torch.gather(h, 2, perm[:, None, :].expand(n_parts, k, k))
+    g_perm = groups[order[0]]                                           # the same in every part (_batchable)
+    members = [np.flatnonzero(g_perm == g) for g in range(n_groups)]   # processing positions of each group
+    u, lam = _upper_cholesky_of_inverse(h, damp)
+    inv = torch.from_numpy(np.argsort(order, axis=1, kind="stable"))
+    q_np = np.empty((n_parts, n_rows, k), dtype=np.int32)
+    scales = np.zeros((n_parts, n_rows, n_groups), dtype=np.float32)
+    proxy = torch.zeros(n_parts, dtype=torch.float64, device="cpu")
+    # every row (output) is rounded against the same H alone: rows run in chunks, so a large weight (a 28 M-weight
+    # lm_head) needs chunk-sized float64 working copies, not weight-sized ones
+    step = max(1, GPTQ_CHUNK_ELEMENTS // max(1, n_parts * k))
+    for r0 in range(0, n_rows, step):
+        rows = slice(r0, min(r0 + step, n_rows))
+        q_c, s_c, p_c = _gptq_rows(w[:, rows], perm, u, g_perm, members, groups, spec, static_groups, lazy_block)
+        q_np[:, rows] = torch.gather(q_c, 2, inv[:, None, :].expand(*q_c.shape)).numpy()
+        scales[:, rows] = s_c
+        proxy += p_c
+    return q_np, scales, lam.numpy(), proxy.numpy()
+
+
+def _gptq_rows(w: np.ndarray, perm: torch.Tensor, u: torch.Tensor, g_perm: np.ndarray, members: list[np.ndarray],
+               groups: np.ndarray, spec: WeightQuantSpec, static_groups: bool, lazy_block: int
+               ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """The column loop of :func:`_gptq_parts` for some rows ``w`` [P, n, K] (original column order): codes
+    [P, n, K] in processing order (int32), scales [P, n, G] and the proxy loss [P] of these rows."""
+    n_parts, n_rows, k = w.shape
+    n_groups = len(members)
+    qmin, qmax = qrange(int(spec.bits))
     scales = np.zeros((n_parts, n_rows, n_groups), dtype=np.float32)
     ready = np.zeros(n_groups, dtype=bool)
     if static_groups:
@@ -126,13 +158,7 @@ def _gptq_parts(w: np.ndarray, gram: np.ndarray, groups: np.ndarray, spec: Weigh
             scales[:, :, g] = _scales(w[:, :, groups == g].reshape(n_parts * n_rows, -1), None,
                                       spec).reshape(n_parts, n_rows)
         ready[:] = True
-    perm = torch.from_numpy(order)
     wt = torch.gather(torch.from_numpy(w), 2, perm[:, None, :].expand(n_parts, n_rows, k)).clone()
-    h = torch.gather(h, 1, perm[:, :, None].expand(n_parts, k, k))
-    h = torch.gather(h, 2, perm[:, None, :].expand(n_parts, k, k))
-    g_perm = groups[order[0]]                                           # the same in every part (_batchable)
-    members = [np.flatnonzero(g_perm == g) for g in range(n_groups)]   # processing positions of each group
-    u, lam = _upper_cholesky_of_inverse(h, damp)
     q_out = torch.zeros((n_parts, n_rows, k), dtype=torch.int32, device="cpu")   # the algorithm runs on the CPU
     proxy = torch.zeros(n_parts, dtype=torch.float64, device="cpu")
     lazy_block = max(1, int(lazy_block))
@@ -154,7 +180,7 @@ def _gptq_parts(w: np.ndarray, gram: np.ndarray, groups: np.ndarray, spec: Weigh
                 scales[:, :, g] = _scales(vals.reshape(n_parts * n_rows, -1).numpy(), None,
                                           spec).reshape(n_parts, n_rows)
                 ready[g] = True
-            s = torch.from_numpy(scales[:, :, g].astype(np.float64))        # [P, N]
+            s = torch.from_numpy(scales[:, :, g].astype(np.float64))        # [P, n]
             col = w1[:, :, i]
             q = torch.clamp(torch.round(col / s), qmin, qmax)   # torch.round: half to even, like np.rint
             q_out[:, :, j] = q.to(torch.int32)
@@ -164,9 +190,7 @@ def _gptq_parts(w: np.ndarray, gram: np.ndarray, groups: np.ndarray, spec: Weigh
             err1[:, :, i] = e
         if i2 < k:
             wt[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
-    inv = torch.from_numpy(np.argsort(order, axis=1, kind="stable"))
-    q_np = torch.gather(q_out, 2, inv[:, None, :].expand(n_parts, n_rows, k)).numpy()
-    return q_np, scales, lam.numpy(), proxy.numpy()
+    return q_out, scales, proxy
 
 
 def _column_groups(shape: tuple[int, ...], block_size: int | None, out_axis: int, reduce_axis: int) -> np.ndarray:

@@ -21,7 +21,8 @@ the threshold |r|^(p−1)/β exceeds every rounding error r, so e = 0 and step 3
 for the current codes (a Lloyd step) — in the reference too, where it is the least-squares zero point.
 
 Deviation: the monitored criterion is the lp error itself (the reference monitors mean |w − ŵ|); each group
-keeps the best scale seen (never worse than its start), and the rounds stop when no group improved.
+keeps the best scale seen (never worse than its start), and every group runs all rounds (the reference stops
+early; a stop on "no group improved" would make a group's scale depend on the groups quantized with it).
 
 Start. ``start="minmax"`` (default, the reference's start) makes it a local refinement of the min-max scale:
 it clips little, and its L2 error stays close to the MSE grid search. ``start="grid"`` starts from the best of a
@@ -102,8 +103,8 @@ def hqq_scales(rows: np.ndarray, bits: int, *, lp_norm: float = HQQ_LP_NORM, bet
         s32 = _to_f32_scale(np.where(ok, num / np.where(ok, den, 1.0), s) * (absmax > 0))
         beta *= kappa
         err = lp_error(w, s32, bits, lp_norm)
+        # every row runs all iterations and keeps its best (no early stop when no row improves: that would make
+        # a row's scale depend on the other rows quantized with it, e.g. on quantize_weight's chunks of rows)
         better = err < best_err
-        if not better.any():
-            break
         best, best_err = np.where(better, s32, best), np.where(better, err, best_err)
     return best.astype(np.float32)

@@ -92,6 +92,8 @@ ACIQ_LAPLACE = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.20, 6: 7.41, 7: 8.64, 8: 9.89}
 MSE_RATIOS = np.linspace(0.3, 1.0, 100)
 
 _F32_TINY = float(np.finfo(np.float32).tiny)
+#: elements per chunk of rows in :func:`quantize_weight` (each row is decided alone: the chunking changes no value)
+ROW_CHUNK_ELEMENTS = 1 << 20
 #: stored scale types: name -> numpy type (bfloat16 from ml_dtypes) and bytes per scale
 FLOAT_TYPES = ("float32", "float16", "bfloat16")
 
@@ -390,7 +392,7 @@ def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_
     reduction and returned in the matrix layout (module docstring)."""
     _check_spec(spec)
     w, out_axis, reduce_axis = _checked_weight(w, out_axis, reduce_axis, "weight quant", min_ndim=1)
-    w64 = w.astype(np.float64)
+    w64 = np.asarray(w, dtype=np.float64)  # no copy of a float64 weight (a large one is not held twice)
     if spec.rounding == "llc":
         if grad is None:
             raise LLCError("weight quant: rounding='llc' needs the loss gradient of the weight (grad=...); "
@@ -413,10 +415,21 @@ def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_
     lay = _Groups(w64.shape, bs, out_axis, reduce_axis)
     rows = lay.to_rows(w64)
     grows = lay.to_rows(grad) if spec.rounding == "llc" else None
-    s32 = _scales(rows, lay.mask(), spec)
-    q_rows = _round(rows, grows, s32.astype(np.float64), spec)
-    dq_rows = q_rows.astype(np.float32) * s32[:, None]
-    q = np.ascontiguousarray(lay.from_rows(q_rows)).astype(np.int32)
+    mask = lay.mask()
+    # every scale and rounding decision is one row's (a channel or block): done in chunks of rows, whose float64
+    # temporaries stay small (LLC rounding holds ~15 row-sized arrays: 3.5 GB at once for a 28 M-weight lm_head)
+    s32 = np.empty(rows.shape[0], dtype=np.float32)
+    q_rows = np.empty(rows.shape, dtype=np.int32)
+    dq_rows = np.empty(rows.shape, dtype=np.float32)
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    for a in range(0, rows.shape[0], step):
+        c = slice(a, a + step)
+        s32[c] = _scales(rows[c], None if mask is None else mask[c], spec)
+        qc = _round(rows[c], None if grows is None else grows[c], s32[c].astype(np.float64), spec)
+        q_rows[c] = qc
+        dq_rows[c] = qc.astype(np.float32) * s32[c, None]
+    del rows, grows
+    q = np.ascontiguousarray(lay.from_rows(q_rows))
     dequant = np.ascontiguousarray(lay.from_rows(dq_rows).reshape(shape)).astype(np.float32, copy=False)
     scale = np.ascontiguousarray(lay.scale_from_rows(s32)).astype(np.float32, copy=False)
     nbytes = -(-int(spec.bits) * int(w.size) // 8) + scale_bytes(spec.float_type) * int(scale.size)
