@@ -284,17 +284,23 @@ def _llc_cause(exc: BaseException | None) -> LLCError | None:
 
 
 def apply_passes(model: onnx.ModelProto, passes: Sequence[ir.passes.PassBase], *,
-                 remove_unused: bool = True) -> onnx.ModelProto:
+                 remove_unused: bool = True, replaced: Iterable[str] = ()) -> onnx.ModelProto:
     """Run in-place onnx-ir passes on a copy of ``model`` with an ``onnx_ir.passes.PassManager``, followed by
     onnx-ir's ``RemoveUnusedNodesPass`` (``remove_unused``: the weights the passes replaced, and any other node
     or initializer nothing reads); return the new ModelProto. ``model`` is not modified (it is copied first:
     onnx-ir wraps the proto's tensors without copying them, and renaming an initializer would rename the
     proto's). A pass's :class:`LLCError` comes out as itself, not wrapped in onnx-ir's ``PassError``; the
-    passes' results stay on them (``pass.result``)."""
+    passes' results stay on them (``pass.result``).
+
+    ``replaced``: names of the nodes whose weights the passes write anew. The copy then leaves out the data of
+    the initializers only those nodes read (:func:`weights_only_read_by`): a large model is not copied whole
+    for every plan built. Should a pass keep such a weight after all, the passes run again on a full copy."""
     if not isinstance(model, onnx.ModelProto):
         raise LLCError(f"expected an onnx.ModelProto, got {type(model).__name__}; load the model first")
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    from ..model_io import _copy
+
+    skip = weights_only_read_by(model, replaced) if remove_unused else set()
+    copy = _copy(model, skip_data=dict.fromkeys(skip))
     steps = [*passes, RemoveUnusedNodesPass()] if remove_unused else list(passes)
     if not steps:
         return copy
@@ -305,4 +311,33 @@ def apply_passes(model: onnx.ModelProto, passes: Sequence[ir.passes.PassBase], *
         if cause is None:
             raise
         raise cause from None
-    return ir.serde.serialize_model(result.model)
+    out = ir.serde.serialize_model(result.model)
+    if skip and any(t.name in skip for t in out.graph.initializer):    # a left-out weight survived: no shortcut
+        return apply_passes(model, passes, remove_unused=remove_unused)
+    return out
+
+
+def weights_only_read_by(model: onnx.ModelProto, nodes: Iterable[str]) -> set[str]:
+    """Initializers of the main graph that are read by the named nodes and by nothing else (no other node, no
+    graph output, no subgraph by name)."""
+    names = set(nodes)
+    if not names:
+        return set()
+    inits = {t.name for t in model.graph.initializer}
+    mine, others = set(), {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        (mine if node.name in names else others).update(i for i in node.input if i in inits)
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                others.update(_names_read(g))
+    return mine - others
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    out = set()
+    for node in graph.node:
+        out.update(node.input)
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                out.update(_names_read(g))
+    return out

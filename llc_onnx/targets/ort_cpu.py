@@ -263,7 +263,8 @@ class OrtCpuTarget(Target):
         passes = [FusePadIntoConvPass()] if w8 else []        # exact; keeps Pad → Q/DQ → Conv integer
         out = apply_passes(model, [*passes, W8A8Pass(w8, join_adds=True),
                                    MatMulNBitsPass(mnb, accuracy_level=levels, unsupported="error"),
-                                   SeriesPass(conv), SeriesPass(mm, form="nbits", accuracy_level=ACCURACY_LEVEL)])
+                                   SeriesPass(conv), SeriesPass(mm, form="nbits", accuracy_level=ACCURACY_LEVEL)],
+                           replaced=[n for n, p in plans.items() if p.format.kind != "float"])
         written = {n: p.format.name for n, p in plans.items() if p.format.kind != "float"}
         return Rewrite(model=out, written=written)
 

@@ -111,5 +111,5 @@ class OrtCudaTarget(Target):
         mnb = {n: p.weight for n, p in plans.items() if p.format.kind == "matmulnbits"}
         series = {n: p.weight for n, p in plans.items() if p.format.kind == "series"}
         out = apply_passes(model, [MatMulNBitsPass(mnb, accuracy_level=0, bias_input=False, unsupported="error"),
-                                   SeriesPass(series, form="nbits", accuracy_level=0)])
+                                   SeriesPass(series, form="nbits", accuracy_level=0)], replaced=[*mnb, *series])
         return Rewrite(model=out, written={n: p.format.name for n, p in plans.items() if p.format.kind != "float"})

@@ -95,7 +95,7 @@ class QdqTarget(Target):
         series = {n: p.weight for n, p in plans.items() if p.format.kind == "series"}
         qdq = QDQPass(weights, acts)
         series_pass = SeriesPass(series, form=self.series_form)
-        out = apply_passes(model, [qdq, series_pass])
+        out = apply_passes(model, [qdq, series_pass], replaced=[*weights, *series])
         notes = qdq.result.notes() + series_pass.result.notes()
         return Rewrite(model=out, written={n: f.name for n, f in ((n, p.format) for n, p in plans.items())
                                            if f.kind != "float"}, notes=notes)

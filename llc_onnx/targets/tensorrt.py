@@ -390,7 +390,7 @@ class TensorRTTarget(Target):
         w8 = {n: W8A8Plan(weight=p.weight, input=p.input, output=None, int32_bias=False)
               for n, p in plans.items() if p.format.kind == "w8a8"}
         w4 = {n: p.weight for n, p in plans.items() if p.format.kind == "qdq"}
-        out = apply_passes(model, [W8A8Pass(w8), QDQPass(w4, explicit_zero_point=False)])
+        out = apply_passes(model, [W8A8Pass(w8), QDQPass(w4, explicit_zero_point=False)], replaced=[*w8, *w4])
         series = {n: p.weight for n, p in plans.items() if p.format.kind == "series"}
         if series:
             out = write_series_plugins(out, series)
