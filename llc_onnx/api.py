@@ -111,6 +111,7 @@ def _stage(ctx, outcome, tolerance: float):
     from .verify import select_plan
 
     crit = ctx.config.criterion
+    ctx.restore_weights()  # the plans are written from the model's weights
     with ctx.timer.stage("validate"), ctx.progress.task("measuring plans on validation",
                                                         len(outcome.plans) + crit.max_rounds) as advance:
         sel = select_plan(outcome.build, outcome.ladders, outcome.plans,

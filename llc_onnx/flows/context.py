@@ -111,6 +111,7 @@ class FlowContext:
     _base: LossSamples | None = None
     _snapshots: list | None = None  # per measure batch: interpreter.Snapshots of the unmodified run
     _float_bytes: int | None = None  # a later stage keeps the original model's float bytes as its reference
+    _hold: "_Hold" = field(default_factory=lambda: _Hold())  # shared by dataclasses.replace copies (same graph)
 
     # -- measurements in the interpreter -----------------------------------------------------------
     def base(self) -> LossSamples:
@@ -135,6 +136,7 @@ class FlowContext:
         """(fit, measure) gradient passes over the two calibration parts — one pass over the calibration data
         in all. The measure pass needs only the mean gradient (and the activation-noise predictions); with a
         single calibration batch both are the same pass."""
+        self.hold_weights()
         in_sample = self.fit_data is self.measure_data
         measure_pass = _spilled(collect_gradients(self.graph, self.measure_data, self.loss, self.nodes,
                                                   act_candidates, progress, magnitudes=in_sample))
@@ -143,6 +145,34 @@ class FlowContext:
         return _spilled(collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress)), \
             measure_pass
 
+    # -- one copy of the weights -----------------------------------------------------------------
+    def hold_weights(self) -> None:
+        """While the interpreter measures (gradients, candidates, Gram matrices, joint measurements), let it
+        hold the large float weights alone: ``model`` becomes the structure copy the interpreter was built from
+        (:func:`interpreter_for`), and the full proto — a second copy of every weight, 0.65 GB on SmolLM2 — is
+        dropped. :meth:`restore_weights` writes the same bytes back before anything reads the weights from the
+        model (rewrites, ONNX Runtime, the latency table). A no-op unless the weights are large, or when the
+        interpreter was not built from a structure copy."""
+        h = self._hold
+        if h.structure is None or h.names or self.graph.params_released:
+            return
+        h.names = frozenset(t.name for t in h.structure.graph.initializer if _data_left_out(t))
+        if h.names:
+            self.model = h.structure
+            release()
+
+    def restore_weights(self) -> None:
+        """Undo :meth:`hold_weights`: each held initializer gets its data back from the interpreter's tensor, in
+        the initializer's own type (exact: the interpreter holds float32 copies of float32/16 and bfloat16
+        values), so ``model`` serializes to the bytes it had."""
+        h = self._hold
+        if not h.names:
+            return
+        for t in h.structure.graph.initializer:
+            if t.name in h.names:
+                t.raw_data = _raw_bytes(self.graph.params[t.name], t.data_type)
+        h.names = frozenset()
+
     def release_interpreter(self) -> None:
         """After the last measurement: drop the interpreter's copy of the weights and the snapshots of the
         unmodified run (validation, test and latency run in ONNX Runtime). A later use of the interpreter (e.g.
@@ -150,6 +180,7 @@ class FlowContext:
         again."""
         from ..memory import release
 
+        self.restore_weights()
         self.graph.release_params(self.model)
         self._snapshots = None  # (the base losses stay: a later measurement then runs from the inputs)
         self._weights.clear()
@@ -199,6 +230,54 @@ class FlowContext:
         return {"fit": self.fit_data.source, "measure": self.measure_data.source,
                 "fit_samples": self.fit_data.n_samples, "measure_samples": self.measure_data.n_samples,
                 "in_sample": self.in_sample}
+
+
+#: float initializers of at least this many bytes are held by the interpreter alone while it measures
+HOLD_BYTES = 1 << 20
+
+
+@dataclass
+class _Hold:
+    """The structure copy of a context's model (``interpreter_for``) and the initializers whose data only the
+    interpreter holds now (:meth:`FlowContext.hold_weights`); one object for a context and its
+    ``dataclasses.replace`` copies, which share the interpreter."""
+
+    structure: onnx.ModelProto | None = None
+    names: frozenset = frozenset()
+
+
+def _holdable(t: onnx.TensorProto) -> bool:
+    """A float initializer whose data :meth:`FlowContext.hold_weights` may leave to the interpreter: large, in
+    ``raw_data``, and with no field a structure copy (``model_io._copy``) would lose, so restoring ``raw_data``
+    gives the proto back byte for byte."""
+    return (t.data_type in _ITEMSIZE and len(t.raw_data) >= HOLD_BYTES
+            and {fd.name for fd, _ in t.ListFields()} <= {"dims", "data_type", "name", "raw_data"})
+
+
+def _data_left_out(t: onnx.TensorProto) -> bool:
+    """An initializer of a structure copy whose data was left out (dims but no data)."""
+    return not t.raw_data and t.data_type in _ITEMSIZE and math.prod(t.dims) > 0 and not t.float_data \
+        and not t.int32_data
+
+
+def _raw_bytes(tensor: torch.Tensor, data_type: int) -> bytes:
+    """``tensor`` (the interpreter's float32/float64 copy of an initializer) as ``raw_data`` of ``data_type``."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return tensor.detach().cpu().numpy().astype(tensor_dtype_to_np_dtype(data_type)).tobytes()
+
+
+def interpreter_for(model: onnx.ModelProto, dtype: torch.dtype, device) -> tuple[TorchGraph, onnx.ModelProto | None]:
+    """(interpreter, structure copy or None): a model with large float weights (:func:`_holdable`) gets an
+    interpreter built from a copy of its structure without their data, reading the weights from ``model``,
+    so that nothing in the interpreter points into ``model``'s proto (see :meth:`FlowContext.hold_weights`)."""
+    from ..model_io import _copy
+
+    large = {t.name for t in model.graph.initializer if _holdable(t)}
+    if not large:
+        return TorchGraph(model, dtype=dtype, device=device), None
+    structure = _copy(model, skip_data=dict.fromkeys(large))
+    return TorchGraph(structure, dtype=dtype, device=device, weights=model), structure
 
 
 def _initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -362,13 +441,14 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
             fit, meas = fit_t, meas_t
             val_ds = calib if val_is_calib else teacher_dataset(val_ds, run_float)
             test = teacher_dataset(test, run_float)
-        graph = TorchGraph(prepared, dtype=torch.float32, device=config.device.device)
+        graph, structure = interpreter_for(prepared, torch.float32, config.device.device)
     if fit is meas:
         notes.append("fit and measure parts coincide (one calibration batch): measured costs are in-sample; "
                      "give more calibration data")
     ctx = FlowContext(source, prepared, found, skipped, graph, loss, objective, calib, val_ds, test, fit, meas,
                       None, None, session, config, target, timer, progress or Silent(), notes, task_loss,
                       task_test)
+    ctx._hold = _Hold(structure)
     ctx.executor = parallel_executor()  # in-process, or shards across the workers' ranks (flows.parallel)
     with timer.stage("baseline"):
         ctx.calib_fp = ctx.evaluate(prepared, calib, samples=True)
@@ -398,7 +478,7 @@ def derive_context(ctx: FlowContext, model: onnx.ModelProto) -> FlowContext:
     """A context for a further stage on ``model`` (e.g. quantizing low-rank factors): same data, loss and
     splits, and the *original* float model's losses as the reference every stage is judged against."""
     found, skipped = find_compressible(model)
-    return dataclasses.replace(ctx, model=model, nodes=found, skipped=skipped,
-                               graph=TorchGraph(model, dtype=ctx.graph.dtype, device=ctx.graph.device),
+    graph, structure = interpreter_for(model, ctx.graph.dtype, ctx.graph.device)
+    return dataclasses.replace(ctx, model=model, nodes=found, skipped=skipped, graph=graph,
                                timer=StageTimer(), _weights={}, _base=None, _snapshots=None,
-                               _float_bytes=ctx.float_bytes())
+                               _float_bytes=ctx.float_bytes(), _hold=_Hold(structure))

@@ -31,6 +31,7 @@ def latency_model(ctx, formats):
     feeds = feeds_at(ctx)
     batch = next(iter(feeds))
     fmts = {n: list(o.formats) for n, o in formats.offers.items()}
+    ctx.restore_weights()  # the micro-benchmarks read the nodes' weights from the model
     table = measure_latency_table(ctx.target, ctx.model, feeds, fmts, threads=ctx.config.device.threads,
                                   cache_dir=ctx.config.cache_dir)
     e2e = table.end_to_end[batch].min_ms

@@ -217,9 +217,16 @@ class TorchGraph:
     ``params``: float initializers as leaf tensors in ``dtype`` on ``device`` (``requires_grad`` off;
     turn it on with :meth:`requires_grad_`). ``input_names`` / ``output_names``: graph inputs (excluding
     initializers) and outputs.
+
+    ``weights``: where the initializers' data is read from when not from ``model`` itself — a model with the same
+    initializers (names, types, shapes) whose data ``model`` may leave out. So the graph can be built from a copy
+    of the structure only and hold no reference into a large model's proto (a proto's memory lives as long as
+    anything points into it): :func:`llc_onnx.flows.context.create_context` then drops that proto while the
+    interpreter holds the weights.
     """
 
-    def __init__(self, model: onnx.ModelProto, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, model: onnx.ModelProto, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 *, weights: onnx.ModelProto | None = None):
         if dtype not in (torch.float32, torch.float64):
             raise LLCError(f"interpreter dtype {dtype}: not supported; use torch.float32 or torch.float64")
         self.dtype = dtype
@@ -244,7 +251,7 @@ class TorchGraph:
                 for a in proto.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         self.elem_types[proto.output[0]] = int(a.t.data_type)
-        for name, t in self._initializers(graph):
+        for name, t in self._initializers(graph if weights is None else weights.graph):
             if t.is_floating_point():
                 self.params[name] = t
             else:
