@@ -181,6 +181,8 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
             done, ctx = ctx, derive_context(ctx, current)
             done.release_interpreter()  # the previous stage measures nothing more (its model's weights, 0.65 GB
             #                             on SmolLM2, would otherwise stay through every later stage)
+            if done is not first:
+                done.drop_model()
         outcome = _run_method(ctx, method)
         if i == len(config.stages) - 1:
             ctx.release_interpreter()  # the last stage's measurements are done: validation and test run in ORT
@@ -191,6 +193,9 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
     # the final and the float model as ONNX Runtime reads them: a large one written to files once for every
     # session below
     cur_in, ref_in = SessionInput(current), SessionInput(first.model)
+    if not isinstance(ref_in.source, onnx.ModelProto):  # written as files: no later step reads the float proto
+        for c in (first, ctx):
+            c.drop_model()
     release()
     with first.timer.stage("calibration check"):
         calib_c = first.evaluate(cur_in.source, first.calib, samples=True)

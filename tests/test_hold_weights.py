@@ -55,3 +55,25 @@ def test_holdable_only_plain_raw_float_tensors():
     ints = onnx.numpy_helper.from_array(np.ones((4, 4), np.int64), "i")
     for t in (typed, doc, ints):
         assert not C._holdable(t)
+
+
+def test_models_dropped_once_written_as_files(tmp_path, monkeypatch):
+    """When the final and float models reach ONNX Runtime as files, the contexts let go of their protos before
+    the calibration check and the test split; the verdict and the written bytes do not change (here every
+    model is made "large" so that it is written as files; two stages, so an intermediate context exists)."""
+    from llc_onnx import ort_eval
+
+    extra = ["--method", "lowrank,quant", "--mode", "compact"]
+    plain, res_plain = _run(tmp_path, "plain", extra)
+    monkeypatch.setattr(ort_eval, "SESSION_FILE_BYTES", 1)
+    dropped = []
+    orig = C.FlowContext.drop_model
+
+    def spy(self):
+        dropped.append(self.model is not None)
+        orig(self)
+    monkeypatch.setattr(C.FlowContext, "drop_model", spy)
+    files, res_files = _run(tmp_path, "files", extra)
+    assert dropped and all(dropped)
+    assert files == plain
+    assert res_files["splits"]["test"] == res_plain["splits"]["test"]

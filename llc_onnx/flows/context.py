@@ -186,6 +186,14 @@ class FlowContext:
         self._weights.clear()
         release()
 
+    def drop_model(self) -> None:
+        """After the last read of this context's model and interpreter (the final and float models are files by
+        then): let go of the proto and the interpreter, which point into it; the float bytes stay known."""
+        self.float_bytes()
+        self.model, self.graph, self._hold = None, None, _Hold()
+        self._weights.clear()
+        self._snapshots = None
+
     # -- ONNX Runtime ------------------------------------------------------------------------------
     def evaluate(self, model: onnx.ModelProto, data: Dataset, samples: bool = False) -> Evaluation:
         """``model`` on ``data`` in the verdict's session (the deployment target's)."""
