@@ -171,7 +171,8 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
     tolerance = config.criterion.verdict_tolerance(ctx.objective)
     first = ctx
     stages: list[StageResult] = []
-    current = ctx.model
+    current = None  # each stage's output (not ctx.model: a reference here would keep the full proto alive while
+    #                 the interpreter holds the weights, FlowContext.hold_weights)
     for i, method in enumerate(config.stages):
         if i and set(stages[-1].levels) <= {"full", "float"}:
             # the previous stage kept every node: the next works on the same model and context (its
