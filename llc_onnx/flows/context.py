@@ -50,7 +50,7 @@ from ..errors import LLCError
 from ..interpreter import TorchGraph
 from ..memory import Spill, drop_mapped_pages, release
 from ..model_io import load_model, prepare_model
-from ..ort_eval import Evaluation, SessionConfig, evaluate, make_session, resolve_output
+from ..ort_eval import Evaluation, SessionConfig, SessionInput, evaluate, make_session, resolve_output
 from ..progress import Progress, Silent, StageTimer
 from .parallel import executor as parallel_executor
 
@@ -433,8 +433,11 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
             objective = "task" if labelled else "fidelity"
         fit, meas = fit_measure_split(calib, config.data.measure_samples, config.data.seed)
         loss, task_loss, task_test = task, None, None
+        # the float model as ONNX Runtime reads it: a large one as files (ort_eval.SessionInput), so no session
+        # made below serializes the whole proto into memory first (+1 GB on SmolLM2 when it did)
+        float_in = SessionInput(prepared)
         if objective == "fidelity":
-            ref = make_session(prepared, dataclasses.replace(session, threads=1))  # numbers independent of threads
+            ref = make_session(float_in.source, dataclasses.replace(session, threads=1))  # independent of threads
 
             def run_float(inputs):
                 return ref.run([task.output], inputs)[0]
@@ -458,9 +461,9 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
                       task_test)
     ctx._hold = _Hold(structure)
     ctx.executor = parallel_executor()  # in-process, or shards across the workers' ranks (flows.parallel)
-    with timer.stage("baseline"):
-        ctx.calib_fp = ctx.evaluate(prepared, calib, samples=True)
-        ctx.val_fp = ctx.calib_fp if val_ds is calib else ctx.evaluate(prepared, val_ds, samples=True)
+    with timer.stage("baseline"), float_in:
+        ctx.calib_fp = ctx.evaluate(float_in.source, calib, samples=True)
+        ctx.val_fp = ctx.calib_fp if val_ds is calib else ctx.evaluate(float_in.source, val_ds, samples=True)
     return ctx
 
 
