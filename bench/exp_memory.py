@@ -5,7 +5,9 @@
 Runs ``llc_onnx.optimize`` on a bench model (``bench.models``: the prepared files in the cache) with the bench's
 batch size and measure samples, samples this process's RSS (``/proc/self/status`` VmRSS) every 20 ms, and
 attributes each sample to the stage running then (``progress.StageTimer`` names: load, baseline, gradients,
-candidates, validate, ...). Prints one JSON object: wall time, ``ru_maxrss`` (the kernel's peak), the peak and
+candidates, validate, ...), and reads the kernel's exact high-water mark at every stage boundary (VmHWM, reset
+after each read: ``exact_peaks_GB``, to the innermost stage running; "start" is before the first stage and
+between stages). The samples miss what happens while a C call holds the GIL; the high-water marks do not. Prints one JSON object: wall time, ``ru_maxrss`` (the kernel's peak), the peak and
 the RSS at entry/exit of every stage. Extra settings: ``--set section.field=value`` (parsed like the CLI flag).
 With ``device.workers > 1`` only this process (rank 0) is measured; each worker holds its own replica.
 """
@@ -26,6 +28,26 @@ def rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def high_water() -> int:
+    """The kernel's peak RSS of this process since the last :func:`reset_high_water` (VmHWM), in bytes: exact,
+    where a sampler misses what happens while a C call holds the GIL (protobuf, ONNX Runtime session creation)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_high_water() -> bool:
+    """Reset VmHWM to the current RSS (``/proc/self/clear_refs`` 5); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _values(pairs: list[str]) -> dict:
@@ -68,8 +90,16 @@ def main(argv=None) -> int:
     values.update(_values(a.set))
     cfg = with_values(OptimizeConfig(), values)
 
-    state = {"stage": "start", "peaks": {}, "log": []}
+    state = {"stage": "start", "peaks": {}, "exact": {}, "log": []}
     t0 = time.time()
+    exact_ok = reset_high_water()
+
+    def boundary():
+        """The exact peak of the interval that ends now, to the (innermost) stage that ran in it."""
+        if exact_ok:
+            s = state["stage"]
+            state["exact"][s] = max(state["exact"].get(s, 0), high_water())
+            reset_high_water()
 
     def sampler():
         while True:
@@ -82,6 +112,7 @@ def main(argv=None) -> int:
 
     @contextlib.contextmanager
     def stage(self, name):
+        boundary()
         prev, state["stage"] = state["stage"], name
         state["log"].append([name, "in", round(rss() / 1e9, 3), round(time.time() - t0, 1)])
         print(f"[exp_memory] {time.time() - t0:7.1f} s  {name:<20} in   {rss() / 1e9:.2f} GB", file=sys.stderr,
@@ -90,16 +121,22 @@ def main(argv=None) -> int:
             with orig(self, name):
                 yield
         finally:
+            boundary()
             state["log"].append([name, "out", round(rss() / 1e9, 3), round(time.time() - t0, 1)])
             print(f"[exp_memory] {time.time() - t0:7.1f} s  {name:<20} out  {rss() / 1e9:.2f} GB (peak "
-                  f"{state['peaks'].get(name, 0) / 1e9:.2f})", file=sys.stderr, flush=True)
+                  f"{state['peaks'].get(name, 0) / 1e9:.2f}, exact {state['exact'].get(name, 0) / 1e9:.2f})",
+                  file=sys.stderr, flush=True)
             state["stage"] = prev
 
     progress.StageTimer.stage = stage
     res = api.optimize(str(m.model_path()), str(calib), cfg, held=str(held))
+    state["stage"] = "after"
+    boundary()
     info = {"model": a.model, "wall_s": round(time.time() - t0, 1), "verified": res.verified,
             "ru_maxrss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3),
-            "peaks_GB": {k: round(v / 1e9, 3) for k, v in state["peaks"].items()}, "stages": state["log"],
+            "peaks_GB": {k: round(v / 1e9, 3) for k, v in state["peaks"].items()},
+            "exact_peaks_GB": {k: round(v / 1e9, 3) for k, v in state["exact"].items()} if exact_ok else None,
+            "stages": state["log"],
             "seconds": {k: round(v, 1) for k, v in res.seconds.items()},
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
     text = json.dumps(info, indent=1)
