@@ -17,8 +17,8 @@ import torch
 
 from bench.datasets import cache_dir
 from llc_onnx.calib.gradients import collect_gradients
-from llc_onnx.calib.losses import make_loss
 from llc_onnx.calib.noise import constant, measure
+from llc_onnx.config import CriterionConfig, DataConfig, OptimizeConfig, TargetConfig
 from llc_onnx.flows.context import create_context
 from llc_onnx.quant import WeightQuantSpec, quantize_weight
 
@@ -30,9 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=32)
     args = ap.parse_args(argv)
     d = cache_dir() / "fmnist"
-    ctx = create_context(str(d / "fmnist_resnet.onnx"), str(d / "calib.npz"), held=str(d / "test.npz"),
-                         batch_size=250, measure_samples=args.measure_samples,
-                         loss_factory=lambda m: make_loss("ce", "logits"))
+    config = OptimizeConfig(data=DataConfig(batch_size=250, measure_samples=args.measure_samples),
+                            criterion=CriterionConfig(loss="ce"), target=TargetConfig(name="qdq", measure_latency=False))
+    ctx = create_context(str(d / "fmnist_resnet.onnx"), str(d / "calib.npz"), config, held=str(d / "test.npz"))
     grads = collect_gradients(ctx.graph, ctx.fit_data, ctx.loss, ctx.nodes)
     base = ctx.base()
     bits = [int(b) for b in args.bits.split(",")]
