@@ -22,22 +22,23 @@ import threading
 import time
 
 
-def rss() -> int:
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss() -> int:
+    return _status_bytes("VmRSS")
 
 
 def high_water() -> int:
     """The kernel's peak RSS of this process since the last :func:`reset_high_water` (VmHWM), in bytes: exact,
     where a sampler misses what happens while a C call holds the GIL (protobuf, ONNX Runtime session creation)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmHWM")
 
 
 def reset_high_water() -> bool:
