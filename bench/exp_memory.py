@@ -7,7 +7,8 @@ batch size and measure samples, samples this process's RSS (``/proc/self/status`
 attributes each sample to the stage running then (``progress.StageTimer`` names: load, baseline, gradients,
 candidates, validate, ...), and reads the kernel's exact high-water mark at every stage boundary (VmHWM, reset
 after each read: ``exact_peaks_GB``, to the innermost stage running; "start" is before the first stage and
-between stages). The samples miss what happens while a C call holds the GIL; the high-water marks do not. Prints one JSON object: wall time, ``ru_maxrss`` (the kernel's peak), the peak and
+between stages; ``peak_GB`` their maximum — the resets also reset what ``ru_maxrss`` reports, which then covers
+only the last interval). The samples miss what happens while a C call holds the GIL; the high-water marks do not. Prints one JSON object: wall time, ``ru_maxrss`` (the kernel's peak), the peak and
 the RSS at entry/exit of every stage. Extra settings: ``--set section.field=value`` (parsed like the CLI flag).
 With ``device.workers > 1`` only this process (rank 0) is measured; each worker holds its own replica.
 """
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
             "ru_maxrss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3),
             "peaks_GB": {k: round(v / 1e9, 3) for k, v in state["peaks"].items()},
             "exact_peaks_GB": {k: round(v / 1e9, 3) for k, v in state["exact"].items()} if exact_ok else None,
+            # the run's peak: resetting VmHWM also resets what ru_maxrss reports, so with exact peaks this is theirs
+            "peak_GB": round(max(state["exact"].values()) / 1e9, 3) if exact_ok and state["exact"] else None,
             "stages": state["log"],
             "seconds": {k: round(v, 1) for k, v in res.seconds.items()},
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
