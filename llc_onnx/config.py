@@ -100,10 +100,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _block_sizes(text: str) -> int | tuple[int, ...]:
-    try:
-        sizes = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ValueError("expected a block size or comma-separated block sizes, e.g. 32 or 32,128") from None
+    sizes = _ints(text)
     return sizes[0] if len(sizes) == 1 else sizes
 
 

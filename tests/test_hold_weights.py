@@ -28,7 +28,7 @@ def test_held_weights_change_no_byte(tmp_path, monkeypatch, target):
 
     def spy(self):
         orig(self)
-        held = self._hold.names
+        held = self._hold.names if self._hold.held else frozenset()
         data = {t.name: len(t.raw_data) for t in self.model.graph.initializer}
         seen.append((set(held), {n: data[n] for n in held}))
     monkeypatch.setattr(C, "HOLD_BYTES", 1)
@@ -37,8 +37,7 @@ def test_held_weights_change_no_byte(tmp_path, monkeypatch, target):
     assert seen and seen[0][0], "nothing was held"
     names, sizes = seen[0]
     assert set(sizes.values()) == {0}               # the model the flow sees holds no data of those weights
-    weights = {n["node"] for n in res_held["nodes"]}
-    assert weights                                  # (the run compressed something)
+    assert any(n["level"] != "float" for n in res_held["nodes"])   # the run compressed something
     assert held == plain                            # same output bytes
     assert [n["level"] for n in res_held["nodes"]] == [n["level"] for n in res_plain["nodes"]]
     assert res_held["splits"]["test"]["compressed"]["loss"] == res_plain["splits"]["test"]["compressed"]["loss"]

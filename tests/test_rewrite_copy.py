@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from _models import ort_logits, shared
+from llc_onnx import model_io
 from llc_onnx.compressible import find_compressible
 from llc_onnx.passes.common import apply_passes, weights_only_read_by
 from llc_onnx.passes.qdq import QDQPass
@@ -40,8 +41,6 @@ def test_same_bytes_as_a_full_copy(monkeypatch, target, level):
     assert plans
     lean = get_target(target).rewrite(model, plans).model
     skipped = []
-    from llc_onnx import model_io
-
     orig = model_io._copy
 
     def full_copy(m, skip_data=None):           # what apply_passes did before: copy every weight's data

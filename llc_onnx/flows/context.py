@@ -154,24 +154,23 @@ class FlowContext:
         model (rewrites, ONNX Runtime, the latency table). A no-op unless the weights are large, or when the
         interpreter was not built from a structure copy."""
         h = self._hold
-        if h.structure is None or h.names or self.graph.params_released:
+        if h.structure is None or h.held or self.graph.params_released:
             return
-        h.names = frozenset(t.name for t in h.structure.graph.initializer if _data_left_out(t))
-        if h.names:
-            self.model = h.structure
-            release()
+        h.held = True
+        self.model = h.structure
+        release()
 
     def restore_weights(self) -> None:
         """Undo :meth:`hold_weights`: each held initializer gets its data back from the interpreter's tensor, in
         the initializer's own type (exact: the interpreter holds float32 copies of float32/16 and bfloat16
-        values), so ``model`` serializes to the bytes it had."""
+        values), so ``model`` serializes to the bytes it had. Once restored, the weights are not held again."""
         h = self._hold
-        if not h.names:
+        if not h.held:
             return
         for t in h.structure.graph.initializer:
             if t.name in h.names:
                 t.raw_data = _raw_bytes(self.graph.params[t.name], t.data_type)
-        h.names = frozenset()
+        h.structure, h.held = None, False
 
     def release_interpreter(self) -> None:
         """After the last measurement: drop the interpreter's copy of the weights and the snapshots of the
@@ -246,12 +245,13 @@ HOLD_BYTES = 1 << 20
 
 @dataclass
 class _Hold:
-    """The structure copy of a context's model (``interpreter_for``) and the initializers whose data only the
-    interpreter holds now (:meth:`FlowContext.hold_weights`); one object for a context and its
-    ``dataclasses.replace`` copies, which share the interpreter."""
+    """The structure copy a context's interpreter was built from (``interpreter_for``), the initializers whose
+    data it leaves out, and whether the context's ``model`` is that copy now (:meth:`FlowContext.hold_weights`);
+    one object for a context and its ``dataclasses.replace`` copies, which share the interpreter."""
 
     structure: onnx.ModelProto | None = None
     names: frozenset = frozenset()
+    held: bool = False
 
 
 def _holdable(t: onnx.TensorProto) -> bool:
@@ -262,12 +262,6 @@ def _holdable(t: onnx.TensorProto) -> bool:
             and {fd.name for fd, _ in t.ListFields()} <= {"dims", "data_type", "name", "raw_data"})
 
 
-def _data_left_out(t: onnx.TensorProto) -> bool:
-    """An initializer of a structure copy whose data was left out (dims but no data)."""
-    return not t.raw_data and t.data_type in _ITEMSIZE and math.prod(t.dims) > 0 and not t.float_data \
-        and not t.int32_data
-
-
 def _raw_bytes(tensor: torch.Tensor, data_type: int) -> bytes:
     """``tensor`` (the interpreter's float32/float64 copy of an initializer) as ``raw_data`` of ``data_type``."""
     from onnx.helper import tensor_dtype_to_np_dtype
@@ -275,17 +269,17 @@ def _raw_bytes(tensor: torch.Tensor, data_type: int) -> bytes:
     return tensor.detach().cpu().numpy().astype(tensor_dtype_to_np_dtype(data_type)).tobytes()
 
 
-def interpreter_for(model: onnx.ModelProto, dtype: torch.dtype, device) -> tuple[TorchGraph, onnx.ModelProto | None]:
-    """(interpreter, structure copy or None): a model with large float weights (:func:`_holdable`) gets an
+def interpreter_for(model: onnx.ModelProto, dtype: torch.dtype, device) -> tuple[TorchGraph, _Hold]:
+    """(interpreter, its :class:`_Hold`): a model with large float weights (:func:`_holdable`) gets an
     interpreter built from a copy of its structure without their data, reading the weights from ``model``,
     so that nothing in the interpreter points into ``model``'s proto (see :meth:`FlowContext.hold_weights`)."""
     from ..model_io import _copy
 
-    large = {t.name for t in model.graph.initializer if _holdable(t)}
+    large = frozenset(t.name for t in model.graph.initializer if _holdable(t))
     if not large:
-        return TorchGraph(model, dtype=dtype, device=device), None
+        return TorchGraph(model, dtype=dtype, device=device), _Hold()
     structure = _copy(model, skip_data=dict.fromkeys(large))
-    return TorchGraph(structure, dtype=dtype, device=device, weights=model), structure
+    return TorchGraph(structure, dtype=dtype, device=device, weights=model), _Hold(structure, large)
 
 
 def _initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -452,14 +446,14 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
             fit, meas = fit_t, meas_t
             val_ds = calib if val_is_calib else teacher_dataset(val_ds, run_float)
             test = teacher_dataset(test, run_float)
-        graph, structure = interpreter_for(prepared, torch.float32, config.device.device)
+        graph, hold = interpreter_for(prepared, torch.float32, config.device.device)
     if fit is meas:
         notes.append("fit and measure parts coincide (one calibration batch): measured costs are in-sample; "
                      "give more calibration data")
     ctx = FlowContext(source, prepared, found, skipped, graph, loss, objective, calib, val_ds, test, fit, meas,
                       None, None, session, config, target, timer, progress or Silent(), notes, task_loss,
                       task_test)
-    ctx._hold = _Hold(structure)
+    ctx._hold = hold
     ctx.executor = parallel_executor()  # in-process, or shards across the workers' ranks (flows.parallel)
     with timer.stage("baseline"), float_in:
         ctx.calib_fp = ctx.evaluate(float_in.source, calib, samples=True)
@@ -489,7 +483,7 @@ def derive_context(ctx: FlowContext, model: onnx.ModelProto) -> FlowContext:
     """A context for a further stage on ``model`` (e.g. quantizing low-rank factors): same data, loss and
     splits, and the *original* float model's losses as the reference every stage is judged against."""
     found, skipped = find_compressible(model)
-    graph, structure = interpreter_for(model, ctx.graph.dtype, ctx.graph.device)
+    graph, hold = interpreter_for(model, ctx.graph.dtype, ctx.graph.device)
     return dataclasses.replace(ctx, model=model, nodes=found, skipped=skipped, graph=graph,
                                timer=StageTimer(), _weights={}, _base=None, _snapshots=None,
-                               _float_bytes=ctx.float_bytes(), _hold=_Hold(structure))
+                               _float_bytes=ctx.float_bytes(), _hold=hold)

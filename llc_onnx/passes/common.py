@@ -320,24 +320,16 @@ def apply_passes(model: onnx.ModelProto, passes: Sequence[ir.passes.PassBase], *
 def weights_only_read_by(model: onnx.ModelProto, nodes: Iterable[str]) -> set[str]:
     """Initializers of the main graph that are read by the named nodes and by nothing else (no other node, no
     graph output, no subgraph by name)."""
+    from ..model_io import _all_graphs
+
     names = set(nodes)
     if not names:
         return set()
     inits = {t.name for t in model.graph.initializer}
     mine, others = set(), {o.name for o in model.graph.output}
-    for node in model.graph.node:
+    graphs = _all_graphs(model.graph)                     # the main graph first, then every subgraph
+    for node in next(graphs).node:
         (mine if node.name in names else others).update(i for i in node.input if i in inits)
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                others.update(_names_read(g))
+    for g in graphs:
+        others.update(i for node in g.node for i in node.input)
     return mine - others
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    out = set()
-    for node in graph.node:
-        out.update(node.input)
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                out.update(_names_read(g))
-    return out
