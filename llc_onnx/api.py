@@ -189,6 +189,7 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
             ctx.release_interpreter()  # the last stage's measurements are done: validation and test run in ORT
         stage, current, val_c = _stage(ctx, outcome, tolerance)
         stages.append(stage)
+        outcome = None  # its build closure holds every plan's codes (quantize.CodeMemo): gone before the next step
     from .ort_eval import SessionInput, evaluate
 
     # the final and the float model as ONNX Runtime reads them: a large one written to files once for every

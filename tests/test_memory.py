@@ -105,3 +105,31 @@ def test_chunked_delta_sums_equal_the_whole_array_sums(monkeypatch):
     monkeypatch.setattr(quantize, "DELTA_CHUNK", 1000)  # 21 chunks, the last one short
     gd, dd = quantize._delta_sums(g, q, w)
     assert gd == pytest.approx(float((g * d).sum()), rel=1e-12) and dd == pytest.approx(float((d * d).sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("method, quant", [("quant", QuantConfig(bits=(2, 4, 8, "float"))),
+                                           ("series", QuantConfig(budget=0.4))])
+def test_a_run_with_spilled_plan_codes_writes_the_same_bytes(tmp_path, monkeypatch, method, quant):
+    """On a large model the codes every plan is built from (``quantize.CodeMemo``) live in files mapped back
+    read-only; the written model is the same, bit for bit, and no float weight is kept beside the codes once the
+    joint re-solve is done."""
+    from llc_onnx.flows import quantize
+
+    model, data = write_mlp_files(tmp_path, n=320, hidden=256)
+    cfg = OptimizeConfig(method=(method,), quant=quant, device=DeviceConfig(threads=1),
+                         criterion=CriterionConfig(allow_loss_increase=True))
+    memos = []
+    real = quantize.CodeMemo.__init__
+    monkeypatch.setattr(quantize.CodeMemo, "__init__", lambda self, spill=False: memos.append(self) or real(self, spill))
+    with torch_threads(1):
+        plain = llc_onnx.optimize(model, data, cfg)
+        monkeypatch.setattr(quantize, "SPILL_BYTES", 0)
+        monkeypatch.setattr(quantize, "SPILL_MIN_BYTES", 1024)
+        spilled = llc_onnx.optimize(model, data, cfg)
+    assert [m.spill is not None for m in memos] == [False, True]
+    for m in memos:
+        assert len(m) > 0 and all(dq is None for _, dq in m.values())  # codes only after the joint re-solve
+    arrays = [t.q for c, _ in memos[1].values() for t in (c.terms if method == "series" else [c])]
+    assert any(isinstance(q, np.memmap) for q in arrays)
+    assert all(isinstance(q, np.memmap) for q in arrays if q.nbytes >= 1024)
+    assert spilled.model.SerializeToString() == plain.model.SerializeToString()

@@ -46,7 +46,8 @@ from ..quant import ActivationQuant, activation_scale
 from ..solvers import knapsack
 from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
 from ..targets.base import Format, NodePlan, input_hook, output_hook
-from .context import FlowContext
+from ..memory import Spill, drop_mapped_pages
+from .context import SPILL_BYTES, FlowContext
 from .outcome import MethodOutcome
 from .roundings import CET_MODEL_VERSION, Rounder, choose_per_level
 
@@ -469,20 +470,43 @@ def joint_resolve(ctx: FlowContext, solver: "Solver", formats: Formats, rounder:
     return choice, rows
 
 
-def _weight(ctx, formats, rounder, n, cand, fmt, memo, dequant=False):
+class CodeMemo(dict):
+    """(node, level) → (codes and scales as the passes read them, the dequantized float weight or None): each
+    node's weight at each level is rounded once per run (:func:`_weight`). Codes are kept in the smallest integer
+    type; the float weight only while the joint re-solve asks for it. On a large model (float weights ≥
+    ``context.SPILL_BYTES``) the codes go to files mapped back read-only (``memory.Spill``, the same values):
+    validation builds every plan from them, and the uniform plans alone touch every node at every level (SmolLM2:
+    4 levels × 134 M codes). ``build`` drops the pages it read after each plan (``memory.drop_mapped_pages``)."""
+
+    def __init__(self, spill: bool = False):
+        super().__init__()
+        self.spill = Spill() if spill else None
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        """``q`` as the memo keeps it: in a file mapped back read-only when this memo spills and it is not tiny."""
+        return self.spill.put(q) if self.spill is not None and q.nbytes >= SPILL_MIN_BYTES else q
+
+
+#: a spilling :class:`CodeMemo` keeps code arrays smaller than this in memory
+SPILL_MIN_BYTES = 64 << 10
+
+
+def _weight(ctx, formats, rounder, n, cand, fmt, memo: CodeMemo, dequant=False):
     """The codes (or dequantized weight) of node ``n`` at ``cand``'s level and rounding, computed once."""
     key = (n, cand.level)
     if key not in memo or (dequant and memo[key][1] is None):
         node = ctx.node(n)
         qw, _ = stored_weight(ctx, formats, rounder, ctx.weight_array(node), node, fmt, cand.rounding or "nearest")
-        # the passes read codes and scales only: codes in the smallest integer type
-        if fmt.kind == "series":
+        if key in memo:  # the codes were kept without the float weight: keep them, add the float weight
+            codes = memo[key][0]
+        elif fmt.kind == "series":  # the passes read codes and scales only: codes in the smallest integer type
             from .series import compact
 
-            memo[key] = (compact(qw), qw.dequant())
+            terms = compact(qw).terms
+            codes = replace(qw, terms=tuple(replace(t, q=memo.codes(t.q)) for t in terms), target=None)
         else:
-            memo[key] = (replace(qw, q=qw.q.astype(np.int8 if qw.bits <= 8 else np.int16), dequant=None),
-                         qw.dequant)
+            codes = replace(qw, q=memo.codes(qw.q.astype(np.int8 if qw.bits <= 8 else np.int16)), dequant=None)
+        memo[key] = (codes, (qw.dequant() if fmt.kind == "series" else qw.dequant) if dequant else None)
     return memo[key][1] if dequant else memo[key][0]
 
 
@@ -503,7 +527,7 @@ def run(ctx: FlowContext) -> MethodOutcome:
 
         with ctx.timer.stage("latency"):
             latency, lat_info = latency_model(ctx, formats)
-    memo: dict = {}
+    memo = CodeMemo(spill=ctx.float_bytes() >= SPILL_BYTES)
     with ctx.timer.stage("solve"):
         solver = Solver(ctx, table, formats, latency)
         budget = budget_bytes(cfg, ctx)
@@ -539,6 +563,7 @@ def run(ctx: FlowContext) -> MethodOutcome:
             weight = None if fmt.kind == "float" else _weight(ctx, formats, rounder, n, cand, fmt, memo)
             plans_[n] = formats.plan(n, fmt, weight)
         rw = ctx.target.rewrite(ctx.model, plans_)
+        drop_mapped_pages()  # the spilled codes this build read leave the process's memory again
         rewrite_notes[tuple(sorted(ch.items()))] = [f"node '{n}': {note}" for n, note in rw.notes]
         return rw.model
 
