@@ -381,3 +381,32 @@ def test_solver_keeps_to_its_ladders_when_a_joint_re_solve_re_prices_a_level_ove
     assert solver.ladders["a"][solver.solve(None, 0.5)["a"]] is a
     a.cost += 1.0  # re-priced by a joint measurement: now over the bound (0.01 × the float loss)
     assert solver.ladders["a"][solver.solve(None, 0.5)["a"]] is ref
+
+
+def test_series_expansions_kept_are_bounded_and_change_nothing(tmp_path, monkeypatch):
+    """``flows.series.expansion`` keeps the most recent ``EXPANSIONS_KEPT`` expansions (each holds a float64
+    copy of its weight and every term's values): at most that many are alive at any call, and a run that must
+    expand evicted weights again writes the same bytes as one that keeps all of them."""
+    from llc_onnx.flows import series as series_flow
+
+    mpath, dpath = _series_files(tmp_path)
+    cfg = OptimizeConfig(method=("series",), series=SeriesConfig(bits=(2, 4), terms=(1, 2, 3)),
+                         quant=QuantConfig(budget=0.4), target=TargetConfig(name="qdq", measure_latency=False),
+                         criterion=CriterionConfig(allow_loss_increase=True))
+    sizes = []
+    real = series_flow.expansion
+
+    def watched(*args, memo, **kwargs):
+        out = real(*args, memo=memo, **kwargs)
+        sizes.append(len(memo))
+        return out
+
+    monkeypatch.setattr(series_flow, "expansion", watched)
+    monkeypatch.setattr(series_flow, "EXPANSIONS_KEPT", 1000)
+    kept_all = api.optimize(mpath, dpath, cfg)
+    assert max(sizes) > 1
+    sizes.clear()
+    monkeypatch.setattr(series_flow, "EXPANSIONS_KEPT", 1)
+    bounded = api.optimize(mpath, dpath, cfg)
+    assert sizes and max(sizes) == 1
+    assert bounded.model.SerializeToString() == kept_all.model.SerializeToString()

@@ -39,12 +39,20 @@ def expansion(w: np.ndarray, node: CompressibleNode, fmt: Format, *, scale_metho
     expansion per (weight, axes, bits, block) at ``max_terms`` kept in ``memo`` (the greedy expansion's first T
     terms *are* its T-term expansion)."""
     key = (node.weight, node.out_axis, node.reduce_axis, int(fmt.bits), fmt.block_size, scale_method)
-    full = memo.get(key)
+    full = memo.pop(key, None)
     if full is None or full.order < fmt.terms:
         full = expand_node(w, node, bits=int(fmt.bits), terms=max(int(max_terms), int(fmt.terms)),
                            block_size=fmt.block_size, scale_method=scale_method)
-        memo[key] = full
+    memo[key] = full  # the most recently used last
+    while len(memo) > EXPANSIONS_KEPT:  # each holds its float64 target and every term's codes and float values
+        memo.pop(next(iter(memo)))
     return full.truncate(int(fmt.terms))
+
+
+#: expansions :func:`expansion` keeps (the most recently used): the candidates of one node at every bit-width
+#: reuse them; keeping every node's would hold ~40 bytes per weight per bit-width (a SmolLM2 series run was
+#: killed at 10 GB). A later use of an evicted one expands again, with the same result.
+EXPANSIONS_KEPT = 3
 
 
 def values(weight) -> np.ndarray:
