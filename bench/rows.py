@@ -14,6 +14,8 @@ key prefix.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import time
 from dataclasses import dataclass, field
@@ -283,7 +285,8 @@ def series_data_free(bits: int, terms: int):
         rel = [r / w.weight_norm for w in res.series.weights.values() for r in w.residual_norms[-1:]]
         row["notes"] = [f"data-free: every node {terms} term(s) of {bits} bits (no data, no validation); "
                         f"median relative residual ‖R_T‖/‖W‖ {float(np.median(rel)):.3g}"
-                        + (f"; {len(res.skipped)} node(s) left float" if res.skipped else "")]
+                        + ("; not expanded: " + ", ".join(f"{k} ×{v}" for k, v in Counter(
+                            r for _, r in res.skipped).most_common()) if res.skipped else "")]
         row["objective"] = None
         return out
     return fn

@@ -18,7 +18,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from _models import make, mlp, torch_threads, write_mlp_files
+from _models import make, torch_threads, write_mlp_files
 from llc_onnx import api
 from llc_onnx.cli import main
 from llc_onnx.compressible import find_compressible
