@@ -1,0 +1,93 @@
+"""Exact memory around every call of plan validation, on a synthetic model: where validation's peak comes from.
+
+    python -m bench.exp_memory_calls --dir /tmp/memprobe/m --size-gb 0.3 [--bits 4,8,float]
+
+Builds (once) ``bench.large_model.build(dir, size_gb, width=2048, samples=64)`` — MatMul(2048×2048) + Relu
+layers and a head, data with labels — then runs ``llc_onnx.optimize`` (batch 16, the given levels) and prints the
+RSS and the kernel's high-water mark (VmHWM, reset after each line: the peak of the interval that ends there) at
+every stage boundary and around every build, ``SessionInput`` and evaluation inside ``verify.select_plan``, and
+around ``drop_model`` / ``release_interpreter`` / ``restore_weights`` / ``api.release``. The figures in
+bench/RESULTS.md ("Plan codes") are its output on the 0.3 GB model before and after that change.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+from bench.exp_memory import high_water, reset_high_water, rss
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.exp_memory_calls", description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", required=True, help="where the synthetic model and data are (built once)")
+    ap.add_argument("--size-gb", type=float, default=0.3)
+    ap.add_argument("--bits", default="4,8,float")
+    a = ap.parse_args(argv)
+
+    from bench import large_model
+    from llc_onnx import api, ort_eval, progress, verify
+    from llc_onnx.config import OptimizeConfig, with_values
+    from llc_onnx.flows import context
+
+    os.makedirs(a.dir, exist_ok=True)
+    model, data = os.path.join(a.dir, "model.onnx"), os.path.join(a.dir, "data.npz")
+    if not os.path.exists(model):
+        large_model.build(a.dir, a.size_gb, width=2048, samples=64)
+    t0 = time.time()
+
+    def mark(what: str) -> None:
+        print(f"{time.time() - t0:7.1f}s {what:<40} rss {rss() / 1e9:.3f} hwm {high_water() / 1e9:.3f}", flush=True)
+        reset_high_water()
+
+    def around(fn, label):
+        def wrapped(*args, **kwargs):
+            mark(f"  before {label}")
+            out = fn(*args, **kwargs)
+            mark(f"  after {label}")
+            return out
+        return wrapped
+
+    orig_stage = progress.StageTimer.stage
+
+    @contextlib.contextmanager
+    def stage(self, name):
+        mark(f"-> {name}")
+        with orig_stage(self, name):
+            yield
+        mark(f"<- {name}")
+
+    progress.StageTimer.stage = stage
+    orig_select = verify.select_plan
+
+    def select_plan(build, ladders, plans, evaluate, *args, **kwargs):
+        out = orig_select(around(build, "build"), ladders, plans, around(evaluate, "evaluate"), *args, **kwargs)
+        mark("  select_plan returns")
+        return out
+
+    verify.select_plan = select_plan
+
+    class Input(ort_eval.SessionInput):
+        def __init__(self, m):
+            mark("  before SessionInput")
+            super().__init__(m)
+            mark("  after SessionInput")
+
+    verify.SessionInput = ort_eval.SessionInput = Input
+    for name in ("drop_model", "release_interpreter", "restore_weights"):
+        setattr(context.FlowContext, name, around(getattr(context.FlowContext, name), name))
+    api.release = around(api.release, "release")
+    bits = tuple(b if b == "float" else int(b) for b in a.bits.split(","))
+    cfg = with_values(OptimizeConfig(), {"criterion.allow_loss_increase": True, "data.batch_size": 16,
+                                         "quant.bits": bits})
+    reset_high_water()
+    res = api.optimize(model, data, cfg)
+    mark("end")
+    print("verified:", res.verified)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
