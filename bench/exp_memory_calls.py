@@ -1,6 +1,7 @@
 """Exact memory around every call of plan validation, on a synthetic model: where validation's peak comes from.
 
     python -m bench.exp_memory_calls --dir /tmp/memprobe/m --size-gb 0.3 [--bits 4,8,float]
+    python -m bench.exp_memory_calls --session model.onnx [--config session.disable_prepacking=1]
 
 Builds (once) ``bench.large_model.build(dir, size_gb, width=2048, samples=64)`` — MatMul(2048×2048) + Relu
 layers and a head, data with labels — then runs ``llc_onnx.optimize`` (batch 16, the given levels) and prints the
@@ -8,6 +9,8 @@ RSS and the kernel's high-water mark (VmHWM, reset after each line: the peak of 
 every stage boundary and around every build, ``SessionInput`` and evaluation inside ``verify.select_plan``, and
 around ``drop_model`` / ``release_interpreter`` / ``restore_weights`` / ``api.release``. The figures in
 bench/RESULTS.md ("Plan codes") are its output on the 0.3 GB model before and after that change.
+``--session FILE`` instead measures what one ONNX Runtime CPU session of a written model costs (one thread;
+``--config key=value`` adds session config entries).
 """
 from __future__ import annotations
 
@@ -22,10 +25,16 @@ from bench.exp_memory import high_water, reset_high_water, rss
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.exp_memory_calls", description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", required=True, help="where the synthetic model and data are (built once)")
+    ap.add_argument("--dir", help="where the synthetic model and data are (built once)")
+    ap.add_argument("--session", help="only measure one ONNX Runtime session of this model file")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--size-gb", type=float, default=0.3)
     ap.add_argument("--bits", default="4,8,float")
     a = ap.parse_args(argv)
+    if a.session:
+        return session_cost(a.session, a.config)
+    if not a.dir:
+        ap.error("--dir or --session is required")
 
     from bench import large_model
     from llc_onnx import api, ort_eval, progress, verify
@@ -86,6 +95,24 @@ def main(argv=None) -> int:
     res = api.optimize(model, data, cfg)
     mark("end")
     print("verified:", res.verified)
+    return 0
+
+
+def session_cost(path: str, entries: list[str]) -> int:
+    """RSS and high-water increase of making one CPU session of ``path`` (one intra-op thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    for kv in entries:
+        key, _, value = kv.partition("=")
+        opts.add_session_config_entry(key, value)
+    reset_high_water()
+    before = rss()
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    print(f"{path}: session +{(rss() - before) / 1e9:.3f} GB RSS, high-water +{(high_water() - before) / 1e9:.3f} GB"
+          f" ({os.path.getsize(path) / 1e9:.3f} GB file{', ' + ', '.join(entries) if entries else ''})")
+    del session
     return 0
 
 
