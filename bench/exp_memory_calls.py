@@ -1,6 +1,7 @@
 """Exact memory around every call of plan validation, on a synthetic model: where validation's peak comes from.
 
     python -m bench.exp_memory_calls --dir /tmp/memprobe/m --size-gb 0.3 [--bits 4,8,float]
+    python -m bench.exp_memory_calls --model smollm2 [--set quant.bits=4,float ...] [--cache DIR]
     python -m bench.exp_memory_calls --session model.onnx [--config session.disable_prepacking=1]
 
 Builds (once) ``bench.large_model.build(dir, size_gb, width=2048, samples=64)`` — MatMul(2048×2048) + Relu
@@ -9,6 +10,8 @@ RSS and the kernel's high-water mark (VmHWM, reset after each line: the peak of 
 every stage boundary and around every build, ``SessionInput`` and evaluation inside ``verify.select_plan``, and
 around ``drop_model`` / ``release_interpreter`` / ``restore_weights`` / ``api.release``. The figures in
 bench/RESULTS.md ("Plan codes") are its output on the 0.3 GB model before and after that change.
+``--model NAME`` runs the same probe on a prepared bench model (``bench.models``: its files, batch size and
+measure samples, as ``bench.exp_memory``; ``--set`` adds settings, ``--cache`` reuses measured costs).
 ``--session FILE`` instead measures what one ONNX Runtime CPU session of a written model costs (one thread;
 ``--config key=value`` adds session config entries).
 """
@@ -30,21 +33,41 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--size-gb", type=float, default=0.3)
     ap.add_argument("--bits", default="4,8,float")
+    ap.add_argument("--model", help="a bench model (bench.models) instead of the synthetic one")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--cache", help="cost cache directory (optimize --cache)")
     a = ap.parse_args(argv)
     if a.session:
         return session_cost(a.session, a.config)
-    if not a.dir:
-        ap.error("--dir or --session is required")
+    if not a.dir and not a.model:
+        ap.error("--dir, --model or --session is required")
 
     from bench import large_model
     from llc_onnx import api, ort_eval, progress, verify
     from llc_onnx.config import OptimizeConfig, with_values
     from llc_onnx.flows import context
 
-    os.makedirs(a.dir, exist_ok=True)
-    model, data = os.path.join(a.dir, "model.onnx"), os.path.join(a.dir, "data.npz")
-    if not os.path.exists(model):
-        large_model.build(a.dir, a.size_gb, width=2048, samples=64)
+    held = None
+    bits = tuple(b if b == "float" else int(b) for b in a.bits.split(","))
+    values = {"criterion.allow_loss_increase": True, "data.batch_size": 16, "quant.bits": bits}
+    if a.model:
+        from bench import models
+        from bench.exp_memory import _values
+
+        m = models.get(a.model)[0]
+        calib, held = m.files(False)
+        model, data = str(m.model_path()), str(calib)
+        values = {"criterion.allow_loss_increase": True, "data.batch_size": m.batch_size}
+        if m.measure_samples:
+            values["data.measure_samples"] = m.measure_samples
+        values.update(_values(a.set))
+    else:
+        os.makedirs(a.dir, exist_ok=True)
+        model, data = os.path.join(a.dir, "model.onnx"), os.path.join(a.dir, "data.npz")
+        if not os.path.exists(model):
+            large_model.build(a.dir, a.size_gb, width=2048, samples=64)
+    if a.cache:
+        values["cache_dir"] = a.cache
     t0 = time.time()
 
     def mark(what: str) -> None:
@@ -85,14 +108,13 @@ def main(argv=None) -> int:
             mark("  after SessionInput")
 
     verify.SessionInput = ort_eval.SessionInput = Input
+    ort_eval.make_session = around(ort_eval.make_session, "make_session")
     for name in ("drop_model", "release_interpreter", "restore_weights"):
         setattr(context.FlowContext, name, around(getattr(context.FlowContext, name), name))
     api.release = around(api.release, "release")
-    bits = tuple(b if b == "float" else int(b) for b in a.bits.split(","))
-    cfg = with_values(OptimizeConfig(), {"criterion.allow_loss_increase": True, "data.batch_size": 16,
-                                         "quant.bits": bits})
+    cfg = with_values(OptimizeConfig(), values)
     reset_high_water()
-    res = api.optimize(model, data, cfg)
+    res = api.optimize(model, data, cfg, held=held)
     mark("end")
     print("verified:", res.verified)
     return 0

@@ -60,12 +60,153 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def proto_size(message) -> int:
-    """``message.ByteSize()``, or 2**31 when protobuf refuses to size it (its upb backend raises EncodeError for a
-    message over 2 GB instead of returning the size): any such message is larger than every threshold here."""
+    """The serialized size of ``message`` in bytes (``len(message.SerializeToString())``), without serializing
+    a model's large tensors: protobuf's upb backend computes ``ByteSize()`` by encoding the whole message, so
+    sizing a 0.65 GB model held +1.3 GB for a moment (the peak of every stage that sized one, measured on
+    SmolLM2). A :class:`onnx.ModelProto` is sized from its parts (:func:`_model_size`): the main graph's
+    initializers with ``raw_data`` of at least :data:`_SIZE_BY_PARTS` bytes count as their data's length plus
+    their encoding's overhead, everything else by ``ByteSize()``; exact for the fields protobuf knows (unknown
+    fields of those tensors and of the graph are not counted). Any other message: ``ByteSize()``, or 2**31 where
+    protobuf refuses to size it (upb raises EncodeError above 2 GB): larger than every threshold here."""
+    if isinstance(message, onnx.ModelProto):
+        return _model_size(message)
+    return _byte_size(message)
+
+
+#: initializers with at least this much ``raw_data`` are sized by its length (:func:`proto_size`)
+_SIZE_BY_PARTS = 1 << 20
+
+
+def _byte_size(message) -> int:
     try:
         return message.ByteSize()
     except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError
         return 2**31
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (int(n).bit_length() + 6) // 7)
+
+
+def _field_size(number: int, payload: int) -> int:
+    """Bytes of one length-delimited field (tag, length, payload) of field ``number``."""
+    return _varint_size(number << 3 | 2) + _varint_size(payload) + payload
+
+
+def _model_size(model: onnx.ModelProto) -> int:
+    """:func:`proto_size` of a model: protobuf's encoding is the sum of its fields' encodings, so the model is
+    the model without its graph, plus the graph field; the graph is the graph without its initializers, plus
+    each initializer field; a large tensor is the tensor without ``raw_data``, plus the ``raw_data`` field."""
+    if not any(t.HasField("raw_data") and len(t.raw_data) >= _SIZE_BY_PARTS for t in model.graph.initializer):
+        return _byte_size(model)
+    shell = onnx.ModelProto()
+    _copy_message_fields(model, shell, {"graph"})
+    return _byte_size(shell) + _field_size(_MODEL_GRAPH, _graph_size(model.graph))
+
+
+def _graph_size(graph: onnx.GraphProto) -> int:
+    g = onnx.GraphProto()
+    _copy_message_fields(graph, g, {"initializer"})
+    return _byte_size(g) + sum(_field_size(_GRAPH_INITIALIZER, _tensor_size(t)) for t in graph.initializer)
+
+
+def _tensor_size(t: TensorProto) -> int:
+    n = len(t.raw_data) if t.HasField("raw_data") else 0  # (one tensor's bytes copied at a time)
+    if n < _SIZE_BY_PARTS:
+        return _byte_size(t)
+    light = TensorProto()
+    _copy_message_fields(t, light, {"raw_data"})
+    return _byte_size(light) + _field_size(_TENSOR_RAW_DATA, n)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field_head(number: int, payload: int) -> bytes:
+    """Tag and length of a length-delimited field (:func:`_field_size` counts them with the payload)."""
+    return _varint(number << 3 | 2) + _varint(payload)
+
+
+def _fields(message, keep) -> bytes:
+    """The encoding of the fields of ``message`` whose numbers ``keep`` accepts (a part of its encoding:
+    protobuf writes fields in the order of their numbers, so the parts of disjoint ranges concatenate to it)."""
+    part = type(message)()
+    for fd, value in message.ListFields():
+        if keep(fd.number):
+            if fd.is_repeated:
+                getattr(part, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(part, fd.name).CopyFrom(value)
+            else:
+                setattr(part, fd.name, value)
+    return part.SerializeToString()
+
+
+def _write_serialized(model: onnx.ModelProto, f) -> None:
+    """Write ``model.SerializeToString()`` to the binary file ``f`` without ever holding it (or a second copy of
+    a large tensor) in memory: the parts of its encoding in field order, each large initializer's ``raw_data``
+    written from the tensor (:func:`_model_size` gives the lengths). The bytes are those of
+    ``SerializeToString()`` (tests/test_model_memory.py compares them)."""
+    graph = model.graph
+    large = {i for i, t in enumerate(graph.initializer)
+             if t.HasField("raw_data") and len(t.raw_data) >= _SIZE_BY_PARTS}
+    if not large:
+        f.write(model.SerializeToString())
+        return
+    f.write(_fields(model, lambda n: n < _MODEL_GRAPH))
+    f.write(_field_head(_MODEL_GRAPH, _graph_size(graph)))
+    f.write(_fields(graph, lambda n: n < _GRAPH_INITIALIZER))
+    for i, t in enumerate(graph.initializer):
+        if i not in large:
+            data = t.SerializeToString()
+            f.write(_field_head(_GRAPH_INITIALIZER, len(data)) + data)
+            continue
+        raw = t.raw_data  # one tensor's bytes at a time
+        head, tail = _fields(t, lambda n: n < _TENSOR_RAW_DATA), _fields(t, lambda n: n > _TENSOR_RAW_DATA)
+        f.write(_field_head(_GRAPH_INITIALIZER, len(head) + _field_size(_TENSOR_RAW_DATA, len(raw)) + len(tail)))
+        f.write(head + _field_head(_TENSOR_RAW_DATA, len(raw)))
+        f.write(raw)
+        f.write(tail)
+        del raw
+    f.write(_fields(graph, lambda n: n > _GRAPH_INITIALIZER))
+    f.write(_fields(model, lambda n: n > _MODEL_GRAPH))
+
+
+def update_digest(h, model: onnx.ModelProto) -> None:
+    """Feed ``model`` to hash object ``h`` (hashlib) without serializing it whole (see :func:`proto_size`): the
+    model without the data of its large initializers (:data:`_SIZE_BY_PARTS`), serialized deterministically,
+    then each of those initializers' name, length and ``raw_data`` in graph order. Equal models give equal
+    digests and any change of a weight's bytes changes it; it is not the digest of the serialized model."""
+    large = [t for t in model.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= _SIZE_BY_PARTS]
+    if not large:
+        h.update(model.SerializeToString(deterministic=True))
+        return
+    names = {t.name for t in large}
+    shell = onnx.ModelProto()
+    _copy_message_fields(model, shell, {"graph"})
+    _copy_message_fields(model.graph, shell.graph, {"initializer"})
+    for t in model.graph.initializer:
+        out = shell.graph.initializer.add()
+        _copy_message_fields(t, out, {"raw_data"} if t.name in names else set())
+    h.update(shell.SerializeToString(deterministic=True))
+    for t in large:
+        raw = t.raw_data  # one tensor's bytes at a time
+        h.update(f"|{t.name}|{len(raw)}|".encode())
+        h.update(raw)
+        del raw
+
+
+_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_TENSOR_RAW_DATA = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
 def load_model(path) -> onnx.ModelProto:
@@ -682,7 +823,10 @@ def save_model(model: onnx.ModelProto, path) -> None:
                     created.append(final)
                 os.replace(tmp_data, final)
         else:
-            _write_file(tmp_model, model.SerializeToString())
+            with open(tmp_model, "wb") as f:  # streamed: SerializeToString() held the model twice more
+                _write_serialized(model, f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp_model, p)
         committed = True
         _fsync_directory(directory)

@@ -46,7 +46,10 @@ def np_to_torch(arr: np.ndarray, float_dtype: torch.dtype, device) -> Tensor:
     """A numpy array as a torch tensor on ``device``: floats in ``float_dtype``, integers as themselves."""
     arr = np.asarray(arr)
     if arr.dtype.kind == "f" or arr.dtype.name in ("bfloat16", "float16") or "float" in arr.dtype.name:
-        return torch.from_numpy(np.array(arr, dtype=np.float64, order="C")).to(device=device, dtype=float_dtype)
+        # float32 and narrower convert to float32 exactly: no float64 copy (twice the weight) on the way
+        wide = float_dtype == torch.float64 or arr.dtype.itemsize > 4
+        return torch.from_numpy(np.array(arr, dtype=np.float64 if wide else np.float32, order="C")).to(
+            device=device, dtype=float_dtype)
     if arr.dtype == np.bool_:
         return torch.from_numpy(np.array(arr, order="C")).to(device)
     if arr.dtype.kind in "iu":

@@ -161,8 +161,10 @@ def table_key(model: onnx.ModelProto, target: Target, threads: int,
     """Cache key of a latency table: model bytes, target, ORT version, CPU, threads, input shapes."""
     import onnxruntime as ort
 
+    from ..model_io import update_digest
+
     h = hashlib.sha256()
-    h.update(model.SerializeToString(deterministic=True))
+    update_digest(h, model)
     meta = {"target": target.name, "ort": ort.__version__, "cpu": _cpu_name(), "threads": int(threads),
             "shapes": {b: {k: list(v) for k, v in sorted(s.items())} for b, s in sorted(shapes.items())},
             "version": 1}
