@@ -11,7 +11,8 @@ every stage boundary and around every build, ``SessionInput`` and evaluation ins
 around ``drop_model`` / ``release_interpreter`` / ``restore_weights`` / ``api.release``. The figures in
 bench/RESULTS.md ("Plan codes") are its output on the 0.3 GB model before and after that change.
 ``--model NAME`` runs the same probe on a prepared bench model (``bench.models``: its files, batch size and
-measure samples, as ``bench.exp_memory``; ``--set`` adds settings, ``--cache`` reuses measured costs).
+measure samples, as ``bench.exp_memory``; ``--set`` adds settings, ``--cache`` reuses measured costs;
+``--candidates`` marks every measured candidate too).
 ``--session FILE`` instead measures what one ONNX Runtime CPU session of a written model costs (one thread;
 ``--config key=value`` adds session config entries).
 """
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="a bench model (bench.models) instead of the synthetic one")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--cache", help="cost cache directory (optimize --cache)")
+    ap.add_argument("--candidates", action="store_true", help="also mark every measured candidate")
     a = ap.parse_args(argv)
     if a.session:
         return session_cost(a.session, a.config)
@@ -109,6 +111,17 @@ def main(argv=None) -> int:
 
     verify.SessionInput = ort_eval.SessionInput = Input
     ort_eval.make_session = around(ort_eval.make_session, "make_session")
+    if a.candidates:  # one line per measured candidate: its node, level and the exact peak while it was measured
+        from llc_onnx.flows import quantize
+
+        orig_measure = quantize.measure_candidate
+
+        def measure_candidate(ctx, formats, rounder, grads_m, node, fmt, rounding):
+            out = orig_measure(ctx, formats, rounder, grads_m, node, fmt, rounding)
+            mark(f"  candidate {node.name} {fmt.name} {rounding}")
+            return out
+
+        quantize.measure_candidate = measure_candidate
     for name in ("drop_model", "release_interpreter", "restore_weights"):
         setattr(context.FlowContext, name, around(getattr(context.FlowContext, name), name))
     api.release = around(api.release, "release")

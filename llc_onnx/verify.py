@@ -34,6 +34,7 @@ import onnx
 
 from .calib.data import Dataset
 from .ort_eval import Evaluation, SessionInput
+from .memory import release
 from .progress import Advance
 from .solvers.cost_model import Candidate
 
@@ -134,6 +135,7 @@ def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dic
     def run(name: str, choice: dict[str, int], raised=(), z: float = 0.0) -> Trial:
         # a large model reaches ONNX Runtime as files, and its proto is dropped before the session is made
         with SessionInput(build(choice)) as src:
+            release()  # the plan's proto is gone (files now): its memory back before the session is made
             ev = evaluate(src.source)
         if ev.samples is not None and reference.samples is not None:
             delta, se = ev.samples.delta(reference.samples)

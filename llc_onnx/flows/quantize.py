@@ -224,8 +224,6 @@ def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads
     (:func:`measure_candidate`), in node, offer and rounding order. The measurements go through
     ``ctx.executor`` (one process, or shards across workers gathered in this same order, so the result does not
     depend on how many workers measured it)."""
-    if ctx.config.quant.cost == "measured":
-        ctx.base()
     tasks = []
     for node in ctx.nodes:
         w = ctx.weight_array(node)
@@ -233,6 +231,10 @@ def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads
             for rounding in ([""] if fmt.kind == "float" else ["nearest"] if fmt.kind == "series" else
                              rounder.choices(w, node, fmt)):
                 tasks.append((node, fmt, rounding))
+    if any(r == "gptq" for _, _, r in tasks):
+        rounder.grams()  # its forward passes before the snapshots of the unmodified run are held (SmolLM2: 0.9 GB)
+    if ctx.config.quant.cost == "measured":
+        ctx.base()
     with ctx.progress.task("measuring candidates", sum(f.kind != "float" for _, f, _ in tasks)) as advance:
         def one(task):
             node, fmt, rounding = task
