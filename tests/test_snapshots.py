@@ -124,3 +124,57 @@ def test_measure_with_snapshots_gives_identical_samples(tmp_path):
         hook = {k: lambda w: torch.round(w * 8) / 8}
         np.testing.assert_array_equal(measure(g, ds, loss, hook, snapshots=snaps).sums,
                                       measure(g, ds, loss, hook).sums)
+
+
+def test_dropped_snapshots_keep_what_later_runs_start_from():
+    model, _ = residual(d=16)
+    g = TorchGraph(model)
+    x = {"x": np.random.default_rng(2).normal(size=(8, 16)).astype(np.float32)}
+    _, snaps = g.snapshot(x, ["a", "b", "c"], outputs=["logits"])
+    pb, pc = g.position(["logits"], "b"), g.position(["logits"], "c")
+    assert snaps.positions == [pb, pc]  # ('a' is the first node: a run resuming there is an ordinary run)
+    hooks = {k: {k: (lambda w: w * 0.5)} for k in ("a", "b", "c")}
+    ref = {k: g.run(x, outputs=["logits"], weight_fns=h)[0]["logits"] for k, h in hooks.items()}
+    snaps.drop_before(pb)  # nothing before b's snapshot: nothing dropped
+    assert snaps.positions == [pb, pc]
+    snaps.drop_before(pc)
+    assert snaps.positions == [pc] and len(snaps.envs) == 1
+    assert snaps.before(pb) == (0, {})  # a run at b now starts from the inputs ...
+    for k, h in hooks.items():  # ... and every run still gives the full run's values, bit for bit
+        assert torch.equal(g.run(x, outputs=["logits"], weight_fns=h, resume=snaps)[0]["logits"], ref[k])
+
+
+def test_the_candidate_stage_lets_go_of_passed_snapshots_and_writes_the_same_bytes(tmp_path, monkeypatch):
+    """Candidates are measured in node order; the snapshots before the next node are dropped as the stage goes
+    (SmolLM2: ~0.9 GB at its start). The costs and the written model are those of a run that keeps them all."""
+    import llc_onnx
+    from llc_onnx.config import CriterionConfig, DeviceConfig, OptimizeConfig, QuantConfig
+    from llc_onnx.flows import context
+
+    m, _ = residual(seed=3, d=32, classes=4)  # three compressible nodes: snapshots before b and c
+    x = np.random.default_rng(4).normal(size=(320, 32)).astype(np.float32)
+    data = save_npz(tmp_path / "d.npz", teacher_labels(ort_logits(m, x=x), flip=0.2), x=x)
+    model = str(tmp_path / "m.onnx")
+    import onnx
+
+    onnx.save(m, model)
+    cfg = OptimizeConfig(quant=QuantConfig(bits=(2, 4, 8, "float")), device=DeviceConfig(threads=1),
+                         criterion=CriterionConfig(allow_loss_increase=True))
+    held = []
+    real = context.FlowContext.forget_snapshots_before
+
+    def forget(self, name):
+        real(self, name)
+        held.append(sum(len(s.positions) for s in self._snapshots))
+
+    runs = {}
+    for mode in ("keep", "forget"):
+        if mode == "keep":
+            monkeypatch.setattr(context.FlowContext, "forget_snapshots_before", lambda self, name: None)
+        else:
+            monkeypatch.setattr(context.FlowContext, "forget_snapshots_before", forget)
+        runs[mode] = llc_onnx.optimize(model, data, cfg)
+    assert held[0] > held[-1] >= 1 and held == sorted(held, reverse=True), held
+    assert runs["forget"].model.SerializeToString() == runs["keep"].model.SerializeToString()
+    assert [c.to_dict() for c in runs["forget"].stages[0].candidates] == \
+        [c.to_dict() for c in runs["keep"].stages[0].candidates]

@@ -235,15 +235,25 @@ def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads
         rounder.grams()  # its forward passes before the snapshots of the unmodified run are held (SmolLM2: 0.9 GB)
     if ctx.config.quant.cost == "measured":
         ctx.base()
+    # the node of the remaining tasks that comes first in the graph: snapshots before it are read by no later task
+    # (tasks are in node order, so this moves forward; each rank of a parallel executor runs a subsequence)
+    pos = {n.name: ctx.graph.position((ctx.loss.output,), n.name) for n in ctx.nodes}
+    first_left, first = [""] * len(tasks), None
+    for i in range(len(tasks) - 1, -1, -1):
+        name = tasks[i][0].name
+        if first is None or pos[name] < pos[first]:
+            first = name
+        first_left[i] = first
     with ctx.progress.task("measuring candidates", sum(f.kind != "float" for _, f, _ in tasks)) as advance:
         def one(task):
-            node, fmt, rounding = task
+            i, (node, fmt, rounding) = task
+            ctx.forget_snapshots_before(first_left[i])
             cand = measure_candidate(ctx, formats, rounder, grads_m, node, fmt, rounding)
             if fmt.kind != "float":
                 advance(1)
             return cand
 
-        return ctx.executor.map(one, tasks)
+        return ctx.executor.map(one, list(enumerate(tasks)))
 
 
 def classify_all(ctx: FlowContext, cands: list[Candidate]) -> CostTable:

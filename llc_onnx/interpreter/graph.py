@@ -525,6 +525,12 @@ class TorchGraph:
         result = {t: get(t) for t in outs}
         return result, captured
 
+    def position(self, outs: Iterable[str], key: str) -> int:
+        """The first position of node ``key`` in the uncaptured plan for ``outs`` (what :meth:`snapshot` keys its
+        snapshots by)."""
+        outs = tuple(outs)
+        return min(self._position(outs, n.index) for n in self._by_key[key])
+
     def _position(self, outs: tuple[str, ...], index: int) -> int:
         """Position of the node with graph index ``index`` in the uncaptured plan for ``outs`` (past the end
         when that plan does not run it)."""
@@ -575,6 +581,14 @@ class Snapshots:
         """(position, values) of the last snapshot at or before ``pos``; (0, {}) when there is none."""
         i = bisect.bisect_right(self.positions, pos) - 1
         return (self.positions[i], self.envs[i]) if i >= 0 else (0, {})
+
+    def drop_before(self, pos: int) -> None:
+        """Let go of the snapshots no run starting at ``pos`` or later reads: all before the last one at or
+        before ``pos`` (a run that starts earlier anyway resumes from an earlier kept one, or from the inputs:
+        the same values, more work)."""
+        i = bisect.bisect_right(self.positions, pos) - 1
+        if i > 0:
+            del self.positions[:i], self.envs[:i]
 
     def nbytes(self) -> int:
         """Bytes of the distinct tensors held (shared tensors counted once)."""
