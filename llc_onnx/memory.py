@@ -19,10 +19,17 @@ _libc = None
 
 def release() -> None:
     """Collect garbage, drop the pages of spilled arrays (:func:`drop_mapped_pages`), then return the allocator's
-    free memory to the OS (``malloc_trim(0)``, glibc only)."""
-    global _libc
+    free memory to the OS (:func:`trim`)."""
     gc.collect()
     drop_mapped_pages()
+    trim()
+
+
+def trim() -> None:
+    """Return the allocator's free memory to the OS (``malloc_trim(0)``, glibc only; no garbage collection): cheap
+    enough to run between two measurement tasks, whose node-sized temporaries otherwise leave the heap at its
+    high-water mark (SmolLM2's candidate stage: ~1 GB above what it holds)."""
+    global _libc
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
