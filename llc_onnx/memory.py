@@ -25,19 +25,45 @@ def release() -> None:
     trim()
 
 
-def trim() -> None:
-    """Return the allocator's free memory to the OS (``malloc_trim(0)``, glibc only; no garbage collection): cheap
-    enough to run between two measurement tasks, whose node-sized temporaries otherwise leave the heap at its
-    high-water mark (SmolLM2's candidate stage: ~1 GB above what it holds)."""
-    global _libc
+def trim(min_free: int = 0) -> None:
+    """Return the allocator's free memory to the OS (``malloc_trim(0)``, glibc only; no garbage collection). With
+    ``min_free``, only when the heap holds at least that many free bytes (``mallinfo2``, glibc ≥ 2.33; without it
+    always): run between two measurement tasks, whose node-sized temporaries otherwise leave the heap at its
+    high-water mark (SmolLM2's candidate stage: ~1 GB above what it holds), without giving back, and faulting in
+    again, a few free pages after every task."""
+    libc = _glibc()
+    if not libc:
+        return
+    if min_free > 0 and _mallinfo2 and libc.mallinfo2().fordblks < min_free:
+        return
+    libc.malloc_trim(0)
+
+
+#: :func:`trim` between measurement tasks once the heap holds this much free memory
+TASK_TRIM_BYTES = 64 << 20
+
+_mallinfo2 = False
+
+
+def _glibc():
+    global _libc, _mallinfo2
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc.malloc_trim.argtypes = [ctypes.c_size_t]
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+            return _libc
+        try:
+            class _MallInfo2(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                           "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+            _libc.mallinfo2.restype = _MallInfo2
+            _mallinfo2 = True
+        except AttributeError:  # glibc < 2.33
+            _mallinfo2 = False
+    return _libc
 
 
 class Spill:

@@ -133,3 +133,32 @@ def test_a_run_with_spilled_plan_codes_writes_the_same_bytes(tmp_path, monkeypat
     assert any(isinstance(q, np.memmap) for q in arrays)
     assert all(isinstance(q, np.memmap) for q in arrays if q.nbytes >= 1024)
     assert spilled.model.SerializeToString() == plain.model.SerializeToString()
+
+
+def test_trim_gives_free_heap_memory_back_only_past_its_threshold():
+    """Node-sized temporaries freed between measurement tasks stay in glibc's heap (RSS) until ``malloc_trim``;
+    ``memory.trim(min_free)`` returns them once the heap holds at least ``min_free`` free bytes, and leaves a heap
+    with less alone (no pages given back and faulted in again after every task)."""
+    import sys
+
+    from llc_onnx import memory
+
+    if not sys.platform.startswith("linux") or not memory._glibc() or not memory._mallinfo2:
+        pytest.skip("glibc >= 2.33 only")
+
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    memory.trim()
+    blocks = [np.ones(12_000) for _ in range(2_000)]  # ~96 KB each: below the mmap threshold, from the heap
+    keep = blocks[-1]
+    del blocks  # ~190 MB free inside the heap, kept there by the live block at its top
+    free = memory._libc.mallinfo2().fordblks
+    assert free > 150 << 20
+    before = rss()
+    memory.trim(free + (1 << 30))  # not enough free memory for this threshold: nothing given back
+    assert rss() > before - (32 << 20)
+    memory.trim(memory.TASK_TRIM_BYTES)
+    assert rss() < before - (128 << 20)
+    del keep

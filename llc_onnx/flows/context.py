@@ -48,7 +48,7 @@ from ..compressible import CompressibleNode, find_compressible
 from ..config import OptimizeConfig
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from ..memory import Spill, drop_mapped_pages, release, trim
+from ..memory import TASK_TRIM_BYTES, Spill, drop_mapped_pages, release, trim
 from ..model_io import load_model, prepare_model
 from ..ort_eval import Evaluation, SessionConfig, SessionInput, evaluate, make_session, resolve_output
 from ..progress import Progress, Silent, StageTimer
@@ -60,14 +60,14 @@ log = logging.getLogger(__name__)
 class Sequential:
     """Runs measurement tasks one after the other in this process (the default executor); between two tasks the
     pages of spilled gradients a task read leave this process's memory (``memory.drop_mapped_pages``), and so
-    does the heap's free memory (``memory.trim``)."""
+    does the heap's free memory once there is enough of it (``memory.trim``)."""
 
     def map(self, fn, tasks):
         out = []
         for t in tasks:
             out.append(fn(t))
             drop_mapped_pages()
-            trim()
+            trim(TASK_TRIM_BYTES)
         return out
 
 

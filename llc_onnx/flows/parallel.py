@@ -149,13 +149,13 @@ class Distributed:
             raise LLCError(f"workers: the ranks hold different task lists ({[f[0] for f in fingerprints]} tasks); "
                            "every rank must run optimize with the same model, data and configuration")
         mine, error, failed = [], None, None
-        from ..memory import drop_mapped_pages, trim
+        from ..memory import TASK_TRIM_BYTES, drop_mapped_pages, trim
 
         for i in range(self.rank, len(tasks), self.size):
             try:
                 mine.append(fn(tasks[i]))
                 drop_mapped_pages()
-                trim()
+                trim(TASK_TRIM_BYTES)
             except Exception as exc:  # noqa: BLE001 - gathered, then raised on every rank
                 error = exc
                 first = (str(exc).strip().splitlines() or [""])[0]
