@@ -40,7 +40,7 @@ def trim(min_free: int = 0) -> None:
 
 
 #: :func:`trim` between measurement tasks once the heap holds this much free memory
-TASK_TRIM_BYTES = 64 << 20
+TASK_TRIM_BYTES = 256 << 20
 
 _mallinfo2 = False
 
