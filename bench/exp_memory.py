@@ -23,33 +23,7 @@ import threading
 import time
 
 
-def _status_bytes(field: str) -> int:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss() -> int:
-    return _status_bytes("VmRSS")
-
-
-def high_water() -> int:
-    """The kernel's peak RSS of this process since the last :func:`reset_high_water` (VmHWM), in bytes: exact,
-    where a sampler misses what happens while a C call holds the GIL (protobuf, ONNX Runtime session creation)."""
-    return _status_bytes("VmHWM")
-
-
-def reset_high_water() -> bool:
-    """Reset VmHWM to the current RSS (``/proc/self/clear_refs`` 5); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from llc_onnx.memory import high_water, reset_high_water, rss
 
 
 def _values(pairs: list[str]) -> dict:

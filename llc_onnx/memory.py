@@ -117,3 +117,37 @@ def drop_mapped_pages() -> None:
     """Drop every live :class:`Spill`'s touched pages from this process's memory (between two tasks)."""
     for s in list(_SPILLS):
         s.drop_pages()
+
+
+# -- measuring (benchmarks and tests) -------------------------------------------------------------------------
+def status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes; 0 where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss() -> int:
+    """This process's resident memory now (VmRSS), in bytes."""
+    return status_bytes("VmRSS")
+
+
+def high_water() -> int:
+    """The kernel's peak RSS of this process since the last :func:`reset_high_water` (VmHWM), in bytes: exact,
+    where a sampler misses what happens while a C call holds the GIL (protobuf, ONNX Runtime session creation)."""
+    return status_bytes("VmHWM")
+
+
+def reset_high_water() -> bool:
+    """Reset VmHWM to the current RSS (``/proc/self/clear_refs`` 5); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -139,14 +139,7 @@ def _fields(message, keep) -> bytes:
     """The encoding of the fields of ``message`` whose numbers ``keep`` accepts (a part of its encoding:
     protobuf writes fields in the order of their numbers, so the parts of disjoint ranges concatenate to it)."""
     part = type(message)()
-    for fd, value in message.ListFields():
-        if keep(fd.number):
-            if fd.is_repeated:
-                getattr(part, fd.name).extend(value)
-            elif fd.message_type is not None:
-                getattr(part, fd.name).CopyFrom(value)
-            else:
-                setattr(part, fd.name, value)
+    _copy_fields_where(message, part, lambda fd: keep(fd.number))
     return part.SerializeToString()
 
 
@@ -891,8 +884,13 @@ def _fsync_directory(directory: str) -> None:
 
 def _copy_message_fields(src, dst, skip: set[str]) -> None:
     """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
+    _copy_fields_where(src, dst, lambda fd: fd.name not in skip)
+
+
+def _copy_fields_where(src, dst, keep) -> None:
+    """Copy the set fields of protobuf message ``src`` whose descriptor ``keep`` accepts into ``dst``."""
     for fd, value in src.ListFields():
-        if fd.name in skip:
+        if not keep(fd):
             continue
         if fd.is_repeated:
             getattr(dst, fd.name).extend(value)

@@ -146,19 +146,15 @@ def test_trim_gives_free_heap_memory_back_only_past_its_threshold():
     if not sys.platform.startswith("linux") or not memory._glibc() or not memory._mallinfo2:
         pytest.skip("glibc >= 2.33 only")
 
-    def rss():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
     memory.trim()
     blocks = [np.ones(12_000) for _ in range(4_000)]  # ~96 KB each: below the mmap threshold, from the heap
     keep = blocks[-1]
     del blocks  # ~380 MB free inside the heap, kept there by the live block at its top
     free = memory._libc.mallinfo2().fordblks
     assert free > max(300 << 20, memory.TASK_TRIM_BYTES)
-    before = rss()
+    before = memory.rss()
     memory.trim(free + (1 << 30))  # not enough free memory for this threshold: nothing given back
-    assert rss() > before - (32 << 20)
+    assert memory.rss() > before - (32 << 20)
     memory.trim(memory.TASK_TRIM_BYTES)
-    assert rss() < before - (256 << 20)
+    assert memory.rss() < before - (256 << 20)
     del keep

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from llc_onnx import model_io, ort_eval
+from llc_onnx import memory, model_io, ort_eval
 
 
 def _weights_model(opset=17, as_inputs=True):
@@ -166,23 +166,6 @@ def test_update_digest_sees_every_weight_byte_and_the_structure():
     assert digest(small) == hashlib.sha256(small.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _reset_high_water() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def test_sizing_a_large_model_does_not_serialize_it():
     """protobuf's upb backend sizes a message by encoding it: sizing a 0.65 GB model held +1.3 GB. Sized from its
     parts the peak stays far below one copy of the model (kernel high-water mark, where the kernel allows
@@ -190,11 +173,11 @@ def test_sizing_a_large_model_does_not_serialize_it():
     import pytest
 
     m = _large_model(n_large=8, mib=16)  # 128 MiB of weights
-    if not _reset_high_water():
+    if not memory.reset_high_water():
         pytest.skip("this kernel does not allow resetting VmHWM (/proc/self/clear_refs)")
-    before = _status("VmRSS")
+    before = memory.rss()
     n = model_io.proto_size(m)
-    assert _status("VmHWM") - before < 48 << 20  # ByteSize() here: +256 MiB
+    assert memory.high_water() - before < 48 << 20  # ByteSize() here: +256 MiB
     assert n > 128 << 20
 
 
@@ -204,9 +187,9 @@ def test_a_model_is_written_streamed_with_the_bytes_of_serialize_to_string(tmp_p
         model_io.save_model(m, path)
         assert path.read_bytes() == m.SerializeToString()
     m = _large_model(n_large=8, mib=16)
-    if not _reset_high_water():
+    if not memory.reset_high_water():
         return
-    before = _status("VmRSS")
+    before = memory.rss()
     model_io.save_model(m, tmp_path / "big.onnx")
-    assert _status("VmHWM") - before < 48 << 20  # SerializeToString() here: +128 MiB or more
+    assert memory.high_water() - before < 48 << 20  # SerializeToString() here: +128 MiB or more
     assert (tmp_path / "big.onnx").read_bytes() == m.SerializeToString()
