@@ -51,7 +51,7 @@ def _kill_self_in(monkeypatch, module, name, sig, after=0):
 POINTS = {
     "measuring": ("llc_onnx.flows.quantize", "build_candidates", 0, False),
     "verdict": ("llc_onnx.verify", "verdict", 0, False),
-    "writing the model": ("llc_onnx.model_io", "_write_file", 0, False),
+    "writing the model": ("llc_onnx.model_io", "_write_serialized", 0, False),  # a single-file model, streamed
     "writing data + model": ("llc_onnx.model_io", "_write_file", 0, True),
     "writing the report": ("llc_onnx.report_files", "write_bytes_atomic", 2, False),
 }
