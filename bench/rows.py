@@ -14,10 +14,9 @@ key prefix.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable

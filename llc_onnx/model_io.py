@@ -77,6 +77,12 @@ def proto_size(message) -> int:
 _SIZE_BY_PARTS = 1 << 20
 
 
+def _raw_len(t: TensorProto) -> int:
+    """Bytes of ``t.raw_data`` (0 without it); the tensors :func:`proto_size`, :func:`_write_serialized` and
+    :func:`update_digest` take apart are those with at least :data:`_SIZE_BY_PARTS`."""
+    return len(t.raw_data) if t.HasField("raw_data") else 0  # (upb copies one tensor's bytes to tell)
+
+
 def _byte_size(message) -> int:
     try:
         return message.ByteSize()
@@ -97,7 +103,7 @@ def _model_size(model: onnx.ModelProto) -> int:
     """:func:`proto_size` of a model: protobuf's encoding is the sum of its fields' encodings, so the model is
     the model without its graph, plus the graph field; the graph is the graph without its initializers, plus
     each initializer field; a large tensor is the tensor without ``raw_data``, plus the ``raw_data`` field."""
-    if not any(t.HasField("raw_data") and len(t.raw_data) >= _SIZE_BY_PARTS for t in model.graph.initializer):
+    if not any(_raw_len(t) >= _SIZE_BY_PARTS for t in model.graph.initializer):
         return _byte_size(model)
     shell = onnx.ModelProto()
     _copy_message_fields(model, shell, {"graph"})
@@ -111,7 +117,7 @@ def _graph_size(graph: onnx.GraphProto) -> int:
 
 
 def _tensor_size(t: TensorProto) -> int:
-    n = len(t.raw_data) if t.HasField("raw_data") else 0  # (one tensor's bytes copied at a time)
+    n = _raw_len(t)
     if n < _SIZE_BY_PARTS:
         return _byte_size(t)
     light = TensorProto()
@@ -149,8 +155,7 @@ def _write_serialized(model: onnx.ModelProto, f) -> None:
     written from the tensor (:func:`_model_size` gives the lengths). The bytes are those of
     ``SerializeToString()`` (tests/test_model_memory.py compares them)."""
     graph = model.graph
-    large = {i for i, t in enumerate(graph.initializer)
-             if t.HasField("raw_data") and len(t.raw_data) >= _SIZE_BY_PARTS}
+    large = {i for i, t in enumerate(graph.initializer) if _raw_len(t) >= _SIZE_BY_PARTS}
     if not large:
         f.write(model.SerializeToString())
         return
@@ -178,7 +183,7 @@ def update_digest(h, model: onnx.ModelProto) -> None:
     model without the data of its large initializers (:data:`_SIZE_BY_PARTS`), serialized deterministically,
     then each of those initializers' name, length and ``raw_data`` in graph order. Equal models give equal
     digests and any change of a weight's bytes changes it; it is not the digest of the serialized model."""
-    large = [t for t in model.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= _SIZE_BY_PARTS]
+    large = [t for t in model.graph.initializer if _raw_len(t) >= _SIZE_BY_PARTS]
     if not large:
         h.update(model.SerializeToString(deterministic=True))
         return
@@ -589,26 +594,14 @@ def _copy(model: onnx.ModelProto, skip_data: dict | None = None) -> onnx.ModelPr
     if not skip_data:
         m.CopyFrom(model)
         return m
-    _copy_fields(m, model, skip=("graph",))
-    _copy_fields(m.graph, model.graph, skip=("initializer",))
+    _copy_message_fields(model, m, {"graph"})
+    _copy_message_fields(model.graph, m.graph, {"initializer"})
     for t in model.graph.initializer:
         if t.name in skip_data:
             m.graph.initializer.add(name=t.name, data_type=t.data_type, dims=list(t.dims))
         else:
             m.graph.initializer.add().CopyFrom(t)
     return m
-
-
-def _copy_fields(dst, src, skip=()) -> None:
-    for fd, value in src.ListFields():
-        if fd.name in skip:
-            continue
-        if fd.is_repeated:
-            getattr(dst, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
 
 
 def _negative_dims_to_unknown(graph: onnx.GraphProto) -> None:
