@@ -38,19 +38,32 @@ def printable(cmd: list[str]) -> str:
     return "llc-onnx " + " ".join(shlex.quote(c) for c in cmd[3:])
 
 
+#: seconds a timed-out run gets to stop after SIGTERM
+TERMINATE_GRACE_S = 60
+
+
 def run(cmd: list[str], result_path: Path, timeout: float | None = None) -> dict:
     """Run the CLI; {"command", "seconds", "exit", "result" (the JSON) | "error"}. The JSON is kept at
     ``result_path``."""
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"command": printable(cmd), "seconds": time.perf_counter() - t0, "exit": "timeout",
-                "error": f"stopped after {timeout:.0f} s (--llc-timeout)"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM first: llc-onnx then removes its temporary files (a SIGKILL would leave its spill files in
+            # $TMPDIR until the next run); SIGKILL only if it does not stop
+            p.terminate()
+            try:
+                p.communicate(timeout=TERMINATE_GRACE_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+            return {"command": printable(cmd), "seconds": time.perf_counter() - t0, "exit": "timeout",
+                    "error": f"stopped after {timeout:.0f} s (--llc-timeout)"}
     res = {"command": printable(cmd), "seconds": time.perf_counter() - t0, "exit": p.returncode}
-    out = (p.stdout or "").strip()
+    out = (stdout or "").strip()
     if p.returncode not in (0, 1) or not out:
-        lines = [ln for ln in (p.stderr or "").strip().splitlines() if ln.strip()]
+        lines = [ln for ln in (stderr or "").strip().splitlines() if ln.strip()]
         res["error"] = lines[-1] if lines else f"exit {p.returncode}, no output"
         return res
     result_path.write_text(out + "\n")

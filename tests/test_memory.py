@@ -158,3 +158,68 @@ def test_trim_gives_free_heap_memory_back_only_past_its_threshold():
     memory.trim(memory.TASK_TRIM_BYTES)
     assert memory.rss() < before - (256 << 20)
     del keep
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_spill_directories_of_dead_processes_are_removed(tmp_path):
+    """A spill directory whose process no longer runs is removed; one of a live process, one without a pid in its
+    name and a plain file of that name are left alone."""
+    import os
+
+    dead = tmp_path / f"{memory.SPILL_PREFIX}{_dead_pid()}-abc"
+    live = tmp_path / f"{memory.SPILL_PREFIX}{os.getpid()}-def"
+    old_style = tmp_path / f"{memory.SPILL_PREFIX}6ztqcp6p"
+    for d in (dead, live, old_style):
+        d.mkdir()
+        (d / "0.npy").write_bytes(b"x" * 100)
+    not_dir = tmp_path / f"{memory.SPILL_PREFIX}{_dead_pid()}-file"
+    not_dir.write_text("x")
+    assert memory.remove_stale_spills(str(tmp_path)) == [str(dead)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, old_style.name, not_dir.name])
+
+
+_SPILL_CHILD = """
+import pathlib, sys, time
+import numpy as np
+from llc_onnx import memory
+s = memory.Spill()
+s.put(np.zeros(1000, np.float32))
+pathlib.Path(sys.argv[1]).write_text(s.dir)
+time.sleep(60)
+"""
+
+
+def test_a_killed_process_spill_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL (no handler can run) leaves a real process's spill directory behind; the next process's first spill
+    removes it, and its own directory is gone when that spill is."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    mark = tmp_path / "dir"
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, "-c", _SPILL_CHILD, str(mark)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not mark.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    left = mark.read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(left) and os.path.dirname(left) == str(tmp)
+    code = ("from llc_onnx import memory; s = memory.Spill(); import os; "
+            "assert os.listdir(os.environ['TMPDIR']) == [os.path.basename(s.dir)]; d = s.dir; del s; "
+            "import gc; gc.collect(); assert not os.path.exists(d)")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    assert list(tmp.iterdir()) == []

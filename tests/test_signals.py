@@ -123,3 +123,46 @@ def test_real_signal_to_a_real_process(sig, point, tmp_path):
     assert "Traceback" not in err and err.strip().splitlines() == [
         f"error: interrupted ({signal.Signals(sig).name}); nothing was written"], err
     assert _files(out_dir) == []
+
+
+_SPILL_CHILD = """
+import pathlib, sys, time
+from llc_onnx import memory
+from llc_onnx.flows import context
+context.SPILL_BYTES = 0  # spill the gradient pass to files, as a large model does
+real = memory.Spill.put
+def put(self, arr):  # tell the parent a spill directory exists, then give it time to send the signal
+    out = real(self, arr)
+    pathlib.Path(sys.argv[1]).write_text(self.dir)
+    time.sleep(60)
+    return out
+memory.Spill.put = put
+from llc_onnx.cli import main
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_spilling_leaves_no_temporary_file(sig, tmp_path):
+    """A real process that has spilled its gradient pass to ``$TMPDIR`` (``memory.Spill``) and gets SIGTERM /
+    SIGINT there: exit 128 + signal, one line, and neither the output directory nor ``$TMPDIR`` keeps a file."""
+    model, data = write_mlp_files(tmp_path, n=400)
+    out_dir, tmp = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    tmp.mkdir()
+    mark = tmp_path / "spilled"
+    proc = subprocess.Popen([sys.executable, "-c", _SPILL_CHILD, str(mark), "optimize", model, "--data", data,
+                             "-o", str(out_dir / "o.onnx")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "TMPDIR": str(tmp)})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not mark.exists():
+        time.sleep(0.02)
+    assert mark.exists(), f"the run never spilled (exit {proc.poll()}): {proc.stderr.read().decode()[-2000:]}"
+    assert os.path.isdir(mark.read_text())
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 128 + sig, err
+    assert err.strip().splitlines() == [f"error: interrupted ({signal.Signals(sig).name}); nothing was written"]
+    # ONNX Runtime keeps a session-id file of its own in $TMPDIR (`.ses`, written by every session, kept across runs)
+    assert _files(out_dir) == [] and [f for f in _files(tmp) if f != ".ses"] == []
