@@ -73,18 +73,16 @@ class Spill:
     (``madvise(MADV_DONTNEED)``; the data stays in the file). Used for the gradient accumulators, which the
     candidate stage reads one node at a time.
 
-    The directory is named ``llc-spill-<pid>-…``: a process killed outright (SIGKILL, the kernel's OOM killer)
-    cannot remove its own, so the first spill of every later process removes those of processes that no longer
-    run (:func:`remove_stale_spills`)."""
+    The directory is a :mod:`llc_onnx.tempdirs` one (``llc-spill-<pid>-…``): one left by a killed process is
+    removed by the next run."""
 
     def __init__(self):
-        import os
         import shutil
-        import tempfile
         import weakref
 
-        remove_stale_spills()
-        self.dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
+        from . import tempdirs
+
+        self.dir = tempdirs.make("spill")
         self.arrays: list = []
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
         _SPILLS.add(self)
@@ -108,61 +106,6 @@ class Spill:
             m = getattr(a, "_mmap", None)
             if m is not None and not m.closed:
                 m.madvise(mmap.MADV_DONTNEED)
-
-
-#: spill directories are ``$TMPDIR/llc-spill-<pid>-<random>``
-SPILL_PREFIX = "llc-spill-"
-_stale_checked = False
-
-
-def remove_stale_spills(directory: str | None = None) -> list[str]:
-    """Remove the spill directories in ``directory`` (default: ``$TMPDIR``) left by processes that no longer run
-    (their pid, from the name, is not alive) and that belong to this user; once per process unless ``directory``
-    is given. Returns the directories removed. A directory of a live process, another user's, or one whose name
-    carries no pid is left alone."""
-    global _stale_checked
-    import os
-    import re
-    import shutil
-    import tempfile
-
-    if directory is None:
-        if _stale_checked:
-            return []
-        _stale_checked = True
-    directory = directory or tempfile.gettempdir()
-    pattern = re.compile(re.escape(SPILL_PREFIX) + r"(\d+)-")
-    removed = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for e in entries:
-        m = pattern.match(e.name)
-        if not m or not e.is_dir(follow_symlinks=False):
-            continue
-        try:
-            if e.stat(follow_symlinks=False).st_uid != os.getuid() or _pid_alive(int(m.group(1))):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(e.path, ignore_errors=True)
-        removed.append(e.path)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    if pid <= 0:
-        return True  # not a pid this could have written: leave it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # alive, another user's (EPERM)
-    return True
 
 
 def _weak_set():

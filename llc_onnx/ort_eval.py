@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import tempdirs
 from .calib.data import Dataset
 from .calib.losses import LossTotals, TaskLoss
 from .errors import LLCError, first_line
@@ -103,7 +104,7 @@ def inference_session(model: onnx.ModelProto | str | os.PathLike, sess_options, 
     from .model_io import proto_size, write_for_session
 
     if proto_size(model) > SESSION_FILE_BYTES:
-        with tempfile.TemporaryDirectory(prefix="llc-session-") as d:
+        with tempfile.TemporaryDirectory(prefix=tempdirs.prefix("session")) as d:
             return ort.InferenceSession(write_for_session(model, d), sess_options=sess_options, providers=providers)
     return ort.InferenceSession(model.SerializeToString(), sess_options=sess_options, providers=providers)
 
@@ -124,7 +125,7 @@ class SessionInput:
             import shutil
             import weakref
 
-            d = tempfile.mkdtemp(prefix="llc-session-")
+            d = tempdirs.make("session")
             self._finalizer = weakref.finalize(self, shutil.rmtree, d, True)
             try:
                 self.source = write_for_session(model, d)

@@ -169,21 +169,25 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_stale_spill_directories_of_dead_processes_are_removed(tmp_path):
-    """A spill directory whose process no longer runs is removed; one of a live process, one without a pid in its
-    name and a plain file of that name are left alone."""
+def test_stale_run_directories_of_dead_processes_are_removed(tmp_path):
+    """``tempdirs.remove_stale``: a run directory (spill, session, data, workers) whose process no longer runs is
+    removed; one of a live process, one without a pid in its name, another name and a plain file are left alone."""
     import os
 
-    dead = tmp_path / f"{memory.SPILL_PREFIX}{_dead_pid()}-abc"
-    live = tmp_path / f"{memory.SPILL_PREFIX}{os.getpid()}-def"
-    old_style = tmp_path / f"{memory.SPILL_PREFIX}6ztqcp6p"
-    for d in (dead, live, old_style):
+    from llc_onnx import tempdirs
+
+    dead = [tmp_path / f"llc-{kind}-{_dead_pid()}-abc" for kind in tempdirs.KINDS]
+    live = tmp_path / f"llc-spill-{os.getpid()}-def"
+    old_style = tmp_path / "llc-spill-6ztqcp6p"
+    other = tmp_path / f"llc-cache-{_dead_pid()}-x"  # not a kind of run directory
+    for d in (*dead, live, old_style, other):
         d.mkdir()
         (d / "0.npy").write_bytes(b"x" * 100)
-    not_dir = tmp_path / f"{memory.SPILL_PREFIX}{_dead_pid()}-file"
+    not_dir = tmp_path / f"llc-spill-{_dead_pid()}-file"
     not_dir.write_text("x")
-    assert memory.remove_stale_spills(str(tmp_path)) == [str(dead)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, old_style.name, not_dir.name])
+    assert sorted(tempdirs.remove_stale(str(tmp_path))) == sorted(map(str, dead))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, old_style.name, other.name,
+                                                                  not_dir.name])
 
 
 _SPILL_CHILD = """

@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .. import tempdirs
 from ..errors import LLCError, first_line
 
 LABELS = "labels"
@@ -78,7 +78,7 @@ class _SpillDir:
     :class:`FileBatch` that refers to it is gone. A copy sent to another process does not own it."""
 
     def __init__(self):
-        self.path = tempfile.mkdtemp(prefix="llc-data-")
+        self.path = tempdirs.make("data")
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
 
     def __reduce__(self):

@@ -48,6 +48,7 @@ import sys
 import tempfile
 from typing import Any, Callable
 
+from .. import tempdirs
 from ..errors import LLCError
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def _spawn(run, model, data, config, *, held, val, out, progress):
     size = config.device.workers
     backend = _backend(config.device.device)
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=_TIMEOUT, wait_for_workers=False)
-    with tempfile.TemporaryDirectory(prefix="llc-workers-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=tempdirs.prefix("workers")) as tmp:
         w_model, w_data, w_held, w_val = _portable(model, data, held, val, tmp)
         procs = mp.start_processes(_worker, args=(store.port, size, w_model, w_data, config, w_held, w_val),
                                    nprocs=size - 1, join=False, start_method="spawn")
