@@ -367,6 +367,7 @@ def autoquant_scores(ctx, quantized: Quantized, *, max_batches: int | None = Non
 
     graph, loss, nodes = ctx.graph, ctx.loss, ctx.nodes
     formats = quantized.formats
+    ctx.restore_weights()  # the one-node models take their weights from the model (a large one's are held)
     units = {n.name: TorchGraph(unit_model(ctx.model, n.name), dtype=graph.dtype, device=graph.device) for n in nodes}
     unit_in = {n.name: units[n.name].input_names[0] for n in nodes}
     unit_out = {n.name: units[n.name].output_names[0] for n in nodes}
@@ -491,6 +492,7 @@ def allocation(ctx, quantized: Quantized, costs: dict[tuple, float], budget: flo
         return ctx.target.rewrite(ctx.model, node_plans).model
 
     crit = ctx.config.criterion
+    ctx.restore_weights()  # the plans are written from the model's weights (a large model's are held until here)
     sel = select_plan(build, ladders, plans, lambda m: ctx.evaluate(m, ctx.val, samples=True), ctx.val_fp,
                       crit.verdict_tolerance(ctx.objective), crit.max_rounds, budget_bytes, None, crit.margin_z)
     return Allocation(sel.model, {n: ladders[n][i].level for n, i in sel.choice.items()}, sel, budget_bytes,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -81,6 +82,14 @@ def _raw_len(t: TensorProto) -> int:
     """Bytes of ``t.raw_data`` (0 without it); the tensors :func:`proto_size`, :func:`_write_serialized` and
     :func:`update_digest` take apart are those with at least :data:`_SIZE_BY_PARTS`."""
     return len(t.raw_data) if t.HasField("raw_data") else 0  # (upb copies one tensor's bytes to tell)
+
+
+def _held_len(t: TensorProto) -> int:
+    """The ``raw_data`` length of a tensor whose data is held elsewhere: its element count × element size."""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * tensor_bits(t.data_type) // 8
 
 
 def _byte_size(message) -> int:
@@ -178,13 +187,17 @@ def _write_serialized(model: onnx.ModelProto, f) -> None:
     f.write(_fields(model, lambda n: n > _MODEL_GRAPH))
 
 
-def update_digest(h, model: onnx.ModelProto) -> None:
+def update_digest(h, model: onnx.ModelProto, held: Mapping[str, Callable[[], bytes]] | None = None) -> None:
     """Feed ``model`` to hash object ``h`` (hashlib) without serializing it whole (see :func:`proto_size`): the
     model without the data of its large initializers (:data:`_SIZE_BY_PARTS`), serialized deterministically,
     then each of those initializers' name, length and ``raw_data`` in graph order. Equal models give equal
-    digests and any change of a weight's bytes changes it; it is not the digest of the serialized model."""
-    large = [t for t in model.graph.initializer if _raw_len(t) >= _SIZE_BY_PARTS]
-    if not large:
+    digests and any change of a weight's bytes changes it; it is not the digest of the serialized model.
+    ``held``: initializers whose ``raw_data`` is held elsewhere (name -> its bytes, each at least
+    :data:`_SIZE_BY_PARTS`; ``FlowContext.hold_weights``): the digest is that of the model with them put back."""
+    held = held or {}
+    large = [t for t in model.graph.initializer
+             if (_held_len(t) if t.name in held else _raw_len(t)) >= _SIZE_BY_PARTS]
+    if not large and not held:
         h.update(model.SerializeToString(deterministic=True))
         return
     names = {t.name for t in large}
@@ -194,9 +207,11 @@ def update_digest(h, model: onnx.ModelProto) -> None:
     for t in model.graph.initializer:
         out = shell.graph.initializer.add()
         _copy_message_fields(t, out, {"raw_data"} if t.name in names else set())
+        if t.name in held and t.name not in names:  # a small held tensor: its bytes in place, as in the model
+            out.raw_data = held[t.name]()
     h.update(shell.SerializeToString(deterministic=True))
     for t in large:
-        raw = t.raw_data  # one tensor's bytes at a time
+        raw = held[t.name]() if t.name in held else t.raw_data  # one tensor's bytes at a time
         h.update(f"|{t.name}|{len(raw)}|".encode())
         h.update(raw)
         del raw

@@ -282,6 +282,29 @@ def test_allocation_uses_llcs_validation_split_and_selection(tmp_path):
     assert plan_bytes  # (imported: the same byte accounting as llc's selection)
 
 
+def test_baselines_are_the_same_when_the_weights_are_held(tmp_path, monkeypatch):
+    """A large model's context holds its weights in the interpreter from its creation on
+    (``FlowContext.hold_weights``); AutoQuantize's one-node models and the allocation's plans read them from the
+    model, so the baselines put them back first: the same scores and the same written model as without holding."""
+    from llc_onnx.flows import context as C
+    from llc_onnx.model_io import save_model
+
+    def run(d):
+        d.mkdir()
+        ctx, *_ = _mlp_context(d)
+        q = B.quantize_all(ctx)
+        scores = B.autoquant_scores(ctx, q)
+        a = B.allocation(ctx, q, B.monotone(scores, q, ctx.nodes), 0.3, "autoquant")
+        save_model(a.model, str(d / "o.onnx"))
+        return ctx._hold.names, scores, (d / "o.onnx").read_bytes()
+
+    names, plain, plain_bytes = run(tmp_path / "plain")
+    monkeypatch.setattr(C, "HOLD_BYTES", 1)
+    held_names, held, held_bytes = run(tmp_path / "held")
+    assert not names and held_names  # the second context held its weights
+    assert held == plain and held_bytes == plain_bytes
+
+
 # ------------------------------------------------------------------------------------------ uniform SVD
 def test_svd_matcher_from_below():
     shapes = {"a": (64, 48), "b": (288, 32), "c": (10, 10)}

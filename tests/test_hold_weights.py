@@ -123,3 +123,48 @@ def test_the_full_proto_is_really_let_go(tmp_path, monkeypatch):
     assert rc == 0, err
     weight_bytes = sum(v.nbytes for v in w.values())
     assert drops and drops[0] > 0.7 * weight_bytes, (drops, weight_bytes)
+
+
+@pytest.mark.parametrize("by_parts", [1 << 30, 1000, 1])
+def test_the_model_digest_is_the_same_with_held_weights(tmp_path, monkeypatch, by_parts):
+    """The cost cache's key reads the model's weights; a context that holds them (from its creation on) hashes
+    the bytes the interpreter holds, and the digest equals that of the model with its weights put back — with
+    every tensor small (serialized whole), some large (hashed one by one) and all large."""
+    import hashlib
+
+    from _models import write_mlp_files
+    from llc_onnx import model_io
+    from llc_onnx.config import DeviceConfig, OptimizeConfig
+
+    monkeypatch.setattr(C, "HOLD_BYTES", 1)
+    monkeypatch.setattr(model_io, "_SIZE_BY_PARTS", by_parts)
+    model, data = write_mlp_files(tmp_path, n=160)
+    ctx = C.create_context(model, data, OptimizeConfig(device=DeviceConfig(threads=1)))
+    assert ctx._hold.held and all(len(t.raw_data) == 0 for t in ctx.model.graph.initializer
+                                  if t.name in ctx._hold.names)
+    held = hashlib.sha256()
+    ctx.update_digest(held)
+    ctx.restore_weights()
+    assert all(len(t.raw_data) > 0 for t in ctx.model.graph.initializer)
+    full = hashlib.sha256()
+    model_io.update_digest(full, ctx.model)
+    assert held.hexdigest() == full.hexdigest()
+
+
+def test_the_float_baseline_runs_while_the_interpreter_holds_the_weights(tmp_path, monkeypatch):
+    """The float model's sessions at the baseline read it from files: the full proto is already dropped then (a
+    large model's baseline would otherwise hold it, the interpreter's copy and the session's)."""
+    from _models import write_mlp_files
+    from llc_onnx.config import DeviceConfig, OptimizeConfig
+
+    monkeypatch.setattr(C, "HOLD_BYTES", 1)
+    seen = []
+    orig = C.FlowContext.evaluate
+
+    def spy(self, *args, **kwargs):
+        seen.append(self._hold.held)
+        return orig(self, *args, **kwargs)
+    monkeypatch.setattr(C.FlowContext, "evaluate", spy)
+    model, data = write_mlp_files(tmp_path, n=160)
+    C.create_context(model, data, OptimizeConfig(device=DeviceConfig(threads=1)))
+    assert seen and all(seen)

@@ -170,6 +170,19 @@ class FlowContext:
         self.model = h.structure
         release()
 
+    def update_digest(self, h) -> None:
+        """Feed the model, with its weights whether they are held or not, to hash object ``h``
+        (``model_io.update_digest``: the same digest either way)."""
+        from ..model_io import update_digest
+
+        hd = self._hold
+        if not hd.held:
+            update_digest(h, self.model)
+            return
+        types = {t.name: t.data_type for t in self.model.graph.initializer if t.name in hd.names}
+        update_digest(h, self.model, held={n: (lambda n=n: _raw_bytes(self.graph.params[n], types[n]))
+                                           for n in hd.names})
+
     def restore_weights(self) -> None:
         """Undo :meth:`hold_weights`: each held initializer gets its data back from the interpreter's tensor, in
         the initializer's own type (exact: the interpreter holds float32 copies of float32/16 and bfloat16
@@ -456,6 +469,7 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
             fit, meas = fit_t, meas_t
             val_ds = calib if val_is_calib else teacher_dataset(val_ds, run_float)
             test = teacher_dataset(test, run_float)
+            del ref, run_float  # the teacher's session: not alive beside the baseline's
         graph, hold = interpreter_for(prepared, torch.float32, config.device.device)
     if fit is meas:
         notes.append("fit and measure parts coincide (one calibration batch): measured costs are in-sample; "
@@ -465,6 +479,10 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
                       task_test)
     ctx._hold = hold
     ctx.executor = parallel_executor()  # in-process, or shards across the workers' ranks (flows.parallel)
+    del prepared
+    # ONNX Runtime reads the float model from float_in's files from here on: the interpreter holds the weights
+    # alone before the float session loads its own copy (on SmolLM2 the baseline held three copies, 2.7 GB)
+    ctx.hold_weights()
     with timer.stage("baseline"), float_in:
         ctx.calib_fp = ctx.evaluate(float_in.source, calib, samples=True)
         ctx.val_fp = ctx.calib_fp if val_ds is calib else ctx.evaluate(float_in.source, val_ds, samples=True)

@@ -32,7 +32,6 @@ from ..atomic import write_atomic
 from ..calib.data import Dataset
 from ..calib.gradients import GradientPass, NodeStats
 from ..errors import LLCError
-from ..model_io import update_digest
 from ..solvers.cost_model import Candidate
 from .context import FlowContext
 
@@ -72,7 +71,7 @@ def cache_key(ctx: FlowContext, settings: dict) -> str:
                                   getattr(ctx.loss, "ignore_index", None)],
                          "dtype": str(ctx.graph.dtype), "nodes": [n.name for n in ctx.nodes]},
                         sort_keys=True, default=str).encode())
-    update_digest(h, ctx.model)  # (streamed: serializing a large model whole held twice its size)
+    ctx.update_digest(h)  # (streamed: serializing a large model whole held twice its size; held weights included)
     h.update(b"|fit")
     _hash_dataset(h, ctx.fit_data)
     h.update(b"|measure")

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 
 from llc_onnx.compressible import CompressibleNode
@@ -319,9 +318,11 @@ class GraphContext:
         init = self.inits.get(node.weight)
         return FLOAT_TYPE_NAMES.get(init.data_type, "float32") if init is not None else "float32"
 
-    def const(self, name: str) -> np.ndarray | None:
+    def const_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of initializer ``name`` (None when it is not one), read from its dims: the offers do not
+        need the values, and a large model's weights may be held by the interpreter (``FlowContext.hold_weights``)."""
         t = self.inits.get(name)
-        return None if t is None else onnx.numpy_helper.to_array(t)
+        return None if t is None else tuple(int(d) for d in t.dims)
 
 
 class Target(ABC):

@@ -61,6 +61,7 @@ user writes — with graph optimizations on (they do the integer fusions).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import onnx
@@ -109,9 +110,9 @@ def mnb_unsupported(node: CompressibleNode, ctx: GraphContext) -> str | None:
             return "Gemm with alpha != 1; MatMulNBits has no output scale"
         ins = ctx.nodes[node.name].input
         if len(ins) > 2 and ins[2]:
-            c = ctx.const(ins[2])
+            c = ctx.const_shape(ins[2])
             n = node.weight_shape[node.out_axis]
-            if c is None or c.shape not in ((n,), (1, n)):
+            if c is None or c not in ((n,), (1, n)):
                 return "Gemm bias is not a constant [N]; MatMulNBits' bias input is [N]"
     return None
 
@@ -126,9 +127,9 @@ def w8a8_unsupported(node: CompressibleNode, ctx: GraphContext, *, check_add_fus
             return "Gemm with transA=1 has no QGemm form"
         ins = ctx.nodes[node.name].input
         if len(ins) > 2 and ins[2]:
-            c = ctx.const(ins[2])
+            c = ctx.const_shape(ins[2])
             n = node.weight_shape[node.out_axis]
-            if c is None or c.size != n:
+            if c is None or math.prod(c) != n:
                 return "Gemm bias is not a constant with one value per output; it cannot be stored as int32"
             if ctx.attr(node.name, "beta", 1.0) != 1.0:
                 return "Gemm with beta != 1 cannot take an int32 bias"
