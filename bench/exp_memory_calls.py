@@ -12,7 +12,8 @@ around ``drop_model`` / ``release_interpreter`` / ``restore_weights`` / ``api.re
 bench/RESULTS.md ("Plan codes") are its output on the 0.3 GB model before and after that change.
 ``--model NAME`` runs the same probe on a prepared bench model (``bench.models``: its files, batch size and
 measure samples, as ``bench.exp_memory``; ``--set`` adds settings, ``--cache`` reuses measured costs;
-``--candidates`` marks every measured candidate too).
+``--candidates`` marks every measured candidate too; ``--gradients`` marks the forward, loss and backward of each
+batch of the gradient pass and stops after that pass).
 ``--session FILE`` instead measures what one ONNX Runtime CPU session of a written model costs (one thread;
 ``--config key=value`` adds session config entries).
 """
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--cache", help="cost cache directory (optimize --cache)")
     ap.add_argument("--candidates", action="store_true", help="also mark every measured candidate")
+    ap.add_argument("--gradients", action="store_true",
+                    help="also mark the forward, the loss and the backward of every batch of the gradient pass, and "
+                         "stop after it")
     a = ap.parse_args(argv)
     if a.session:
         return session_cost(a.session, a.config)
@@ -85,13 +89,41 @@ def main(argv=None) -> int:
         return wrapped
 
     orig_stage = progress.StageTimer.stage
+    in_gradients = [False]
 
     @contextlib.contextmanager
     def stage(self, name):
         mark(f"-> {name}")
+        in_gradients[0] = name == "gradients"
         with orig_stage(self, name):
             yield
+        in_gradients[0] = False
         mark(f"<- {name}")
+        if a.gradients and name == "gradients":
+            print("stopped after the gradient pass (--gradients)", flush=True)
+            os._exit(0)  # (its spill directories are removed by the next run: llc_onnx.tempdirs)
+
+    if a.gradients:
+        import torch
+
+        from llc_onnx.calib import gradients, losses
+        from llc_onnx.interpreter import TorchGraph
+
+        def marked(fn, label):
+            def wrapped(*args, **kwargs):
+                if in_gradients[0]:
+                    mark(f"  before {label}")
+                out = fn(*args, **kwargs)
+                if in_gradients[0]:
+                    mark(f"  after {label}")
+                return out
+            return wrapped
+
+        TorchGraph.run = marked(TorchGraph.run, "forward")
+        for cls in (losses.TaskLoss, *losses.TaskLoss.__subclasses__(), *losses._ClassLoss.__subclasses__()):
+            if "terms" in vars(cls):
+                cls.terms = marked(cls.terms, "loss terms")
+        gradients.torch.autograd.backward = marked(torch.autograd.backward, "backward")
 
     progress.StageTimer.stage = stage
     orig_select = verify.select_plan
