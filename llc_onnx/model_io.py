@@ -192,8 +192,8 @@ def update_digest(h, model: onnx.ModelProto, held: Mapping[str, Callable[[], byt
     model without the data of its large initializers (:data:`_SIZE_BY_PARTS`), serialized deterministically,
     then each of those initializers' name, length and ``raw_data`` in graph order. Equal models give equal
     digests and any change of a weight's bytes changes it; it is not the digest of the serialized model.
-    ``held``: initializers whose ``raw_data`` is held elsewhere (name -> its bytes, each at least
-    :data:`_SIZE_BY_PARTS`; ``FlowContext.hold_weights``): the digest is that of the model with them put back."""
+    ``held``: initializers whose ``raw_data`` is held elsewhere (name -> a callable giving their bytes;
+    ``FlowContext.hold_weights``): the digest is that of the model with them put back."""
     held = held or {}
     large = [t for t in model.graph.initializer
              if (_held_len(t) if t.name in held else _raw_len(t)) >= _SIZE_BY_PARTS]
