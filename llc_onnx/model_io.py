@@ -84,14 +84,6 @@ def _raw_len(t: TensorProto) -> int:
     return len(t.raw_data) if t.HasField("raw_data") else 0  # (upb copies one tensor's bytes to tell)
 
 
-def _held_len(t: TensorProto) -> int:
-    """The ``raw_data`` length of a tensor whose data is held elsewhere: its element count × element size."""
-    n = 1
-    for d in t.dims:
-        n *= int(d)
-    return n * tensor_bits(t.data_type) // 8
-
-
 def _byte_size(message) -> int:
     try:
         return message.ByteSize()
@@ -196,7 +188,7 @@ def update_digest(h, model: onnx.ModelProto, held: Mapping[str, Callable[[], byt
     ``FlowContext.hold_weights``): the digest is that of the model with them put back."""
     held = held or {}
     large = [t for t in model.graph.initializer
-             if (_held_len(t) if t.name in held else _raw_len(t)) >= _SIZE_BY_PARTS]
+             if (tensor_nbytes(t) if t.name in held else _raw_len(t)) >= _SIZE_BY_PARTS]  # held: from dims
     if not large and not held:
         h.update(model.SerializeToString(deterministic=True))
         return
