@@ -339,6 +339,8 @@ def _init(model, name: str) -> np.ndarray:
 #: levels 4, 8 and float and GPTQ rounding only (the prior of --rounding auto), which halves the candidates twice:
 #: on 2 cores the default ladder at two block sizes measured SmolLM2 for hours
 MIXB = ["--block-size", "32,128", "--bits", "4,8,float", "--auto-roundings", "gptq"]
+#: MIXB with 2-bit levels too: issue 15's 0.125× (below the 4-bit block-128 floor) needs nodes under 4 bits
+MIXB2 = ["--block-size", "32,128", "--bits", "2,4,8,float", "--auto-roundings", "gptq"]
 
 
 def _methods() -> list[Method]:
@@ -372,6 +374,8 @@ def _methods() -> list[Method]:
                   llc_at_row_size("ort_w4_default_b32", cpu + MIXB, cache="cpu_mixb"), issue="15", latency=True),
            Method("llc_cpu_mixb_b20", "llc ort-cpu blocks 32,128 (4,8,float; GPTQ) budget 0.2", "llc",
                   llc_method(cpu + MIXB + ["--budget", "0.2"], cache="cpu_mixb"), issue="15", latency=True),
+           Method("llc_cpu_mixb2_b125", "llc ort-cpu blocks 32,128 (2,4,8,float; GPTQ) budget 0.125", "llc",
+                  llc_method(cpu + MIXB2 + ["--budget", "0.125", "--workers", "2"], cache="cpu_mixb2"), issue="15", latency=True),
            Method("llc_trt_lossless", "llc tensorrt lossless", "llc",
                   llc_method(["--target", "tensorrt"], cache="trt", check=check_tensorrt), target="tensorrt",
                   issue="12"),
