@@ -195,3 +195,36 @@ def test_ce_shape_error_on_a_sequence_output_points_to_a_custom_loss():
         make_loss("ce", "o").loss_sum(out, np.zeros((2, 7), np.int64))
     msg = str(e.value)
     assert "--loss module:function" in msg and "--loss lm" in msg and "\n" not in msg
+
+
+def test_lm_loss_in_float64_chunks_equals_the_whole_and_keeps_no_float64_copy(monkeypatch):
+    """The 'lm' loss sums float64 chunks of rows (``NLL_CHUNK_BYTES``): the same value and gradient as one
+    float64 cross-entropy over all rows, to float64 rounding, and under autograd no float64 copy of the logits is
+    kept for the backward (each chunk is recomputed)."""
+    from llc_onnx.calib import losses as L
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 50, 40)).astype(np.float32)
+    labels = rng.integers(0, 40, size=(2, 50))
+    labels[0, 7] = labels[1, 30] = -100
+    loss = make_loss("lm", "logits")
+    z = torch.tensor(logits, requires_grad=True)
+    whole, count = loss.terms(z, torch.tensor(labels))
+    (g_whole,) = torch.autograd.grad(whole, z)
+    monkeypatch.setattr(L, "NLL_CHUNK_BYTES", 8 * 40 * 7)  # 7 rows per chunk: 98 rows in 14 chunks
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    z2 = torch.tensor(logits, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        parts, count2 = loss.terms(z2, torch.tensor(labels))
+    (g_parts,) = torch.autograd.grad(parts, z2)
+    assert count2 == count == 96
+    assert float(parts.detach()) == pytest.approx(float(whole.detach()), rel=1e-13)
+    np.testing.assert_allclose(g_parts.numpy(), g_whole.numpy(), rtol=1e-6, atol=1e-9)
+    assert torch.float64 not in saved  # only the float32 chunk inputs are kept
+    with torch.no_grad():  # and without autograd the same chunks
+        assert float(loss.terms(torch.tensor(logits), torch.tensor(labels))[0]) == float(parts.detach())

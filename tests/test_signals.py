@@ -131,9 +131,11 @@ from llc_onnx import memory
 from llc_onnx.flows import context
 context.SPILL_BYTES = 0  # spill the gradient pass to files, as a large model does
 real = memory.Spill.put
-def put(self, arr):  # tell the parent a spill directory exists, then give it time to send the signal
-    out = real(self, arr)
-    pathlib.Path(sys.argv[1]).write_text(self.dir)
+def put(self, arr, *args, **kwargs):  # tell the parent a spill directory exists, then give it time to send the signal
+    out = real(self, arr, *args, **kwargs)
+    tmp = pathlib.Path(sys.argv[1] + ".tmp")
+    tmp.write_text(self.dir)
+    tmp.rename(sys.argv[1])  # (whole: the parent reads it as soon as it exists)
     time.sleep(60)
     return out
 memory.Spill.put = put

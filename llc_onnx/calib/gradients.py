@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .. import memory
 from ..compressible import CompressibleNode
 from ..errors import LLCError
 from ..interpreter import TorchGraph
@@ -86,7 +87,8 @@ def collect_ranges(graph: TorchGraph, dataset: Dataset, nodes: Sequence[Compress
 
 def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes: Sequence[CompressibleNode],
                       act_candidates: dict[str, dict[int, Callable[[torch.Tensor], torch.Tensor]]] | None = None,
-                      progress: Progress = None, magnitudes: bool = False) -> GradientPass:
+                      progress: Progress = None, magnitudes: bool = False, *, segments: int = 0,
+                      spill=None) -> GradientPass:
     """Run the calibration data once through forward+backward and accumulate :class:`NodeStats`.
 
     ``act_candidates[node][bits]`` is a fake-quantizer of that node's input; its predicted ΔL
@@ -95,6 +97,15 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
     the Fisher baseline reads. Weight-gradient accumulators are in the interpreter's dtype (float32 for the
     usual float32 graph: one weight-sized buffer per node, summed in place), so the pass holds about one copy
     of the weights besides the model itself.
+
+    Memory for large models (both leave every number unchanged, bit for bit):
+
+    * ``segments`` > 1: the forward runs in that many checkpointed pieces (:meth:`TorchGraph.run`), so the
+      backward holds one piece's activations at a time instead of the whole forward's, for about one more
+      forward pass of time;
+    * ``spill`` (a :class:`llc_onnx.memory.Spill`): the weight-gradient accumulators are files mapped back
+      writable; each node's pages leave the process's memory after its update (``memory.drop``), and
+      ``NodeStats.grad_w`` is that file's map (owned by ``spill``; keep it alive as long as the result).
     """
     t0 = time.perf_counter()
     names = [n.name for n in nodes]
@@ -109,8 +120,18 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
     act_acc = {n: {b: 0.0 for b in act_candidates.get(n, {})} for n in names}
     total_sum, total_n, n_batches = 0.0, 0, 0
 
+    mapped: dict[str, np.ndarray] = {}  # node -> the file map behind acc_g[node] (with ``spill``)
+
     def add_weight_grad(name: str, gw: torch.Tensor, count: int) -> None:
-        if acc_g[name] is None:
+        if spill is not None:
+            if name not in mapped:
+                mapped[name] = spill.zeros(tuple(gw.shape), torch.empty((), dtype=graph.dtype).numpy().dtype)
+                acc_g[name] = torch.from_numpy(mapped[name])
+                acc_g[name].copy_(gw)  # the same values as the in-memory copy below
+            else:
+                acc_g[name].add_(gw)
+            memory.drop(mapped[name])
+        elif acc_g[name] is None:
             acc_g[name] = gw.to(graph.dtype, copy=True)   # own buffer: autograd may share storage
         else:
             acc_g[name].add_(gw)
@@ -121,7 +142,7 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
             acc_abs[name] = ab if acc_abs[name] is None else acc_abs[name].add_(ab)
             acc_sq[name] = sq if acc_sq[name] is None else acc_sq[name].add_(sq)
 
-    def add_input_grad(name: str, x: torch.Tensor, gx: torch.Tensor) -> None:
+    def add_input_grad(name: str, x: torch.Tensor | None, gx: torch.Tensor) -> None:
         gx = gx.detach().to(torch.float64)
         b = gx.shape[0] if gx.dim() > 0 else 1
         gx_norm[name] += float(gx.reshape(b, -1).norm(dim=1).sum())
@@ -139,9 +160,11 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
             return leaves[name]
 
         fns = {name: (lambda w, name=name: own_leaf(w, name)) for name in names}
-        outs, cap = graph.run(_feeds(graph, batch, True), weight_fns=fns, capture=names, outputs=[loss.output])
+        outs, cap = graph.run(_feeds(graph, batch, True), weight_fns=fns, capture=names, outputs=[loss.output],
+                              segments=segments)
         s, count = loss.terms(outs[loss.output], _labels(batch, loss, graph.device))
         seen: set[str] = set()
+        kept: dict[str, torch.Tensor] = {}  # inputs the backward combines with their gradient (activation candidates)
 
         def on_weight(leaf, name):
             seen.add(name)
@@ -149,30 +172,44 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
             add_weight_grad(name, gw.detach(), count)
 
         def on_input(gx, name):
-            add_input_grad(name, cap[name][1].detach(), gx)
+            add_input_grad(name, kept.get(name), gx)
 
-        hooks = []
+        hooks, targets, leaf_xs = [], list(leaves.values()), []
+        x = xd = None
         for name in names:
+            x = cap[name][1]
+            xd = x.detach()
+            x_absmax[name] = max(x_absmax[name], float(xd.abs().max()))
+            x_sq[name] += float((xd.to(torch.float64) ** 2).sum())
+            x_count[name] += xd.numel()
             hooks.append(leaves[name].register_post_accumulate_grad_hook(lambda t, name=name: on_weight(t, name)))
-            if cap[name][1].requires_grad:
-                hooks.append(cap[name][1].register_hook(lambda g, name=name: on_input(g, name)))
-        xs = [cap[n][1] for n in names if cap[n][1].requires_grad]
-        targets = list(leaves.values()) + xs
+            if x.requires_grad:
+                if act_candidates.get(name):
+                    kept[name] = xd
+                hooks.append(x.register_hook(lambda g, name=name: on_input(g, name)))
+                # a non-leaf input as its gradient edge: the hook sees its gradient, and no .grad is kept for it
+                if x.grad_fn is None:
+                    leaf_xs.append(x)
+                    targets.append(x)
+                else:
+                    targets.append(torch.autograd.graph.get_gradient_edge(x))
+        # the captured inputs are let go: the backward reads from its graph (or recomputes pieces), not from them
+        del cap, x, xd
         if s.requires_grad:
             torch.autograd.backward(s, inputs=targets)
         for h in hooks:
             h.remove()
+        for x in leaf_xs:
+            x.grad = None
         for name in names:
             if name not in seen:  # no path from the loss to this node's weight: a zero gradient
                 add_weight_grad(name, torch.zeros_like(leaves[name]), count)
-            x = cap[name][1].detach()
-            x_absmax[name] = max(x_absmax[name], float(x.abs().max()))
-            x_sq[name] += float((x.to(torch.float64) ** 2).sum())
-            x_count[name] += x.numel()
         total_sum += float(s.detach())
         total_n += int(count)
         n_batches += 1
-        del outs, cap, xs, targets, leaves
+        del outs, targets, leaves, kept, leaf_xs, hooks
+        if spill is not None:
+            memory.trim(memory.TASK_TRIM_BYTES)  # the batch's freed activations back to the OS before the next
         if progress:
             progress(1)
     if total_n == 0:
@@ -183,8 +220,12 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
     for name in names:
         node = by_name[name]
         g = acc_g.pop(name).div_(total_n).cpu().numpy()
+        if name in mapped:
+            g = mapped.pop(name)  # the same values, as the file's map
         w = graph.params[node.weight].detach().cpu().numpy()
         other = tuple(a for a in range(g.ndim) if a != node.out_axis)
+        channel_gw = np.sum(g * w, axis=other, dtype=np.float64)
+        memory.drop(g)
         stats[name] = NodeStats(
             node=name,
             grad_w=g,
@@ -193,7 +234,7 @@ def collect_gradients(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes
             grad_x_norm=gx_norm[name] / total_n,
             x_absmax=x_absmax[name],
             x_rms=float(np.sqrt(x_sq[name] / max(x_count[name], 1))),
-            channel_gw=np.sum(g * w, axis=other, dtype=np.float64),
+            channel_gw=channel_gw,
             act_pred={b: v / total_n for b, v in act_acc[name].items()},
         )
     return GradientPass(loss=total_sum / total_n, n=total_n, nodes=stats, seconds=time.perf_counter() - t0)

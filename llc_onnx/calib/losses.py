@@ -288,6 +288,32 @@ class CrossEntropyLoss(_ClassLoss):
         return self._class_metrics(scores, labels.reshape(-1).astype(np.int64))
 
 
+#: the 'lm' loss works in float64 on this many bytes of logits at a time (:func:`_nll_sum`)
+NLL_CHUNK_BYTES = 32 << 20
+
+
+def _nll_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Σ_rows −log_softmax(float64(z))[y] (rows whose target is ``ignore_index`` skipped), float64, over row
+    chunks of ≤ ``NLL_CHUNK_BYTES`` of float64 logits: a language model's [T, V] logits (255 × 49,152 on SmolLM2:
+    0.1 GB in float64, 0.2 GB at the loss's peak) never exist in float64 all at once. Under autograd each chunk
+    runs under ``interpreter.recompute``: its float64 copy and log-probabilities are made again in the backward
+    instead of kept. The chunk sums add up in a fixed order (a result depends on the row count, not the data)."""
+    n, v = logits.shape
+    rows = max(1, NLL_CHUNK_BYTES // (8 * max(v, 1)))
+
+    def part(z, t):
+        return torch.nn.functional.cross_entropy(z.double(), t, reduction="sum", ignore_index=ignore_index)
+
+    if n <= rows:
+        return part(logits, target)
+    from ..interpreter.recompute import recompute
+
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    parts = [recompute(part, logits[a:a + rows], target[a:a + rows]) if grad
+             else part(logits[a:a + rows], target[a:a + rows]) for a in range(0, n, rows)]
+    return torch.stack(parts).sum()
+
+
 class NextTokenLoss(_ClassLoss):
     name = "lm"
     unit_tokens = 64  # predicted tokens per standard-error unit (``unit_terms``)
@@ -305,20 +331,21 @@ class NextTokenLoss(_ClassLoss):
             raise LLCError(f"labels: shape {tuple(labels_shape)} does not match output '{self.output}' of shape "
                            f"{tuple(output_shape)}; the 'lm' loss needs labels [batch, seq] aligned with input_ids")
 
-    def _shifted(self, output, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [N, V] float64, targets [N]) of the predicted positions, after the input checks."""
+    def _shifted(self, output, labels, double: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, V] float64 — in the output's dtype with ``double=False`` —, targets [N]) of the predicted
+        positions, after the input checks."""
         _need_labels(labels, self)
         output, labels = _as_tensor(output), _as_tensor(labels)
         self._check(output.shape, labels)
         self._shift(tuple(output.shape), tuple(labels.shape))
         self._range_check(labels, output.shape[2])
-        logits = output[:, :-1].double()
+        logits = output[:, :-1]
+        logits = logits.double() if double else logits
         return logits.reshape(-1, logits.shape[-1]), labels[:, 1:].long().reshape(-1)
 
     def terms(self, output, labels):
-        logits, target = self._shifted(output, labels)
-        s = torch.nn.functional.cross_entropy(logits, target, reduction="sum", ignore_index=self.ignore_index)
-        return s, int((target != self.ignore_index).sum())
+        logits, target = self._shifted(output, labels, double=False)
+        return _nll_sum(logits, target, self.ignore_index), int((target != self.ignore_index).sum())
 
     def fisher_terms(self, output, labels, generator):
         logits, target = self._shifted(output, labels)

@@ -48,7 +48,7 @@ from ..compressible import CompressibleNode, find_compressible
 from ..config import OptimizeConfig
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from ..memory import TASK_TRIM_BYTES, Spill, drop_mapped_pages, release, trim
+from ..memory import TASK_TRIM_BYTES, Spill, bound_heap, drop_mapped_pages, release, trim
 from ..model_io import load_model, prepare_model
 from ..ort_eval import Evaluation, SessionConfig, SessionInput, evaluate, make_session, resolve_output
 from ..progress import Progress, Silent, StageTimer
@@ -148,12 +148,26 @@ class FlowContext:
         single calibration batch both are the same pass."""
         self.hold_weights()
         in_sample = self.fit_data is self.measure_data
-        measure_pass = _spilled(collect_gradients(self.graph, self.measure_data, self.loss, self.nodes,
-                                                  act_candidates, progress, magnitudes=in_sample))
+        measure_pass = self._gradient_pass(self.measure_data, act_candidates, progress, magnitudes=in_sample)
         if in_sample:
             return measure_pass, measure_pass
-        return _spilled(collect_gradients(self.graph, self.fit_data, self.loss, self.nodes, None, progress)), \
-            measure_pass
+        return self._gradient_pass(self.fit_data, None, progress), measure_pass
+
+    def _gradient_pass(self, data, act_candidates, progress, magnitudes: bool = False) -> GradientPass:
+        """One :func:`collect_gradients` pass. For a large model (weight gradients ≥ ``SPILL_BYTES``) it runs out of
+        core: the accumulators in files (``spill``) and the forward in checkpointed pieces (``segments``,
+        :func:`recompute_segments`), so it holds neither a second in-memory copy of the weights nor a whole
+        forward's activations — the same numbers, about one forward pass more."""
+        grad_bytes = torch.empty((), dtype=self.graph.dtype).element_size() * sum(math.prod(n.weight_shape)
+                                                                                   for n in self.nodes)
+        if grad_bytes < SPILL_BYTES:
+            return _spilled(collect_gradients(self.graph, data, self.loss, self.nodes, act_candidates, progress,
+                                              magnitudes=magnitudes))
+        spill = Spill()
+        gp = collect_gradients(self.graph, data, self.loss, self.nodes, act_candidates, progress,
+                               magnitudes=magnitudes, segments=recompute_segments(self.graph), spill=spill)
+        gp.spill = spill
+        return _spilled(gp)
 
     # -- one copy of the weights -----------------------------------------------------------------
     def hold_weights(self) -> None:
@@ -275,6 +289,7 @@ class _Hold:
     structure: onnx.ModelProto | None = None
     names: frozenset = frozenset()
     held: bool = False
+    spill: Spill | None = None  # the files behind the interpreter's large weights (``interpreter_for``)
 
 
 def _holdable(t: onnx.TensorProto) -> bool:
@@ -302,7 +317,26 @@ def interpreter_for(model: onnx.ModelProto, dtype: torch.dtype, device) -> tuple
     if not large:
         return TorchGraph(model, dtype=dtype, device=device), _Hold()
     structure = _copy(model, skip_data=dict.fromkeys(large))
-    return TorchGraph(structure, dtype=dtype, device=device, weights=model), _Hold(structure, large)
+    graph = TorchGraph(structure, dtype=dtype, device=device, weights=model)
+    return graph, _Hold(structure, large, spill=_file_backed(graph, large))
+
+
+def _file_backed(graph: TorchGraph, names: frozenset) -> Spill | None:
+    """Move the interpreter's large float weights (``names``) into files mapped back copy-on-write
+    (``memory.Spill``; the same values, never written): while the interpreter runs they are read from the page
+    cache, and :func:`memory.release` — before every ONNX Runtime session and between stages — takes their pages
+    out of the process's memory, so the interpreter's copy of the weights (0.65 GB on SmolLM2) is not resident
+    while sessions run. Only when the weights add up to ``SPILL_BYTES`` and live on the CPU; the pages are kept
+    between measurement tasks, which all read them."""
+    params = graph.params
+    if graph.device.type != "cpu" or sum(params[n].numel() * params[n].element_size() for n in names) < SPILL_BYTES:
+        return None
+    bound_heap()  # a large model: freed memory back to the OS at once (memory.bound_heap)
+    spill = Spill(between_tasks=False)
+    for n in sorted(names):
+        params[n] = torch.from_numpy(spill.put(params[n].numpy(), mode="c"))
+    release()
+    return spill
 
 
 def _initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -324,11 +358,17 @@ def _spilled(gp: GradientPass) -> GradientPass:
     for st in gp.nodes.values():
         for name in ("grad_w", "grad_w_abs", "grad_w_sq"):
             arr = getattr(st, name)
-            if arr is not None:
+            if arr is not None and not isinstance(arr, np.memmap):  # (accumulated in a file already)
                 setattr(st, name, spill.put(arr))
-    gp.spill = spill  # the files live as long as the pass
+    gp.spill = (getattr(gp, "spill", None), spill)  # the files live as long as the pass
     release()
     return gp
+
+
+def recompute_segments(graph: TorchGraph) -> int:
+    """Checkpointed pieces for a large model's gradient pass: about √(nodes), so the pieces' boundaries and one
+    piece's activations are both about √ of the whole forward's (the usual square-root schedule)."""
+    return max(2, round(math.sqrt(len(graph.node_names()))))
 
 
 #: gradient passes holding more than this many bytes of weight gradients go to files (``_spilled``)

@@ -35,7 +35,7 @@ from ..errors import LLCError
 from ..solvers.cost_model import Candidate
 from .context import FlowContext
 
-FORMAT = 2
+FORMAT = 3  # 3: the lm loss sums float64 chunks of logits (calib.losses._nll_sum)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from ..errors import LLCError
 from ..model_io import node_names
 from . import registry
+from .recompute import recompute
 from .registry import OpContext, OpFn
 from .tensors import Tensor, attr_value, np_to_torch
 
@@ -421,6 +422,7 @@ class TorchGraph:
         capture: Iterable[str] = (),
         outputs: Iterable[str] | None = None,
         resume: Snapshots | None = None,
+        segments: int = 0,
         _record: tuple[set[int], dict[int, dict[str, Tensor]]] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         """Run the graph. Returns ``(outputs, captured)``: output name -> tensor, and for each
@@ -429,7 +431,14 @@ class TorchGraph:
         input or (first) output by f of it.
 
         ``resume``: snapshots of an unhooked run on the same ``feeds`` (:meth:`snapshot`); execution starts at
-        the last snapshot at or before the first hooked node instead of at the top (same result, less work)."""
+        the last snapshot at or before the first hooked node instead of at the top (same result, less work).
+
+        ``segments`` (> 1, with autograd on): the run is cut into that many consecutive pieces of its execution
+        order and each runs under :func:`recompute` (activation checkpointing): the backward pass keeps only the
+        values live between pieces (and what the caller holds: captured aliases, outputs) and recomputes one
+        piece's saved activations at a time — about one forward more, the same gradients bit for bit (the
+        interpreter's ops are deterministic). Hooks run again when a piece is recomputed, with the same inputs;
+        ``captured`` keeps the aliases of the first run."""
         weight_fns = weight_fns or {}
         input_fns = input_fns or {}
         output_fns = output_fns or {}
@@ -492,10 +501,20 @@ class TorchGraph:
                 return params[name]
             return consts[name]
 
-        for pos in range(start, len(order)):
+        def step(pos: int, env: dict[str, Tensor]) -> None:
             n = order[pos]
             if _record is not None and pos in _record[0]:
                 _record[1][pos] = dict(env)  # the live values (dead ones are deleted as the run goes)
+
+            def get(name: str) -> Tensor | None:
+                if not name:
+                    return None
+                if name in env:
+                    return env[name]
+                if name in params:
+                    return params[name]
+                return consts[name]
+
             try:
                 xs = [get(i) for i in n.inputs]
             except KeyError as e:
@@ -510,7 +529,7 @@ class TorchGraph:
                 if key in cap_set:
                     w, x = _alias(xs[wi], grad_on), _alias(xs[xi], grad_on)
                     xs[wi], xs[xi] = w, x
-                    captured[key] = (w, x)
+                    captured.setdefault(key, (w, x))  # a recomputed piece (``segments``) keeps the first run's
             res = _run_op(self, n, xs, n.key)
             del xs
             if key in output_fns:  # e.g. the output Q/DQ a W8A8 Conv is written with
@@ -522,8 +541,47 @@ class TorchGraph:
             for o in n.outputs:  # outputs nobody reads
                 if o and o not in last_use and o in env:
                     del env[o]
+
+        if segments > 1 and grad_on and _record is None:
+            env = self._run_segments(order, last_use, start, env, step, segments, keep)
+        else:
+            for pos in range(start, len(order)):
+                step(pos, env)
         result = {t: get(t) for t in outs}
         return result, captured
+
+    @staticmethod
+    def _run_segments(order: list[_Node], last_use: dict[str, int], start: int, env: dict[str, Tensor], step,
+                      segments: int, keep: set[str]) -> dict[str, Tensor]:
+        """Run positions ``start…`` of ``order`` in ``segments`` pieces under :func:`recompute` (see :meth:`run`).
+        A piece takes the live tensors its nodes read and returns those it makes that a later piece or the caller
+        reads; a piece whose boundary holds something other than a tensor runs plainly."""
+        n = len(order) - start
+        size = max(1, -(-n // segments))
+        for a in range(start, len(order), size):
+            b = min(a + size, len(order))
+            names_in = list(dict.fromkeys(t for p in range(a, b) for t in order[p].inputs if t and t in env))
+            made = [o for p in range(a, b) for o in order[p].outputs
+                    if o and (last_use.get(o, -1) >= b or o in keep)]
+            if not all(isinstance(env[t], Tensor) for t in names_in):
+                for p in range(a, b):
+                    step(p, env)
+                continue
+
+            def piece(*vals, a=a, b=b, names_in=names_in, made=made):
+                local = dict(zip(names_in, vals))
+                for p in range(a, b):
+                    step(p, local)
+                return [local.get(o) for o in made]
+
+            outs = recompute(piece, *[env[t] for t in names_in])
+            for t in names_in:
+                if last_use.get(t, -1) < b and t not in keep:
+                    env.pop(t, None)
+            for o, v in zip(made, outs):
+                if v is not None:
+                    env[o] = v
+        return env
 
     def position(self, outs: Iterable[str], key: str) -> int:
         """The first position of node ``key`` in the uncaptured plan for ``outs`` (what :meth:`snapshot` keys its
