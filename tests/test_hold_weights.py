@@ -168,3 +168,39 @@ def test_the_float_baseline_runs_while_the_interpreter_holds_the_weights(tmp_pat
     model, data = write_mlp_files(tmp_path, n=160)
     C.create_context(model, data, OptimizeConfig(device=DeviceConfig(threads=1)))
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "qdq"])
+def test_large_model_memory_paths_change_no_byte(tmp_path, monkeypatch, target):
+    """A large model's run (here forced with ``SPILL_BYTES = 0``): the interpreter's held weights are file maps
+    (``_file_backed``: a Spill kept between tasks, copy-on-write), the gradient pass recomputes its activations
+    in pieces and accumulates in files (``_gradient_pass``), glibc gives memory back at once — and the output
+    bytes, levels and losses are those of the ordinary run."""
+    import os
+
+    plain, res_plain = _run(tmp_path, "plain", ["--target", target])
+    monkeypatch.setattr(C, "HOLD_BYTES", 1)
+    monkeypatch.setattr(C, "SPILL_BYTES", 0)
+    seen = {}
+    orig_fb, orig_gp = C._file_backed, C.collect_gradients
+
+    def file_backed(graph, names):
+        spill = orig_fb(graph, names)
+        seen["weights"] = spill
+        files = {os.path.join(spill.dir, f) for f in os.listdir(spill.dir)}
+        seen["mapped"] = len(files) == len(names) and all(
+            any(f"{path}" in line for line in open("/proc/self/maps")) for path in files)
+        return spill
+
+    def gradients(*args, **kwargs):
+        seen.setdefault("passes", []).append((kwargs.get("segments"), kwargs.get("spill") is not None))
+        return orig_gp(*args, **kwargs)
+
+    monkeypatch.setattr(C, "_file_backed", file_backed)
+    monkeypatch.setattr(C, "collect_gradients", gradients)
+    big, res_big = _run(tmp_path, "big", ["--target", target])
+    assert seen["weights"] is not None and seen["weights"].between_tasks is False and seen["mapped"]
+    assert seen["passes"] and all(seg > 1 and spilled for seg, spilled in seen["passes"])
+    assert big == plain
+    assert [n["level"] for n in res_big["nodes"]] == [n["level"] for n in res_plain["nodes"]]
+    assert res_big["splits"]["test"]["compressed"]["loss"] == res_plain["splits"]["test"]["compressed"]["loss"]

@@ -529,7 +529,8 @@ class TorchGraph:
                 if key in cap_set:
                     w, x = _alias(xs[wi], grad_on), _alias(xs[xi], grad_on)
                     xs[wi], xs[xi] = w, x
-                    captured.setdefault(key, (w, x))  # a recomputed piece (``segments``) keeps the first run's
+                    if capturing[0] is not None:  # (None: a piece recomputed after the run returned)
+                        capturing[0].setdefault(key, (w, x))
             res = _run_op(self, n, xs, n.key)
             del xs
             if key in output_fns:  # e.g. the output Q/DQ a W8A8 Conv is written with
@@ -542,11 +543,16 @@ class TorchGraph:
                 if o and o not in last_use and o in env:
                     del env[o]
 
+        # step writes captures through this cell, emptied when the run returns, so a recomputed piece's ``step``
+        # cannot reach the captured tensors: the graph holds the piece in autograd's C++, where Python's collector
+        # cannot follow, and the captures hold the graph (see interpreter.recompute)
+        capturing = [captured]
         if segments > 1 and grad_on and _record is None:
             env = self._run_segments(order, last_use, start, env, step, segments, keep)
         else:
             for pos in range(start, len(order)):
                 step(pos, env)
+        capturing[0] = None
         result = {t: get(t) for t in outs}
         return result, captured
 
