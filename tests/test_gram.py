@@ -147,3 +147,30 @@ def test_input_model_is_not_modified():
     x = np.random.default_rng(5).normal(size=(2, 4, 7, 9)).astype(np.float32)
     collect_grams(model, TorchGraph(model), _dataset(x, 2), nodes)
     assert model.SerializeToString() == before
+
+
+def test_grams_accumulated_in_files_are_the_same_and_leave_memory():
+    """``spill=``: the accumulators are file maps dropped after every update; the same matrices bit for bit, one
+    file per shared accumulator, and each result is that file's map."""
+    from llc_onnx import memory
+
+    rng = np.random.default_rng(3)
+    model, _ = _mm_model()
+    x = rng.normal(size=(10, 3, 8)).astype(np.float32)
+    a = rng.normal(size=(8, 5)).astype(np.float32)
+    batches = [Batch({"x": x[i:i + 4], "a": a}, None) for i in range(0, 10, 4)]
+    nodes, _ = find_compressible(model)
+    plain = collect_grams(model, TorchGraph(model), Dataset(batches, "t"), nodes)
+    spill = memory.Spill()
+    dropped = []
+    real = memory.drop
+    memory.drop = lambda arr: (dropped.append(arr), real(arr))
+    try:
+        filed = collect_grams(model, TorchGraph(model), Dataset(batches, "t"), nodes, spill=spill)
+    finally:
+        memory.drop = real
+    for name, g in plain.items():
+        assert np.array_equal(filed[name].gram, g.gram) and filed[name].n == g.n
+        assert isinstance(filed[name].gram, np.memmap) and filed[name].gram.filename.startswith(spill.dir)
+    assert filed["q"] is filed["k"] and len(spill.arrays) == 3                 # q/k share one file
+    assert len(dropped) == 3 * len(batches)                                     # each accumulator, every batch

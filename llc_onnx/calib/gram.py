@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import torch
 
+from .. import memory
 from ..compressible import CompressibleNode
 from ..errors import LLCError
 from ..interpreter import TorchGraph
@@ -146,10 +147,15 @@ def _node_outputs(model: onnx.ModelProto) -> dict[str, str]:
 @torch.no_grad()
 def collect_grams(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, nodes: Sequence[CompressibleNode],
                   *, names: Iterable[str] | None = None,
-                  progress: Callable[[int], None] | None = None) -> dict[str, InputGram]:
+                  progress: Callable[[int], None] | None = None, spill=None) -> dict[str, InputGram]:
     """Input Gram matrix of every node in ``nodes`` (or of the subset ``names``) over ``dataset``: node name ->
     :class:`InputGram`. ``model`` is the prepared model ``graph`` was built from (node attributes); the pass
-    runs only as far as the last requested node. Forward passes only, batch by batch; float64 accumulation."""
+    runs only as far as the last requested node. Forward passes only, batch by batch; float64 accumulation.
+
+    ``spill`` (a :class:`llc_onnx.memory.Spill`): the accumulators are files mapped back writable, whose pages
+    leave the process's memory after each update (``memory.drop``) — SmolLM2's 0.8 GB of float64 K×K matrices
+    (30 × 1536² for the down projections alone) are then never resident at once; the same values, and
+    ``InputGram.gram`` is the file's map (owned by ``spill``)."""
     by_name = {n.name: n for n in nodes}
     wanted = list(by_name) if names is None else list(dict.fromkeys(names))
     unknown = [n for n in wanted if n not in by_name]
@@ -182,15 +188,23 @@ def collect_grams(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, n
             step = max(1, ROW_CHUNK_BYTES // (8 * r3.shape[1] * r3.shape[2]))
             g = acc[key][0]
             if g is None:
-                g = torch.zeros((r3.shape[1], view.k, view.k), dtype=torch.float64, device="cpu")
+                shape = (r3.shape[1], view.k, view.k)
+                if spill is not None:
+                    spill_maps[key] = spill.zeros(shape, np.float64)
+                    g = torch.from_numpy(spill_maps[key])
+                else:
+                    g = torch.zeros(shape, dtype=torch.float64, device="cpu")
             for s in range(0, r3.shape[0], step):
                 c = r3[s:s + step].to(device="cpu", dtype=torch.float64).transpose(0, 1)   # [g, r, K]
                 g += c.transpose(1, 2) @ c
             acc[key][0] = g
+            if key in spill_maps:
+                memory.drop(spill_maps[key])
             acc[key][1] += int(r3.shape[0])
             return x
         return fold
 
+    spill_maps: dict[tuple, np.ndarray] = {}  # key -> the file map behind acc[key][0] (with ``spill``)
     fns = {name: hook(key) for name, key in hooked.items()}
     outs = [outputs[name] for name in hooked]
     for batch in dataset.batches:
@@ -203,7 +217,7 @@ def collect_grams(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, n
         if g is None:
             g = torch.zeros((max(view.group, 1) if view.op == "Conv" else 1, view.k, view.k), dtype=torch.float64,
                             device="cpu")
-        arr = g.numpy()
+        arr = spill_maps.get(key, g.numpy()) if isinstance(g, torch.Tensor) else g
         if not (view.op == "Conv" and view.group > 1):
             arr = arr[0]
         shared = InputGram(gram=arr, n=n, nodes=tuple(members))

@@ -113,9 +113,11 @@ class Rounder:
                                              [names[r::size] for r in range(size)])
                     merged = {k: v for part in parts for k, v in part.items()}
                     grams = {n: merged[n] for n in names}
+                    self._grams = _spilled_grams(grams)
                 else:
-                    grams = collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes, progress=adv)
-                self._grams = _spilled_grams(grams)
+                    spill = _gram_spill(ctx)
+                    grams = collect_grams(ctx.model, ctx.graph, ctx.fit_data, ctx.nodes, progress=adv, spill=spill)
+                    self._grams = _GramDict(grams, spill) if spill is not None else _spilled_grams(grams)
         return self._grams
 
     def _curvature(self, part: str):
@@ -255,6 +257,17 @@ def choose_per_level(cands: list[Candidate], outside_roundings: tuple[str, ...])
     kept = [c for c in cands if len(by_key[(c.node, c.level)]) == 1 or c.rounding == choice.get(c.level)]
     return [replace(c) for c in kept], {lv: {"sums": sums[lv], "se": {r: float(np.sqrt(v)) for r, v in var[lv].items()},
                                              "chosen": choice[lv]} for lv in sums}
+
+
+def _gram_spill(ctx):
+    """A :class:`memory.Spill` for the Gram pass's accumulators when the model is large (its weights' float32
+    bytes ≥ ``SPILL_BYTES``: the K×K matrices then add up to about as much), else None."""
+    import math
+
+    from ..memory import Spill
+    from .context import SPILL_BYTES
+
+    return Spill() if 4 * sum(math.prod(n.weight_shape) for n in ctx.nodes) >= SPILL_BYTES else None
 
 
 def _spilled_grams(grams: dict) -> dict:
