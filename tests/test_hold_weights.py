@@ -174,14 +174,25 @@ def test_the_float_baseline_runs_while_the_interpreter_holds_the_weights(tmp_pat
 def test_large_model_memory_paths_change_no_byte(tmp_path, monkeypatch, target):
     """A large model's run (here forced with ``SPILL_BYTES = 0``): the interpreter's held weights are file maps
     (``_file_backed``: a Spill kept between tasks, copy-on-write), the gradient pass recomputes its activations
-    in pieces and accumulates in files (``_gradient_pass``), glibc gives memory back at once — and the output
-    bytes, levels and losses are those of the ordinary run."""
+    in pieces and accumulates in files (``_gradient_pass``), the joint stage reads its weights from files and drops
+    them as it passes (``_PassedPages``), glibc gives memory back at once — and the output bytes, levels and
+    losses are those of the ordinary run."""
     import os
 
     plain, res_plain = _run(tmp_path, "plain", ["--target", target])
+    from llc_onnx.flows import quantize as Q
+
     monkeypatch.setattr(C, "HOLD_BYTES", 1)
     monkeypatch.setattr(C, "SPILL_BYTES", 0)
+    monkeypatch.setattr(Q, "SPILL_BYTES", 0)
+    monkeypatch.setattr(Q, "SPILL_MIN_BYTES", 0)   # codes and the joint stage's weights in files too
     seen = {}
+    orig_hook = Q._PassedPages.hook
+
+    def hook(self, arr, value):
+        seen.setdefault("joint_mapped", []).append(isinstance(arr, Q.np.memmap))
+        return orig_hook(self, arr, value)
+    monkeypatch.setattr(Q._PassedPages, "hook", hook)
     orig_fb, orig_gp = C._file_backed, C.collect_gradients
 
     def file_backed(graph, names):
@@ -201,6 +212,7 @@ def test_large_model_memory_paths_change_no_byte(tmp_path, monkeypatch, target):
     big, res_big = _run(tmp_path, "big", ["--target", target])
     assert seen["weights"] is not None and seen["weights"].between_tasks is False and seen["mapped"]
     assert seen["passes"] and all(seg > 1 and spilled for seg, spilled in seen["passes"])
+    assert seen["joint_mapped"] and all(seen["joint_mapped"])
     assert big == plain
     assert [n["level"] for n in res_big["nodes"]] == [n["level"] for n in res_plain["nodes"]]
     assert res_big["splits"]["test"]["compressed"]["loss"] == res_plain["splits"]["test"]["compressed"]["loss"]

@@ -48,7 +48,7 @@ from ..compressible import CompressibleNode, find_compressible
 from ..config import OptimizeConfig
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from ..memory import TASK_TRIM_BYTES, Spill, bound_heap, drop_mapped_pages, release, trim
+from ..memory import TASK_TRIM_BYTES, Spill, bound_heap, drop, drop_mapped_pages, release, trim
 from ..model_io import load_model, prepare_model
 from ..ort_eval import Evaluation, SessionConfig, SessionInput, evaluate, make_session, resolve_output
 from ..progress import Progress, Silent, StageTimer
@@ -207,6 +207,8 @@ class FlowContext:
         for t in h.structure.graph.initializer:
             if t.name in h.names:
                 t.raw_data = _raw_bytes(self.graph.params[t.name], t.data_type)
+                if h.spill is not None:  # file-backed: its pages out again at once, not all 0.65 GB beside the proto
+                    drop(h.spill.arrays[h.spill_index[t.name]])
         h.structure, h.held = None, False
 
     def release_interpreter(self) -> None:
@@ -290,6 +292,7 @@ class _Hold:
     names: frozenset = frozenset()
     held: bool = False
     spill: Spill | None = None  # the files behind the interpreter's large weights (``interpreter_for``)
+    spill_index: dict = field(default_factory=dict)  # initializer name -> its array in ``spill.arrays``
 
 
 def _holdable(t: onnx.TensorProto) -> bool:
@@ -304,7 +307,7 @@ def _raw_bytes(tensor: torch.Tensor, data_type: int) -> bytes:
     """``tensor`` (the interpreter's float32/float64 copy of an initializer) as ``raw_data`` of ``data_type``."""
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    return tensor.detach().cpu().numpy().astype(tensor_dtype_to_np_dtype(data_type)).tobytes()
+    return tensor.detach().cpu().numpy().astype(tensor_dtype_to_np_dtype(data_type), copy=False).tobytes()
 
 
 def interpreter_for(model: onnx.ModelProto, dtype: torch.dtype, device) -> tuple[TorchGraph, _Hold]:
@@ -318,7 +321,9 @@ def interpreter_for(model: onnx.ModelProto, dtype: torch.dtype, device) -> tuple
         return TorchGraph(model, dtype=dtype, device=device), _Hold()
     structure = _copy(model, skip_data=dict.fromkeys(large))
     graph = TorchGraph(structure, dtype=dtype, device=device, weights=model)
-    return graph, _Hold(structure, large, spill=_file_backed(graph, large))
+    spill = _file_backed(graph, large)
+    return graph, _Hold(structure, large, spill=spill,
+                        spill_index={n: i for i, n in enumerate(sorted(large))} if spill is not None else {})
 
 
 def _file_backed(graph: TorchGraph, names: frozenset) -> Spill | None:
