@@ -37,6 +37,29 @@ def test_spilled_arrays_hold_the_same_values_and_drop_their_pages():
     assert not os.path.exists(d)
 
 
+def test_weights_spill_keeps_its_pages_between_tasks_and_gives_them_back_on_release():
+    """The interpreter's file-backed weights (``Spill(between_tasks=False)``, copy-on-write maps): every
+    measurement task reads them, so ``drop_mapped_pages()`` between tasks leaves them; ``release()`` — before a
+    session or a stage — drops them too. A writable accumulator (``Spill.zeros``) keeps what was written."""
+    arr = np.random.default_rng(1).normal(size=(2048, 1024)).astype(np.float32)  # 8 MB
+    weights = memory.Spill(between_tasks=False)
+    w = weights.put(arr, mode="c")
+    assert w.flags.writeable and np.array_equal(w, arr)  # (torch.from_numpy takes it without a warning)
+    touched = _rss_file_kb()
+    memory.drop_mapped_pages()
+    assert _rss_file_kb() >= touched - 1000  # still resident between tasks
+    memory.release()
+    assert _rss_file_kb() <= touched - 6000  # gone on release
+    assert np.array_equal(w, arr)
+    acc = memory.Spill().zeros((2048, 1024), np.float32)
+    acc += arr
+    memory.drop(acc)
+    acc += arr
+    memory.drop(acc)
+    assert np.array_equal(acc, 2 * arr)  # a shared map's pages dropped after an update keep the values
+    assert memory.bound_heap() is True  # glibc here: mallopt accepted
+
+
 def test_a_run_with_spilled_gradients_writes_the_same_bytes(tmp_path, monkeypatch):
     model, data = write_mlp_files(tmp_path, n=320)
     cfg = OptimizeConfig(quant=QuantConfig(bits=(4, 8, 16, "float"), sweep=(0.4,)), device=DeviceConfig(threads=1),
