@@ -73,21 +73,28 @@ def test_a_run_with_spilled_gradients_writes_the_same_bytes(tmp_path, monkeypatc
 
 
 def test_a_run_with_spilled_gram_matrices_writes_the_same_bytes(tmp_path, monkeypatch):
-    """GPTQ's input Gram matrices in files mapped back read-only (as on a large model) give the same codes."""
+    """GPTQ's input Gram matrices accumulated in files (as on a large model: ``collect_grams(spill=)``, kept as a
+    ``_GramDict`` of file maps) give the same codes."""
+    from llc_onnx.calib import gram as gram_mod
     from llc_onnx.flows import roundings
 
     model, data = write_mlp_files(tmp_path, n=320)
     cfg = OptimizeConfig(quant=QuantConfig(bits=(2, 4, "float"), rounding="gptq"), device=DeviceConfig(threads=1),
                          criterion=CriterionConfig(allow_loss_increase=True))
     made = []
-    real = roundings._spilled_grams
-    monkeypatch.setattr(roundings, "_spilled_grams", lambda g: made.append(real(g)) or made[-1])
+    real = gram_mod.collect_grams
+
+    def collect(*args, **kwargs):
+        made.append((kwargs.get("spill"), real(*args, **kwargs)))
+        return made[-1][1]
+    monkeypatch.setattr(gram_mod, "collect_grams", collect)
     with torch_threads(1):
         plain = llc_onnx.optimize(model, data, cfg)
         monkeypatch.setattr(context, "SPILL_BYTES", 0)
         spilled = llc_onnx.optimize(model, data, cfg)
-    assert [isinstance(g, roundings._GramDict) for g in made] == [False, True]
-    assert all(isinstance(g.gram, np.memmap) for g in made[1].values())
+    assert [spill is not None for spill, _ in made] == [False, True]
+    assert all(isinstance(g.gram, np.memmap) and g.gram.filename.startswith(made[1][0].dir)
+               for g in made[1][1].values())
     assert spilled.model.SerializeToString() == plain.model.SerializeToString()
     assert [c.to_dict() for c in spilled.stages[0].candidates] == [c.to_dict() for c in plain.stages[0].candidates]
 

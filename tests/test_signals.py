@@ -139,6 +139,15 @@ def put(self, arr, *args, **kwargs):  # tell the parent a spill directory exists
     time.sleep(60)
     return out
 memory.Spill.put = put
+real_zeros = memory.Spill.zeros
+def zeros(self, *args, **kwargs):  # (accumulators in files: the gradient and Gram passes of a large model)
+    out = real_zeros(self, *args, **kwargs)
+    tmp = pathlib.Path(sys.argv[1] + ".tmp")
+    tmp.write_text(self.dir)
+    tmp.rename(sys.argv[1])
+    time.sleep(60)
+    return out
+memory.Spill.zeros = zeros
 from llc_onnx.cli import main
 raise SystemExit(main(sys.argv[2:]))
 """
