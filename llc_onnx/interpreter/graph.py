@@ -492,7 +492,7 @@ class TorchGraph:
         grad_on = torch.is_grad_enabled()
         params, consts = self.params, self.consts
 
-        def get(name: str) -> Tensor | None:
+        def get(env: dict[str, Tensor], name: str) -> Tensor | None:
             if not name:
                 return None
             if name in env:
@@ -505,18 +505,8 @@ class TorchGraph:
             n = order[pos]
             if _record is not None and pos in _record[0]:
                 _record[1][pos] = dict(env)  # the live values (dead ones are deleted as the run goes)
-
-            def get(name: str) -> Tensor | None:
-                if not name:
-                    return None
-                if name in env:
-                    return env[name]
-                if name in params:
-                    return params[name]
-                return consts[name]
-
             try:
-                xs = [get(i) for i in n.inputs]
+                xs = [get(env, i) for i in n.inputs]
             except KeyError as e:
                 raise LLCError(f"node '{n.key}' (op {n.op}): input {e} is not produced by any node") from None
             key = n.key
@@ -553,7 +543,7 @@ class TorchGraph:
             for pos in range(start, len(order)):
                 step(pos, env)
         capturing[0] = None
-        result = {t: get(t) for t in outs}
+        result = {t: get(env, t) for t in outs}
         return result, captured
 
     @staticmethod
