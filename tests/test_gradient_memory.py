@@ -27,8 +27,8 @@ def _one_torch_thread():
 
 
 def _gated_residual(layers: int = 5, d: int = 12, classes: int = 5, seed: int = 0, wide: int = 1):
-    """x → per layer: a = x·A_l, b = x·B_l (one input read by two nodes; ``wide``·d wide), h = (a ⊙ sigmoid(b))·C_l,
-    x ← x + h (the residual reads a value across many nodes) → x·W_out → logits. Values cross the pieces'
+    """x → per layer: a = x·A_l, b = x·B_l (one input read by two nodes; ``wide``·d wide),
+    h = (a ⊙ sigmoid(b))·C_l, x ← x + h (the residual reads a value across many nodes) → x·W_out → logits. Values cross the pieces'
     boundaries in every way a piece can be cut: a graph input read at the end, a residual, a shared input."""
     rng = np.random.default_rng(seed)
     w, nodes, x = {}, [], "x"
@@ -45,7 +45,8 @@ def _gated_residual(layers: int = 5, d: int = 12, classes: int = 5, seed: int = 
     w["W"] = (rng.normal(size=(d, classes)) / np.sqrt(d)).astype(np.float32)
     nodes += [helper.make_node("MatMul", [x, "W"], ["z"], name="out"),
               helper.make_node("Add", ["z", "x_bias"], ["logits"], name="bias")]
-    inputs = [helper.make_tensor_value_info("x", F, ["N", d]), helper.make_tensor_value_info("x_bias", F, ["N", classes])]
+    inputs = [helper.make_tensor_value_info("x", F, ["N", d]),
+              helper.make_tensor_value_info("x_bias", F, ["N", classes])]
     return make(nodes, inputs, [helper.make_tensor_value_info("logits", F, ["N", classes])], w)
 
 

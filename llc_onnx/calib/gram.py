@@ -176,6 +176,8 @@ def collect_grams(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, n
         acc[key][2].append(name)
         key_of[name] = key
 
+    spill_maps: dict[tuple, np.ndarray] = {}  # key -> the file map behind acc[key][0] (with ``spill``)
+
     def hook(key: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
         view = key[1]
 
@@ -204,7 +206,6 @@ def collect_grams(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, n
             return x
         return fold
 
-    spill_maps: dict[tuple, np.ndarray] = {}  # key -> the file map behind acc[key][0] (with ``spill``)
     fns = {name: hook(key) for name, key in hooked.items()}
     outs = [outputs[name] for name in hooked]
     for batch in dataset.batches:
@@ -217,7 +218,7 @@ def collect_grams(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, n
         if g is None:
             g = torch.zeros((max(view.group, 1) if view.op == "Conv" else 1, view.k, view.k), dtype=torch.float64,
                             device="cpu")
-        arr = spill_maps.get(key, g.numpy()) if isinstance(g, torch.Tensor) else g
+        arr = spill_maps[key] if key in spill_maps else g.numpy()
         if not (view.op == "Conv" and view.group > 1):
             arr = arr[0]
         shared = InputGram(gram=arr, n=n, nodes=tuple(members))

@@ -153,14 +153,19 @@ class FlowContext:
             return measure_pass, measure_pass
         return self._gradient_pass(self.fit_data, None, progress), measure_pass
 
+    def out_of_core(self) -> bool:
+        """Whether the passes over the calibration data accumulate in files (gradients, Gram matrices): the
+        compressible weights take ``SPILL_BYTES`` or more in the interpreter's dtype (one weight-gradient
+        accumulator's size; SmolLM2's K×K Gram matrices add up to about as much)."""
+        itemsize = torch.empty((), dtype=self.graph.dtype).element_size()
+        return itemsize * sum(math.prod(n.weight_shape) for n in self.nodes) >= SPILL_BYTES
+
     def _gradient_pass(self, data, act_candidates, progress, magnitudes: bool = False) -> GradientPass:
-        """One :func:`collect_gradients` pass. For a large model (weight gradients ≥ ``SPILL_BYTES``) it runs out of
-        core: the accumulators in files (``spill``) and the forward in checkpointed pieces (``segments``,
+        """One :func:`collect_gradients` pass. For a large model (:meth:`out_of_core`) it runs out of core: the
+        accumulators in files (``spill``) and the forward in checkpointed pieces (``segments``,
         :func:`recompute_segments`), so it holds neither a second in-memory copy of the weights nor a whole
         forward's activations — the same numbers, about one forward pass more."""
-        grad_bytes = torch.empty((), dtype=self.graph.dtype).element_size() * sum(math.prod(n.weight_shape)
-                                                                                   for n in self.nodes)
-        if grad_bytes < SPILL_BYTES:
+        if not self.out_of_core():
             return _spilled(collect_gradients(self.graph, data, self.loss, self.nodes, act_candidates, progress,
                                               magnitudes=magnitudes))
         spill = Spill()

@@ -260,14 +260,11 @@ def choose_per_level(cands: list[Candidate], outside_roundings: tuple[str, ...])
 
 
 def _gram_spill(ctx):
-    """A :class:`memory.Spill` for the Gram pass's accumulators when the model is large (its weights' float32
-    bytes ≥ ``SPILL_BYTES``: the K×K matrices then add up to about as much), else None."""
-    import math
-
+    """A :class:`memory.Spill` for the Gram pass's accumulators when the model is large
+    (:meth:`FlowContext.out_of_core`), else None."""
     from ..memory import Spill
-    from .context import SPILL_BYTES
 
-    return Spill() if 4 * sum(math.prod(n.weight_shape) for n in ctx.nodes) >= SPILL_BYTES else None
+    return Spill() if ctx.out_of_core() else None
 
 
 def _spilled_grams(grams: dict) -> dict:

@@ -438,7 +438,7 @@ class TorchGraph:
         values live between pieces (and what the caller holds: captured aliases, outputs) and recomputes one
         piece's saved activations at a time — about one forward more, the same gradients bit for bit (the
         interpreter's ops are deterministic). Hooks run again when a piece is recomputed, with the same inputs;
-        ``captured`` keeps the aliases of the first run."""
+        ``captured`` holds the aliases of the first run only."""
         weight_fns = weight_fns or {}
         input_fns = input_fns or {}
         output_fns = output_fns or {}
@@ -520,7 +520,7 @@ class TorchGraph:
                     w, x = _alias(xs[wi], grad_on), _alias(xs[xi], grad_on)
                     xs[wi], xs[xi] = w, x
                     if capturing[0] is not None:  # (None: a piece recomputed after the run returned)
-                        capturing[0].setdefault(key, (w, x))
+                        capturing[0][key] = (w, x)
             res = _run_op(self, n, xs, n.key)
             del xs
             if key in output_fns:  # e.g. the output Q/DQ a W8A8 Conv is written with
@@ -538,7 +538,7 @@ class TorchGraph:
         # cannot follow, and the captures hold the graph (see interpreter.recompute)
         capturing = [captured]
         if segments > 1 and grad_on and _record is None:
-            env = self._run_segments(order, last_use, start, env, step, segments, keep)
+            self._run_segments(order, last_use, start, env, step, segments, keep)
         else:
             for pos in range(start, len(order)):
                 step(pos, env)
@@ -548,17 +548,17 @@ class TorchGraph:
 
     @staticmethod
     def _run_segments(order: list[_Node], last_use: dict[str, int], start: int, env: dict[str, Tensor], step,
-                      segments: int, keep: set[str]) -> dict[str, Tensor]:
+                      segments: int, keep: set[str]) -> None:
         """Run positions ``start…`` of ``order`` in ``segments`` pieces under :func:`recompute` (see :meth:`run`).
         A piece takes the live tensors its nodes read and returns those it makes that a later piece or the caller
-        reads; a piece whose boundary holds something other than a tensor runs plainly."""
+        reads (``env`` is updated in place); a piece whose boundary holds something other than a tensor runs
+        plainly."""
         n = len(order) - start
         size = max(1, -(-n // segments))
         for a in range(start, len(order), size):
             b = min(a + size, len(order))
             names_in = list(dict.fromkeys(t for p in range(a, b) for t in order[p].inputs if t and t in env))
-            made = [o for p in range(a, b) for o in order[p].outputs
-                    if o and (last_use.get(o, -1) >= b or o in keep)]
+            made = [o for p in range(a, b) for o in order[p].outputs if o and last_use.get(o, -1) >= b]
             if not all(isinstance(env[t], Tensor) for t in names_in):
                 for p in range(a, b):
                     step(p, env)
@@ -577,7 +577,6 @@ class TorchGraph:
             for o, v in zip(made, outs):
                 if v is not None:
                     env[o] = v
-        return env
 
     def position(self, outs: Iterable[str], key: str) -> int:
         """The first position of node ``key`` in the uncaptured plan for ``outs`` (what :meth:`snapshot` keys its

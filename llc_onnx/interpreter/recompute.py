@@ -39,7 +39,7 @@ class _Piece:
     """One recomputed call. Its first run packs every tensor an op saves as a :class:`_Holder`
     (``torch.autograd.graph.saved_tensors_hooks``). The first unpack runs ``fn`` again on the same inputs
     (detached, same ``requires_grad``) and collects what its ops save — the same ops in the same order, so the
-    k-th is the k-th; each is kept while its holder lives (a later unpack after it was dropped recomputes again).
+    k-th is the k-th; each is kept while its holder lives, and dropped with it.
     The piece references ``fn``: a caller must not let ``fn`` reach tensors of the graph being built (through a
     closure), or graph and piece keep each other alive where Python's collector cannot see (autograd's C++)."""
 

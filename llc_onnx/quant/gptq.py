@@ -254,7 +254,8 @@ def quantize_weight_gptq(w: np.ndarray, gram: np.ndarray, spec: WeightQuantSpec,
                                    act_order=act_order, static_groups=static_groups, lazy_block=lazy_block)
         return replace(res, dequant=res.dequant.reshape(w.shape))
     col_groups = _column_groups(w.shape, bs, out_axis, reduce_axis)
-    mat = np.moveaxis(w, out_axis, 0).reshape(n_out, k).astype(np.float64, copy=False)  # (w is float64 already: one copy, not two)
+    # no copy of a float64 w (the flows pass one): GPTQ's row chunks read it, and write their own copies
+    mat = np.moveaxis(w, out_axis, 0).reshape(n_out, k).astype(np.float64, copy=False)
     grams = gram.reshape(n_parts, k, k)
     part = n_out // n_parts
     q_mat = np.empty((n_out, k), dtype=np.int32)
