@@ -111,7 +111,6 @@ def _stage(ctx, outcome, tolerance: float):
     from .verify import select_plan
 
     crit = ctx.config.criterion
-    ctx.restore_weights()  # the plans are written from the model's weights
     with ctx.timer.stage("validate"), ctx.progress.task("measuring plans on validation",
                                                         len(outcome.plans) + crit.max_rounds) as advance:
         sel = select_plan(outcome.build, outcome.ladders, outcome.plans,
@@ -193,7 +192,8 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
     from .ort_eval import SessionInput, evaluate
 
     # the final and the float model as ONNX Runtime reads them: a large one written to files once for every
-    # session below
+    # session below (the float weights back in the model first, if its interpreter still holds them)
+    first.restore_weights()
     cur_in, ref_in = SessionInput(current), SessionInput(first.model)
     if not isinstance(ref_in.source, onnx.ModelProto):  # written as files: no later step reads the float proto
         for c in (first, ctx):

@@ -175,8 +175,9 @@ def test_large_model_memory_paths_change_no_byte(tmp_path, monkeypatch, target):
     """A large model's run (here forced with ``SPILL_BYTES = 0``): the interpreter's held weights are file maps
     (``_file_backed``: a Spill kept between tasks, copy-on-write), the gradient pass recomputes its activations
     in pieces and accumulates in files (``_gradient_pass``), the joint stage reads its weights from files and drops
-    them as it passes (``_PassedPages``), glibc gives memory back at once — and the output bytes, levels and
-    losses are those of the ordinary run."""
+    them as it passes (``_PassedPages``), validation's plans are written from the structure and completed from those
+    files (``FlowContext.complete``), glibc gives memory back at once — and the output bytes, levels and losses are
+    those of the ordinary run."""
     import os
 
     plain, res_plain = _run(tmp_path, "plain", ["--target", target])
@@ -207,9 +208,21 @@ def test_large_model_memory_paths_change_no_byte(tmp_path, monkeypatch, target):
         seen.setdefault("passes", []).append((kwargs.get("segments"), kwargs.get("spill") is not None))
         return orig_gp(*args, **kwargs)
 
+    orig_complete = C.FlowContext.complete
+
+    def complete(self, model):  # validation's plans: written from the structure, completed from the files
+        missing = sum(not t.HasField("raw_data") for t in model.graph.initializer if t.name in self._hold.names)
+        seen.setdefault("completed", []).append((self._hold.held, missing))
+        out = orig_complete(self, model)
+        assert all(t.HasField("raw_data") for t in out.graph.initializer if t.name in self._hold.names)
+        return out
+
     monkeypatch.setattr(C, "_file_backed", file_backed)
     monkeypatch.setattr(C, "collect_gradients", gradients)
+    monkeypatch.setattr(C.FlowContext, "complete", complete)
     big, res_big = _run(tmp_path, "big", ["--target", target])
+    assert seen["completed"] and all(held for held, _ in seen["completed"])  # no plan saw a restored proto
+    assert any(missing for _, missing in seen["completed"])
     assert seen["weights"] is not None and seen["weights"].between_tasks is False and seen["mapped"]
     assert seen["passes"] and all(seg > 1 and spilled for seg, spilled in seen["passes"])
     assert seen["joint_mapped"] and all(seen["joint_mapped"])

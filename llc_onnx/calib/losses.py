@@ -163,12 +163,17 @@ class _ClassLoss(TaskLoss):
     @staticmethod
     def _topk(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray, k: int) -> float:
         """scores [N, C], labels [N]; number of valid rows whose label is among the k best scores."""
-        if k == 1:
-            hit = scores.argmax(axis=1) == labels
-        else:
-            idx = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            hit = (idx == labels[:, None]).any(axis=1)
-        return float(np.count_nonzero(hit & valid))
+        rows = max(1, NLL_CHUNK_BYTES // (8 * max(scores.shape[1], 1)))  # row chunks: a language model's
+        hits = 0                                                          # [T, V] index arrays not all at once
+        for a in range(0, scores.shape[0], rows):
+            s, y = scores[a:a + rows], labels[a:a + rows]
+            if k == 1:
+                hit = s.argmax(axis=1) == y
+            else:
+                idx = np.argpartition(-s, k - 1, axis=1)[:, :k]
+                hit = (idx == y[:, None]).any(axis=1)
+            hits += int(np.count_nonzero(hit & valid[a:a + rows]))
+        return float(hits)
 
     def _class_metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, tuple[float, int]]:
         valid = labels != self.ignore_index
@@ -314,6 +319,20 @@ def _nll_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> t
     return torch.stack(parts).sum()
 
 
+def _nll_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """−log_softmax(float64(z))[y] per row (0 where the target is ``ignore_index``), float64, computed in row
+    chunks of ≤ ``NLL_CHUNK_BYTES`` of float64 logits like :func:`_nll_sum` (each row's value does not depend on
+    the chunking); no autograd."""
+    n, v = logits.shape
+    rows = max(1, NLL_CHUNK_BYTES // (8 * max(v, 1)))
+    out = torch.empty(n, dtype=torch.float64)
+    with torch.no_grad():
+        for a in range(0, n, rows):
+            out[a:a + rows] = torch.nn.functional.cross_entropy(logits[a:a + rows].double(), target[a:a + rows],
+                                                                reduction="none", ignore_index=ignore_index)
+    return out
+
+
 class NextTokenLoss(_ClassLoss):
     name = "lm"
     unit_tokens = 64  # predicted tokens per standard-error unit (``unit_terms``)
@@ -355,8 +374,8 @@ class NextTokenLoss(_ClassLoss):
         """A sequence's loss in spans of ``unit_tokens`` predicted tokens: with one long sequence per sample
         (batch 1, few samples) the per-sample standard error would rest on 1–2 numbers, or be undefined.
         Spans of one sequence share context, so the SE they give is a lower estimate, better than none."""
-        logits, target = self._shifted(output, labels)
-        tok = torch.nn.functional.cross_entropy(logits, target, reduction="none", ignore_index=self.ignore_index)
+        logits, target = self._shifted(output, labels, double=False)
+        tok = _nll_rows(logits, target, self.ignore_index)
         valid = target != self.ignore_index
         out = []
         for start in range(0, tok.shape[0], self.unit_tokens):

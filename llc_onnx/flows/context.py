@@ -216,15 +216,34 @@ class FlowContext:
                     drop(h.spill.arrays[h.spill_index[t.name]])
         h.structure, h.held = None, False
 
+    def complete(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """``model`` — written from this context's model (a plan: the target's rewrite) — with the data of every
+        held initializer it keeps filled in, in place, from the interpreter's copy and in the initializer's own
+        type: the bytes the plan has when written from the restored model. While the weights are held
+        (:meth:`hold_weights`) a plan is written from the structure copy, and each kept float weight is copied
+        once, into the plan only; otherwise ``model`` is returned as it is."""
+        h = self._hold
+        if not h.held:
+            return model
+        for t in model.graph.initializer:
+            if t.name in h.names and not t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL:
+                t.raw_data = _raw_bytes(self.graph.params[t.name], t.data_type)
+                if h.spill is not None:  # file-backed: its pages out again at once
+                    drop(h.spill.arrays[h.spill_index[t.name]])
+        return model
+
     def release_interpreter(self) -> None:
-        """After the last measurement: drop the interpreter's copy of the weights and the snapshots of the
-        unmodified run (validation, test and latency run in ONNX Runtime). A later use of the interpreter (e.g.
-        a GPTQ rounding first needed by a back-off round of a cached run) reads the weights from the model
-        again."""
+        """After the last measurement: drop the snapshots of the unmodified run and the interpreter's copy of the
+        weights (validation, test and latency run in ONNX Runtime); a later use of the interpreter (e.g. a GPTQ
+        rounding first needed by a back-off round of a cached run) reads the weights from the model again. When
+        the interpreter holds the weights in files (:func:`_file_backed`), they stay there instead and the model
+        stays without them: the plans are completed from those files (:meth:`complete`) and nothing holds the
+        float weights in memory while validation's sessions run (SmolLM2: the restored proto was 0.65 GB)."""
         from ..memory import release
 
-        self.restore_weights()
-        self.graph.release_params(self.model)
+        if not (self._hold.held and self._hold.spill is not None):
+            self.restore_weights()
+            self.graph.release_params(self.model)
         self._snapshots = None  # (the base losses stay: a later measurement then runs from the inputs)
         self._weights.clear()
         release()

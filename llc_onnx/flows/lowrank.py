@@ -216,7 +216,7 @@ def run(ctx: FlowContext) -> MethodOutcome:
         choice[name] = ladder.index(pick) if pick is not None and pick in ladder else len(ladder) - 1
 
     def build(ch: dict[str, int]) -> onnx.ModelProto:
-        return apply_lowrank(ctx.model, ranks.factors({n: ladders[n][i] for n, i in ch.items()}))
+        return ctx.complete(apply_lowrank(ctx.model, ranks.factors({n: ladders[n][i] for n, i in ch.items()})))
 
     settings = {"mode": cfg.mode, "gamma": cfg.gamma, "gamma_relative": cfg.gamma_relative}
     return MethodOutcome("lowrank", table, ladders, [("solver", choice)], build, None, settings,

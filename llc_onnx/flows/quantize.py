@@ -605,7 +605,7 @@ def run(ctx: FlowContext) -> MethodOutcome:
         rw = ctx.target.rewrite(ctx.model, plans_)
         drop_mapped_pages()  # the spilled codes this build read leave the process's memory again
         rewrite_notes[tuple(sorted(ch.items()))] = [f"node '{n}': {note}" for n, note in rw.notes]
-        return rw.model
+        return ctx.complete(rw.model)  # (written from the structure while the weights are held)
 
     sweep = []
     for frac in cfg.sweep:
