@@ -192,12 +192,16 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
     from .ort_eval import SessionInput, evaluate
 
     # the final and the float model as ONNX Runtime reads them: a large one written to files once for every
-    # session below (the float weights back in the model first, if its interpreter still holds them)
-    first.restore_weights()
-    cur_in, ref_in = SessionInput(current), SessionInput(first.model)
+    # session below (the float weights the interpreter still holds streamed into them one at a time)
+    cur_in, ref_in = SessionInput(current), SessionInput(first.model, held=first.held_data())
     if not isinstance(ref_in.source, onnx.ModelProto):  # written as files: no later step reads the float proto
         for c in (first, ctx):
             c.drop_model()
+    parked = None
+    if not isinstance(cur_in.source, onnx.ModelProto):  # written as files: its data waits in files meanwhile
+        from .model_io import ParkedData
+
+        parked = ParkedData(current)
     release()
     with first.timer.stage("calibration check"):
         calib_c = first.evaluate(cur_in.source, first.calib, samples=True)
@@ -253,6 +257,8 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
         seconds["latency"] = first.timer.seconds["latency"]
     cur_in.close()
     ref_in.close()
+    if parked is not None:
+        current = parked.restore()
     result = OptimizeResult(current, source, config, first.objective, first.loss.name, tolerance, final.verified,
                             splits, stages, target, first.skipped, notes, seconds)
     if out is not None and (result.verified or config.criterion.allow_loss_increase):

@@ -114,21 +114,23 @@ class SessionInput:
     ``source`` is the proto itself when it is small, else the path of its files (``model_io.write_for_session``,
     written once into a temporary directory, removed by :meth:`close` or when this object is collected). The
     caller drops its own reference to a large proto after making this; every session made from ``source`` gives
-    the same outputs as one made from the proto (the files are what :func:`inference_session` would write)."""
+    the same outputs as one made from the proto (the files are what :func:`inference_session` would write).
+    ``held``: the data of initializers ``model`` leaves out (``FlowContext.held_data``), written into the files
+    one tensor at a time (files then, whatever the size)."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, held: dict | None = None):
         self.source: onnx.ModelProto | str = model
         self._finalizer = None
         from .model_io import proto_size, write_for_session
 
-        if proto_size(model) > SESSION_FILE_BYTES:
+        if held or proto_size(model) > SESSION_FILE_BYTES:
             import shutil
             import weakref
 
             d = tempdirs.make("session")
             self._finalizer = weakref.finalize(self, shutil.rmtree, d, True)
             try:
-                self.source = write_for_session(model, d)
+                self.source = write_for_session(model, d, held=held)
             except BaseException:
                 self.close()
                 raise

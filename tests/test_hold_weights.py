@@ -1,9 +1,11 @@
 """While the interpreter measures, it holds the large float weights alone (``FlowContext.hold_weights``): the
-model proto is a structure copy without their data, and the full proto is dropped. The weights go back into the
-model (``restore_weights``) before anything reads them there; the output bytes are those of a run that never
-held them."""
+model proto is a structure copy without their data, and the full proto is dropped. Plans are written from the
+structure and completed from the interpreter's copy (``complete``); the weights go back into the model
+(``restore_weights``) before anything else reads them there; the output bytes are those of a run that never held
+them."""
 
 import hashlib
+import os
 
 import onnx
 import pytest
@@ -229,3 +231,38 @@ def test_large_model_memory_paths_change_no_byte(tmp_path, monkeypatch, target):
     assert big == plain
     assert [n["level"] for n in res_big["nodes"]] == [n["level"] for n in res_plain["nodes"]]
     assert res_big["splits"]["test"]["compressed"]["loss"] == res_plain["splits"]["test"]["compressed"]["loss"]
+
+
+def _resident(path: str) -> int:
+    """Resident bytes of this process's mappings of file ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:        # a mapping's first line
+                inside = len(head) >= 6 and head[5] == path
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps (Linux)")
+def test_weights_no_kept_snapshot_reads_leave_memory(monkeypatch):
+    """The candidate stage measures in graph order: once the snapshots before a node are dropped
+    (``forget_snapshots_before``), the file-backed weights only earlier nodes read leave the process's memory, the
+    later ones stay, and a measurement gives the same losses as before."""
+    from llc_onnx.config import OptimizeConfig
+
+    monkeypatch.setattr(C, "HOLD_BYTES", 1)
+    monkeypatch.setattr(C, "SPILL_BYTES", 0)
+    ctx = C.create_context(EX_MODEL, EX_DATA, OptimizeConfig())
+    ctx.gradients()
+    base = ctx.base().sums.copy()
+    h = ctx._hold
+    files = {n: h.spill.arrays[h.spill_index[n]].filename for n in h.names}
+    assert _resident(files["fc1.weight"]) > 0 and _resident(files["fc2.weight"]) > 0   # the base run read them
+    ctx.forget_snapshots_before("/fc2/Gemm")
+    assert all(_resident(files[n]) == 0 for n in ("conv1.weight", "conv2.weight", "fc1.weight"))
+    assert _resident(files["fc2.weight"]) > 0
+    again = ctx.measure({"/fc1/Gemm": lambda w: w})    # runs from an earlier point: reads fc1 from the file
+    assert (again.sums == base).all()

@@ -193,3 +193,33 @@ def test_a_model_is_written_streamed_with_the_bytes_of_serialize_to_string(tmp_p
     model_io.save_model(m, tmp_path / "big.onnx")
     assert memory.high_water() - before < 48 << 20  # SerializeToString() here: +128 MiB or more
     assert (tmp_path / "big.onnx").read_bytes() == m.SerializeToString()
+
+
+def test_parked_data_leaves_the_proto_and_comes_back_byte_for_byte():
+    """``ParkedData``: the large tensors' bytes wait in files (the proto holds none of them), and the restored
+    model serializes to the bytes it had; small tensors are not touched."""
+    from llc_onnx.model_io import ParkedData
+
+    model = _weights_model(as_inputs=False)                    # W1 24 KiB, W2t 12 KiB, b 128 B
+    before = model.SerializeToString()
+    parked = ParkedData(model, min_bytes=16 << 10)
+    sizes = {t.name: len(t.raw_data) for t in model.graph.initializer}
+    assert sizes["W1"] == 0 and sizes["W2t"] == 32 * 96 * 4 and sizes["b"] == 32 * 4
+    assert parked.restore() is model and model.SerializeToString() == before
+    assert parked.restore().SerializeToString() == before          # a second restore changes nothing
+
+
+def test_held_data_is_written_into_session_files_as_if_the_model_had_it(tmp_path):
+    """``write_for_session(held=...)``: an initializer without data in the model gets its bytes from ``held``,
+    and the files are those of the complete model."""
+    from llc_onnx.model_io import _copy, write_for_session
+
+    model = _weights_model(as_inputs=False)
+    w1 = next(t for t in model.graph.initializer if t.name == "W1")
+    shell = _copy(model, skip_data={"W1": None})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = write_for_session(model, str(tmp_path / "a"), "m.onnx")
+    part = write_for_session(shell, str(tmp_path / "b"), "m.onnx", held={"W1": lambda: w1.raw_data})
+    for suffix in ("", ".data"):
+        assert open(full + suffix, "rb").read() == open(part + suffix, "rb").read()

@@ -141,6 +141,24 @@ class FlowContext:
         re-solve) start from an earlier kept snapshot or the inputs: the same numbers, a longer run."""
         for s in self._snapshots or ():
             s.drop_before(self.graph.position(s.outputs, name))
+        self._drop_weights_read_before()
+
+    def _drop_weights_read_before(self) -> None:
+        """The interpreter's file-backed weights that no run from the kept snapshots reads (every node reading
+        them comes before the earliest snapshot kept): their pages out of the process's memory. The candidate
+        stage measures in graph order, so at the last nodes (SmolLM2's lm_head and its GPTQ candidates, the
+        stage's peak) the weights before them are not resident. A later read faults them in again from the file
+        (the same values)."""
+        h, snaps = self._hold, self._snapshots
+        if h.spill is None or not h.held or not snaps or not all(s.positions for s in snaps):
+            return
+        outs = snaps[0].outputs
+        if h.last_read is None or h.last_read[0] != outs:
+            h.last_read = (outs, self.graph.last_reads(outs, h.names))
+        start = min(s.positions[0] for s in snaps if s.outputs == outs)
+        for n, p in h.last_read[1].items():
+            if p < start:
+                drop(h.spill.arrays[h.spill_index[n]])
 
     def gradients(self, act_candidates=None, progress=None) -> tuple[GradientPass, GradientPass]:
         """(fit, measure) gradient passes over the two calibration parts — one pass over the calibration data
@@ -194,13 +212,24 @@ class FlowContext:
         (``model_io.update_digest``: the same digest either way)."""
         from ..model_io import update_digest
 
+        update_digest(h, self.model, held=self.held_data())
+
+    def held_data(self) -> dict | None:
+        """Initializer name -> a function giving its ``raw_data`` from the interpreter's copy (the bytes
+        :meth:`restore_weights` would write; a file-backed copy's pages leave again after the read), for every
+        weight the model leaves to the interpreter now; None when none is held. For writers that take one tensor
+        at a time (``model_io.update_digest``, ``ort_eval.SessionInput``)."""
         hd = self._hold
         if not hd.held:
-            update_digest(h, self.model)
-            return
+            return None
         types = {t.name: t.data_type for t in self.model.graph.initializer if t.name in hd.names}
-        update_digest(h, self.model, held={n: (lambda n=n: _raw_bytes(self.graph.params[n], types[n]))
-                                           for n in hd.names})
+
+        def one(n):
+            raw = _raw_bytes(self.graph.params[n], types[n])
+            if hd.spill is not None:
+                drop(hd.spill.arrays[hd.spill_index[n]])
+            return raw
+        return {n: (lambda n=n: one(n)) for n in hd.names}
 
     def restore_weights(self) -> None:
         """Undo :meth:`hold_weights`: each held initializer gets its data back from the interpreter's tensor, in
@@ -317,6 +346,7 @@ class _Hold:
     held: bool = False
     spill: Spill | None = None  # the files behind the interpreter's large weights (``interpreter_for``)
     spill_index: dict = field(default_factory=dict)  # initializer name -> its array in ``spill.arrays``
+    last_read: tuple | None = None  # (outputs, name -> last position reading it): ``_drop_weights_read_before``
 
 
 def _holdable(t: onnx.TensorProto) -> bool:

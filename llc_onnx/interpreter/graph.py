@@ -584,6 +584,17 @@ class TorchGraph:
         outs = tuple(outs)
         return min(self._position(outs, n.index) for n in self._by_key[key])
 
+    def last_reads(self, outs: Iterable[str], names: Iterable[str]) -> dict[str, int]:
+        """The last position in the uncaptured plan for ``outs`` at which a node reads each of ``names`` (as an
+        input, or as an outer value a subgraph of the node reads); −1 when no node there does."""
+        order, _ = self._plan(tuple(outs), ())
+        last = dict.fromkeys(names, -1)
+        for p, n in enumerate(order):
+            for t in n.inputs:
+                if t in last:
+                    last[t] = p
+        return last
+
     def _position(self, outs: tuple[str, ...], index: int) -> int:
         """Position of the node with graph index ``index`` in the uncaptured plan for ``outs`` (past the end
         when that plan does not run it)."""
