@@ -201,7 +201,7 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
     if not isinstance(cur_in.source, onnx.ModelProto):  # written as files: its data waits in files meanwhile
         from .model_io import ParkedData
 
-        parked = ParkedData(current)
+        parked, current = ParkedData(current), None
     release()
     with first.timer.stage("calibration check"):
         calib_c = first.evaluate(cur_in.source, first.calib, samples=True)

@@ -196,16 +196,17 @@ def test_a_model_is_written_streamed_with_the_bytes_of_serialize_to_string(tmp_p
 
 
 def test_parked_data_leaves_the_proto_and_comes_back_byte_for_byte():
-    """``ParkedData``: the large tensors' bytes wait in files (the proto holds none of them), and the restored
-    model serializes to the bytes it had; small tensors are not touched."""
+    """``ParkedData``: the large tensors' bytes wait in files (its copy of the proto holds none of them), and the
+    restored model serializes to the bytes the original had; small tensors are not touched."""
     from llc_onnx.model_io import ParkedData
 
     model = _weights_model(as_inputs=False)                    # W1 24 KiB, W2t 12 KiB, b 128 B
     before = model.SerializeToString()
     parked = ParkedData(model, min_bytes=16 << 10)
-    sizes = {t.name: len(t.raw_data) for t in model.graph.initializer}
+    sizes = {t.name: len(t.raw_data) for t in parked.model.graph.initializer}
     assert sizes["W1"] == 0 and sizes["W2t"] == 32 * 96 * 4 and sizes["b"] == 32 * 4
-    assert parked.restore() is model and model.SerializeToString() == before
+    assert model.SerializeToString() == before                      # the original is not modified
+    assert parked.restore().SerializeToString() == before
     assert parked.restore().SerializeToString() == before          # a second restore changes nothing
 
 
