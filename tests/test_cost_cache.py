@@ -103,3 +103,31 @@ def test_cache_entries_and_reports_have_ordinary_permissions(tiny, tmp_path):
     assert len(files) > 4
     for f in files:
         assert os.stat(f).st_mode & 0o777 == 0o644, f
+
+
+def test_a_large_models_hit_reads_its_gradients_into_files(tiny, tmp_path, monkeypatch):
+    """A large model's cache hit (forced here with ``SPILL_BYTES = 0``) puts each stored gradient in a file mapped
+    back read-only as it reads it (not all of them in memory), and writes the bytes of the ordinary hit."""
+    import numpy as np
+
+    from llc_onnx.flows import context as C
+    from llc_onnx.flows import cost_cache
+
+    model, data = tiny
+    cache = tmp_path / "cache"
+    _opt(model, data, tmp_path / "a.onnx", "--budget", "0.3", "--cache", str(cache))
+    ordinary = _opt(model, data, tmp_path / "b.onnx", "--budget", "0.3", "--cache", str(cache))
+    monkeypatch.setattr(C, "SPILL_BYTES", 0)
+    loaded = []
+    orig = cost_cache.load
+
+    def load(*args, **kwargs):
+        hit = orig(*args, **kwargs)
+        loaded.append([isinstance(s.grad_w, np.memmap) for s in hit.grads.nodes.values()])
+        return hit
+    monkeypatch.setattr(cost_cache, "load", load)
+    spilled = _opt(model, data, tmp_path / "c.onnx", "--budget", "0.3", "--cache", str(cache))
+    assert loaded and loaded[0] and all(loaded[0])
+    assert spilled["stages"][0]["cache"]["hit"] is True
+    assert spilled["stages"][0]["candidates"] == ordinary["stages"][0]["candidates"]
+    assert (tmp_path / "c.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

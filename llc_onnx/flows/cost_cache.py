@@ -32,6 +32,7 @@ from ..atomic import write_atomic
 from ..calib.data import Dataset
 from ..calib.gradients import GradientPass, NodeStats
 from ..errors import LLCError
+from ..memory import Spill, release
 from ..solvers.cost_model import Candidate
 from .context import FlowContext
 
@@ -92,9 +93,11 @@ def _paths(directory: str, key: str) -> tuple[str, str]:
     return os.path.join(directory, f"{key}.json"), os.path.join(directory, f"{key}.npz")
 
 
-def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
+def load(directory: str, key: str, node_names: list[str], spill: bool = False) -> CachedCosts | None:
     """The entry for ``key``, or None when there is none. An entry that cannot be read raises LLCError
-    naming the file (the caller reports it and recomputes)."""
+    naming the file (the caller reports it and recomputes). ``spill`` (a large model): each stored gradient goes
+    to a file mapped back read-only as it is read (``memory.Spill``, the same values), as the gradient pass keeps
+    them, instead of all of them in memory."""
     jpath, npath = _paths(directory, key)
     if not (os.path.isfile(jpath) and os.path.isfile(npath)):
         return None
@@ -104,8 +107,13 @@ def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
         if meta.get("format") != FORMAT or meta.get("key") != key:
             raise ValueError("format or key mismatch")
         cands = [Candidate(**c) for c in meta["candidates"]]
+        files = Spill() if spill else None
         with np.load(npath, allow_pickle=False) as z:
-            grads = {n: np.asarray(z[f"g{i}"]) for i, n in enumerate(meta["nodes"])}  # the dtype they were stored in
+            grads = {}
+            for i, n in enumerate(meta["nodes"]):
+                g = np.asarray(z[f"g{i}"])  # the dtype it was stored in
+                grads[n] = files.put(g) if files is not None else g
+                del g
             arrays = {k[2:]: np.asarray(z[k]) for k in z.files if k.startswith("x:")}
         if sorted(grads) != sorted(node_names):
             raise ValueError("nodes differ")
@@ -114,6 +122,9 @@ def load(directory: str, key: str, node_names: list[str]) -> CachedCosts | None:
     nodes = {n: NodeStats(node=n, grad_w=g, grad_w_abs=None, grad_w_sq=None, grad_x_norm=0.0, x_absmax=0.0,
                           x_rms=0.0, channel_gw=np.zeros(0)) for n, g in grads.items()}
     gp = GradientPass(loss=float(meta["fit_loss"]), n=int(meta["fit_n"]), nodes=nodes, seconds=0.0)
+    if files is not None:
+        gp.spill = files  # the files live as long as the pass
+        release()
     return CachedCosts(cands, {k: float(v) for k, v in meta["ranges"].items()}, gp, jpath,
                        float(meta.get("seconds", 0.0)), arrays)
 

@@ -46,7 +46,7 @@ from ..quant import ActivationQuant, activation_scale
 from ..solvers import knapsack
 from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
 from ..targets.base import Format, NodePlan, input_hook, output_hook
-from ..memory import Spill, drop, drop_mapped_pages
+from ..memory import Spill, drop, drop_mapped_pages, release
 from .context import SPILL_BYTES, FlowContext
 from .outcome import MethodOutcome
 from .roundings import CET_MODEL_VERSION, Rounder, choose_per_level
@@ -423,7 +423,7 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Cand
     with ctx.timer.stage("cache"):
         key = cost_cache.cache_key(ctx, candidate_settings(ctx))
         try:
-            hit = cost_cache.load(ctx.config.cache_dir, key, [n.name for n in ctx.nodes])
+            hit = cost_cache.load(ctx.config.cache_dir, key, [n.name for n in ctx.nodes], spill=ctx.out_of_core())
         except LLCError as exc:
             log.warning("%s; measuring again", exc)
             hit = None
@@ -437,6 +437,7 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Cand
     with ctx.timer.stage("cache"):
         path = cost_cache.save(ctx.config.cache_dir, key, cands, {}, rounder.grads, seconds,
                                rounder.curvature_arrays())
+        release()  # the file-backed gradients the entry was written from: their pages out again
     return rounder, cands, {"entry": path, "hit": False, "seconds": seconds}
 
 
