@@ -228,3 +228,27 @@ def test_lm_loss_in_float64_chunks_equals_the_whole_and_keeps_no_float64_copy(mo
     assert torch.float64 not in saved  # only the float32 chunk inputs are kept
     with torch.no_grad():  # and without autograd the same chunks
         assert float(loss.terms(torch.tensor(logits), torch.tensor(labels))[0]) == float(parts.detach())
+
+
+def test_lm_unit_terms_and_topk_metrics_in_row_chunks_are_those_of_the_whole(monkeypatch):
+    """The lm loss's per-span terms and its top-1/top-5 metrics work on row chunks (``NLL_CHUNK_BYTES``): the same
+    numbers, bit for bit, as one float64 cross-entropy and one argmax / argpartition over all rows."""
+    from llc_onnx.calib import losses as L
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 150, 40)).astype(np.float32)
+    labels = rng.integers(0, 40, size=(2, 150))
+    labels[0, 9] = labels[1, 77] = -100
+    loss = make_loss("lm", "logits")
+    z, y = torch.tensor(logits), torch.tensor(labels)
+    lg, tg = loss._shifted(z, y)
+    tok = torch.nn.functional.cross_entropy(lg, tg, reduction="none", ignore_index=-100)
+    whole = [(float(tok[a:a + 64].sum()), int((tg[a:a + 64] != -100).sum())) for a in range(0, len(tg), 64)]
+    scores, t = logits[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1)
+    valid, safe = t != -100, np.where(t != -100, t, 0)
+    top1 = np.count_nonzero((scores.argmax(1) == safe) & valid)
+    top5 = np.count_nonzero((np.argpartition(-scores, 4, axis=1)[:, :5] == safe[:, None]).any(1) & valid)
+    monkeypatch.setattr(L, "NLL_CHUNK_BYTES", 8 * 40 * 7)  # 7 rows per chunk
+    assert loss.unit_terms(z, y) == whole
+    m = loss.metrics(logits, labels)
+    assert m["top1"] == (top1, int(valid.sum())) and m["top5"] == (top5, int(valid.sum()))
