@@ -76,3 +76,24 @@ def test_a_pass_that_keeps_the_weight_gets_the_full_copy():
     out = apply_passes(model, [QDQPass({})], replaced=["out"])
     wo = next(t for t in out.graph.initializer if t.name == "Wo")
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(wo), w["Wo"])
+
+
+def test_a_replaced_gemms_bias_keeps_its_data():
+    """Only the weight slot (input 1) of a replaced MatMul/Gemm/Conv is left out: the rewrites read a Gemm's or
+    Conv's bias (an int32 bias of W8A8, a MatMulNBits bias), and a tensor without data reads as zeros."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=(1, 4)).astype(np.float32), "B"),
+             numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "K"),
+             numpy_helper.from_array(rng.normal(size=(4,)).astype(np.float32), "KB")]
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="gemm"),
+         helper.make_node("Conv", ["im", "K", "KB"], ["z"], name="conv")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+         helper.make_tensor_value_info("im", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 3, 3])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    assert weights_only_read_by(model, ["gemm", "conv"]) == {"W", "K"}

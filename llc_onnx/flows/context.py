@@ -367,10 +367,13 @@ def _raw_bytes(tensor: torch.Tensor, data_type: int) -> bytes:
 def interpreter_for(model: onnx.ModelProto, dtype: torch.dtype, device) -> tuple[TorchGraph, _Hold]:
     """(interpreter, its :class:`_Hold`): a model with large float weights (:func:`_holdable`) gets an
     interpreter built from a copy of its structure without their data, reading the weights from ``model``,
-    so that nothing in the interpreter points into ``model``'s proto (see :meth:`FlowContext.hold_weights`)."""
+    so that nothing in the interpreter points into ``model``'s proto (see :meth:`FlowContext.hold_weights`).
+    Gemm and Conv biases are never held: the rewrites read them from the model (plans are written from the
+    structure copy, :meth:`FlowContext.complete`)."""
     from ..model_io import _copy
 
-    large = frozenset(t.name for t in model.graph.initializer if _holdable(t))
+    biases = {n.input[2] for n in model.graph.node if n.op_type in ("Gemm", "Conv") and len(n.input) > 2}
+    large = frozenset(t.name for t in model.graph.initializer if _holdable(t) and t.name not in biases)
     if not large:
         return TorchGraph(model, dtype=dtype, device=device), _Hold()
     structure = _copy(model, skip_data=dict.fromkeys(large))

@@ -318,9 +318,11 @@ def apply_passes(model: onnx.ModelProto, passes: Sequence[ir.passes.PassBase], *
 
 
 def weights_only_read_by(model: onnx.ModelProto, nodes: Iterable[str]) -> set[str]:
-    """Initializers of the main graph that are read by the named nodes and by nothing else (no other node, no
-    graph output, no subgraph by name)."""
-    from ..model_io import _all_graphs
+    """Initializers of the main graph that the named nodes read as their weight (input 1 of a MatMul, Gemm or
+    Conv) and nothing else reads (no other node or other input, no graph output, no subgraph by name). A bias is
+    not one: the rewrites read it (an integer bias, a MatMulNBits bias) — a tensor left without data would read
+    as zeros."""
+    from ..model_io import _WEIGHT_INPUT, _all_graphs
 
     names = set(nodes)
     if not names:
@@ -329,7 +331,10 @@ def weights_only_read_by(model: onnx.ModelProto, nodes: Iterable[str]) -> set[st
     mine, others = set(), {o.name for o in model.graph.output}
     graphs = _all_graphs(model.graph)                     # the main graph first, then every subgraph
     for node in next(graphs).node:
-        (mine if node.name in names else others).update(i for i in node.input if i in inits)
+        slot = _WEIGHT_INPUT.get(node.op_type) if node.name in names and node.domain in ("", "ai.onnx") else None
+        for k, i in enumerate(node.input):
+            if i in inits:
+                (mine if k == slot else others).add(i)
     for g in graphs:
         others.update(i for node in g.node for i in node.input)
     return mine - others
