@@ -1,8 +1,8 @@
 """While the interpreter measures, it holds the large float weights alone (``FlowContext.hold_weights``): the
 model proto is a structure copy without their data, and the full proto is dropped. Plans are written from the
-structure and completed from the interpreter's copy (``complete``); the weights go back into the model
-(``restore_weights``) before anything else reads them there; the output bytes are those of a run that never held
-them."""
+structure and completed from the interpreter's copy (``complete``), session files get them streamed in
+(``held_data``), and they go back into the model (``restore_weights``) where it is read whole; the output bytes
+are those of a run that never held them."""
 
 import hashlib
 import os

@@ -197,9 +197,11 @@ class FlowContext:
         """While the interpreter measures (gradients, candidates, Gram matrices, joint measurements), let it
         hold the large float weights alone: ``model`` becomes the structure copy the interpreter was built from
         (:func:`interpreter_for`), and the full proto — a second copy of every weight, 0.65 GB on SmolLM2 — is
-        dropped. :meth:`restore_weights` writes the same bytes back before anything reads the weights from the
-        model (rewrites, ONNX Runtime, the latency table). A no-op unless the weights are large, or when the
-        interpreter was not built from a structure copy."""
+        dropped. Whatever needs the weights gets them from the interpreter's copy, byte for byte: a plan is
+        written from the structure and completed (:meth:`complete`), the float model's session files are written
+        with them streamed in (:meth:`held_data`), and :meth:`restore_weights` writes them back into the model
+        where it is read whole (the latency table; a small model's last stage). A no-op unless the weights are
+        large, or when the interpreter was not built from a structure copy."""
         h = self._hold
         if h.structure is None or h.held or self.graph.params_released:
             return
@@ -389,7 +391,8 @@ def _file_backed(graph: TorchGraph, names: frozenset) -> Spill | None:
     cache, and :func:`memory.release` — before every ONNX Runtime session and between stages — takes their pages
     out of the process's memory, so the interpreter's copy of the weights (0.65 GB on SmolLM2) is not resident
     while sessions run. Only when the weights add up to ``SPILL_BYTES`` and live on the CPU; the pages are kept
-    between measurement tasks, which all read them."""
+    between measurement tasks, which all read them — except those of weights no later candidate measurement reads
+    (:meth:`FlowContext._drop_weights_read_before`)."""
     params = graph.params
     if graph.device.type != "cpu" or sum(params[n].numel() * params[n].element_size() for n in names) < SPILL_BYTES:
         return None

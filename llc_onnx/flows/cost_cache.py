@@ -93,6 +93,19 @@ def _paths(directory: str, key: str) -> tuple[str, str]:
     return os.path.join(directory, f"{key}.json"), os.path.join(directory, f"{key}.npz")
 
 
+class _SpillFailed(Exception):
+    pass
+
+
+def _in_tmp(fn, *args):
+    """``fn(*args)`` (a temporary file's work); an OSError (a full or unwritable ``$TMPDIR``) becomes
+    :class:`_SpillFailed`: not the cache entry's fault."""
+    try:
+        return fn(*args)
+    except OSError as exc:
+        raise _SpillFailed(f"{type(exc).__name__}: {exc}") from None
+
+
 def load(directory: str, key: str, node_names: list[str], spill: bool = False) -> CachedCosts | None:
     """The entry for ``key``, or None when there is none. An entry that cannot be read raises LLCError
     naming the file (the caller reports it and recomputes). ``spill`` (a large model): each stored gradient goes
@@ -107,16 +120,19 @@ def load(directory: str, key: str, node_names: list[str], spill: bool = False) -
         if meta.get("format") != FORMAT or meta.get("key") != key:
             raise ValueError("format or key mismatch")
         cands = [Candidate(**c) for c in meta["candidates"]]
-        files = Spill() if spill else None
+        files = _in_tmp(Spill) if spill else None
         with np.load(npath, allow_pickle=False) as z:
             grads = {}
             for i, n in enumerate(meta["nodes"]):
                 g = np.asarray(z[f"g{i}"])  # the dtype it was stored in
-                grads[n] = files.put(g) if files is not None else g
+                grads[n] = _in_tmp(files.put, g) if files is not None else g
                 del g
             arrays = {k[2:]: np.asarray(z[k]) for k in z.files if k.startswith("x:")}
         if sorted(grads) != sorted(node_names):
             raise ValueError("nodes differ")
+    except _SpillFailed as exc:  # the entry is fine: the temporary directory is not
+        raise LLCError(f"cache entry {jpath}: could not copy its gradients to temporary files ({exc}); free space in "
+                       "$TMPDIR or point TMPDIR elsewhere") from None
     except Exception as exc:  # noqa: BLE001 - any damage means: do not trust it
         raise LLCError(f"cache entry {jpath}: unreadable ({type(exc).__name__}: {exc}); delete it") from None
     nodes = {n: NodeStats(node=n, grad_w=g, grad_w_abs=None, grad_w_sq=None, grad_x_norm=0.0, x_absmax=0.0,
