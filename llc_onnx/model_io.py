@@ -447,6 +447,12 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def plain_raw(t: TensorProto) -> bool:
+    """``t`` has no field but name, type, dims and ``raw_data``: a copy without its data (:func:`_copy`) loses
+    nothing else, so setting ``raw_data`` back gives the tensor back byte for byte."""
+    return {fd.name for fd, _ in t.ListFields()} <= {"dims", "data_type", "name", "raw_data"}
+
+
 class ParkedData:
     """A model whose large plain initializers (``raw_data`` of at least ``min_bytes``; no field but name, type,
     dims and data) wait in files (``memory.Spill``: read-only maps, not resident once :func:`memory.release` drops
@@ -461,10 +467,9 @@ class ParkedData:
 
         from .memory import Spill, release
 
-        plain = {"dims", "data_type", "name", "raw_data"}
         self.spill, self.arrays = Spill(), {}
         for t in model.graph.initializer:
-            if len(t.raw_data) >= min_bytes and {fd.name for fd, _ in t.ListFields()} <= plain:
+            if len(t.raw_data) >= min_bytes and plain_raw(t):
                 self.arrays[t.name] = self.spill.put(np.frombuffer(t.raw_data, dtype=np.uint8))
         self.model = _copy(model, skip_data=self.arrays) if self.arrays else model
         release()

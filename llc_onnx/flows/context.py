@@ -225,13 +225,16 @@ class FlowContext:
         if not hd.held:
             return None
         types = {t.name: t.data_type for t in self.model.graph.initializer if t.name in hd.names}
+        return {n: (lambda n=n: self._held_bytes(n, types[n])) for n in hd.names}
 
-        def one(n):
-            raw = _raw_bytes(self.graph.params[n], types[n])
-            if hd.spill is not None:
-                drop(hd.spill.arrays[hd.spill_index[n]])
-            return raw
-        return {n: (lambda n=n: one(n)) for n in hd.names}
+    def _held_bytes(self, name: str, data_type: int) -> bytes:
+        """Held weight ``name`` as ``raw_data`` of ``data_type`` from the interpreter's copy; a file-backed copy's
+        pages leave the process's memory again at once (not every weight resident beside the bytes made)."""
+        raw = _raw_bytes(self.graph.params[name], data_type)
+        h = self._hold
+        if h.spill is not None:
+            drop(h.spill.arrays[h.spill_index[name]])
+        return raw
 
     def restore_weights(self) -> None:
         """Undo :meth:`hold_weights`: each held initializer gets its data back from the interpreter's tensor, in
@@ -242,9 +245,7 @@ class FlowContext:
             return
         for t in h.structure.graph.initializer:
             if t.name in h.names:
-                t.raw_data = _raw_bytes(self.graph.params[t.name], t.data_type)
-                if h.spill is not None:  # file-backed: its pages out again at once, not all 0.65 GB beside the proto
-                    drop(h.spill.arrays[h.spill_index[t.name]])
+                t.raw_data = self._held_bytes(t.name, t.data_type)
         h.structure, h.held = None, False
 
     def complete(self, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -258,9 +259,7 @@ class FlowContext:
             return model
         for t in model.graph.initializer:
             if t.name in h.names and not t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL:
-                t.raw_data = _raw_bytes(self.graph.params[t.name], t.data_type)
-                if h.spill is not None:  # file-backed: its pages out again at once
-                    drop(h.spill.arrays[h.spill_index[t.name]])
+                t.raw_data = self._held_bytes(t.name, t.data_type)
         return model
 
     def release_interpreter(self) -> None:
@@ -355,8 +354,9 @@ def _holdable(t: onnx.TensorProto) -> bool:
     """A float initializer whose data :meth:`FlowContext.hold_weights` may leave to the interpreter: large, in
     ``raw_data``, and with no field a structure copy (``model_io._copy``) would lose, so restoring ``raw_data``
     gives the proto back byte for byte."""
-    return (t.data_type in _ITEMSIZE and len(t.raw_data) >= HOLD_BYTES
-            and {fd.name for fd, _ in t.ListFields()} <= {"dims", "data_type", "name", "raw_data"})
+    from ..model_io import plain_raw
+
+    return t.data_type in _ITEMSIZE and len(t.raw_data) >= HOLD_BYTES and plain_raw(t)
 
 
 def _raw_bytes(tensor: torch.Tensor, data_type: int) -> bytes:
