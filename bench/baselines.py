@@ -19,7 +19,8 @@ rounds). Only the per-candidate cost differs:
 * HAWQ-V2 (:func:`hawq_traces`, :func:`hawq_costs`): cost of format f of node i = ½·tr(H_ii)/n_i·‖δ_if‖², the
   average Hessian eigenvalue times the weight-noise energy. tr(H_ii) by Hutchinson's estimator
   (``solvers.hessian.hutchinson_trace``: Rademacher probes, one over all nodes per sample as HAWQ-V2, or one
-  per node where the model has few nodes) in rounds of probes
+  per node where the model has few nodes; or ``deflated_trace``: per node, a Lanczos basis counted exactly and
+  deflated probes for the rest, the same unbiased trace at a far lower variance) in rounds of probes
   until every node's standard error is ≤ ``rel_se`` of its trace or ``max_probes`` is reached; a trace that is
   still ≤ 0 then is **clamped** to its standard error (a curvature that cannot be told from zero counts as
   one standard error, never as free noise). Weight noise only: activation quantizers are not seen.
@@ -288,16 +289,28 @@ def dequant(qw, shape) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ HAWQ-V2
 def hawq_traces(ctx, *, probes: int = 16, max_probes: int = 128, rel_se: float = 0.1, max_batches: int | None = 1,
-                seed: int = 0, per_node: bool = False) -> dict[str, dict]:
+                seed: int = 0, per_node: bool = False, deflate: int = 0) -> dict[str, dict]:
     """Per-node Hutchinson trace of the calibration loss in rounds of ``probes`` probes (round r uses seed
     ``seed + r``) until every node's pooled standard error is ≤ ``rel_se`` × |trace| or ``max_probes`` probes
-    were used. Per node: {"trace", "se", "probes", "sensitivity", "clamped"}: ``sensitivity`` = trace, or its
-    standard error where the trace is ≤ 0 (module doc; never a non-positive sensitivity). ``per_node``: a
+    were used. Per node: {"trace", "se", "probes", "sensitivity", "clamped", "stable"}: ``sensitivity`` = trace,
+    or its standard error where the trace is ≤ 0 (module doc; never a non-positive sensitivity). ``per_node``: a
     separate probe per node (no cross terms: a far lower variance for m second backward passes per probe —
     the cheaper way to a stable trace on models with few nodes; measured on the Fashion-MNIST CNN, 16 probes:
-    relative SE 8–22 % per node against 12–180 % with joint probes, at 3× the time)."""
-    from llc_onnx.solvers.hessian import hutchinson_trace
+    relative SE 8–22 % per node against 12–180 % with joint probes, at 3× the time). ``deflate`` = k > 0: per
+    node, the trace of the k-step Lanczos basis exactly and the rest by deflated probes
+    (``solvers.hessian.deflated_trace``, Hutch++'s idea; rounds per node, each node stops at its own target) —
+    the same unbiased tr(H_ii), with the top of the spectrum no longer in the variance."""
+    from llc_onnx.solvers.hessian import deflated_trace, hutchinson_trace
 
+    if deflate:
+        est = deflated_trace(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, steps=deflate, probes=probes,
+                             max_probes=max_probes, rel_se=rel_se, seed=seed, max_batches=max_batches,
+                             keep_graphs=True)
+        out = sensitivities({n: (e.trace, e.se) for n, e in est.items()}, {n: e.probes for n, e in est.items()},
+                            rel_se)
+        for n, e in est.items():
+            out[n].update(steps=e.steps, krylov=e.krylov, exact=e.exact)
+        return out
     rounds: list[dict[str, tuple[float, float]]] = []
     while True:
         rounds.append(hutchinson_trace(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, n_samples=probes,
@@ -310,17 +323,18 @@ def hawq_traces(ctx, *, probes: int = 16, max_probes: int = 128, rel_se: float =
     return sensitivities(pooled, len(rounds) * probes, rel_se)
 
 
-def sensitivities(pooled: dict[str, tuple[float, float]], probes: int, rel_se: float = 0.1) -> dict[str, dict]:
-    """node -> {"trace", "se", "probes", "sensitivity", "clamped", "stable"} from pooled (trace, SE): the
-    sensitivity is the trace, or — where the trace is ≤ 0 — its standard error (at least 1e-12 × the largest
-    trace), so no node's noise is ever free or rewarded."""
+def sensitivities(pooled: dict[str, tuple[float, float]], probes, rel_se: float = 0.1) -> dict[str, dict]:
+    """node -> {"trace", "se", "probes", "sensitivity", "clamped", "stable"} from pooled (trace, SE) and the
+    probes used (one count, or node -> count): the sensitivity is the trace, or — where the trace is ≤ 0 — its
+    standard error (at least 1e-12 × the largest trace), so no node's noise is ever free or rewarded."""
     positive = [tr for tr, _ in pooled.values() if tr > 0]
     floor = 1e-12 * max(positive) if positive else 1e-12
     out = {}
     for n, (tr, se) in pooled.items():
         clamped = tr <= 0
-        out[n] = {"trace": tr, "se": se, "probes": probes, "sensitivity": max(se, floor) if clamped else tr,
-                  "clamped": clamped, "stable": se <= rel_se * abs(tr)}
+        out[n] = {"trace": tr, "se": se, "probes": probes[n] if isinstance(probes, dict) else probes,
+                  "sensitivity": max(se, floor) if clamped else tr, "clamped": clamped,
+                  "stable": se <= rel_se * abs(tr)}
     return out
 
 

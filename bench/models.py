@@ -64,6 +64,7 @@ class BenchModel:
     hutchinson_probes: int = 16  # HAWQ-V2: Rademacher probes per round (bench.baselines.hawq_traces)
     hutchinson_max_probes: int = 128  # ... more rounds until every node's SE ≤ 10 % of its trace, at most this
     hutchinson_per_node: bool = False  # one probe per node (lower variance, m backward passes per probe)
+    hutchinson_deflate: int = 0  # > 0: Lanczos steps per node counted exactly, deflated probes for the rest
     hessian_batches: int | None = 1  # calibration batches the Hessian traces use (None: all)
     quick_hessian_batches: int | None = 1
     score_batches: int | None = None  # calibration batches of the AutoQuantize scores (None: all)

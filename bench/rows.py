@@ -205,7 +205,7 @@ def _hawq(b: Bench) -> dict:
         t0 = time.perf_counter()
         mb = b.m.quick_hessian_batches if b.quick else b.m.hessian_batches
         traces = B.hawq_traces(ctx, probes=b.m.hutchinson_probes, max_probes=b.m.hutchinson_max_probes,
-                               max_batches=mb, per_node=b.m.hutchinson_per_node)
+                               max_batches=mb, per_node=b.m.hutchinson_per_node, deflate=b.m.hutchinson_deflate)
         numel = {n.name: int(np.prod(n.weight_shape)) for n in ctx.nodes}
         costs = B.monotone(B.hawq_costs(st["quantized"], traces, numel), st["quantized"], ctx.nodes)
         used = ctx.calib.batches if mb is None else ctx.calib.batches[:mb]
@@ -247,12 +247,15 @@ def alloc_method(kind: str, budget: float):
             f"{k}×{v}" for k, v in _count(a.solver_plan.values()).items())]
         if kind == "hawq":
             tr = got["traces"]
-            probes = next(iter(tr.values()))["probes"]
+            used = sorted({v["probes"] for v in tr.values()})
+            probes = str(used[0]) if len(used) == 1 else f"{used[0]}–{used[-1]}"
             unstable = sum(not v["stable"] for v in tr.values())
             clamped = sum(v["clamped"] for v in tr.values())
-            notes.append(f"tr(H_ii) from {probes} Rademacher probes "
-                         f"({'one per node' if b.m.hutchinson_per_node else 'joint'}) on {got['samples']} calibration samples; "
-                         f"{unstable} of {len(tr)} traces with SE > 10 % after {probes} probes; {clamped} "
+            how = (f"a {b.m.hutchinson_deflate}-step Lanczos basis per node counted exactly + {probes} deflated "
+                   "Rademacher probes per node" if b.m.hutchinson_deflate else
+                   f"{probes} Rademacher probes ({'one per node' if b.m.hutchinson_per_node else 'joint'})")
+            notes.append(f"tr(H_ii) from {how} on {got['samples']} calibration samples; "
+                         f"{unstable} of {len(tr)} traces with SE > 10 % of the trace; {clamped} "
                          "non-positive trace(s) clamped to their SE")
             row["traces"] = tr
         else:

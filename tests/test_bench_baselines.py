@@ -231,6 +231,13 @@ def test_hawq_trace_converges_to_the_exact_trace(tmp_path):
             assert t["probes"] in (16, 32, 48, 64) and t["se"] > 0
             assert abs(t["trace"] - exact[n]) <= 4 * t["se"], (n, t, exact[n])
             assert t["sensitivity"] > 0 and not t["clamped"]
+    # deflated: per-node probe counts (each node stops at its own target), the same trace within 4 SE
+    got = B.hawq_traces(ctx, probes=8, max_probes=64, max_batches=1, deflate=4)
+    for n, t in got.items():
+        assert t["steps"] == 4 and t["probes"] in (8, 16, 24, 32, 40, 48, 56, 64)
+        assert t["stable"] or t["probes"] == 64
+        assert abs(t["trace"] - exact[n]) <= 4 * t["se"] + 1e-12, (n, t, exact[n])
+        assert t["krylov"] != t["trace"] and t["sensitivity"] > 0
     assert all(v > 0 for v in exact.values())
 
 

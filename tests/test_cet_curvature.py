@@ -13,9 +13,13 @@ import torch
 
 from llc_onnx.errors import LLCError
 from llc_onnx.solvers.cet import NodeCurvature, cet_predict, load_curvature, node_curvature, save_curvature
-from llc_onnx.solvers.hessian import (FirstDerivatives, HessianError, block_hvp, hutchinson_trace, hvp, lanczos_top,
-                                      node_lanczos)
-from test_hessian import reference, setup
+from llc_onnx.solvers.hessian import (FirstDerivatives, HessianError, block_hvp, deflated_trace, hutchinson_trace, hvp,
+                                      lanczos_top, node_lanczos)
+from llc_onnx.calib.data import Batch, Dataset
+from llc_onnx.calib.losses import make_loss
+from llc_onnx.interpreter import TorchGraph
+from onnx import helper
+from test_hessian import _model, reference, setup
 
 
 def _block(t, ds, node):
@@ -66,9 +70,11 @@ def test_node_eigenpairs_match_eigh_of_the_block_including_negative_ones(kind):
         np.testing.assert_allclose(V @ V.T, np.eye(c.k), atol=1e-6)
         for val, v in zip(c.eigenvalues, V):  # true eigenvectors (up to float32 storage)
             assert np.linalg.norm(H @ v - val * v) <= 1e-5 * abs(lam).max()
-        # exhausted: the trace is exact (tr T = tr H), no probes needed
         assert c.trace == pytest.approx(np.trace(H), rel=1e-9, abs=1e-12)
-        assert c.trace_se == 0.0 and c.probes == 0
+        if c.steps == c.n:  # the basis spans everything: tr T = tr H exactly, no probes
+            assert c.trace_se == 0.0 and c.probes == 0
+        else:  # an invariant Krylov space of a rank-deficient block: probes confirm the rest is 0
+            assert c.probes == 8 and c.trace_se <= 1e-12 * abs(np.trace(H))
         assert c.remainder == pytest.approx((np.trace(H) - c.eigenvalues.sum()) / (c.n - c.k), rel=1e-7, abs=1e-12)
     assert saddles >= 1  # the first (tanh) layer of an untrained net is indefinite
 
@@ -112,6 +118,73 @@ def test_unconverged_run_trace_by_deflated_probes():
     assert 0 < c.trace_se and abs(c.trace - exact) <= 4 * c.trace_se
     plain = hutchinson_trace(g, ds, loss, [n], n_samples=64, seed=1, per_node=True)[n]
     assert c.trace_se < 0.5 * plain[1]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_deflated_trace_is_unbiased_and_beats_plain_hutchinson(kind):
+    """tr(T) + deflated probes: within its SE of the exact tr(H_ii), an SE below plain per-node Hutchinson's at
+    the same number of Hessian-vector products, deterministic and independent of the other nodes."""
+    t, ds, g, loss = setup(kind)
+    est = deflated_trace(g, ds, loss, t.nodes, steps=6, probes=8, max_probes=64, rel_se=1e-9, seed=3)
+    for n in t.nodes:
+        H, _ = _block(t, ds, n)
+        e = est[n]
+        exact = float(np.trace(H))
+        assert e.steps == 6 and e.probes == 64 and not e.exact  # rel_se unreachable: every round used
+        assert 0 < e.se and abs(e.trace - exact) <= 4 * e.se, (n, e, exact)
+        # the Krylov part is tr(QᵀHQ) for an orthonormal Q: between the sums of the 6 smallest and largest λ
+        lam = np.sort(np.linalg.eigvalsh(H))
+        assert lam[:6].sum() - 1e-9 <= e.krylov <= lam[-6:].sum() + 1e-9
+        # plain per-node Hutchinson with the same 70 products: SE = sqrt(2(‖H‖_F² − Σ H_jj²) / 70)
+        plain = np.sqrt(2 * (float((H ** 2).sum()) - float((np.diag(H) ** 2).sum())) / 70)
+        assert e.se < 0.7 * plain, (n, e.se, plain)
+    again = deflated_trace(g, ds, loss, t.nodes, steps=6, probes=8, max_probes=64, rel_se=1e-9, seed=3)
+    assert again == est
+    alone = deflated_trace(g, ds, loss, t.nodes[1:], steps=6, probes=8, max_probes=64, rel_se=1e-9, seed=3)
+    assert alone[t.nodes[1]] == est[t.nodes[1]]
+    other = deflated_trace(g, ds, loss, t.nodes, steps=6, probes=8, max_probes=64, rel_se=1e-9, seed=4)
+    assert other != est
+    # a reachable target stops after the first round; a basis spanning all n weights is exact (no probes);
+    # a rank-deficient block's Krylov space turns invariant earlier and one round of probes finds the rest 0
+    loose = deflated_trace(g, ds, loss, t.nodes, steps=6, probes=8, max_probes=64, rel_se=1e9, seed=3)
+    assert all(e.probes == 8 for e in loose.values())
+    whole = deflated_trace(g, ds, loss, t.nodes, steps=60, probes=8, rel_se=0.1)
+    for n in t.nodes:
+        H, _ = _block(t, ds, n)
+        e = whole[n]
+        assert e.trace == pytest.approx(float(np.trace(H)), rel=1e-9)
+        if e.steps == H.shape[0]:
+            assert e.exact and e.probes == 0 and e.se == 0
+        else:
+            assert not e.exact and e.probes == 8 and e.se <= 1e-12 * abs(e.trace)
+    assert any(whole[n].exact for n in t.nodes)
+
+
+def _linear_mse():
+    """x[B,4] MatMul W[4,3] -> out under MSE: H = (2/M)·(XᵀX ⊗ I_3), M = 3·N — each eigenvalue three times;
+    returns (graph, data, loss, tr H = 2‖X‖_F² / N)."""
+    rng = np.random.default_rng(5)
+    W = rng.normal(0, 0.5, (4, 3))
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["out"], name="fc")], {"W": W}, (4,), 3)
+    batches = [Batch(inputs={"x": rng.normal(0, 1, (b, 4)).astype(np.float32)},
+                     labels=rng.normal(0, 1, (b, 3)).astype(np.float32)) for b in (5, 6)]
+    ds = Dataset(batches, source="test")
+    X = np.concatenate([b.inputs["x"] for b in batches]).astype(np.float64)
+    return TorchGraph(model, dtype=torch.float64), ds, make_loss("mse", "out"), 2 * float((X * X).sum()) / len(X)
+
+
+def test_an_invariant_krylov_space_is_not_the_whole_trace():
+    """A repeated eigenvalue makes the Krylov space invariant after as many steps as there are distinct
+    eigenvalues (4 of 12 here), where tr(T) is a third of tr(H): the rest comes from the probes, in both
+    deflated_trace and node_curvature (which used to call that trace exact)."""
+    g, ds, loss, exact = _linear_mse()
+    e = deflated_trace(g, ds, loss, ["fc"], steps=12, probes=16, max_probes=16, rel_se=1e-9)["fc"]
+    assert e.steps == 4 and not e.exact and e.probes == 16
+    assert e.krylov == pytest.approx(exact / 3, rel=1e-9)
+    assert abs(e.trace - exact) <= 4 * e.se + 1e-9 * exact and e.trace > 0.8 * exact
+    c = node_curvature(g, ds, loss, ["fc"], k=2, k_negative=0, iters=12, probes=16)["fc"]
+    assert c.steps == 4 and c.probes == 16
+    assert abs(c.trace - exact) <= 4 * c.trace_se + 1e-9 * exact and c.trace > 0.8 * exact
 
 
 def test_cet_prediction_exact_with_all_eigenpairs_and_a_trace_model_otherwise():

@@ -22,7 +22,7 @@ How it is computed (:func:`node_curvature`)
 * trace: tr(H_ii) = tr(T) + tr(P H_ii P) exactly for the Lanczos basis Q (T = QᵀHQ, P = I − QQᵀ); the second
   part by Hutchinson with deflated Rademacher probes y = P z, E[yᵀHy] = tr(PHP) (Hutch++'s idea: the top
   of the spectrum, which dominates the variance of plain Hutchinson, is counted exactly). One more pass for
-  all probes of all nodes; none when the Krylov space is exhausted (then the trace is exact).
+  all probes of all nodes; none when the Krylov basis spans all of the node's weights (then the trace is exact).
 
 One pass instead (:func:`fisher_curvature`, ``optimize``'s default ``--cet-curvature fisher``): the sampled
 Gauss-Newton block F_ii = GᵀG/N from per-sample gradients with model-drawn labels (``calib.fisher``) — PSD, its
@@ -51,7 +51,8 @@ from ..calib.data import Dataset
 from ..calib.losses import TaskLoss
 from ..errors import LLCError
 from ..interpreter import TorchGraph
-from .hessian import FirstDerivatives, HessianError, _names, _rademacher, _shapes, block_hvp, node_lanczos, node_seed
+from .hessian import (FirstDerivatives, HessianError, _names, _shapes, block_hvp, deflated_probes, node_lanczos,
+                      node_seed)
 
 __all__ = ["NodeCurvature", "CETPrediction", "node_curvature", "fisher_curvature", "default_steps", "cet_predict",
            "save_curvature", "load_curvature"]
@@ -190,8 +191,9 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
             res = runs[n]
             ys = probe_vecs[n]
             est = np.array([float((h.reshape(-1) * y.reshape(-1)).sum()) for h, y in zip(hv.get(n, []), ys)])
-            if res.exhausted or not len(est):
-                tr_rest, se = 0.0, (0.0 if res.exhausted else float("nan"))
+            full = _spans_all(res, shapes[n])
+            if full or not len(est):
+                tr_rest, se = 0.0, (0.0 if full else float("nan"))
             else:
                 tr_rest = float(est.mean())
                 se = float(est.std(ddof=1) / math.sqrt(len(est))) if len(est) > 1 else float("nan")
@@ -199,7 +201,7 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
             keep = _select(res.values, res.residuals, k, k_negative)
             out[n] = NodeCurvature(n, tuple(shapes[n]), res.values[keep].astype(np.float64),
                                    res.vectors[keep].numpy().astype(np.float32), res.residuals[keep].copy(),
-                                   trace, se, res.steps, 0 if res.exhausted else len(est))
+                                   trace, se, res.steps, 0 if full else len(est))
         del runs, probe_vecs, hv, kept
     return {n: out[n] for n in names}
 
@@ -257,18 +259,19 @@ def _fisher_node(sg, k: int) -> NodeCurvature:
                          np.zeros(lam.size), trace, 0.0, 0, 0, "fisher" if sg.sampled else "empirical fisher")
 
 
+def _spans_all(res, shape) -> bool:
+    """The Lanczos basis spans the whole weight space (the trace is then tr(T), exact). An invariant Krylov
+    space of fewer dimensions does not: it holds each distinct eigenvalue once (H = c·I: tr(T) = c after one
+    step), so a repeated eigenvalue — e.g. a linear layer under MSE, H = XᵀX ⊗ I — needs the probes."""
+    return res.steps == math.prod(shape)
+
+
 def _deflated_probes(res, shape, probes: int, seed: int, name: str) -> list[torch.Tensor]:
-    """Deflated Rademacher probes y = (I − QQᵀ) z for the trace outside the Krylov space (none when it is
-    exhausted: the trace is then exact)."""
-    if res.exhausted or probes == 0:
+    """Deflated Rademacher probes y = (I − QQᵀ) z for the trace outside the Krylov space (none when it spans
+    everything: the trace is then exact); Q = the Ritz vectors, which span the Krylov space."""
+    if _spans_all(res, shape) or probes == 0:
         return []
-    Q = res.vectors  # Ritz vectors span the Krylov space
-    gen = torch.Generator().manual_seed(node_seed(seed + 7919, name))
-    ys = []
-    for _ in range(probes):
-        z = _rademacher(gen, (Q.shape[1],), torch.float64, "cpu")
-        ys.append((z - Q.T @ (Q @ z)).reshape(shape))
-    return ys
+    return deflated_probes(res.vectors, shape, probes, torch.Generator().manual_seed(node_seed(seed + 7919, name)))
 
 
 def _select(theta: np.ndarray, residuals: np.ndarray, k: int, k_negative: int) -> np.ndarray:
