@@ -334,7 +334,7 @@ MODELS: dict[str, BenchModel] = {
         lambda: _effnet_dir() / "effnet_lite0.onnx", lambda: _effnet_dir() / "calib.npz",
         lambda: _effnet_dir() / "held.npz", loss="ce", metric="top1", batch_size=32, latency_batch=16,
         quick_calib=None, quick_held=None, measure_samples=32, quick_measure_samples=32,
-        hutchinson_probes=8, hutchinson_max_probes=64, hessian_batches=1,
+        hutchinson_probes=8, hutchinson_max_probes=32, hutchinson_deflate=8, hessian_batches=1,
         quick_hessian_batches=1, score_batches=None, latency_rounds=15,
         notes=["calibration: 160 augmented views of the 10 even-indexed foolbox images (true labels); test: "
                "the 10 odd-indexed originals + 15 augmented views each (160, true labels). Augmented views are "
