@@ -400,9 +400,11 @@ Row keys (`python -m bench.run --list`) in brackets; "issue" = the issue the row
   seconds are added to each row's time (the row's time is the whole method's).
 - **HAWQ-V2** [`hawq_b*`]: cost of format f of node i = ½·tr(H_ii)/n_i·‖δ_if‖², nearest rounding (HAWQ-V2 and
   AutoQuantize choose bit-widths, not roundings), same formats,
-  knapsack, rewrite and validation back-off as llc's qdq rows. tr(H_ii) by Hutchinson (one Rademacher probe over
-  all nodes per sample) in rounds until every trace has SE ≤ 10 % or the model's probe cap is reached; a trace
-  still ≤ 0 is clamped to its standard error (never a free node). Traces and SEs are listed per model.
+  knapsack, rewrite and validation back-off as llc's qdq rows. tr(H_ii) by Hutchinson in rounds until every
+  trace has SE ≤ 10 % or the model's probe cap is reached — one Rademacher probe over all nodes per sample
+  (HAWQ-V2's own estimator), one per node, or per node deflated by a Lanczos basis whose trace is counted
+  exactly (the same unbiased trace at a lower variance), as the model's table says; a trace still ≤ 0 is
+  clamped to its standard error (never a free node). Traces and SEs are listed per model.
 - **AutoQuantize** [`autoquant_b*`]: NVIDIA ModelOpt's gradient score in output space, per node and format
   Σ_batches Σ (∂L_b/∂y)²·(y_f − y)² (L_b the batch's mean loss, y the node's output, y_f its output with the
   format's quantizers on the float model's input to the node), made monotone over the formats as ModelOpt

