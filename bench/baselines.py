@@ -303,9 +303,16 @@ def hawq_traces(ctx, *, probes: int = 16, max_probes: int = 128, rel_se: float =
     from llc_onnx.solvers.hessian import deflated_trace, hutchinson_trace
 
     if deflate:
+        t0, passes = time.perf_counter(), [0]
+
+        def progress(k: int) -> None:      # a pass over every running node takes minutes on a large model
+            passes[0] += k
+            print(f"[hawq] trace pass {passes[0]} ({deflate} Lanczos, then rounds of {probes} probes): "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+
         est = deflated_trace(ctx.graph, ctx.calib, ctx.loss, ctx.nodes, steps=deflate, probes=probes,
                              max_probes=max_probes, rel_se=rel_se, seed=seed, max_batches=max_batches,
-                             keep_graphs=True)
+                             keep_graphs=True, progress=progress)
         out = sensitivities({n: (e.trace, e.se) for n, e in est.items()}, {n: e.probes for n, e in est.items()},
                             rel_se)
         for n, e in est.items():
