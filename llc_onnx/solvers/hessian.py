@@ -429,7 +429,7 @@ def deflated_probes(basis: torch.Tensor, shape, count: int, gen: torch.Generator
 class TraceEstimate:
     """tr(H_ii) of one node from :func:`deflated_trace`: ``trace`` and its standard error ``se`` (0 when exact),
     ``krylov`` = tr(QᵀH_iiQ) (the exact part), ``steps`` Lanczos steps and ``probes`` deflated probes used;
-    ``exact`` when the Krylov space was exhausted (no probes needed)."""
+    ``exact`` when the basis spans all of the node's weights (no probes needed)."""
 
     trace: float
     se: float
