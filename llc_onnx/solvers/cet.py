@@ -52,7 +52,7 @@ from ..calib.losses import TaskLoss
 from ..errors import LLCError
 from ..interpreter import TorchGraph
 from .hessian import (FirstDerivatives, HessianError, _names, _shapes, block_hvp, deflated_probes, node_lanczos,
-                      node_seed)
+                      node_seed, spans_all)
 
 __all__ = ["NodeCurvature", "CETPrediction", "node_curvature", "fisher_curvature", "default_steps", "cet_predict",
            "save_curvature", "load_curvature"]
@@ -191,7 +191,7 @@ def node_curvature(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
             res = runs[n]
             ys = probe_vecs[n]
             est = np.array([float((h.reshape(-1) * y.reshape(-1)).sum()) for h, y in zip(hv.get(n, []), ys)])
-            full = _spans_all(res, shapes[n])
+            full = spans_all(res, shapes[n])
             if full or not len(est):
                 tr_rest, se = 0.0, (0.0 if full else float("nan"))
             else:
@@ -259,17 +259,10 @@ def _fisher_node(sg, k: int) -> NodeCurvature:
                          np.zeros(lam.size), trace, 0.0, 0, 0, "fisher" if sg.sampled else "empirical fisher")
 
 
-def _spans_all(res, shape) -> bool:
-    """The Lanczos basis spans the whole weight space (the trace is then tr(T), exact). An invariant Krylov
-    space of fewer dimensions does not: it holds each distinct eigenvalue once (H = c·I: tr(T) = c after one
-    step), so a repeated eigenvalue — e.g. a linear layer under MSE, H = XᵀX ⊗ I — needs the probes."""
-    return res.steps == math.prod(shape)
-
-
 def _deflated_probes(res, shape, probes: int, seed: int, name: str) -> list[torch.Tensor]:
     """Deflated Rademacher probes y = (I − QQᵀ) z for the trace outside the Krylov space (none when it spans
     everything: the trace is then exact); Q = the Ritz vectors, which span the Krylov space."""
-    if _spans_all(res, shape) or probes == 0:
+    if spans_all(res, shape) or probes == 0:
         return []
     return deflated_probes(res.vectors, shape, probes, torch.Generator().manual_seed(node_seed(seed + 7919, name)))
 

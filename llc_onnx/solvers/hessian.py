@@ -50,7 +50,8 @@ from ..errors import LLCError
 from ..interpreter import TorchGraph
 
 __all__ = ["FirstDerivatives", "HessianError", "LanczosResult", "TraceEstimate", "block_hvp", "deflated_probes",
-           "deflated_trace", "hvp", "hutchinson_trace", "lanczos_top", "node_lanczos", "quadratic_term"]
+           "deflated_trace", "hvp", "hutchinson_trace", "lanczos_top", "node_lanczos", "quadratic_term",
+           "spans_all"]
 
 
 class HessianError(LLCError, ValueError):
@@ -414,6 +415,13 @@ def node_lanczos(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, 
     return {n: runs[n].result() for n in names}
 
 
+def spans_all(res: LanczosResult, shape) -> bool:
+    """The Lanczos basis spans the node's whole weight space, so tr(T) is its exact trace. An invariant Krylov
+    space of fewer dimensions does not: it holds each distinct eigenvalue once (H = c·I: tr(T) = c after one
+    step), so a repeated eigenvalue — e.g. a linear layer under MSE, H = XᵀX ⊗ I — needs the probes."""
+    return res.steps == math.prod(shape)
+
+
 def deflated_probes(basis: torch.Tensor, shape, count: int, gen: torch.Generator) -> list[torch.Tensor]:
     """``count`` deflated Rademacher probes y = (I − QQᵀ) z, z ∈ {±1}ⁿ drawn from ``gen`` (float64, CPU),
     Q = ``basis`` (orthonormal rows, [k, n]); each reshaped to ``shape``. E[yᵀAy] = tr(PAP), P = I − QQᵀ."""
@@ -429,14 +437,17 @@ def deflated_probes(basis: torch.Tensor, shape, count: int, gen: torch.Generator
 class TraceEstimate:
     """tr(H_ii) of one node from :func:`deflated_trace`: ``trace`` and its standard error ``se`` (0 when exact),
     ``krylov`` = tr(QᵀH_iiQ) (the exact part), ``steps`` Lanczos steps and ``probes`` deflated probes used;
-    ``exact`` when the basis spans all of the node's weights (no probes needed)."""
+    :attr:`exact` when the basis spans all of the node's weights (no probes needed)."""
 
     trace: float
     se: float
     krylov: float
     steps: int
     probes: int
-    exact: bool
+
+    @property
+    def exact(self) -> bool:
+        return self.probes == 0
 
 
 def deflated_trace(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *, steps: int = 8, probes: int = 8,
@@ -466,13 +477,11 @@ def deflated_trace(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
         raise HessianError(f"deflated_trace: steps={steps}, probes={probes}, max_probes={max_probes}, "
                            f"rel_se={rel_se}; use steps >= 1, 2 <= probes <= max_probes and rel_se > 0")
     kept = FirstDerivatives(graph, dataset, loss, names, max_batches) if keep_graphs else None
-    runs = {n: r for n, r in node_lanczos(graph, dataset, loss, names, iters=int(steps), seed=seed,
-                                          max_batches=max_batches, kept=kept, progress=progress).items()}
+    runs = node_lanczos(graph, dataset, loss, names, iters=int(steps), seed=seed, max_batches=max_batches,
+                        kept=kept, progress=progress)
     shapes = dict(zip(names, _shapes(graph, dataset, loss, names, max_batches)))
     krylov = {n: float(np.sum(runs[n].values)) for n in names}
-    # exact only when Q spans the whole space: an invariant Krylov space of fewer dimensions holds each
-    # distinct eigenvalue once (H = c·I gives tr(T) = c after one step), so a repeated one needs the probes
-    full = {n: runs[n].steps == math.prod(shapes[n]) for n in names}
+    full = {n: spans_all(runs[n], shapes[n]) for n in names}
     gens = {n: torch.Generator().manual_seed(node_seed(seed + 7919, n)) for n in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
     active = [n for n in names if not full[n]]
@@ -492,10 +501,9 @@ def deflated_trace(graph: TorchGraph, dataset: Dataset, loss: TaskLoss, nodes, *
                   and not se_of(n) <= float(rel_se) * abs(krylov[n] + float(np.mean(samples[n])))]
     out = {}
     for n in names:
-        exact = full[n]
-        rest = 0.0 if exact else float(np.mean(samples[n]))
-        out[n] = TraceEstimate(krylov[n] + rest, 0.0 if exact else se_of(n), krylov[n], runs[n].steps,
-                               len(samples[n]), exact)
+        rest = 0.0 if full[n] else float(np.mean(samples[n]))
+        out[n] = TraceEstimate(krylov[n] + rest, 0.0 if full[n] else se_of(n), krylov[n], runs[n].steps,
+                               len(samples[n]))
     return out
 
 
