@@ -24,6 +24,13 @@ rounds). Only the per-candidate cost differs:
   until every node's standard error is ≤ ``rel_se`` of its trace or ``max_probes`` is reached; a trace that is
   still ≤ 0 then is **clamped** to its standard error (a curvature that cannot be told from zero counts as
   one standard error, never as free noise). Weight noise only: activation quantizers are not seen.
+  Where H_ii is indefinite at the trained weights (MiniLM: traces near 0 against their spread, some clearly
+  negative) no number of probes gives a stable positive trace, and HAWQ-V2's premise — a positive-definite
+  block at a minimum — fails. :func:`gauss_newton_traces` then gives the same cost with tr(GGN_ii), the
+  Gauss-Newton part of H_ii (PSD; what HAWQ's analysis assumes of H near a minimum), estimated with labels
+  drawn from the model (``calib.fisher.fisher_traces``: one forward and backward per batch for every node,
+  each sample's ‖∇_W ℓ_s‖² ≥ 0, standard error over samples or ``groups`` clusters) — the trace FIT (Zandonati
+  et al., 2023) uses with the data's labels.
 * AutoQuantize (:func:`autoquant_scores`), NVIDIA ModelOpt's gradient score in output space: for node i and
   format f, score = Σ_batches Σ_elements (∂L_b/∂y_i)² · (y_i,f − y_i)², L_b the mean loss of batch b, y_i the
   node's float output and y_i,f its output with the format's weight *and* activation quantizers (the hooks
@@ -328,6 +335,27 @@ def hawq_traces(ctx, *, probes: int = 16, max_probes: int = 128, rel_se: float =
         if stable or (len(rounds) + 1) * probes > max_probes:
             break
     return sensitivities(pooled, len(rounds) * probes, rel_se)
+
+
+def gauss_newton_traces(ctx, *, max_batches: int | None = None, rel_se: float = 0.1, seed: int = 0
+                        ) -> dict[str, dict]:
+    """Per node tr(GGN_ii) of the calibration loss (module doc) over the first ``max_batches`` calibration
+    batches (None: all), as :func:`sensitivities` reads it ("probes" = the independent units: samples, or
+    clusters of the data's ``groups``); a trace is 0 only where the loss cannot see the node."""
+    from llc_onnx.calib.data import Dataset
+    from llc_onnx.calib.fisher import fisher_traces
+
+    used = ctx.calib.batches if max_batches is None else ctx.calib.batches[:max_batches]
+    t0 = time.perf_counter()
+    got = fisher_traces(ctx.model, ctx.graph, Dataset(used, ctx.calib.source), ctx.loss, ctx.nodes, seed=seed,
+                        progress=lambda k: None)
+    print(f"[hawq] Gauss-Newton traces of {len(got)} nodes from {sum(b.size for b in used)} samples: "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    out = sensitivities({n: (t.trace, t.se) for n, t in got.items()}, {n: t.samples for n, t in got.items()},
+                        rel_se)
+    for n, t in got.items():
+        out[n].update(curvature="gauss-newton", sampled=t.sampled)
+    return out
 
 
 def sensitivities(pooled: dict[str, tuple[float, float]], probes, rel_se: float = 0.1) -> dict[str, dict]:

@@ -131,10 +131,18 @@ def model_section(res: dict, n_runs: int, threads: int) -> list[str]:
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += joint_table(rows, res["fp_bytes"])
-    hawq = next((r for r in rows if r.get("traces")), None)
-    if hawq:
-        lines += ["### HAWQ-V2 Hessian traces per node (Hutchinson, calibration split)", "",
-                  "| node | tr(H_ii) | standard error | probes | SE ≤ 10 % | sensitivity used |", "|---|---|---|---|---|---|"]
+    for gn in (False, True):
+        hawq = next((r for r in rows if r.get("traces") and r["key"].startswith("hawqgn_") == gn), None)
+        if not hawq:
+            continue
+        if gn:
+            lines += ["### HAWQ-V2 Gauss-Newton traces per node (labels drawn from the model, calibration split)", "",
+                      "| node | tr(GGN_ii) | standard error | independent units | SE ≤ 10 % | sensitivity used |",
+                      "|---|---|---|---|---|---|"]
+        else:
+            lines += ["### HAWQ-V2 Hessian traces per node (Hutchinson, calibration split)", "",
+                      "| node | tr(H_ii) | standard error | probes | SE ≤ 10 % | sensitivity used |",
+                      "|---|---|---|---|---|---|"]
         for n, t in hawq["traces"].items():
             used = _f(t["sensitivity"], 4) + (" (clamped: trace ≤ 0)" if t["clamped"] else "")
             lines.append(f"| {n} | {t['trace']:.4g} | {t['se']:.2g} | {t['probes']} | "
@@ -405,6 +413,11 @@ Row keys (`python -m bench.run --list`) in brackets; "issue" = the issue the row
   (HAWQ-V2's own estimator), one per node, or per node deflated by a Lanczos basis whose trace is counted
   exactly (the same unbiased trace at a lower variance), as the model's table says; a trace still ≤ 0 is
   clamped to its standard error (never a free node). Traces and SEs are listed per model.
+- **HAWQ-V2, Gauss-Newton traces** [`hawqgn_b*`]: the same cost and procedure with tr(GGN_ii), the
+  Gauss-Newton part of H_ii (positive semi-definite), for models whose H_ii is indefinite at the trained
+  weights (MiniLM: Hessian traces near 0 or negative, no stable estimate): each calibration sample's
+  ‖∇_W ℓ_s‖² with its label drawn from the model's own softmax, one forward and backward per batch for every
+  node (`calib.fisher.fisher_traces`); standard error over samples (clusters where the data has `groups`).
 - **AutoQuantize** [`autoquant_b*`]: NVIDIA ModelOpt's gradient score in output space, per node and format
   Σ_batches Σ (∂L_b/∂y)²·(y_f − y)² (L_b the batch's mean loss, y the node's output, y_f its output with the
   format's quantizers on the float model's input to the node), made monotone over the formats as ModelOpt

@@ -66,6 +66,7 @@ class BenchModel:
     hutchinson_per_node: bool = False  # one probe per node (lower variance, m backward passes per probe)
     hutchinson_deflate: int = 0  # > 0: Lanczos steps per node counted exactly, deflated probes for the rest
     hessian_batches: int | None = 1  # calibration batches the Hessian traces use (None: all)
+    gauss_newton_batches: int | None = None  # ... the Gauss-Newton traces (one pass each; None: all)
     quick_hessian_batches: int | None = 1
     score_batches: int | None = None  # calibration batches of the AutoQuantize scores (None: all)
     latency_rounds: int = 31  # interleaved latency rounds per batch size (bench.latency)

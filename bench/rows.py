@@ -198,20 +198,26 @@ def _alloc_state(b: Bench) -> dict:
     return st
 
 
-def _hawq(b: Bench) -> dict:
+def _hawq(b: Bench, curvature: str = "hessian") -> dict:
     st = _alloc_state(b)
-    if "hawq" not in st:
+    key = "hawq" if curvature == "hessian" else "hawq_gn"
+    if key not in st:
         ctx = st["ctx"]
         t0 = time.perf_counter()
-        mb = b.m.quick_hessian_batches if b.quick else b.m.hessian_batches
-        traces = B.hawq_traces(ctx, probes=b.m.hutchinson_probes, max_probes=b.m.hutchinson_max_probes,
-                               max_batches=mb, per_node=b.m.hutchinson_per_node, deflate=b.m.hutchinson_deflate)
+        if curvature == "hessian":
+            mb = b.m.quick_hessian_batches if b.quick else b.m.hessian_batches
+            traces = B.hawq_traces(ctx, probes=b.m.hutchinson_probes, max_probes=b.m.hutchinson_max_probes,
+                                   max_batches=mb, per_node=b.m.hutchinson_per_node,
+                                   deflate=b.m.hutchinson_deflate)
+        else:
+            mb = b.m.gauss_newton_batches
+            traces = B.gauss_newton_traces(ctx, max_batches=mb)
         numel = {n.name: int(np.prod(n.weight_shape)) for n in ctx.nodes}
         costs = B.monotone(B.hawq_costs(st["quantized"], traces, numel), st["quantized"], ctx.nodes)
         used = ctx.calib.batches if mb is None else ctx.calib.batches[:mb]
-        st["hawq"] = {"costs": costs, "traces": traces, "seconds": time.perf_counter() - t0,
-                      "samples": sum(x.size for x in used)}
-    return st["hawq"]
+        st[key] = {"costs": costs, "traces": traces, "seconds": time.perf_counter() - t0,
+                   "samples": sum(x.size for x in used)}
+    return st[key]
 
 
 def _autoquant(b: Bench) -> dict:
@@ -231,7 +237,8 @@ def alloc_method(kind: str, budget: float):
     def fn(b: Bench, row: dict) -> Path:
         from llc_onnx.model_io import save_model
 
-        got = _hawq(b) if kind == "hawq" else _autoquant(b)
+        got = (_hawq(b) if kind == "hawq" else _hawq(b, "gauss-newton") if kind == "hawq_gn" else
+               _autoquant(b))
         st = b.state["alloc"]
         ctx = st["ctx"]
         a = B.allocation(ctx, st["quantized"], got["costs"], budget, kind)
@@ -257,6 +264,14 @@ def alloc_method(kind: str, budget: float):
             notes.append(f"tr(H_ii) from {how} on {got['samples']} calibration samples; "
                          f"{unstable} of {len(tr)} traces with SE > 10 % of the trace; {clamped} "
                          "non-positive trace(s) clamped to their SE")
+            row["traces"] = tr
+        elif kind == "hawq_gn":
+            tr = got["traces"]
+            unstable = sum(not v["stable"] for v in tr.values())
+            units = sorted({v["probes"] for v in tr.values()})
+            notes.append(f"tr(GGN_ii) (Gauss-Newton, labels drawn from the model) from {got['samples']} calibration "
+                         f"samples ({units[0]} independent units); {unstable} of {len(tr)} traces with SE > 10 % "
+                         f"of the trace; {sum(v['clamped'] for v in tr.values())} zero (the loss cannot see them)")
             row["traces"] = tr
         else:
             notes.append(f"scores from {got['samples']} calibration samples")
@@ -396,6 +411,8 @@ def _methods() -> list[Method]:
                       llc_method(qb + ["--objective", "fidelity"], cache="qdq_fid"), target="qdq", issue="9/15"),
                Method(f"hawq_{k}", f"HAWQ-V2 budget {bud:g}", "alloc", alloc_method("hawq", bud), target="qdq",
                       issue="9/14"),
+               Method(f"hawqgn_{k}", f"HAWQ-V2 (Gauss-Newton traces) budget {bud:g}", "alloc",
+                      alloc_method("hawq_gn", bud), target="qdq", issue="9"),
                Method(f"autoquant_{k}", f"AutoQuantize (ModelOpt score) budget {bud:g}", "alloc",
                       alloc_method("autoquant", bud), target="qdq", issue="9"),
                Method(f"cet_cost_{k}", f"CET cost allocation budget {bud:g}", "alloc",

@@ -241,6 +241,27 @@ def test_hawq_trace_converges_to_the_exact_trace(tmp_path):
     assert all(v > 0 for v in exact.values())
 
 
+def test_gauss_newton_traces_match_the_closed_form_of_the_last_layer(tmp_path):
+    """fc2 (logits = relu(y1)·W2 + b2) under cross-entropy: tr(GGN) = (1/N) Σ_s ‖r_s‖² (1 − ‖p_s‖²)."""
+    ctx, *_ = _mlp_context(tmp_path)
+    got = B.gauss_newton_traces(ctx)
+    n = ctx.calib.n_samples
+    f32 = torch.float32
+    w1, w2 = (torch.as_tensor(ctx.weight_array(x), dtype=f32) for x in ctx.nodes)
+    b1, b2 = (ctx.graph.params[k].detach().to(f32) for k in ("b1", "b2"))
+    exact = 0.0
+    for batch in ctx.calib.batches:
+        r = torch.relu(torch.as_tensor(batch.inputs["x"], dtype=f32) @ w1.T + b1).double()
+        p = torch.softmax((r @ w2.double() + b2.double()), dim=1)
+        exact += float(((r ** 2).sum(1) * (1 - (p ** 2).sum(1))).sum()) / n
+    t = got["fc2"]
+    assert abs(t["trace"] - exact) <= 4 * t["se"] and t["se"] <= 0.1 * exact, (t, exact)
+    for v in got.values():
+        assert v["probes"] == n and v["curvature"] == "gauss-newton" and v["sampled"]
+        assert v["trace"] > 0 and v["sensitivity"] == v["trace"] and not v["clamped"] and v["stable"]
+    assert got == B.gauss_newton_traces(ctx)          # labels drawn from a fixed seed: the same traces
+
+
 def test_sensitivity_is_never_free():
     got = B.sensitivities({"a": (5.0, 0.2), "b": (-0.3, 0.4), "c": (0.0, 0.0)}, probes=32)
     assert got["a"]["sensitivity"] == 5.0 and not got["a"]["clamped"] and got["a"]["stable"]

@@ -42,7 +42,7 @@ from .gradients import _feeds, _labels
 from .gram import ReductionView, input_rows, reduction_view
 from .losses import TaskLoss
 
-__all__ = ["SampleGradients", "sample_gradients"]
+__all__ = ["FisherTrace", "SampleGradients", "fisher_traces", "sample_gradients"]
 
 
 @dataclass
@@ -124,17 +124,13 @@ def _per_sample_depthwise(view: ReductionView, x: torch.Tensor, dy: torch.Tensor
     return g.reshape(b, -1)
 
 
-def sample_gradients(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
-                     nodes: Sequence[CompressibleNode], *, seed: int = 0,
-                     progress: Callable[[int], None] | None = None) -> dict[str, SampleGradients]:
-    """Every sample's ∇_W ℓ_s for each node of ``nodes`` over ``dataset`` (module doc): one forward and one
-    backward per batch for all the nodes. Memory: S · Σ n_i float32 for the result plus one batch's
-    activations (the caller groups nodes to bound it). Deterministic for a fixed ``seed``."""
+def _batch_gradients(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
+                     nodes: Sequence[CompressibleNode], seed: int):
+    """Per batch: (size, groups, loss terms, sampled, {node: [B, n] per-sample gradients in the graph's float type, or None
+    where the loss does not depend on the node}) — one forward and one backward per batch for all ``nodes``."""
     views = {n.name: reduction_view(model, n) for n in nodes}
     alphas = {n.name: (_gemm_alpha(model, n) if n.op_type == "Gemm" else 1.0) for n in nodes}
-    parts: dict[str, list[np.ndarray]] = {n.name: [] for n in nodes}
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    count, sampled = 0, True
     for batch in dataset.batches:
         zs: dict[str, torch.Tensor] = {}
         xs: dict[str, torch.Tensor] = {}
@@ -157,25 +153,91 @@ def sample_gradients(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset
             out = outs[loss.output]
             labels = _labels(batch, loss, graph.device)
             terms = loss.fisher_terms(out, labels, gen)
-            if terms is None:
-                sampled = False
-                terms = loss.terms(out, labels)
-            s, c = terms
+            sampled = terms is not None
+            s, c = terms if sampled else loss.terms(out, labels)
             want = [n.name for n in nodes if n.name in zs]
             grads = dict(zip(want, torch.autograd.grad(s, [zs[n] for n in want], allow_unused=True)))
-        count += int(c)
+        del outs, out, s, zs
         size = batch.size
-        for n in nodes:
-            g = grads.get(n.name)
-            if g is None:  # the loss does not depend on this node's output: zero curvature
+
+        def per_node():
+            for n in nodes:
+                g = grads.pop(n.name, None)
+                yield n, (None if g is None else _per_sample(n, views[n.name], xs.pop(n.name), g, size,
+                                                             alphas[n.name]))
+        yield size, batch.groups, int(c), sampled, per_node()
+        del xs, grads
+
+
+def sample_gradients(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
+                     nodes: Sequence[CompressibleNode], *, seed: int = 0,
+                     progress: Callable[[int], None] | None = None) -> dict[str, SampleGradients]:
+    """Every sample's ∇_W ℓ_s for each node of ``nodes`` over ``dataset`` (module doc): one forward and one
+    backward per batch for all the nodes. Memory: S · Σ n_i float32 for the result plus one batch's
+    activations (the caller groups nodes to bound it). Deterministic for a fixed ``seed``."""
+    parts: dict[str, list[np.ndarray]] = {n.name: [] for n in nodes}
+    count, sampled = 0, True
+    for size, _, c, samp, per_node in _batch_gradients(model, graph, dataset, loss, nodes, seed):
+        count += c
+        sampled = sampled and samp
+        for n, pg in per_node:
+            if pg is None:  # the loss does not depend on this node's output: zero curvature
                 parts[n.name].append(np.zeros((size, int(np.prod(n.weight_shape))), np.float32))
-                continue
-            pg = _per_sample(n, views[n.name], xs[n.name], g, size, alphas[n.name])
-            parts[n.name].append(pg.to(torch.float32).cpu().numpy())
-        del zs, xs, grads
+            else:
+                parts[n.name].append(pg.to(torch.float32).cpu().numpy())
         if progress:
             progress(1)
     if count == 0:
         raise LLCError("the curvature pass produced no loss terms (all labels ignored?); it needs labelled samples")
     return {n.name: SampleGradients(n.name, tuple(n.weight_shape), np.concatenate(parts[n.name]), count, sampled)
             for n in nodes}
+
+
+@dataclass
+class FisherTrace:
+    """tr(F_ii) = Σ_s ‖g_s‖² / N of one node (``sample_gradients``' block without its rows), with the standard
+    error of that mean over samples, √S · std_s(‖g_s‖²) / N (samples independent, or clusters of ``groups``
+    when the data has them: then the sum over each cluster is the unit). Every term is ≥ 0: never a negative
+    trace, and the error is the data's and the drawn labels' spread, not a probe's."""
+
+    node: str
+    trace: float
+    se: float
+    samples: int
+    count: int
+    sampled: bool
+
+
+def fisher_traces(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
+                  nodes: Sequence[CompressibleNode], *, seed: int = 0,
+                  progress: Callable[[int], None] | None = None) -> dict[str, FisherTrace]:
+    """The trace of every node's sampled Fisher block (module doc) in one forward and backward per batch for
+    all ``nodes`` at once: each sample's squared gradient norm is summed as soon as it is formed, so memory is
+    one batch's activations and one node's [B, n] gradients, whatever the number of nodes. The same numbers
+    as ``(rows ** 2).sum(1)`` of :func:`sample_gradients` with the same ``seed``."""
+    sq: dict[str, list[np.ndarray]] = {n.name: [] for n in nodes}
+    groups: list[np.ndarray] = []
+    count, sampled = 0, True
+    for size, ids, c, samp, per_node in _batch_gradients(model, graph, dataset, loss, nodes, seed):
+        count += c
+        sampled = sampled and samp
+        groups.append(ids)
+        for n, pg in per_node:
+            sq[n.name].append(np.zeros(size) if pg is None else
+                              pg.to(torch.float64).square().sum(dim=1).cpu().numpy())
+            del pg
+        if progress:
+            progress(1)
+    if count == 0:
+        raise LLCError("the curvature pass produced no loss terms (all labels ignored?); it needs labelled samples")
+    ids = np.concatenate(groups) if all(g is not None for g in groups) else None
+    out = {}
+    for n in nodes:
+        a = np.concatenate(sq[n.name])
+        if ids is not None:                  # clustered data: a cluster's sum is one independent unit
+            _, inv = np.unique(ids, return_inverse=True)
+            a = np.bincount(inv, weights=a)
+        m = a.size
+        se = float(math.sqrt(m) * a.std(ddof=1) / count) if m > 1 else float("nan")
+        out[n.name] = FisherTrace(n.name, float(a.sum() / count), se, m, count, sampled)
+    return out
