@@ -337,24 +337,26 @@ def hawq_traces(ctx, *, probes: int = 16, max_probes: int = 128, rel_se: float =
     return sensitivities(pooled, len(rounds) * probes, rel_se)
 
 
-def gauss_newton_traces(ctx, *, max_batches: int | None = None, rel_se: float = 0.1, seed: int = 0
-                        ) -> dict[str, dict]:
+def gauss_newton_traces(ctx, *, max_batches: int | None = None, draws: int = 1, rel_se: float = 0.1,
+                        seed: int = 0) -> dict[str, dict]:
     """Per node tr(GGN_ii) of the calibration loss (module doc) over the first ``max_batches`` calibration
-    batches (None: all), as :func:`sensitivities` reads it ("probes" = the independent units: samples, or
-    clusters of the data's ``groups``); a trace is 0 only where the loss cannot see the node."""
+    batches (None: all), each sample's squared gradient norm averaged over ``draws`` label draws, as
+    :func:`sensitivities` reads it ("probes" = the independent units: samples, or clusters of the data's
+    ``groups``); a trace is 0 only where the loss cannot see the node."""
     from llc_onnx.calib.data import Dataset
     from llc_onnx.calib.fisher import fisher_traces
 
     used = ctx.calib.batches if max_batches is None else ctx.calib.batches[:max_batches]
     t0 = time.perf_counter()
     got = fisher_traces(ctx.model, ctx.graph, Dataset(used, ctx.calib.source), ctx.loss, ctx.nodes, seed=seed,
-                        progress=lambda k: None)
-    print(f"[hawq] Gauss-Newton traces of {len(got)} nodes from {sum(b.size for b in used)} samples: "
+                        draws=draws)
+    print(f"[hawq] Gauss-Newton traces of {len(got)} nodes from {sum(b.size for b in used)} samples × {draws} "
+          "label draws: "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     out = sensitivities({n: (t.trace, t.se) for n, t in got.items()}, {n: t.samples for n, t in got.items()},
                         rel_se)
     for n, t in got.items():
-        out[n].update(curvature="gauss-newton", sampled=t.sampled)
+        out[n].update(curvature="gauss-newton", sampled=t.sampled, draws=t.draws)
     return out
 
 

@@ -67,6 +67,7 @@ class BenchModel:
     hutchinson_deflate: int = 0  # > 0: Lanczos steps per node counted exactly, deflated probes for the rest
     hessian_batches: int | None = 1  # calibration batches the Hessian traces use (None: all)
     gauss_newton_batches: int | None = None  # ... the Gauss-Newton traces (one pass each; None: all)
+    gauss_newton_draws: int = 1  # label draws per sample of the Gauss-Newton traces (fewer samples: more)
     quick_hessian_batches: int | None = 1
     score_batches: int | None = None  # calibration batches of the AutoQuantize scores (None: all)
     latency_rounds: int = 31  # interleaved latency rounds per batch size (bench.latency)
@@ -323,7 +324,7 @@ MODELS: dict[str, BenchModel] = {
         lambda: _smollm2_dir() / "held.npz", loss="lm", metric="ppl", batch_size=1, latency_batch=4,
         quick_calib=4, quick_held=4, measure_samples=1, quick_measure_samples=1,
         hutchinson_probes=8, hutchinson_max_probes=32, hessian_batches=1, quick_hessian_batches=1,
-        score_batches=4, latency_rounds=5, lowrank_args=["--rank-grid", "0.25,0.5,0.75"],
+        gauss_newton_draws=8, score_batches=4, latency_rounds=5, lowrank_args=["--rank-grid", "0.25,0.5,0.75"],
         notes=["calibration / test: 16 sequences x 256 tokens each from disjoint sets of plays "
                "(bench.prepare_text.split_plays, seed 0); validation: 4 of the 16 calibration sequences",
                "its FP32 weights are a de-quantized Q4_1 GGUF (every block of 32 along K sits on a 4-bit grid): "

@@ -211,7 +211,7 @@ def _hawq(b: Bench, curvature: str = "hessian") -> dict:
                                    deflate=b.m.hutchinson_deflate)
         else:
             mb = b.m.gauss_newton_batches
-            traces = B.gauss_newton_traces(ctx, max_batches=mb)
+            traces = B.gauss_newton_traces(ctx, max_batches=mb, draws=b.m.gauss_newton_draws)
         numel = {n.name: int(np.prod(n.weight_shape)) for n in ctx.nodes}
         costs = B.monotone(B.hawq_costs(st["quantized"], traces, numel), st["quantized"], ctx.nodes)
         used = ctx.calib.batches if mb is None else ctx.calib.batches[:mb]
@@ -269,8 +269,9 @@ def alloc_method(kind: str, budget: float):
             tr = got["traces"]
             unstable = sum(not v["stable"] for v in tr.values())
             units = sorted({v["probes"] for v in tr.values()})
-            notes.append(f"tr(GGN_ii) (Gauss-Newton, labels drawn from the model) from {got['samples']} calibration "
-                         f"samples ({units[0]} independent units); {unstable} of {len(tr)} traces with SE > 10 % "
+            draws = next(iter(tr.values()))["draws"]
+            notes.append(f"tr(GGN_ii) (Gauss-Newton, labels drawn from the model, {draws} draw(s) per sample) from "
+                         f"{got['samples']} calibration samples ({units[0]} independent units); {unstable} of {len(tr)} traces with SE > 10 % "
                          f"of the trace; {sum(v['clamped'] for v in tr.values())} zero (the loss cannot see them)")
             row["traces"] = tr
         else:

@@ -208,6 +208,11 @@ def test_fisher_traces_are_the_row_norms_of_sample_gradients_with_their_standard
         c = np.array([a[:5].sum(), a[5:10].sum(), a[10:].sum()])
         assert cl[n.name].samples == 3 and cl[n.name].trace == pytest.approx(got[n.name].trace, rel=1e-12)
         assert cl[n.name].se == pytest.approx(np.sqrt(3) * c.std(ddof=1) / 15, rel=1e-4)
+    # the data's labels (mse: no model-drawn labels) are the same every draw: one backward, the same numbers
+    mse, mds = make_loss("mse", "y"), _data("mse", sizes=(5, 4))
+    one = fisher_traces(model, graph, mds, mse, nodes, draws=1)
+    three = fisher_traces(model, graph, mds, mse, nodes, draws=3)
+    assert all(three[k].draws == 1 and not three[k].sampled and three[k].trace == one[k].trace for k in one)
 
 
 def _weight(graph, node, x) -> torch.Tensor:
@@ -235,6 +240,7 @@ def test_fisher_traces_estimate_the_gauss_newton_trace_of_every_node():
     x = np.repeat(base, 400, axis=0)
     ds = Dataset([Batch({"x": x[i:i + 400]}, np.zeros(400, np.int64)) for i in range(0, len(x), 400)], "rep")
     got = fisher_traces(model, graph, ds, loss, nodes, seed=7)
+    got4 = fisher_traces(model, graph, ds, loss, nodes, seed=7, draws=4)
     xt = torch.as_tensor(base)
     p = torch.softmax(graph.run({"x": xt}, outputs=["y"])[0]["y"], dim=1).numpy()
     for n in nodes:
@@ -254,3 +260,12 @@ def test_fisher_traces_estimate_the_gauss_newton_trace_of_every_node():
             continue
         assert abs(t.trace - exact) <= 4 * t.se, (n.name, t, exact)
         assert t.se <= 0.1 * exact, (n.name, t, exact)
+        t4 = got4[n.name]                      # four label draws per sample: the same trace
+        assert t4.draws == 4 and abs(t4.trace - exact) <= 4 * t4.se, (n.name, t4, exact)
+    # one input repeated: the whole spread is the drawn labels', so four draws per sample halve the SE
+    one = Dataset([Batch({"x": np.repeat(base[:1], 400, axis=0)}, np.zeros(400, np.int64))], "one")
+    s1 = fisher_traces(model, graph, one, loss, nodes, seed=7)
+    s4 = fisher_traces(model, graph, one, loss, nodes, seed=7, draws=4)
+    for n in nodes[:-1]:
+        assert 0.35 < s4[n.name].se / s1[n.name].se < 0.65, (n.name, s1[n.name], s4[n.name])
+        assert abs(s4[n.name].trace - s1[n.name].trace) <= 4 * s1[n.name].se
