@@ -17,7 +17,9 @@ output, per position), E_ŷ[∇ℓ_s ∇ℓ_sᵀ] is the generalised Gauss-Newto
 
 is an unbiased estimate of the Gauss-Newton approximation of the block H_ii of the mean loss (PSD: no
 negative curvature). A loss without ``fisher_terms`` (mse, user losses) uses the data's labels: the empirical
-Fisher, which is said in the result. Contract: a sample's loss depends only on that sample (no batch
+Fisher, which is said in the result. :func:`fisher_traces` keeps only each sample's ‖g_s‖² (tr F_ii without the
+rows: every node in one pass, a standard error over samples, optionally averaged over several label draws).
+Contract: a sample's loss depends only on that sample (no batch
 statistics), and the node's activation rows are sample-major (leading axis the batch); a node whose rows do
 not split evenly over the batch is an LLCError.
 """
