@@ -147,12 +147,15 @@ def test_fisher_eigenpairs_and_trace_are_exact_for_the_sampled_block(s, n):
     assert top.k == 2 and top.remainder == pytest.approx((np.trace(F) - lam[:2].sum()) / (n - 2), rel=1e-6)
 
 
-def test_fisher_curvature_groups_and_seed_do_not_change_the_numbers():
+def _setup(sizes):
+    """The model, its nodes, a float64 interpreter, cross-entropy, and a labelled dataset of batches ``sizes``."""
     model = _model()
     nodes, _ = find_compressible(model)
-    graph = TorchGraph(model, dtype=torch.float64)
-    loss = make_loss("ce", "y")
-    ds = _data("ce", sizes=(5, 5, 5))
+    return model, nodes, TorchGraph(model, dtype=torch.float64), make_loss("ce", "y"), _data("ce", sizes=sizes)
+
+
+def test_fisher_curvature_groups_and_seed_do_not_change_the_numbers():
+    model, nodes, graph, loss, ds = _setup((5, 5, 5))
     one = fisher_curvature(model, graph, ds, loss, nodes, k=4, seed=2)
     split = fisher_curvature(model, graph, ds, loss, nodes, k=4, seed=2, max_bytes=1)  # one group per node
     other = fisher_curvature(model, graph, ds, loss, nodes, k=4, seed=3)
@@ -186,11 +189,7 @@ def test_language_model_and_fidelity_losses_draw_labels_over_their_own_positions
 def test_fisher_traces_are_the_row_norms_of_sample_gradients_with_their_standard_error():
     from llc_onnx.calib.fisher import fisher_traces
 
-    model = _model()
-    nodes, _ = find_compressible(model)
-    graph = TorchGraph(model, dtype=torch.float64)
-    loss = make_loss("ce", "y")
-    ds = _data("ce", sizes=(5, 4, 6))
+    model, nodes, graph, loss, ds = _setup((5, 4, 6))
     rows = sample_gradients(model, graph, ds, loss, nodes, seed=4)
     got = fisher_traces(model, graph, ds, loss, nodes, seed=4)
     for n in nodes:
