@@ -21,9 +21,10 @@ rounds). Only the per-candidate cost differs:
   (``solvers.hessian.hutchinson_trace``: Rademacher probes, one over all nodes per sample as HAWQ-V2, or one
   per node where the model has few nodes; or ``deflated_trace``: per node, a Lanczos basis counted exactly and
   deflated probes for the rest, the same unbiased trace at a far lower variance) in rounds of probes
-  until every node's standard error is ≤ ``rel_se`` of its trace or ``max_probes`` is reached; a trace that is
-  still ≤ 0 then is **clamped** to its standard error (a curvature that cannot be told from zero counts as
-  one standard error, never as free noise). Weight noise only: activation quantizers are not seen.
+  until every node's standard error is ≤ ``rel_se`` of its trace or ``max_probes`` is reached; a trace below
+  its standard error then is **clamped** to it (a curvature that cannot be told from zero counts as one
+  standard error, whatever the sign of its estimate: never free, and a noisy small positive estimate is not
+  cheaper than a noisy negative one). Weight noise only: activation quantizers are not seen.
   Where H_ii is indefinite at the trained weights (MiniLM: traces near 0 against their spread, some clearly
   negative) no number of probes gives a stable positive trace, and HAWQ-V2's premise — a positive-definite
   block at a minimum — fails. :func:`gauss_newton_traces` then gives the same cost with tr(GGN_ii), the
@@ -362,13 +363,16 @@ def gauss_newton_traces(ctx, *, max_batches: int | None = None, draws: int = 1, 
 
 def sensitivities(pooled: dict[str, tuple[float, float]], probes, rel_se: float = 0.1) -> dict[str, dict]:
     """node -> {"trace", "se", "probes", "sensitivity", "clamped", "stable"} from pooled (trace, SE) and the
-    probes used (one count, or node -> count): the sensitivity is the trace, or — where the trace is ≤ 0 — its
-    standard error (at least 1e-12 × the largest trace), so no node's noise is ever free or rewarded."""
+    probes used (one count, or node -> count): the sensitivity is max(trace, SE) (at least 1e-12 × the largest
+    trace) — a trace that cannot be told from zero counts as one standard error, whether its estimate came out
+    positive or not, so no node's noise is free, and a noisy small positive estimate is not cheaper than a noisy
+    negative one. ``clamped``: the SE was used (trace < SE). A stable trace (SE ≤ ``rel_se`` × trace) is used
+    as is."""
     positive = [tr for tr, _ in pooled.values() if tr > 0]
     floor = 1e-12 * max(positive) if positive else 1e-12
     out = {}
     for n, (tr, se) in pooled.items():
-        clamped = tr <= 0
+        clamped = tr < se or tr <= 0
         out[n] = {"trace": tr, "se": se, "probes": probes[n] if isinstance(probes, dict) else probes,
                   "sensitivity": max(se, floor) if clamped else tr, "clamped": clamped,
                   "stable": se <= rel_se * abs(tr)}

@@ -263,7 +263,7 @@ def alloc_method(kind: str, budget: float):
                    f"{probes} Rademacher probes ({'one per node' if b.m.hutchinson_per_node else 'joint'})")
             notes.append(f"tr(H_ii) from {how} on {got['samples']} calibration samples; "
                          f"{unstable} of {len(tr)} traces with SE > 10 % of the trace; {clamped} "
-                         "non-positive trace(s) clamped to their SE")
+                         "trace(s) below their SE (≤ 0 or noisy) counted as their SE")
             row["traces"] = tr
         elif kind == "hawq_gn":
             tr = got["traces"]
@@ -272,7 +272,7 @@ def alloc_method(kind: str, budget: float):
             draws = next(iter(tr.values()))["draws"]
             notes.append(f"tr(GGN_ii) (Gauss-Newton, labels drawn from the model, {draws} draw(s) per sample) from "
                          f"{got['samples']} calibration samples ({units[0]} independent units); {unstable} of {len(tr)} traces with SE > 10 % "
-                         f"of the trace; {sum(v['clamped'] for v in tr.values())} zero (the loss cannot see them)")
+                         f"of the trace; {sum(v['clamped'] for v in tr.values())} below their SE, counted as their SE")
             row["traces"] = tr
         else:
             notes.append(f"scores from {got['samples']} calibration samples")

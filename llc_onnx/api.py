@@ -108,6 +108,7 @@ def _sweep_points(ctx, outcome) -> list[dict]:
 
 def _stage(ctx, outcome, tolerance: float):
     """(StageResult, chosen model, its validation Evaluation)."""
+    from .solvers.cost_model import plan_costs
     from .verify import select_plan
 
     crit = ctx.config.criterion
@@ -125,8 +126,10 @@ def _stage(ctx, outcome, tolerance: float):
     if outcome.notes is not None:
         ctx.notes.extend(outcome.notes(sel.choice))
     nodes = [NodeDecision.of(node, chosen[node.name]) for node in ctx.nodes]
+    # how much of the plan kept (not only the solver's first) rests on measured gains
+    costs = {**plan_costs(list(chosen.values()), outcome.settings.get("gain_credit", 1.0)), "plan": sel.trial.name}
     stage = StageResult(outcome.method, nodes, [c for g in outcome.table.groups.values() for c in g], sel.trials,
-                        sel.trial.name, sel.first_plan_passed, outcome.plan_costs, ctx.float_bytes(),
+                        sel.trial.name, sel.first_plan_passed, costs, ctx.float_bytes(),
                         sum(c.nbytes for c in chosen.values()), dict(ctx.timer.seconds), outcome.settings,
                         ctx.measurement_info(), outcome.cache, outcome.search, sweep, outcome.frontier)
     return stage, sel.model, sel.val

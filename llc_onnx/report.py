@@ -298,7 +298,8 @@ def print_optimize(result) -> None:
     for st in result.stages:
         pc = st.plan_costs
         if pc.get("gains"):
-            print_line(f"{st.method}: the solver's plan rests on measured gains of {pc['gains']:.3g} (credited "
+            print_line(f"{st.method}: the plan kept ({pc.get('plan', 'solver')}) rests on measured gains of "
+                       f"{pc['gains']:.3g} (credited "
                        f"{pc['credited_gains']:.3g}) against costs of {pc['costs']:.3g}")
         if st.cache:
             c = st.cache

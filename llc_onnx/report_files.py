@@ -202,7 +202,7 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
                      for p in st["plans"]]))
         out.append((f"{st['method']}: levels", ["level", "nodes"], [[k, v] for k, v in st["levels"].items()]))
         pc = st["plan_costs"]
-        out.append((f"{st['method']}: how much of the solver's plan rests on gains",
+        out.append((f"{st['method']}: how much of the plan kept ({pc.get('plan', 'solver')}) rests on gains",
                     ["summed costs", "summed gains", "gains credited", "predicted total"],
                     [[f"{pc['costs']:.4g}", f"{pc['gains']:.4g}", f"{pc['credited_gains']:.4g}",
                       f"{pc['predicted_total']:.4g}"]]))

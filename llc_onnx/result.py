@@ -88,7 +88,7 @@ class StageResult:
     trials: list[Trial]  # plans measured jointly on the validation split, in the order they were measured
     chosen_plan: str
     first_plan_passed: bool
-    plan_costs: dict
+    plan_costs: dict  # how much of the plan kept ("plan": its name) rests on measured gains
     reference_bytes: int
     compressed_bytes: int
     seconds: dict[str, float]

@@ -263,10 +263,14 @@ def test_gauss_newton_traces_match_the_closed_form_of_the_last_layer(tmp_path):
 
 
 def test_sensitivity_is_never_free():
-    got = B.sensitivities({"a": (5.0, 0.2), "b": (-0.3, 0.4), "c": (0.0, 0.0)}, probes=32)
+    got = B.sensitivities({"a": (5.0, 0.2), "b": (-0.3, 0.4), "c": (0.0, 0.0), "d": (0.1, 0.4), "e": (0.5, 0.4)},
+                          probes=32)
     assert got["a"]["sensitivity"] == 5.0 and not got["a"]["clamped"] and got["a"]["stable"]
     assert got["b"]["clamped"] and got["b"]["sensitivity"] == 0.4  # a negative trace counts as its SE
     assert got["c"]["clamped"] and 0 < got["c"]["sensitivity"] <= 1e-11
+    # a small positive trace below its SE counts as its SE too: not cheaper than the negative one
+    assert got["d"]["clamped"] and got["d"]["sensitivity"] == got["b"]["sensitivity"]
+    assert not got["e"]["clamped"] and got["e"]["sensitivity"] == 0.5 and not got["e"]["stable"]
     assert all(v["probes"] == 32 for v in got.values())
 
 

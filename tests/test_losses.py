@@ -252,3 +252,40 @@ def test_lm_unit_terms_and_topk_metrics_in_row_chunks_are_those_of_the_whole(mon
     assert loss.unit_terms(z, y) == whole
     m = loss.metrics(logits, labels)
     assert m["top1"] == (top1, int(valid.sum())) and m["top5"] == (top5, int(valid.sum()))
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 50, 40), -1), ((3, 40, 4, 5), 1)])
+def test_fidelity_kl_in_float64_chunks_equals_the_whole_and_keeps_no_float64_copy(monkeypatch, shape, axis):
+    """The fidelity KL works on row chunks of ≤ ``NLL_CHUNK_BYTES`` float64 scores like the 'lm' loss: the same
+    sum and gradient as one KL over all positions (the closed form, class axis anywhere), its per-position values
+    and standard-error units bit for bit, and under autograd no float64 copy kept for the backward."""
+    from llc_onnx.calib import losses as L
+    from llc_onnx.calib.losses import FidelityLoss
+
+    rng = np.random.default_rng(2)
+    out, teacher = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
+    loss = FidelityLoss("y", axis=axis)
+    lt = torch.log_softmax(torch.tensor(teacher).double(), dim=axis)
+    ls = torch.log_softmax(torch.tensor(out).double(), dim=axis)
+    ref = (lt.exp() * (lt - ls)).sum(dim=axis)                            # the KL as written in one piece
+    z = torch.tensor(out, requires_grad=True)
+    whole, n = loss.terms(z, torch.tensor(teacher))
+    (g_whole,) = torch.autograd.grad(whole, z)
+    assert n == ref.numel() and float(whole) == pytest.approx(float(ref.sum()), rel=1e-14)
+    units = loss.unit_terms(torch.tensor(out), torch.tensor(teacher))
+    monkeypatch.setattr(L, "NLL_CHUNK_BYTES", 8 * 40 * 7)                # 7 positions per chunk
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    z2 = torch.tensor(out, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        parts, n2 = loss.terms(z2, torch.tensor(teacher))
+    (g_parts,) = torch.autograd.grad(parts, z2)
+    assert n2 == n and float(parts) == pytest.approx(float(whole), rel=1e-13)
+    np.testing.assert_allclose(g_parts.numpy(), g_whole.numpy(), rtol=1e-6, atol=1e-12)
+    assert torch.float64 not in saved or axis == 1         # [B, C, H, W]: one piece, as before (bits kept)
+    assert torch.equal(loss.pointwise(torch.tensor(out), torch.tensor(teacher)), ref)
+    assert loss.unit_terms(torch.tensor(out), torch.tensor(teacher)) == units

@@ -138,3 +138,20 @@ def test_in_sample_and_adapted_notes(tmp_path, capsys):
                "--target", "qdq", "--bits", "8,float", "--allow-loss-increase"])
     out = capsys.readouterr().out
     assert rc == 0 and "fit and measure parts coincide" in out and "adapted to the calibration data" in out
+
+
+def test_the_gain_report_describes_the_plan_kept(tmp_path):
+    """How much of the plan rests on measured gains is reported for the plan that was kept (here a 0.3 budget:
+    whichever of the solver's plan, an alternative or a back-off round won), named, from its own candidates."""
+    from llc_onnx.solvers.cost_model import plan_costs
+
+    model, data = write_mlp_files(tmp_path, n=400)
+    res = llc_onnx.optimize(model, data, llc_onnx.OptimizeConfig(
+        target=llc_onnx.TargetConfig(name="qdq"), quant=llc_onnx.QuantConfig(bits=(2, 4, 8, "float"), budget=0.3)))
+    st = res.stages[0]
+    pc = st.plan_costs
+    assert pc["plan"] == st.chosen_plan
+    by_key = {(c.node, c.level): c for c in st.candidates}
+    kept = [by_key[(n.node, n.level)] for n in st.nodes]
+    expect = plan_costs(kept, st.settings["gain_credit"])
+    assert {k: v for k, v in pc.items() if k != "plan"} == expect

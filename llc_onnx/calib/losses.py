@@ -480,20 +480,68 @@ class FidelityLoss(TaskLoss):
             return torch.log(x.clamp_min(1e-12))
         return torch.log_softmax(x, dim=self.axis)
 
+    def _kl_rows(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """KL(softmax t ‖ softmax z) per row of [rows, classes] scores (or probabilities), float64."""
+        if self.probs:
+            lt, ls = torch.log(t.double().clamp_min(1e-12)), torch.log(z.double().clamp_min(1e-12))
+        else:
+            lt, ls = torch.log_softmax(t.double(), dim=-1), torch.log_softmax(z.double(), dim=-1)
+        return (lt.exp() * (lt - ls)).sum(dim=-1)
+
+    def _last(self, output) -> bool:
+        """Whether the class axis is the last one (a language model's [B, T, V], a classifier's [B, C]): then
+        positions are rows and KL runs in chunks; otherwise (e.g. [B, C, H, W]) in one piece, as before."""
+        return self.axis in (-1, output.dim() - 1)
+
+    def _rows(self, output, teacher) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Both outputs as [positions, classes] (class axis last; the positions in the order of
+        :meth:`pointwise`'s flattened result) and the row count of one float64 chunk of ``NLL_CHUNK_BYTES``."""
+        z = output.movedim(self.axis, -1)
+        c = z.shape[-1]
+        return (z.reshape(-1, c), teacher.movedim(self.axis, -1).reshape(-1, c),
+                max(1, NLL_CHUNK_BYTES // (8 * max(c, 1))))
+
     def pointwise(self, output, teacher) -> torch.Tensor:
-        """The loss per position: the class axis reduced (KL) or kept (mse), float64."""
+        """The loss per position: the class axis reduced (KL) or kept (mse), float64. With the class axis last,
+        KL runs in row chunks of ≤ ``NLL_CHUNK_BYTES`` of float64 scores (a language model's [T, V]: never all in
+        float64 at once); each position's value does not depend on the chunking."""
         output, teacher = _as_tensor(output), _as_tensor(teacher)
         self._check(output, teacher)
         if self.mode == "mse":
             d = output.double() - teacher.double()
             return d * d
-        lt, ls = self._logp(teacher), self._logp(output)
-        return (lt.exp() * (lt - ls)).sum(dim=self.axis)
+        if not self._last(output):
+            lt, ls = self._logp(teacher), self._logp(output)
+            return (lt.exp() * (lt - ls)).sum(dim=self.axis)
+        z, t, rows = self._rows(output, teacher)
+        shape = output.shape[:-1]
+        if z.shape[0] <= rows:
+            return self._kl_rows(z, t).reshape(shape)
+        return torch.cat([self._kl_rows(z[a:a + rows], t[a:a + rows])
+                          for a in range(0, z.shape[0], rows)]).reshape(shape)
 
     def terms(self, output, labels):
         _need_labels(labels, self)
-        p = self.pointwise(output, labels)
-        return p.sum(), int(p.numel())
+        output, labels = _as_tensor(output), _as_tensor(labels)
+        if self.mode == "mse" or not self._last(output):
+            p = self.pointwise(output, labels)
+            return p.sum(), int(p.numel())
+        self._check(output, labels)
+        z, t, rows = self._rows(output, labels)
+        if z.shape[0] <= rows:
+            return self._kl_rows(z, t).sum(), int(z.shape[0])
+        # under autograd each chunk's float64 copies and log-probabilities are made again in the backward
+        # (``interpreter.recompute``, as the 'lm' loss's :func:`_nll_sum`); chunk sums add up in a fixed order
+        from ..interpreter.recompute import recompute
+
+        grad = torch.is_grad_enabled() and z.requires_grad
+
+        def part(zc, tc):
+            return self._kl_rows(zc, tc).sum()
+
+        parts = [recompute(part, z[a:a + rows], t[a:a + rows]) if grad else part(z[a:a + rows], t[a:a + rows])
+                 for a in range(0, z.shape[0], rows)]
+        return torch.stack(parts).sum(), int(z.shape[0])
 
     def fisher_terms(self, output, labels, generator):
         """KL's Gauss-Newton matrix at the float point is the Fisher of the model's own distribution: the

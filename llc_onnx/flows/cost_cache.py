@@ -36,7 +36,7 @@ from ..memory import Spill, release
 from ..solvers.cost_model import Candidate
 from .context import FlowContext
 
-FORMAT = 3  # 3: the lm loss sums float64 chunks of logits (calib.losses._nll_sum)
+FORMAT = 4  # 3: the lm loss sums float64 chunks of logits (calib.losses._nll_sum); 4: so does the fidelity KL
 
 
 @dataclass
