@@ -155,3 +155,27 @@ def test_the_gain_report_describes_the_plan_kept(tmp_path):
     kept = [by_key[(n.node, n.level)] for n in st.nodes]
     expect = plan_costs(kept, st.settings["gain_credit"])
     assert {k: v for k, v in pc.items() if k != "plan"} == expect
+
+
+def test_the_summary_says_when_standard_errors_rest_on_few_or_shared_units():
+    """Few groups, few samples, or spans of one sequence: the note names the split, the count and the remedy;
+    enough independent units: no note."""
+    from llc_onnx.calib.noise import LossSamples
+    from llc_onnx.flows.context import se_units_note
+
+    few = LossSamples(np.ones(12), np.ones(12), np.repeat(np.arange(3), 4))
+    note = se_units_note(few, 12, "validation")
+    assert note.startswith("validation standard errors rest on 3 independent groups") and "\n" not in note
+    assert se_units_note(LossSamples(np.ones(5), np.ones(5)), 5, "validation").endswith("(at least 10 samples)")
+    spans = se_units_note(LossSamples(np.ones(16), np.full(16, 64.0)), 4, "validation")
+    assert "16 spans of 4 sequence(s)" in spans and "lower estimate" in spans
+    assert se_units_note(LossSamples(np.ones(40), np.ones(40), np.arange(40) // 2), 40, "validation") is None
+    assert se_units_note(LossSamples(np.ones(40), np.ones(40)), 40, "validation") is None
+    assert se_units_note(None, 40, "validation") is None
+
+
+def test_few_validation_groups_are_noted_in_the_result(tmp_path):
+    model, data, _, _ = grouped_data(tmp_path, n_groups=16, views=4)
+    res = llc_onnx.optimize(model, data, llc_onnx.OptimizeConfig(target=llc_onnx.TargetConfig(name="qdq"),
+                                                                  quant=llc_onnx.QuantConfig(bits=(8, "float"))))
+    assert any(n.startswith("validation standard errors rest on") and "groups" in n for n in res.notes), res.notes

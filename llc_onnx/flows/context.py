@@ -591,7 +591,34 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
     with timer.stage("baseline"), float_in:
         ctx.calib_fp = ctx.evaluate(float_in.source, calib, samples=True)
         ctx.val_fp = ctx.calib_fp if val_ds is calib else ctx.evaluate(float_in.source, val_ds, samples=True)
+    note = se_units_note(ctx.val_fp.samples, val_ds.n_samples, "validation")
+    if note:
+        ctx.notes.append(note)
     return ctx
+
+
+#: fewer independent units than this and a split's standard errors are called rough in the summary
+FEW_UNITS = 10
+
+
+def se_units_note(samples, n_samples: int, split: str) -> str | None:
+    """What the summary should say about the units a split's standard errors rest on (``calib.noise``): too few
+    of them (clusters of ``groups``, or samples), or spans of one sample (a language model's 64-token spans of
+    a few sequences: units that share context, so the SE they give is a lower estimate). None when neither."""
+    if samples is None:
+        return None
+    if samples.groups is not None:
+        k, what = len(np.unique(samples.groups)), "groups"
+    else:
+        k, what = len(samples.sums), "samples"
+        if k > n_samples:
+            return (f"{split} standard errors are over {k} spans of {n_samples} sequence(s): spans of one sequence "
+                    "share context, so the SE (back-off margins, the validation check) is a lower estimate; give "
+                    "more sequences, or a 'groups' id per document")
+    if k < FEW_UNITS:
+        return (f"{split} standard errors rest on {k} independent {what}: the back-off margins and checks are "
+                f"rough; give more data (at least {FEW_UNITS} {what})")
+    return None
 
 
 def _target(config: OptimizeConfig):
