@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import llc_onnx
 from _models import mlp, mlp_forward, save_npz, teacher_labels, torch_threads, write_mlp_files
@@ -179,3 +180,43 @@ def test_few_validation_groups_are_noted_in_the_result(tmp_path):
     res = llc_onnx.optimize(model, data, llc_onnx.OptimizeConfig(target=llc_onnx.TargetConfig(name="qdq"),
                                                                   quant=llc_onnx.QuantConfig(bits=(8, "float"))))
     assert any(n.startswith("validation standard errors rest on") and "groups" in n for n in res.notes), res.notes
+
+
+def test_fidelity_to_a_probability_output_compares_the_probabilities(tmp_path):
+    """A model ending in Softmax: the fidelity KL reads its output as a probability (log, no second softmax), so
+    the float model's test KL to itself is 0 and a compressed model's equals KL(p_float ‖ p) computed by hand."""
+    import onnx
+    from onnx import helper
+
+    from llc_onnx.calib.losses import FidelityLoss
+    from llc_onnx.config import OptimizeConfig, QuantConfig, TargetConfig
+    from llc_onnx.flows.context import create_context
+
+    model, w = mlp(0, 16, 32, 4)
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["p"], axis=1, name="softmax"))
+    model.graph.output[0].name = "p"
+    path = tmp_path / "softmax.onnx"
+    onnx.save_model(model, str(path))
+    x = np.random.default_rng(3).normal(size=(400, 16)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    ctx = create_context(str(path), str(tmp_path / "x.npz"),
+                         OptimizeConfig(target=TargetConfig(name="qdq"), quant=QuantConfig(bits=(8, "float"))))
+    assert isinstance(ctx.loss, FidelityLoss) and ctx.loss.probs
+    p = np.exp(mlp_forward(w, x[:5]))
+    p /= p.sum(1, keepdims=True)
+    q = np.roll(p, 1, axis=1)
+    kl = float((p * (np.log(p) - np.log(q))).sum())
+    s, n = ctx.loss.terms(torch.tensor(q), torch.tensor(p))
+    assert n == 5 and float(s) == pytest.approx(kl, rel=1e-9)
+    # no Softmax node to tell (Exp divided by its row sums): the teacher's values sum to 1, read the same way
+    exp_model, _ = mlp(0, 16, 32, 4)
+    exp_model.graph.node.extend([helper.make_node("Exp", ["logits"], ["e"]),
+                                 helper.make_node("ReduceSum", ["e"], ["s"], keepdims=1),
+                                 helper.make_node("Div", ["e", "s"], ["p"])])
+    exp_model.graph.output[0].name = "p"
+    exp_model.graph.node[-2].input.append("axes")
+    exp_model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    onnx.save_model(exp_model, str(tmp_path / "div.onnx"))
+    ctx2 = create_context(str(tmp_path / "div.onnx"), str(tmp_path / "x.npz"),
+                          OptimizeConfig(target=TargetConfig(name="qdq"), quant=QuantConfig(bits=(8, "float"))))
+    assert ctx2.loss.probs

@@ -42,7 +42,7 @@ import torch
 
 from ..calib.data import Dataset, fit_measure_split, load_dataset, split_dataset
 from ..calib.gradients import GradientPass, collect_gradients
-from ..calib.losses import TaskLoss, fidelity_loss_for, make_loss, teacher_dataset
+from ..calib.losses import TaskLoss, fidelity_loss_for, looks_like_probability, make_loss, teacher_dataset
 from ..calib.noise import LossSamples, measure, measure_base
 from ..compressible import CompressibleNode, find_compressible
 from ..config import OptimizeConfig
@@ -456,7 +456,7 @@ def _rank(model: onnx.ModelProto, output: str) -> int | None:
 def task_loss_for(model: onnx.ModelProto, config: OptimizeConfig, source: str = "model") -> TaskLoss:
     """The labelled loss ``criterion.loss`` (default: lm for LMs, else ce) on ``criterion.output``."""
     output = resolve_output(model, config.criterion.output, source)
-    return make_loss(config.criterion.loss or _default_loss_kind(model, output), output)
+    return make_loss(config.criterion.loss or _default_loss_kind(model, output), output, model=model)
 
 
 def _splits(data, model, config: OptimizeConfig, held, val) -> tuple[Dataset, Dataset, Dataset, list[str]]:
@@ -564,7 +564,8 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
             def run_float(inputs):
                 return ref.run([task.output], inputs)[0]
 
-            loss = fidelity_loss_for(task.name, task.output, _rank(prepared, task.output))
+            loss = fidelity_loss_for(task.name, task.output, _rank(prepared, task.output),
+                                     probs=getattr(task, "probabilities", None) is True)
             task_loss = task if test.has_labels else None
             task_test = test if test.has_labels else None
             val_is_calib = val_ds is calib
@@ -575,6 +576,9 @@ def create_context(model: onnx.ModelProto | str, data, config: OptimizeConfig, *
             val_ds = calib if val_is_calib else teacher_dataset(val_ds, run_float)
             test = teacher_dataset(test, run_float)
             del ref, run_float  # the teacher's session: not alive beside the baseline's
+            if loss.mode == "kl" and not loss.probs and loss.axis == 1 and fit.batches and \
+                    looks_like_probability(fit.batches[0].labels, axis=1):
+                loss.probs = True  # the output already sums to 1 (no Softmax node to tell): KL of its values
         graph, hold = interpreter_for(prepared, torch.float32, config.device.device)
     if fit is meas:
         notes.append("fit and measure parts coincide (one calibration batch): measured costs are in-sample; "
