@@ -220,3 +220,23 @@ def test_fidelity_to_a_probability_output_compares_the_probabilities(tmp_path):
     ctx2 = create_context(str(tmp_path / "div.onnx"), str(tmp_path / "x.npz"),
                           OptimizeConfig(target=TargetConfig(name="qdq"), quant=QuantConfig(bits=(8, "float"))))
     assert ctx2.loss.probs
+
+
+def test_a_group_across_batches_is_never_split_between_fit_and_measure():
+    """Batch-unit data (a directory or reader) is split by whole batches: a group in two batches that the
+    fit/measure split would separate is the same one-line error as for the other splits; groups kept inside
+    their batches split cleanly."""
+    from llc_onnx.calib.data import Batch, Dataset
+    from llc_onnx.errors import LLCError
+
+    def ds(groups_per_batch):
+        return Dataset([Batch({"x": np.zeros((len(g), 2), np.float32)}, np.zeros(len(g), np.int64),
+                              np.asarray(g, np.int64)) for g in groups_per_batch], "dir/")
+
+    with pytest.raises(LLCError, match=r"^dir/: group 1 has samples in several batches") as e:
+        fit_measure_split(ds([[0, 1], [1, 2], [3, 3], [4, 4]]), seed=0)
+    assert "\n" not in str(e.value)
+    fit, meas = fit_measure_split(ds([[0, 0], [1, 1], [2, 2], [3, 3]]), seed=0)
+    a = {int(g) for b in fit.batches for g in b.groups}
+    b = {int(g) for b in meas.batches for g in b.groups}
+    assert a and b and not a & b and a | b == {0, 1, 2, 3}

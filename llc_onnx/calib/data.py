@@ -566,18 +566,25 @@ def _sample_split(ds: Dataset, fraction: float, seed: int, part: str) -> tuple[D
     return out[0], out[1]
 
 
+def _groups_apart(ds: Dataset, a_idx, b_idx) -> None:
+    """A split of ``ds`` by whole batches into batch indices ``a_idx`` / ``b_idx`` must not put one group on both
+    sides (its samples are not independent): a one-line :class:`LLCError` naming the group when it does."""
+    if not ds.has_groups or not len(a_idx) or not len(b_idx):
+        return
+    a = set(np.concatenate([ds.batches[i].groups for i in a_idx]).tolist())
+    b = set(np.concatenate([ds.batches[i].groups for i in b_idx]).tolist())
+    if a & b:
+        raise LLCError(f"{ds.source}: group {min(a & b)} has samples in several batches, so a split by batch "
+                       "would put one group on both sides; keep each group in one batch file, or give the data "
+                       "as one .npz")
+
+
 def _batch_split(ds: Dataset, fraction: float, seed: int, part: str) -> tuple[Dataset, Dataset]:
     n = len(ds.batches)
     n_part = _split_counts(n, fraction, ds.source, "batch", part)
     perm = np.random.default_rng(seed).permutation(n)
     part_idx, rest_idx = np.sort(perm[:n_part]), np.sort(perm[n_part:])
-    if ds.has_groups:
-        a = set(np.concatenate([ds.batches[i].groups for i in part_idx]).tolist())
-        b = set(np.concatenate([ds.batches[i].groups for i in rest_idx]).tolist())
-        if a & b:
-            raise LLCError(f"{ds.source}: group {min(a & b)} has samples in several batches, so a split by batch "
-                           "would put one group on both sides; keep each group in one batch file, or give the data "
-                           "as one .npz")
+    _groups_apart(ds, part_idx, rest_idx)
     rest = Dataset([ds.batches[i] for i in rest_idx], ds.source, indices=ds.indices[rest_idx], unit="batch")
     held = Dataset([ds.batches[i] for i in part_idx], ds.source, indices=ds.indices[part_idx], unit="batch")
     return rest, held
@@ -604,8 +611,9 @@ def fit_measure_split(calib: Dataset, measure_samples: int | None = None, seed: 
     """(fit, measure) parts of the calibration split. Without groups: whole batches in a seeded random order go
     to the measure part — half of them, or as many as hold ``measure_samples`` samples — and the rest to the fit
     part (at least one batch each; both keep the source order). With groups (single-``.npz`` data): half the
-    groups (or enough to hold ``measure_samples``) by the same seeded rule, so no group is on both sides. A
-    one-batch split gives the same batch to both (in-sample)."""
+    groups (or enough to hold ``measure_samples``) by the same seeded rule, so no group is on both sides; whole
+    batches with groups that straddle two batches are an error, as in :func:`split_dataset`. A one-batch split
+    gives the same batch to both (in-sample)."""
     batches = calib.batches
     if len(batches) < 2:
         return calib, calib
@@ -630,6 +638,7 @@ def fit_measure_split(calib: Dataset, measure_samples: int | None = None, seed: 
             k += 1
         k = max(k, 1)
     chosen = set(order[:k].tolist())
+    _groups_apart(calib, sorted(chosen), [i for i in range(len(batches)) if i not in chosen])
     measure = Dataset(batches=[b for i, b in enumerate(batches) if i in chosen],
                       source=f"{calib.source} (measure part: {k} of {len(batches)} batches)")
     fit = Dataset(batches=[b for i, b in enumerate(batches) if i not in chosen],
