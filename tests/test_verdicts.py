@@ -240,3 +240,30 @@ def test_a_group_across_batches_is_never_split_between_fit_and_measure():
     a = {int(g) for b in fit.batches for g in b.groups}
     b = {int(g) for b in meas.batches for g in b.groups}
     assert a and b and not a & b and a | b == {0, 1, 2, 3}
+
+
+def test_an_explicit_validation_file_the_fallback_and_the_plans_measured(tmp_path):
+    """``val=`` is the validation split as given (the calibration split keeps everything the test split does not
+    take); too little data for a validation part falls back to the calibration data and says so; the plans
+    measured jointly start with the solver's, then the uniform levels smaller than it."""
+    model, data = write_mlp_files(tmp_path, n=400)
+    with np.load(data) as z:
+        np.savez(tmp_path / "val.npz", x=z["x"][:60], labels=z["labels"][:60])
+    cfg = llc_onnx.OptimizeConfig(target=llc_onnx.TargetConfig(name="qdq"),
+                                  quant=llc_onnx.QuantConfig(bits=(4, 8, "float")))
+    res = llc_onnx.optimize(model, data, cfg, val=str(tmp_path / "val.npz"))
+    v, c, t = res.splits["validation"], res.splits["calibration"], res.splits["test"]
+    assert v.n == 60 and "val.npz" in v.source and not v.extra["same_as_calibration"]
+    assert c.n + t.n == 400                      # nothing of --data went to validation
+    trials = res.stages[0].trials
+    assert trials[0].name == "solver"
+    # the alternatives are measured smallest first, while none of at most their size has passed: uniform int4
+    # (smaller than the solver's plan here) is always among them
+    small = [tr for tr in trials if tr.name == "uniform int4"]
+    assert small and small[0].nbytes < trials[0].nbytes
+    tiny = tmp_path / "tiny.npz"
+    with np.load(data) as z:
+        np.savez(tiny, x=z["x"][:6], labels=z["labels"][:6])
+    small = llc_onnx.optimize(model, str(tiny), cfg)
+    assert small.splits["validation"].extra["same_as_calibration"]
+    assert any(n.startswith("validation = calibration data") for n in small.notes)
