@@ -197,6 +197,22 @@ def test_ce_shape_error_on_a_sequence_output_points_to_a_custom_loss():
     assert "--loss module:function" in msg and "--loss lm" in msg and "\n" not in msg
 
 
+def _terms_with_saved(loss, values, labels):
+    """``loss.terms`` of float32 ``values`` under autograd: (sum, count, its gradient, the dtypes of every tensor
+    autograd saved for the backward)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    z = torch.tensor(values, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s, n = loss.terms(z, torch.tensor(labels))
+    (g,) = torch.autograd.grad(s, z)
+    return s, n, g, saved
+
+
 def test_lm_loss_in_float64_chunks_equals_the_whole_and_keeps_no_float64_copy(monkeypatch):
     """The 'lm' loss sums float64 chunks of rows (``NLL_CHUNK_BYTES``): the same value and gradient as one
     float64 cross-entropy over all rows, to float64 rounding, and under autograd no float64 copy of the logits is
@@ -212,16 +228,7 @@ def test_lm_loss_in_float64_chunks_equals_the_whole_and_keeps_no_float64_copy(mo
     whole, count = loss.terms(z, torch.tensor(labels))
     (g_whole,) = torch.autograd.grad(whole, z)
     monkeypatch.setattr(L, "NLL_CHUNK_BYTES", 8 * 40 * 7)  # 7 rows per chunk: 98 rows in 14 chunks
-    saved = []
-
-    def pack(t):
-        saved.append(t.dtype)
-        return t
-
-    z2 = torch.tensor(logits, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        parts, count2 = loss.terms(z2, torch.tensor(labels))
-    (g_parts,) = torch.autograd.grad(parts, z2)
+    parts, count2, g_parts, saved = _terms_with_saved(loss, logits, labels)
     assert count2 == count == 96
     assert float(parts.detach()) == pytest.approx(float(whole.detach()), rel=1e-13)
     np.testing.assert_allclose(g_parts.numpy(), g_whole.numpy(), rtol=1e-6, atol=1e-9)
@@ -274,16 +281,7 @@ def test_fidelity_kl_in_float64_chunks_equals_the_whole_and_keeps_no_float64_cop
     assert n == ref.numel() and float(whole) == pytest.approx(float(ref.sum()), rel=1e-14)
     units = loss.unit_terms(torch.tensor(out), torch.tensor(teacher))
     monkeypatch.setattr(L, "NLL_CHUNK_BYTES", 8 * 40 * 7)                # 7 positions per chunk
-    saved = []
-
-    def pack(t):
-        saved.append(t.dtype)
-        return t
-
-    z2 = torch.tensor(out, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        parts, n2 = loss.terms(z2, torch.tensor(teacher))
-    (g_parts,) = torch.autograd.grad(parts, z2)
+    parts, n2, g_parts, saved = _terms_with_saved(loss, out, teacher)
     assert n2 == n and float(parts) == pytest.approx(float(whole), rel=1e-13)
     np.testing.assert_allclose(g_parts.numpy(), g_whole.numpy(), rtol=1e-6, atol=1e-12)
     assert torch.float64 not in saved or axis == 1         # [B, C, H, W]: one piece, as before (bits kept)
