@@ -352,8 +352,7 @@ def gauss_newton_traces(ctx, *, max_batches: int | None = None, draws: int = 1, 
     got = fisher_traces(ctx.model, ctx.graph, Dataset(used, ctx.calib.source), ctx.loss, ctx.nodes, seed=seed,
                         draws=draws)
     print(f"[hawq] Gauss-Newton traces of {len(got)} nodes from {sum(b.size for b in used)} samples × {draws} "
-          "label draws: "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+          f"label draws: {time.perf_counter() - t0:.0f} s", flush=True)
     out = sensitivities({n: (t.trace, t.se) for n, t in got.items()}, {n: t.samples for n, t in got.items()},
                         rel_se)
     for n, t in got.items():

@@ -271,8 +271,9 @@ def alloc_method(kind: str, budget: float):
             units = sorted({v["probes"] for v in tr.values()})
             draws = next(iter(tr.values()))["draws"]
             notes.append(f"tr(GGN_ii) (Gauss-Newton, labels drawn from the model, {draws} draw(s) per sample) from "
-                         f"{got['samples']} calibration samples ({units[0]} independent units); {unstable} of {len(tr)} traces with SE > 10 % "
-                         f"of the trace; {sum(v['clamped'] for v in tr.values())} below their SE, counted as their SE")
+                         f"{got['samples']} calibration samples ({units[0]} independent units); {unstable} of "
+                         f"{len(tr)} traces with SE > 10 % of the trace; "
+                         f"{sum(v['clamped'] for v in tr.values())} below their SE, counted as their SE")
             row["traces"] = tr
         else:
             notes.append(f"scores from {got['samples']} calibration samples")

@@ -244,15 +244,14 @@ def test_fisher_traces_estimate_the_gauss_newton_trace_of_every_node():
     p = torch.softmax(graph.run({"x": xt}, outputs=["y"])[0]["y"], dim=1).numpy()
     for n in nodes:
         exact = 0.0
+        w = _weight(graph, n.name, xt[:1])
+        assert w.shape == tuple(n.weight_shape)
         for s in range(4):
             def f(w, s=s):
                 return graph.run({"x": xt[s:s + 1]}, weight_fns={n.name: lambda _w: w}, outputs=["y"])[0]["y"][0]
-            shape = tuple(n.weight_shape)
-            w = _weight(graph, n.name, xt[:1])
             J = torch.autograd.functional.jacobian(f, w).reshape(2, -1).numpy()
             A = np.diag(p[s]) - np.outer(p[s], p[s])
             exact += float(np.trace(J.T @ A @ J)) / 4
-            assert w.shape == shape
         t = got[n.name]
         if n.name == "depthwise_m2":   # adds the same value to both logits: softmax ignores it, no curvature
             assert exact < 1e-15 and t.trace < 1e-15

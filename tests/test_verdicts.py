@@ -184,7 +184,8 @@ def test_few_validation_groups_are_noted_in_the_result(tmp_path):
 
 def test_fidelity_to_a_probability_output_compares_the_probabilities(tmp_path):
     """A model ending in Softmax: the fidelity KL reads its output as a probability (log, no second softmax), so
-    the float model's test KL to itself is 0 and a compressed model's equals KL(p_float ‖ p) computed by hand."""
+    KL between two probability outputs equals KL(p ‖ q) computed by hand; an output that only sums to 1 (no
+    Softmax node) is read the same way."""
     import onnx
     from onnx import helper
 
@@ -264,6 +265,6 @@ def test_an_explicit_validation_file_the_fallback_and_the_plans_measured(tmp_pat
     tiny = tmp_path / "tiny.npz"
     with np.load(data) as z:
         np.savez(tiny, x=z["x"][:6], labels=z["labels"][:6])
-    small = llc_onnx.optimize(model, str(tiny), cfg)
-    assert small.splits["validation"].extra["same_as_calibration"]
-    assert any(n.startswith("validation = calibration data") for n in small.notes)
+    few = llc_onnx.optimize(model, str(tiny), cfg)
+    assert few.splits["validation"].extra["same_as_calibration"]
+    assert any(n.startswith("validation = calibration data") for n in few.notes)

@@ -129,9 +129,9 @@ def _per_sample_depthwise(view: ReductionView, x: torch.Tensor, dy: torch.Tensor
 def _batch_gradients(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, loss: TaskLoss,
                      nodes: Sequence[CompressibleNode], seed: int, draws: int = 1):
     """Per batch: (size, groups, loss terms, sampled, per-node iterator of (node, an iterator of one [B, n]
-    per-sample gradient per label draw, in the graph's float type, or None where the loss does not depend on the node)) — one forward
-    and ``draws`` backward passes per batch for all ``nodes`` (one draw when the loss has no model-drawn labels:
-    the data's labels are the same every time)."""
+    per-sample gradient per label draw in the graph's float type — or None where the loss does not depend on the
+    node)): one forward and ``draws`` backward passes per batch for all ``nodes`` (one draw when the loss has no
+    model-drawn labels: the data's labels are the same every time)."""
     views = {n.name: reduction_view(model, n) for n in nodes}
     alphas = {n.name: (_gemm_alpha(model, n) if n.op_type == "Gemm" else 1.0) for n in nodes}
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -243,13 +243,8 @@ def fisher_traces(model: onnx.ModelProto, graph: TorchGraph, dataset: Dataset, l
         sampled = sampled and samp
         groups.append(ids)
         for n, pgs in per_node:
-            acc = np.zeros(size)
-            k = 0
-            for pg in pgs or ():
-                acc += pg.to(torch.float64).square().sum(dim=1).cpu().numpy()
-                k += 1
-                del pg
-            sq[n.name].append(acc / max(k, 1))
+            norms = [pg.to(torch.float64).square().sum(dim=1).cpu().numpy() for pg in pgs or ()]  # one [B] a draw
+            sq[n.name].append(np.mean(norms, axis=0) if norms else np.zeros(size))
         if progress:
             progress(1)
     if count == 0:

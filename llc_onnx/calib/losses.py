@@ -163,8 +163,8 @@ class _ClassLoss(TaskLoss):
     @staticmethod
     def _topk(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray, k: int) -> float:
         """scores [N, C], labels [N]; number of valid rows whose label is among the k best scores."""
-        rows = max(1, NLL_CHUNK_BYTES // (8 * max(scores.shape[1], 1)))  # row chunks: a language model's
-        hits = 0                                                          # [T, V] index arrays not all at once
+        rows = _chunk_rows(scores.shape[1])  # row chunks: a language model's [T, V] index arrays not all at once
+        hits = 0
         for a in range(0, scores.shape[0], rows):
             s, y = scores[a:a + rows], labels[a:a + rows]
             if k == 1:
@@ -297,26 +297,34 @@ class CrossEntropyLoss(_ClassLoss):
 NLL_CHUNK_BYTES = 32 << 20
 
 
+def _chunk_rows(v: int) -> int:
+    """Rows of ``v`` classes in one float64 chunk of ``NLL_CHUNK_BYTES``."""
+    return max(1, NLL_CHUNK_BYTES // (8 * max(v, 1)))
+
+
+def _chunked_sum(part, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Σ over row chunks of ``part(z_chunk, t_chunk)`` (a float64 scalar), z [N, V] with ``_chunk_rows(V)`` rows
+    a chunk. Under autograd each chunk runs under ``interpreter.recompute``: its float64 copies are made again in
+    the backward instead of kept. The chunk sums add up in a fixed order (a result depends on the row count, not
+    the data)."""
+    rows = _chunk_rows(z.shape[1])
+    if z.shape[0] <= rows:
+        return part(z, t)
+    from ..interpreter.recompute import recompute
+
+    grad = torch.is_grad_enabled() and z.requires_grad
+    return torch.stack([recompute(part, z[a:a + rows], t[a:a + rows]) if grad else part(z[a:a + rows], t[a:a + rows])
+                        for a in range(0, z.shape[0], rows)]).sum()
+
+
 def _nll_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Σ_rows −log_softmax(float64(z))[y] (rows whose target is ``ignore_index`` skipped), float64, over row
-    chunks of ≤ ``NLL_CHUNK_BYTES`` of float64 logits: a language model's [T, V] logits (255 × 49,152 on SmolLM2:
-    0.1 GB in float64, 0.2 GB at the loss's peak) never exist in float64 all at once. Under autograd each chunk
-    runs under ``interpreter.recompute``: its float64 copy and log-probabilities are made again in the backward
-    instead of kept. The chunk sums add up in a fixed order (a result depends on the row count, not the data)."""
-    n, v = logits.shape
-    rows = max(1, NLL_CHUNK_BYTES // (8 * max(v, 1)))
-
+    chunks of ≤ ``NLL_CHUNK_BYTES`` of float64 logits (:func:`_chunked_sum`): a language model's [T, V] logits
+    (255 × 49,152 on SmolLM2: 0.1 GB in float64, 0.2 GB at the loss's peak) never exist in float64 all at once."""
     def part(z, t):
         return torch.nn.functional.cross_entropy(z.double(), t, reduction="sum", ignore_index=ignore_index)
 
-    if n <= rows:
-        return part(logits, target)
-    from ..interpreter.recompute import recompute
-
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    parts = [recompute(part, logits[a:a + rows], target[a:a + rows]) if grad
-             else part(logits[a:a + rows], target[a:a + rows]) for a in range(0, n, rows)]
-    return torch.stack(parts).sum()
+    return _chunked_sum(part, logits, target)
 
 
 def _nll_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -324,7 +332,7 @@ def _nll_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> 
     chunks of ≤ ``NLL_CHUNK_BYTES`` of float64 logits like :func:`_nll_sum` (each row's value does not depend on
     the chunking); no autograd."""
     n, v = logits.shape
-    rows = max(1, NLL_CHUNK_BYTES // (8 * max(v, 1)))
+    rows = _chunk_rows(v)
     out = torch.empty(n, dtype=torch.float64)
     with torch.no_grad():
         for a in range(0, n, rows):
@@ -474,32 +482,24 @@ class FidelityLoss(TaskLoss):
             raise LLCError(f"output '{self.output}': shape {tuple(output.shape)} differs from the float model's "
                            f"{tuple(teacher.shape)} on the same inputs; the fidelity loss compares the two")
 
-    def _logp(self, x):
+    def _logp(self, x, dim: int | None = None):
         x = x.double()
         if self.probs:
             return torch.log(x.clamp_min(1e-12))
-        return torch.log_softmax(x, dim=self.axis)
+        return torch.log_softmax(x, dim=self.axis if dim is None else dim)
 
-    def _kl_rows(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """KL(softmax t ‖ softmax z) per row of [rows, classes] scores (or probabilities), float64."""
-        if self.probs:
-            lt, ls = torch.log(t.double().clamp_min(1e-12)), torch.log(z.double().clamp_min(1e-12))
-        else:
-            lt, ls = torch.log_softmax(t.double(), dim=-1), torch.log_softmax(z.double(), dim=-1)
-        return (lt.exp() * (lt - ls)).sum(dim=-1)
+    def _kl(self, teacher: torch.Tensor, output: torch.Tensor, dim: int) -> torch.Tensor:
+        """KL(p_teacher ‖ p_output) over axis ``dim``, float64."""
+        lt, ls = self._logp(teacher, dim), self._logp(output, dim)
+        return (lt.exp() * (lt - ls)).sum(dim=dim)
 
-    def _last(self, output) -> bool:
-        """Whether the class axis is the last one (a language model's [B, T, V], a classifier's [B, C]): then
-        positions are rows and KL runs in chunks; otherwise (e.g. [B, C, H, W]) in one piece, as before."""
-        return self.axis in (-1, output.dim() - 1)
-
-    def _rows(self, output, teacher) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Both outputs as [positions, classes] (class axis last; the positions in the order of
-        :meth:`pointwise`'s flattened result) and the row count of one float64 chunk of ``NLL_CHUNK_BYTES``."""
-        z = output.movedim(self.axis, -1)
-        c = z.shape[-1]
-        return (z.reshape(-1, c), teacher.movedim(self.axis, -1).reshape(-1, c),
-                max(1, NLL_CHUNK_BYTES // (8 * max(c, 1))))
+    def _rows(self, output, teacher) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Both outputs as [positions, classes] when the class axis is the last one (a language model's [B, T, V],
+        a classifier's [B, C]): KL then runs in row chunks; None otherwise (e.g. [B, C, H, W]: one piece)."""
+        if self.axis not in (-1, output.dim() - 1):
+            return None
+        c = output.shape[-1]
+        return output.reshape(-1, c), teacher.reshape(-1, c)
 
     def pointwise(self, output, teacher) -> torch.Tensor:
         """The loss per position: the class axis reduced (KL) or kept (mse), float64. With the class axis last,
@@ -510,38 +510,24 @@ class FidelityLoss(TaskLoss):
         if self.mode == "mse":
             d = output.double() - teacher.double()
             return d * d
-        if not self._last(output):
-            lt, ls = self._logp(teacher), self._logp(output)
-            return (lt.exp() * (lt - ls)).sum(dim=self.axis)
-        z, t, rows = self._rows(output, teacher)
-        shape = output.shape[:-1]
-        if z.shape[0] <= rows:
-            return self._kl_rows(z, t).reshape(shape)
-        return torch.cat([self._kl_rows(z[a:a + rows], t[a:a + rows])
-                          for a in range(0, z.shape[0], rows)]).reshape(shape)
+        rows = self._rows(output, teacher)
+        if rows is None:
+            return self._kl(teacher, output, self.axis)
+        z, t = rows
+        r = _chunk_rows(z.shape[1])
+        return torch.cat([self._kl(t[a:a + r], z[a:a + r], -1) for a in range(0, z.shape[0], r)]
+                         ).reshape(output.shape[:-1])
 
     def terms(self, output, labels):
         _need_labels(labels, self)
         output, labels = _as_tensor(output), _as_tensor(labels)
-        if self.mode == "mse" or not self._last(output):
+        rows = None if self.mode == "mse" else self._rows(output, labels)
+        if rows is None:
             p = self.pointwise(output, labels)
             return p.sum(), int(p.numel())
         self._check(output, labels)
-        z, t, rows = self._rows(output, labels)
-        if z.shape[0] <= rows:
-            return self._kl_rows(z, t).sum(), int(z.shape[0])
-        # under autograd each chunk's float64 copies and log-probabilities are made again in the backward
-        # (``interpreter.recompute``, as the 'lm' loss's :func:`_nll_sum`); chunk sums add up in a fixed order
-        from ..interpreter.recompute import recompute
-
-        grad = torch.is_grad_enabled() and z.requires_grad
-
-        def part(zc, tc):
-            return self._kl_rows(zc, tc).sum()
-
-        parts = [recompute(part, z[a:a + rows], t[a:a + rows]) if grad else part(z[a:a + rows], t[a:a + rows])
-                 for a in range(0, z.shape[0], rows)]
-        return torch.stack(parts).sum(), int(z.shape[0])
+        z, t = rows
+        return _chunked_sum(lambda zc, tc: self._kl(tc, zc, -1).sum(), z, t), int(z.shape[0])
 
     def fisher_terms(self, output, labels, generator):
         """KL's Gauss-Newton matrix at the float point is the Fisher of the model's own distribution: the

@@ -30,7 +30,7 @@ from ..config import CriterionConfig, LowRankConfig
 from ..errors import LLCError
 from ..passes.lowrank import apply_lowrank
 from ..solvers import knapsack
-from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
+from ..solvers.cost_model import Candidate, CostTable, classify
 from ..solvers.rank_search import NodeSVD, from_matrix, matrix_view, useful_ranks
 from .context import FlowContext, float_itemsize
 from .outcome import MethodOutcome
@@ -219,5 +219,4 @@ def run(ctx: FlowContext) -> MethodOutcome:
         return ctx.complete(apply_lowrank(ctx.model, ranks.factors({n: ladders[n][i] for n, i in ch.items()})))
 
     settings = {"mode": cfg.mode, "gamma": cfg.gamma, "gamma_relative": cfg.gamma_relative}
-    return MethodOutcome("lowrank", table, ladders, [("solver", choice)], build, None, settings,
-                         plan_costs([ladders[n][i] for n, i in choice.items()], 1.0), search=search)
+    return MethodOutcome("lowrank", table, ladders, [("solver", choice)], build, None, settings, search=search)

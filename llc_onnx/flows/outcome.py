@@ -20,7 +20,6 @@ class MethodOutcome:
     build: Callable[[dict[str, int]], onnx.ModelProto]
     max_bytes: int | None  # a byte budget back-off may not exceed
     settings: dict  # what the report lists under the method's settings
-    plan_costs: dict  # how much of the solver's first plan rests on gains (solvers.cost_model.plan_costs)
     cache: dict | None = None  # {"entry", "hit", "seconds"} with a cache directory
     search: list[dict] = field(default_factory=list)  # low-rank: the global search on calibration
     sweep: list[tuple[float, dict[str, int] | None, str | None]] = field(default_factory=list)  # (budget, plan, note)

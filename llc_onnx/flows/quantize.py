@@ -44,7 +44,7 @@ from ..config import QuantConfig
 from ..errors import LLCError
 from ..quant import ActivationQuant, activation_scale
 from ..solvers import knapsack
-from ..solvers.cost_model import Candidate, CostTable, classify, plan_costs
+from ..solvers.cost_model import Candidate, CostTable, classify
 from ..targets.base import Format, NodePlan, input_hook, output_hook
 from ..memory import Spill, drop, drop_mapped_pages, release
 from .context import SPILL_BYTES, FlowContext
@@ -574,7 +574,6 @@ def run(ctx: FlowContext) -> MethodOutcome:
         budget = budget_bytes(cfg, ctx)
         lat_budget = lat_info["budget_ms"] if lat_info else None
         first = solver.solve(budget, crit.gain_credit, lat_budget)
-        first_costs = plan_costs([solver.ladders[n][i] for n, i in first.items()], crit.gain_credit)
         strict = solver.solve(budget, 0.0, lat_budget) if crit.gain_credit > 0 else None
         frontier = solver.frontier(crit.gain_credit)
     with ctx.timer.stage("joint"):
@@ -619,6 +618,6 @@ def run(ctx: FlowContext) -> MethodOutcome:
                 "max_node_cost": solver.bound, "refused": formats.refused(), "latency": lat_info,
                 "formats": {n: [f.name for f in o.formats] for n, o in formats.offers.items()},
                 "rounding_per_level": per_level, "joint": joint, "curvature": rounder.curvature_info}
-    return MethodOutcome("+".join(families(ctx)), table, ladders, plans, build, budget, settings, first_costs,
+    return MethodOutcome("+".join(families(ctx)), table, ladders, plans, build, budget, settings,
                          cache=cache, sweep=sweep, frontier=frontier,
                          notes=lambda ch: rewrite_notes.get(tuple(sorted(ch.items())), []))
