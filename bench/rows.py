@@ -380,6 +380,8 @@ def _methods() -> list[Method]:
                   llc_at_row_size("ort_w4_default_b32", cpu, cache="cpu"), issue="15", latency=True),
            Method("llc_cpu_lat50", "llc ort-cpu latency budget 0.5", "llc",
                   llc_method(cpu + ["--latency-budget", "0.5"], cache="cpu"), issue="12", latency=True),
+           Method("llc_cpu_lat66", "llc ort-cpu lossless, latency budget 0.66 (1.5× throughput)", "llc",
+                  llc_method(cpu + ["--latency-budget", "0.66"], cache="cpu"), issue="12", latency=True),
            Method("llc_cpu_fid_lossless", "llc ort-cpu lossless, fidelity objective", "llc",
                   llc_method(cpu + ["--objective", "fidelity"], cache="cpu_fid"), issue="9", latency=True),
            Method("llc_cpu_fid_at_ortw4", "llc ort-cpu at ORT 4-bit b32's size, fidelity objective", "llc",

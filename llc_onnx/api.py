@@ -257,6 +257,13 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
                          + ", ".join(f"{v:.2f}x at batch {b}" for b, v in slower.items())
                          + "): smaller, not faster; --latency-budget 1.0 bounds the predicted latency by the float "
                            "model's (choices then depend on timings on this machine)")
+        budget = config.target.latency_budget
+        lat_batch = next(iter(target["latency"]), None)   # the calibration batch's row comes first
+        speed = target["latency"].get(lat_batch, {}).get("speedup") if lat_batch else None
+        if budget is not None and speed and 1.0 / speed > budget:
+            notes.append(f"the kept plan ran {1.0 / speed:.2f}× the float model's latency at batch {lat_batch} here, "
+                         f"over the latency budget {budget:g} (validation back-off raised nodes to finer formats, "
+                         "or the timing moved between the fit and this measurement)")
         seconds["latency"] = first.timer.seconds["latency"]
     cur_in.close()
     ref_in.close()

@@ -290,6 +290,15 @@ def print_optimize(result) -> None:
         for b, row in lat.items():
             lt.add_row(b, row["float_ms"], row["compressed_ms"], f"{row['speedup']:.2f}x", row.get("predicted_ms"))
         tables.append(lt)
+    for st in result.stages:
+        fit = (st.settings.get("latency") or {}) if isinstance(st.settings, dict) else {}
+        if fit.get("measured"):
+            ft = Summary(f"latency budget {fit['budget_fraction']:g}: plans timed against the float model at batch "
+                         f"{fit['batch']} (fastest of interleaved rounds)", ["round", "nodes moved to fastest",
+                                                                              "× float latency"])
+            for row in fit["measured"]:
+                ft.add_row(row["round"], len(row["moved"]), f"{row['fraction']:.3f}")
+            tables.append(ft)
     sec = Summary("time per stage (s)", ["stage", "seconds"])
     for k, v in result.seconds.items():
         sec.add_row(k, round(v, 2))

@@ -477,7 +477,12 @@ def joint_resolve(ctx: FlowContext, solver: "Solver", formats: Formats, rounder:
         for c in movers:  # the candidates are the table's own objects: the penalty stays for later solves
             c.cost += gap * ((abs(c.predicted) / weight) if weight != len(movers) or any(c.predicted for c in movers)
                              else 1.0 / len(movers))
-        new = solver.solve(budget, gain_credit, lat_budget)
+        try:
+            new = solver.solve(budget, gain_credit, lat_budget)
+        except LLCError:
+            if lat_budget is None:
+                raise
+            break  # the penalised costs leave no lossless plan within the predicted latency: keep this one
         if tuple(sorted(new.items())) in seen:
             break
         choice = new
@@ -573,19 +578,31 @@ def run(ctx: FlowContext) -> MethodOutcome:
         solver = Solver(ctx, table, formats, latency)
         budget = budget_bytes(cfg, ctx)
         lat_budget = lat_info["budget_ms"] if lat_info else None
-        first = solver.solve(budget, crit.gain_credit, lat_budget)
-        strict = solver.solve(budget, 0.0, lat_budget) if crit.gain_credit > 0 else None
+        try:
+            first = solver.solve(budget, crit.gain_credit, lat_budget)
+        except LLCError as exc:
+            if lat_budget is None or not str(exc).startswith("latency budget"):
+                raise
+            # the one-unit sum over-counts a whole-integer model's boundaries: start from the plan without the
+            # latency constraint, the measured fit below meets it (flows.latency)
+            lat_info["predicted_infeasible"] = str(exc)
+            lat_budget = None
+            first = solver.solve(budget, crit.gain_credit, lat_budget)
+        strict = solver.solve(budget, 0.0, lat_budget) if crit.gain_credit > 0 and lat_info is None else None
         frontier = solver.frontier(crit.gain_credit)
     with ctx.timer.stage("joint"):
         primary, joint = joint_resolve(ctx, solver, formats, rounder, budget, crit.gain_credit, lat_budget, memo)
     for key, (codes, _) in memo.items():  # the builds below read codes and scales: drop the float weights
         memo[key] = (codes, None)
     plans = [("solver", primary)]
-    if primary != first:
+    if lat_info is not None:
+        # only the plan timed within the budget (the measured fit below) goes to validation
+        plans = []
+    elif primary != first:
         plans.append(("solver before joint re-solve", first))
-    if strict is not None:
+    if strict is not None and lat_info is None:
         plans.append(("solver, gains not credited", strict))
-    if lat_budget is None:
+    if lat_info is None:
         if "quant" in families(ctx):
             plans += solver.uniform_plans(cfg.levels())
         if "series" in families(ctx) and budget is not None:
@@ -607,6 +624,15 @@ def run(ctx: FlowContext) -> MethodOutcome:
         rewrite_notes[tuple(sorted(ch.items()))] = [f"node '{n}': {note}" for n, note in rw.notes]
         return ctx.complete(rw.model)  # (written from the structure while the weights are held)
 
+    if lat_info is not None:
+        from .latency import fastest_levels, fit_measured, plan_fraction, unit_fastest_levels
+
+        with ctx.timer.stage("latency"):
+            fitted, rows = fit_measured(ladders, primary, fastest_levels(ladders, latency), plan_fraction(
+                ctx, build, lat_info["batch"]), ctx.config.target.latency_budget, batch=lat_info["batch"],
+                unit_fastest=unit_fastest_levels(ladders, latency))
+        lat_info["measured"] = rows
+        plans = [("solver" if fitted == primary else f"solver, latency round {rows[-1]['round']}", fitted)]
     sweep = []
     for frac in cfg.sweep:
         try:
