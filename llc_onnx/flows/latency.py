@@ -156,13 +156,16 @@ def unit_fastest_levels(ladders: Mapping[str, list], latency: Callable[[str, str
             for n, ladder in ladders.items()}
 
 
-def plan_fraction(ctx, build: Callable[[dict[str, int]], object], batch: str,
+def plan_fraction(ctx, build: Callable[[dict[str, int]], object], batch: str, ladders: Mapping[str, list],
                   rounds: int = FIT_TIMING_ROUNDS) -> Callable[[dict[str, int]], float]:
     """``measure`` for :func:`fit_measured`: the plan written and timed against the float model, interleaved,
-    in the target's session at ``batch`` (the fastest round of each)."""
+    in the target's session at ``batch`` (the fastest round of each). The all-float plan is the float model:
+    1 by definition, not timed (a timing of it is 1 ± noise)."""
     feeds = feeds_at(ctx)[batch]
 
     def measure(choice: dict[str, int]) -> float:
+        if all(ladders[n][i].reference for n, i in choice.items()):
+            return 1.0
         ctx.restore_weights()
         t = measure_end_to_end(ctx.target, ctx.model, feeds, threads=ctx.config.device.threads, rounds=rounds,
                                others={"plan": build(choice)})

@@ -629,7 +629,7 @@ def run(ctx: FlowContext) -> MethodOutcome:
 
         with ctx.timer.stage("latency"):
             fitted, rows = fit_measured(ladders, primary, fastest_levels(ladders, latency), plan_fraction(
-                ctx, build, lat_info["batch"]), ctx.config.target.latency_budget, batch=lat_info["batch"],
+                ctx, build, lat_info["batch"], ladders), ctx.config.target.latency_budget, batch=lat_info["batch"],
                 unit_fastest=unit_fastest_levels(ladders, latency))
         lat_info["measured"] = rows
         plans = [("solver" if fitted == primary else f"solver, latency round {rows[-1]['round']}", fitted)]
