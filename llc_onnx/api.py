@@ -116,7 +116,7 @@ def _stage(ctx, outcome, tolerance: float):
                                                         len(outcome.plans) + crit.max_rounds) as advance:
         sel = select_plan(outcome.build, outcome.ladders, outcome.plans,
                           lambda m: ctx.evaluate(m, ctx.val, samples=True), ctx.val_fp, tolerance, crit.max_rounds,
-                          outcome.max_bytes, advance, crit.margin_z)
+                          outcome.max_bytes, advance, crit.margin_z, outcome.admissible)
         release()  # the plans' models and sessions are gone: give their memory back before the next stage
     sweep = []
     if outcome.sweep:

@@ -95,9 +95,14 @@ def contribution(c: Candidate, margin_z: float = 0.0) -> float:
     return 0.0
 
 
-def _raise_nodes(ladders, choice, k: int, max_bytes: int | None) -> list[str]:
-    """Move the k nodes with the largest m + 3·SE one step up (in place); the names raised."""
-    below_top = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
+def _raise_nodes(ladders, choice, k: int, max_bytes: int | None,
+                 admissible: Callable[[dict[str, int]], bool] | None = None, pinned: set | None = None) -> list[str]:
+    """Move the k nodes with the largest m + 3·SE one step up (in place); the names raised. With
+    ``admissible`` (a latency budget) the k raised together must keep the plan admissible; when they do not,
+    the nodes are tried one at a time in the same order and a node whose raise alone breaks it is pinned
+    (``pinned``, kept across rounds)."""
+    pinned = pinned if pinned is not None else set()
+    below_top = [n for n, i in choice.items() if i < len(ladders[n]) - 1 and n not in pinned]
     below_top.sort(key=lambda n: (-contribution(ladders[n][choice[n]], BACKOFF_Z), n))
     raised, size = [], plan_bytes(ladders, choice)
     for n in below_top:
@@ -109,16 +114,35 @@ def _raise_nodes(ladders, choice, k: int, max_bytes: int | None) -> list[str]:
         raised.append(n)
         if len(raised) == k:
             break
-    return raised
+    if admissible is None or not raised or admissible(choice):
+        return raised
+    for n in raised:                                   # together they break the budget: one at a time
+        choice[n] -= 1
+    kept: list[str] = []
+    for n in below_top:
+        if len(kept) == k:
+            break
+        grow = ladders[n][choice[n] + 1].nbytes - ladders[n][choice[n]].nbytes
+        if max_bytes is not None and plan_bytes(ladders, choice) + grow > max_bytes:
+            continue
+        choice[n] += 1
+        if admissible(choice):
+            kept.append(n)
+        else:
+            choice[n] -= 1
+            pinned.add(n)
+    return kept
 
 
 def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dict[str, list[Candidate]],
                 plans: list[tuple[str, dict[str, int]]], evaluate: Callable[[onnx.ModelProto | str], Evaluation],
                 reference: Evaluation, tolerance: float = 0.0, max_rounds: int = 8,
-                max_bytes: int | None = None, progress: Advance | None = None, margin_z: float = 0.0) -> Selection:
+                max_bytes: int | None = None, progress: Advance | None = None, margin_z: float = 0.0,
+                admissible: Callable[[dict[str, int]], bool] | None = None) -> Selection:
     """Measure ``plans`` (the first is the solver's) jointly with ``evaluate`` (validation split, target
     session; Evaluations with per-unit ``samples`` when ``margin_z`` > 0), back off from the first when none
-    passes, keep the best (module doc)."""
+    passes, keep the best (module doc). ``admissible``: back-off raises only nodes whose raise keeps the plan
+    admissible (a latency budget, timed: :func:`_raise_nodes`)."""
     trials: list[Trial] = []
     # the best trial so far and its evaluation; its model is built again at the end (builds are deterministic
     # and reuse the quantized codes): no plan's model is held while the next one is built and measured
@@ -167,8 +191,9 @@ def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dic
         choice = dict(solver[1])
         movable = [n for n, i in choice.items() if i < len(ladders[n]) - 1]
         k = max(1, math.ceil(len(movable) / max(max_rounds, 1)))
+        pinned: set[str] = set()
         for r in range(1, max_rounds + 1):
-            raised = _raise_nodes(ladders, choice, k, max_bytes)
+            raised = _raise_nodes(ladders, choice, k, max_bytes, admissible, pinned)
             if not raised:
                 break
             if run(f"back-off round {r}", choice, raised).passed:

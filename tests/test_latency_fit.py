@@ -119,3 +119,31 @@ def test_optimize_with_a_latency_budget_times_the_plan():
                          criterion=CriterionConfig(allow_loss_increase=True))
     with pytest.raises(LLCError, match="latency budget 0.01: the fastest plans tried"):
         llc_onnx.optimize(os.path.join(EX, "fashion_cnn.onnx"), os.path.join(EX, "fashion_data.npz"), cfg)
+
+
+def test_backoff_under_a_latency_budget_raises_only_admissible_nodes():
+    """Back-off raises the most harmful nodes first; under a latency budget a raise that breaks it (timed) is
+    undone and that node pinned, so later rounds do not time it again."""
+    from llc_onnx.flows.latency import admissible
+    from llc_onnx.verify import _raise_nodes
+
+    lad = {n: [Candidate(n, "int8", 1, 0.0, m, 0.01, True, m), Candidate(n, "float", 4, 0.0, 0.0, 0.0, True, 0.0,
+                                                                          reference=True)]
+           for n, m in (("a", 0.3), ("b", 0.2), ("c", 0.5), ("d", 0.1))}
+    # raising c (or a together with c) to float breaks the budget: float↔int8 boundaries around it
+    log: list[dict] = []
+    timings = []
+
+    def measure(ch):
+        timings.append(dict(ch))
+        return 0.9 if ch["c"] == 1 else 0.5
+    ok = admissible(measure, 0.66, log)
+    choice, pinned = {n: 0 for n in lad}, set()
+    assert _raise_nodes(lad, choice, 2, None, ok, pinned) == ["a", "b"]   # c is the worst but pinned
+    assert pinned == {"c"} and choice == {"a": 1, "b": 1, "c": 0, "d": 0}
+    n = len(timings)
+    assert _raise_nodes(lad, choice, 2, None, ok, pinned) == ["d"] and len(timings) == n + 1
+    assert [row["within"] for row in log] == [False, False, True, True, True]
+    # without a budget the order alone decides
+    plain = {n: 0 for n in lad}
+    assert _raise_nodes(lad, plain, 2, None) == ["c", "a"]

@@ -171,3 +171,18 @@ def plan_fraction(ctx, build: Callable[[dict[str, int]], object], batch: str, la
                                others={"plan": build(choice)})
         return t["plan"].min_ms / t["model"].min_ms
     return measure
+
+
+def admissible(measure: Callable[[dict[str, int]], float], budget: float, log: list[dict]
+               ) -> Callable[[dict[str, int]], bool]:
+    """Back-off's test under a latency budget (``verify.select_plan``): the plan timed (``measure``, each plan
+    once) within ``budget``; every timing appended to ``log`` for the report."""
+    seen: dict[tuple, float] = {}
+
+    def ok(choice: dict[str, int]) -> bool:
+        key = tuple(sorted(choice.items()))
+        if key not in seen:
+            seen[key] = float(measure(dict(choice)))
+            log.append({"fraction": seen[key], "within": seen[key] <= budget})
+        return seen[key] <= budget
+    return ok

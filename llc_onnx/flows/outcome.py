@@ -25,3 +25,5 @@ class MethodOutcome:
     sweep: list[tuple[float, dict[str, int] | None, str | None]] = field(default_factory=list)  # (budget, plan, note)
     frontier: list[dict] = field(default_factory=list)  # the solver's predicted cost at a grid of byte budgets
     notes: Callable[[dict[str, int]], list[str]] | None = None  # what the rewrite of a built plan noted
+    # a latency budget: whether a plan back-off would reach still meets it (timed; flows.latency.admissible)
+    admissible: Callable[[dict[str, int]], bool] | None = None

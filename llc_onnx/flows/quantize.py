@@ -624,14 +624,18 @@ def run(ctx: FlowContext) -> MethodOutcome:
         rewrite_notes[tuple(sorted(ch.items()))] = [f"node '{n}': {note}" for n, note in rw.notes]
         return ctx.complete(rw.model)  # (written from the structure while the weights are held)
 
+    within = None
     if lat_info is not None:
-        from .latency import fastest_levels, fit_measured, plan_fraction, unit_fastest_levels
+        from .latency import admissible, fastest_levels, fit_measured, plan_fraction, unit_fastest_levels
 
+        timed = plan_fraction(ctx, build, lat_info["batch"], ladders)
         with ctx.timer.stage("latency"):
-            fitted, rows = fit_measured(ladders, primary, fastest_levels(ladders, latency), plan_fraction(
-                ctx, build, lat_info["batch"], ladders), ctx.config.target.latency_budget, batch=lat_info["batch"],
-                unit_fastest=unit_fastest_levels(ladders, latency))
+            fitted, rows = fit_measured(ladders, primary, fastest_levels(ladders, latency), timed,
+                                        ctx.config.target.latency_budget, batch=lat_info["batch"],
+                                        unit_fastest=unit_fastest_levels(ladders, latency))
         lat_info["measured"] = rows
+        lat_info["backoff_timings"] = []
+        within = admissible(timed, ctx.config.target.latency_budget, lat_info["backoff_timings"])
         plans = [("solver" if fitted == primary else f"solver, latency round {rows[-1]['round']}", fitted)]
     sweep = []
     for frac in cfg.sweep:
@@ -646,4 +650,5 @@ def run(ctx: FlowContext) -> MethodOutcome:
                 "rounding_per_level": per_level, "joint": joint, "curvature": rounder.curvature_info}
     return MethodOutcome("+".join(families(ctx)), table, ladders, plans, build, budget, settings,
                          cache=cache, sweep=sweep, frontier=frontier,
-                         notes=lambda ch: rewrite_notes.get(tuple(sorted(ch.items())), []))
+                         notes=lambda ch: rewrite_notes.get(tuple(sorted(ch.items())), []),
+                         admissible=within)
