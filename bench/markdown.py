@@ -114,7 +114,8 @@ def model_section(res: dict, n_runs: int, threads: int) -> list[str]:
     if lat_rows:
         bs = res.get("latency_batches") or sorted({x["batch"] for r in lat_rows for x in r["latency"]})
         lines += [f"### Latency and throughput (ONNX Runtime CPU, intra_op_num_threads={threads}, each model "
-                  "interleaved with FP32; median (min–max) ms, speed-up over FP32 in the same rounds)", "",
+                  "timed in blocks interleaved with FP32; median (min–max) ms; samples/s and speed-up over FP32 from the "
+                  "fastest rounds, the ratio of medians in brackets)", "",
                   "| method | " + " | ".join(f"batch {b}: ms | batch {b}: samples/s | batch {b}: × FP32" for b in bs)
                   + " |", "|---|" + "---|" * (3 * len(bs))]
         for r in lat_rows:
@@ -127,7 +128,8 @@ def model_section(res: dict, n_runs: int, threads: int) -> list[str]:
                 t = x.get("model") or x["fp32"]
                 cells += [f"{t['median_ms']:.2f} ({t['min_ms']:.2f}–{t['max_ms']:.2f})",
                           f"{x.get('throughput', x['throughput_fp32']):,.1f}",
-                          f"{x['speedup']:.2f}×" if "speedup" in x else "1.00×"]
+                          (f"{x['speedup']:.2f}×" + (f" ({x['speedup_median']:.2f}×)" if "speedup_median" in x else ""))
+                          if "speedup" in x else "1.00×"]
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += joint_table(rows, res["fp_bytes"])

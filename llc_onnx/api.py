@@ -322,8 +322,8 @@ class CompareResult:
 def compare_latency(reference, candidate, dataset, *, threads: int = 0, rounds: int = 31,
                     max_seconds: float = 30.0) -> dict:
     """Latency and throughput of both models in the same ONNX Runtime session settings (CPU provider, default
-    graph optimizations, ``threads`` intra-op threads), timed interleaved (``targets.latency.time_sessions``:
-    each round runs both; ms per run as the fastest round and the median) at batch 1 and at the data's
+    graph optimizations, ``threads`` intra-op threads), timed in interleaved blocks
+    (``targets.latency.time_sessions``; ms per run as the fastest round and the median) at batch 1 and at the data's
     batch (its first batch; only that one when the model's batch is fixed). At most ``rounds`` rounds per
     batch, fewer (at least 3) once ``max_seconds`` of timing have passed; the rounds done are reported."""
     from .ort_eval import SessionConfig, make_session

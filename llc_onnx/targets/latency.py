@@ -5,7 +5,8 @@ epilogue ORT fuses into it (a single-consumer chain of up to two of ``Add`` with
 ``Clip``), cut out of the model with its real input shape at the given batch: a one-input model that
 the target's own :meth:`~llc_onnx.targets.base.Target.rewrite` turns into each format (the same code path as
 the shipped model), run in the target's session. Each variant's time is the median over ``rounds`` rounds,
-the variants of one unit interleaved within a round (so a shared, drifting machine slows them alike), with
+the variants of one unit timed in interleaved blocks (so a shared, drifting machine slows them alike; see
+:func:`time_sessions`), with
 the 25–75 % range and min–max as spread; rounds are short (≥ 1 ms) and many (31), so that some of them
 run uncontended on a shared machine. The input is the node's real activation at that batch (captured
 from one run of the FP32 model), so calibrated W8A8 parameters and data-dependent paths are realistic.
@@ -104,11 +105,21 @@ class Prediction:
 
 def time_sessions(sessions: Mapping[str, object], feeds: Mapping[str, np.ndarray], *, rounds: int = 31,
                   warmup: int = 3, min_round_s: float = 0.001, max_seconds: float | None = None,
-                  min_rounds: int = 3) -> dict[str, Timing]:
-    """Time ``sessions`` on ``feeds`` interleaved: per round each session runs ``inner`` times (``inner``
-    set once so a round of the slowest lasts ≥ ``min_round_s``); a sample is the mean per-run time.
-    ``max_seconds``: stop after the round that passes this much timed wall time, once ``min_rounds`` rounds
-    are done (a large model at a large batch: 31 rounds of seconds each would take minutes)."""
+                  min_rounds: int = 3, blocks: int = 3, settle: int = 2) -> dict[str, Timing]:
+    """Time ``sessions`` on ``feeds`` in interleaved **blocks**: ``blocks`` times in turn, each session runs
+    ``settle`` untimed times and then its share of the ``rounds`` (a round: ``inner`` runs, ``inner`` set once
+    so a round of the slowest lasts ≥ ``min_round_s``; a sample is the mean per-run time). ``max_seconds``:
+    stop after the block that passes this much wall time, once ``min_rounds`` rounds per session are done (a
+    large model at a large batch: 31 rounds of seconds each would take minutes).
+
+    Why blocks, not one round of each session in turn: a deployed session runs alone. Right after another
+    session ran, ONNX Runtime's intra-op threads of that one still spin (``session.intra_op.allow_spinning``,
+    on by default) and its weights fill the caches. Measured on this 2-core machine (EfficientNet-Lite0, FP32
+    against its W8A8 plan, fastest rounds): alone 4.99 / 2.76 ms at batch 1 (1.81×) and 160 / 87 ms at batch 32
+    (1.84×); alternating every run, FP32 slowed to 6.7–13 ms and 200 ms and the speed-up read anywhere from
+    1.4× to 2.5× at batch 1 and 1.55–1.7× at batch 32; in blocks of ten runs after two settling runs,
+    1.82–1.86× and 1.90–2.03× over three repeats. Blocks still spread a drifting machine's load over every
+    session."""
     if not sessions:
         return {}
     for s in sessions.values():
@@ -120,15 +131,24 @@ def time_sessions(sessions: Mapping[str, object], feeds: Mapping[str, np.ndarray
         s.run(None, feeds)
         slowest = max(slowest, time.perf_counter() - t0)
     inner = max(1, int(math.ceil(min_round_s / max(slowest, 1e-7))))
+    if max_seconds is not None:   # as many rounds as fit the time (at least min_rounds), spread over the blocks
+        per_round = slowest * inner * len(sessions)
+        rounds = max(min(int(rounds), int(min_rounds)), min(int(rounds), int(max_seconds / max(per_round, 1e-9))))
+    blocks = max(1, min(int(blocks), int(rounds)))
+    per_block = [int(rounds) // blocks + (1 if b < int(rounds) % blocks else 0) for b in range(blocks)]
     samples: dict[str, list[float]] = {k: [] for k in sessions}
     start = time.perf_counter()
-    for r in range(int(rounds)):
+    for b, n in enumerate(per_block):
         for k, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
+            for _ in range(int(settle)):
                 s.run(None, feeds)
-            samples[k].append((time.perf_counter() - t0) / inner * 1e3)
-        if max_seconds is not None and r + 1 >= min_rounds and time.perf_counter() - start > max_seconds:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    s.run(None, feeds)
+                samples[k].append((time.perf_counter() - t0) / inner * 1e3)
+        done = sum(per_block[:b + 1])
+        if max_seconds is not None and done >= min_rounds and time.perf_counter() - start > max_seconds:
             break
     return {k: Timing.of(v) for k, v in samples.items()}
 
