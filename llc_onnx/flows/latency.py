@@ -111,7 +111,8 @@ def fit_measured(ladders: Mapping[str, list], choice: Mapping[str, int], fastest
     fraction of the float model's, timed; ``budget`` that fraction's bound. Returns the plan and one row per
     timed plan (round, fraction, nodes moved). When every node at its fastest quantized format is still over
     budget, ``unit_fastest`` (per node the one-unit table's fastest level, float included: where integer
-    kernels do not pay off at all, as on small layers) is timed last; raises when that is over budget too."""
+    kernels do not pay off at all, as on small layers) is timed, then the float plan (fraction 1 without a
+    timing: it is the float model); raises when none of them meets the budget."""
     cur = dict(choice)
     rows: list[dict] = []
     for r in range(rounds + 1):
@@ -123,16 +124,23 @@ def fit_measured(ladders: Mapping[str, list], choice: Mapping[str, int], fastest
         movable = [n for n in sorted(cur) if cur[n] != fastest[n]]
         if not movable or r == rounds:
             best = frac
-            alt = dict(unit_fastest or {})
-            if alt and alt != cur and alt != dict(choice):
-                best = float(measure(alt))
-                rows.append({"round": r + 1, "fraction": best, "moved": sorted(n for n in alt if alt[n] != cur[n]),
-                             "moved_next": [], "plan": "one-unit fastest"})
-                if best <= budget:
+            floats = {n: next(i for i, c in enumerate(ladders[n]) if c.reference) for n in ladders}
+            tried = [dict(choice), dict(cur)]
+            for name, alt in (("one-unit fastest", dict(unit_fastest or {})), ("float", floats)):
+                if not alt or alt in tried:
+                    continue
+                tried.append(alt)
+                f = float(measure(alt))
+                best = min(best, f)
+                rows.append({"round": rows[-1]["round"] + 1, "fraction": f, "moved_next": [], "plan": name,
+                             "moved": sorted(n for n in alt if alt[n] != cur[n])})
+                if f <= budget:
                     cur = alt
                     break
+            if cur in tried[2:]:
+                break
             raise LLCError(f"latency budget {budget:g}: the fastest plans tried (every node at its fastest format) "
-                           f"measured {min(frac, best):.3f}× the float model's latency at batch {batch or '?'} "
+                           f"measured {best:.3f}× the float model's latency at batch {batch or '?'} "
                            "here — raise the latency budget (or time it on the deployment machine)")
         k = max(1, math.ceil(len(movable) / (rounds - r)))
 
