@@ -382,6 +382,11 @@ def _methods() -> list[Method]:
                   llc_method(cpu + ["--latency-budget", "0.5"], cache="cpu"), issue="12", latency=True),
            Method("llc_cpu_lat66", "llc ort-cpu lossless, latency budget 0.66 (1.5× throughput)", "llc",
                   llc_method(cpu + ["--latency-budget", "0.66"], cache="cpu"), issue="12", latency=True),
+           # 8-bit levels only: W8A8 MatMuls are what ORT CPU runs fast at sequence shapes (3.3-3.8x FP32 at 256
+           # rows, MatMulNBits 0.9-1.4x), and a smaller ladder keeps a SmolLM2 run short on 2 cores
+           Method("llc_cpu_w8_lat66", "llc ort-cpu lossless, 8-bit levels, latency budget 0.66", "llc",
+                  llc_method(cpu + ["--bits", "8,float", "--latency-budget", "0.66"], cache="cpu_w8"), issue="12",
+                  latency=True),
            Method("llc_cpu_fid_lossless", "llc ort-cpu lossless, fidelity objective", "llc",
                   llc_method(cpu + ["--objective", "fidelity"], cache="cpu_fid"), issue="9", latency=True),
            Method("llc_cpu_fid_at_ortw4", "llc ort-cpu at ORT 4-bit b32's size, fidelity objective", "llc",
