@@ -95,12 +95,17 @@ def contribution(c: Candidate, margin_z: float = 0.0) -> float:
     return 0.0
 
 
+#: under a latency budget, at most this many single nodes are pinned (timed and undone) per back-off round
+PIN_TRIES = 3
+
+
 def _raise_nodes(ladders, choice, k: int, max_bytes: int | None,
                  admissible: Callable[[dict[str, int]], bool] | None = None, pinned: set | None = None) -> list[str]:
     """Move the k nodes with the largest m + 3·SE one step up (in place); the names raised. With
-    ``admissible`` (a latency budget) the k raised together must keep the plan admissible; when they do not,
-    the nodes are tried one at a time in the same order and a node whose raise alone breaks it is pinned
-    (``pinned``, kept across rounds)."""
+    ``admissible`` (a latency budget, each call a timing) the raised nodes must keep the plan admissible: the
+    k together, else the first half of them, a quarter, … (the longest prefix of the order that fits, in
+    ⌈log₂ k⌉ + 1 timings); when not even the first node fits, it is pinned (``pinned``, kept across rounds)
+    and the next is tried, at most ``PIN_TRIES`` per round."""
     pinned = pinned if pinned is not None else set()
     below_top = [n for n, i in choice.items() if i < len(ladders[n]) - 1 and n not in pinned]
     below_top.sort(key=lambda n: (-contribution(ladders[n][choice[n]], BACKOFF_Z), n))
@@ -116,22 +121,27 @@ def _raise_nodes(ladders, choice, k: int, max_bytes: int | None,
             break
     if admissible is None or not raised or admissible(choice):
         return raised
-    for n in raised:                                   # together they break the budget: one at a time
+    for n in raised:                                   # together they break the budget: shorter prefixes
         choice[n] -= 1
-    kept: list[str] = []
-    for n in below_top:
-        if len(kept) == k:
-            break
-        grow = ladders[n][choice[n] + 1].nbytes - ladders[n][choice[n]].nbytes
-        if max_bytes is not None and plan_bytes(ladders, choice) + grow > max_bytes:
-            continue
-        choice[n] += 1
+    size = len(raised) // 2
+    while size >= 1:
+        for n in raised[:size]:
+            choice[n] += 1
         if admissible(choice):
-            kept.append(n)
-        else:
+            return raised[:size]
+        for n in raised[:size]:
             choice[n] -= 1
-            pinned.add(n)
-    return kept
+        size //= 2
+    for n in raised[:PIN_TRIES]:                       # not even the first node fits: pin it, try the next
+        pinned.add(n)
+        rest = [m for m in raised if m not in pinned]
+        if not rest:
+            break
+        choice[rest[0]] += 1
+        if admissible(choice):
+            return [rest[0]]
+        choice[rest[0]] -= 1
+    return []
 
 
 def select_plan(build: Callable[[dict[str, int]], onnx.ModelProto], ladders: dict[str, list[Candidate]],

@@ -122,8 +122,9 @@ def test_optimize_with_a_latency_budget_times_the_plan():
 
 
 def test_backoff_under_a_latency_budget_raises_only_admissible_nodes():
-    """Back-off raises the most harmful nodes first; under a latency budget a raise that breaks it (timed) is
-    undone and that node pinned, so later rounds do not time it again."""
+    """Back-off raises the most harmful nodes first; under a latency budget the raised nodes are cut to the
+    longest prefix of that order that stays within it (halving), and a node that breaks it alone is pinned, so
+    later rounds do not time it again."""
     from llc_onnx.flows.latency import admissible
     from llc_onnx.verify import _raise_nodes
 
@@ -139,11 +140,21 @@ def test_backoff_under_a_latency_budget_raises_only_admissible_nodes():
         return 0.9 if ch["c"] == 1 else 0.5
     ok = admissible(measure, 0.66, log)
     choice, pinned = {n: 0 for n in lad}, set()
-    assert _raise_nodes(lad, choice, 2, None, ok, pinned) == ["a", "b"]   # c is the worst but pinned
-    assert pinned == {"c"} and choice == {"a": 1, "b": 1, "c": 0, "d": 0}
+    # c, a together: over; c alone (the prefix of 1): over, pinned; a alone: within
+    assert _raise_nodes(lad, choice, 2, None, ok, pinned) == ["a"]
+    assert pinned == {"c"} and choice == {"a": 1, "b": 0, "c": 0, "d": 0}
+    assert [row["within"] for row in log] == [False, False, True]
     n = len(timings)
-    assert _raise_nodes(lad, choice, 2, None, ok, pinned) == ["d"] and len(timings) == n + 1
-    assert [row["within"] for row in log] == [False, False, True, True, True]
+    assert _raise_nodes(lad, choice, 2, None, ok, pinned) == ["b", "d"] and len(timings) == n + 1
+    # a long order: the halving finds the longest prefix within budget in log2(k) + 1 timings
+    many = {f"n{i:02d}": [Candidate(f"n{i:02d}", "int8", 1, 0.0, 1.0 - i / 100, 0.01, True, 1.0 - i / 100),
+                          Candidate(f"n{i:02d}", "float", 4, 0.0, 0.0, 0.0, True, 0.0, reference=True)]
+            for i in range(32)}
+    log2: list[dict] = []
+    ok2 = admissible(lambda ch: 0.5 + 0.03 * sum(ch.values()), 0.66, log2)   # 5 raises fit, 6 do not
+    ch2 = {n: 0 for n in many}
+    assert _raise_nodes(many, ch2, 16, None, ok2, set()) == [f"n{i:02d}" for i in range(4)]
+    assert len(log2) == 3                                                   # 16, 8, 4
     # without a budget the order alone decides
     plain = {n: 0 for n in lad}
     assert _raise_nodes(lad, plain, 2, None) == ["c", "a"]
