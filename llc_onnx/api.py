@@ -255,8 +255,8 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
         if slower:
             notes.append("the compressed model ran slower than the float model here ("
                          + ", ".join(f"{v:.2f}x at batch {b}" for b, v in slower.items())
-                         + "): smaller, not faster; --latency-budget 1.0 bounds the predicted latency by the float "
-                           "model's (choices then depend on timings on this machine)")
+                         + "): smaller, not faster; --latency-budget 1.0 asks for a plan timed no slower than the float "
+                           "model (choices then depend on timings on this machine)")
         budget = config.target.latency_budget
         lat_batch = next(iter(target["latency"]), None)   # the calibration batch's row comes first
         speed = target["latency"].get(lat_batch, {}).get("speedup") if lat_batch else None

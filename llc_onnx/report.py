@@ -291,7 +291,7 @@ def print_optimize(result) -> None:
             lt.add_row(b, row["float_ms"], row["compressed_ms"], f"{row['speedup']:.2f}x", row.get("predicted_ms"))
         tables.append(lt)
     for st in result.stages:
-        fit = (st.settings.get("latency") or {}) if isinstance(st.settings, dict) else {}
+        fit = (st.settings or {}).get("latency") or {}
         if fit.get("measured"):
             ft = Summary(f"latency budget {fit['budget_fraction']:g}: plans timed against the float model at batch "
                          f"{fit['batch']} (fastest of interleaved rounds)", ["round", "nodes moved to fastest",

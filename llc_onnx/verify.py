@@ -123,15 +123,15 @@ def _raise_nodes(ladders, choice, k: int, max_bytes: int | None,
         return raised
     for n in raised:                                   # together they break the budget: shorter prefixes
         choice[n] -= 1
-    size = len(raised) // 2
-    while size >= 1:
-        for n in raised[:size]:
+    prefix = len(raised) // 2
+    while prefix >= 1:
+        for n in raised[:prefix]:
             choice[n] += 1
         if admissible(choice):
-            return raised[:size]
-        for n in raised[:size]:
+            return raised[:prefix]
+        for n in raised[:prefix]:
             choice[n] -= 1
-        size //= 2
+        prefix //= 2
     for n in raised[:PIN_TRIES]:                       # not even the first node fits: pin it, try the next
         pinned.add(n)
         rest = [m for m in raised if m not in pinned]

@@ -20,11 +20,13 @@ to pairs of neighbouring choices, not to one node, so the knapsack cannot hold t
 plan is written and timed end to end against the float model, interleaved, at the calibration batch; while
 its fraction of FP32 exceeds the budget, rounds move the remaining nodes to their fastest quantized format,
 cheapest predicted loss increase first, in equal shares (so the last round is every node at its fastest
-format). A budget that this last plan does not meet is refused with the measured fraction. When the
-one-unit prediction calls the budget infeasible, the solve starts from the plan without it (the prediction
-over-counts the boundaries of a whole-integer model). Heuristic: the kept plan meets the budget as measured
-here; a cheaper plan meeting it may exist. Back-off on the validation split may raise nodes again; the
-summary then says the kept plan's measured latency is over the budget.
+format); then the one-unit table's fastest plan and the float plan are tried, and a budget none of them meets
+is refused with the measured fraction. When the one-unit prediction calls the budget infeasible, the solve
+starts from the plan without it (the prediction over-counts the boundaries of a whole-integer model).
+Heuristic: the kept plan meets the budget as measured here; a cheaper plan meeting it may exist. Back-off on
+the validation split raises only nodes whose raise keeps the plan within the budget, timed
+(:func:`admissible`, ``verify._raise_nodes``); when the final timing of the kept model is over the budget
+anyway (timings move), the summary says so.
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from ..errors import LLCError
-
-from ..targets.latency import measure_end_to_end, measure_latency_table
+from ..targets.latency import measure_end_to_end, measure_latency_table, time_sessions
 
 
 def feeds_at(ctx) -> dict[str, dict[str, np.ndarray]]:
@@ -167,16 +168,21 @@ def unit_fastest_levels(ladders: Mapping[str, list], latency: Callable[[str, str
 def plan_fraction(ctx, build: Callable[[dict[str, int]], object], batch: str, ladders: Mapping[str, list],
                   rounds: int = FIT_TIMING_ROUNDS) -> Callable[[dict[str, int]], float]:
     """``measure`` for :func:`fit_measured`: the plan written and timed against the float model, interleaved,
-    in the target's session at ``batch`` (the fastest round of each). The all-float plan is the float model:
-    1 by definition, not timed (a timing of it is 1 ± noise)."""
+    in the target's session at ``batch`` (the fastest round of each). The float model's session is made once,
+    at the first timing, and reused by every later one. The all-float plan is the float model: 1 by
+    definition, not timed (a timing of it is 1 ± noise)."""
     feeds = feeds_at(ctx)[batch]
+    settings, threads = ctx.target.session(), ctx.config.device.threads
+    float_session: list = []
 
     def measure(choice: dict[str, int]) -> float:
         if all(ladders[n][i].reference for n, i in choice.items()):
             return 1.0
-        ctx.restore_weights()
-        t = measure_end_to_end(ctx.target, ctx.model, feeds, threads=ctx.config.device.threads, rounds=rounds,
-                               others={"plan": build(choice)})
+        if not float_session:
+            ctx.restore_weights()
+            float_session.append(settings.make_session(ctx.model, intra_op_num_threads=threads))
+        plan = settings.make_session(build(choice), intra_op_num_threads=threads)
+        t = time_sessions({"model": float_session[0], "plan": plan}, feeds, rounds=rounds)
         return t["plan"].min_ms / t["model"].min_ms
     return measure
 

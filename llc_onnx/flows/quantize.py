@@ -594,15 +594,12 @@ def run(ctx: FlowContext) -> MethodOutcome:
         primary, joint = joint_resolve(ctx, solver, formats, rounder, budget, crit.gain_credit, lat_budget, memo)
     for key, (codes, _) in memo.items():  # the builds below read codes and scales: drop the float weights
         memo[key] = (codes, None)
-    plans = [("solver", primary)]
-    if lat_info is not None:
-        # only the plan timed within the budget (the measured fit below) goes to validation
-        plans = []
-    elif primary != first:
-        plans.append(("solver before joint re-solve", first))
-    if strict is not None and lat_info is None:
-        plans.append(("solver, gains not credited", strict))
+    plans = [("solver", primary)]   # with a latency budget, replaced by the plan timed within it (below)
     if lat_info is None:
+        if primary != first:
+            plans.append(("solver before joint re-solve", first))
+        if strict is not None:
+            plans.append(("solver, gains not credited", strict))
         if "quant" in families(ctx):
             plans += solver.uniform_plans(cfg.levels())
         if "series" in families(ctx) and budget is not None:
