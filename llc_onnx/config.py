@@ -369,6 +369,11 @@ class TargetConfig:
     latency_budget: float | None = opt(None, "--latency-budget",
                                        "end-to-end latency budget as a fraction of the float model's, measured on "
                                        "the target at the calibration batch, e.g. 0.5")
+    latency_batches: tuple = opt((), "--latency-batches",
+                                 "batch sizes the latency budget must hold at, each timed, and the summary's "
+                                 "latency rows (e.g. 1,4; inputs made from the calibration samples; default: "
+                                 "the budget at the calibration batch, the summary at it and at batch 1)",
+                                 parse=_ints, metavar="N[,N...]")
     plugins: bool = opt(False, "--plugins", "tensorrt: offer plugin nodes for levels TensorRT has no kernel for")
     measure_latency: bool = opt(True, "--latency", "measure the float and the final model's end-to-end latency "
                                 "on the target (calibration batch and batch 1) for the summary (default on)")
@@ -380,6 +385,9 @@ class TargetConfig:
                "a percentage in (0, 100], e.g. 99.999")
         _check(self.latency_budget is None or (_finite(self.latency_budget) and self.latency_budget > 0),
                "target.latency_budget", self.latency_budget, "a fraction of the float model's latency, e.g. 0.5")
+        object.__setattr__(self, "latency_batches", tuple(dict.fromkeys(self.latency_batches)))
+        _check(all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.latency_batches),
+               "target.latency_batches", self.latency_batches, "batch sizes are integers ≥ 1 (e.g. 1,4)")
 
 
 @dataclass(frozen=True)

@@ -158,3 +158,84 @@ def test_backoff_under_a_latency_budget_raises_only_admissible_nodes():
     # without a budget the order alone decides
     plain = {n: 0 for n in lad}
     assert _raise_nodes(lad, plain, 2, None) == ["c", "a"]
+
+
+def test_latency_batches_are_made_from_the_calibration_samples():
+    """``--latency-batches``: a batch of n is the first n calibration samples in order, repeated when there are
+    fewer; a model with a fixed batch, or batches whose shapes differ beyond the batch dimension, give a
+    one-line error naming the flag."""
+    import numpy as np
+
+    from llc_onnx.calib.data import Batch, Dataset
+    from llc_onnx.flows.latency import batch_inputs
+
+    xs = [np.full((2, 3), i, np.float32) for i in range(3)]
+    data = Dataset([Batch({"x": x}, None) for x in xs], "mem")
+    assert batch_inputs(data, 1)["x"].tolist() == [[0, 0, 0]]
+    assert batch_inputs(data, 5)["x"][:, 0].tolist() == [0, 0, 1, 1, 2]
+    assert batch_inputs(data, 8)["x"][:, 0].tolist() == [0, 0, 1, 1, 2, 2, 0, 0]
+    fixed = Dataset([Batch({"x": x}, None) for x in xs], "mem", fixed_batch=True)
+    assert batch_inputs(fixed, 2)["x"].shape == (2, 3)
+    with pytest.raises(LLCError, match="--latency-batches 4: the model's batch dimension is fixed at 2"):
+        batch_inputs(fixed, 4)
+    ragged = Dataset([Batch({"x": np.zeros((2, 3), np.float32)}, None),
+                      Batch({"x": np.zeros((2, 5), np.float32)}, None)], "mem")
+    with pytest.raises(LLCError, match="--latency-batches 4: the calibration batches' inputs differ in shape"):
+        batch_inputs(ragged, 4)
+
+
+def test_a_latency_budget_at_several_batches_times_each(monkeypatch):
+    """With ``latency_batches`` the fit times the plan at every listed batch and takes the largest fraction
+    (a plan fast at one batch and slow at the other is over budget), and the summary times those batches."""
+    import llc_onnx
+    from llc_onnx.config import CriterionConfig, OptimizeConfig, TargetConfig
+    from llc_onnx.flows import latency as lat_mod
+
+    seen = []
+    real = lat_mod.time_sessions
+
+    def spy(sessions, feeds, **kw):
+        seen.append(next(iter(feeds.values())).shape[0])
+        return real(sessions, feeds, **kw)
+
+    monkeypatch.setattr(lat_mod, "time_sessions", spy)
+    cfg = OptimizeConfig(target=TargetConfig(latency_budget=3.0, latency_batches=(1, 300)),
+                         criterion=CriterionConfig(allow_loss_increase=True))
+    res = llc_onnx.optimize(os.path.join(EX, "fashion_cnn.onnx"), os.path.join(EX, "fashion_data.npz"), cfg)
+    lat = res.stages[0].settings["latency"]
+    assert lat["timed_batches"] == ["1", "300"] and lat["batch"] == "300"
+    assert seen[:2] == [1, 300]                     # the fit's first timing: both batches
+    assert set(res.target["latency"]) == {"1", "300"}
+
+
+def test_a_plan_fraction_is_the_worse_batch(monkeypatch):
+    """``plan_fraction`` over several batches returns the largest fraction: a plan 0.4× the float model at
+    batch 1 and 0.9× at batch 4 is 0.9× (the timings here are fixed per batch; the sessions are real)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnx
+
+    from llc_onnx.calib.data import Batch, Dataset
+    from llc_onnx.config import OptimizeConfig, TargetConfig
+    from llc_onnx.flows import latency as lat_mod
+    from llc_onnx.targets import get_target
+
+    model = onnx.load(os.path.join(EX, "fashion_cnn.onnx"))
+    name = model.graph.input[0].name
+    x = np.load(os.path.join(EX, "fashion_data.npz"))
+    x = next(v for v in x.values() if v.ndim == 4)[:2].astype(np.float32)
+    ctx = SimpleNamespace(config=OptimizeConfig(target=TargetConfig(latency_batches=(1, 4))), target=get_target(),
+                          model=model, calib=Dataset([Batch({name: x}, None)], "mem"), restore_weights=lambda: None)
+
+    class T:
+        def __init__(self, ms):
+            self.min_ms = ms
+
+    monkeypatch.setattr(lat_mod, "time_sessions", lambda s, f, **kw: {
+        "model": T(10.0), "plan": T(4.0 if next(iter(f.values())).shape[0] == 1 else 9.0)})
+    ladders = {"n": [SimpleNamespace(reference=False), SimpleNamespace(reference=True)]}
+    measure = lat_mod.plan_fraction(ctx, lambda ch: model, lat_mod.budget_batches(ctx), ladders)
+    assert measure({"n": 0}) == pytest.approx(0.9)
+    assert measure({"n": 1}) == 1.0                  # the float plan is not timed
+    assert lat_mod.budget_batches(ctx) == ["1", "4"]

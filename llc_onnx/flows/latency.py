@@ -41,7 +41,11 @@ from ..targets.latency import measure_end_to_end, measure_latency_table, time_se
 
 
 def feeds_at(ctx) -> dict[str, dict[str, np.ndarray]]:
-    """Inputs at the calibration batch's shape and at batch 1 (labels "<n>" and "1")."""
+    """Inputs per timed batch (label "<n>"): the batch sizes of ``--latency-batches`` when given, else the
+    calibration batch's shape and batch 1."""
+    sizes = ctx.config.target.latency_batches
+    if sizes:
+        return {str(n): batch_inputs(ctx.calib, n) for n in sizes}
     b = ctx.calib.batches[0]
     out = {str(b.size): dict(b.inputs)}
     if b.size != 1 and not ctx.calib.fixed_batch:
@@ -49,10 +53,42 @@ def feeds_at(ctx) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def budget_batches(ctx) -> list[str]:
+    """The batch labels the latency budget must hold at: every ``--latency-batches`` size, else the
+    calibration batch."""
+    return list(feeds_at(ctx))[: None if ctx.config.target.latency_batches else 1]
+
+
+def batch_inputs(data, n: int) -> dict[str, np.ndarray]:
+    """``n`` samples' inputs from the calibration batches in order (repeated when there are fewer), for timing
+    at batch ``n``. The samples only set shapes and value ranges: a latency does not depend on which."""
+    first = data.batches[0]
+    if data.fixed_batch and n != first.size:
+        raise LLCError(f"--latency-batches {n}: the model's batch dimension is fixed at {first.size}; time it at "
+                       f"batch {first.size}")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in first.inputs}
+    have = 0
+    while have < n:
+        for b in data.batches:
+            for k, v in b.inputs.items():
+                if k in parts:
+                    parts[k].append(np.asarray(v))
+            have += b.size
+            if have >= n:
+                break
+    try:
+        return {k: np.concatenate(v)[:n] for k, v in parts.items()}
+    except ValueError:
+        shapes = sorted({tuple(a.shape[1:]) for v in parts.values() for a in v})
+        raise LLCError(f"--latency-batches {n}: the calibration batches' inputs differ in shape beyond the batch "
+                       f"dimension ({shapes[:3]}), so they cannot be stacked into one batch; give batch sizes of "
+                       "one calibration batch or less") from None
+
+
 def latency_model(ctx, formats):
     """(delta(node, level) -> ms at the calibration batch, info for the report)."""
     feeds = feeds_at(ctx)
-    batch = next(iter(feeds))
+    batch = max(budget_batches(ctx), key=int)   # the prediction's batch: the largest the budget holds at
     fmts = {n: list(o.formats) for n, o in formats.offers.items()}
     ctx.restore_weights()  # the micro-benchmarks read the nodes' weights from the model
     table = measure_latency_table(ctx.target, ctx.model, feeds, fmts, threads=ctx.config.device.threads,
@@ -165,13 +201,14 @@ def unit_fastest_levels(ladders: Mapping[str, list], latency: Callable[[str, str
             for n, ladder in ladders.items()}
 
 
-def plan_fraction(ctx, build: Callable[[dict[str, int]], object], batch: str, ladders: Mapping[str, list],
+def plan_fraction(ctx, build: Callable[[dict[str, int]], object], batches: list[str], ladders: Mapping[str, list],
                   rounds: int = FIT_TIMING_ROUNDS) -> Callable[[dict[str, int]], float]:
     """``measure`` for :func:`fit_measured`: the plan written and timed against the float model, interleaved,
-    in the target's session at ``batch`` (the fastest round of each). The float model's session is made once,
-    at the first timing, and reused by every later one. The all-float plan is the float model: 1 by
-    definition, not timed (a timing of it is 1 ± noise)."""
-    feeds = feeds_at(ctx)[batch]
+    in the target's session at each of ``batches`` (the fastest round of each); its fraction is the largest
+    over the batches (the budget holds at every one). The float model's session is made once, at the first
+    timing, and reused by every later one. The all-float plan is the float model: 1 by definition, not timed
+    (a timing of it is 1 ± noise)."""
+    feeds = feeds_at(ctx)
     settings, threads = ctx.target.session(), ctx.config.device.threads
     float_session: list = []
 
@@ -182,8 +219,11 @@ def plan_fraction(ctx, build: Callable[[dict[str, int]], object], batch: str, la
             ctx.restore_weights()
             float_session.append(settings.make_session(ctx.model, intra_op_num_threads=threads))
         plan = settings.make_session(build(choice), intra_op_num_threads=threads)
-        t = time_sessions({"model": float_session[0], "plan": plan}, feeds, rounds=rounds)
-        return t["plan"].min_ms / t["model"].min_ms
+        fractions = []
+        for b in batches:
+            t = time_sessions({"model": float_session[0], "plan": plan}, feeds[b], rounds=rounds)
+            fractions.append(t["plan"].min_ms / t["model"].min_ms)
+        return max(fractions)
     return measure
 
 

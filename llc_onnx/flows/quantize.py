@@ -623,12 +623,15 @@ def run(ctx: FlowContext) -> MethodOutcome:
 
     within = None
     if lat_info is not None:
-        from .latency import admissible, fastest_levels, fit_measured, plan_fraction, unit_fastest_levels
+        from .latency import (admissible, budget_batches, fastest_levels, fit_measured, plan_fraction,
+                              unit_fastest_levels)
 
-        timed = plan_fraction(ctx, build, lat_info["batch"], ladders)
+        batches = budget_batches(ctx)
+        lat_info["timed_batches"] = batches
+        timed = plan_fraction(ctx, build, batches, ladders)
         with ctx.timer.stage("latency"):
             fitted, rows = fit_measured(ladders, primary, fastest_levels(ladders, latency), timed,
-                                        ctx.config.target.latency_budget, batch=lat_info["batch"],
+                                        ctx.config.target.latency_budget, batch=",".join(batches),
                                         unit_fastest=unit_fastest_levels(ladders, latency))
         lat_info["measured"] = rows
         lat_info["backoff_timings"] = []
