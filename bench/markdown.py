@@ -286,7 +286,10 @@ def standing(results: list[dict]) -> list[str]:
                           ("llc_cpu_w8_lat66", "lossless ort-cpu, 8-bit levels, latency budget 0.66"),
                           ("llc_cpu_w8_lat60", "lossless ort-cpu, 8-bit levels, latency budget 0.6"),
                           ("llc_cpu_w8_lat60_bb", "lossless ort-cpu, 8-bit levels, latency budget 0.6 at both "
-                           "batches")):
+                           "batches"),
+                          ("llc_cpu_c8p_lossless", "lossless ort-cpu, 8-bit W8A8 codes, percentile ranges"),
+                          ("llc_cpu_c8p_lat66", "lossless ort-cpu, 8-bit W8A8 codes, percentile ranges, latency "
+                           "budget 0.66")):
             if not _ok(rows, key):
                 continue
             llc = rows[key]
@@ -303,7 +306,7 @@ def standing(results: list[dict]) -> list[str]:
                 f"{k}: {'yes' if v else '**no**'}" for k, v in checks.items()) + " | – | "
                 + ("**met**" if not miss else f"not met: {', '.join(miss)}") + " |")
         for key, frac in (("llc_cpu_lat50", 0.5), ("llc_cpu_lat66", 0.66), ("llc_cpu_w8_lat66", 0.66), ("llc_cpu_w8_lat60", 0.6),
-                          ("llc_cpu_w8_lat60_bb", 0.6)):
+                          ("llc_cpu_w8_lat60_bb", 0.6), ("llc_cpu_c8p_lat66", 0.66)):
             if not _ok(rows, key):
                 continue
             r = rows[key]

@@ -229,6 +229,10 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
                      f"(> 2 standard errors, {se:.2g}); the gain may not carry over to other data — the test split "
                      "and --objective fidelity say more")
     unchanged = stages[-1].compressed_bytes >= stages[0].reference_bytes  # the float model: nothing to time
+    if config.target.w8a8_codes == 8 and any(str(n.level).startswith("w8a8") for st in stages for n in st.nodes):
+        notes.append("W8A8 nodes use full-range int8 weight codes (--w8a8-codes 8): exact on x86 CPUs with "
+                     "AVX512-VNNI/AVX-VNNI and on ARM64 only; on other x86 CPUs ONNX Runtime's int8 kernels saturate "
+                     "(recorded in the model's metadata, llc_onnx.w8a8_codes)")
     if unchanged:
         notes.append("nothing was compressed: no candidate's measured loss change fits the criterion; try a "
                      "budget, a smaller margin_z, or other levels")

@@ -374,6 +374,9 @@ class TargetConfig:
                                  "latency rows (e.g. 1,4; inputs made from the calibration samples; default: "
                                  "the budget at the calibration batch, the summary at it and at batch 1)",
                                  parse=_ints, metavar="N[,N...]")
+    w8a8_codes: int = opt(7, "--w8a8-codes", "ort-cpu: bits of W8A8 weight codes: 7 (default: exact on every "
+                          "x86 CPU) or 8 (half the rounding error; only for CPUs whose int8 kernels do not "
+                          "saturate: x86 with AVX512-VNNI/AVX-VNNI, ARM64; refused on others)")
     plugins: bool = opt(False, "--plugins", "tensorrt: offer plugin nodes for levels TensorRT has no kernel for")
     measure_latency: bool = opt(True, "--latency", "measure the float and the final model's end-to-end latency "
                                 "on the target (calibration batch and batch 1) for the summary (default on)")
@@ -385,6 +388,10 @@ class TargetConfig:
                "a percentage in (0, 100], e.g. 99.999")
         _check(self.latency_budget is None or (_finite(self.latency_budget) and self.latency_budget > 0),
                "target.latency_budget", self.latency_budget, "a fraction of the float model's latency, e.g. 0.5")
+        _check(self.w8a8_codes in (7, 8) and not isinstance(self.w8a8_codes, bool), "target.w8a8_codes",
+               self.w8a8_codes, "7 or 8")
+        _check(self.w8a8_codes == 7 or self.name == "ort-cpu", "target.w8a8_codes", self.w8a8_codes,
+               "8-bit W8A8 codes are an ort-cpu option")
         object.__setattr__(self, "latency_batches", tuple(dict.fromkeys(self.latency_batches)))
         _check(all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.latency_batches),
                "target.latency_batches", self.latency_batches, "batch sizes are integers ≥ 1 (e.g. 1,4)")

@@ -171,7 +171,10 @@ class OptimizeResult:
                 "llc_onnx.verified": str(self.verified).lower(), "llc_onnx.objective": self.objective,
                 "llc_onnx.target": self.target["name"],
                 "llc_onnx.test_loss_reference": repr(t.reference.loss),
-                "llc_onnx.test_loss_compressed": repr(t.compressed.loss)}
+                "llc_onnx.test_loss_compressed": repr(t.compressed.loss),
+                **({"llc_onnx.w8a8_codes": "8: full-range int8 weight codes; exact only on CPUs whose int8 kernels "
+                                           "do not saturate (x86 AVX512-VNNI/AVX-VNNI, ARM64)"}
+                   if self.config.target.w8a8_codes == 8 else {})}
 
     def save(self, path: str, *, force: bool = False) -> str:
         """Write the compressed model (atomically, with ``llc_onnx.*`` metadata) to ``path``. A model that is

@@ -115,6 +115,11 @@ def test_entropy_clips_outliers_and_is_near_ort(setup, tmp_path):
     mm = collect_activation_ranges(graph, feeds([x]), TENSORS, method="minmax")
     for t in TENSORS:
         assert mm[t].lo <= ours[t].lo <= ours[t].hi <= mm[t].hi
+        if t == "relu_out":
+            # ORT keeps the ReLU's zero spike in its histogram (5.97 here, conv_out's tail cut short); with the
+            # spike neutralized (module doc) the ReLU output's threshold is its input's: same positive tail
+            assert ours[t].hi == pytest.approx(ours["conv_out"].hi, rel=0.05)
+            continue
         # same KL criterion, different histogram (|x| here, signed in ORT): thresholds agree loosely
         assert max(abs(ours[t].lo), ours[t].hi) == pytest.approx(max(abs(ref[t][0]), ref[t][1]), rel=0.25), t
     assert ours["x"].hi < 0.7 * 9.0                                  # a single outlier is not worth the range
@@ -167,3 +172,26 @@ def test_bad_input(setup):
         collect_activation_ranges(graph, feeds([bad]), ["x"])
     with pytest.raises(LLCError, match="dtype"):
         qparams((0.0, 1.0), "int4")
+
+
+def test_entropy_is_not_driven_by_spikes():
+    """Two spikes the KL criterion alone gets wrong (the module doc's guards): the exact zeros of a ReLU output
+    (half the values) and a constant background (70 % of the values at 0.8, Fashion-MNIST's normalized images).
+    Without the guards the thresholds were ≈ 0.07 × max and 0.8 (every foreground value clipped)."""
+    rng = np.random.default_rng(3)
+    relu = np.concatenate([np.zeros(100000), np.abs(rng.standard_normal(100000))])
+    h, e = np.histogram(relu, 2048, range=(0, relu.max()))
+    t = entropy_threshold(h, e)
+    assert t > 2.5                                                   # a half-normal's bulk, not its first bins
+    bg = np.concatenate([np.full(140000, 0.8), rng.uniform(0, 2.0, 60000)])
+    h, e = np.histogram(bg, 2048, range=(0, 2.0))
+    t = entropy_threshold(h, e)
+    assert np.mean(bg > t) <= 0.05 + 1e-9                            # at most 5 % clipped
+
+
+def test_graph_inputs_keep_their_observed_range(setup):
+    model, graph, x = setup                                          # x holds an outlier (9.0) entropy clips
+    ent = collect_activation_ranges(graph, feeds([x]), TENSORS, method="entropy")
+    kept = collect_activation_ranges(graph, feeds([x]), TENSORS, method="entropy", observed=["x"])
+    assert ent["x"].hi < 9.0 and kept["x"].hi == pytest.approx(9.0) and kept["x"].lo == ent["x"].min
+    assert kept["relu_out"] == ent["relu_out"]

@@ -188,7 +188,7 @@ def test_a_latency_budget_at_several_batches_times_each(monkeypatch):
     """With ``latency_batches`` the fit times the plan at every listed batch and takes the largest fraction
     (a plan fast at one batch and slow at the other is over budget), and the summary times those batches."""
     import llc_onnx
-    from llc_onnx.config import CriterionConfig, OptimizeConfig, TargetConfig
+    from llc_onnx.config import CriterionConfig, OptimizeConfig, QuantConfig, TargetConfig
     from llc_onnx.flows import latency as lat_mod
 
     seen = []
@@ -200,6 +200,7 @@ def test_a_latency_budget_at_several_batches_times_each(monkeypatch):
 
     monkeypatch.setattr(lat_mod, "time_sessions", spy)
     cfg = OptimizeConfig(target=TargetConfig(latency_budget=3.0, latency_batches=(1, 300)),
+                         quant=QuantConfig(budget=0.3),     # something compressed: the summary times it
                          criterion=CriterionConfig(allow_loss_increase=True))
     res = llc_onnx.optimize(os.path.join(EX, "fashion_cnn.onnx"), os.path.join(EX, "fashion_data.npz"), cfg)
     lat = res.stages[0].settings["latency"]

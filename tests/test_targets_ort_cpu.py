@@ -165,3 +165,44 @@ def test_graph_context_facts(fashion):
     assert ctx.input_rank("/fc1/Gemm") == 2
     assert ctx.attr("/fc1/Gemm", "transB", 0) == 1
     assert FLOAT.nbytes(find_compressible(model)[0][0]) == 4 * 8 * 9
+
+
+def test_full_range_w8a8_codes_are_an_explicit_option_for_vnni_cpus(fashion, tmp_path):
+    """``--w8a8-codes 8``: the offered W8A8 formats store full-range int8 codes (7-bit by default). Where this
+    CPU's int8 kernels do not saturate (VNNI, ARM64) the written Convs/Gemm match their dequantized float
+    reference in ONNX Runtime, with codes beyond the 7-bit range, and the saved model records the requirement;
+    elsewhere optimize refuses it before measuring anything. Bad values are config errors."""
+    import llc_onnx
+    from llc_onnx.config import ConfigError, OptimizeConfig, QuantConfig, TargetConfig
+    from llc_onnx.targets.ort_cpu import int8_full_range_exact
+
+    model, x, _ = fashion
+    ctx = GraphContext(model)
+    node = next(n for n in find_compressible(model)[0] if n.op_type == "Conv")
+    fmts = {t: [f for f in get_target("ort-cpu", **kw).offer(node, ctx).formats if f.kind == "w8a8"]
+            for t, kw in (("c7", {}), ("c8", {"w8a8_code_bits": 8}))}
+    assert [f.code_bits for f in fmts["c7"]] == [7] and [f.code_bits for f in fmts["c8"]] == [8]
+    assert fmts["c8"][0].name == "w8a8-int8-auint8"
+    with pytest.raises(LLCError, match="w8a8_code_bits=6"):
+        get_target("ort-cpu", w8a8_code_bits=6)
+    for bad in ({"w8a8_codes": 6}, {"w8a8_codes": 8, "name": "qdq"}):
+        with pytest.raises(ConfigError):
+            TargetConfig(**bad)
+    cfg = OptimizeConfig(target=TargetConfig(w8a8_codes=8, measure_latency=False), quant=QuantConfig(budget=0.3))
+    why = int8_full_range_exact()
+    if why:
+        with pytest.raises(LLCError, match="--w8a8-codes 8: this CPU has no AVX512-VNNI"):
+            llc_onnx.optimize(str(EX / "fashion_cnn.onnx"), str(EX / "fashion_data.npz"), cfg)
+        pytest.skip(f"full-range codes are not exact here: {why}")
+    t = get_target("ort-cpu", w8a8_code_bits=8)
+    choices = {n.name: next(f for f in t.offer(n, ctx).formats if f.kind == "w8a8")
+               for n in find_compressible(model)[0] if any(f.kind == "w8a8" for f in t.offer(n, ctx).formats)}
+    plans = plan_nodes(t, model, choices, data=[{"input": x[:128]}])
+    codes = [nh.to_array(i) for i in t.rewrite(model, plans).model.graph.initializer if i.data_type == TP.INT8]
+    assert codes and max(int(np.abs(c).max()) for c in codes) > 63          # beyond the 7-bit range
+    res = llc_onnx.optimize(str(EX / "fashion_cnn.onnx"), str(EX / "fashion_data.npz"), cfg)
+    path = res.save(str(tmp_path / "c8.onnx"), force=True)
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    if any(str(n.level).startswith("w8a8") for n in res.stages[-1].nodes):
+        assert meta["llc_onnx.w8a8_codes"].startswith("8: full-range")
+        assert any("--w8a8-codes 8" in n for n in res.notes)

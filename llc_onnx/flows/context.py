@@ -633,6 +633,14 @@ def _target(config: OptimizeConfig):
         return get_target("qdq", activations=config.quant.activations, series_form=config.series.form)
     if t.name == "tensorrt":
         return get_target("tensorrt", plugins=t.plugins)
+    if t.name == "ort-cpu" and t.w8a8_codes != 7:
+        from ..targets.ort_cpu import int8_full_range_exact
+
+        why = int8_full_range_exact()
+        if why:
+            raise LLCError(f"--w8a8-codes {t.w8a8_codes}: {why}; verify on (or like) the CPU you deploy to, or use "
+                           "--w8a8-codes 7")
+        return get_target("ort-cpu", w8a8_code_bits=t.w8a8_codes)
     return get_target(t.name)
 
 

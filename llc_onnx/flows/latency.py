@@ -23,7 +23,10 @@ cheapest predicted loss increase first, in equal shares (so the last round is ev
 format); then the one-unit table's fastest plan and the float plan are tried, and a budget none of them meets
 is refused with the measured fraction. When the one-unit prediction calls the budget infeasible, the solve
 starts from the plan without it (the prediction over-counts the boundaries of a whole-integer model).
-Heuristic: the kept plan meets the budget as measured here; a cheaper plan meeting it may exist. Back-off on
+With ``--latency-batches`` (``target.latency_batches``) the budget holds at every listed batch size: each plan
+is timed at each (inputs stacked from the calibration samples) and its fraction is the largest; the one-unit
+prediction is made at the largest of them. Heuristic: the kept plan meets the budget as measured here; a
+cheaper plan meeting it may exist. Back-off on
 the validation split raises only nodes whose raise keeps the plan within the budget, timed
 (:func:`admissible`, ``verify._raise_nodes``); when the final timing of the kept model is over the budget
 anyway (timings move), the summary says so.

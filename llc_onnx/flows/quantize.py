@@ -127,7 +127,8 @@ def offered_formats(ctx: FlowContext) -> Formats:
         tensors = sorted({t for pair in need.values() for t in pair if t})
         with ctx.timer.stage("ranges"):
             ranges = collect_activation_ranges(ctx.graph, ctx.calib, tensors, method=tcfg.calibration,
-                                               percentile=tcfg.percentile, symmetric=True)
+                                               percentile=tcfg.percentile, symmetric=True,
+                                               observed=[i.name for i in ctx.model.graph.input])
         for (n, name), (x, y) in need.items():
             f = by_level[(n, name)]
             acts[(n, name)] = (qparams(ranges[x], f.activations), qparams(ranges[y], f.activations) if y else None)

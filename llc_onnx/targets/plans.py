@@ -60,7 +60,7 @@ def plan_nodes(target: Target, model: onnx.ModelProto, choices: Mapping[str, For
             graph = TorchGraph(model)
         tensors = sorted({t for x, y, _ in needs.values() for t in (x, y) if t is not None})
         ranges = collect_activation_ranges(graph, data, tensors, method=calibration, percentile=percentile,
-                                           symmetric=True)
+                                           symmetric=True, observed=[i.name for i in model.graph.input])
     for name, fmt in choices.items():
         node = nodes[name]
         w = numpy_helper.to_array(inits[node.weight])
