@@ -415,6 +415,11 @@ def _methods() -> list[Method]:
                   "0.66", "llc", llc_method(cpu + ["--w8a8-codes", "8", "--calibration", "percentile",
                                                    "--latency-budget", "0.66"], cache="cpu_c8p"), issue="12",
                   latency=True),
+           Method("llc_cpu_c8p_lat66_bb", "llc ort-cpu lossless, 8-bit W8A8 codes, percentile ranges, latency "
+                  "budget 0.66 at both bench batches", "llc",
+                  llc_at_bench_batches(cpu + ["--w8a8-codes", "8", "--calibration", "percentile",
+                                              "--latency-budget", "0.66"], cache="cpu_c8p"), issue="12",
+                  latency=True),
            Method("llc_cpu_fid_lossless", "llc ort-cpu lossless, fidelity objective", "llc",
                   llc_method(cpu + ["--objective", "fidelity"], cache="cpu_fid"), issue="9", latency=True),
            Method("llc_cpu_fid_at_ortw4", "llc ort-cpu at ORT 4-bit b32's size, fidelity objective", "llc",
