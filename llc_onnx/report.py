@@ -293,10 +293,10 @@ def print_optimize(result) -> None:
     for st in result.stages:
         fit = (st.settings or {}).get("latency") or {}
         if fit.get("measured"):
+            batches = ",".join(fit.get("timed_batches") or [fit["batch"]])
             ft = Summary(f"latency budget {fit['budget_fraction']:g}: plans timed against the float model at batch "
-                         f"{','.join(fit.get('timed_batches') or [fit['batch']])} (fastest of interleaved rounds; the largest fraction "
-                         "over the batches)", ["round", "nodes moved to fastest",
-                                                                              "× float latency"])
+                         f"{batches} (fastest of interleaved rounds; the largest fraction over the batches)",
+                         ["round", "nodes moved to fastest", "× float latency"])
             for row in fit["measured"]:
                 ft.add_row(row["round"], len(row["moved"]), f"{row['fraction']:.3f}")
             tables.append(ft)

@@ -66,6 +66,8 @@ def batch_inputs(data, n: int) -> dict[str, np.ndarray]:
     """``n`` samples' inputs from the calibration batches in order (repeated when there are fewer), for timing
     at batch ``n``. The samples only set shapes and value ranges: a latency does not depend on which."""
     first = data.batches[0]
+    if not first.size:
+        raise LLCError("--latency-batches: the calibration data has no samples to time with")
     if data.fixed_batch and n != first.size:
         raise LLCError(f"--latency-batches {n}: the model's batch dimension is fixed at {first.size}; time it at "
                        f"batch {first.size}")
@@ -89,7 +91,8 @@ def batch_inputs(data, n: int) -> dict[str, np.ndarray]:
 
 
 def latency_model(ctx, formats):
-    """(delta(node, level) -> ms at the calibration batch, info for the report)."""
+    """(delta(node, level) -> ms at the prediction's batch — the calibration batch, or the largest of
+    ``--latency-batches`` — info for the report)."""
     feeds = feeds_at(ctx)
     batch = max(budget_batches(ctx), key=int)   # the prediction's batch: the largest the budget holds at
     fmts = {n: list(o.formats) for n, o in formats.offers.items()}
