@@ -43,23 +43,30 @@ from ..errors import LLCError
 from ..targets.latency import measure_end_to_end, measure_latency_table, time_sessions
 
 
-def feeds_at(ctx) -> dict[str, dict[str, np.ndarray]]:
-    """Inputs per timed batch (label "<n>"): the batch sizes of ``--latency-batches`` when given, else the
-    calibration batch's shape and batch 1."""
+def batch_labels(ctx) -> list[str]:
+    """The timed batches' labels ("<n>"): the sizes of ``--latency-batches`` when given, else the calibration
+    batch's and batch 1 (only the calibration batch when the model's batch is fixed)."""
     sizes = ctx.config.target.latency_batches
     if sizes:
-        return {str(n): batch_inputs(ctx.calib, n) for n in sizes}
+        return [str(n) for n in sizes]
     b = ctx.calib.batches[0]
-    out = {str(b.size): dict(b.inputs)}
-    if b.size != 1 and not ctx.calib.fixed_batch:
-        out["1"] = {k: v[:1] for k, v in b.inputs.items()}
-    return out
+    return [str(b.size)] + (["1"] if b.size != 1 and not ctx.calib.fixed_batch else [])
+
+
+def feeds_at(ctx) -> dict[str, dict[str, np.ndarray]]:
+    """Inputs per timed batch (:func:`batch_labels`): stacked from the calibration samples for
+    ``--latency-batches``, else the calibration batch's and its first sample."""
+    if ctx.config.target.latency_batches:
+        return {label: batch_inputs(ctx.calib, int(label)) for label in batch_labels(ctx)}
+    b = ctx.calib.batches[0]
+    return {label: dict(b.inputs) if int(label) == b.size else {k: v[:1] for k, v in b.inputs.items()}
+            for label in batch_labels(ctx)}
 
 
 def budget_batches(ctx) -> list[str]:
     """The batch labels the latency budget must hold at: every ``--latency-batches`` size, else the
     calibration batch."""
-    return list(feeds_at(ctx))[: None if ctx.config.target.latency_batches else 1]
+    return batch_labels(ctx)[: None if ctx.config.target.latency_batches else 1]
 
 
 def batch_inputs(data, n: int) -> dict[str, np.ndarray]:
