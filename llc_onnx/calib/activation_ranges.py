@@ -139,7 +139,7 @@ def entropy_threshold(hist: np.ndarray, edges: np.ndarray, num_quantized_bins: i
     """KL-optimal threshold of a histogram of ``|x|`` (bins on ``[0, max|x|]``; see module docstring), among
     the thresholds that clip at most ``max_clipped`` of the values."""
     hist = np.array(hist, dtype=np.float64)
-    clipped = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]]) / max(hist.sum(), 1.0)   # share beyond bin i
+    total = max(float(hist.sum()), 1.0)   # before the zero-bin change: the share clipped is of the real values
     if hist.size > 1:
         # the zero bin of |x| holds every exact zero (a ReLU output's half, zero padding): as a spike it
         # dominates KL(P‖Q) — merged with its neighbours into one quantized bin, it is smeared over them — and
@@ -153,7 +153,7 @@ def entropy_threshold(hist: np.ndarray, edges: np.ndarray, num_quantized_bins: i
     best_i, best_kl = n, np.inf
     total_tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])   # Σ h[i:]
     for i in range(nq, n + 1):
-        if clipped[i] > max_clipped:
+        if total_tail[i] / total > max_clipped:   # (total_tail[i], i ≥ 1, does not include the zero bin)
             continue
         ref = hist[:i].copy()
         p = ref.copy()
@@ -261,9 +261,12 @@ def collect_activation_ranges(
     for t, st in stats.items():
         if st.count == 0:
             raise LLCError(f"tensor '{t}': empty in every calibration batch; it cannot be calibrated")
-    if method != "minmax":
+    keep = set(observed)
+    if method != "minmax" and not set(names) <= keep:
         for feeds in batches:
             for t, arr in values(feeds):
+                if t in keep:
+                    continue                     # an observed tensor keeps min–max: no histogram
                 st = stats[t]
                 amax = np.float32(max(abs(st.min), abs(st.max)))
                 if method == "percentile" and not symmetric:   # ORT: values on [-max|x|, max|x|]
@@ -276,7 +279,6 @@ def collect_activation_ranges(
                 st.edges = edges.astype(np.float32)
 
     out: dict[str, ActivationRange] = {}
-    keep = set(observed)
     for t, st in stats.items():
         lo, hi = st.min, st.max
         if t in keep:
