@@ -109,7 +109,7 @@ def run_model(m: BenchModel, quick: bool, args) -> dict:
         f"compressible nodes, {fp_bytes:,} weight bytes")
     rows: list[dict] = []
     fp_row: dict | None = None
-    for meth in R.selected(args.methods):
+    for meth in R.selected(args.methods, m.name):
         row = {"key": meth.key, "label": meth.label, "family": meth.family, "issue": meth.issue,
                "target": meth.target, "status": "ok"}
         t = time.perf_counter()
@@ -292,7 +292,8 @@ def main(argv=None) -> int:
                     help="Markdown output (default bench/RESULTS.md; --quick: bench/RESULTS-quick.md)")
     ap.add_argument("--plots", default=None, help="plot folder (default bench/plots; --quick: bench/plots/quick)")
     ap.add_argument("--methods", default=None,
-                    help="only the rows whose key starts with one of these (comma list), e.g. ort,llc_cpu,hawq")
+                    help="only the rows whose key starts with one of these (comma list), e.g. ort,llc_cpu,hawq; "
+                         "MODEL:PREFIX for one model only, e.g. smollm2:llc_cpu_w8")
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for latency (default 2)")
     ap.add_argument("--eval-threads", type=int, default=0, help="ORT intra-op threads for the test evaluations")
     ap.add_argument("--no-latency", action="store_true")

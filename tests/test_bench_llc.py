@@ -36,3 +36,14 @@ def test_a_run_that_ignores_sigterm_is_killed_after_the_grace(tmp_path, monkeypa
     t0 = time.perf_counter()
     res = llc.run([sys.executable, "-c", _IGNORES_TERM, "x"], tmp_path / "r.json", timeout=8)
     assert res["exit"] == "timeout" and time.perf_counter() - t0 < 40
+
+
+def test_a_model_scoped_method_prefix_selects_rows_for_that_model_only():
+    from bench import rows
+
+    spec = "ort_int8,smollm2:llc_cpu_w8_lat60_bb,fmnist:llc_cpu_c8p_lat66_bb"
+    smol = [m.key for m in rows.selected(spec, "smollm2")]
+    fm = [m.key for m in rows.selected(spec, "fmnist")]
+    assert smol == ["fp32", "ort_int8", "llc_cpu_w8_lat60_bb"]
+    assert fm == ["fp32", "ort_int8", "llc_cpu_c8p_lat66_bb"]
+    assert [m.key for m in rows.selected(spec, "effnet")] == ["fp32", "ort_int8"]
