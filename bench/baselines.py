@@ -61,7 +61,7 @@ import torch
 
 from llc_onnx.model_io import tensor_nbytes
 
-WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "MatMulNBits": 1}
+WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "MatMulNBits": 1, "MatMulInteger": 1, "ConvInteger": 1}
 
 
 class NotApplicable(Exception):
@@ -95,7 +95,17 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[int, int]:
     for n in model.graph.node:
         if n.op_type not in WEIGHT_OPS or len(n.input) < 2:
             continue
-        if n.op_type == "MatMulNBits":
+        if n.op_type in ("MatMulInteger", "ConvInteger"):
+            # quantize_dynamic's operator form: int8 weight W_quantized, its zero point (input 3) and the
+            # per-channel scale W_scale that a Mul after the node applies
+            w = n.input[1]
+            if w not in inits:
+                continue
+            b = tensor_nbytes(inits[w]) + (tensor_nbytes(inits[n.input[3]]) if len(n.input) > 3 and
+                                           n.input[3] in inits else 0)
+            scale = w.removesuffix("_quantized") + "_scale"
+            b += tensor_nbytes(inits[scale]) if w.endswith("_quantized") and scale in inits else 0
+        elif n.op_type == "MatMulNBits":
             b = sum(tensor_nbytes(inits[i]) for i in n.input[1:4] if i and i in inits and i != n.input[0])
         else:
             b = const_bytes(n.input[1])
@@ -150,6 +160,20 @@ def ort_int8(model_path: str, calib_dataset, out_path: str) -> dict:
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=big,
                         extra_options={"WeightSymmetric": True})
     return info
+
+
+def ort_int8_dynamic(model_path: str, out_path: str) -> dict:
+    """quantize_dynamic: MatMulInteger with per-channel symmetric int8 weights, activations quantized at run
+    time (DynamicQuantizeLinear, one uint8 scale per tensor per run) — ONNX Runtime's recommendation for
+    transformer models, where static activation ranges clip the outliers. ONNX Runtime writes it in operator
+    form (no QDQ variant exists for dynamic quantization)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    big = os.path.getsize(model_path) > 1_500_000_000
+    quantize_dynamic(model_path, out_path, weight_type=QuantType.QInt8, per_channel=True,
+                     use_external_data_format=big)
+    return {"ops": sorted({n.op_type for n in onnx.load(out_path, load_external_data=False).graph.node
+                           if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeLinear")})}
 
 
 # ------------------------------------------------------------------------------- ORT weight-only 4-bit

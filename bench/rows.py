@@ -174,6 +174,17 @@ def ort_int8(b: Bench, row: dict) -> Path:
     return out
 
 
+def ort_int8_dynamic(b: Bench, row: dict) -> Path:
+    t0 = time.perf_counter()
+    out = b.out(row["key"])
+    row["info"] = B.ort_int8_dynamic(str(b.fp_path), str(out))
+    row["seconds"] = time.perf_counter() - t0
+    row["notes"] = ["quantize_dynamic: MatMulInteger, per-channel symmetric INT8 weights, activations quantized "
+                    "at run time (one uint8 scale per tensor per run; ONNX Runtime's recommendation for "
+                    "transformers); no calibration, no validation step"]
+    return out
+
+
 def ort_weight_only(algo: str, block: int, symmetric: bool = True):
     def fn(b: Bench, row: dict) -> Path:
         from llc_onnx.calib.data import load_dataset
@@ -374,7 +385,9 @@ MIXB2 = ["--block-size", "32,128", "--bits", "2,4,8,float", "--auto-roundings", 
 
 def _methods() -> list[Method]:
     ms = [Method("fp32", "FP32", "fp32", fp32, latency=True),
-          Method("ort_int8", "ORT INT8 QDQ (quantize_static)", "ort", ort_int8, issue="12", latency=True)]
+          Method("ort_int8", "ORT INT8 QDQ (quantize_static)", "ort", ort_int8, issue="12", latency=True),
+          Method("ort_dyn8", "ORT INT8 dynamic (quantize_dynamic)", "ort", ort_int8_dynamic, issue="12",
+                 latency=True)]
     for algo, block, sym, label in (("default", 32, True, "default sym"), ("rtn", 32, True, "RTN sym"),
                                     ("gptq", 32, False, "GPTQ asym"), ("hqq", 32, False, "HQQ"),
                                     ("default", 128, True, "default sym"), ("hqq", 128, False, "HQQ")):

@@ -103,6 +103,27 @@ def test_ort_weight_only_quantizers_on_a_real_model(tmp_path):
         assert abs(loss - fp_loss) < 0.05, (algo, loss, fp_loss)  # 4-bit keeps this model working
 
 
+def test_ort_dynamic_int8_on_a_real_model_and_its_bytes(tmp_path):
+    path = example_with_matmuls(tmp_path)
+    with np.load(EX_DATA) as z:
+        x, y = z["input"][:500], z["labels"][:500]
+    fp = onnx.load(path)
+    out = tmp_path / "dyn.onnx"
+    info = B.ort_int8_dynamic(path, str(out))
+    q = onnx.load(out)
+    assert "MatMulInteger" in info["ops"] and "DynamicQuantizeLinear" in info["ops"]
+    assert sum(n.op_type in ("MatMulInteger", "ConvInteger") for n in q.graph.node) == 4
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    expect = sum(inits[n.input[1]].nbytes + inits[n.input[3]].nbytes + inits[n.input[1].removesuffix("_quantized")
+                                                                           + "_scale"].nbytes
+                 for n in q.graph.node if n.op_type in ("MatMulInteger", "ConvInteger"))
+    assert all(inits[n.input[1]].dtype == np.int8 for n in q.graph.node if n.op_type == "MatMulInteger")
+    nbytes, count = B.weight_bytes(q)
+    assert (nbytes, count) == (expect, 4)
+    assert nbytes < 0.3 * B.weight_bytes(fp)[0]  # int8 codes: a quarter of float32, plus scales
+    assert abs(_ce(_run(q, {"input": x}), y) - _ce(_run(fp, {"input": x}), y)) < 0.05
+
+
 def test_ort_weight_only_needs_matmuls():
     with pytest.raises(B.NotApplicable, match="MatMul"):
         B.ort_weight_only(EX_MODEL, "/nonexistent/out.onnx")  # Conv + Gemm only
