@@ -3,7 +3,7 @@
     python -m bench.run [--quick] [--models fmnist,smollm2,effnet,minilm] [--methods KEY,PREFIX] [--out FILE]
 
 For each model (``bench.models``): prepare the model and data in the cache (offline, package registries
-only), then run every method of ``bench.rows.METHODS`` (``--methods``: key prefixes) on the same files —
+only), then run every method of ``bench.rows.METHODS`` (``--methods``: key prefixes; ``MODEL:PREFIX`` for one model only) on the same files —
 calibration (of which llc-onnx and the allocation baselines hold out the same seeded validation quarter) and
 test. Every produced model is then judged here, the same way for every row (``bench.evaluate``): the test
 split once, in the session of the row's target (task loss and metric, KL to FP32, FP32 top-1 agreement);
