@@ -47,3 +47,14 @@ def test_a_model_scoped_method_prefix_selects_rows_for_that_model_only():
     assert smol == ["fp32", "ort_int8", "llc_cpu_w8_lat60_bb"]
     assert fm == ["fp32", "ort_int8", "llc_cpu_c8p_lat66_bb"]
     assert [m.key for m in rows.selected(spec, "effnet")] == ["fp32", "ort_int8"]
+
+
+def test_a_method_scope_naming_no_bench_model_is_a_usage_error(capsys):
+    import pytest
+
+    from bench import run
+
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--methods", "effnt:llc_cpu_lat50", "--out", "/nonexistent/x.md"])
+    assert exc.value.code == 2
+    assert "no bench model 'effnt'" in capsys.readouterr().err
