@@ -503,17 +503,23 @@ METHODS: list[Method] = _methods()
 BY_KEY = {m.key: m for m in METHODS}
 
 
+def method_scopes(spec: str) -> list[tuple[str, str]]:
+    """``--methods`` items as (model, key prefix); model "" where the prefix applies to every model."""
+    out = []
+    for item in (p.strip() for p in spec.split(",")):
+        scope, _, prefix = item.rpartition(":")
+        if prefix:
+            out.append((scope, prefix))
+    return out
+
+
 def selected(spec: str | None, model: str | None = None) -> list[Method]:
     """The methods whose key starts with one of the comma-separated prefixes (all when None); FP32 always. A
     prefix written ``MODEL:PREFIX`` (``smollm2:llc_cpu_w8``) applies to that bench model only, so one run can
     give each model its own extra rows."""
     if not spec:
         return list(METHODS)
-    pre = []
-    for item in (p.strip() for p in spec.split(",")):
-        scope, _, prefix = item.rpartition(":")
-        if prefix and (not scope or scope == model):
-            pre.append(prefix)
+    pre = [prefix for scope, prefix in method_scopes(spec) if not scope or scope == model]
     return [m for m in METHODS if m.key == "fp32" or any(m.key.startswith(p) for p in pre)]
 
 

@@ -315,10 +315,9 @@ def main(argv=None) -> int:
     args.command_line = "python -m bench.run " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     names = args.models or ("fmnist" if args.quick else ",".join(DEFAULT_MODELS))
-    for item in (args.methods or "").split(","):
-        scope = item.strip().rpartition(":")[0]
+    for scope, prefix in R.method_scopes(args.methods or ""):
         if scope and scope not in MODELS:
-            ap.error(f"--methods {item.strip()}: no bench model {scope!r}; one of {', '.join(MODELS)}")
+            ap.error(f"--methods {scope}:{prefix}: no bench model {scope!r}; one of {', '.join(MODELS)}")
     started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.perf_counter()
     results = []
