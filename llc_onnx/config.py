@@ -377,6 +377,10 @@ class TargetConfig:
     w8a8_codes: int = opt(7, "--w8a8-codes", "ort-cpu: bits of W8A8 weight codes: 7 (default: exact on every "
                           "x86 CPU) or 8 (half the rounding error; only for CPUs whose int8 kernels do not "
                           "saturate: x86 with AVX512-VNNI/AVX-VNNI, ARM64; refused on others)")
+    w8a8_activations: Literal["auto", "static", "dynamic", "both"] = opt(
+        "auto", "--w8a8-activations", "ort-cpu: W8A8 activations of MatMuls: static (calibrated ranges), dynamic "
+        "(quantized per run: DynamicQuantizeMatMul), both (one candidate each), auto (default: both with "
+        "--latency-budget, else static)")
     plugins: bool = opt(False, "--plugins", "tensorrt: offer plugin nodes for levels TensorRT has no kernel for")
     measure_latency: bool = opt(True, "--latency", "measure the float and the final model's end-to-end latency "
                                 "on the target (calibration batch and batch 1) for the summary (default on)")
@@ -392,6 +396,9 @@ class TargetConfig:
                self.w8a8_codes, "7 or 8")
         _check(self.w8a8_codes == 7 or self.name == "ort-cpu", "target.w8a8_codes", self.w8a8_codes,
                "8-bit W8A8 codes are an ort-cpu option")
+        _choice("target.w8a8_activations", self.w8a8_activations, ("auto", "static", "dynamic", "both"))
+        _check(self.w8a8_activations in ("auto", "static") or self.name == "ort-cpu", "target.w8a8_activations",
+               self.w8a8_activations, "dynamic W8A8 is an ort-cpu option")
         object.__setattr__(self, "latency_batches", tuple(dict.fromkeys(self.latency_batches)))
         _check(all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.latency_batches),
                "target.latency_batches", self.latency_batches, "batch sizes are integers ≥ 1 (e.g. 1,4)")

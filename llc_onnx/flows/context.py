@@ -633,15 +633,24 @@ def _target(config: OptimizeConfig):
         return get_target("qdq", activations=config.quant.activations, series_form=config.series.form)
     if t.name == "tensorrt":
         return get_target("tensorrt", plugins=t.plugins)
-    if t.name == "ort-cpu" and t.w8a8_codes != 7:
-        from ..targets.ort_cpu import int8_full_range_exact
+    if t.name == "ort-cpu":
+        if t.w8a8_codes != 7:
+            from ..targets.ort_cpu import int8_full_range_exact
 
-        why = int8_full_range_exact()
-        if why:
-            raise LLCError(f"--w8a8-codes {t.w8a8_codes}: {why}; verify on (or like) the CPU you deploy to, or use "
-                           "--w8a8-codes 7")
-        return get_target("ort-cpu", w8a8_code_bits=t.w8a8_codes)
+            why = int8_full_range_exact()
+            if why:
+                raise LLCError(f"--w8a8-codes {t.w8a8_codes}: {why}; verify on (or like) the CPU you deploy to, or "
+                               "use --w8a8-codes 7")
+        return get_target("ort-cpu", w8a8_code_bits=t.w8a8_codes, w8a8_activations=w8a8_activations(t))
     return get_target(t.name)
+
+
+def w8a8_activations(t) -> str:
+    """The W8A8 activation forms ort-cpu offers for a TargetConfig: ``auto`` is ``both`` when a latency budget
+    is set (speed is asked for, and dynamic W8A8 is what ORT runs fastest on transformers), else ``static``."""
+    if t.w8a8_activations == "auto":
+        return "both" if t.latency_budget is not None else "static"
+    return t.w8a8_activations
 
 
 def _cpu_fallback(settings):

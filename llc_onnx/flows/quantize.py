@@ -76,6 +76,9 @@ def candidate_settings(ctx: FlowContext) -> dict:
             "cet": [CET_MODEL_VERSION, cfg.cet_curvature, cfg.cet_k, cfg.cet_samples, cfg.cet_steps, cfg.compare_cet],
             "activations": cfg.activations, "cost": cfg.cost, "target": t.name, "calibration": t.calibration,
             "percentile": t.percentile, "plugins": t.plugins}
+    acts = getattr(ctx.target, "w8a8_activations", "static")
+    if acts != "static":  # only then, so that the keys of runs without dynamic W8A8 stay as they were
+        out["w8a8_activations"] = acts
     if "series" in families(ctx):  # only then, so that quantization-only cache keys stay as they were
         sc = ctx.config.series
         out.update(families=list(families(ctx)), series={"bits": list(sc.bits), "terms": list(sc.terms),
@@ -121,7 +124,7 @@ def offered_formats(ctx: FlowContext) -> Formats:
                   Offer(n, tuple(f for f in o.formats if f.kind != "float"), o.refused) for n, o in offers.items()}
     by_level = {(n, f.name): f for n, o in offers.items() for f in o.formats}
     acts: dict = {}
-    w8 = [(n, f) for (n, _), f in by_level.items() if f.kind == "w8a8"]
+    w8 = [(n, f) for (n, _), f in by_level.items() if f.kind == "w8a8" and not f.dynamic]
     if w8:
         need = {(n, f.name): ctx.target.tensors_to_calibrate(ctx.model, n, f) for n, f in w8}
         tensors = sorted({t for pair in need.values() for t in pair if t})

@@ -1,6 +1,11 @@
 """Quantizers: symmetric weight quantization with loss-aware (LLC) rounding, activation fake-quant."""
 
-from llc_onnx.quant.activations import ActivationQuant, activation_scale, fake_quant_activation
+from llc_onnx.quant.activations import (
+    ActivationQuant,
+    activation_scale,
+    dynamic_uint8_fake_quant,
+    fake_quant_activation,
+)
 from llc_onnx.quant.weights import (
     QuantizedWeight,
     WeightQuantSpec,
@@ -19,6 +24,7 @@ __all__ = [
     "activation_scale",
     "conv_matrix_shape",
     "dominated_levels",
+    "dynamic_uint8_fake_quant",
     "is_matrix_layout",
     "fake_quant_activation",
     "qrange",

@@ -68,3 +68,22 @@ def fake_quant_activation(x: torch.Tensor, aq: ActivationQuant) -> torch.Tensor:
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     scale = torch.tensor(aq.scale, dtype=torch.float32, device=x.device).to(dtype=x.dtype)
     return _RoundClampSTE.apply(x, scale, qmin, qmax)
+
+
+def dynamic_uint8_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """What ``DynamicQuantizeLinear`` followed by its dequantization computes, per tensor and per run (ONNX
+    spec; ORT's fused ``DynamicQuantizeMatMul`` quantizes its input the same way): over the whole tensor
+    lo = min(x, 0), hi = max(x, 0), scale s = float32((hi − lo) / 255), zero point z = clip(round(−lo / s), 0,
+    255), q = clip(round(x / s) + z, 0, 255) (round half to even), value (q − z)·s. Straight-through gradient.
+    An all-zero tensor (s = 0) passes unchanged (its codes are all z)."""
+    xf = x.detach().float()
+    with torch.no_grad():
+        lo = torch.clamp(xf.min(), max=0.0)
+        hi = torch.clamp(xf.max(), min=0.0)
+        s = (hi - lo) / 255.0
+        if float(s) == 0.0:
+            return x
+        z = torch.clamp(torch.round(-lo / s), 0, 255)
+        q = torch.clamp(torch.round(xf / s) + z, 0, 255)
+        dq = ((q - z) * s).to(x.dtype)
+    return x + (dq - x).detach()

@@ -60,7 +60,9 @@ class Format:
     (7 for ORT CPU's W8A8, whose int8 kernels saturate with full-range codes on CPUs without VNNI);
     None = ``bits``. ``block_size``: blocked along the reduction axis (None: per output channel).
     ``activations``: ``"uint8"`` / ``"int8"`` calibrated per-tensor activations (W8A8),
-    ``"int8-block"`` the dynamic per-block int8 activations of MatMulNBits at accuracy level 4, or None.
+    ``"int8-block"`` the dynamic per-block int8 activations of MatMulNBits at accuracy level 4,
+    ``"dynamic"`` uint8 per-tensor activations quantized at run time (dynamic W8A8:
+    ``DynamicQuantizeLinear → MatMulInteger``, :mod:`llc_onnx.passes.dynamic_w8a8`), or None.
     ``output``: W8A8 also quantizes the node's output (Conv → QLinearConv). ``float_type``: the node's float
     type (``"float32"``, ``"float16"``, ``"bfloat16"``: the weight's), in which the float weight and the scales
     are stored (:meth:`Target.offers` sets it from the model). ``terms``: the number of basis terms T of a
@@ -106,11 +108,18 @@ class Format:
             s += f"-b{self.block_size}"
         if self.activations in ("uint8", "int8", "int16"):
             s += f"-a{self.activations}"
+        elif self.activations == "dynamic":
+            s += "-adyn"
         if self.accuracy_level is not None:
             s += f"-acc{self.accuracy_level}"
         if self.plugin:
             s += f"-{self.plugin}"
         return s
+
+    @property
+    def dynamic(self) -> bool:
+        """A W8A8 format whose activations are quantized at run time (no calibrated ranges)."""
+        return self.kind == "w8a8" and self.activations == "dynamic"
 
     def weight_spec(self, *, scale_method: str = "minmax", rounding: str = "nearest") -> WeightQuantSpec | None:
         """The quantizer spec whose codes this format stores (None for float)."""
@@ -379,7 +388,7 @@ class Target(ABC):
 
     def tensors_to_calibrate(self, model: onnx.ModelProto, node: str, fmt: Format) -> tuple[str | None, str | None]:
         """(input tensor, output tensor) whose ranges ``fmt`` needs (None where it needs none)."""
-        if fmt.kind != "w8a8":
+        if fmt.kind != "w8a8" or fmt.dynamic:
             return None, None
         from llc_onnx.passes.w8a8 import quantized_tensors
 
@@ -421,7 +430,8 @@ class Target(ABC):
                 raise LLCError(f"node '{name}': weight is {w.bits}-bit with block_size={w.block_size}, format "
                                f"{fmt.name} stores {want_bits}-bit codes with block_size={fmt.block_size}; "
                                "quantize with format.weight_spec()")
-            if fmt.kind == "w8a8" and (plan.input is None or (fmt.output and plan.output is None)):
+            if fmt.kind == "w8a8" and not fmt.dynamic and \
+                    (plan.input is None or (fmt.output and plan.output is None)):
                 raise LLCError(f"node '{name}': W8A8 plan needs calibrated activation parameters (input"
                                f"{' and output' if fmt.output else ''}); calibrate with "
                                "calib.activation_ranges")
@@ -436,9 +446,13 @@ def output_hook(plan: NodePlan) -> Callable | None:
 
 def input_hook(plan: NodePlan) -> Callable | None:
     """The interpreter ``input_fns`` hook that reproduces what the written node does to its activation
-    input (W8A8: the calibrated Q/DQ; MatMulNBits level 4: per-block int8), or None. The output Q/DQ of a
-    W8A8 Conv is not covered: it needs an output hook in the interpreter."""
+    input (W8A8: the calibrated Q/DQ, or dynamic W8A8's run-time one; MatMulNBits level 4: per-block int8), or
+    None. The output Q/DQ of a W8A8 Conv is not covered: it needs an output hook in the interpreter."""
     fmt = plan.format
+    if fmt.dynamic:
+        from llc_onnx.quant import dynamic_uint8_fake_quant
+
+        return dynamic_uint8_fake_quant
     if fmt.kind == "w8a8":
         return plan.input.fake_quant
     if fmt.kind == "qdq" and fmt.activations:

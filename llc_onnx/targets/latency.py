@@ -349,7 +349,7 @@ def _unit_plans(target: Target, unit: onnx.ModelProto, node: CompressibleNode, f
                 w: np.ndarray, x: np.ndarray, y: np.ndarray | None) -> dict[str, NodePlan]:
     weight = quantize_for(fmt, node, w)
     inp = out = None
-    if fmt.kind == "w8a8":
+    if fmt.kind == "w8a8" and not fmt.dynamic:
         dtype = fmt.activations
         inp = qparams((float(x.min()), float(x.max())), dtype)
         if fmt.output:

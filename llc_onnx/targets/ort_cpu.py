@@ -17,6 +17,10 @@ MatMul/Gemm  W8A8: int8 weights with 7-bit codes per channel, uint8     MatMulIn
              ``QGemm``)
 MatMul/Gemm  ``MatMulNBits`` 8-bit, ``accuracy_level=4``                0.6–0.75× at batch 1, 1.3–1.7× at 32 rows
                                                                         (offered beside W8A8; latency decides)
+MatMul       dynamic W8A8: int8 weights (7-bit codes) per channel,      ``DynamicQuantizeMatMul``; offered with
+             uint8 activations quantized per tensor at run time         ``w8a8_activations`` "dynamic"/"both"
+             (``DynamicQuantizeLinear → MatMulInteger``, what ORT's     (``--w8a8-activations``; "auto": when a
+             ``quantize_dynamic`` writes)                               latency budget is set); latency decides
 Conv         W8A8 with the output quantized too (``QLinearConv``),      0.55–0.6× for 64-channel 3×3 convs;
              uint8 activations, 7-bit codes                             1.1–1.5× for 1×1, depthwise, few-channel
                                                                         convs (latency decides)
@@ -42,6 +46,12 @@ kernels: a weight-only ``DequantizeLinear`` in front of Conv/MatMul/Gemm is not 
 FP32), W8A8 on a 2-D MatMul whose only consumer is an ``Add`` of a constant (ORT fuses MatMul+Add into a
 float Gemm before its Q/DQ fusion, so it stays float), MatMulNBits on a Gemm with ``transA`` or
 ``alpha ≠ 1`` or a bias that is not ``[N]``.
+
+Why dynamic W8A8 (``llc_onnx.passes.dynamic_w8a8``): a transformer's activations move between inputs, so one
+calibrated range per tensor costs loss where a range taken on every run does not; ORT's own advice for
+transformers is ``quantize_dynamic``. Dynamic and static W8A8 store the same bytes; they differ in loss (measured
+per node, like every level) and time (the per-run min/max pass; the latency table decides). MatMul only: ORT
+fuses ``MatMulInteger`` + scale into ``DynamicQuantizeMatMul`` for MatMul; Gemm and Conv keep static W8A8.
 
 Why 7-bit codes: ORT's int8 GEMM on x86 without VNNI multiplies uint8 activations by int8 weights with
 ``vpmaddubsw``, which adds pairs of products in int16 and saturates when the weight codes use the full
@@ -73,6 +83,7 @@ import onnx
 
 from llc_onnx.compressible import CompressibleNode
 from llc_onnx.errors import LLCError
+from llc_onnx.passes.dynamic_w8a8 import DynamicW8A8Pass
 from llc_onnx.passes.matmulnbits import MatMulNBitsPass, valid_block_size
 from llc_onnx.passes.series import SeriesPass
 from llc_onnx.series.packing import stacked_block
@@ -96,6 +107,10 @@ __all__ = ["OrtCpuTarget", "mnb_unsupported", "w8a8_unsupported"]
 ACCURACY_LEVEL = 4
 #: weight code bits of W8A8 formats: 7 is exact on every x86 CPU, 8 only where int8 kernels do not saturate
 W8A8_CODE_BITS = (7, 8)
+#: which W8A8 activation forms are offered: calibrated per tensor (static), per run (dynamic), or both
+W8A8_ACTIVATIONS = ("static", "dynamic", "both")
+NO_DYNAMIC = ("dynamic W8A8 is written for MatMul only (ORT fuses MatMulInteger into DynamicQuantizeMatMul); "
+              "this node keeps static W8A8")
 
 
 def int8_full_range_exact() -> str | None:
@@ -189,13 +204,16 @@ class OrtCpuTarget(Target):
     """ONNX Runtime, CPU execution provider (see module docstring for the measured table)."""
 
     name = "ort-cpu"
-    summary = "ONNX Runtime CPU: MatMulNBits (2/4/8-bit, accuracy level 4) and static W8A8 Q/DQ (uint8 activations)"
+    summary = ("ONNX Runtime CPU: MatMulNBits (2/4/8-bit, accuracy level 4), static W8A8 Q/DQ (uint8 activations) "
+               "and, on request, dynamic W8A8 (DynamicQuantizeMatMul)")
     table = {
         "MatMul/Gemm": [
             ("MatMulNBits 4-bit, block 2^k ≥ 16, accuracy_level 4", "0.4–0.8× FP32 at batch 1"),
             ("MatMulNBits 2-bit, block 2^k ≥ 32, accuracy_level 4", "0.4–0.75× FP32 at batch 1"),
             ("W8A8 (7-bit codes, uint8 activations) → MatMulIntegerToFloat / QGemm", "0.4–0.7× FP32"),
             ("MatMulNBits 8-bit, accuracy_level 4", "0.6–0.75× FP32 at batch 1 (latency decides)"),
+            ("dynamic W8A8 (MatMul; 7-bit codes, uint8 activations per run) → DynamicQuantizeMatMul",
+             "with --w8a8-activations dynamic/both (auto: with a latency budget); latency decides"),
         ],
         "Conv": [("W8A8 with output Q/DQ → QLinearConv", "0.55–0.6× FP32 for wide 3×3 convs; slower for "
                                                          "1×1/depthwise/few channels (latency decides)")],
@@ -207,11 +225,14 @@ class OrtCpuTarget(Target):
                            "not fused: slower than FP32")],
     }
 
-    def __init__(self, *, w8a8_code_bits: int = 7):
+    def __init__(self, *, w8a8_code_bits: int = 7, w8a8_activations: str = "static"):
         if w8a8_code_bits not in W8A8_CODE_BITS:
             raise LLCError(f"ort-cpu: w8a8_code_bits={w8a8_code_bits!r}; use 7 (exact on every x86 CPU) or 8 "
                            "(VNNI x86 and ARM64 only)")
+        if w8a8_activations not in W8A8_ACTIVATIONS:
+            raise LLCError(f"ort-cpu: w8a8_activations={w8a8_activations!r}; use {', '.join(W8A8_ACTIVATIONS)}")
         self.w8a8_code_bits = int(w8a8_code_bits)
+        self.w8a8_activations = w8a8_activations
 
     def offer(self, node: CompressibleNode, context: GraphContext, *, levels: Sequence[int | str] = LEVELS,
               block_size: int = 32) -> Offer:
@@ -240,11 +261,7 @@ class OrtCpuTarget(Target):
             if mnb_why is None and not valid_block_size(block_size):
                 mnb_why = f"block size {block_size} is not a power of two >= 16, which MatMulNBits needs"
             if lv == 8:
-                why = w8a8_unsupported(node, context)
-                if why:
-                    refused.append(("int8 (W8A8)", why))
-                else:
-                    formats.append(Format("w8a8", 8, None, code_bits=self.w8a8_code_bits, activations="uint8"))
+                formats += self._w8a8_matmul(node, context, refused)
                 if mnb_why:
                     refused.append(("int8 (MatMulNBits)", mnb_why))
                 else:
@@ -257,6 +274,25 @@ class OrtCpuTarget(Target):
             else:
                 formats.append(_mnb_format(int(lv), block_size))
         return Offer(node.name, tuple(formats), tuple(refused))
+
+    def _w8a8_matmul(self, node: CompressibleNode, context: GraphContext, refused: list) -> list[Format]:
+        """The W8A8 formats of a MatMul/Gemm (static and/or dynamic, ``w8a8_activations``); refusals appended."""
+        out: list[Format] = []
+        if self.w8a8_activations in ("static", "both"):
+            why = w8a8_unsupported(node, context)
+            if why:
+                refused.append(("int8 (W8A8)", why))
+            else:
+                out.append(Format("w8a8", 8, None, code_bits=self.w8a8_code_bits, activations="uint8"))
+        if self.w8a8_activations in ("dynamic", "both"):
+            why = w8a8_unsupported(node, context, check_add_fusion=False)
+            if node.op_type != "MatMul":
+                why = NO_DYNAMIC
+            if why:
+                refused.append(("int8 (dynamic W8A8)", why))
+            else:
+                out.append(Format("w8a8", 8, None, code_bits=self.w8a8_code_bits, activations="dynamic"))
+        return out
 
     def offer_series(self, node: CompressibleNode, context: GraphContext, *, bits: Sequence[int] = (2, 4, 8),
                      terms: Sequence[int] = (1, 2, 3, 4), block_size: int = 32) -> Offer:
@@ -288,14 +324,15 @@ class OrtCpuTarget(Target):
     def rewrite(self, model: onnx.ModelProto, plans: Mapping[str, NodePlan]) -> Rewrite:
         self.check_plans(plans, ("float", "matmulnbits", "w8a8", "series"))
         w8 = {n: W8A8Plan(weight=p.weight, input=p.input, output=p.output if p.format.output else None)
-              for n, p in plans.items() if p.format.kind == "w8a8"}
+              for n, p in plans.items() if p.format.kind == "w8a8" and not p.format.dynamic}
+        dyn = {n: p.weight for n, p in plans.items() if p.format.dynamic}
         mnb = {n: p.weight for n, p in plans.items() if p.format.kind == "matmulnbits"}
         levels = {n: int(plans[n].format.accuracy_level) for n in mnb}
         series = {n: p.weight for n, p in plans.items() if p.format.kind == "series"}
         conv = {n: w for n, w in series.items() if len(w.shape) > 2}
         mm = {n: w for n, w in series.items() if n not in conv}
         passes = [FusePadIntoConvPass()] if w8 else []        # exact; keeps Pad → Q/DQ → Conv integer
-        out = apply_passes(model, [*passes, W8A8Pass(w8, join_adds=True),
+        out = apply_passes(model, [*passes, W8A8Pass(w8, join_adds=True), DynamicW8A8Pass(dyn),
                                    MatMulNBitsPass(mnb, accuracy_level=levels, unsupported="error"),
                                    SeriesPass(conv), SeriesPass(mm, form="nbits", accuracy_level=ACCURACY_LEVEL)],
                            replaced=[n for n, p in plans.items() if p.format.kind != "float"])

@@ -47,7 +47,7 @@ def plan_nodes(target: Target, model: onnx.ModelProto, choices: Mapping[str, For
         if name not in nodes:
             raise LLCError(f"node '{name}': not a compressible node of the model; choose formats for "
                            "find_compressible() nodes")
-        if fmt.kind == "w8a8":
+        if fmt.kind == "w8a8" and not fmt.dynamic:   # dynamic W8A8 quantizes its input at run time
             x, y = target.tensors_to_calibrate(model, name, fmt)
             needs[name] = (x, y, fmt.activations)
     ranges = {}
