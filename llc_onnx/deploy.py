@@ -102,6 +102,10 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 def _weight_format(node: onnx.NodeProto, producers: dict, inits: set) -> str:
     if node.op_type == "MatMulNBits":
         return f"MatMulNBits {_attr(node, 'bits', 4)}-bit, accuracy_level {_attr(node, 'accuracy_level', 0)}"
+    if node.op_type == "MatMulInteger":
+        x = producers.get(node.input[0])
+        per_run = x is not None and x.op_type == "DynamicQuantizeLinear"
+        return "int8 weight, activations quantized per run (dynamic W8A8)" if per_run else "integer MatMul"
     if len(node.input) < 2:
         return "-"
     w = node.input[1]
@@ -132,7 +136,7 @@ def _check_ort_cpu(proto: onnx.ModelProto, source: str, threads: int) -> CheckRe
     producers = {o: n for n in proto.graph.node for o in n.output}
     nodes, violations = [], []
     for i, n in enumerate(proto.graph.node):
-        if n.op_type not in (*_WEIGHTED, "MatMulNBits"):
+        if n.op_type not in (*_WEIGHTED, "MatMulNBits", "MatMulInteger"):
             continue
         name = n.name or f"{n.op_type}_{i}"
         fmt = _weight_format(n, producers, inits)

@@ -255,3 +255,22 @@ def test_latency_table_times_the_dynamic_form():
     timed = set(table.units["2"]["mm1"])
     assert {"float", "w8a8-int8c7-auint8", "w8a8-int8c7-adyn", "mnb-int8-b32-acc4"} <= timed
     assert table.unit("2", "mm1", "w8a8-int8c7-adyn").median_ms > 0
+
+
+def test_check_ort_cpu_lists_the_dynamic_nodes_and_their_integer_kernels(tmp_path):
+    """``llc-onnx check --target ort-cpu`` reads ORT's optimized graph: a dynamic W8A8 node is listed under its
+    own name, with the integer kernel ORT made of it (one DynamicQuantizeLinear shared by two consumers becomes
+    MatMulIntegerToFloat; a lone one DynamicQuantizeMatMul)."""
+    from llc_onnx.deploy import check
+
+    m = token_mlp()
+    w = weights(m)
+    path = tmp_path / "dyn.onnx"
+    onnx.save(apply_dynamic_w8a8(m, {"mm1": plan(w["W1"]), "mmg": plan(w["Wg"]), "mm2": plan(w["W2"])}), path)
+    r = check(str(path), target="ort-cpu")
+    by = {n["node"]: n for n in r.nodes}
+    assert r.passed and set(by) == {"mm1", "mmg", "mm2", "head"}
+    for name in ("mm1", "mmg", "mm2"):
+        assert by[name]["integer"] and "dynamic W8A8" in by[name]["weight"], by[name]
+    assert by["mm2"]["kernel"] == "DynamicQuantizeMatMul" and by["mm1"]["kernel"] == "MatMulIntegerToFloat"
+    assert not by["head"]["integer"]
