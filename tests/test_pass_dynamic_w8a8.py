@@ -233,6 +233,15 @@ def test_optimize_writes_dynamic_w8a8_and_auto_asks_for_it_with_a_latency_budget
     assert [n.op_type for n in out.graph.node].count("MatMulInteger") == 4
     assert not any(n.op_type in ("QuantizeLinear", "MatMulNBits") for n in out.graph.node)
     assert np.isfinite(run(out, x[:4])).all()
+    # both forms offered: each MatMul is measured in both, and the plan (same bytes) takes either
+    both = OptimizeConfig(target=TargetConfig(w8a8_activations="both", measure_latency=False),
+                          quant=QuantConfig(bits=(8, "float"), budget=0.33))
+    res2 = llc_onnx.optimize(str(mpath), str(dpath), both)
+    st = res2.stages[-1]
+    measured = {(c.node, c.level) for c in st.candidates}
+    for n in ("mm1", "mmg", "mm2", "head"):
+        assert {(n, "w8a8-int8c7-adyn"), (n, "w8a8-int8c7-auint8")} <= measured
+    assert {str(d.level) for d in st.nodes} <= {"w8a8-int8c7-adyn", "w8a8-int8c7-auint8"}
     with pytest.raises(ConfigError):
         TargetConfig(name="qdq", w8a8_activations="dynamic")
     assert w8a8_activations(TargetConfig()) == "static"
@@ -274,3 +283,16 @@ def test_check_ort_cpu_lists_the_dynamic_nodes_and_their_integer_kernels(tmp_pat
         assert by[name]["integer"] and "dynamic W8A8" in by[name]["weight"], by[name]
     assert by["mm2"]["kernel"] == "DynamicQuantizeMatMul" and by["mm1"]["kernel"] == "MatMulIntegerToFloat"
     assert not by["head"]["integer"]
+
+
+def test_interpreter_runs_the_written_model_like_ort():
+    """``llc-onnx run`` executes a written model in the interpreter: its DynamicQuantizeLinear and
+    MatMulInteger compute what ONNX Runtime computes."""
+    from llc_onnx.interpreter import TorchGraph
+
+    m = token_mlp(seed=4)
+    w = weights(m)
+    out = apply_dynamic_w8a8(m, {"mm1": plan(w["W1"]), "mmg": plan(w["Wg"], 8), "head": plan(w["W3"])})
+    x = np.random.default_rng(5).normal(0, 1, (3, 4, 16)).astype(np.float32)
+    got = TorchGraph(out).run({"x": torch.as_tensor(x)})[0]["logits"]
+    np.testing.assert_allclose(got.detach().numpy(), run(out, x, optimized=False), rtol=1e-5, atol=1e-5)

@@ -109,6 +109,25 @@ def test_dominated_levels_are_not_offered():
     assert [x.level for x in kept] == ["int8", "float"]  # int4 takes more bytes than int8: never offered
 
 
+def test_formats_tied_in_fidelity_and_bytes_both_stay():
+    """Static and dynamic W8A8 store the same bits in the same bytes: neither dominates the other (the solver
+    weighs their loss and time); a coarser level with as many bytes is still dominated by both."""
+    c = [Candidate("n", "w8a8-static", 250, 0, 0.03, 0.03, True, 0.03),
+         Candidate("n", "w8a8-dynamic", 250, 0, 0.01, 0.01, True, 0.01),
+         Candidate("n", "int4", 250, 0, 0.1, 0.1, True, 0.1),
+         Candidate("n", "int2", 120, 0, 0.3, 0.3, True, 0.3),
+         Candidate("n", "float", 1000, 0, 0, 0, True, 0.0, reference=True)]
+    order = {"int2": (0, 2), "int4": (0, 4), "w8a8-static": (0, 8), "w8a8-dynamic": (0, 8), "float": (1, 32)}
+    kept = undominated(c, lambda x: (*order[x.level], x.nbytes))
+    assert [x.level for x in kept] == ["w8a8-static", "w8a8-dynamic", "int2", "float"]
+    from llc_onnx.solvers import knapsack
+
+    table = CostTable.from_candidates(c)
+    nodes, ladders, costs, sizes = table.solver_inputs(1.0, None, lambda x: (*order[x.level], x.nbytes))
+    pick = knapsack.solve_budget(costs[0:1], sizes[0:1], 250)
+    assert ladders[0][pick[0]].level == "w8a8-dynamic"          # the same bytes, the lower loss
+
+
 def test_fidelity_objective_needs_no_labels(tmp_path):
     model, data = write_mlp_files(tmp_path, n=600)
     with np.load(data) as z:

@@ -8,10 +8,13 @@ For a planned ``MatMul(x, W)`` (W a constant ``[K, N]``) the pass writes::
     Cast(int32 → float) · (s_x · s_W[N]) ─► the node's output (same name)
 
 ``DynamicQuantizeLinear`` computes, on every run, s_x = (max(x, 0) − min(x, 0)) / 255 and
-z_x = round(−min(x, 0) / s_x) over the whole tensor (all rows of the batch), so no calibration is needed and
-an activation outlier costs only the run it occurs in. ORT 1.31 fuses the chain into ``DynamicQuantizeMatMul``
-(``MatMulIntegerToFloat``; tests/test_pass_dynamic_w8a8.py inspects the optimized graph). The interpreter
-reproduces it with :func:`llc_onnx.quant.activations.dynamic_uint8_fake_quant` (the target's input hook).
+z_x = round(−min(x, 0) / s_x) over the whole tensor (every row of the run's batch), so no calibration is
+needed and an activation outlier widens the range of the run it occurs in only. ORT 1.31 fuses the chain into
+``DynamicQuantizeMatMul`` (``MatMulIntegerToFloat`` where one DynamicQuantizeLinear feeds several MatMuls;
+tests/test_pass_dynamic_w8a8.py inspects the optimized graph). The interpreter reproduces it with
+:func:`llc_onnx.quant.activations.dynamic_uint8_fake_quant` (the target's input hook): candidates are measured,
+and plans validated and verified, at the calibration batch size (``--batch-size``), one range per batch, as ORT
+takes one per run; a model run with fewer rows per call (batch 1) takes tighter ranges.
 
 Weight codes: 8-bit, or 7-bit codes in [-64, 63] stored as INT8 (the ORT CPU target's default: without VNNI,
 ORT's u8·s8 kernels add pairs of products in int16 and saturate with full-range codes). Bytes are those of

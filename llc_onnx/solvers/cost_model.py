@@ -113,14 +113,24 @@ class CostTable:
 
 
 def undominated(cands: list[Candidate], fidelity=None) -> list[Candidate]:
-    """``cands`` without the levels that take as many or more bytes than a higher-fidelity level (``fidelity``
-    orders levels from lowest to highest fidelity; default: by size, where nothing is dominated)."""
-    order = sorted(cands, key=fidelity or (lambda c: c.nbytes))
-    keep, smallest_above = [], None
-    for c in reversed(order):  # highest fidelity first
-        if smallest_above is None or c.nbytes < smallest_above:
-            keep.append(c)
-            smallest_above = c.nbytes if smallest_above is None else min(smallest_above, c.nbytes)
+    """``cands`` without the levels that take as many or more bytes than a *strictly* higher-fidelity level
+    (``fidelity`` orders levels from lowest to highest fidelity; default: by size, where nothing is dominated).
+    Levels that tie on the fidelity key (e.g. static and dynamic W8A8: same bits, same bytes) all stay: they
+    differ in loss and time, which the solver weighs, not in what this order sees."""
+    key = fidelity or (lambda c: c.nbytes)
+    order = sorted(cands, key=key)
+    keep: list[Candidate] = []
+    smallest_above = None          # fewest bytes among strictly higher-fidelity levels
+    i = len(order)
+    while i > 0:                   # highest fidelity first, one tie group at a time
+        j = i - 1
+        while j > 0 and key(order[j - 1]) == key(order[i - 1]):
+            j -= 1
+        group = order[j:i]
+        keep += [c for c in group if smallest_above is None or c.nbytes < smallest_above]
+        least = min(c.nbytes for c in group)
+        smallest_above = least if smallest_above is None else min(smallest_above, least)
+        i = j
     kept = {id(c) for c in keep}
     return [c for c in cands if id(c) in kept]
 

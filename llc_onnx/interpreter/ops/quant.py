@@ -68,3 +68,33 @@ def _quant(ctx, xs):
     if zp is not None:
         q = q + _q_broadcast(ctx, zp.to(ctx.dtype), x)
     return torch.clamp(q, lo, hi).to(INT_TYPES[q_type])
+
+
+@register_ops("DynamicQuantizeLinear")
+def _dynamic_quant(ctx, xs):
+    """uint8 codes, scale and zero point of the whole tensor (ONNX spec; the arithmetic of
+    :func:`llc_onnx.quant.dynamic_uint8_fake_quant`): s = (max(x, 0) − min(x, 0)) / 255, z = round(−min / s)."""
+    x = xs[0].float()
+    lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    s = (hi - lo) / 255.0
+    if float(s) == 0.0:
+        z = torch.zeros((), dtype=torch.float32, device=x.device)
+        q = torch.zeros_like(x)
+    else:
+        z = torch.clamp(torch.round(-lo / s), 0, 255)
+        q = torch.clamp(torch.round(x / s) + z, 0, 255)
+    return [q.to(torch.uint8), s.to(torch.float32), z.to(torch.uint8)]
+
+
+@register_ops("MatMulInteger")
+def _matmul_integer(ctx, xs):
+    """(A − a_zero_point) · (B − b_zero_point) in int32 (per-row A / per-column B zero points broadcast);
+    computed in int64, exact for the 8-bit inputs the op takes."""
+    a, b = xs[0].to(torch.int64), xs[1].to(torch.int64)
+    if len(xs) > 2 and xs[2] is not None:
+        za = xs[2].to(torch.int64)
+        a = a - (za.reshape(-1, 1) if za.dim() == 1 and za.numel() > 1 else za.reshape(()))
+    if len(xs) > 3 and xs[3] is not None:
+        zb = xs[3].to(torch.int64)
+        b = b - (zb.reshape(()) if zb.numel() == 1 else zb)
+    return torch.matmul(a, b).to(torch.int32)
