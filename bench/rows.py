@@ -454,6 +454,9 @@ def _methods() -> list[Method]:
                   llc_method(cpu + MIXB + ["--budget", "0.2"], cache="cpu_mixb"), issue="15", latency=True),
            Method("llc_cpu_mixb2_b125", "llc ort-cpu blocks 32,128 (2,4,8,float; GPTQ) budget 0.125", "llc",
                   llc_method(cpu + MIXB2 + ["--budget", "0.125", "--workers", "2"], cache="cpu_mixb2"), issue="15", latency=True),
+           # issue 15's "MiniLM VERIFIED lossless at ≤ 0.20×": the qdq target's lossless plan was 0.213× (−0.0012)
+           Method("llc_qdq_b20", "llc qdq budget 0.2", "llc", llc_method(["--target", "qdq", "--budget", "0.2"],
+                                                                       cache="qdq"), target="qdq", issue="15"),
            Method("llc_trt_lossless", "llc tensorrt lossless", "llc",
                   llc_method(["--target", "tensorrt"], cache="trt", check=check_tensorrt), target="tensorrt",
                   issue="12"),
