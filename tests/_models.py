@@ -156,3 +156,18 @@ def write_lowrank_files(tmp_path, n: int = 400, seed: int = 0, d: int = 64, rank
     onnx.save_model(model, str(mpath))
     save_npz(dpath, y, x=x)
     return str(mpath), str(dpath), w
+
+
+def ort_session(model: onnx.ModelProto, optimized: bool = True, path=None):
+    """A one-thread CPU InferenceSession of ``model``; ``optimized=False`` turns ORT's graph optimizations off
+    (the graph as written), ``path`` saves ORT's optimized graph there (what actually runs)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    if not optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if path is not None:
+        so.optimized_model_filepath = str(path)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from _models import ort_session
 from llc_onnx.compressible import find_compressible
 from llc_onnx.errors import LLCError
 from llc_onnx.passes.dynamic_w8a8 import apply_dynamic_w8a8
@@ -53,15 +53,7 @@ def plan(w, bits=7):
 
 
 def run(model, x, optimized=True, path=None):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    if not optimized:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if path is not None:
-        so.optimized_model_filepath = str(path)
-    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return s.run(None, {"x": x})[0]
+    return ort_session(model, optimized, path).run(None, {"x": x})[0]
 
 
 def reference(model, plans, x):

@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from _models import ort_session
 from llc_onnx.calib.activation_ranges import qparams
 from llc_onnx.errors import LLCError
 from llc_onnx.passes.w8a8 import W8A8Plan, apply_w8a8, quantized_tensors
@@ -33,14 +33,7 @@ def mk(nodes, inputs, outputs, inits):
 
 
 def sess(model, optimized=True, path=None):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    if not optimized:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if path is not None:
-        so.optimized_model_filepath = str(path)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort_session(model, optimized, path)
 
 
 def fused_ops(model, tmp_path):
