@@ -429,6 +429,11 @@ def _methods() -> list[Method]:
            Method("llc_cpu_w8_lat70_bb", "llc ort-cpu lossless, 8-bit levels, latency budget 0.7 at both bench "
                   "batches", "llc", llc_at_bench_batches(cpu + ["--bits", "8,float", "--latency-budget", "0.7"],
                                                          cache="cpu_w8"), issue="12", latency=True),
+           # the same with full-range codes (VNNI CPUs; refused elsewhere), as ORT's quantize_dynamic writes them
+           Method("llc_cpu_c8_w8_lat70_bb", "llc ort-cpu lossless, 8-bit levels, 8-bit W8A8 codes, latency budget "
+                  "0.7 at both bench batches", "llc",
+                  llc_at_bench_batches(cpu + ["--w8a8-codes", "8", "--bits", "8,float", "--latency-budget", "0.7"],
+                                       cache="cpu_c8w8"), issue="12", latency=True),
            # full-range W8A8 codes (VNNI CPUs; refused elsewhere) with percentile activation ranges: on the
            # Fashion-MNIST ResNet, every Conv W8A8, calibration file only: +0.0012 CE (7-bit, min-max) -> +0.0001
            Method("llc_cpu_c8p_lossless", "llc ort-cpu lossless, 8-bit W8A8 codes, percentile ranges", "llc",
