@@ -70,20 +70,27 @@ def fake_quant_activation(x: torch.Tensor, aq: ActivationQuant) -> torch.Tensor:
     return _RoundClampSTE.apply(x, scale, qmin, qmax)
 
 
-def dynamic_uint8_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """What ``DynamicQuantizeLinear`` followed by its dequantization computes, per tensor and per run (ONNX
-    spec; ORT's fused ``DynamicQuantizeMatMul`` quantizes its input the same way): over the whole tensor
-    lo = min(x, 0), hi = max(x, 0), scale s = float32((hi − lo) / 255), zero point z = clip(round(−lo / s), 0,
-    255), q = clip(round(x / s) + z, 0, 255) (round half to even), value (q − z)·s. Straight-through gradient.
-    An all-zero tensor (s = 0) passes unchanged (its codes are all z)."""
+def dynamic_uint8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``DynamicQuantizeLinear`` (ONNX spec; ORT's fused ``DynamicQuantizeMatMul`` quantizes its input the same
+    way), in float32: over the whole tensor lo = min(x, 0), hi = max(x, 0), scale s = (hi − lo) / 255, zero point
+    z = clip(round(−lo / s), 0, 255), codes q = clip(round(x / s) + z, 0, 255) (round half to even). Returns
+    (q, s, z) as float tensors; an all-zero tensor (s = 0) has codes and zero point 0."""
     xf = x.detach().float()
+    lo, hi = torch.clamp(xf.min(), max=0.0), torch.clamp(xf.max(), min=0.0)
+    s = (hi - lo) / 255.0
+    if float(s) == 0.0:
+        return torch.zeros_like(xf), s, torch.zeros_like(s)
+    z = torch.clamp(torch.round(-lo / s), 0, 255)
+    return torch.clamp(torch.round(xf / s) + z, 0, 255), s, z
+
+
+def dynamic_uint8_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """What ``DynamicQuantizeLinear`` followed by its dequantization computes, per tensor and per run
+    (:func:`dynamic_uint8_codes`, then (q − z)·s). Straight-through gradient. An all-zero tensor passes
+    unchanged."""
     with torch.no_grad():
-        lo = torch.clamp(xf.min(), max=0.0)
-        hi = torch.clamp(xf.max(), min=0.0)
-        s = (hi - lo) / 255.0
+        q, s, z = dynamic_uint8_codes(x)
         if float(s) == 0.0:
             return x
-        z = torch.clamp(torch.round(-lo / s), 0, 255)
-        q = torch.clamp(torch.round(xf / s) + z, 0, 255)
         dq = ((q - z) * s).to(x.dtype)
     return x + (dq - x).detach()

@@ -29,6 +29,8 @@ The grouped knapsack then minimises Σ cost under a size budget, or finds the sm
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -118,19 +120,12 @@ def undominated(cands: list[Candidate], fidelity=None) -> list[Candidate]:
     Levels that tie on the fidelity key (e.g. static and dynamic W8A8: same bits, same bytes) all stay: they
     differ in loss and time, which the solver weighs, not in what this order sees."""
     key = fidelity or (lambda c: c.nbytes)
-    order = sorted(cands, key=key)
+    tiers = [list(g) for _, g in itertools.groupby(sorted(cands, key=key), key=key)]
     keep: list[Candidate] = []
-    smallest_above = None          # fewest bytes among strictly higher-fidelity levels
-    i = len(order)
-    while i > 0:                   # highest fidelity first, one tie group at a time
-        j = i - 1
-        while j > 0 and key(order[j - 1]) == key(order[i - 1]):
-            j -= 1
-        group = order[j:i]
-        keep += [c for c in group if smallest_above is None or c.nbytes < smallest_above]
-        least = min(c.nbytes for c in group)
-        smallest_above = least if smallest_above is None else min(smallest_above, least)
-        i = j
+    smallest_above = math.inf      # fewest bytes among strictly higher-fidelity levels
+    for tier in reversed(tiers):   # highest fidelity first
+        keep += [c for c in tier if c.nbytes < smallest_above]
+        smallest_above = min(smallest_above, *(c.nbytes for c in tier))
     kept = {id(c) for c in keep}
     return [c for c in cands if id(c) in kept]
 

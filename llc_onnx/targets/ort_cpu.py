@@ -54,8 +54,9 @@ per node, like every level) and time (the per-run min/max pass; the latency tabl
 fuses ``MatMulInteger`` + scale into ``DynamicQuantizeMatMul`` for MatMul; Gemm and Conv keep static W8A8. The
 latency table times each dynamic unit with its own ``DynamicQuantizeLinear``; in the model the MatMuls reading
 one tensor (q/k/v projections) share one, so the prediction is conservative for them. Measured per unit
-(``python -m bench.exp_dynamic_units``; AMD EPYC with AVX512-VNNI, 2 threads, one layer): MiniLM's MatMuls run
-0.2–0.65× FP32's time dynamic against 1.1–6.7× static (a bias Add follows each); SmolLM2's 0.2–0.6× either way.
+(``python -m bench.exp_dynamic_units minilm --nodes …``; AMD EPYC with AVX512-VNNI, 2 threads; bench/RESULTS.md,
+"Dynamic W8A8 on ONNX Runtime CPU"): MiniLM's MatMuls run 0.18–0.40× FP32's time dynamic against 1.04–4.4×
+static (a bias Add follows each); SmolLM2's 0.2–0.65× either way.
 
 Why 7-bit codes: ORT's int8 GEMM on x86 without VNNI multiplies uint8 activations by int8 weights with
 ``vpmaddubsw``, which adds pairs of products in int16 and saturates when the weight codes use the full
@@ -289,9 +290,8 @@ class OrtCpuTarget(Target):
             else:
                 out.append(Format("w8a8", 8, None, code_bits=self.w8a8_code_bits, activations="uint8"))
         if self.w8a8_activations in ("dynamic", "both"):
-            why = w8a8_unsupported(node, context, check_add_fusion=False)
-            if node.op_type != "MatMul":
-                why = NO_DYNAMIC
+            why = NO_DYNAMIC if node.op_type != "MatMul" else \
+                w8a8_unsupported(node, context, check_add_fusion=False)
             if why:
                 refused.append(("int8 (dynamic W8A8)", why))
             else:

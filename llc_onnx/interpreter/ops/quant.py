@@ -72,17 +72,11 @@ def _quant(ctx, xs):
 
 @register_ops("DynamicQuantizeLinear")
 def _dynamic_quant(ctx, xs):
-    """uint8 codes, scale and zero point of the whole tensor (ONNX spec; the arithmetic of
-    :func:`llc_onnx.quant.dynamic_uint8_fake_quant`): s = (max(x, 0) − min(x, 0)) / 255, z = round(−min / s)."""
-    x = xs[0].float()
-    lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
-    s = (hi - lo) / 255.0
-    if float(s) == 0.0:
-        z = torch.zeros((), dtype=torch.float32, device=x.device)
-        q = torch.zeros_like(x)
-    else:
-        z = torch.clamp(torch.round(-lo / s), 0, 255)
-        q = torch.clamp(torch.round(x / s) + z, 0, 255)
+    """uint8 codes, scale and zero point of the whole tensor (:func:`llc_onnx.quant.activations.dynamic_uint8_codes`,
+    the arithmetic the candidates are measured with)."""
+    from ...quant.activations import dynamic_uint8_codes
+
+    q, s, z = dynamic_uint8_codes(xs[0])
     return [q.to(torch.uint8), s.to(torch.float32), z.to(torch.uint8)]
 
 
