@@ -226,6 +226,11 @@ class QuantConfig:
     auto_roundings: tuple = opt(("nearest", "gptq"), "--auto-roundings",
                                 "the roundings --rounding auto measures outside the neighbourhood "
                                 "(default nearest,gptq; cet adds the curvature pass)", parse=_words)
+    rounding_probe: int = opt(32, "--rounding-probe",
+                              "--rounding auto outside the neighbourhood: measure every rounding of "
+                              "--auto-roundings on at most N nodes per level, spread evenly through the graph, "
+                              "choose the level's rounding from them and measure only that one on the level's "
+                              "other nodes (default 32; 0: every rounding on every node)", metavar="N")
     llc_radius: float = opt(0.05, "--llc-radius",
                             "LLC rounding only where nearest rounding's ‖δ‖/‖W‖ ≤ this; beyond it the other "
                             "roundings (default 0.05)")
@@ -274,6 +279,9 @@ class QuantConfig:
         for r in self.auto_roundings:
             _choice("quant.auto_roundings", r, ("nearest", "gptq", "cet"))
         _check(bool(self.auto_roundings), "quant.auto_roundings", self.auto_roundings, "give at least one rounding")
+        _check(isinstance(self.rounding_probe, int) and not isinstance(self.rounding_probe, bool)
+               and self.rounding_probe >= 0, "quant.rounding_probe", self.rounding_probe,
+               "must be an integer ≥ 0 (0: measure every rounding on every node)")
         _check(_finite(self.gptq_damp) and self.gptq_damp > 0, "quant.gptq_damp", self.gptq_damp, "must be > 0")
         for name in ("cet_k", "cet_samples"):
             v = getattr(self, name)

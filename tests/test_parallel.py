@@ -175,3 +175,18 @@ def test_two_workers_share_the_gram_pass_and_write_the_same_bytes(tmp_path):
         assert "gram" in res.seconds
         outs[w] = out.read_bytes()
     assert outs[1] == outs[2]
+
+
+def test_two_workers_with_rounding_probes_write_the_same_bytes(tmp_path):
+    """``--rounding-probe``: the probes are one map over the ranks, the rest a second one chosen from the probes'
+    gathered results (the same on every rank): the same candidates and bytes as one worker."""
+    model, data = write_mlp_files(tmp_path, n=600, hidden=48)
+    runs = {}
+    for w in (1, 2):
+        out = tmp_path / f"p{w}.onnx"
+        res = llc_onnx.optimize(model, data, _config(w, bits=(2, 4, "float"), budget=0.3, rounding_probe=1),
+                                out=str(out))
+        assert {lv: i["nodes"] for lv, i in res.stages[0].settings["rounding_per_level"].items()} == \
+            {lv: 1 for lv in res.stages[0].settings["rounding_per_level"]}
+        runs[w] = (out.read_bytes(), [c.to_dict() for c in res.stages[0].candidates])
+    assert runs[1] == runs[2]

@@ -1,6 +1,6 @@
 """flows.roundings.choose_per_level: which rounding ``--rounding auto`` keeps per level outside the neighbourhood."""
 
-from llc_onnx.flows.roundings import choose_per_level
+from llc_onnx.flows.roundings import choose_per_level, probe_split
 from llc_onnx.solvers.cost_model import Candidate
 
 
@@ -25,3 +25,63 @@ def test_auto_rounding_keeps_the_prior_unless_another_wins_by_two_standard_error
     assert chosen([((0.03, 0.01), (0.01, 0.01))]) == "gptq"             # 0.02 < 2·√2·0.01
     assert chosen([((0.02, 0.0), (0.01, 0.0))]) == "nearest"            # no SE: the lower sum
     assert chosen([((0.01, 0.0), (0.02, 0.0))]) == "gptq"
+
+
+# ------------------------------------------------------------------------------------------- probing
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+
+def _tasks(spec):
+    """(node, format, rounding) tasks from {node: {level: [roundings]}}, in node order."""
+    return [(_Named(n), _Named(lv), r) for n, levels in spec.items() for lv, rs in levels.items() for r in rs]
+
+
+def test_probe_split_spreads_the_probes_and_leaves_small_levels_whole():
+    """flows.roundings.probe_split: a level with more than N nodes measured in several roundings is probed at
+    ⌊(i + ½)·n/N⌋ of them (every task of a probe node at that level first), the rest later; single-rounding
+    tasks (inside the neighbourhood, float) are never probes; no level above N: nothing is split."""
+    spec = {f"n{i}": {"float": [""], "int4": ["nearest", "gptq"], "int8": ["llc"] if i % 2 else ["nearest", "gptq"]}
+            for i in range(10)}
+    tasks = _tasks(spec)
+    probe, rest = probe_split(tasks, 4)
+    probed = {(tasks[i][0].name, tasks[i][1].name) for i in probe}
+    # int4: 10 nodes -> positions 1, 3, 6, 8; int8: the 5 even nodes n0..n8 -> positions 0, 1, 3, 4 of them
+    assert probed == {(f"n{i}", "int4") for i in (1, 3, 6, 8)} | {(f"n{i}", "int8") for i in (0, 2, 6, 8)}
+    assert sorted(probe + rest) == list(range(len(tasks))) and not set(probe) & set(rest)
+    assert all(tasks[i][2] in ("nearest", "gptq") for i in probe) and len(probe) == 16
+    assert probe_split(tasks, 10) == (list(range(len(tasks))), [])  # no level has more than 10 such nodes
+    assert probe_split(tasks, 0) == (list(range(len(tasks))), [])   # 0: every rounding on every node
+    one = probe_split(tasks, 1)[0]
+    assert {(tasks[i][0].name, tasks[i][1].name) for i in one} == {("n5", "int4"), ("n4", "int8")}
+
+
+def test_probing_measures_the_chosen_rounding_only_off_the_probes(tmp_path):
+    """``--rounding-probe 1`` on the two-node MLP at 2 and 4 bits (both nodes outside the neighbourhood): each
+    level's choice rests on one probe node (fc2, the middle one), fc1 is measured in the chosen rounding only, and
+    every kept candidate — and so the plan and the written bytes — equals the run that measures every rounding
+    on every node, where the two runs choose alike."""
+    import llc_onnx
+    from _models import torch_threads, write_mlp_files
+    from llc_onnx.config import CriterionConfig, DeviceConfig, OptimizeConfig, QuantConfig
+
+    model, data = write_mlp_files(tmp_path, n=600, hidden=48)
+    runs = {}
+    with torch_threads(1):
+        for probe in (0, 1):
+            cfg = OptimizeConfig(quant=QuantConfig(bits=(2, 4, "float"), budget=0.3, rounding_probe=probe),
+                                 device=DeviceConfig(threads=1), criterion=CriterionConfig(allow_loss_increase=True))
+            out = tmp_path / f"p{probe}.onnx"
+            res = llc_onnx.optimize(model, data, cfg, out=str(out))
+            runs[probe] = (out.read_bytes(), res.stages[0])
+    per_level = {p: runs[p][1].settings["rounding_per_level"] for p in runs}
+    assert set(per_level[0]) == set(per_level[1]) and len(per_level[1]) == 2, per_level
+    for lv, info in per_level[1].items():
+        assert info["nodes"] == 1 and per_level[0][lv]["nodes"] == 2
+        assert info["chosen"] == per_level[0][lv]["chosen"]  # this data: the same choice from one node as from two
+        # the probe's sums are the measurements of fc2 alone, the same numbers as in the full run's fc2 terms
+        assert set(info["sums"]) == set(per_level[0][lv]["sums"])
+    cands = {p: sorted((c.node, c.level, c.rounding, c.measured) for c in runs[p][1].candidates) for p in runs}
+    assert cands[0] == cands[1] and len(cands[1]) >= 6
+    assert runs[0][0] == runs[1][0]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -49,7 +50,7 @@ from ..targets.base import Format, NodePlan, input_hook, output_hook
 from ..memory import Spill, drop, drop_mapped_pages, release
 from .context import SPILL_BYTES, FlowContext
 from .outcome import MethodOutcome
-from .roundings import CET_MODEL_VERSION, Rounder, choose_per_level
+from .roundings import CET_MODEL_VERSION, Rounder, choose_per_level, probe_split
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def candidate_settings(ctx: FlowContext) -> dict:
             "cet": [CET_MODEL_VERSION, cfg.cet_curvature, cfg.cet_k, cfg.cet_samples, cfg.cet_steps, cfg.compare_cet],
             "activations": cfg.activations, "cost": cfg.cost, "target": t.name, "calibration": t.calibration,
             "percentile": t.percentile, "plugins": t.plugins}
+    if cfg.rounding == "auto" and len(cfg.auto_roundings) > 1 and 0 < cfg.rounding_probe < len(ctx.nodes):
+        out["rounding_probe"] = cfg.rounding_probe  # only where it can change the candidates: other keys stay
     acts = getattr(ctx.target, "w8a8_activations", "static")
     if acts != "static":  # only then, so that the keys of runs without dynamic W8A8 stay as they were
         out["w8a8_activations"] = acts
@@ -225,9 +228,11 @@ def _delta_sums(grad: np.ndarray, dequant: np.ndarray, w: np.ndarray) -> tuple[f
 def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads_m: GradientPass
                      ) -> list[Candidate]:
     """Every node in every offered format with every rounding ``rounder.choices`` names
-    (:func:`measure_candidate`), in node, offer and rounding order. The measurements go through
-    ``ctx.executor`` (one process, or shards across workers gathered in this same order, so the result does not
-    depend on how many workers measured it)."""
+    (:func:`measure_candidate`), in node, offer and rounding order — except that with probing
+    (``flows.roundings.probe_split``) the probes are measured first, each level's rounding is chosen from them
+    (``choose_per_level``), and the level's other nodes are measured in that rounding only. The measurements go
+    through ``ctx.executor`` (one process, or shards across workers gathered in this same order, so the result
+    does not depend on how many workers measured it)."""
     tasks = []
     for node in ctx.nodes:
         w = ctx.weight_array(node)
@@ -239,16 +244,36 @@ def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads
         rounder.grams()  # its forward passes before the snapshots of the unmodified run are held (SmolLM2: 0.9 GB)
     if ctx.config.quant.cost == "measured":
         ctx.base()
+    probe, rest = probe_split(tasks, ctx.config.quant.rounding_probe)
+    if not rest:
+        return _measure_tasks(ctx, formats, rounder, grads_m, tasks, "measuring candidates")
+    got = dict(zip(probe, _measure_tasks(ctx, formats, rounder, grads_m, [tasks[i] for i in probe],
+                                         "measuring candidates (rounding probes)", later=[tasks[i] for i in rest])))
+    _, per_level = choose_per_level(list(got.values()), ctx.config.quant.auto_roundings)
+    chosen = {lv: info["chosen"] for lv, info in per_level.items()}
+    rounds = Counter((n.name, f.name) for n, f, _ in tasks)
+    keep = [i for i, (n, f, r) in ((i, tasks[i]) for i in rest)
+            if rounds[(n.name, f.name)] == 1 or f.name not in chosen or r == chosen[f.name]]
+    got.update(zip(keep, _measure_tasks(ctx, formats, rounder, grads_m, [tasks[i] for i in keep],
+                                        "measuring candidates")))
+    return [got[i] for i in sorted(got)]
+
+
+def _measure_tasks(ctx: FlowContext, formats: Formats, rounder: Rounder, grads_m: GradientPass, tasks: list,
+                   title: str, later: list = ()) -> list[Candidate]:
+    """:func:`measure_candidate` of every (node, format, rounding) of ``tasks`` through ``ctx.executor``, in
+    order; the snapshots before the first node of the tasks left (these and ``later``'s) are dropped as it goes."""
+    pos = {n.name: ctx.graph.position((ctx.loss.output,), n.name) for n in ctx.nodes}
+    first_later = min((t[0].name for t in later), key=pos.__getitem__, default=None)
     # the node of the remaining tasks that comes first in the graph: snapshots before it are read by no later task
     # (tasks are in node order, so this moves forward; each rank of a parallel executor runs a subsequence)
-    pos = {n.name: ctx.graph.position((ctx.loss.output,), n.name) for n in ctx.nodes}
-    first_left, first = [""] * len(tasks), None
+    first_left, first = [""] * len(tasks), first_later
     for i in range(len(tasks) - 1, -1, -1):
         name = tasks[i][0].name
         if first is None or pos[name] < pos[first]:
             first = name
         first_left[i] = first
-    with ctx.progress.task("measuring candidates", sum(f.kind != "float" for _, f, _ in tasks)) as advance:
+    with ctx.progress.task(title, sum(f.kind != "float" for _, f, _ in tasks)) as advance:
         def one(task):
             i, (node, fmt, rounding) = task
             ctx.forget_snapshots_before(first_left[i])
