@@ -16,7 +16,9 @@ Stages (each timed):
                  gradient (inside the neighbourhood), predict ΔL = Σ g·δ (+ Σ g_x·ε) with the measure
                  gradient, and measure ΔL on the measure part with the node as the target computes it — the
                  weight, and the input / output quantizers the written node applies (``targets.base``
-                 hooks) — out of sample for the rounding;
+                 hooks) — out of sample for the rounding; outside the neighbourhood each rounding of
+                 ``quant.auto_roundings`` on at most ``quant.rounding_probe`` nodes per level, the level's
+                 choice on the others (``flows.roundings``);
   3. solve       grouped knapsack over the cost table (``solvers.knapsack``): a byte budget, a latency budget
                  (``target.latency_budget``, with per-format latencies measured on the target,
                  ``targets.latency``), or lossless (the smallest size whose total cost ≤ 0), with gains
