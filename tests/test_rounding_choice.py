@@ -85,3 +85,48 @@ def test_probing_measures_the_chosen_rounding_only_off_the_probes(tmp_path):
     cands = {p: sorted((c.node, c.level, c.rounding, c.measured) for c in runs[p][1].candidates) for p in runs}
     assert cands[0] == cands[1] and len(cands[1]) >= 6
     assert runs[0][0] == runs[1][0]
+
+
+def test_inside_skips_the_mse_search_only_where_its_answer_is_the_searchs(monkeypatch):
+    """Rounder.inside with ``mse`` scales decides from min-max rounding first when that is already inside: the
+    answer equals the full search's on weights whose MSE error sits just inside, just outside and far from the
+    radius (at 2, 4 and 8 bits, per channel and blocked, float32 and bfloat16 scales), and the search is
+    skipped only for nodes inside."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from llc_onnx.config import QuantConfig
+    from llc_onnx.flows import roundings
+    from llc_onnx.flows.roundings import Rounder
+    from llc_onnx.targets.base import Format
+
+    searched = []
+    real = roundings._relative_error
+
+    def spy(w, spec, node):
+        searched.append(spec.scale_method)
+        return real(w, spec, node)
+
+    rng = np.random.default_rng(3)
+    node = SimpleNamespace(out_axis=1, reduce_axis=0)
+    skipped = 0
+    for bits in (2, 4, 8):
+        for block in (None, 32):
+            for ft in ("float32", "bfloat16"):
+                fmt = Format("qdq", bits=bits, block_size=block, float_type=ft)
+                w = (rng.standard_t(3, size=(64, 48)) * 0.05).astype(np.float32)  # heavy tails: MSE clips
+                exact = real(w, Rounder.spec(SimpleNamespace(cfg=QuantConfig()), fmt), node)
+                minmax = real(w, Rounder.spec(SimpleNamespace(cfg=QuantConfig(scale="minmax")), fmt), node)
+                assert exact <= minmax * (1 + 1e-6)
+                for radius in (exact * 0.999, exact * 1.001, minmax * 1.01, exact * 0.5):
+                    r = Rounder(SimpleNamespace(config=SimpleNamespace(quant=QuantConfig(llc_radius=radius))), None)
+                    searched.clear()
+                    monkeypatch.setattr(roundings, "_relative_error", spy)
+                    got = r.inside(w, node, fmt)
+                    monkeypatch.setattr(roundings, "_relative_error", real)
+                    assert got == (exact <= radius), (bits, block, ft, radius)
+                    if searched == ["minmax"]:
+                        skipped += 1
+                        assert got and minmax <= radius
+    assert skipped >= 12  # radius minmax·1.01: decided without the search in every configuration

@@ -75,10 +75,16 @@ class Rounder:
                                scale_method=self.cfg.scale, rounding=rounding, float_type=fmt.float_type)
 
     def inside(self, w: np.ndarray, node, fmt) -> bool:
-        """Nearest rounding's relative error ≤ ``llc_radius``: the first-order neighbourhood."""
-        near = quantize_weight(w, self.spec(fmt), node.out_axis, node.reduce_axis)
-        rel = float(np.linalg.norm(near.dequant.astype(np.float64) - w)) / (float(np.linalg.norm(w)) or 1.0)
-        return rel <= self.cfg.llc_radius
+        """Nearest rounding's relative error ≤ ``llc_radius``: the first-order neighbourhood. With ``mse`` scales
+        min-max rounding is tried first: the MSE search's grid holds the min-max scale (ratio 1), so MSE's error is
+        at most min-max's, and a node min-max rounding already puts inside (by :data:`INSIDE_MARGIN`, for the
+        float32 rounding of the dequantized weight) is inside without the search (100 passes over the weight; at
+        8 bits most nodes are decided so). The same answer as the search, faster."""
+        spec = self.spec(fmt)
+        if spec.scale_method == "mse" and _relative_error(w, replace(spec, scale_method="minmax"), node) <= \
+                self.cfg.llc_radius * (1 - INSIDE_MARGIN):
+            return True
+        return _relative_error(w, spec, node) <= self.cfg.llc_radius
 
     def choices(self, w: np.ndarray, node, fmt) -> list[str]:
         """The roundings measured for ``node`` in ``fmt`` (module doc)."""
@@ -266,6 +272,16 @@ def choose_per_level(cands: list[Candidate], outside_roundings: tuple[str, ...])
     kept = [c for c in cands if len(by_key[(c.node, c.level)]) == 1 or c.rounding == choice.get(c.level)]
     return [replace(c) for c in kept], {lv: {"sums": sums[lv], "se": {r: float(np.sqrt(v)) for r, v in var[lv].items()},
                                              "chosen": choice[lv], "nodes": nodes[lv]} for lv in sums}
+
+
+#: relative margin by which min-max rounding must be inside the neighbourhood to skip the MSE search (Rounder.inside)
+INSIDE_MARGIN = 1e-4
+
+
+def _relative_error(w: np.ndarray, spec: WeightQuantSpec, node) -> float:
+    """‖δ‖/‖W‖ of ``w`` rounded per ``spec`` (float64)."""
+    q = quantize_weight(w, spec, node.out_axis, node.reduce_axis)
+    return float(np.linalg.norm(q.dequant.astype(np.float64) - w)) / (float(np.linalg.norm(w)) or 1.0)
 
 
 def probe_split(tasks: list[tuple], n_probe: int) -> tuple[list[int], list[int]]:
