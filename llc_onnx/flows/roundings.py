@@ -27,9 +27,9 @@ on EfficientNet-Lite0 by 0.3 SE, and both budget plans then carried nearest-roun
 **Probing** (``quant.rounding_probe`` = N, default 32): a level with more than N such nodes has every rounding
 measured on N of them only, spread evenly through the graph (:func:`probe_split`); the choice is made from those
 N, and the level's other nodes are measured in the chosen rounding alone. The rule is the same; its sums run over
-fewer nodes, so another rounding needs a larger effect to replace the prior. On SmolLM2 (211 MatMuls, GPTQ and
-nearest at 2 and 4 bits) this measures 892 candidates instead of 1,266. ``0`` measures every rounding on every
-node.
+fewer nodes, so another rounding needs a larger effect to replace the prior. On SmolLM2 with ``--bits 4,float``
+(211 MatMuls outside at int4) it measures 243 candidates instead of 422, and the same bytes (bench/RESULTS.md,
+seventeenth stop). ``0`` measures every rounding on every node.
 
 The Gram matrices and the curvature are computed once, only when a rounding (or ``quant.cost == "cet"``) needs
 them; the curvature is kept with the cost cache (``flows.cost_cache``) so a cached run rebuilds the same codes.
