@@ -47,25 +47,31 @@ def test_probe_split_spreads_the_probes_and_leaves_small_levels_whole():
     tasks = _tasks(spec)
     probe, rest = probe_split(tasks, 4)
     probed = {(tasks[i][0].name, tasks[i][1].name) for i in probe}
-    # int4: 10 nodes -> positions 1, 3, 6, 8; int8: the 5 even nodes n0..n8 -> positions 0, 1, 3, 4 of them
-    assert probed == {(f"n{i}", "int4") for i in (1, 3, 6, 8)} | {(f"n{i}", "int8") for i in (0, 2, 6, 8)}
+    # int4: 10 nodes, probes among the first 9 -> positions 1, 3, 5, 7; int8: the 5 even nodes n0..n8 -> the
+    # first 4 of them; a level's last node is never a probe
+    assert probed == {(f"n{i}", "int4") for i in (1, 3, 5, 7)} | {(f"n{i}", "int8") for i in (0, 2, 4, 6)}
     assert sorted(probe + rest) == list(range(len(tasks))) and not set(probe) & set(rest)
     assert all(tasks[i][2] in ("nearest", "gptq") for i in probe) and len(probe) == 16
     assert probe_split(tasks, 10) == (list(range(len(tasks))), [])  # no level has more than 10 such nodes
     assert probe_split(tasks, 0) == (list(range(len(tasks))), [])   # 0: every rounding on every node
     one = probe_split(tasks, 1)[0]
-    assert {(tasks[i][0].name, tasks[i][1].name) for i in one} == {("n5", "int4"), ("n4", "int8")}
+    assert {(tasks[i][0].name, tasks[i][1].name) for i in one} == {("n4", "int4"), ("n4", "int8")}
 
 
-def test_probing_measures_the_chosen_rounding_only_off_the_probes(tmp_path):
+def test_probing_measures_the_chosen_rounding_only_off_the_probes(tmp_path, monkeypatch):
     """``--rounding-probe 1`` on the two-node MLP at 2 and 4 bits (both nodes outside the neighbourhood): each
-    level's choice rests on one probe node (fc2, the middle one), fc1 is measured in the chosen rounding only, and
+    level's choice rests on one probe node (fc1: the last node is never a probe), fc2 is measured in the chosen
+    rounding only, and
     every kept candidate — and so the plan and the written bytes — equals the run that measures every rounding
     on every node, where the two runs choose alike."""
     import llc_onnx
     from _models import torch_threads, write_mlp_files
     from llc_onnx.config import CriterionConfig, DeviceConfig, OptimizeConfig, QuantConfig
 
+    from llc_onnx.flows import quantize
+
+    measured = {0: [], 1: []}
+    real = quantize.measure_candidate
     model, data = write_mlp_files(tmp_path, n=600, hidden=48)
     runs = {}
     with torch_threads(1):
@@ -73,6 +79,8 @@ def test_probing_measures_the_chosen_rounding_only_off_the_probes(tmp_path):
             cfg = OptimizeConfig(quant=QuantConfig(bits=(2, 4, "float"), budget=0.3, rounding_probe=probe),
                                  device=DeviceConfig(threads=1), criterion=CriterionConfig(allow_loss_increase=True))
             out = tmp_path / f"p{probe}.onnx"
+            monkeypatch.setattr(quantize, "measure_candidate",
+                                lambda *a, _p=probe: measured[_p].append(real(*a)) or measured[_p][-1])
             res = llc_onnx.optimize(model, data, cfg, out=str(out))
             runs[probe] = (out.read_bytes(), res.stages[0])
     per_level = {p: runs[p][1].settings["rounding_per_level"] for p in runs}
@@ -80,8 +88,12 @@ def test_probing_measures_the_chosen_rounding_only_off_the_probes(tmp_path):
     for lv, info in per_level[1].items():
         assert info["nodes"] == 1 and per_level[0][lv]["nodes"] == 2
         assert info["chosen"] == per_level[0][lv]["chosen"]  # this data: the same choice from one node as from two
-        # the probe's sums are the measurements of fc2 alone, the same numbers as in the full run's fc2 terms
-        assert set(info["sums"]) == set(per_level[0][lv]["sums"])
+        # the probe's sums are fc1's measurements alone: the same numbers as the full run's fc1 candidates
+        fc1 = {c.rounding: c.measured for c in measured[0] if c.node == "fc1" and c.level == lv}
+        assert info["sums"] == fc1 and set(fc1) == set(per_level[0][lv]["sums"])
+        # off the probe: fc2 measured once at this level (the chosen rounding), in the full run once per rounding
+        assert [c.rounding for c in measured[1] if c.node == "fc2" and c.level == lv] == [info["chosen"]]
+        assert len([c for c in measured[0] if c.node == "fc2" and c.level == lv]) == 2
     cands = {p: sorted((c.node, c.level, c.rounding, c.measured) for c in runs[p][1].candidates) for p in runs}
     assert cands[0] == cands[1] and len(cands[1]) >= 6
     assert runs[0][0] == runs[1][0]
@@ -90,8 +102,8 @@ def test_probing_measures_the_chosen_rounding_only_off_the_probes(tmp_path):
 def test_inside_skips_the_mse_search_only_where_its_answer_is_the_searchs(monkeypatch):
     """Rounder.inside with ``mse`` scales decides from min-max rounding first when that is already inside: the
     answer equals the full search's on weights whose MSE error sits just inside, just outside and far from the
-    radius (at 2, 4 and 8 bits, per channel and blocked, float32 and bfloat16 scales), and the search is
-    skipped only for nodes inside."""
+    radius and the shortcut's own threshold (2, 4 and 8 bits; per channel and blocked, with a padded last block;
+    a MatMul and a Conv; float32, bfloat16 and float16 scales), and the search is skipped only for nodes inside."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -109,24 +121,27 @@ def test_inside_skips_the_mse_search_only_where_its_answer_is_the_searchs(monkey
         return real(w, spec, node)
 
     rng = np.random.default_rng(3)
-    node = SimpleNamespace(out_axis=1, reduce_axis=0)
+    matmul, conv = SimpleNamespace(out_axis=1, reduce_axis=0), SimpleNamespace(out_axis=0, reduce_axis=1)
+    # a MatMul whose reduction (70) leaves a padded last block of 32, and a Conv blocked over C·kH·kW
+    weights = [((70, 48), matmul), ((8, 3, 3, 3), conv)]
     skipped = 0
-    for bits in (2, 4, 8):
-        for block in (None, 32):
-            for ft in ("float32", "bfloat16"):
-                fmt = Format("qdq", bits=bits, block_size=block, float_type=ft)
-                w = (rng.standard_t(3, size=(64, 48)) * 0.05).astype(np.float32)  # heavy tails: MSE clips
-                exact = real(w, Rounder.spec(SimpleNamespace(cfg=QuantConfig()), fmt), node)
-                minmax = real(w, Rounder.spec(SimpleNamespace(cfg=QuantConfig(scale="minmax")), fmt), node)
-                assert exact <= minmax * (1 + 1e-6)
-                for radius in (exact * 0.999, exact * 1.001, minmax * 1.01, exact * 0.5):
-                    r = Rounder(SimpleNamespace(config=SimpleNamespace(quant=QuantConfig(llc_radius=radius))), None)
-                    searched.clear()
-                    monkeypatch.setattr(roundings, "_relative_error", spy)
-                    got = r.inside(w, node, fmt)
-                    monkeypatch.setattr(roundings, "_relative_error", real)
-                    assert got == (exact <= radius), (bits, block, ft, radius)
-                    if searched == ["minmax"]:
-                        skipped += 1
-                        assert got and minmax <= radius
-    assert skipped >= 12  # radius minmax·1.01: decided without the search in every configuration
+    for (shape, node), bits, block, ft in [(wn, b, bs, f) for wn in weights for b in (2, 4, 8) for bs in (None, 32)
+                                           for f in ("float32", "bfloat16", "float16")]:
+        fmt = Format("qdq", bits=bits, block_size=block, float_type=ft)
+        w = (rng.standard_t(3, size=shape) * 0.05).astype(np.float32)  # heavy tails: MSE clips
+        exact = real(w, Rounder.spec(SimpleNamespace(cfg=QuantConfig()), fmt), node)
+        minmax = real(w, Rounder.spec(SimpleNamespace(cfg=QuantConfig(scale="minmax")), fmt), node)
+        assert exact <= minmax * (1 + 1e-6)
+        edge = (minmax + roundings.INSIDE_FLOOR) / (1 - roundings.INSIDE_MARGIN)  # the shortcut's threshold
+        for radius in (exact * 0.999, exact * 1.001, minmax * 1.01, exact * 0.5, edge * (1 - 1e-9),
+                       edge * (1 + 1e-9)):
+            r = Rounder(SimpleNamespace(config=SimpleNamespace(quant=QuantConfig(llc_radius=radius))), None)
+            searched.clear()
+            monkeypatch.setattr(roundings, "_relative_error", spy)
+            got = r.inside(w, node, fmt)
+            monkeypatch.setattr(roundings, "_relative_error", real)
+            assert got == (exact <= radius), (bits, block, ft, radius)
+            if searched == ["minmax"]:
+                skipped += 1
+                assert got and minmax <= radius
+    assert skipped >= 36  # radii minmax·1.01 and just above the threshold: decided without the search everywhere

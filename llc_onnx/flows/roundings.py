@@ -82,7 +82,7 @@ class Rounder:
         8 bits most nodes are decided so). The same answer as the search, faster."""
         spec = self.spec(fmt)
         if spec.scale_method == "mse" and _relative_error(w, replace(spec, scale_method="minmax"), node) <= \
-                self.cfg.llc_radius * (1 - INSIDE_MARGIN):
+                self.cfg.llc_radius * (1 - INSIDE_MARGIN) - INSIDE_FLOOR:
             return True
         return _relative_error(w, spec, node) <= self.cfg.llc_radius
 
@@ -274,8 +274,11 @@ def choose_per_level(cands: list[Candidate], outside_roundings: tuple[str, ...])
                                              "chosen": choice[lv], "nodes": nodes[lv]} for lv in sums}
 
 
-#: relative margin by which min-max rounding must be inside the neighbourhood to skip the MSE search (Rounder.inside)
+#: relative margin by which min-max rounding must be inside the neighbourhood to skip the MSE search
+#: (Rounder.inside), and an absolute floor for small radii: the search compares float64 errors, the answer reads
+#: the float32 dequantized weight, which moves ‖δ‖/‖W‖ by at most ~2⁻²⁴·(1 + ‖δ‖/‖W‖)
 INSIDE_MARGIN = 1e-4
+INSIDE_FLOOR = 2.0 ** -20
 
 
 def _relative_error(w: np.ndarray, spec: WeightQuantSpec, node) -> float:
@@ -287,9 +290,11 @@ def _relative_error(w: np.ndarray, spec: WeightQuantSpec, node) -> float:
 def probe_split(tasks: list[tuple], n_probe: int) -> tuple[list[int], list[int]]:
     """(probe, rest): indices into ``tasks`` — (node, format, rounding) in node order — split for probing (module
     doc). A (node, level) with several roundings is a probe when its level has at most ``n_probe`` such nodes, or
-    it is one of the ``n_probe`` at positions ⌊(i + ½)·n / n_probe⌋ of the level's n such nodes in node order.
-    ``rest`` is empty when no level has more than ``n_probe`` (every task is measured at once, as without
-    probing); otherwise ``probe`` holds every task of the probes and ``rest`` the others."""
+    it is one of the ``n_probe`` at positions ⌊(i + ½)·m / n_probe⌋ of the level's first m = n − 1 such nodes in
+    node order: the last is never a probe, so the graph's last node (often the largest: a language model's
+    lm_head) is measured after the snapshots before it are dropped, as without probing. ``rest`` is empty when no
+    level has more than ``n_probe`` (every task is measured at once, as without probing); otherwise ``probe``
+    holds every task of the probes and ``rest`` the others."""
     rounds: dict[tuple[str, str], int] = {}
     for node, fmt, _ in tasks:
         rounds[(node.name, fmt.name)] = rounds.get((node.name, fmt.name), 0) + 1
@@ -305,7 +310,8 @@ def probe_split(tasks: list[tuple], n_probe: int) -> tuple[list[int], list[int]]
             probes.update((node, level) for node in nodes)
             continue
         split = True
-        probes.update((nodes[(2 * i + 1) * n // (2 * n_probe)], level) for i in range(n_probe))
+        m = n - 1  # ≥ n_probe
+        probes.update((nodes[(2 * i + 1) * m // (2 * n_probe)], level) for i in range(n_probe))
     if not split:
         return list(range(len(tasks))), []
     probe = [i for i, (node, fmt, _) in enumerate(tasks) if (node.name, fmt.name) in probes]
