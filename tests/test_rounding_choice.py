@@ -1,6 +1,6 @@
 """flows.roundings.choose_per_level: which rounding ``--rounding auto`` keeps per level outside the neighbourhood."""
 
-from llc_onnx.flows.roundings import choose_per_level, probe_split
+from llc_onnx.flows.roundings import after_probes, choose_per_level, probe_split
 from llc_onnx.solvers.cost_model import Candidate
 
 
@@ -54,6 +54,13 @@ def test_probe_split_spreads_the_probes_and_leaves_small_levels_whole():
     assert all(tasks[i][2] in ("nearest", "gptq") for i in probe) and len(probe) == 16
     assert probe_split(tasks, 10) == (list(range(len(tasks))), [])  # no level has more than 10 such nodes
     assert probe_split(tasks, 0) == (list(range(len(tasks))), [])   # 0: every rounding on every node
+    # after the probes: int4's other nodes in the chosen rounding only; int8, where nothing was chosen, whole;
+    # single-rounding tasks (float, llc) as they are
+    kept = [tasks[i] for i in after_probes(tasks, rest, {"int4": "gptq"})]
+    assert {r for n, f, r in kept if f.name == "int4"} == {"gptq"}
+    assert len([t for t in kept if t[1].name == "int4"]) == 6
+    assert len([t for t in kept if t[1].name == "int8"]) == 5 + 2  # the odd nodes' llc, n8's two roundings
+    assert len([t for t in kept if t[1].name == "float"]) == 10
     one = probe_split(tasks, 1)[0]
     assert {(tasks[i][0].name, tasks[i][1].name) for i in one} == {("n4", "int4"), ("n4", "int8")}
 
@@ -79,8 +86,12 @@ def test_probing_measures_the_chosen_rounding_only_off_the_probes(tmp_path, monk
             cfg = OptimizeConfig(quant=QuantConfig(bits=(2, 4, "float"), budget=0.3, rounding_probe=probe),
                                  device=DeviceConfig(threads=1), criterion=CriterionConfig(allow_loss_increase=True))
             out = tmp_path / f"p{probe}.onnx"
-            monkeypatch.setattr(quantize, "measure_candidate",
-                                lambda *a, _p=probe: measured[_p].append(real(*a)) or measured[_p][-1])
+            def recorded(*args, _p=probe):  # every candidate measured, as measured
+                cand = real(*args)
+                measured[_p].append(cand)
+                return cand
+
+            monkeypatch.setattr(quantize, "measure_candidate", recorded)
             res = llc_onnx.optimize(model, data, cfg, out=str(out))
             runs[probe] = (out.read_bytes(), res.stages[0])
     per_level = {p: runs[p][1].settings["rounding_per_level"] for p in runs}

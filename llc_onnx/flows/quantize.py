@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -52,7 +51,7 @@ from ..targets.base import Format, NodePlan, input_hook, output_hook
 from ..memory import Spill, drop, drop_mapped_pages, release
 from .context import SPILL_BYTES, FlowContext
 from .outcome import MethodOutcome
-from .roundings import CET_MODEL_VERSION, Rounder, choose_per_level, probe_split
+from .roundings import CET_MODEL_VERSION, Rounder, after_probes, choose_per_level, probe_split
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +251,7 @@ def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads
     got = dict(zip(probe, _measure_tasks(ctx, formats, rounder, grads_m, [tasks[i] for i in probe],
                                          "measuring candidates (rounding probes)", later=[tasks[i] for i in rest])))
     _, per_level = choose_per_level(list(got.values()), ctx.config.quant.auto_roundings)
-    chosen = {lv: info["chosen"] for lv, info in per_level.items()}
-    rounds = Counter((n.name, f.name) for n, f, _ in tasks)
-    keep = [i for i, (n, f, r) in ((i, tasks[i]) for i in rest)
-            if rounds[(n.name, f.name)] == 1 or f.name not in chosen or r == chosen[f.name]]
+    keep = after_probes(tasks, rest, {lv: info["chosen"] for lv, info in per_level.items()})
     got.update(zip(keep, _measure_tasks(ctx, formats, rounder, grads_m, [tasks[i] for i in keep],
                                         "measuring candidates")))
     return [got[i] for i in sorted(got)]

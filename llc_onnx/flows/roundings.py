@@ -38,7 +38,7 @@ them; the curvature is kept with the cost cache (``flows.cost_cache``) so a cach
 from __future__ import annotations
 
 import json
-
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -46,7 +46,7 @@ import numpy as np
 from ..quant import WeightQuantSpec, quantize_weight
 from ..solvers.cost_model import Candidate
 
-__all__ = ["Rounder", "choose_per_level", "probe_split"]
+__all__ = ["Rounder", "after_probes", "choose_per_level", "probe_split"]
 
 
 #: bumped when what a CET curvature is computed from changes (part of the cost-cache key)
@@ -295,11 +295,8 @@ def probe_split(tasks: list[tuple], n_probe: int) -> tuple[list[int], list[int]]
     lm_head) is measured after the snapshots before it are dropped, as without probing. ``rest`` is empty when no
     level has more than ``n_probe`` (every task is measured at once, as without probing); otherwise ``probe``
     holds every task of the probes and ``rest`` the others."""
-    rounds: dict[tuple[str, str], int] = {}
-    for node, fmt, _ in tasks:
-        rounds[(node.name, fmt.name)] = rounds.get((node.name, fmt.name), 0) + 1
     by_level: dict[str, list[str]] = {}
-    for (node, level), k in rounds.items():  # dicts keep insertion order: node order
+    for (node, level), k in _rounds(tasks).items():  # Counter keeps insertion order: node order
         if k > 1:
             by_level.setdefault(level, []).append(node)
     probes: set[tuple[str, str]] = set()
@@ -317,6 +314,20 @@ def probe_split(tasks: list[tuple], n_probe: int) -> tuple[list[int], list[int]]
     probe = [i for i, (node, fmt, _) in enumerate(tasks) if (node.name, fmt.name) in probes]
     chosen = set(probe)
     return probe, [i for i in range(len(tasks)) if i not in chosen]
+
+
+def after_probes(tasks: list[tuple], rest: list[int], chosen: dict[str, str]) -> list[int]:
+    """The indices of ``rest`` (:func:`probe_split`) still measured once the probes chose ``chosen`` (level →
+    rounding): a (node, level) with one rounding as it is, one with several in the level's chosen rounding only
+    (all of them where the probes chose nothing for the level)."""
+    rounds = _rounds(tasks)
+    return [i for i in rest for n, f, r in (tasks[i],)
+            if rounds[(n.name, f.name)] == 1 or f.name not in chosen or r == chosen[f.name]]
+
+
+def _rounds(tasks: list[tuple]) -> Counter:
+    """(node, level) → how many roundings ``tasks`` measure it in."""
+    return Counter((node.name, fmt.name) for node, fmt, _ in tasks)
 
 
 def _gram_spill(ctx):
