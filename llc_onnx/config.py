@@ -450,6 +450,9 @@ class OptimizeConfig:
                        parse=_words)
     cache_dir: str | None = opt(None, "--cache", "keep the gradients and measured candidates here and reuse them "
                                 "when model, data and settings are the same", metavar="DIR")
+    cache_codes: bool = opt(True, "--cache-codes", "with --cache: also keep every measured candidate's rounded "
+                            "codes there (about one byte per weight per format), so later stages and runs read "
+                            "them instead of rounding again (default on)")
 
     def __post_init__(self):
         method = tuple(self.method) if not isinstance(self.method, str) else _words(self.method)
@@ -522,8 +525,8 @@ def from_dict(d: dict, base: OptimizeConfig | None = None, source: str = "config
         elif key in {f.name for f in dataclasses.fields(OptimizeConfig)}:
             top[key] = tuple(value) if isinstance(value, list) else value
         else:
-            raise LLCError(f"{source}: unknown setting {key!r}; top-level keys are method, nodes, cache_dir and the "
-                           f"sections {', '.join(SECTIONS)}")
+            raise LLCError(f"{source}: unknown setting {key!r}; top-level keys are method, nodes, cache_dir, "
+                           f"cache_codes and the sections {', '.join(SECTIONS)}")
     parts = {name: dataclasses.replace(getattr(base, name), **sections[name]) for name in SECTIONS}
     return dataclasses.replace(base, **top, **parts)
 

@@ -36,7 +36,7 @@ def test_hit_reuses_measurements_and_writes_identical_bytes(tiny, tmp_path):
     plain = _opt(model, data, tmp_path / "plain.onnx", "--budget", "0.3")
     first = _opt(model, data, tmp_path / "a.onnx", "--budget", "0.3", "--cache", str(cache))
     assert first["stages"][0]["cache"]["hit"] is False and "gradients" in first["seconds"]
-    assert len(_entries(cache)) == 2  # one entry: .json + .npz, no temporary files left
+    assert len(_entries(cache)) == 3  # one entry: .json + .npz + .codes, no temporary files left
     second = _opt(model, data, tmp_path / "b.onnx", "--budget", "0.3", "--cache", str(cache))
     assert second["stages"][0]["cache"]["entry"] == first["stages"][0]["cache"]["entry"] and second["stages"][0]["cache"]["hit"] is True
     assert second["stages"][0]["cache"]["seconds"] == first["stages"][0]["cache"]["seconds"] > 0
@@ -48,7 +48,7 @@ def test_hit_reuses_measurements_and_writes_identical_bytes(tiny, tmp_path):
 
     # a different budget / margin reuses the entry (they only re-solve / re-classify) ...
     other = _opt(model, data, tmp_path / "c.onnx", "--budget", "0.5", "--margin-z", "0", "--cache", str(cache))
-    assert other["stages"][0]["cache"]["hit"] is True and len(_entries(cache)) == 2
+    assert other["stages"][0]["cache"]["hit"] is True and len(_entries(cache)) == 3
     uncached = _opt(model, data, tmp_path / "d.onnx", "--budget", "0.5", "--margin-z", "0")
     assert [c["cost"] for c in other["stages"][0]["candidates"]] == [c["cost"] for c in uncached["stages"][0]["candidates"]]
     assert (tmp_path / "c.onnx").read_bytes() == (tmp_path / "d.onnx").read_bytes()
@@ -57,7 +57,7 @@ def test_hit_reuses_measurements_and_writes_identical_bytes(tiny, tmp_path):
     for extra in (["--bits", "4,8,float"], ["--seed", "1"], ["--llc-radius", "0.01"], ["--block-size", "16"]):
         r = _opt(model, data, tmp_path / "e.onnx", "--cache", str(cache), *extra)
         assert r["stages"][0]["cache"]["hit"] is False, extra
-    assert len(_entries(cache)) == 2 * 5
+    assert len(_entries(cache)) == 3 * 5
 
 
 def test_damaged_entry_is_reported_and_recomputed(tiny, tmp_path):
@@ -131,3 +131,46 @@ def test_a_large_models_hit_reads_its_gradients_into_files(tiny, tmp_path, monke
     assert spilled["stages"][0]["cache"]["hit"] is True
     assert spilled["stages"][0]["candidates"] == ordinary["stages"][0]["candidates"]
     assert (tmp_path / "c.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_a_hit_reads_the_kept_codes_and_rounds_nothing(tiny, tmp_path, monkeypatch):
+    """The candidate stage keeps every rounded weight beside the entry (``flows.code_store``); a hit builds its
+    plans from them — no rounding and no Gram pass — and writes the bytes of the run that rounded them. A damaged
+    pair is reported and rounded again (same bytes); ``--no-cache-codes`` keeps none."""
+    from llc_onnx.calib import gram
+    from llc_onnx.flows import roundings
+
+    model, data = tiny
+    cache = tmp_path / "cache"
+    first = _opt(model, data, tmp_path / "a.onnx", "--budget", "0.3", "--cache", str(cache))
+    codes = cache / next(e for e in _entries(cache) if e.endswith(".codes"))
+    kept = _entries(codes)
+    measured = [c for c in first["stages"][0]["candidates"] if not c["reference"]]
+    assert len([f for f in kept if f.endswith(".npz")]) >= len(measured) > 0
+    assert len([f for f in kept if f.endswith(".q.npy")]) == len([f for f in kept if f.endswith(".npz")])
+
+    def rounded_again(*args, **kwargs):
+        raise AssertionError("rounded again on a hit")
+    with monkeypatch.context() as m:
+        m.setattr(roundings.Rounder, "_round", rounded_again)
+        m.setattr(gram, "collect_grams", rounded_again)
+        second = _opt(model, data, tmp_path / "b.onnx", "--budget", "0.3", "--cache", str(cache))
+    assert second["stages"][0]["cache"]["hit"] is True and "gram" not in second["seconds"]
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+    for f in kept:  # every record damaged: each one read is reported and rounded (and kept) again
+        if f.endswith(".npz"):
+            (codes / f).write_bytes(b"not an npz")
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "c.onnx"), "--json",
+                                  "--bits", "2,4,8,float", "--allow-loss-increase", "--budget", "0.3",
+                                  "--cache", str(cache)])
+    assert rc == 0 and "rounded codes" in stderr and "rounding again" in stderr
+    assert (tmp_path / "c.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(roundings.Rounder, "_round", rounded_again)
+        _opt(model, data, tmp_path / "d.onnx", "--budget", "0.3", "--cache", str(cache))  # rewritten: read again
+
+    other = tmp_path / "other"
+    _opt(model, data, tmp_path / "e.onnx", "--budget", "0.3", "--cache", str(other), "--no-cache-codes")
+    assert not [e for e in _entries(other) if e.endswith(".codes")]
+    assert (tmp_path / "e.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()

@@ -380,3 +380,27 @@ def test_row_chunks_change_nothing(monkeypatch, scale, rounding, shape, out_axis
     np.testing.assert_array_equal(one.scale, chunked.scale)
     np.testing.assert_array_equal(one.dequant, chunked.dequant)
     assert one.nbytes == chunked.nbytes
+
+
+@pytest.mark.parametrize("shape,out_axis,reduce_axis,block", [
+    ((40, 24), 1, 0, None), ((40, 24), 1, 0, 16), ((45, 24), 1, 0, 16), ((24, 45), 0, 1, 32),
+    ((8, 3, 3, 3), 0, 1, None), ((8, 3, 3, 3), 0, 1, 16), ((6, 1, 3, 3), 0, 1, 4)])
+@pytest.mark.parametrize("bits,float_type", [(4, "float32"), (8, "float32"), (4, "float16"), (2, "bfloat16")])
+def test_dequantize_rebuilds_the_dequant_bit_for_bit(shape, out_axis, reduce_axis, block, bits, float_type):
+    """``dequantize(q, scale, …)`` — what the code store (``flows.code_store``) rebuilds a kept weight with — equals
+    the ``dequant`` of quantize_weight and of GPTQ bit for bit, in every layout (per channel, blocked with a
+    padded last block, a blocked Conv's matrix layout), with the codes in the int8 the store keeps."""
+    from llc_onnx.quant.gptq import quantize_weight_gptq
+    from llc_onnx.quant.weights import dequantize
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_t(3, size=shape).astype(np.float32)
+    spec = WeightQuantSpec(bits=bits, block_size=block, scale_method="mse", float_type=float_type)
+    got = [quantize_weight(w, spec, out_axis, reduce_axis)]
+    k = w.size // w.shape[out_axis]
+    x = rng.normal(size=(64, k))
+    got.append(quantize_weight_gptq(w, x.T @ x, spec, out_axis, reduce_axis))
+    for qw in got:
+        dq = dequantize(qw.q.astype(np.int8), qw.scale, qw.block_size, out_axis, reduce_axis, w.shape)
+        assert dq.dtype == np.float32 and dq.shape == w.shape
+        assert np.array_equal(dq.view(np.int32), qw.dequant.view(np.int32))

@@ -130,7 +130,7 @@ def offered_formats(ctx: FlowContext) -> Formats:
     acts: dict = {}
     w8 = [(n, f) for (n, _), f in by_level.items() if f.kind == "w8a8" and not f.dynamic]
     if w8:
-        need = {(n, f.name): ctx.target.tensors_to_calibrate(ctx.model, n, f) for n, f in w8}
+        need = dict(zip([(n, f.name) for n, f in w8], ctx.target.tensors_to_calibrate_all(ctx.model, w8)))
         tensors = sorted({t for pair in need.values() for t in pair if t})
         with ctx.timer.stage("ranges"):
             ranges = collect_activation_ranges(ctx.graph, ctx.calib, tensors, method=tcfg.calibration,
@@ -234,12 +234,12 @@ def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads
     (``choose_per_level``), and the level's other nodes are measured in that rounding only. The measurements go
     through ``ctx.executor`` (one process, or shards across workers gathered in this same order, so the result
     does not depend on how many workers measured it)."""
+    chosen = _rounding_choices(ctx, formats, rounder)
     tasks = []
     for node in ctx.nodes:
-        w = ctx.weight_array(node)
         for fmt in formats.offers[node.name].formats:
             for rounding in ([""] if fmt.kind == "float" else ["nearest"] if fmt.kind == "series" else
-                             rounder.choices(w, node, fmt)):
+                             chosen[(node.name, fmt.name)]):
                 tasks.append((node, fmt, rounding))
     if any(r == "gptq" for _, _, r in tasks):
         rounder.grams()  # its forward passes before the snapshots of the unmodified run are held (SmolLM2: 0.9 GB)
@@ -255,6 +255,25 @@ def build_candidates(ctx: FlowContext, formats: Formats, rounder: Rounder, grads
     got.update(zip(keep, _measure_tasks(ctx, formats, rounder, grads_m, [tasks[i] for i in keep],
                                         "measuring candidates")))
     return [got[i] for i in sorted(got)]
+
+
+def _rounding_choices(ctx: FlowContext, formats: Formats, rounder: Rounder) -> dict[tuple[str, str], list[str]]:
+    """(node, format) → the roundings measured there (``Rounder.choices``: whether nearest rounding is inside the
+    neighbourhood, an MSE scale search where min-max rounding does not already decide it), for every quantized
+    format, through ``ctx.executor``: with several workers each decides its share (the answers are the same)."""
+    pairs = [(i, j) for i, node in enumerate(ctx.nodes) for j, fmt in enumerate(formats.offers[node.name].formats)
+             if fmt.kind not in ("float", "series")]
+
+    with ctx.progress.task("rounding choices", len(pairs)) as advance:
+        def one(pair):
+            node = ctx.nodes[pair[0]]
+            out = rounder.choices(ctx.weight_array(node), node, formats.offers[node.name].formats[pair[1]])
+            advance(1)
+            return out
+
+        got = ctx.executor.map(one, pairs)
+    return {(ctx.nodes[i].name, formats.offers[ctx.nodes[i].name].formats[j].name): r
+            for (i, j), r in zip(pairs, got)}
 
 
 def _measure_tasks(ctx: FlowContext, formats: Formats, rounder: Rounder, grads_m: GradientPass, tasks: list,
@@ -417,9 +436,10 @@ class Solver:
                 knapsack.pareto_sweep(costs, sizes, sorted({int(x) for x in np.linspace(lo, hi, 25)}))]
 
 
-def measure_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Candidate]]:
+def measure_costs(ctx: FlowContext, formats: Formats, store=None) -> tuple[Rounder, list[Candidate]]:
     """Stages 1–2: the gradient pass (with each format's activation-noise prediction), what the roundings need
-    (Gram matrices, curvature) and the raw candidates."""
+    (Gram matrices, curvature) and the raw candidates; ``store`` (``flows.code_store``) keeps the rounded
+    weights."""
     act_cands = {}
     for (n, name), f in formats.by_level.items():
         i, _ = _hooks(formats, n, f)
@@ -428,6 +448,7 @@ def measure_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Can
     with ctx.timer.stage("gradients"), ctx.progress.task("gradients", len(ctx.calib.batches)) as advance:
         grads, grads_m = ctx.gradients(act_cands, advance)
     rounder = Rounder(ctx, grads)
+    rounder.store = store
     if "curvature" in rounder.needs():
         rounder.ensure_curvature()
     if "prediction curvature" in rounder.needs():
@@ -447,8 +468,11 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Cand
     curvature); a miss measures and stores. An unreadable entry is reported (a warning) and recomputed."""
     from . import cost_cache
 
+    from .code_store import CodeStore
+
     with ctx.timer.stage("cache"):
         key = cost_cache.cache_key(ctx, candidate_settings(ctx))
+        store = CodeStore.for_entry(ctx.config.cache_dir, key) if ctx.config.cache_codes else None
         try:
             hit = cost_cache.load(ctx.config.cache_dir, key, [n.name for n in ctx.nodes], spill=ctx.out_of_core())
         except LLCError as exc:
@@ -456,10 +480,11 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Cand
             hit = None
         if hit is not None:
             rounder = Rounder(ctx, hit.grads)
+            rounder.store = store
             rounder.load_curvature(hit.arrays)
             return rounder, hit.candidates, {"entry": hit.path, "hit": True, "seconds": hit.seconds}
     before = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES)
-    rounder, cands = measure_costs(ctx, formats)
+    rounder, cands = measure_costs(ctx, formats, store)
     seconds = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES) - before
     with ctx.timer.stage("cache"):
         path = cost_cache.save(ctx.config.cache_dir, key, cands, {}, rounder.grads, seconds,
@@ -578,7 +603,8 @@ def _weight(ctx, formats, rounder, n, cand, fmt, memo: CodeMemo, dequant=False):
             terms = compact(qw).terms
             codes = replace(qw, terms=tuple(replace(t, q=memo.codes(t.q)) for t in terms), target=None)
         else:
-            codes = replace(qw, q=memo.codes(qw.q.astype(np.int8 if qw.bits <= 8 else np.int16)), dequant=None)
+            codes = replace(qw, q=memo.codes(np.asarray(qw.q, dtype=np.int8 if qw.bits <= 8 else np.int16)),
+                            dequant=None)
         memo[key] = (codes, memo.floats(qw.dequant() if fmt.kind == "series" else qw.dequant) if dequant else None)
     return memo[key][1] if dequant else memo[key][0]
 

@@ -33,6 +33,9 @@ seventeenth stop). ``0`` measures every rounding on every node.
 
 The Gram matrices and the curvature are computed once, only when a rounding (or ``quant.cost == "cet"``) needs
 them; the curvature is kept with the cost cache (``flows.cost_cache``) so a cached run rebuilds the same codes.
+With ``--cache`` the rounded weights themselves are kept too (``flows.code_store``, :attr:`Rounder.store`): the
+stages after the candidates, and later runs on the same entry, read them instead of rounding again (and a
+GPTQ-rounded node read back needs no Gram matrices).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class Rounder:
         self.curvature = None  # node -> solvers.cet.NodeCurvature, when computed or loaded from the cache
         self.pred_curvature = None  # the one ``--cost cet`` / ``--compare-cet`` predict with (prediction_curvature)
         self.curvature_info: dict | None = None  # source, part, samples, passes, k, seconds of each pass (report)
+        #: where rounded weights are kept and read back (``flows.code_store``; with ``--cache``), or None
+        self.store = None
 
     # -- what is measured ------------------------------------------------------------------------
     def spec(self, fmt, rounding: str = "nearest") -> WeightQuantSpec:
@@ -219,7 +224,18 @@ class Rounder:
 
     # -- quantizing ------------------------------------------------------------------------------
     def quantize(self, w: np.ndarray, node, fmt, rounding: str):
-        """(QuantizedWeight, info) of ``node`` in ``fmt`` rounded by ``rounding``."""
+        """(QuantizedWeight, info) of ``node`` in ``fmt`` rounded by ``rounding``: read from :attr:`store` when it
+        holds them (the same codes: ``flows.code_store``), else rounded (and kept there)."""
+        if self.store is not None:
+            got = self.store.get(node, fmt.name, rounding, w.shape)
+            if got is not None:
+                return got
+        qw, info = self._round(w, node, fmt, rounding)
+        if self.store is not None:
+            self.store.put(node, fmt.name, rounding, qw, info)
+        return qw, info
+
+    def _round(self, w: np.ndarray, node, fmt, rounding: str):
         grad = self.grads.nodes[node.name].grad_w
         if rounding == "gptq":
             from ..quant.gptq import quantize_weight_gptq

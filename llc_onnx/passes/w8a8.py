@@ -41,7 +41,7 @@ from llc_onnx.errors import LLCError
 from llc_onnx.passes import common
 from llc_onnx.passes.qdq import QDQPass
 
-__all__ = ["W8A8Plan", "W8A8Pass", "apply_w8a8", "quantized_tensors", "ABSORBED_ACTIVATIONS"]
+__all__ = ["W8A8Plan", "W8A8Pass", "apply_w8a8", "quantized_tensors", "quantized_tensors_of", "ABSORBED_ACTIVATIONS"]
 
 #: ops ORT folds into a preceding integer Conv/Gemm when a QuantizeLinear follows them
 ABSORBED_ACTIVATIONS = ("Relu", "Clip")
@@ -114,16 +114,25 @@ def quantized_tensors(model: onnx.ModelProto, node: str, dtype: str = "uint8") -
     """(input tensor, output tensor) a W8A8 plan of ``node`` with ``dtype`` activations quantizes: the node's
     activation input, and its output — or, for uint8, the output of the Relu / Clip(0, ·) that is its only
     consumer (absorbed into the integer kernel). Calibrate these two tensors."""
+    return quantized_tensors_of(model, [(node, dtype)])[0]
+
+
+def quantized_tensors_of(model: onnx.ModelProto, requests) -> list[tuple[str, str]]:
+    """:func:`quantized_tensors` of every (node, dtype) of ``requests``, in order, reading the model into IR once
+    (SmolLM2: 0.6 s per reading, 211 MatMuls)."""
     ir_model = ir.serde.deserialize_model(model)
     by_name = common.nodes_by_name(ir_model.graph)
-    if node not in by_name:
-        raise LLCError(f"node '{node}': not in the main graph; use the node names of the prepared model")
-    n = by_name[node]
-    out = n.outputs[0]
-    user = _absorbed_consumer(out, dtype)
-    if user is not None:
-        out = user.outputs[0]
-    return n.inputs[0].name, out.name
+    got = []
+    for node, dtype in requests:
+        if node not in by_name:
+            raise LLCError(f"node '{node}': not in the main graph; use the node names of the prepared model")
+        n = by_name[node]
+        out = n.outputs[0]
+        user = _absorbed_consumer(out, dtype)
+        if user is not None:
+            out = user.outputs[0]
+        got.append((n.inputs[0].name, out.name))
+    return got
 
 
 class W8A8Pass(common.RewritePass):

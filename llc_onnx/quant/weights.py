@@ -427,7 +427,7 @@ def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_
         s32[c] = _scales(rows[c], None if mask is None else mask[c], spec)
         qc = _round(rows[c], None if grows is None else grows[c], s32[c].astype(np.float64), spec)
         q_rows[c] = qc
-        dq_rows[c] = qc.astype(np.float32) * s32[c, None]
+        dq_rows[c] = q_rows[c].astype(np.float32) * s32[c, None]  # from the integers: a code 0 gives +0, never −0
     del rows, grows
     q = np.ascontiguousarray(lay.from_rows(q_rows))
     dequant = np.ascontiguousarray(lay.from_rows(dq_rows).reshape(shape)).astype(np.float32, copy=False)
@@ -435,6 +435,21 @@ def quantize_weight(w: np.ndarray, spec: WeightQuantSpec, out_axis: int, reduce_
     nbytes = -(-int(spec.bits) * int(w.size) // 8) + scale_bytes(spec.float_type) * int(scale.size)
     return QuantizedWeight(q=q, scale=scale, axis=lay.axis, block_size=bs, bits=int(spec.bits),
                            dequant=dequant, nbytes=nbytes)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, block_size: int | None, out_axis: int, reduce_axis: int,
+               shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 weight of ``shape`` that codes ``q`` and scales ``scale`` (a :class:`QuantizedWeight`'s layout)
+    stand for: ``float32(q) · scale`` per group, the same float32 products :func:`quantize_weight` and GPTQ
+    (``quant.gptq``) form, so the result equals their ``dequant`` bit for bit."""
+    shape = tuple(int(d) for d in shape)
+    if block_size is not None and len(shape) >= 3:  # Conv: the matrix layout [O, R] (module docstring)
+        out_axis, reduce_axis = 0, 1
+    lay = _Groups(q.shape, block_size, out_axis, reduce_axis)
+    s = np.asarray(scale, dtype=np.float32)
+    s_rows = s.reshape(-1) if block_size is None else np.moveaxis(s, lay.axis, -1).reshape(-1)
+    dq_rows = lay.to_rows(np.asarray(q)).astype(np.float32) * s_rows[:, None]
+    return np.ascontiguousarray(lay.from_rows(dq_rows).reshape(shape)).astype(np.float32, copy=False)
 
 
 def weight_nbytes(shape, spec: WeightQuantSpec, reduce_axis: int, out_axis: int | None = None) -> int:

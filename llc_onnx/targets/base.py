@@ -388,12 +388,24 @@ class Target(ABC):
 
     def tensors_to_calibrate(self, model: onnx.ModelProto, node: str, fmt: Format) -> tuple[str | None, str | None]:
         """(input tensor, output tensor) whose ranges ``fmt`` needs (None where it needs none)."""
-        if fmt.kind != "w8a8" or fmt.dynamic:
-            return None, None
-        from llc_onnx.passes.w8a8 import quantized_tensors
+        return self.tensors_to_calibrate_all(model, [(node, fmt)])[0]
 
-        x, y = quantized_tensors(model, node, fmt.activations)
-        return x, (y if fmt.output else None)
+    def tensors_to_calibrate_all(self, model: onnx.ModelProto, pairs) -> list[tuple[str | None, str | None]]:
+        """:meth:`tensors_to_calibrate` of every (node, format) of ``pairs``, in order, reading the model once."""
+        static = [(n, f) for n, f in pairs if f.kind == "w8a8" and not f.dynamic]
+        if not static:
+            return [(None, None)] * len(pairs)
+        from llc_onnx.passes.w8a8 import quantized_tensors_of
+
+        got = iter(quantized_tensors_of(model, [(n, f.activations) for n, f in static]))
+        out = []
+        for _, f in pairs:
+            if f.kind != "w8a8" or f.dynamic:
+                out.append((None, None))
+                continue
+            x, y = next(got)
+            out.append((x, y if f.output else None))
+        return out
 
     def describe(self) -> str:
         """The target's table as Markdown (README / report)."""

@@ -43,13 +43,13 @@ def plan_nodes(target: Target, model: onnx.ModelProto, choices: Mapping[str, For
     inits = {t.name: t for t in model.graph.initializer}
     plans: dict[str, NodePlan] = {}
     needs: dict[str, tuple[str | None, str | None, str]] = {}
-    for name, fmt in choices.items():
+    for name in choices:
         if name not in nodes:
             raise LLCError(f"node '{name}': not a compressible node of the model; choose formats for "
                            "find_compressible() nodes")
-        if fmt.kind == "w8a8" and not fmt.dynamic:   # dynamic W8A8 quantizes its input at run time
-            x, y = target.tensors_to_calibrate(model, name, fmt)
-            needs[name] = (x, y, fmt.activations)
+    static = [(name, fmt) for name, fmt in choices.items() if fmt.kind == "w8a8" and not fmt.dynamic]
+    for (name, fmt), (x, y) in zip(static, target.tensors_to_calibrate_all(model, static)):
+        needs[name] = (x, y, fmt.activations)   # (dynamic W8A8 quantizes its input at run time)
     ranges = {}
     if needs:
         if data is None:
