@@ -136,13 +136,14 @@ def _stage(ctx, outcome, tolerance: float):
 
 
 def optimize(model, data, config: OptimizeConfig | None = None, *, held=None, val=None, out: str | None = None,
-             progress: Progress | None = None) -> OptimizeResult:
+             progress: Progress | None = None) -> OptimizeResult | None:
     """Compress ``model`` on ``data`` under ``config`` and give the verdict on the test split (module doc).
     ``held``: explicit test data (else ``config.data.holdout`` of ``data``); ``val``: explicit validation data
     (else ``config.data.val_fraction`` of the calibration data); ``out``: where to write the model when it is
     verified. Raises :class:`~llc_onnx.errors.LLCError` on bad input, before any output is written. torch runs
     on one thread meanwhile (:func:`_torch_one_thread`): the same inputs give the same bytes whatever
-    ``config.device.threads`` (ONNX Runtime's intra-op threads) is."""
+    ``config.device.threads`` (ONNX Runtime's intra-op threads) is. With several ranks (``device.workers``,
+    torchrun: ``flows.parallel``) a rank other than 0 returns None once the measurements are done."""
     with _torch_one_thread():
         return _optimize(model, data, config, held=held, val=val, out=out, progress=progress)
 
@@ -193,6 +194,8 @@ def _optimize(model, data, config: OptimizeConfig | None = None, *, held=None, v
         outcome = _run_method(ctx, method)
         if i == len(config.stages) - 1:
             ctx.release_interpreter()  # the last stage's measurements are done: validation and test run in ORT
+            if not parallel.is_primary():
+                return None  # a worker's share ends here: what follows only repeats rank 0's (flows.parallel)
         stage, current, val_c = _stage(ctx, outcome, tolerance)
         stages.append(stage)
         outcome = None  # its build closure holds every plan's codes (quantize.CodeMemo): gone before the next step

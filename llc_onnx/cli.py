@@ -438,6 +438,8 @@ def cmd_optimize(args) -> int:
     args._out, args._out_before = out, _identity(out)
     result = api.optimize(args.model, args.data, config, held=args.held, val=args.val, out=out,
                           progress=_progress(args))
+    if result is None:  # a worker rank under torchrun: rank 0 reports and writes
+        return 0
     report = result.to_dict()
     if args.report:
         report["report_files"] = write_report(report, args.report)

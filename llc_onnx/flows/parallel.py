@@ -5,15 +5,16 @@ so every rank reaches ``ctx.executor.map(fn, tasks)`` with the same task list. O
 computes tasks r, r + N, r + 2N, ... (round-robin: neighbouring tasks, e.g. the formats of one node, cost about
 the same) and ``all_gather_object`` hands every rank all results, put back in task order. The candidates — and
 so the output bytes — do not depend on N. Only rank 0 writes files and reports progress; the result returned
-is rank 0's.
+is rank 0's. Every map is in a stage's measurements, so a worker stops once the last stage has measured (its
+``optimize`` returns None): validation, the test verdict and the writing are rank 0's alone, and no worker
+competes with rank 0 for the CPUs meanwhile.
 
 Launch
 ------
 * ``optimize(..., config with device.workers = N)`` in a plain process (the CLI, a script): this process
   becomes rank 0 and starts N − 1 workers itself (``torch.multiprocessing``, spawn; a ``TCPStore`` on a free
   local port joins them); a script that calls it must guard its entry point (``if __name__ == "__main__":``),
-  as with any spawned worker. When rank 0 is done, the workers are stopped (their remaining stages would only
-  repeat rank 0's).
+  as with any spawned worker. When rank 0 is done, any worker still running is stopped.
 * Under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set) or inside a process group the caller
   created, every rank calls ``optimize`` with the same arguments and joins that group; ``device.workers`` is
   then the group's size (give it equal to ``--nproc-per-node`` × nodes, or leave it at 1)::
