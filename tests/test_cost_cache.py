@@ -174,3 +174,25 @@ def test_a_hit_reads_the_kept_codes_and_rounds_nothing(tiny, tmp_path, monkeypat
     _opt(model, data, tmp_path / "e.onnx", "--budget", "0.3", "--cache", str(other), "--no-cache-codes")
     assert not [e for e in _entries(other) if e.endswith(".codes")]
     assert (tmp_path / "e.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+
+def test_codes_that_cannot_be_written_are_reported_once(tiny, tmp_path, monkeypatch):
+    """A store whose writes fail (a full disk) says so once, keeps nothing more, and the run writes the bytes of a
+    run without kept codes."""
+    from llc_onnx.flows import code_store
+
+    model, data = tiny
+    calls = []
+
+    def full(path, write):
+        calls.append(path)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(code_store, "write_atomic", full)
+    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "a.onnx"), "--json",
+                                  "--bits", "2,4,8,float", "--allow-loss-increase", "--budget", "0.3",
+                                  "--cache", str(tmp_path / "cache")])
+    assert rc == 0 and len(calls) == 1 and stderr.count("rounded codes not kept") == 1
+    monkeypatch.undo()
+    _opt(model, data, tmp_path / "b.onnx", "--budget", "0.3", "--cache", str(tmp_path / "other"),
+         "--no-cache-codes")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

@@ -46,6 +46,7 @@ class CodeStore:
     def __init__(self, directory: str):
         self.dir = directory
         self.hits = self.writes = 0
+        self.failed = False  # a write failed (reported once): no more attempts in this run
 
     @classmethod
     def for_entry(cls, cache_dir: str, key: str) -> "CodeStore":
@@ -80,8 +81,10 @@ class CodeStore:
                                bits=int(meta["bits"]), dequant=dq, nbytes=int(meta["nbytes"])), meta["info"]
 
     def put(self, node, level: str, rounding: str, qw: QuantizedWeight, info: dict) -> None:
-        """Keep ``qw`` (and the rounding's ``info``); a failure to write (a full disk) is reported, not raised: the
-        run goes on and rounds again where it needs the codes."""
+        """Keep ``qw`` (and the rounding's ``info``); a failure to write (a full disk) is reported once, not raised:
+        the run goes on, keeps nothing more, and rounds again where it needs the codes."""
+        if self.failed:
+            return
         qpath, mpath = self._paths(node.name, level, rounding)
         q = np.ascontiguousarray(qw.q, dtype=np.int8 if qw.bits <= 8 else np.int16)
         meta = {"format": FORMAT, "node": node.name, "level": level, "rounding": rounding, "axis": int(qw.axis),
@@ -93,7 +96,9 @@ class CodeStore:
             write_atomic(mpath, lambda tmp: _save_npz(tmp, scale=np.asarray(qw.scale, dtype=np.float32),
                                                       meta=np.array(json.dumps(meta))))
         except OSError as exc:
-            log.warning("rounded codes of node '%s' (%s) not kept in %s: %s", node.name, level, self.dir, exc)
+            self.failed = True
+            log.warning("rounded codes not kept in %s (%s); this run keeps no more of them and rounds again where "
+                        "it needs them; free space there or pass --no-cache-codes", self.dir, exc)
             return
         self.writes += 1
 
