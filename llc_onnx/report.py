@@ -313,8 +313,9 @@ def print_optimize(result) -> None:
                        f"{pc['credited_gains']:.3g}) against costs of {pc['costs']:.3g}")
         if st.cache:
             c = st.cache
-            print_line(f"{st.method}: " + (f"reused {c['seconds']:.0f} s of measurements from" if c["hit"]
-                                           else "stored the measurements in") + f" cache entry {c['entry']}")
+            print_line(f"{st.method}: " + (f"reused {c['seconds']:.0f} s of measurements from cache entry {c['entry']}"
+                                           if c["hit"] else f"stored the measurements in cache entry {c['entry']}"
+                                           if c["entry"] else "could not store the measurements (see the warning)"))
     for note in result.notes:
         print_line(f"note: {note}", style="yellow")
     verdict = "VERIFIED" if result.verified else "NOT VERIFIED"

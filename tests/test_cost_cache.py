@@ -54,10 +54,15 @@ def test_hit_reuses_measurements_and_writes_identical_bytes(tiny, tmp_path):
     assert (tmp_path / "c.onnx").read_bytes() == (tmp_path / "d.onnx").read_bytes()
 
     # ... while anything a candidate depends on makes a new entry
-    for extra in (["--bits", "4,8,float"], ["--seed", "1"], ["--llc-radius", "0.01"], ["--block-size", "16"]):
+    from llc_onnx.targets.ort_cpu import int8_full_range_exact
+
+    extras = [["--bits", "4,8,float"], ["--seed", "1"], ["--llc-radius", "0.01"], ["--block-size", "16"]]
+    if int8_full_range_exact() is None:  # full-range W8A8 codes are refused on CPUs whose int8 kernels saturate
+        extras.append(["--w8a8-codes", "8"])
+    for extra in extras:
         r = _opt(model, data, tmp_path / "e.onnx", "--cache", str(cache), *extra)
         assert r["stages"][0]["cache"]["hit"] is False, extra
-    assert len(_entries(cache)) == 3 * 5
+    assert len(_entries(cache)) == 3 * (1 + len(extras))
 
 
 def test_damaged_entry_is_reported_and_recomputed(tiny, tmp_path):
@@ -176,23 +181,64 @@ def test_a_hit_reads_the_kept_codes_and_rounds_nothing(tiny, tmp_path, monkeypat
     assert (tmp_path / "e.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
 
 
-def test_codes_that_cannot_be_written_are_reported_once(tiny, tmp_path, monkeypatch):
-    """A store whose writes fail (a full disk) says so once, keeps nothing more, and the run writes the bytes of a
-    run without kept codes."""
-    from llc_onnx.flows import code_store
+def test_a_full_disk_costs_the_cache_not_the_run(tiny, tmp_path, monkeypatch):
+    """Codes that cannot be written (a write fails, or it would leave less free disk than the entry still needs)
+    are reported once and no more are tried; an entry that cannot be written is reported; either way the run
+    finishes and writes the bytes of a run without a cache."""
+    import collections
+
+    from llc_onnx.flows import code_store, cost_cache
 
     model, data = tiny
+    args = ["optimize", model, "--data", data, "--json", "--bits", "2,4,8,float", "--allow-loss-increase",
+            "--budget", "0.3"]
+    rc, stdout, _ = run_cli(args + ["-o", str(tmp_path / "plain.onnx")])
+    assert rc == 0
     calls = []
 
-    def full(path, write):
+    def failing(path, write):
         calls.append(path)
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(code_store, "write_atomic", full)
-    rc, stdout, stderr = run_cli(["optimize", model, "--data", data, "-o", str(tmp_path / "a.onnx"), "--json",
-                                  "--bits", "2,4,8,float", "--allow-loss-increase", "--budget", "0.3",
-                                  "--cache", str(tmp_path / "cache")])
-    assert rc == 0 and len(calls) == 1 and stderr.count("rounded codes not kept") == 1
-    monkeypatch.undo()
-    _opt(model, data, tmp_path / "b.onnx", "--budget", "0.3", "--cache", str(tmp_path / "other"),
-         "--no-cache-codes")
-    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    usage = collections.namedtuple("usage", "total used free")
+    for name, fake in (("write_atomic", failing), ("disk_usage", lambda d: usage(1 << 30, 1 << 30, 1 << 20))):
+        calls.clear()
+        cache = tmp_path / f"cache_{name}"
+        with monkeypatch.context() as m:
+            m.setattr(code_store if name == "write_atomic" else code_store.shutil, name, fake)
+            rc, stdout, stderr = run_cli(args + ["-o", str(tmp_path / f"{name}.onnx"), "--cache", str(cache)])
+        assert rc == 0 and stderr.count("rounded codes not kept") == 1, name
+        assert len(calls) == (name == "write_atomic"), name
+        assert not [f for d in cache.glob("*.codes") for f in os.listdir(d) if f.endswith(".npz")], name
+        assert (tmp_path / f"{name}.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(cost_cache, "write_atomic", failing)
+        rc, stdout, stderr = run_cli(args + ["-o", str(tmp_path / "noentry.onnx"), "--cache", str(tmp_path / "c3")])
+    assert rc == 0 and "cache entry for" in stderr and "not written" in stderr
+    assert one_json(stdout)["stages"][0]["cache"]["entry"] is None
+    assert (tmp_path / "noentry.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+
+
+def test_a_single_process_with_rank_set_is_rank_0(tiny, tmp_path, monkeypatch):
+    """A plain run whose environment says RANK=1 (a launcher that sets only that) is not a worker: it validates,
+    tests and writes."""
+    model, data = tiny
+    monkeypatch.setenv("RANK", "1")
+    r = _opt(model, data, tmp_path / "a.onnx", "--budget", "0.3")
+    assert r["stages"] and (tmp_path / "a.onnx").is_file()
+
+
+def test_the_key_holds_the_w8a8_code_bits_on_any_cpu():
+    """Full-range W8A8 codes (``--w8a8-codes 8``) change every W8A8 candidate, so they are in the cache key; the
+    default (7) leaves the keys of earlier runs as they were. Checked on the key itself, because optimize refuses
+    8-bit codes on CPUs whose int8 kernels saturate (the end-to-end loop above runs them only where exact)."""
+    from types import SimpleNamespace
+
+    from llc_onnx.config import OptimizeConfig, TargetConfig
+    from llc_onnx.flows.quantize import candidate_settings
+
+    def key(**target):
+        cfg = OptimizeConfig(target=TargetConfig(**target))
+        return candidate_settings(SimpleNamespace(config=cfg, nodes=[], target=SimpleNamespace()))
+
+    assert "w8a8_codes" not in key() and key(w8a8_codes=8)["w8a8_codes"] == 8
+    assert {k: v for k, v in key(w8a8_codes=8).items() if k != "w8a8_codes"} == key()

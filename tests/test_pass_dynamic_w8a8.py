@@ -18,7 +18,10 @@ from llc_onnx.errors import LLCError
 from llc_onnx.passes.dynamic_w8a8 import apply_dynamic_w8a8
 from llc_onnx.quant import WeightQuantSpec, dynamic_uint8_fake_quant, quantize_weight
 from llc_onnx.targets.base import GraphContext, NodePlan, input_hook
-from llc_onnx.targets.ort_cpu import NO_DYNAMIC, OrtCpuTarget
+from llc_onnx.targets.ort_cpu import NO_DYNAMIC, OrtCpuTarget, int8_full_range_exact
+
+#: why ONNX Runtime's int8 kernels saturate full-range (8-bit) weight codes on this CPU; None where they do not
+SATURATES = int8_full_range_exact()
 
 
 def token_mlp(seed=0, d=16, h=24, c=5):
@@ -98,6 +101,9 @@ def test_ort_fuses_it_and_computes_the_spec(tmp_path, bits):
     assert not any(t.data_type == TP.FLOAT and tuple(t.dims) == (16, 24) for t in out.graph.initializer)
     x = np.random.default_rng(1).normal(0, 1, (3, 7, 16)).astype(np.float32)
     ref = reference(m, plans, x)
+    if bits == 8 and SATURATES:
+        pytest.skip(f"ORT's kernels compute full-range codes inexactly here ({SATURATES}); "
+                    "optimize refuses --w8a8-codes 8 on this CPU")
     fused = run(out, x, path=tmp_path / "opt.onnx")
     np.testing.assert_allclose(run(out, x, optimized=False), ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fused, ref, rtol=1e-4, atol=1e-4)
@@ -284,7 +290,33 @@ def test_interpreter_runs_the_written_model_like_ort():
 
     m = token_mlp(seed=4)
     w = weights(m)
-    out = apply_dynamic_w8a8(m, {"mm1": plan(w["W1"]), "mmg": plan(w["Wg"], 8), "head": plan(w["W3"])})
+    full = 7 if SATURATES else 8  # full-range codes where ORT computes them exactly (refused elsewhere)
+    out = apply_dynamic_w8a8(m, {"mm1": plan(w["W1"]), "mmg": plan(w["Wg"], full), "head": plan(w["W3"])})
     x = np.random.default_rng(5).normal(0, 1, (3, 4, 16)).astype(np.float32)
     got = TorchGraph(out).run({"x": torch.as_tensor(x)})[0]["logits"]
     np.testing.assert_allclose(got.detach().numpy(), run(out, x, optimized=False), rtol=1e-5, atol=1e-5)
+
+
+def test_tensors_to_calibrate_all_reads_the_model_once_and_honours_an_override(monkeypatch):
+    """The batched lookup equals the per-node one (static W8A8 needs its input and output ranges, dynamic none), with
+    one IR reading for all nodes; a target that overrides ``tensors_to_calibrate`` is asked per node."""
+    import onnx_ir as ir
+
+    from llc_onnx.passes import w8a8
+
+    m = token_mlp()
+    ctx = GraphContext(m)
+    both = OrtCpuTarget(w8a8_activations="both")
+    pairs = [(n.name, f) for n in find_compressible(m)[0] for f in both.offer(n, ctx, levels=(8,)).formats]
+    assert any(f.kind == "w8a8" and not f.dynamic for _, f in pairs) and any(f.dynamic for _, f in pairs)
+    single = [both.tensors_to_calibrate(m, n, f) for n, f in pairs]
+    reads = []
+    real = ir.serde.deserialize_model
+    monkeypatch.setattr(w8a8.ir.serde, "deserialize_model", lambda p: reads.append(1) or real(p))
+    assert both.tensors_to_calibrate_all(m, pairs) == single and len(reads) == 1
+    assert all(x is None for (_, f), (x, _) in zip(pairs, single) if f.dynamic or f.kind != "w8a8")
+
+    class Own(OrtCpuTarget):
+        def tensors_to_calibrate(self, model, node, fmt):
+            return ("mine", None)
+    assert Own().tensors_to_calibrate_all(m, pairs[:2]) == [("mine", None)] * 2

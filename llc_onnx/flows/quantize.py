@@ -80,6 +80,8 @@ def candidate_settings(ctx: FlowContext) -> dict:
             "percentile": t.percentile, "plugins": t.plugins}
     if cfg.rounding == "auto" and len(cfg.auto_roundings) > 1 and 0 < cfg.rounding_probe < len(ctx.nodes):
         out["rounding_probe"] = cfg.rounding_probe  # only where it can change the candidates: other keys stay
+    if t.w8a8_codes != 7:  # only then, so that the keys of runs with the default codes stay as they were
+        out["w8a8_codes"] = t.w8a8_codes
     acts = getattr(ctx.target, "w8a8_activations", "static")
     if acts != "static":  # only then, so that the keys of runs without dynamic W8A8 stay as they were
         out["w8a8_activations"] = acts
@@ -472,7 +474,8 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Cand
 
     with ctx.timer.stage("cache"):
         key = cost_cache.cache_key(ctx, candidate_settings(ctx))
-        store = CodeStore.for_entry(ctx.config.cache_dir, key) if ctx.config.cache_codes else None
+        store = CodeStore.for_entry(ctx.config.cache_dir, key, reserve=ctx.float_bytes()) \
+            if ctx.config.cache_codes else None  # (the entry's gradients: about the float weights' bytes)
         try:
             hit = cost_cache.load(ctx.config.cache_dir, key, [n.name for n in ctx.nodes], spill=ctx.out_of_core())
         except LLCError as exc:
@@ -487,8 +490,13 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Cand
     rounder, cands = measure_costs(ctx, formats, store)
     seconds = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES) - before
     with ctx.timer.stage("cache"):
-        path = cost_cache.save(ctx.config.cache_dir, key, cands, {}, rounder.grads, seconds,
-                               rounder.curvature_arrays())
+        try:
+            path = cost_cache.save(ctx.config.cache_dir, key, cands, {}, rounder.grads, seconds,
+                                   rounder.curvature_arrays())
+        except OSError as exc:  # a full disk: this run's measurements are in memory, only later runs lose them
+            log.warning("cache entry for %s not written (%s); this run goes on, a later one measures again",
+                        ctx.config.cache_dir, exc)
+            path = None
         release()  # the file-backed gradients the entry was written from: their pages out again
     return rounder, cands, {"entry": path, "hit": False, "seconds": seconds}
 
@@ -594,7 +602,9 @@ def _weight(ctx, formats, rounder, n, cand, fmt, memo: CodeMemo, dequant=False):
     key = (n, cand.level)
     if key not in memo or (dequant and memo[key][1] is None):
         node = ctx.node(n)
-        qw, _ = stored_weight(ctx, formats, rounder, ctx.weight_array(node), node, fmt, cand.rounding or "nearest")
+        kept = None if dequant or fmt.kind == "series" else rounder.kept_codes(node, fmt, cand.rounding or "nearest")
+        qw = kept[0] if kept is not None else \
+            stored_weight(ctx, formats, rounder, ctx.weight_array(node), node, fmt, cand.rounding or "nearest")[0]
         if key in memo:  # the codes were kept without the float weight: keep them, add the float weight
             codes = memo[key][0]
         elif fmt.kind == "series":  # the passes read codes and scales only: codes in the smallest integer type

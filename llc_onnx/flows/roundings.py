@@ -227,13 +227,18 @@ class Rounder:
         """(QuantizedWeight, info) of ``node`` in ``fmt`` rounded by ``rounding``: read from :attr:`store` when it
         holds them (the same codes: ``flows.code_store``), else rounded (and kept there)."""
         if self.store is not None:
-            got = self.store.get(node, fmt.name, rounding, w.shape)
+            got = self.store.get(node, fmt.name, rounding)
             if got is not None:
                 return got
         qw, info = self._round(w, node, fmt, rounding)
         if self.store is not None:
             self.store.put(node, fmt.name, rounding, qw, info)
         return qw, info
+
+    def kept_codes(self, node, fmt, rounding: str):
+        """(QuantizedWeight without ``dequant``, info) from :attr:`store`, or None: codes and scales for a build,
+        without reading the node's float weight."""
+        return self.store.get(node, fmt.name, rounding, dequant=False) if self.store is not None else None
 
     def _round(self, w: np.ndarray, node, fmt, rounding: str):
         grad = self.grads.nodes[node.name].grad_w

@@ -391,7 +391,10 @@ class Target(ABC):
         return self.tensors_to_calibrate_all(model, [(node, fmt)])[0]
 
     def tensors_to_calibrate_all(self, model: onnx.ModelProto, pairs) -> list[tuple[str | None, str | None]]:
-        """:meth:`tensors_to_calibrate` of every (node, format) of ``pairs``, in order, reading the model once."""
+        """:meth:`tensors_to_calibrate` of every (node, format) of ``pairs``, in order, reading the model once (a
+        target that overrides :meth:`tensors_to_calibrate` is asked per node)."""
+        if type(self).tensors_to_calibrate is not Target.tensors_to_calibrate:
+            return [self.tensors_to_calibrate(model, n, f) for n, f in pairs]
         static = [(n, f) for n, f in pairs if f.kind == "w8a8" and not f.dynamic]
         if not static:
             return [(None, None)] * len(pairs)
