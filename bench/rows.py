@@ -469,6 +469,10 @@ def _methods() -> list[Method]:
                   llc_at_row_size("ort_w4_default_b32", cpu + MIXB, cache="cpu_mixb"), issue="15", latency=True),
            Method("llc_cpu_mixb_b20", "llc ort-cpu blocks 32,128 (4,8,float; GPTQ) budget 0.2", "llc",
                   llc_method(cpu + MIXB + ["--budget", "0.2"], cache="cpu_mixb"), issue="15", latency=True),
+           # the same with MiniLM's separate 4,096-tweet validation file (--val)
+           Method("llc_cpu_mixb_b20_val", "llc ort-cpu blocks 32,128 (4,8,float; GPTQ) budget 0.2, separate "
+                  "validation file", "llc", llc_method(cpu + MIXB + ["--budget", "0.2"], cache="cpu_mixb_val",
+                                                       val=True), issue="15", latency=True),
            Method("llc_cpu_mixb2_b125", "llc ort-cpu blocks 32,128 (2,4,8,float; GPTQ) budget 0.125", "llc",
                   llc_method(cpu + MIXB2 + ["--budget", "0.125"], cache="cpu_mixb2"), issue="15", latency=True),
            # issue 15's "MiniLM VERIFIED lossless at ≤ 0.20×": the qdq target's lossless plan was 0.213× (−0.0012)
