@@ -449,8 +449,7 @@ def measure_costs(ctx: FlowContext, formats: Formats, store=None) -> tuple[Round
             act_cands.setdefault(n, {})[name] = i[n]
     with ctx.timer.stage("gradients"), ctx.progress.task("gradients", len(ctx.calib.batches)) as advance:
         grads, grads_m = ctx.gradients(act_cands, advance)
-    rounder = Rounder(ctx, grads)
-    rounder.store = store
+    rounder = Rounder(ctx, grads, store)
     if "curvature" in rounder.needs():
         rounder.ensure_curvature()
     if "prediction curvature" in rounder.needs():
@@ -469,7 +468,6 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Cand
     """:func:`measure_costs` through the cache directory: a hit returns the stored raw candidates (and the
     curvature); a miss measures and stores. An unreadable entry is reported (a warning) and recomputed."""
     from . import cost_cache
-
     from .code_store import CodeStore
 
     with ctx.timer.stage("cache"):
@@ -482,8 +480,7 @@ def cached_costs(ctx: FlowContext, formats: Formats) -> tuple[Rounder, list[Cand
             log.warning("%s; measuring again", exc)
             hit = None
         if hit is not None:
-            rounder = Rounder(ctx, hit.grads)
-            rounder.store = store
+            rounder = Rounder(ctx, hit.grads, store)
             rounder.load_curvature(hit.arrays)
             return rounder, hit.candidates, {"entry": hit.path, "hit": True, "seconds": hit.seconds}
     before = sum(ctx.timer.seconds.get(k, 0.0) for k in _MEASURE_STAGES)

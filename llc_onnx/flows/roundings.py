@@ -64,7 +64,7 @@ CHOICE_Z = 2.0
 class Rounder:
     """Quantizes one node's weight in a format with a named rounding (see the module doc)."""
 
-    def __init__(self, ctx, grads):
+    def __init__(self, ctx, grads, store=None):
         self.ctx, self.grads = ctx, grads
         self.cfg = ctx.config.quant
         self._grams = None
@@ -72,7 +72,7 @@ class Rounder:
         self.pred_curvature = None  # the one ``--cost cet`` / ``--compare-cet`` predict with (prediction_curvature)
         self.curvature_info: dict | None = None  # source, part, samples, passes, k, seconds of each pass (report)
         #: where rounded weights are kept and read back (``flows.code_store``; with ``--cache``), or None
-        self.store = None
+        self.store = store
 
     # -- what is measured ------------------------------------------------------------------------
     def spec(self, fmt, rounding: str = "nearest") -> WeightQuantSpec:
